@@ -3,13 +3,29 @@
 A `PixelFormat` describes a true-colour format the way RFB's PIXEL_FORMAT does
 (bits per pixel, depth, byte order, per-channel max and shift); guest and SDL
 formats map onto it.  `convert_rect` turns a rectangle of a source surface
-into a contiguous buffer in the target format.
+into a buffer in the target format.
+
+Every conversion is vectorised over the whole rectangle; which way it goes is
+decided once per (source, target) pair by `_plan` and cached:
+
+* same layout            -> a plain copy of the rows;
+* 8-bit channels on byte boundaries on both sides (32<->32 with other byte
+  positions, 32->24 RGB, 24->32) -> a shuffle of byte planes;
+* 8/16 bpp source        -> one lookup table indexed by the whole pixel;
+* anything else          -> per channel: extract, rescale, shift, OR, in the
+  narrowest integer type that holds the intermediate values.
+
+Channels are rescaled rounding to nearest: (v * dst_max + src_max // 2) // src_max.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+_NATIVE_BIG = sys.byteorder == "big"
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,53 @@ class PixelFormat:
     def bytes_per_pixel(self) -> int:
         return self.bpp // 8
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first problem; see `check_format`."""
+        check_format(self)
+
+    @property
+    def channels(self) -> tuple[tuple[int, int], ...]:
+        """((max, shift) for red, green, blue)."""
+        return ((self.red_max, self.red_shift), (self.green_max, self.green_shift),
+                (self.blue_max, self.blue_shift))
+
+    @classmethod
+    def from_masks(cls, bpp: int, red_mask: int, green_mask: int, blue_mask: int,
+                   big_endian: bool = _NATIVE_BIG) -> "PixelFormat":
+        """A format from channel bit masks (as SDL and X11 describe theirs)."""
+        def split(mask: int) -> tuple[int, int]:
+            if mask <= 0:
+                raise ValueError(f"empty channel mask {mask:#x}")
+            shift = (mask & -mask).bit_length() - 1
+            return mask >> shift, shift
+        (rm, rs), (gm, gs), (bm, bs) = split(red_mask), split(green_mask), split(blue_mask)
+        depth = sum(m.bit_length() for m in (rm, gm, bm))
+        fmt = cls(bpp, depth, big_endian, rm, gm, bm, rs, gs, bs)
+        check_format(fmt)
+        return fmt
+
+
+def check_format(fmt: PixelFormat, *, allowed_bpp: tuple[int, ...] = (8, 16, 24, 32)) -> None:
+    """Refuse a format the converters cannot handle safely (ValueError with the reason).
+
+    A VNC server calls this for SetPixelFormat (with allowed_bpp=(8, 16, 32):
+    24 bpp is not legal on the RFB wire).
+    """
+    if fmt.bpp not in allowed_bpp:
+        raise ValueError(f"bits per pixel {fmt.bpp} not in {sorted(allowed_bpp)}")
+    if not 0 < fmt.depth <= fmt.bpp:
+        raise ValueError(f"depth {fmt.depth} not in 1..{fmt.bpp}")
+    used = 0
+    for name, (cmax, shift) in zip(("red", "green", "blue"), fmt.channels):
+        if cmax <= 0 or cmax & (cmax + 1):
+            raise ValueError(f"{name} max {cmax} is not 2^n-1 > 0")
+        if shift < 0 or shift + cmax.bit_length() > fmt.bpp:
+            raise ValueError(f"{name} shift {shift} + {cmax.bit_length()} bits exceeds {fmt.bpp} bpp")
+        mask = cmax << shift
+        if used & mask:
+            raise ValueError(f"{name} channel overlaps another")
+        used |= mask
+
 
 # What Linux xen-fbfront uses: x8r8g8b8, bytes B,G,R,X in memory.
 GUEST_32 = PixelFormat(32, 24, False, 255, 255, 255, 16, 8, 0)
@@ -40,58 +103,208 @@ GUEST_FORMATS = {32: GUEST_32, 24: GUEST_24, 16: GUEST_16, 8: GUEST_8}
 RGB888 = PixelFormat(24, 24, True, 255, 255, 255, 16, 8, 0)
 
 
-def _to_words(rows: np.ndarray, fmt: PixelFormat) -> np.ndarray:
-    """(h, w*bpp) uint8 rows -> (h, w) uint32 pixel values."""
-    h = rows.shape[0]
-    b = fmt.bytes_per_pixel
-    px = rows.reshape(h, -1, b).astype(np.uint32)
-    order = range(b) if not fmt.big_endian else range(b - 1, -1, -1)
-    words = np.zeros(px.shape[:2], np.uint32)
-    for shift, i in enumerate(order):
-        words |= px[:, :, i] << np.uint32(8 * shift)
-    return words
+# ---- helpers ----------------------------------------------------------------
+
+def _same_layout(a: PixelFormat, b: PixelFormat) -> bool:
+    """Byte-identical pixels (depth is informative only; byte order moot at 8 bpp)."""
+    return (a.bpp == b.bpp and a.channels == b.channels
+            and (a.bpp == 8 or a.big_endian == b.big_endian))
 
 
-def _from_words(words: np.ndarray, fmt: PixelFormat) -> np.ndarray:
-    b = fmt.bytes_per_pixel
-    h, w = words.shape
-    out = np.empty((h, w, b), np.uint8)
-    for i in range(b):
-        byte = (words >> np.uint32(8 * i)) & np.uint32(0xFF)
-        out[:, :, (b - 1 - i) if fmt.big_endian else i] = byte
-    return out.reshape(h, w * b)
+def _byte_index(fmt: PixelFormat, shift: int) -> int:
+    """Which byte of a pixel holds the 8-bit field starting at bit `shift`."""
+    k = shift // 8
+    return fmt.bytes_per_pixel - 1 - k if fmt.big_endian else k
 
 
-def _channel(words: np.ndarray, shift: int, cmax: int) -> np.ndarray:
-    return (words >> np.uint32(shift)) & np.uint32(cmax)
+def _byte_planes(fmt: PixelFormat) -> tuple[int, int, int] | None:
+    """Byte index of each channel if all three are whole bytes, else None."""
+    if fmt.bpp < 24:
+        return None
+    if any(cmax != 255 or shift % 8 for cmax, shift in fmt.channels):
+        return None
+    return tuple(_byte_index(fmt, shift) for _, shift in fmt.channels)  # type: ignore[return-value]
 
 
-def _rescale(v: np.ndarray, src_max: int, dst_max: int) -> np.ndarray:
-    if src_max == dst_max:
+def _uint(nbytes: int) -> np.dtype:
+    return np.dtype({1: np.uint8, 2: np.uint16, 3: np.uint32, 4: np.uint32}[nbytes])
+
+
+def _word_dtype(fmt: PixelFormat) -> np.dtype:
+    """dtype to view 8/16/32 bpp pixel bytes as whole pixel values."""
+    dt = _uint(fmt.bytes_per_pixel)
+    return dt.newbyteorder(">" if fmt.big_endian else "<") if dt.itemsize > 1 else dt
+
+
+def _work_dtype(limit: int) -> np.dtype:
+    for dt in (np.uint16, np.uint32, np.uint64):
+        if limit <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError("channel too wide")  # unreachable for validated formats
+
+
+def _rescale_values(v: np.ndarray, smax: int, dmax: int) -> np.ndarray:
+    """Reference rescale used for lookup tables (exact, in Python ints' range)."""
+    if smax == dmax:
         return v
-    # Round to nearest: what TigerVNC and QEMU expect of a server.
-    return (v * np.uint32(dst_max) + np.uint32(src_max // 2)) // np.uint32(src_max)
+    return (v * dmax + smax // 2) // smax
 
+
+def _pixels(rows: np.ndarray, nbytes: int) -> np.ndarray:
+    """(h, w*n) uint8 rows with contiguous rows -> an (h, w, n) view, never a copy
+    (a reshape could silently copy a strided `out` and lose the writes)."""
+    h, width = rows.shape
+    return np.lib.stride_tricks.as_strided(
+        rows, shape=(h, width // nbytes, nbytes), strides=(rows.strides[0], nbytes, 1))
+
+
+def _load_words(rows: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """(h, w*bpp) uint8 rows -> (h, w) pixel values (a view where possible)."""
+    if fmt.bpp == 24:
+        px = _pixels(rows, 3)
+        lo, mid, hi = (2, 1, 0) if fmt.big_endian else (0, 1, 2)
+        words = px[:, :, lo].astype(np.uint32)
+        words |= px[:, :, mid].astype(np.uint32) << np.uint32(8)
+        words |= px[:, :, hi].astype(np.uint32) << np.uint32(16)
+        return words
+    if rows.strides[1] != 1:
+        rows = np.ascontiguousarray(rows)
+    return rows.view(_word_dtype(fmt))
+
+
+def _store_words(words: np.ndarray, out: np.ndarray, fmt: PixelFormat) -> None:
+    """(h, w) native pixel values -> out, (h, w*bpp) uint8 in `fmt` byte order."""
+    if fmt.bpp == 24:
+        h, w = words.shape
+        le = words.astype("<u4", copy=False).view(np.uint8).reshape(h, w, 4)
+        _pixels(out, 3)[...] = le[:, :, 2::-1] if fmt.big_endian else le[:, :, :3]
+    else:
+        out.view(_word_dtype(fmt))[...] = words
+
+
+# ---- plans ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    kind: str                       # "copy", "planes", "lut", "channels"
+    planes: tuple = ()              # "planes": (dst byte, src byte or -1 for zero)
+    lut: np.ndarray | None = None   # "lut": src pixel value -> dst pixel value
+    channels: tuple = ()            # "channels": (smax, sshift, src byte|None, dmax, dshift)
+    work: np.dtype | None = None    # "channels": intermediate dtype
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
+    check_format(src_fmt)
+    check_format(dst_fmt)
+    if _same_layout(src_fmt, dst_fmt):
+        return _Plan("copy")
+
+    src_bytes, dst_bytes = _byte_planes(src_fmt), _byte_planes(dst_fmt)
+    if src_bytes is not None and dst_bytes is not None:
+        by_dst = dict(zip(dst_bytes, src_bytes))
+        planes = tuple((j, by_dst.get(j, -1)) for j in range(dst_fmt.bytes_per_pixel))
+        return _Plan("planes", planes=planes)
+
+    dst_dt = _uint(dst_fmt.bytes_per_pixel)
+    if src_fmt.bpp <= 16:
+        values = np.arange(1 << src_fmt.bpp, dtype=np.uint64)
+        lut = np.zeros(values.shape, np.uint64)
+        for (smax, sshift), (dmax, dshift) in zip(src_fmt.channels, dst_fmt.channels):
+            lut |= _rescale_values((values >> np.uint64(sshift)) & np.uint64(smax), smax, dmax) << np.uint64(dshift)
+        return _Plan("lut", lut=lut.astype(dst_dt))
+
+    channels = []
+    limit = 0
+    for (smax, sshift), (dmax, dshift) in zip(src_fmt.channels, dst_fmt.channels):
+        byte = None
+        if src_bytes is not None:
+            byte = _byte_index(src_fmt, sshift)
+        channels.append((smax, sshift, byte, dmax, dshift))
+        limit = max(limit, smax * dmax + smax // 2, smax, dmax << dshift)
+    return _Plan("channels", channels=tuple(channels), work=_work_dtype(limit))
+
+
+# ---- the public entry point ---------------------------------------------------------
 
 def convert_rect(src: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
-                 x: int, y: int, w: int, h: int) -> np.ndarray:
+                 x: int, y: int, w: int, h: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Convert rectangle (x, y, w, h) of `src` into `dst_fmt`.
 
     `src` is a 2-D uint8 array of rows (height, stride) in `src_fmt`.  The
-    result is a new C-contiguous (h, w * dst_bpp) uint8 array; it never
-    aliases the source, so a hostile guest rewriting its framebuffer cannot
-    change the pixels an encoder is reading.
+    result is an (h, w * dst_bpp) uint8 array.  Without `out` it is a new
+    C-contiguous array that never aliases the source, so a hostile guest
+    rewriting its framebuffer cannot change the pixels an encoder is reading.
+    With `out` (uint8, that shape, rows may be strided but each row
+    contiguous — e.g. a slice of a window surface) the pixels are written
+    there and `out` is returned.
+
+    Raises ValueError for an invalid format, a rectangle outside `src`, or a
+    bad `out`.
     """
-    sb = src_fmt.bytes_per_pixel
+    plan = _plan(src_fmt, dst_fmt)
+    sb, db = src_fmt.bytes_per_pixel, dst_fmt.bytes_per_pixel
+    if src.ndim != 2 or src.dtype != np.uint8 or src.strides[1] != 1:
+        raise ValueError("src must be a 2-D uint8 array of contiguous rows")
+    if min(x, y, w, h) < 0 or y + h > src.shape[0] or (x + w) * sb > src.shape[1]:
+        raise ValueError(f"rectangle {w}x{h}+{x}+{y} outside the {src.shape[1] // sb}x{src.shape[0]} source")
+    if out is None:
+        out = np.empty((h, w * db), np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (h, w * db) or (w and out.strides[1] != 1):
+        raise ValueError(f"out must be uint8 of shape {(h, w * db)} with contiguous rows")
+    if w == 0 or h == 0:
+        return out
     rows = src[y:y + h, x * sb:(x + w) * sb]
-    if src_fmt == dst_fmt:
-        return np.array(rows, dtype=np.uint8, order="C", copy=True)
-    words = _to_words(rows, src_fmt)
-    r = _rescale(_channel(words, src_fmt.red_shift, src_fmt.red_max), src_fmt.red_max, dst_fmt.red_max)
-    g = _rescale(_channel(words, src_fmt.green_shift, src_fmt.green_max), src_fmt.green_max, dst_fmt.green_max)
-    b = _rescale(_channel(words, src_fmt.blue_shift, src_fmt.blue_max), src_fmt.blue_max, dst_fmt.blue_max)
-    out = (r << np.uint32(dst_fmt.red_shift)) | (g << np.uint32(dst_fmt.green_shift)) | (b << np.uint32(dst_fmt.blue_shift))
-    return _from_words(out, dst_fmt)
+
+    if plan.kind == "copy":
+        np.copyto(out, rows)
+    elif plan.kind == "planes":
+        src_px = _pixels(rows, sb)
+        dst_px = _pixels(out, db)
+        for j, i in plan.planes:
+            if i < 0:
+                dst_px[:, :, j] = 0
+            else:
+                dst_px[:, :, j] = src_px[:, :, i]
+    elif plan.kind == "lut":
+        words = _load_words(rows, src_fmt)
+        index = np.ascontiguousarray(words, dtype=words.dtype.newbyteorder("="))
+        _store_words(np.take(plan.lut, index, mode="clip"), out, dst_fmt)
+    else:
+        _convert_channels(plan, rows, src_fmt, dst_fmt, out, w, h)
+    return out
+
+
+def _convert_channels(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat,
+                      dst_fmt: PixelFormat, out: np.ndarray, w: int, h: int) -> None:
+    work = plan.work
+    dst_dt = _uint(dst_fmt.bytes_per_pixel)
+    direct = dst_fmt.bpp != 24 and (dst_fmt.bpp == 8 or dst_fmt.big_endian == _NATIVE_BIG)
+    # Accumulate straight into `out` when its byte order is native.
+    acc = out.view(dst_dt) if direct else np.empty((h, w), dst_dt)
+    src_px = _pixels(rows, src_fmt.bytes_per_pixel)
+    words = None
+    c = np.empty((h, w), work)
+    for n, (smax, sshift, byte, dmax, dshift) in enumerate(plan.channels):
+        if byte is not None:
+            np.copyto(c, src_px[:, :, byte], casting="unsafe")
+        else:
+            if words is None:
+                words = _load_words(rows, src_fmt)
+            np.right_shift(words, sshift, out=c, casting="unsafe")
+            c &= work.type(smax)
+        if smax != dmax:
+            c *= work.type(dmax)
+            c += work.type(smax // 2)
+            c //= work.type(smax)
+        if dshift:
+            c <<= work.type(dshift)
+        if n == 0:
+            np.copyto(acc, c, casting="unsafe")
+        else:
+            np.bitwise_or(acc, c, out=acc, casting="unsafe")
+    if not direct:
+        _store_words(acc, out, dst_fmt)
 
 
 def to_rgb(src: np.ndarray, src_fmt: PixelFormat, width: int, height: int) -> np.ndarray:

@@ -54,7 +54,7 @@ KBD_MOTION = struct.Struct("<B3xiii")     # type, rel_x, rel_y, rel_z
 KBD_KEY = struct.Struct("<BB2xI")         # type, pressed, keycode
 KBD_POS = struct.Struct("<B3xiii")        # type, abs_x, abs_y, rel_z
 
-# Raw absolute pointer range (kbdif.h XENKBD_ABS_MAX).
+# Raw absolute pointer range: [0, 0x7fff] (kbdif.h, feature-raw-pointer).
 XENKBD_ABS_MAX = 0x7FFF
 
 U32 = struct.Struct("<I")

@@ -1,0 +1,656 @@
+"""Command line of `pyqemu-dm`: qemu-dm/xend style and libxl (QEMU) style.
+
+Two generations of toolstacks start the device model:
+
+* xend (2007) ran `qemu-dm -M xenpv -d <domid> -domain-name <name>
+  -vnc <addr>:<display> [-vncunused] [-vnclisten <addr>] [-k <map>] [-sdl]`;
+* libxl runs upstream QEMU with `-xen-domid <domid> ... -chardev socket,...
+  -mon chardev=...,mode=control ... -vnc 127.0.0.1:0,to=99 -display none
+  -machine xenpv -m <MiB>`, and beforehand a `-machine none,accel=xen` probe.
+
+Both become one `Options` object.  Options that matter to a xenpv machine
+are parsed strictly (a bad value is a `CliError`, exit code 2); options that
+libxl or xend always pass and that need no action are accepted silently; any
+other QEMU option is accepted and reported once in `Options.ignored`.
+`--opt` is accepted for every `-opt`, as QEMU does.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+
+PROG = "pyqemu-dm"
+
+# A VNC display number maps to TCP port 5900 + display.
+VNC_BASE_PORT = 5900
+WEBSOCKET_BASE_PORT = 5700          # QEMU's websocket=on port base
+MAX_DISPLAY = 65535 - VNC_BASE_PORT
+# -vncunused: qemu-dm searched upward without a bound; we try 100 displays,
+# the same count libxl's `to=99` gives from display 0.
+VNCUNUSED_SPAN = 99
+# Xen domids at or above DOMID_FIRST_RESERVED (0x7FF0) are special ids.
+MAX_DOMID = 0x7FEF
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_UNIX_PATH = 107
+
+KEYMAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+# QEMU (and qemu-dm) options that take a value: needed so that the value of
+# an option we ignore is not read as an option or a disk image.
+OPTIONS_WITH_VALUE = frozenset("""
+    M machine cpu accel smp numa add-fd set global boot m mem-path k audiodev
+    audio soundhw device name uuid fda fdb hda hdb hdc hdd cdrom blockdev drive
+    mtdblock sd pflash fsdev virtfs iscsi usbdevice display vga g vnc spice
+    monitor qmp qmp-pretty mon debugcon pidfile gdb d D dfilter seed L bios
+    kernel initrd append dtb fw_cfg serial parallel virtioconsole chardev
+    netdev nic net tpmdev bt object incoming chroot runas run-with sandbox
+    readconfig writeconfig option-rom rtc icount watchdog watchdog-action echr
+    trace plugin msg semihosting-config acpitable smbios xen-domid tb-size
+    overcommit action compat loadvm rotate alt-grab-key device-tree
+    smp-threads mem-prealloc-threads
+    domain-name vnclisten videoram vcpus vcpu_avail pciemulation direct-pci
+    vncpasswd keymap-file gfx_passthru-mode
+""".split())
+
+# Flags that libxl or xend always pass and whose meaning needs no action from
+# a xenpv backend process: accepted without a warning.
+NOOP_FLAGS = frozenset({
+    "no-shutdown",      # we never act on guest shutdown anyway
+    "nodefaults",       # we create no default devices
+    "no-user-config",   # we read no config files
+    "xen-attach",       # the domain exists already: always the case for xenpv
+})
+
+# Options that would make the device model drop privileges (libxl's
+# dm_restrict).  Ignoring them would silently run with more privilege than
+# the administrator asked for, so they are refused.
+RESTRICT_OPTIONS = frozenset({"xen-domid-restrict", "chroot", "runas", "run-with"})
+
+VNC_REFUSED = frozenset({          # security features we do not implement
+    "tls", "x509", "x509verify", "tls-creds", "tls-authz", "sasl",
+    "sasl-authz", "acl", "reverse",
+})
+VNC_IGNORED = frozenset({          # harmless tuning knobs
+    "lossy", "share", "non-adaptive", "key-delay-ms", "connections",
+    "power-control", "audiodev", "display", "id", "lock-key-sync",
+})
+
+# What `query-command-line-options` reports (QMP): the QemuOpts-style
+# options we understand and their parameters.  libxl only looks for
+# `run-with`, which we deliberately do not claim (see RESTRICT_OPTIONS).
+COMMAND_LINE_OPTIONS: list[dict] = [
+    {"option": "machine", "parameters": [
+        {"name": "type", "type": "string"}, {"name": "accel", "type": "string"}]},
+    {"option": "memory", "parameters": [{"name": "size", "type": "size"}]},
+    {"option": "name", "parameters": [{"name": "guest", "type": "string"}]},
+    {"option": "vnc", "parameters": [
+        {"name": "to", "type": "number"},
+        {"name": "password", "type": "boolean"},
+        {"name": "websocket", "type": "string"}]},
+    {"option": "chardev", "parameters": [
+        {"name": "backend", "type": "string"}, {"name": "id", "type": "string"},
+        {"name": "path", "type": "string"}, {"name": "fd", "type": "string"},
+        {"name": "server", "type": "boolean"}, {"name": "wait", "type": "boolean"}]},
+    {"option": "mon", "parameters": [
+        {"name": "chardev", "type": "string"}, {"name": "mode", "type": "string"},
+        {"name": "pretty", "type": "boolean"}]},
+]
+
+
+class CliError(Exception):
+    """A bad command line; str() is one readable line."""
+
+
+class EarlyExit(Exception):
+    """--help / -version: print `text` to stdout and exit 0."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+@dataclass
+class VncOptions:
+    host: str                # listen address; "" or no host means 127.0.0.1
+    display: int
+    to_display: int | None   # search upward up to this display (to=, -vncunused)
+    password: bool           # password=on: a password is required (set later)
+    websocket: int | None    # websocket port (websocket=on -> 5700 + display)
+
+    @property
+    def port(self) -> int:
+        return VNC_BASE_PORT + self.display
+
+
+@dataclass
+class ChardevSocket:
+    id: str
+    path: str | None
+    fd: int | None
+    server: bool
+    wait: bool
+
+
+@dataclass
+class Options:
+    machine: str = "xenpv"               # 'xenpv' or 'none' (libxl's probe)
+    domid: int | None = None
+    name: str | None = None
+    vnc: VncOptions | None = None        # None = no VNC
+    sdl: bool = False
+    keymap: str | None = None
+    monitors: list[ChardevSocket] = field(default_factory=list)
+    start_paused: bool = False           # -S
+    vncviewer: bool = False
+    memory_mb: int | None = None
+    ignored: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Value parsers (each raises CliError with a message naming the option)
+
+def split_opts(text: str) -> list[str]:
+    """Split a QemuOpts string on ',' where ',,' stands for a literal comma."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text.startswith(",,", i):
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_bool(option: str, key: str, value: str | None) -> bool:
+    """QemuOpts booleans: a bare key means on."""
+    if value is None or value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise CliError(f"{option}: '{key}' expects on or off, not '{value}'")
+
+
+def parse_int(option: str, what: str, text: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]+", text or ""):
+        raise CliError(f"{option}: {what} must be a number, not '{text}'")
+    value = int(text)
+    if not low <= value <= high:
+        raise CliError(f"{option}: {what} {value} out of range {low}..{high}")
+    return value
+
+
+def parse_domid(option: str, text: str) -> int:
+    return parse_int(option, "domain id", text, 0, MAX_DOMID)
+
+
+def keyvals(parts: list[str]) -> list[tuple[str, str | None]]:
+    """'key=value' pairs; a bare word has value None."""
+    out = []
+    for part in parts:
+        key, sep, value = part.partition("=")
+        out.append((key, value if sep else None))
+    return out
+
+
+SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """-m [size=]N[KMGT][,slots=..,maxmem=..] -> MiB (a bare number is MiB)."""
+    parts = split_opts(text)
+    size = parts[0]
+    if size.startswith("size="):
+        size = size[5:]
+    for key, value in keyvals(parts[1:]):
+        if key == "size" and value is not None:
+            size = value
+    m = re.fullmatch(r"([0-9]+)([bBkKmMgGtT]?)", size)
+    if not m:
+        raise CliError(f"-m: bad memory size '{text}'")
+    mib = int(m.group(1)) * SIZE_UNITS[m.group(2).lower()] >> 20
+    if mib <= 0 or mib > (1 << 30):
+        raise CliError(f"-m: memory size '{text}' out of range")
+    return mib
+
+
+def parse_machine(text: str, ignored: list[str]) -> str:
+    parts = split_opts(text)
+    machine_type = parts[0]
+    rest = parts[1:]
+    if "=" in machine_type:             # -machine type=xenpv,accel=xen
+        machine_type, rest = "", parts
+    for key, value in keyvals(rest):
+        if key == "type" and value:
+            machine_type = value
+        elif key == "accel":
+            accels = (value or "").split(":")
+            if "xen" not in accels:
+                raise CliError(f"-machine: accel '{value}' is not supported (only xen)")
+        else:
+            ignored.append(f"-machine {key}{'=' + value if value is not None else ''}")
+    if machine_type not in ("xenpv", "none"):
+        raise CliError(f"-machine: machine type '{machine_type}' is not supported "
+                       "(xenpv, or none for the libxl probe)")
+    return machine_type
+
+
+def parse_name(text: str, ignored: list[str]) -> str:
+    """-name NAME or -name guest=NAME[,process=..][,debug-threads=..]."""
+    parts = split_opts(text)
+    name = None
+    first_key = parts[0].partition("=")[0]
+    if first_key not in ("guest", "process", "debug-threads"):
+        name, parts = parts[0], parts[1:]     # implied 'guest' (libxl passes it bare)
+    for key, value in keyvals(parts):
+        if key == "guest":
+            name = value or ""
+        else:
+            ignored.append(f"-name {key}{'=' + value if value is not None else ''}")
+    if not name:
+        raise CliError(f"-name: no guest name in '{text}'")
+    return name
+
+
+def parse_keymap(text: str) -> str:
+    if not KEYMAP_RE.fullmatch(text):
+        raise CliError(f"-k: bad keymap name '{text}' (e.g. en-us, de, fr-ch)")
+    return text
+
+
+def split_host_display(option: str, text: str) -> tuple[str, str]:
+    """'[host]:D', '[::1]:D', 'host:D' -> (host without brackets, 'D')."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise CliError(f"{option}: bad address '{text}' (expected [ipv6]:display)")
+        return text[1:end], text[end + 2:]
+    host, sep, display = text.rpartition(":")
+    if not sep:
+        raise CliError(f"{option}: '{text}' lacks ':display' (e.g. 127.0.0.1:0 or :1)")
+    return host, display
+
+
+def parse_websocket(value: str | None, display: int) -> int | None:
+    if value is None or value == "on":
+        port = WEBSOCKET_BASE_PORT + display
+    elif value == "off":
+        return None
+    else:
+        port_text = value.rpartition(":")[2]   # [host:]port; host is the VNC host
+        port = parse_int("-vnc", "websocket port", port_text, 1, 65535)
+    if port > 65535:
+        raise CliError(f"-vnc: websocket port {port} out of range")
+    return port
+
+
+def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
+    """-vnc value: 'none' or '[host]:D[,to=N][,password[=on|off]][,websocket=..]'."""
+    if text == "none":
+        return None
+    parts = split_opts(text)
+    if parts[0].startswith("unix:"):
+        raise CliError("-vnc: unix socket displays are not supported")
+    host, display_text = split_host_display("-vnc", parts[0])
+    display = parse_int("-vnc", "display", display_text, 0, MAX_DISPLAY)
+    vnc = VncOptions(host=host or "127.0.0.1", display=display, to_display=None,
+                     password=False, websocket=None)
+    for key, value in keyvals(parts[1:]):
+        if key == "to":
+            vnc.to_display = parse_int("-vnc", "to=", value or "", display, MAX_DISPLAY)
+        elif key == "password":
+            vnc.password = parse_bool("-vnc", key, value)
+        elif key == "websocket":
+            vnc.websocket = parse_websocket(value, display)
+        elif key in ("ipv4", "ipv6"):
+            parse_bool("-vnc", key, value)    # the host decides the family
+        elif key in VNC_REFUSED:
+            raise CliError(f"-vnc: '{key}' is not supported (no TLS/SASL/ACL/reverse)")
+        elif key in VNC_IGNORED:
+            ignored.append(f"-vnc {key}{'=' + value if value is not None else ''}")
+        else:
+            raise CliError(f"-vnc: unknown option '{key}'")
+    return vnc
+
+
+@dataclass
+class _Chardev:
+    backend: str
+    id: str
+    spec: str                       # the original text, for the ignored list
+    socket: ChardevSocket | None    # set for unix sockets (path= or fd=)
+    why_not: str = ""               # why it can't be a QMP monitor
+
+
+def parse_chardev(text: str) -> _Chardev:
+    parts = split_opts(text)
+    backend = parts[0]
+    props = dict(keyvals(parts[1:]))
+    chardev_id = props.get("id")
+    if not chardev_id:
+        raise CliError(f"-chardev: no id= in '{text}'")
+    if backend != "socket":
+        return _Chardev(backend, chardev_id, text, None, f"a '{backend}' chardev")
+    path, fd_text = props.get("path"), props.get("fd")
+    if "host" in props or "port" in props:
+        if path or fd_text:
+            raise CliError(f"-chardev {chardev_id}: both a TCP address and path/fd given")
+        return _Chardev(backend, chardev_id, text, None, "a TCP socket")
+    if (path is None) == (fd_text is None):
+        raise CliError(f"-chardev {chardev_id}: socket needs exactly one of path= or fd=")
+    fd = None
+    if fd_text is not None:
+        fd = parse_int(f"-chardev {chardev_id}", "fd", fd_text, 0, 1 << 20)
+    if path is not None:
+        if not path or len(path.encode()) > MAX_UNIX_PATH or "\0" in path:
+            raise CliError(f"-chardev {chardev_id}: bad unix socket path '{path}'")
+    server = parse_bool("-chardev", "server", props.get("server", "off"))
+    wait = parse_bool("-chardev", "wait", props.get("wait", "on"))
+    if "nowait" in props:
+        wait = False
+    return _Chardev(backend, chardev_id, text,
+                    ChardevSocket(chardev_id, path, fd, server, wait))
+
+
+def parse_qmp_shorthand(text: str, index: int) -> _Chardev | None:
+    """-qmp unix:PATH[,server][,nowait] -> an implicit socket chardev."""
+    parts = split_opts(text)
+    if not parts[0].startswith("unix:"):
+        return None
+    chardev_id = f"compat_monitor{index}"
+    props = ["socket", f"id={chardev_id}", f"path={parts[0][5:]}"] + parts[1:]
+    return parse_chardev(",".join(p.replace(",", ",,") for p in props))
+
+
+# ---------------------------------------------------------------------------
+
+class _Parser:
+    """Walks argv once; cross-option checks happen in finish()."""
+
+    def __init__(self) -> None:
+        self.opts = Options()
+        self.chardevs: dict[str, _Chardev] = {}
+        self.mon_chardev_ids: list[str] = []      # -mon mode=control
+        self.readline_chardev_ids: list[str] = []  # -mon mode=readline (HMP)
+        self.domid_from: str | None = None
+        self.vnclisten: str | None = None
+        self.vncunused = False
+        self.nographic = False
+        self.qmp_count = 0
+
+    def parse(self, argv: list[str]) -> Options:
+        args = list(argv)
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            i += 1
+            if not arg.startswith("-") or arg in ("-", "--"):
+                self.opts.ignored.append(arg)        # QEMU: a disk image
+                continue
+            name = arg[2:] if arg.startswith("--") else arg[1:]
+            value = None
+            if name in OPTIONS_WITH_VALUE:
+                if i >= len(args):
+                    raise CliError(f"-{name}: requires an argument")
+                value = args[i]
+                i += 1
+            self.option(name, value)
+        return self.finish()
+
+    def option(self, name: str, value: str | None) -> None:
+        o = self.opts
+        if name in ("h", "help"):
+            raise EarlyExit(HELP)
+        if name == "version":
+            raise EarlyExit(f"{PROG} (pyxenfb): QEMU 7.2 compatible xenpv device model")
+        if name in RESTRICT_OPTIONS:
+            raise CliError(f"-{name}: device model privilege restriction "
+                           "(dm_restrict) is not supported; refusing to run unrestricted")
+        if name in ("M", "machine"):
+            o.machine = parse_machine(value, o.ignored)
+        elif name in ("xen-domid", "d"):
+            self.domid(name, value)
+        elif name in ("name", "domain-name"):
+            o.name = parse_name(value, o.ignored) if name == "name" else value
+        elif name == "vnc":
+            o.vnc = parse_vnc(value, o.ignored)
+        elif name == "vnclisten":
+            self.vnclisten = value.strip("[]")
+            if not self.vnclisten:
+                raise CliError("-vnclisten: empty address")
+        elif name == "vncunused":
+            self.vncunused = True
+        elif name == "vncviewer":
+            o.vncviewer = True
+        elif name == "sdl":
+            o.sdl = True
+        elif name == "display":
+            self.display(value)
+        elif name == "nographic":
+            self.nographic = True
+        elif name == "k":
+            o.keymap = parse_keymap(value)
+        elif name == "S":
+            o.start_paused = True
+        elif name == "m":
+            o.memory_mb = parse_memory(value)
+        elif name == "chardev":
+            self.add_chardev(parse_chardev(value))
+        elif name == "mon":
+            self.mon(value)
+        elif name == "qmp":
+            self.qmp(value)
+        elif name == "accel":
+            if "xen" not in split_opts(value)[0].split(":"):
+                raise CliError(f"-accel: '{value}' is not supported (only xen)")
+        elif name == "sandbox" and value.startswith("on"):
+            raise CliError("-sandbox on: seccomp sandboxing is not supported; "
+                           "refusing to run unrestricted")
+        elif name in NOOP_FLAGS:
+            pass
+        else:
+            o.ignored.append(f"-{name}" if value is None else f"-{name} {value}")
+
+    def domid(self, name: str, value: str) -> None:
+        if name == "d" and re.fullmatch(r"[a-z_,]+", value):
+            # upstream QEMU's -d is a list of log items, qemu-dm's is the domid
+            self.opts.ignored.append(f"-d {value}")
+            return
+        domid = parse_domid(f"-{name}", value)
+        if self.opts.domid is not None and domid != self.opts.domid:
+            raise CliError(f"-{name} {domid} conflicts with -{self.domid_from} "
+                           f"{self.opts.domid}")
+        self.opts.domid, self.domid_from = domid, name
+
+    def display(self, value: str) -> None:
+        parts = split_opts(value)
+        kind = parts[0]
+        if kind == "none":
+            self.opts.sdl = False
+        elif kind == "sdl":
+            self.opts.sdl = True
+            self.opts.ignored.extend(f"-display sdl,{p}" for p in parts[1:])
+        elif kind.startswith("vnc="):          # QEMU's legacy -display vnc=...
+            self.opts.vnc = parse_vnc(value[4:], self.opts.ignored)
+        else:
+            raise CliError(f"-display: '{kind}' is not supported (sdl or none; "
+                           "use -vnc for VNC)")
+
+    def add_chardev(self, chardev: _Chardev) -> None:
+        if chardev.id in self.chardevs:
+            raise CliError(f"-chardev: duplicate id '{chardev.id}'")
+        self.chardevs[chardev.id] = chardev
+
+    def mon(self, value: str) -> None:
+        props = dict(keyvals(split_opts(value)))
+        chardev_id = props.get("chardev")
+        if not chardev_id:
+            raise CliError(f"-mon: no chardev= in '{value}'")
+        mode = props.get("mode", "readline")
+        if mode not in ("control", "readline"):
+            raise CliError(f"-mon: unknown mode '{mode}'")
+        if "pretty" in props:
+            parse_bool("-mon", "pretty", props["pretty"])
+        if mode == "readline":
+            # The human monitor (HMP) is not provided; the chardev stays unused.
+            self.opts.ignored.append(f"-mon {value}")
+            self.readline_chardev_ids.append(chardev_id)
+            return
+        self.mon_chardev_ids.append(chardev_id)
+
+    def qmp(self, value: str) -> None:
+        chardev = parse_qmp_shorthand(value, self.qmp_count)
+        self.qmp_count += 1
+        if chardev is None:
+            self.opts.ignored.append(f"-qmp {value}")
+            return
+        self.add_chardev(chardev)
+        self.mon_chardev_ids.append(chardev.id)
+
+    def finish(self) -> Options:
+        o = self.opts
+        used: set[str] = set()
+        for chardev_id in self.mon_chardev_ids + self.readline_chardev_ids:
+            if chardev_id not in self.chardevs:
+                raise CliError(f"-mon: chardev '{chardev_id}' not found")
+        for chardev_id in self.mon_chardev_ids:
+            chardev = self.chardevs[chardev_id]
+            if chardev.socket is None:
+                raise CliError(f"-mon: chardev '{chardev_id}' is {chardev.why_not}; "
+                               "a QMP monitor needs a unix socket (path= or fd=)")
+            if not chardev.socket.server:
+                raise CliError(f"-mon: chardev '{chardev_id}' must be server=on")
+            if chardev_id in used:
+                raise CliError(f"-mon: chardev '{chardev_id}' used twice")
+            used.add(chardev_id)
+            o.monitors.append(chardev.socket)
+        for chardev in self.chardevs.values():
+            if chardev.id not in used and not chardev.id.startswith("compat_monitor"):
+                o.ignored.append(f"-chardev {chardev.spec}")
+        if o.vnc is not None:
+            if self.vnclisten is not None:
+                o.vnc.host = self.vnclisten
+            if self.vncunused and o.vnc.to_display is None:
+                o.vnc.to_display = min(o.vnc.display + VNCUNUSED_SPAN, MAX_DISPLAY)
+        if self.nographic and o.sdl:
+            raise CliError("-nographic cannot be combined with SDL (-sdl, -display sdl)")
+        if o.machine == "xenpv" and o.domid is None:
+            raise CliError("no domain id: give -xen-domid N (libxl) or -d N (xend)")
+        return o
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse a qemu-dm/xend or libxl/QEMU style argv (without argv[0])."""
+    return _Parser().parse(argv)
+
+
+HELP = f"""\
+usage: {PROG} [options]
+
+A drop-in for `qemu-dm -M xenpv` / `qemu-system-i386 -machine xenpv`: the Xen
+PV framebuffer and keyboard backends with VNC and SDL displays.
+Every option may also be written with two dashes (--vnc, --sdl, --help).
+
+Machine:
+  -machine xenpv[,accel=xen]   the PV backend machine (default); -M xenpv
+  -machine none,accel=xen      libxl's command-line probe: QMP only
+  -xen-domid N | -d N          the guest's domain id (required for xenpv)
+  -name NAME | -name guest=NAME,...  | -domain-name NAME   the guest's name
+  -m MiB                       guest memory (accepted, informational)
+  -S                           start paused until QMP 'cont'
+
+Display:
+  -vnc [HOST]:D[,to=N][,password=on][,websocket=on|PORT]
+                               VNC on port 5900+D; HOST defaults to 127.0.0.1;
+                               [::1]:D for IPv6; to=N tries displays D..N
+  -vnc none                    no VNC (also the default)
+  -vnclisten ADDR              (xend) listen address, overrides HOST
+  -vncunused                   (xend) try displays D..D+{VNCUNUSED_SPAN} for a free port
+  -vncviewer                   (xend) start a VNC viewer on the display
+  -sdl | -display sdl          an SDL window; -display none / -nographic: none
+  -k MAP                       keymap for VNC key events (en-us, de, fr, ...)
+
+Monitor (QMP, what libxl talks to):
+  -chardev socket,id=ID,path=PATH,server=on,wait=off
+  -chardev socket,id=ID,fd=N,server=on,wait=off    a listening fd libxl opened
+  -mon chardev=ID,mode=control
+  -qmp unix:PATH,server=on,wait=off
+
+Compatibility:
+  -no-shutdown -nodefaults -no-user-config -xen-attach  accepted (nothing to do)
+  any other QEMU option is accepted and ignored, with one warning line;
+  -chroot/-runas/-run-with/-xen-domid-restrict (dm_restrict) and VNC TLS/SASL
+  are refused rather than silently ignored.
+  Exit status 2 on a bad command line.
+
+Examples:
+  xend:   {PROG} -M xenpv -d 3 -domain-name web -vnc 127.0.0.1:0 -vncunused -k de
+  libxl:  {PROG} -xen-domid 1 -no-shutdown
+            -chardev socket,id=libxl-cmd,path=/var/run/xen/qmp-libxl-1,server=on,wait=off
+            -mon chardev=libxl-cmd,mode=control -nodefaults -no-user-config
+            -xen-attach -name fbtest -vnc 127.0.0.1:0,to=99 -display none
+            -machine xenpv -m 256
+  demo:   PYXENFB_SIM=/dev/shm/xen {PROG} -d 1 --vnc :1 --sdl
+"""
+
+
+# ---------------------------------------------------------------------------
+
+class _PrefixFormatter(logging.Formatter):
+    def __init__(self, prefix: str):
+        super().__init__("%(message)s")
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        # one line per event: a multi-line message or traceback is folded
+        text = super().format(record).replace("\n", " | ")
+        return f"{self.prefix}: {text}"
+
+
+def setup_logging(domid: int | None, stream=None) -> None:
+    prefix = PROG if domid is None else f"{PROG}[{domid}]"
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(_PrefixFormatter(prefix))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_pyqemu_dm", False):
+            root.removeHandler(old)
+    handler._pyqemu_dm = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        options = parse_args(argv)
+    except EarlyExit as done:
+        print(done.text, end="" if done.text.endswith("\n") else "\n")
+        return 0
+    except CliError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    setup_logging(options.domid)
+    log = logging.getLogger("pyxenfb.cli")
+    if options.ignored:
+        log.warning("ignoring unsupported options: %s", " ".join(options.ignored))
+    try:
+        from .machine_pv import run
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.machine_pv":
+            raise
+        print(f"{PROG}: the xenpv machine is not available in this build",
+              file=sys.stderr)
+        return 1
+    try:
+        return run(options)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,281 @@
+"""The `xenpv` machine: platform -> backends -> console -> displays, one loop.
+
+Started by xend (`-M xenpv -d N ...`) or libxl (`-xen-domid N ... -machine
+xenpv`): see cli.py.  It writes /local/domain/0/device-model/N/state =
+running once the displays are up (after `cont` under -S), exits 0 when its
+domain is gone (@releaseDomain) or on SIGTERM/SIGINT/SIGHUP, and relies on
+nothing at exit: libxl's `xl destroy` sends SIGKILL, so start-up removes
+whatever a killed predecessor left (stale QMP sockets, backend states).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .console import Console
+from .convert import to_rgb
+
+log = logging.getLogger("pyxenfb.machine")
+
+VNC_PASSWORD_MAX = 63   # qemu-dm copied at most 63 bytes from /vm/<uuid>/vncpasswd
+
+
+class MachineError(Exception):
+    """A start-up failure with one readable line for the user."""
+
+
+class XenPvMachine:
+    def __init__(self, options, platform):
+        self.opts = options
+        self.platform = platform
+        self.domid = options.domid
+        self.status = "prelaunch" if options.start_paused else "running"
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+        self.console: Console | None = None
+        self.xs = None
+        self.ports = None
+        self.devices = []
+        self.vnc = None
+        self.sdl = None
+        self.qmp = None
+        self.vnc_password: str | None = None
+
+    # ---- start-up -----------------------------------------------------------
+    async def start(self) -> None:
+        from .keymap import Keymap, UnknownKeymap
+        try:
+            self.keymap = Keymap.load(self.opts.keymap or "en-us")
+        except UnknownKeymap as e:
+            raise MachineError(str(e)) from None
+        try:
+            self.xs = await self.platform.open_xenstore()
+        except OSError as e:
+            raise MachineError(f"cannot connect to XenStore: {e}") from None
+        await self._start_qmp()
+        if self.opts.machine == "none":       # libxl's capability probe: QMP only
+            return
+        name = self.opts.name or await self.xs.read_str(f"/local/domain/{self.domid}/name") or ""
+        self.console = Console(name)
+        await self._start_devices()
+        await self._start_displays(name)
+        await self.xs.watch("@releaseDomain", "release", self._domain_maybe_gone)
+        if self.status == "running":
+            await self._announce_running()
+
+    async def _start_qmp(self) -> None:
+        if not self.opts.monitors:
+            return
+        from .qmp import QmpServer
+        self.qmp = QmpServer(self)
+        for chardev in self.opts.monitors:
+            try:
+                await self.qmp.listen(chardev)
+            except OSError as e:
+                raise MachineError(f"QMP socket {chardev.path or chardev.fd}: {e}") from None
+
+    async def _start_devices(self) -> None:
+        from .xenfb import BackendContext, PortDispatcher, start_backends
+        try:
+            evtchn = self.platform.open_evtchn(0)
+        except OSError as e:
+            raise MachineError(f"cannot open event channels: {e}") from None
+        self.ports = PortDispatcher(evtchn)
+        ctx = BackendContext(self.xs, self.platform.foreign_memory(), self.ports, self.console)
+        self.devices = await start_backends(ctx, self.domid)
+        for dev in self.devices:
+            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{dev.devtype}")
+
+    async def _start_displays(self, name: str) -> None:
+        vnc_opts = self.opts.vnc
+        if vnc_opts is not None:
+            from .rfb.server import VncBindError, VncServer
+            self.vnc_password = await self._take_xend_vnc_password()
+            password = self.vnc_password
+            self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name)
+            if vnc_opts.password and password is None:
+                # password=on without a password yet: nobody gets in until QMP sets one.
+                self.vnc.set_password("")
+            try:
+                port = await self.vnc.listen(vnc_opts.host, vnc_opts.display,
+                                             to_display=vnc_opts.to_display,
+                                             websocket_port=vnc_opts.websocket)
+            except VncBindError as e:
+                raise MachineError(str(e)) from None
+            log.info("VNC server on %s:%d", vnc_opts.host, port)
+            # qemu-dm wrote these for xend; under libxl the toolstack writes them too.
+            base = f"/local/domain/{self.domid}/console"
+            await self.xs.write(f"{base}/vnc-port", str(port))
+            await self.xs.write(f"{base}/vnc-listen", vnc_opts.host)
+        if self.opts.sdl:
+            from .sdl import SdlDisplay
+            try:
+                self.sdl = SdlDisplay(self.console, name=name, keymap=self.keymap,
+                                      on_close=self._sdl_closed)
+                self.sdl.start(asyncio.get_running_loop())
+            except Exception as e:   # no X display, no SDL: one line, not a traceback
+                raise MachineError(f"SDL display: {e}") from None
+
+    async def _take_xend_vnc_password(self) -> str | None:
+        """xend kept the password at <vm>/vncpasswd: read it once, then erase it."""
+        vm = await self.xs.read_str(f"/local/domain/{self.domid}/vm")
+        if not vm:
+            return None
+        raw = await self.xs.read(f"{vm}/vncpasswd", None)
+        if raw is None:
+            return None
+        await self.xs.write(f"{vm}/vncpasswd", b"\0" * len(raw))   # overwritten as qemu-dm did
+        password = raw.split(b"\0", 1)[0][:VNC_PASSWORD_MAX]
+        return password.decode("latin-1") if password else None
+
+    async def _announce_running(self) -> None:
+        await self.xs.write(f"/local/domain/0/device-model/{self.domid}/state", "running")
+        log.info("running")
+
+    # ---- lifecycle ----------------------------------------------------------
+    def _domain_maybe_gone(self, path: str, token: str) -> None:
+        async def check():
+            try:
+                alive = await self.xs.is_domain_introduced(self.domid)
+            except OSError:
+                alive = False
+            if not alive:
+                log.info("domain %d is gone, exiting", self.domid)
+                self.stop_event.set()
+        asyncio.ensure_future(check())
+
+    def _sdl_closed(self) -> None:
+        if self.vnc is None:
+            log.info("SDL window closed, exiting (no other display)")
+            self.stop_event.set()
+        else:
+            log.info("SDL window closed; VNC display keeps running")
+            self.sdl = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+        except MachineError as e:
+            print(f"pyqemu-dm: {e}", file=sys.stderr)
+            await self.shutdown()
+            return 1
+        lost = self.xs.closed if self.xs is not None else loop.create_future()
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        done, _ = await asyncio.wait([stop, lost], return_when=asyncio.FIRST_COMPLETED)
+        if lost in done and not self.stop_event.is_set():
+            log.error("XenStore connection lost, exiting")
+            self.exit_code = 1
+        stop.cancel()
+        await self.shutdown()
+        return self.exit_code
+
+    def _on_signal(self, sig) -> None:
+        log.info("%s received, shutting down", signal.Signals(sig).name)
+        self.stop_event.set()
+
+    async def shutdown(self) -> None:
+        if self.vnc is not None:
+            await self.vnc.close()
+            self.vnc = None
+        if self.sdl is not None:
+            self.sdl.close()
+            self.sdl = None
+        for dev in self.devices:
+            await dev.close()
+        self.devices = []
+        if self.ports is not None:
+            self.ports.close()
+            self.ports = None
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        if self.xs is not None:
+            self.xs.close()
+            self.xs = None
+
+    # ---- QMP (pyxenfb.qmp.QmpMachine) ----------------------------------------
+    def qmp_status(self) -> str:
+        return self.status
+
+    def qmp_cont(self) -> None:
+        if self.status != "running":
+            self.status = "running"
+            if self.opts.machine != "none":
+                asyncio.ensure_future(self._announce_running())
+
+    def qmp_query_vnc(self) -> dict:
+        if self.vnc is None:
+            return {"enabled": False}
+        host = self.vnc.host
+        return {"enabled": True, "host": host, "family": "ipv6" if ":" in host else "ipv4",
+                "service": str(self.vnc.port), "auth": "vnc" if self.vnc_password is not None
+                or (self.opts.vnc and self.opts.vnc.password) else "none",
+                "clients": [{"host": str(c), "family": "ipv4", "service": "", "websocket": False}
+                            for c in getattr(self.vnc, "clients", [])]}
+
+    def qmp_set_vnc_password(self, password: str) -> None:
+        from .qmp import QmpError
+        if self.vnc is None:
+            raise QmpError("GenericError", "Could not set password")
+        self.vnc_password = password
+        self.vnc.set_password(password)
+
+    def qmp_expire_vnc_password(self, time: str) -> None:
+        from .qmp import QmpError
+        if self.vnc is None:
+            raise QmpError("GenericError", "Could not set password expire time")
+        if time != "never":
+            self.vnc.expire_password()
+
+    def qmp_screendump(self, filename: str, fmt: str) -> None:
+        from .qmp import QmpError
+        if self.console is None:
+            raise QmpError("GenericError", "There is no console to take a screendump from")
+        s = self.console.surface
+        rgb = to_rgb(s.rows, s.fmt, s.width, s.height)
+        try:
+            if fmt == "png":
+                from PIL import Image
+                Image.fromarray(rgb, "RGB").save(filename, format="PNG")
+            else:
+                with open(filename, "wb") as f:
+                    f.write(b"P6\n%d %d\n255\n" % (s.width, s.height))
+                    f.write(rgb.tobytes())
+        except OSError as e:
+            raise QmpError("GenericError", f"failed to write {filename}: {e.strerror}") from None
+
+    def qmp_quit(self) -> None:
+        self.stop_event.set()
+
+    def qmp_chardevs(self) -> list[dict]:
+        out = []
+        for c in self.opts.monitors:
+            where = f"unix:{c.path}" if c.path else f"fd:{c.fd}"
+            out.append({"label": c.id, "filename": f"{where},server=on", "frontend-open": True})
+        return out
+
+
+def run(options) -> int:
+    """Entry point from cli.main: one readable line and a non-zero code on failure."""
+    from .platform import PlatformUnavailable, detect
+    try:
+        platform = detect()
+    except PlatformUnavailable as e:
+        print(f"pyqemu-dm: {e}", file=sys.stderr)
+        return 1
+    if options.machine != "none" and options.domid is None:
+        print("pyqemu-dm: no domain given (-d N or -xen-domid N)", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        return await XenPvMachine(options, platform).run()
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0

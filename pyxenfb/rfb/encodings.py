@@ -1,0 +1,329 @@
+"""RFB rectangle encoders: Raw, RRE, Hextile, Zlib, Tight, TightPNG, ZRLE.
+
+Input is always a private, C-contiguous (h, w * bytes_per_pixel) uint8 array
+already in the client's pixel format (`convert.convert_rect` makes it), so an
+encoder never sees guest memory and never reads outside its rectangle.
+
+Pixels are analysed as integers through a little-endian view of their bytes
+(`_values`); writing such a value back with the same dtype reproduces the
+client's byte order, so no encoder cares about endianness.
+
+One `Encoder` per client: it owns that client's zlib streams (Zlib, ZRLE and
+Tight's four), which RFB requires to persist for the whole connection.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+
+from ..convert import PixelFormat
+
+# Real encodings.
+RAW, COPYRECT, RRE, HEXTILE, ZLIB, TIGHT, ZRLE = 0, 1, 2, 5, 6, 7, 16
+TIGHT_PNG = -260
+# Pseudo-encodings.
+DESKTOP_SIZE = -223
+LAST_RECT = -224
+POINTER_TYPE_CHANGE = -257
+QEMU_EXT_KEY = -258
+EXT_DESKTOP_SIZE = -308
+FENCE = -312
+CONTINUOUS_UPDATES = -313
+JPEG_QUALITY_MIN, JPEG_QUALITY_MAX = -32, -23      # -32 worst .. -23 best
+COMPRESS_LEVEL_MIN, COMPRESS_LEVEL_MAX = -256, -247  # -256 = 0 .. -247 = 9
+
+SUPPORTED = (RAW, RRE, HEXTILE, ZLIB, TIGHT, ZRLE, TIGHT_PNG)
+NAMES = {RAW: "Raw", RRE: "RRE", HEXTILE: "Hextile", ZLIB: "Zlib", TIGHT: "Tight",
+         ZRLE: "ZRLE", TIGHT_PNG: "TightPNG"}
+
+_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_JPEG_QUALITY = (10, 20, 30, 40, 50, 60, 70, 80, 88, 95)  # per client level 0..9
+TIGHT_MAX_WIDTH = 2048
+TIGHT_MAX_AREA = 65536
+TIGHT_MIN_TO_COMPRESS = 12
+
+
+def rect_header(x: int, y: int, w: int, h: int, encoding: int) -> bytes:
+    return struct.pack(">HHHHi", x, y, w, h, encoding)
+
+
+def _values(pixels: np.ndarray, fmt: PixelFormat, w: int, h: int) -> np.ndarray:
+    """(h, w) integer view of the pixels (bytes unchanged)."""
+    return pixels.reshape(h, w * fmt.bytes_per_pixel).view(_DTYPES[fmt.bytes_per_pixel]).reshape(h, w)
+
+
+def _pixel_bytes(value, fmt: PixelFormat) -> bytes:
+    return np.array([value], _DTYPES[fmt.bytes_per_pixel]).tobytes()
+
+
+def _channels(vals: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """(h, w, 3) uint8 RGB scaled to 0..255 from pixel values."""
+    out = []
+    v = vals.astype(np.uint32)
+    for shift, cmax in ((fmt.red_shift, fmt.red_max), (fmt.green_shift, fmt.green_max),
+                        (fmt.blue_shift, fmt.blue_max)):
+        c = (v >> np.uint32(shift)) & np.uint32(cmax)
+        if cmax != 255:
+            c = c * np.uint32(255) // np.uint32(cmax)
+        out.append(c.astype(np.uint8))
+    return np.stack(out, axis=-1)
+
+
+def _row_runs(vals: np.ndarray):
+    """Horizontal runs of equal pixels: (ys, xs, lengths, colours), row by row."""
+    h, w = vals.shape
+    change = np.ones((h, w), bool)
+    change[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], h * w)
+    flat = vals.reshape(-1)
+    return starts // w, starts % w, ends - starts, flat[starts]
+
+
+# ---------------------------------------------------------------- Raw, RRE
+def encode_raw(pixels: np.ndarray) -> bytes:
+    return pixels.tobytes()
+
+
+def encode_rre(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    """Background = most frequent colour; one subrectangle per run of another colour."""
+    colours, counts = np.unique(vals, return_counts=True)
+    bg = colours[np.argmax(counts)]
+    ys, xs, lengths, cols = _row_runs(vals)
+    keep = cols != bg
+    n = int(keep.sum())
+    sub = np.empty(n, dtype=[("pix", _DTYPES[fmt.bytes_per_pixel]), ("x", ">u2"), ("y", ">u2"),
+                             ("w", ">u2"), ("h", ">u2")])
+    sub["pix"], sub["x"], sub["y"] = cols[keep], xs[keep], ys[keep]
+    sub["w"], sub["h"] = lengths[keep], 1
+    return struct.pack(">I", n) + _pixel_bytes(bg, fmt) + sub.tobytes()
+
+
+# ---------------------------------------------------------------- Hextile
+_HT_RAW, _HT_BG, _HT_FG, _HT_ANY, _HT_COLOURED = 1, 2, 4, 8, 16
+
+
+def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    h, w = vals.shape
+    bpp = fmt.bytes_per_pixel
+    out = bytearray()
+    prev_bg = prev_fg = None          # what the client still remembers
+    for ty in range(0, h, 16):
+        for tx in range(0, w, 16):
+            tile = vals[ty:ty + 16, tx:tx + 16]
+            th, tw = tile.shape
+            raw_size = th * tw * bpp
+            colours, counts = np.unique(tile, return_counts=True)
+            bg = colours[np.argmax(counts)]
+            mask, body = 0, bytearray()
+            if bg != prev_bg:
+                mask |= _HT_BG
+                body += _pixel_bytes(bg, fmt)
+            if len(colours) > 1:
+                ys, xs, lengths, cols = _row_runs(tile)
+                keep = cols != bg
+                n = int(keep.sum())
+                coloured = len(colours) > 2
+                if coloured:
+                    size = 1 + n * (bpp + 2)
+                else:
+                    fg = colours[0] if colours[1] == bg else colours[1]
+                    size = 1 + n * 2 + (bpp if fg != prev_fg else 0)
+                if n > 255 or len(body) + size >= raw_size:
+                    out.append(_HT_RAW)
+                    out += tile.tobytes()
+                    prev_bg = prev_fg = None
+                    continue
+                mask |= _HT_ANY
+                xy = (xs[keep] << 4 | ys[keep]).astype(np.uint8)
+                wh = ((lengths[keep] - 1) << 4).astype(np.uint8)  # height 1 -> 0
+                if coloured:
+                    mask |= _HT_COLOURED
+                    sub = np.empty(n, dtype=[("pix", _DTYPES[bpp]), ("xy", "u1"), ("wh", "u1")])
+                    sub["pix"] = cols[keep]
+                    prev_fg = None
+                else:
+                    if fg != prev_fg:
+                        mask |= _HT_FG
+                        body += _pixel_bytes(fg, fmt)
+                        prev_fg = fg
+                    sub = np.empty(n, dtype=[("xy", "u1"), ("wh", "u1")])
+                sub["xy"], sub["wh"] = xy, wh
+                body.append(n)
+                body += sub.tobytes()
+            prev_bg = bg
+            out.append(mask)
+            out += body
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- ZRLE
+def _cpixel_bytes(fmt: PixelFormat):
+    """Byte indices (within one PIXEL) that make a CPIXEL, or None for all."""
+    if fmt.bpp != 32 or fmt.depth > 24:
+        return None
+    top = max(m << s for m, s in ((fmt.red_max, fmt.red_shift), (fmt.green_max, fmt.green_shift),
+                                  (fmt.blue_max, fmt.blue_shift)))
+    low = min(fmt.red_shift, fmt.green_shift, fmt.blue_shift)
+    if top < 1 << 24:            # colour fits in the least significant 3 bytes
+        return [1, 2, 3] if fmt.big_endian else [0, 1, 2]
+    if low >= 8:                 # ... or in the most significant 3 bytes
+        return [0, 1, 2] if fmt.big_endian else [1, 2, 3]
+    return None
+
+
+def _cpixels(vals: np.ndarray, fmt: PixelFormat, sel) -> bytes:
+    raw = np.ascontiguousarray(vals).view(np.uint8).reshape(-1, fmt.bytes_per_pixel)
+    return (raw[:, sel] if sel is not None else raw).tobytes()
+
+
+def _pack_indices(idx: np.ndarray, bits: int) -> bytes:
+    """Palette indices, `bits` each, MSB = leftmost, every row byte-aligned."""
+    h, w = idx.shape
+    per_byte = 8 // bits
+    pad = (-w) % per_byte
+    if pad:
+        idx = np.pad(idx, ((0, 0), (0, pad)))
+    groups = idx.astype(np.uint8).reshape(h, -1, per_byte)
+    shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint8) * bits
+    return (groups << shifts).sum(axis=2, dtype=np.uint8).tobytes()
+
+
+def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    """The uncompressed ZRLE tile stream for a rectangle."""
+    sel = _cpixel_bytes(fmt)
+    h, w = vals.shape
+    out = bytearray()
+    for ty in range(0, h, 64):
+        for tx in range(0, w, 64):
+            tile = vals[ty:ty + 64, tx:tx + 64]
+            palette = np.unique(tile)
+            if len(palette) == 1:
+                out.append(1)
+                out += _cpixels(palette, fmt, sel)
+            elif len(palette) <= 16:
+                bits = 1 if len(palette) == 2 else 2 if len(palette) <= 4 else 4
+                out.append(len(palette))
+                out += _cpixels(palette, fmt, sel)
+                out += _pack_indices(np.searchsorted(palette, tile), bits)
+            else:
+                out.append(0)
+                out += _cpixels(tile, fmt, sel)
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- Tight
+def compact_length(n: int) -> bytes:
+    out = bytearray([n & 0x7F])
+    if n > 0x7F:
+        out[0] |= 0x80
+        out.append((n >> 7) & 0x7F)
+        if n > 0x3FFF:
+            out[1] |= 0x80
+            out.append((n >> 14) & 0xFF)
+    return bytes(out)
+
+
+def tight_pixel24(fmt: PixelFormat) -> bool:
+    """Tight's TPIXEL is 3 bytes R,G,B for 32bpp depth 24 8-bit-channel formats."""
+    return (fmt.bpp == 32 and fmt.depth == 24 and fmt.red_max == fmt.green_max == fmt.blue_max == 255
+            and all(s % 8 == 0 for s in (fmt.red_shift, fmt.green_shift, fmt.blue_shift)))
+
+
+def _tpixels(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    if tight_pixel24(fmt):
+        return _channels(vals, fmt).tobytes()
+    return np.ascontiguousarray(vals).tobytes()
+
+
+def _image_bytes(vals: np.ndarray, fmt: PixelFormat, kind: str, quality: int = 0) -> bytes:
+    from PIL import Image
+    img = Image.fromarray(_channels(vals, fmt), "RGB")
+    buf = io.BytesIO()
+    if kind == "JPEG":
+        img.save(buf, "JPEG", quality=_JPEG_QUALITY[quality])
+    else:
+        img.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class Encoder:
+    """Per-client encoder state: the persistent zlib streams."""
+
+    def __init__(self, compress_level: int = 6):
+        self.compress_level = compress_level
+        self._zlib = None
+        self._zrle = None
+        self._tight: list = [None] * 4
+
+    def _deflate(self, stream, data: bytes) -> bytes:
+        return stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
+
+    def encode(self, encoding: int, fmt: PixelFormat, pixels: np.ndarray,
+               x: int, y: int, w: int, h: int, *, jpeg_quality: int | None = None) -> tuple[int, bytes]:
+        """Encode one rectangle; returns (number of rectangles, bytes with headers)."""
+        if encoding in (TIGHT, TIGHT_PNG):
+            return self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
+        vals = _values(pixels, fmt, w, h)
+        if encoding == RRE:
+            data = encode_rre(vals, fmt)
+        elif encoding == HEXTILE:
+            data = encode_hextile(vals, fmt)
+        elif encoding == ZLIB:
+            if self._zlib is None:
+                self._zlib = zlib.compressobj(self.compress_level)
+            z = self._deflate(self._zlib, pixels.tobytes())
+            data = struct.pack(">I", len(z)) + z
+        elif encoding == ZRLE:
+            if self._zrle is None:
+                self._zrle = zlib.compressobj(self.compress_level)
+            z = self._deflate(self._zrle, zrle_tiles(vals, fmt))
+            data = struct.pack(">I", len(z)) + z
+        else:
+            encoding, data = RAW, encode_raw(pixels)
+        return 1, rect_header(x, y, w, h, encoding) + data
+
+    # Tight -----------------------------------------------------------
+    def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality):
+        vals = _values(pixels, fmt, w, h)
+        out, count = bytearray(), 0
+        for cx in range(0, w, TIGHT_MAX_WIDTH):
+            cw = min(TIGHT_MAX_WIDTH, w - cx)
+            rows = max(1, TIGHT_MAX_AREA // cw)
+            for cy in range(0, h, rows):
+                ch = min(rows, h - cy)
+                sub = vals[cy:cy + ch, cx:cx + cw]
+                out += rect_header(x + cx, y + cy, cw, ch, encoding)
+                out += self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality)
+                count += 1
+        return count, bytes(out)
+
+    def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality) -> bytes:
+        palette = np.unique(vals)
+        if len(palette) == 1:
+            return b"\x80" + _tpixels(palette, fmt)
+        jpeg_ok = jpeg_quality is not None and fmt.bpp == 32
+        if jpeg_ok and len(palette) > 16:
+            data = _image_bytes(vals, fmt, "JPEG", jpeg_quality)
+            return b"\x90" + compact_length(len(data)) + data
+        if png:
+            data = _image_bytes(vals, fmt, "PNG")
+            return b"\xa0" + compact_length(len(data)) + data
+        if len(palette) <= 256 and len(palette) * 2 < vals.size:
+            idx = np.searchsorted(palette, vals)
+            if len(palette) == 2:
+                stream, data = 1, np.packbits(idx.astype(np.uint8), axis=1).tobytes()
+            else:
+                stream, data = 2, idx.astype(np.uint8).tobytes()
+            head = bytes([0x40 | stream << 4, 1, len(palette) - 1]) + _tpixels(palette, fmt)
+        else:
+            stream, data, head = 0, _tpixels(vals, fmt), b"\x00"
+        if len(data) < TIGHT_MIN_TO_COMPRESS:
+            return head + data
+        if self._tight[stream] is None:
+            self._tight[stream] = zlib.compressobj(self.compress_level)
+        z = self._deflate(self._tight[stream], data)
+        return head + compact_length(len(z)) + z

@@ -1,0 +1,519 @@
+"""Sans-IO RFB server connection: bytes in -> events, calls in -> bytes out.
+
+`ServerConnection` knows the whole wire protocol (handshake, security, client
+messages with their exact lengths, the negotiated encodings and extensions)
+but does no I/O and keeps no clock, so it is driven directly by tests and
+fuzzers.  Feed client bytes to `receive_data`, act on the returned events,
+and send whatever `data_to_send` returns.
+
+Any client misbehaviour raises `ProtocolError` (its message is the reason to
+log); the owner must then send the pending output (it may hold a failure
+reason for the client) and close.  After that the connection is dead.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..convert import GUEST_32, PixelFormat, convert_rect
+from . import auth
+from . import encodings as enc
+
+SEC_NONE, SEC_VNC = 1, 2
+MAX_CUT_TEXT = 1 << 20
+MAX_FENCE_PAYLOAD = 64
+MAX_NAME = 1024
+FENCE_REQUEST = 1 << 31
+
+# Pixel format the server announces (what xen-fbfront uses).
+SERVER_FORMAT = GUEST_32
+# Colour-map clients get this fixed palette (as QEMU): 8bpp, R bits 0-2,
+# G bits 3-5, B bits 6-7, described once with SetColourMapEntries.
+PALETTE_FORMAT = PixelFormat(8, 8, False, 7, 7, 3, 0, 3, 6)
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; str() is the reason to log."""
+
+
+class AuthenticationFailed(ProtocolError):
+    """Wrong password (or wrong security type): counts for the blacklist."""
+
+
+# ---------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Authenticated:
+    pass
+
+
+@dataclass(frozen=True)
+class ClientInit:
+    shared: bool
+
+
+@dataclass(frozen=True)
+class PixelFormatChanged:
+    fmt: PixelFormat
+
+
+@dataclass(frozen=True)
+class EncodingsChanged:
+    encoding: int
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    incremental: bool
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@dataclass(frozen=True)
+class KeyEvent:
+    down: bool
+    keysym: int
+
+
+@dataclass(frozen=True)
+class ExtendedKeyEvent:
+    down: bool
+    keysym: int
+    keycode: int
+
+
+@dataclass(frozen=True)
+class PointerEvent:
+    buttons: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class CutText:
+    length: int
+
+
+@dataclass(frozen=True)
+class ContinuousUpdates:
+    enable: bool
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+# ---------------------------------------------------------------- helpers
+_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
+_STATES = ("version", "security", "vnc_auth", "client_init", "normal", "closed")
+
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
+def pack_pixel_format(f: PixelFormat, true_colour: bool = True) -> bytes:
+    return struct.pack(">BBBBHHHBBB3x", f.bpp, f.depth, int(f.big_endian), int(true_colour),
+                       f.red_max, f.green_max, f.blue_max, f.red_shift, f.green_shift, f.blue_shift)
+
+
+def parse_pixel_format(data: bytes) -> tuple[PixelFormat, bool]:
+    """Validate a client PIXEL_FORMAT; returns (format, true_colour)."""
+    bpp, depth, big, true_colour, rmax, gmax, bmax, rs, gs, bs = struct.unpack(">BBBBHHHBBB3x", data)
+    if bpp not in (8, 16, 32):
+        raise ProtocolError(f"SetPixelFormat: bits-per-pixel {bpp} not 8, 16 or 32")
+    if not true_colour:
+        return PALETTE_FORMAT, False
+    if depth == 0 or depth > bpp:
+        raise ProtocolError(f"SetPixelFormat: depth {depth} with {bpp} bpp")
+    used = 0
+    for name, cmax, shift in (("red", rmax, rs), ("green", gmax, gs), ("blue", bmax, bs)):
+        if cmax == 0 or cmax & (cmax + 1):
+            raise ProtocolError(f"SetPixelFormat: {name}-max {cmax} is not 2^n-1")
+        if shift + cmax.bit_length() > bpp:
+            raise ProtocolError(f"SetPixelFormat: {name} shift {shift} out of {bpp} bits")
+        mask = cmax << shift
+        if used & mask:
+            raise ProtocolError("SetPixelFormat: colour channels overlap")
+        used |= mask
+    return PixelFormat(bpp, depth, bool(big) and bpp > 8, rmax, gmax, bmax, rs, gs, bs), True
+
+
+def colour_map_entries() -> bytes:
+    """SetColourMapEntries describing PALETTE_FORMAT's 256 colours."""
+    out = bytearray(struct.pack(">BxHH", 1, 0, 256))
+    for i in range(256):
+        r, g, b = i & 7, (i >> 3) & 7, (i >> 6) & 3
+        out += struct.pack(">HHH", r * 65535 // 7, g * 65535 // 7, b * 65535 // 3)
+    return bytes(out)
+
+
+def _clip(x: int, y: int, w: int, h: int, width: int, height: int):
+    x0, y0 = min(x, width), min(y, height)
+    x1, y1 = min(x + w, width), min(y + h, height)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+class ServerConnection:
+    """One client's RFB session, without I/O."""
+
+    def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
+                 password_expired: bool = False, blocked_reason: str | None = None):
+        self.width, self.height = width, height
+        self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
+        self.password = password
+        self.password_expired = password_expired
+        self.blocked_reason = blocked_reason
+        self.state = "version"
+        self.version = 8               # minor version in use
+        self.pixel_format: PixelFormat = SERVER_FORMAT
+        self.colour_map = False
+        self.encoding = enc.RAW
+        self.encodings: frozenset[int] = frozenset()
+        self.jpeg_quality: int | None = None
+        self.continuous: tuple[int, int, int, int] | None = None
+        self.extkey_acked = False
+        self.fence_seen = False
+        self.cu_seen = False
+        self.absolute_pointer = True
+        self.encoder = enc.Encoder()
+        self._request: str | None = None     # None, "incremental" or "full"
+        self._in = bytearray()
+        self._out = bytearray()
+        self._discard = 0                    # cut text bytes still to skip
+        self._challenge = b""
+        self._out += b"RFB 003.008\n"
+
+    # ------------------------------------------------------------ I/O side
+    def data_to_send(self) -> bytes:
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    def receive_data(self, data: bytes) -> list:
+        if self.state == "closed":
+            return []
+        if self._discard:
+            skip = min(self._discard, len(data))
+            self._discard -= skip
+            data = data[skip:]
+        buf = self._in
+        buf += data
+        events: list = []
+        pos = 0
+        try:
+            while self.state != "closed":
+                used = self._parse(buf, pos, events)
+                if used == 0:
+                    break
+                pos += used
+                if self._discard:
+                    skip = min(self._discard, len(buf) - pos)
+                    self._discard -= skip
+                    pos += skip
+        except ProtocolError:
+            self.state = "closed"
+            buf.clear()
+            raise
+        del buf[:pos]
+        return events
+
+    def _fail(self, reason: str, exc=ProtocolError):
+        self.state = "closed"
+        raise exc(reason)
+
+    # ------------------------------------------------------------ parsing
+    # Each parser gets the input buffer and the offset of the next message
+    # and returns the bytes it consumed (0 = incomplete, wait for more).
+    def _parse(self, buf: bytearray, p: int, events: list) -> int:
+        state = self.state
+        if state == "normal":
+            return self._parse_message(buf, p, events)
+        if state == "version":
+            return self._parse_version(buf, p, events)
+        if state == "security":
+            return self._parse_security(buf, p, events)
+        if state == "vnc_auth":
+            return self._parse_auth(buf, p, events)
+        if state == "client_init":
+            if len(buf) - p < 1:
+                return 0
+            self._server_init()
+            events.append(ClientInit(bool(buf[p])))
+            return 1
+        return 0
+
+    def _parse_version(self, buf, p, events) -> int:
+        got = bytes(buf[p:p + 12])
+        if len(got) < 12:
+            if not b"RFB "[:len(got)] == got[:4]:
+                self._fail(f"bad protocol version {got!r}")
+            return 0
+        m = _VERSION_RE.fullmatch(got)
+        if not m or int(m[1]) != 3 or (int(m[2]) not in (3, 4, 5, 7) and int(m[2]) < 8):
+            self._out += struct.pack(">I", 0) + _string("unsupported protocol version")
+            self._fail(f"unsupported protocol version {got!r}")
+        minor = int(m[2])
+        self.version = 3 if minor in (3, 4, 5) else 7 if minor == 7 else 8
+        sec = SEC_VNC if self.password is not None else SEC_NONE
+        if self.blocked_reason is not None:
+            self._out += struct.pack(">I" if self.version == 3 else ">B", 0)
+            self._out += _string(self.blocked_reason)
+            self._fail(self.blocked_reason)
+        if self.version == 3:
+            self._out += struct.pack(">I", sec)
+            self._begin_security(sec, events)
+        else:
+            self._out += bytes([1, sec])
+            self.state = "security"
+        return 12
+
+    def _begin_security(self, sec: int, events: list) -> None:
+        if sec == SEC_VNC:
+            self._challenge = auth.new_challenge()
+            self._out += self._challenge
+            self.state = "vnc_auth"
+        else:
+            if self.version == 8:
+                self._out += struct.pack(">I", 0)
+            self.state = "client_init"
+            events.append(Authenticated())
+
+    def _security_failed(self, reason: str, log_reason: str):
+        self._out += struct.pack(">I", 1)
+        if self.version == 8:
+            self._out += _string(reason)
+        self._fail(log_reason, AuthenticationFailed)
+
+    def _parse_security(self, buf, p, events) -> int:
+        if len(buf) - p < 1:
+            return 0
+        offered = SEC_VNC if self.password is not None else SEC_NONE
+        if buf[p] != offered:
+            self._security_failed("Unsupported security type",
+                                  f"client chose security type {buf[p]}, offered {offered}")
+        self._begin_security(offered, events)
+        return 1
+
+    def _parse_auth(self, buf, p, events) -> int:
+        if len(buf) - p < auth.CHALLENGE_SIZE:
+            return 0
+        response = bytes(buf[p:p + auth.CHALLENGE_SIZE])
+        if self.password_expired:
+            self._security_failed("Password expired", "VNC password has expired")
+        if not auth.check_response(self.password or "", self._challenge, response):
+            self._security_failed("Authentication failed", "VNC authentication failed")
+        self._out += struct.pack(">I", 0)
+        self.state = "client_init"
+        events.append(Authenticated())
+        return auth.CHALLENGE_SIZE
+
+    def _server_init(self) -> None:
+        name = self.name.encode("utf-8")
+        self._out += struct.pack(">HH", self.width, self.height)
+        self._out += pack_pixel_format(SERVER_FORMAT)
+        self._out += struct.pack(">I", len(name)) + name
+        self.state = "normal"
+
+    # ------------------------------------------------------------ normal phase
+    def _parse_message(self, buf, p, events) -> int:
+        n = len(buf) - p
+        if n < 1:
+            return 0
+        t = buf[p]
+        if t == 0:                                   # SetPixelFormat
+            if n < 20:
+                return 0
+            fmt, true_colour = parse_pixel_format(bytes(buf[p + 4:p + 20]))
+            self.pixel_format, self.colour_map = fmt, not true_colour
+            if self.colour_map:
+                self._out += colour_map_entries()
+            events.append(PixelFormatChanged(fmt))
+            return 20
+        if t == 2:                                   # SetEncodings
+            if n < 4:
+                return 0
+            count = struct.unpack_from(">H", buf, p + 2)[0]
+            size = 4 + 4 * count
+            if n < size:
+                return 0
+            self._set_encodings(list(struct.unpack_from(f">{count}i", buf, p + 4)))
+            events.append(EncodingsChanged(self.encoding))
+            return size
+        if t == 3:                                   # FramebufferUpdateRequest
+            if n < 10:
+                return 0
+            incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
+            if not incremental:
+                self._request = "full"
+                if enc.EXT_DESKTOP_SIZE in self.encodings:
+                    self._send_ext_desktop_size(0, 0)
+            elif self._request is None:
+                self._request = "incremental"
+            events.append(UpdateRequest(bool(incremental), x, y, w, h))
+            return 10
+        if t == 4:                                   # KeyEvent
+            if n < 8:
+                return 0
+            down, keysym = struct.unpack_from(">B2xI", buf, p + 1)
+            events.append(KeyEvent(bool(down), keysym))
+            return 8
+        if t == 5:                                   # PointerEvent
+            if n < 6:
+                return 0
+            events.append(PointerEvent(*struct.unpack_from(">BHH", buf, p + 1)))
+            return 6
+        if t == 6:                                   # ClientCutText (read and dropped)
+            if n < 8:
+                return 0
+            length = struct.unpack_from(">I", buf, p + 4)[0]
+            if length > MAX_CUT_TEXT:
+                self._fail(f"ClientCutText of {length} bytes (limit {MAX_CUT_TEXT})")
+            self._discard = length
+            events.append(CutText(length))
+            return 8
+        if t == 150 and self.cu_seen:                # EnableContinuousUpdates
+            if n < 10:
+                return 0
+            enable, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
+            if enable:
+                self.continuous = (x, y, w, h)
+            else:
+                self.continuous = None
+                self._out += b"\x96"              # EndOfContinuousUpdates
+            events.append(ContinuousUpdates(bool(enable), x, y, w, h))
+            return 10
+        if t == 248 and self.fence_seen:             # ClientFence
+            if n < 9:
+                return 0
+            flags, length = struct.unpack_from(">3xIB", buf, p + 1)
+            if length > MAX_FENCE_PAYLOAD:
+                self._fail(f"Fence payload of {length} bytes (limit {MAX_FENCE_PAYLOAD})")
+            if n < 9 + length:
+                return 0
+            if flags & FENCE_REQUEST:
+                # Reply: same payload, request and unknown flags cleared.
+                self._send_fence(flags & 0x7, bytes(buf[p + 9:p + 9 + length]))
+            return 9 + length
+        if t == 251 and enc.EXT_DESKTOP_SIZE in self.encodings:   # SetDesktopSize
+            if n < 8:
+                return 0
+            size = 8 + 16 * buf[p + 6]
+            if n < size:
+                return 0
+            # The guest decides its size: answer "prohibited".
+            self._send_ext_desktop_size(1, 1)
+            return size
+        if t == 255 and self.extkey_acked:           # QEMU message
+            if n < 2:
+                return 0
+            if buf[p + 1] != 0:
+                self._fail(f"unsupported QEMU message subtype {buf[p + 1]}")
+            if n < 12:
+                return 0
+            down, keysym, keycode = struct.unpack_from(">HII", buf, p + 2)
+            events.append(ExtendedKeyEvent(bool(down), keysym, keycode))
+            return 12
+        self._fail(f"unexpected message type {t}")
+
+    def _set_encodings(self, values: list[int]) -> None:
+        wanted = set(values)
+        real = [e for e in values if e in enc.SUPPORTED]
+        if enc.ZRLE in wanted:           # ZRLE compresses better than Zlib
+            real = [e for e in real if e != enc.ZLIB]
+        self.encoding = real[0] if real else enc.RAW
+        self.encodings = frozenset(wanted)
+        qualities = [e for e in values if enc.JPEG_QUALITY_MIN <= e <= enc.JPEG_QUALITY_MAX]
+        self.jpeg_quality = qualities[0] - enc.JPEG_QUALITY_MIN if qualities else None
+        levels = [e for e in values if enc.COMPRESS_LEVEL_MIN <= e <= enc.COMPRESS_LEVEL_MAX]
+        if levels:
+            self.encoder.compress_level = levels[0] - enc.COMPRESS_LEVEL_MIN
+        if enc.QEMU_EXT_KEY in wanted and not self.extkey_acked:
+            self.extkey_acked = True
+            self._pseudo_update(0, 0, 0, 0, enc.QEMU_EXT_KEY)
+        if enc.POINTER_TYPE_CHANGE in wanted:
+            self._pseudo_update(int(self.absolute_pointer), 0, self.width, self.height,
+                                enc.POINTER_TYPE_CHANGE)
+        if enc.FENCE in wanted and not self.fence_seen:
+            self.fence_seen = True
+            self._send_fence(FENCE_REQUEST, b"")
+        if enc.CONTINUOUS_UPDATES in wanted and not self.cu_seen:
+            self.cu_seen = True
+            self._out += b"\x96"
+
+    # ------------------------------------------------------------ server messages
+    def _pseudo_update(self, x: int, y: int, w: int, h: int, encoding: int, data: bytes = b"") -> None:
+        self._out += struct.pack(">BxH", 0, 1) + enc.rect_header(x, y, w, h, encoding) + data
+
+    def _send_fence(self, flags: int, payload: bytes) -> None:
+        self._out += struct.pack(">B3xIB", 248, flags, len(payload)) + payload
+
+    def _send_ext_desktop_size(self, reason: int, status: int) -> None:
+        screen = struct.pack(">B3xIHHHHI", 1, 0, 0, 0, self.width, self.height, 0)
+        self._pseudo_update(reason, status, self.width, self.height, enc.EXT_DESKTOP_SIZE, screen)
+
+    @property
+    def supports_resize(self) -> bool:
+        return bool({enc.DESKTOP_SIZE, enc.EXT_DESKTOP_SIZE} & self.encodings)
+
+    def resize(self, width: int, height: int) -> bool:
+        """The framebuffer changed size; False if this client cannot follow."""
+        self.width, self.height = width, height
+        if self.state != "normal":
+            return True
+        if enc.EXT_DESKTOP_SIZE in self.encodings:
+            self._send_ext_desktop_size(0, 0)
+        elif enc.DESKTOP_SIZE in self.encodings:
+            self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
+        else:
+            return False
+        return True
+
+    def set_pointer_mode(self, absolute: bool) -> None:
+        self.absolute_pointer = absolute
+        if self.state == "normal" and enc.POINTER_TYPE_CHANGE in self.encodings:
+            self._pseudo_update(int(absolute), 0, self.width, self.height, enc.POINTER_TYPE_CHANGE)
+
+    def bell(self) -> None:
+        if self.state == "normal":
+            self._out += b"\x02"
+
+    # ------------------------------------------------------------ updates
+    @property
+    def pending_request(self) -> str | None:
+        """"full", "incremental" or None (continuous updates count as incremental)."""
+        if self._request is None and self.continuous is not None:
+            return "incremental"
+        return self._request
+
+    def send_update(self, rows: np.ndarray, src_fmt: PixelFormat,
+                    rects: list[tuple[int, int, int, int]]) -> int:
+        """Encode `rects` of the surface `rows` into one FramebufferUpdate.
+
+        Rectangles are clipped to the framebuffer; the outstanding request is
+        answered.  Returns the number of bytes queued.
+        """
+        body, count = bytearray(), 0
+        for rect in rects:
+            x, y, w, h = _clip(*rect, self.width, self.height)
+            if w <= 0 or h <= 0:
+                continue
+            pixels = convert_rect(rows, src_fmt, self.pixel_format, x, y, w, h)
+            n, data = self.encoder.encode(self.encoding, self.pixel_format, pixels, x, y, w, h,
+                                          jpeg_quality=self.jpeg_quality)
+            body += data
+            count += n
+        full, self._request = self._request == "full", None
+        if count == 0 and not full:
+            return 0
+        msg = struct.pack(">BxH", 0, count) + body
+        self._out += msg
+        return len(msg)

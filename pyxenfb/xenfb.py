@@ -1,0 +1,555 @@
+"""The vfb and vkbd backends: XenBus state machine, shared pages, rings.
+
+Follows QEMU's xenfb with Linux frontends (reference: pvfb.md sections 2-6):
+backend Initialising -> InitWait, read the frontend's keys only once it is
+Initialised/Connected, map, Connected; frontend Closing/Closed -> release
+everything and mirror the state; frontend back to Initialising after Closed
+-> start over, in the same process.
+
+Everything the guest controls is hostile: its XenStore keys, the shared page
+and ring contents.  Each value is read once into private memory, checked,
+and bad values are logged with the domid and ignored (or the device refused)
+— never a crash, never a read outside a mapping.  Nothing here knows about
+VNC or SDL: the framebuffer is published on a `Console`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import xenfb_abi as abi
+from .console import Console, Surface
+from .convert import GUEST_FORMATS
+
+log = logging.getLogger("pyxenfb.xenfb")
+
+REFRESH_PERIOD_MS = 30      # the display refresh interval we advertise while watched
+LEGACY_REFRESH_S = 0.05     # full-screen rescans for a frontend without feature-update
+MAX_KEYCODE = 0x2FF         # KEY_MAX
+
+
+class DeviceError(Exception):
+    """A frontend description we refuse; the message says why."""
+
+
+# --------------------------------------------------------------------------
+# Event channel ports -> device callbacks
+# --------------------------------------------------------------------------
+class PortDispatcher:
+    """One event-channel handle for the whole process; routes ports to devices."""
+
+    def __init__(self, evtchn, loop: asyncio.AbstractEventLoop | None = None):
+        self.evtchn = evtchn
+        self.loop = loop or asyncio.get_running_loop()
+        self.handlers: dict[int, callable] = {}
+        self.loop.add_reader(evtchn.fileno(), self._ready)
+
+    def bind(self, domid: int, remote_port: int, handler) -> int:
+        port = self.evtchn.bind_interdomain(domid, remote_port)
+        self.handlers[port] = handler
+        return port
+
+    def unbind(self, port: int) -> None:
+        self.handlers.pop(port, None)
+        try:
+            self.evtchn.unbind(port)
+        except OSError as e:
+            log.debug("unbind port %d: %s", port, e)
+
+    def notify(self, port: int) -> None:
+        self.evtchn.notify(port)
+
+    def _ready(self) -> None:
+        for port in self.evtchn.pending():
+            handler = self.handlers.get(port)
+            if handler is not None:
+                try:
+                    handler()
+                except Exception:   # one device's bug must not stop the others
+                    log.exception("event handler for port %d failed", port)
+            self.evtchn.unmask(port)
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self.evtchn.fileno())
+        except (ValueError, OSError):
+            pass
+        self.evtchn.close()
+
+
+@dataclass
+class BackendContext:
+    """What the backends of one device model share."""
+    xs: object                  # pyxenfb.xenstore.XenStore
+    foreignmem: object          # pyxenfb.foreignmem.ForeignMemory
+    ports: PortDispatcher
+    console: Console
+
+
+# --------------------------------------------------------------------------
+# XenBus state machine shared by vfb and vkbd
+# --------------------------------------------------------------------------
+class BackendDevice:
+    devtype = ""
+
+    def __init__(self, ctx: BackendContext, domid: int, devid: int = 0):
+        self.ctx = ctx
+        self.xs = ctx.xs
+        self.domid = domid
+        self.devid = devid
+        self.be = f"/local/domain/0/backend/{self.devtype}/{domid}/{devid}"
+        self.fe: str | None = None
+        self.be_state = abi.UNKNOWN
+        self.fe_state = abi.UNKNOWN
+        self.connected = False
+        self.page_map = None
+        self.page: np.ndarray | None = None
+        self.port: int | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_error = ""
+        self.state_changed = asyncio.Condition()   # tests and the machine wait on this
+
+    @property
+    def name(self) -> str:
+        return f"dom{self.domid} {self.devtype}-{self.devid}"
+
+    def refuse(self, reason: str) -> None:
+        """Log a refusal once per distinct reason (a guest can repeat events at will)."""
+        if reason != self._last_error:
+            log.warning("%s: %s", self.name, reason)
+            self._last_error = reason
+
+    async def start(self) -> None:
+        await self.xs.watch(self.be, f"be:{self.be}", self._kick)
+        self._task = asyncio.create_task(self._run(), name=f"{self.name}-xenbus")
+
+    def _kick(self, path: str = "", token: str = "") -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._evaluate()
+            except asyncio.CancelledError:
+                raise
+            except ConnectionError as e:
+                log.error("%s: XenStore connection lost: %s", self.name, e)
+                return
+            except Exception as e:
+                log.exception("%s: state machine error: %s", self.name, e)
+
+    async def _set_state(self, state: int) -> None:
+        self.be_state = state
+        await self.xs.write(f"{self.be}/state", str(state))
+        log.info("%s: backend -> %s", self.name, abi.STATE_NAMES.get(state, state))
+        async with self.state_changed:
+            self.state_changed.notify_all()
+
+    async def _evaluate(self) -> None:
+        if self.fe is None:
+            fe = await self.xs.read_str(f"{self.be}/frontend")
+            if not fe:
+                return                      # toolstack hasn't written the device yet
+            if fe != f"/local/domain/{self.domid}/device/{self.devtype}/{self.devid}":
+                self.refuse(f"unexpected frontend path {fe!r}")
+                return
+            self.fe = fe
+            await self.xs.watch(fe, f"fe:{fe}", self._kick)
+            # Take the device over whatever a previous (killed) device model left.
+            await self._set_state(abi.INITIALISING)
+        while await self._step():
+            pass
+
+    async def _step(self) -> bool:
+        """One transition of the XenBus state machine; True if another may follow."""
+        self.fe_state = await self.xs.read_int(f"{self.fe}/state", abi.UNKNOWN)
+        fe_state = self.fe_state
+        if fe_state in (abi.CLOSING, abi.CLOSED) or (fe_state == abi.UNKNOWN and self.connected):
+            if self.connected:
+                self.disconnect()
+            target = fe_state if fe_state != abi.UNKNOWN else abi.CLOSED
+            if self.be_state != target:
+                await self._set_state(target)
+            return False
+        if self.be_state == abi.CLOSED and fe_state == abi.INITIALISING:
+            log.info("%s: frontend re-initialising, reconnecting", self.name)
+            await self._set_state(abi.INITIALISING)
+            return True
+        if self.be_state == abi.INITIALISING:
+            if await self.xs.read_int(f"{self.be}/online", 0) != 1:
+                return False
+            await self.init_backend()
+            await self.xs.write(f"{self.be}/hotplug-status", "connected")
+            await self._set_state(abi.INIT_WAIT)
+            return True
+        if self.be_state == abi.INIT_WAIT and fe_state in (abi.INITIALISED, abi.CONNECTED):
+            try:
+                await self.connect()
+            except (DeviceError, OSError, ValueError) as e:
+                self.refuse(f"cannot connect: {e}")
+                self.disconnect()
+                return False
+            self.connected = True
+            self._last_error = ""
+            await self._set_state(abi.CONNECTED)
+            return True
+        if self.be_state == abi.CONNECTED and fe_state == abi.CONNECTED:
+            await self.frontend_connected()
+        return False
+
+    # ---- shared helpers for subclasses -------------------------------------
+    async def read_fe_int(self, key: str, lo: int, hi: int) -> int:
+        value = await self.xs.read_int(f"{self.fe}/{key}", None)
+        if value is None or not lo <= value <= hi:
+            raise DeviceError(f"frontend key {key} missing or out of range")
+        return value
+
+    def map_shared_page(self, frame: int) -> None:
+        self.page_map = self.ctx.foreignmem.map(self.domid, [frame], writable=True)
+        self.page = self.page_map.array[:abi.PAGE_SIZE]
+
+    def bind_port(self, remote_port: int) -> None:
+        self.port = self.ctx.ports.bind(self.domid, remote_port, self.on_event)
+
+    def u32(self, off: int) -> int:
+        """One read of a shared u32 (a ring index): callers use the value, never re-read."""
+        return int(self.page[off:off + 4].view("<u4")[0])
+
+    def set_u32(self, off: int, value: int) -> None:
+        self.page[off:off + 4].view("<u4")[0] = value & 0xFFFFFFFF
+
+    def notify(self) -> None:
+        if self.port is not None:
+            self.ctx.ports.notify(self.port)
+
+    def push_in_event(self, ring_offs: int, ring_len: int, prod_off: int, cons_off: int,
+                      event: bytes) -> bool:
+        """Producer side of an in ring: False (event dropped) when full."""
+        if self.page is None:
+            return False
+        prod, cons = self.u32(prod_off), self.u32(cons_off)
+        if (prod - cons) & 0xFFFFFFFF >= ring_len:
+            return False
+        off = abi.ring_slot(ring_offs, prod, ring_len)
+        self.page[off:off + abi.EVENT_SIZE] = np.frombuffer(event, np.uint8)
+        self.set_u32(prod_off, prod + 1)
+        self.notify()
+        return True
+
+    def disconnect(self) -> None:
+        self.connected = False
+        if self.port is not None:
+            self.ctx.ports.unbind(self.port)
+            self.port = None
+        self.page = None
+        if self.page_map is not None:
+            self.page_map.close()
+            self.page_map = None
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            self._task = None
+        self.disconnect()
+
+    # ---- hooks ------------------------------------------------------------
+    async def init_backend(self) -> None: ...
+    async def connect(self) -> None: ...
+    async def frontend_connected(self) -> None: ...
+    def on_event(self) -> None: ...
+
+
+# --------------------------------------------------------------------------
+# vfb
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    width: int
+    height: int
+    stride: int
+    depth: int
+    offset: int
+
+
+def check_geometry(fb_len: int, width: int, height: int, stride: int, depth: int,
+                   offset: int) -> Geometry:
+    """QEMU's xenfb_configure_fb rules (pvfb.md section 6), on Python ints."""
+    if depth not in GUEST_FORMATS:
+        raise DeviceError(f"depth {depth} not one of 8, 16, 24, 32")
+    if not 0 < stride <= fb_len:
+        raise DeviceError(f"line length {stride} outside 1..{fb_len}")
+    max_width = stride // (depth // 8)
+    if width < 0 or width > max_width:
+        width = max_width
+    if not 0 <= offset < fb_len:
+        raise DeviceError(f"offset {offset} outside 0..{fb_len - 1}")
+    max_height = (fb_len - offset) // stride
+    if height < 0 or height > max_height:
+        height = max_height
+    if width == 0 or height == 0:
+        raise DeviceError(f"empty framebuffer {width}x{height}")
+    return Geometry(width, height, stride, depth, offset)
+
+
+class FramebufferBackend(BackendDevice):
+    devtype = "vfb"
+
+    def __init__(self, ctx: BackendContext, domid: int, devid: int = 0):
+        super().__init__(ctx, domid, devid)
+        self.fb_map = None
+        self.fb_len = 0
+        self.geometry: Geometry | None = None
+        self.feature_update = False
+        self.abi: abi.GuestAbi | None = None
+        self.visible = bool(ctx.console.listeners)
+        self.rewrote_connected = False
+        self._legacy_timer: asyncio.TimerHandle | None = None
+        self.updates = 0          # UPDATE events accepted (tests, stats)
+        self.resizes = 0
+
+    async def init_backend(self) -> None:
+        await self.xs.write(f"{self.be}/feature-resize", "1")
+
+    async def connect(self) -> None:
+        page_ref = await self.read_fe_int("page-ref", 0, 2**64 - 1)
+        remote_port = await self.read_fe_int("event-channel", 1, 2**32 - 1)
+        protocol = await self.xs.read_str(f"{self.fe}/protocol")
+        self.feature_update = await self.xs.read_int(f"{self.fe}/feature-update", 0) == 1
+        videoram_mb = await self.xs.read_int(f"{self.be}/videoram", 0) or 0
+
+        self.map_shared_page(page_ref)
+        # One private copy of everything before the rings: the header and pd[].
+        header = bytes(self.page[:abi.FB_IN_RING_OFFS])
+        guest_abi = abi.abi_for_protocol(protocol, header)
+        (_, _, _, _, width, height, line_length, mem_length, depth) = abi.FB_HEADER.unpack_from(header)
+
+        fb_len_max = guest_abi.max_fb_len()
+        fb_len_lim = min(videoram_mb * (1 << 20), fb_len_max) if videoram_mb > 0 else fb_len_max
+        fb_len = min(mem_length, fb_len_lim)
+        if fb_len <= 0:
+            raise DeviceError(f"mem_length {mem_length} is empty")
+        geometry = check_geometry(fb_len, width, height, line_length, depth, 0)
+
+        n_pages = (fb_len + abi.PAGE_SIZE - 1) // abi.PAGE_SIZE
+        n_dirs = (n_pages + guest_abi.entries_per_page - 1) // guest_abi.entries_per_page
+        if n_dirs > guest_abi.usable_pd_entries:
+            raise DeviceError(f"{n_pages} pages need {n_dirs} pd entries, only "
+                              f"{guest_abi.usable_pd_entries} exist")
+        dtype = "<u4" if guest_abi.entry_size == 4 else "<u8"
+        pd = np.frombuffer(header, dtype, count=n_dirs, offset=guest_abi.pd_offset)
+        dir_map = self.ctx.foreignmem.map(self.domid, [int(f) for f in pd], writable=False)
+        try:
+            frames = np.frombuffer(dir_map.array, dtype, count=n_pages).copy()
+        finally:
+            dir_map.close()
+        self.fb_map = self.ctx.foreignmem.map(self.domid, [int(f) for f in frames], writable=False)
+        self.fb_len, self.abi, self.geometry = fb_len, guest_abi, geometry
+        self.bind_port(remote_port)
+        if self.feature_update:
+            await self.xs.write(f"{self.be}/request-update", "1")
+        self.rewrote_connected = False
+        self._publish()
+        log.info("%s: connected %dx%d depth %d stride %d, %d pages (%s)", self.name,
+                 geometry.width, geometry.height, geometry.depth, geometry.stride, n_pages,
+                 guest_abi.name)
+        self.displays_visible(self.visible)
+        self._arm_legacy_refresh()
+
+    async def frontend_connected(self) -> None:
+        # A fast backend can go InitWait->Connected before Linux saw InitWait;
+        # Linux then skips reading request-update.  Writing Connected once
+        # more fires its watch again (as QEMU does).
+        if not self.rewrote_connected:
+            self.rewrote_connected = True
+            await self._set_state(abi.CONNECTED)
+
+    def _publish(self) -> None:
+        g = self.geometry
+        view = self.fb_map.array[g.offset:g.offset + g.height * g.stride].reshape(g.height, g.stride)
+        self.ctx.console.framebuffer = self
+        self.ctx.console.set_surface(Surface(g.width, g.height, g.stride, GUEST_FORMATS[g.depth], view))
+
+    def on_event(self) -> None:
+        if self.page is None:
+            return
+        prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
+        if (prod - cons) & 0xFFFFFFFF > abi.FB_OUT_RING_LEN:
+            self.refuse(f"out ring indexes prod={prod} cons={cons} are inconsistent; batch ignored")
+            return
+        while cons != prod:
+            off = abi.ring_slot(abi.FB_OUT_RING_OFFS, cons, abi.FB_OUT_RING_LEN)
+            event = bytes(self.page[off:off + abi.EVENT_SIZE])     # copy once, then parse
+            self._handle_out_event(event)
+            cons = (cons + 1) & 0xFFFFFFFF
+        self.set_u32(abi.FB_OUT_CONS, cons)
+        self.notify()            # the frontend flushes anything it stashed
+        if not self.feature_update:
+            self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
+
+    def _handle_out_event(self, event: bytes) -> None:
+        kind = event[0]
+        if kind == abi.XENFB_TYPE_UPDATE:
+            _, x, y, w, h = abi.FB_UPDATE.unpack_from(event)
+            g = self.geometry
+            x, y = max(x, 0), max(y, 0)
+            w, h = min(w, g.width - x), min(h, g.height - y)
+            if w < 0 or h < 0:
+                return
+            self.updates += 1
+            self.ctx.console.invalidate(x, y, w, h)
+        elif kind == abi.XENFB_TYPE_RESIZE:
+            _, width, height, stride, depth, offset = abi.FB_RESIZE.unpack_from(event)
+            try:
+                geometry = check_geometry(self.fb_len, width, height, stride, depth, offset)
+            except DeviceError as e:
+                self.refuse(f"resize refused: {e}")
+                return
+            self.geometry = geometry
+            self.resizes += 1
+            log.info("%s: resized to %dx%d depth %d", self.name, geometry.width, geometry.height,
+                     geometry.depth)
+            self._publish()
+        # Unknown types are ignored, as the protocol says.
+
+    def displays_visible(self, visible: bool) -> None:
+        """No display watching: tell the guest it need not send updates (XENFB_NO_REFRESH)."""
+        self.visible = visible
+        if self.page is None or not self.feature_update:
+            return
+        period = REFRESH_PERIOD_MS if visible else abi.XENFB_NO_REFRESH
+        event = abi.pack_event(abi.FB_REFRESH, abi.XENFB_TYPE_REFRESH_PERIOD, period)
+        self.push_in_event(abi.FB_IN_RING_OFFS, abi.FB_IN_RING_LEN, abi.FB_IN_PROD,
+                           abi.FB_IN_CONS, event)
+        self._arm_legacy_refresh()
+
+    def _arm_legacy_refresh(self) -> None:
+        """A frontend without feature-update sends no UPDATE events: rescan while watched."""
+        if self._legacy_timer is not None:
+            self._legacy_timer.cancel()
+            self._legacy_timer = None
+        if self.connected or self.geometry is not None:
+            if not self.feature_update and self.visible and self.fb_map is not None:
+                def tick():
+                    self._legacy_timer = None
+                    if self.fb_map is not None and self.geometry is not None:
+                        self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
+                        self._arm_legacy_refresh()
+                self._legacy_timer = asyncio.get_running_loop().call_later(LEGACY_REFRESH_S, tick)
+
+    def disconnect(self) -> None:
+        if self._legacy_timer is not None:
+            self._legacy_timer.cancel()
+            self._legacy_timer = None
+        if self.fb_map is not None:
+            console = self.ctx.console
+            # Keep showing the last picture from private memory, then unmap.
+            console.set_surface(console.surface.snapshot())
+            self.fb_map.close()
+            self.fb_map = None
+        self.geometry = None
+        super().disconnect()
+
+
+# --------------------------------------------------------------------------
+# vkbd
+# --------------------------------------------------------------------------
+class KeyboardBackend(BackendDevice):
+    devtype = "vkbd"
+    DEFAULT_RANGE = (800, 600)   # Linux kbdfront's ptr_size default (XENFB_WIDTH x HEIGHT)
+
+    def __init__(self, ctx: BackendContext, domid: int, devid: int = 0):
+        super().__init__(ctx, domid, devid)
+        self.absolute = False
+        self.raw = False
+        self.range = self.DEFAULT_RANGE
+        self.last_abs = (0, 0)
+        self.dropped = 0
+
+    async def init_backend(self) -> None:
+        await self.xs.write(f"{self.be}/feature-abs-pointer", "1")
+        await self.xs.write(f"{self.be}/feature-raw-pointer", "1")
+
+    async def connect(self) -> None:
+        page_ref = await self.read_fe_int("page-ref", 0, 2**64 - 1)
+        remote_port = await self.read_fe_int("event-channel", 1, 2**32 - 1)
+        w = await self.xs.read_int(f"{self.be}/width", None)
+        h = await self.xs.read_int(f"{self.be}/height", None)
+        self.range = (w, h) if w and h and 0 < w <= 65535 and 0 < h <= 65535 else self.DEFAULT_RANGE
+        self.map_shared_page(page_ref)
+        self.bind_port(remote_port)
+        self.ctx.console.input = self
+        log.info("%s: connected", self.name)
+
+    async def frontend_connected(self) -> None:
+        absolute = await self.xs.read_int(f"{self.fe}/request-abs-pointer", 0) == 1
+        self.raw = await self.xs.read_int(f"{self.fe}/request-raw-pointer", 0) == 1
+        if absolute != self.absolute or self.ctx.console.absolute_pointer != absolute:
+            self.absolute = absolute
+            self.ctx.console.set_pointer_mode(absolute)
+
+    def on_event(self) -> None:
+        if self.page is not None:
+            # No frontend->backend events are defined: consume whatever is there.
+            self.set_u32(abi.KBD_OUT_CONS, self.u32(abi.KBD_OUT_PROD))
+
+    def _send(self, event: bytes) -> None:
+        if not self.push_in_event(abi.KBD_IN_RING_OFFS, abi.KBD_IN_RING_LEN, abi.KBD_IN_PROD,
+                                  abi.KBD_IN_CONS, event):
+            self.dropped += 1
+            if self.page is not None:
+                self.refuse("input ring full: guest is not consuming, events dropped")
+
+    # ---- InputSink (called by displays through the console) -----------------
+    def key(self, code: int, down: bool) -> None:
+        if not 0 < code <= MAX_KEYCODE:
+            return
+        self._send(abi.pack_event(abi.KBD_KEY, abi.XENKBD_TYPE_KEY, 1 if down else 0, code))
+
+    def _scale(self, x: int, y: int, sw: int, sh: int) -> tuple[int, int]:
+        if self.raw:
+            return (x * abi.XENKBD_ABS_MAX // max(1, sw - 1), y * abi.XENKBD_ABS_MAX // max(1, sh - 1))
+        # Linux's abs range is [0, W] x [0, H] (BE width/height, else 800x600);
+        # map surface pixels onto it (the identity for an 800x600 framebuffer,
+        # which is what QEMU sends).
+        rw, rh = self.range
+        return ((x * rw + sw // 2) // max(1, sw), (y * rh + sh // 2) // max(1, sh))
+
+    def pointer_abs(self, x: int, y: int, surface_w: int, surface_h: int) -> None:
+        ax, ay = self._scale(x, y, surface_w, surface_h)
+        if self.absolute:
+            self.last_abs = (ax, ay)
+            self._send(abi.pack_event(abi.KBD_POS, abi.XENKBD_TYPE_POS, ax, ay, 0))
+        else:
+            lx, ly = self.last_abs
+            self.last_abs = (ax, ay)
+            self.pointer_rel(ax - lx, ay - ly)
+
+    def pointer_rel(self, dx: int, dy: int) -> None:
+        self._send(abi.pack_event(abi.KBD_MOTION, abi.XENKBD_TYPE_MOTION, dx, dy, 0))
+
+    def wheel(self, dz: int) -> None:
+        if self.absolute:
+            ax, ay = self.last_abs
+            self._send(abi.pack_event(abi.KBD_POS, abi.XENKBD_TYPE_POS, ax, ay, dz))
+        else:
+            self._send(abi.pack_event(abi.KBD_MOTION, abi.XENKBD_TYPE_MOTION, 0, 0, dz))
+
+    def disconnect(self) -> None:
+        if self.ctx.console.input is self:
+            self.ctx.console.input = None
+        super().disconnect()
+
+
+async def start_backends(ctx: BackendContext, domid: int) -> list[BackendDevice]:
+    """The devices of the xenpv machine for one domain."""
+    devices = [FramebufferBackend(ctx, domid), KeyboardBackend(ctx, domid)]
+    for dev in devices:
+        await dev.start()
+    return devices
