@@ -130,13 +130,14 @@ _LINUX_DEFINE = re.compile(r"^#define\s+((?:KEY|BTN)_\w+)\s+(0x[0-9a-fA-F]+|\d+)
 
 
 def parse_linux_key_names(text: str) -> dict[int, str]:
-    """Linux code -> first KEY_/BTN_ name defined with a number for it
-    (aliases defined as another name, like KEY_MIN_INTERESTING, are skipped)."""
+    """Linux code -> KEY_/BTN_ name.  Where several names share a number the
+    last one wins: the header defines a range's name (BTN_MOUSE) before the
+    specific key (BTN_LEFT).  Aliases defined as another name are skipped."""
     names: dict[int, str] = {}
     for line in text.splitlines():
         m = _LINUX_DEFINE.match(line)
         if m and m.group(1) not in ("KEY_MAX", "KEY_CNT"):
-            names.setdefault(int(m.group(2), 0), m.group(1))
+            names[int(m.group(2), 0)] = m.group(1)
     return names
 
 
@@ -151,11 +152,14 @@ def set1_to_qnum(set1: int) -> int:
     return set1
 
 
-def parse_keycodemapdb(text: str) -> tuple[dict[int, int], dict[int, int]]:
+def parse_keycodemapdb(
+    text: str, linux_names: dict[int, str]
+) -> tuple[dict[int, int], dict[int, int]]:
     """(qnum -> Linux code, USB HID usage -> Linux code).
 
     Where several rows claim the same scancode the later row wins, as in
-    keycodemapdb's own generator."""
+    keycodemapdb's own generator.  Rows for Linux codes the kernel does not
+    name (placeholders for atkbd's raw scancodes) are left out."""
     reader = csv.reader(io.StringIO(text))
     header = next(reader)
     col_linux = header.index("Linux Keycode")
@@ -167,7 +171,7 @@ def parse_keycodemapdb(text: str) -> tuple[dict[int, int], dict[int, int]]:
         if not row:
             continue
         linux = int(row[col_linux], 0)
-        if linux == 0:  # KEY_RESERVED: never a real key
+        if linux == 0 or linux not in linux_names:  # 0 is KEY_RESERVED
             continue
         if row[col_set1]:
             qnum = set1_to_qnum(int(row[col_set1], 0))
@@ -353,8 +357,8 @@ def generate(
 
     keysyms, keysym_unicode = parse_keysym_headers(x11_texts)
     layouts = {name: parse_qemu_layout(qemu_keymaps, name, keysyms) for name in layout_names}
-    qnum_map, usb_map = parse_keycodemapdb(csv_text)
     linux_names = parse_linux_key_names(linux_text)
+    qnum_map, usb_map = parse_keycodemapdb(csv_text, linux_names)
     return render(layouts, qnum_map, usb_map, linux_names, keysym_unicode, sources)
 
 
