@@ -351,6 +351,7 @@ class QmpServer:
         """One request in, one reply out (with the request's id when known)."""
         request_id: Any = None
         has_id = False
+        name = "(bad request)"
         try:
             request = decode_message(raw)
             if not isinstance(request, dict):
@@ -362,20 +363,20 @@ class QmpServer:
                     raise generic_error(f"QMP input member '{key}' is unexpected")
             if "execute" not in request:
                 raise generic_error("QMP input lacks member 'execute'")
-            name = request["execute"]
-            if not isinstance(name, str):
+            if not isinstance(request["execute"], str):
                 raise generic_error("QMP input member 'execute' must be a string")
+            name = request["execute"][:64]
             args = request.get("arguments", {})
             if not isinstance(args, dict):
                 raise generic_error("QMP input member 'arguments' must be an object")
-            result = self._execute(conn, name, args)
+            result = self._execute(conn, request["execute"], args)
             reply: dict = {"return": result}
             log.info("QMP %s: ok", name)
         except QmpError as error:
             reply = error.to_reply()
-            log.info("QMP request failed: %s: %s", error.cls, error.desc)
+            log.info("QMP %s: %s: %s", name, error.cls, error.desc)
         except Exception:   # a bug in a handler must not end the monitor
-            log.exception("QMP: internal error")
+            log.exception("QMP %s: internal error", name)
             reply = generic_error("internal error").to_reply()
         if has_id:
             reply["id"] = request_id

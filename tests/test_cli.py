@@ -1,0 +1,348 @@
+"""pyqemu-dm command line: xend and libxl argv styles, errors, --help."""
+import logging
+import sys
+import types
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pyxenfb import cli
+from pyxenfb.cli import ChardevSocket, CliError, EarlyExit, VncOptions, parse_args
+
+# argv[1:] exactly as libxl 4.17 (Debian Xen 4.17.7) started the device model
+# for a PV guest with vfb = ["vnc=1,vnclisten=127.0.0.1,vncdisplay=0"];
+# captured in reference/libxl-4.17-captured/dm-argv-real-qemu.txt.
+LIBXL_417_ARGV = [
+    "-xen-domid", "1",
+    "-no-shutdown",
+    "-chardev", "socket,id=libxl-cmd,path=/var/run/xen/qmp-libxl-1,server=on,wait=off",
+    "-mon", "chardev=libxl-cmd,mode=control",
+    "-chardev", "socket,id=libxenstat-cmd,path=/var/run/xen/qmp-libxenstat-1,server=on,wait=off",
+    "-mon", "chardev=libxenstat-cmd,mode=control",
+    "-nodefaults",
+    "-no-user-config",
+    "-xen-attach",
+    "-name", "fbtest",
+    "-vnc", "127.0.0.1:0,to=99",
+    "-display", "none",
+    "-machine", "xenpv",
+    "-m", "256",
+]
+
+# libxl's command-line probe (libxl_dm.c, before launching qemu-xen).
+LIBXL_PROBE_ARGV = [
+    "-S", "-no-user-config", "-nodefaults", "-nographic",
+    "-machine", "none,accel=xen",
+    "-chardev", "socket,id=libxl-cmd,fd=7,server=on,wait=off",
+    "-mon", "chardev=libxl-cmd,mode=control",
+]
+
+
+def test_libxl_417_captured_argv():
+    o = parse_args(LIBXL_417_ARGV)
+    assert o.machine == "xenpv"
+    assert o.domid == 1
+    assert o.name == "fbtest"
+    assert o.vnc == VncOptions(host="127.0.0.1", display=0, to_display=99,
+                               password=False, websocket=None)
+    assert o.vnc.port == 5900
+    assert o.sdl is False
+    assert o.keymap is None
+    assert o.monitors == [
+        ChardevSocket("libxl-cmd", "/var/run/xen/qmp-libxl-1", None, True, False),
+        ChardevSocket("libxenstat-cmd", "/var/run/xen/qmp-libxenstat-1", None, True, False),
+    ]
+    assert o.start_paused is False
+    assert o.memory_mb == 256
+    assert o.ignored == []        # libxl's standard argv causes no warning
+
+
+def test_libxl_fd_chardev_with_S_and_all_display_variants():
+    # pvfb.md section 7: fd= QMP chardev with -S, a channel chardev,
+    # password, SDL, keymap, user extra args and extra_pv args.
+    argv = [
+        "-xen-domid", "7", "-no-shutdown",
+        "-chardev", "socket,id=libxl-cmd,fd=9,server=on,wait=off", "-S",
+        "-mon", "chardev=libxl-cmd,mode=control",
+        "-chardev", "socket,id=libxenstat-cmd,path=/run/xen/qmp-libxenstat-7,server=on,wait=off",
+        "-mon", "chardev=libxenstat-cmd,mode=control",
+        "-chardev", "pty,id=libxl-channel0",
+        "-nodefaults", "-no-user-config", "-xen-attach",
+        "-name", "guest=web,debug-threads=on",
+        "-vnc", "0.0.0.0:3,password=on,to=99",
+        "-display", "none", "-display", "sdl",
+        "-k", "de",
+        "-serial", "pty",
+        "-machine", "xenpv,accel=xen", "-m", "1G",
+    ]
+    o = parse_args(argv)
+    assert o.domid == 7 and o.name == "web"
+    assert o.start_paused is True
+    assert o.monitors[0] == ChardevSocket("libxl-cmd", None, 9, True, False)
+    assert o.monitors[1].path == "/run/xen/qmp-libxenstat-7"
+    assert o.vnc == VncOptions("0.0.0.0", 3, 99, True, None)
+    assert o.sdl is True and o.keymap == "de"
+    assert o.memory_mb == 1024
+    assert o.ignored == ["-name debug-threads=on", "-serial pty",
+                         "-chardev pty,id=libxl-channel0"]
+
+
+def test_libxl_vnc_none_nographic():
+    argv = ["-xen-domid", "2", "-chardev",
+            "socket,id=libxl-cmd,path=/tmp/q,server=on,wait=off",
+            "-mon", "chardev=libxl-cmd,mode=control",
+            "-name", "x", "-vnc", "none", "-display", "none", "-nographic",
+            "-machine", "xenpv", "-m", "128"]
+    o = parse_args(argv)
+    assert o.vnc is None and o.sdl is False and o.ignored == []
+
+
+def test_libxl_probe():
+    o = parse_args(LIBXL_PROBE_ARGV)
+    assert o.machine == "none"
+    assert o.domid is None
+    assert o.start_paused is True
+    assert o.monitors == [ChardevSocket("libxl-cmd", None, 7, True, False)]
+    assert o.vnc is None and o.ignored == []
+
+
+def test_libxl_qdisk_backend_argv():
+    # libxl__spawn_qemu_xenpv_backend (a qdisk-only device model)
+    o = parse_args(["-xen-domid", "0", "-xen-attach", "-name", "domain-0",
+                    "-nographic", "-M", "xenpv", "-monitor", "/dev/null",
+                    "-serial", "/dev/null", "-parallel", "/dev/null"])
+    assert o.domid == 0 and o.name == "domain-0" and o.vnc is None
+    assert o.ignored == ["-monitor /dev/null", "-serial /dev/null", "-parallel /dev/null"]
+
+
+def test_xend_2007_argv():
+    o = parse_args(["-M", "xenpv", "-d", "3", "-domain-name", "web",
+                    "-vnc", "127.0.0.1:2", "-vncunused", "-k", "en-us"])
+    assert o.machine == "xenpv" and o.domid == 3 and o.name == "web"
+    assert o.vnc == VncOptions("127.0.0.1", 2, 2 + cli.VNCUNUSED_SPAN, False, None)
+    assert o.keymap == "en-us" and o.sdl is False and o.monitors == []
+
+
+def test_xend_vnclisten_overrides_host_in_any_order():
+    for argv in (["-d", "1", "-vnclisten", "0.0.0.0", "-vnc", "127.0.0.1:1"],
+                 ["-d", "1", "-vnc", "127.0.0.1:1", "-vnclisten", "0.0.0.0"]):
+        assert parse_args(argv).vnc.host == "0.0.0.0"
+    assert parse_args(["-d", "1", "-vnc", ":1", "-vnclisten", "[::]"]).vnc.host == "::"
+
+
+def test_xend_sdl_and_vncviewer():
+    o = parse_args(["-M", "xenpv", "-d", "4", "-sdl", "-vnc", ":0", "-vncviewer"])
+    assert o.sdl and o.vncviewer and o.vnc.display == 0
+
+
+def test_design_card_double_dash_forms():
+    o = parse_args(["-d", "1", "--vnc", ":1", "--sdl"])
+    assert o.vnc == VncOptions("127.0.0.1", 1, None, False, None)
+    assert o.sdl
+    assert parse_args(["--xen-domid", "5", "-vnc", ":1"]).vnc.port == 5901
+
+
+@pytest.mark.parametrize("value, expected", [
+    (":0", VncOptions("127.0.0.1", 0, None, False, None)),
+    ("localhost:5", VncOptions("localhost", 5, None, False, None)),
+    ("[::1]:0", VncOptions("::1", 0, None, False, None)),
+    ("[::1]:4,to=10", VncOptions("::1", 4, 10, False, None)),
+    ("127.0.0.1:1,password", VncOptions("127.0.0.1", 1, None, True, None)),
+    ("127.0.0.1:1,password=off", VncOptions("127.0.0.1", 1, None, False, None)),
+    (":2,websocket=on", VncOptions("127.0.0.1", 2, None, False, 5702)),
+    (":2,websocket=5800", VncOptions("127.0.0.1", 2, None, False, 5800)),
+    (":2,websocket=0.0.0.0:5801", VncOptions("127.0.0.1", 2, None, False, 5801)),
+    (":2,websocket=off", VncOptions("127.0.0.1", 2, None, False, None)),
+    (":59635", VncOptions("127.0.0.1", 59635, None, False, None)),
+])
+def test_vnc_values(value, expected):
+    assert parse_args(["-d", "1", "-vnc", value]).vnc == expected
+
+
+def test_vnc_tuning_options_are_ignored_with_a_note():
+    o = parse_args(["-d", "1", "-vnc", ":1,lossy=on,share=ignore"])
+    assert o.vnc.display == 1
+    assert o.ignored == ["-vnc lossy=on", "-vnc share=ignore"]
+
+
+def test_vncunused_keeps_explicit_to_and_is_capped():
+    assert parse_args(["-d", "1", "-vnc", ":1,to=5", "-vncunused"]).vnc.to_display == 5
+    o = parse_args(["-d", "1", "-vnc", ":59600", "-vncunused"])
+    assert o.vnc.to_display == cli.MAX_DISPLAY
+
+
+def test_last_vnc_and_display_win():
+    o = parse_args(["-d", "1", "-vnc", ":1", "-vnc", "none", "-display", "sdl",
+                    "-display", "none"])
+    assert o.vnc is None and o.sdl is False
+    o = parse_args(["-d", "1", "-display", "vnc=:4"])   # QEMU's legacy spelling
+    assert o.vnc.display == 4
+
+
+def test_name_forms():
+    assert parse_args(["-d", "1", "-name", "a,,b"]).name == "a,b"
+    assert parse_args(["-d", "1", "-name", "guest=g,process=p"]).name == "g"
+
+
+@pytest.mark.parametrize("value, mib", [
+    ("256", 256), ("256M", 256), ("2G", 2048), ("size=512M", 512),
+    ("512,slots=2,maxmem=1G", 512), ("1048576k", 1024),
+])
+def test_memory(value, mib):
+    assert parse_args(["-d", "1", "-m", value]).memory_mb == mib
+
+
+def test_qmp_shorthand_becomes_a_monitor():
+    o = parse_args(["-d", "1", "-qmp", "unix:/tmp/q.sock,server,nowait"])
+    assert o.monitors == [ChardevSocket("compat_monitor0", "/tmp/q.sock", None, True, False)]
+    assert o.ignored == []
+    o = parse_args(["-d", "1", "-qmp", "tcp:localhost:4444,server"])
+    assert o.monitors == [] and o.ignored == ["-qmp tcp:localhost:4444,server"]
+
+
+def test_unknown_options_are_ignored_and_their_values_consumed():
+    o = parse_args(["-d", "1", "-serial", "pty", "-device", "virtio-net,netdev=n",
+                    "-usb", "-boot", "c", "-cpu", "host", "-smp", "2",
+                    "-vga", "std", "-usbdevice", "tablet", "-net", "none",
+                    "-d", "guest_errors", "disk.img", "-vnc", ":1"])
+    assert o.vnc.display == 1
+    assert o.ignored == ["-serial pty", "-device virtio-net,netdev=n", "-usb",
+                         "-boot c", "-cpu host", "-smp 2", "-vga std",
+                         "-usbdevice tablet", "-net none", "-d guest_errors", "disk.img"]
+
+
+def test_readline_monitor_is_ignored_but_checked():
+    o = parse_args(["-d", "1", "-chardev", "socket,id=h,path=/tmp/h,server=on,wait=off",
+                    "-mon", "chardev=h"])
+    assert o.monitors == []
+    assert o.ignored == ["-mon chardev=h", "-chardev socket,id=h,path=/tmp/h,server=on,wait=off"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-xen-domid", "abc"], "domain id must be a number"),
+    (["-xen-domid", "-1"], "domain id must be a number"),
+    (["-xen-domid", "40000"], "out of range"),
+    (["-d", "1x"], "domain id must be a number"),
+    (["-xen-domid", "1", "-d", "2"], "conflicts"),
+    (["-vnc", ":x", "-d", "1"], "display must be a number"),
+    (["-d", "1", "-vnc", ":60000"], "out of range"),
+    (["-d", "1", "-vnc", "127.0.0.1"], "lacks ':display'"),
+    (["-d", "1", "-vnc", ":5,to=3"], "out of range"),
+    (["-d", "1", "-vnc", ":1,password=maybe"], "on or off"),
+    (["-d", "1", "-vnc", ":1,tls-creds=x"], "not supported"),
+    (["-d", "1", "-vnc", ":1,bogus=1"], "unknown option 'bogus'"),
+    (["-d", "1", "-vnc", "unix:/tmp/v"], "unix socket"),
+    (["-d", "1", "-vnc", "[::1:0"], "bad address"),
+    (["-d", "1", "-vnc", ":1,websocket=70000"], "out of range"),
+    (["-d", "1", "-m", "lots"], "bad memory size"),
+    (["-d", "1", "-m", "0"], "out of range"),
+    (["-d", "1", "-chardev", "socket,path=/tmp/x,server=on"], "no id="),
+    (["-d", "1", "-chardev", "socket,id=c,server=on"], "exactly one of path= or fd="),
+    (["-d", "1", "-chardev", "socket,id=c,path=/a,fd=3"], "exactly one of path= or fd="),
+    (["-d", "1", "-chardev", "socket,id=c,fd=x"], "fd must be a number"),
+    (["-d", "1", "-chardev", "socket,id=c,path=/" + "x" * 200], "bad unix socket path"),
+    (["-d", "1", "-chardev", "socket,id=c,path=/a", "-chardev", "pty,id=c"], "duplicate id"),
+    (["-d", "1", "-mon", "chardev=nope,mode=control"], "chardev 'nope' not found"),
+    (["-d", "1", "-mon", "mode=control"], "no chardev="),
+    (["-d", "1", "-chardev", "pty,id=p", "-mon", "chardev=p,mode=control"], "needs a unix socket"),
+    (["-d", "1", "-chardev", "socket,id=c,path=/a", "-mon", "chardev=c,mode=control"],
+     "server=on"),
+    (["-d", "1", "-machine", "pc"], "machine type 'pc' is not supported"),
+    (["-d", "1", "-M", "xenfv"], "not supported"),
+    (["-d", "1", "-machine", "xenpv,accel=kvm"], "accel"),
+    (["-d", "1", "-display", "gtk"], "'gtk' is not supported"),
+    (["-d", "1", "-k", "../../etc/passwd"], "bad keymap"),
+    (["-d", "1", "-sdl", "-nographic"], "-nographic"),
+    (["-d", "1", "-name", "guest="], "no guest name"),
+    (["-d", "1", "-vnc"], "requires an argument"),
+    (["-d", "1", "-serial"], "requires an argument"),
+    (["-d", "1", "-runas", "qemu"], "dm_restrict"),
+    (["-d", "1", "-xen-domid-restrict"], "dm_restrict"),
+    (["-d", "1", "-sandbox", "on"], "refusing"),
+    (["-vnc", ":1"], "no domain id"),
+])
+def test_bad_command_lines(argv, fragment):
+    with pytest.raises(CliError, match=None) as info:
+        parse_args(argv)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def fake_machine(monkeypatch):
+    """A stand-in for the lead's machine_pv module, recording what run() got."""
+    seen = []
+    module = types.ModuleType("pyxenfb.machine_pv")
+    module.run = lambda options: seen.append(options) or 0
+    monkeypatch.setitem(sys.modules, "pyxenfb.machine_pv", module)
+    yield seen
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_pyqemu_dm", False):
+            root.removeHandler(handler)
+
+
+def test_main_bad_argv_exits_2_with_one_line(capsys, fake_machine):
+    assert cli.main(["-xen-domid", "one"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("pyqemu-dm: -xen-domid: domain id must be a number")
+    assert "Traceback" not in err
+    assert fake_machine == []
+
+
+def test_main_runs_machine_and_warns_once_about_ignored(capsys, fake_machine):
+    assert cli.main(["-xen-domid", "4", "-serial", "pty", "-usb", "-vnc", ":1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "pyqemu-dm[4]: ignoring unsupported options: -serial pty -usb\n"
+    assert fake_machine[0].domid == 4 and fake_machine[0].vnc.display == 1
+
+
+def test_main_libxl_argv_is_silent(capsys, fake_machine):
+    assert cli.main(LIBXL_417_ARGV) == 0
+    assert capsys.readouterr().err == ""
+    assert fake_machine[0].name == "fbtest"
+
+
+def test_main_log_prefix(capsys, fake_machine):
+    cli.main(["-d", "9"])
+    logging.getLogger("pyxenfb.test").warning("two\nlines")
+    assert capsys.readouterr().err == "pyqemu-dm[9]: two | lines\n"
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "-help"])
+def test_help(capsys, flag, fake_machine):
+    assert cli.main([flag]) == 0
+    out = capsys.readouterr().out
+    for heading in ("Machine:", "Display:", "Monitor (QMP", "Compatibility:", "Examples:"):
+        assert heading in out
+    assert "-xen-domid" in out and "-vncunused" in out and "--vnc :1" in out
+    assert fake_machine == []
+
+
+def test_version(capsys, fake_machine):
+    assert cli.main(["-version"]) == 0
+    assert "pyqemu-dm" in capsys.readouterr().out
+
+
+_TOKENS = st.sampled_from([
+    "-d", "-xen-domid", "-vnc", "-chardev", "-mon", "-machine", "-M", "-m", "-k",
+    "-name", "-display", "-sdl", "-S", "-nographic", "-vncunused", "-vnclisten",
+    "-serial", "-qmp", "--vnc", "1", ":1", "none", "xenpv", "sdl", "de", "[::1]:0",
+    "socket,id=a,path=/tmp/a,server=on", "chardev=a,mode=control", "pty,id=b",
+    "127.0.0.1:0,to=99", ",,", "=", "", "-", "--",
+])
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.one_of(_TOKENS, st.text(max_size=12)), max_size=12))
+def test_parser_fuzz_only_raises_cli_errors(argv):
+    try:
+        o = parse_args(argv)
+    except (CliError, EarlyExit):
+        return
+    assert o.machine in ("xenpv", "none")
+    if o.vnc is not None:
+        assert 0 <= o.vnc.display <= cli.MAX_DISPLAY
+        assert o.vnc.to_display is None or o.vnc.display <= o.vnc.to_display <= cli.MAX_DISPLAY
