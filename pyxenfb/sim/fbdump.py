@@ -22,12 +22,13 @@ from ..convert import GUEST_FORMATS, to_rgb
 from ..xenfb_abi import FB_HEADER, PAGE_SIZE, abi_for_protocol
 from ..xs_wire import Message, MessageDecoder, XsType, errno_from_name, join_strings
 from .guestmem import GuestMemory
+from .toolstack import ToolstackError, resolve_run_dir
 
 MAX_DIMENSION = 16384          # a guest claiming more is lying
 XS_TIMEOUT = 5.0
 
 
-class FbdumpError(Exception):
+class FbdumpError(ToolstackError):
     """Why no picture could be read; str() is one line for the user."""
 
 
@@ -59,7 +60,6 @@ def xenstore_read_sync(sock_path: str, path: str) -> str | None:
 
 def fbdump_array(run_dir: str | os.PathLike | None, domid: int) -> np.ndarray:
     """The guest's visible framebuffer as an (height, width, 3) uint8 RGB array."""
-    from .toolstack import resolve_run_dir      # late: toolstack imports this module
     run_dir = resolve_run_dir(run_dir)
     fe = f"/local/domain/{domid}/device/vfb/0"
     sock_path = os.path.join(run_dir, "xenstored.sock")

@@ -341,7 +341,7 @@ class FbFront(Frontend):
                 _, period = abi.FB_REFRESH.unpack_from(event)
                 was = self.refresh_period
                 self.refresh_period = period
-                self.guest.log_event({"dev": "vfb", "type": "refresh-period", "period": period})
+                log.info("dom%d vfb: refresh period %d ms", self.guest.domid, period)
                 if was == abi.XENFB_NO_REFRESH and period != abi.XENFB_NO_REFRESH:
                     self.pending_dirty = (0, 0, self.width, self.height)
             cons = (cons + 1) & 0xFFFFFFFF
@@ -478,7 +478,13 @@ class ReferenceGuest:
         return self._pictures[key]
 
     def _on_evtchn(self) -> None:
-        for port in self.evtchn.pending():
+        try:
+            ports = self.evtchn.pending()
+        except ConnectionError as e:
+            log.error("dom%d: %s", self.domid, e)
+            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
+            return
+        for port in ports:
             front = self.ports.get(port)
             if front is not None and front.page is not None:
                 front.handle_event()

@@ -9,7 +9,8 @@ hypervisor or daemon would write (xenconsoled's `console/tty`, the backends'
 own `feature-*`/`hotplug-status`/state 2) are left to whoever plays that part.
 
 Sync/async API for tests: `create_domain`, `destroy_domain`, `list_domains`,
-`read_input_log`; `fbdump_array` lives in `fbdump` and is re-exported.
+`read_input_log`, `fbdump_array` (implemented in `fbdump`).  numpy is only
+imported by the commands that need it, so `list`/`destroy` start fast.
 """
 from __future__ import annotations
 
@@ -26,12 +27,10 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..xenstore import XenStore, XenStoreError
-from .fbdump import fbdump_array  # noqa: F401  (part of this module's API)
-from .guestmem import GuestMemory
 
 log = logging.getLogger("pyxenfb.sim.toolstack")
 
@@ -694,6 +693,7 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
                  animate: bool, program: list[str] | None, start_guest: bool,
                  dm_timeout: float) -> None:
     domid, name = result.domid, result.name
+    from .guestmem import GuestMemory
     ddir = dom_dir(run_dir, domid)
     os.makedirs(ddir)
     GuestMemory.create(os.path.join(ddir, "memory"), memory * MiB).close()
@@ -801,7 +801,6 @@ class DomainInfo:
     vcpus: int
     state: str
     time_s: float
-    extra: dict = field(default_factory=dict)
 
 
 async def list_domains(run_dir: str | None) -> list[DomainInfo]:
@@ -846,6 +845,12 @@ def format_domain_list(infos: list[DomainInfo]) -> str:
         lines.append(f"{d.name:<40}{d.domid:>5}{d.mem_mib:>6}{d.vcpus:>6}"
                      f"{d.state:>10}{d.time_s:>10.1f}")
     return "\n".join(lines)
+
+
+def fbdump_array(run_dir: str | None, domid: int):
+    """The guest framebuffer as an (h, w, 3) uint8 RGB numpy array (see fbdump)."""
+    from .fbdump import fbdump_array as dump
+    return dump(run_dir, domid)
 
 
 # ---- input log -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from ..xs_wire import (
     ABS_PATH_MAX, PAYLOAD_MAX, SPECIAL_WATCH_PATHS, InvalidPathError, Message,
     MessageDecoder, ProtocolError, XsType, error_name, is_at_or_below,
-    join_strings, parse_perm, split_strings, validate_path,
+    join_strings, parse_perm, validate_path,
 )
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,12 @@ class Connection(asyncio.Protocol):
         for msg in messages:
             if self.transport is None or self.transport.is_closing():
                 return
-            self.daemon.handle(self, msg)
+            try:
+                self.daemon.handle(self, msg)
+            except Exception:           # a bug of ours: lose this client, keep the daemon
+                log.exception("xenstored: internal error on %s request type %d", self.name, msg.type)
+                self.drop("internal error")
+                return
 
     def send(self, msg: Message) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -376,7 +381,7 @@ class XenStored:
         if self._server is not None:
             self._server.close()
         for domain in list(self.domains.values()):
-            self._stop_domain_server(domain)
+            self.stop_domain_server(domain)
         self.domains.clear()
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -491,7 +496,7 @@ class XenStored:
         domain.server_task = loop.create_task(
             loop.create_unix_server(lambda: Connection(self, caller), sock=sock))
 
-    def _stop_domain_server(self, domain: Domain) -> None:
+    def stop_domain_server(self, domain: Domain) -> None:
         task = domain.server_task
         if task is not None:
             if task.done() and not task.cancelled() and task.exception() is None:
@@ -769,7 +774,7 @@ def _op_release(d: XenStored, conn: Connection, msg: Message) -> bytes:
     domain = d.domains.pop(domid, None)
     if domain is None:
         raise Refused(errno.ENOENT, f"domain {domid} not introduced")
-    d._stop_domain_server(domain)
+    d.stop_domain_server(domain)
     d.fire_special(RELEASE_DOMAIN)
     return OK
 

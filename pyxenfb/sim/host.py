@@ -1,0 +1,154 @@
+"""The simulated Xen host process: XenStore daemon + event-channel broker.
+
+`pyxenfb-sim host --run-dir DIR` runs both in one asyncio loop, seeds dom0's
+XenStore content the way a freshly booted dom0 with xenstored and xl has it,
+prints one ready line and serves until SIGTERM/SIGINT/SIGHUP.
+
+One host per run dir: DIR/host.pid is held with an exclusive flock for the
+host's lifetime, so a second host is refused while the first is alive and a
+crashed host's leftovers (stale lock file, sockets, domain dirs) are
+recognised as stale and cleaned on the next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import glob
+import logging
+import os
+import shutil
+import signal
+import sys
+
+from ..xenstore import XenStore
+from .evtchn_broker import EvtchnBroker
+from .xenstored import XenStored
+
+log = logging.getLogger("pyxenfb.sim.host")
+
+
+class HostAlreadyRunning(Exception):
+    pass
+
+
+# Dom0 nodes a fresh xenstored + dom0 kernel + xl leave behind (captured
+# xenstore-ls, minus device-model/0: no dom0 qdisk QEMU runs in the sim).
+# xenstored itself creates /tool/xenstored and /local/domain/0/{name,domid}.
+DOM0_NODES = {
+    "/local/domain/0/name": "Domain-0",
+    "/local/domain/0/domid": "0",
+    "/local/domain/0/control/feature-poweroff": "1",
+    "/local/domain/0/control/feature-reboot": "1",
+    "/local/domain/0/control/feature-suspend": "1",
+    "/local/pool/0/name": "Pool-0",
+    "/vm": "",
+    "/libxl": "",
+}
+
+
+class SimHost:
+    def __init__(self, run_dir: str):
+        self.run_dir = os.path.abspath(run_dir)
+        self.pid_path = os.path.join(self.run_dir, "host.pid")
+        self._pid_fd: int | None = None
+        self.xenstored: XenStored | None = None
+        self.broker: EvtchnBroker | None = None
+
+    def _lock(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise HostAlreadyRunning(
+                    f"another host (pid {other}) is running on {self.run_dir}") from None
+            raise
+        self._pid_fd = fd
+
+    def _clean_stale(self) -> None:
+        """Leftovers of a host that died: its sockets and domains are gone."""
+        for path in ("xenstored.sock", "evtchn.sock", "qmp-libxl-*", "qmp-libxenstat-*"):
+            for found in glob.glob(os.path.join(self.run_dir, path)):
+                os.unlink(found)
+        for found in glob.glob(os.path.join(self.run_dir, "dom[0-9]*")):
+            if os.path.isdir(found) and found.rsplit("dom", 1)[1].isdigit():
+                log.info("removing stale domain dir %s", found)
+                shutil.rmtree(found, ignore_errors=True)
+
+    async def start(self) -> None:
+        self._lock()
+        try:
+            self._clean_stale()
+            self.xenstored = XenStored(self.run_dir)
+            await self.xenstored.start()
+            self.broker = EvtchnBroker(os.path.join(self.run_dir, "evtchn.sock"))
+            await self.broker.start()
+            await self._seed_dom0()
+            os.ftruncate(self._pid_fd, 0)
+            os.pwrite(self._pid_fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _seed_dom0(self) -> None:
+        xs = await XenStore.open(os.path.join(self.run_dir, "xenstored.sock"))
+        try:
+            async def body(tx: int) -> None:
+                for path, value in DOM0_NODES.items():
+                    await xs.write(path, value, tx=tx)
+            await xs.transaction(body)
+        finally:
+            xs.close()
+
+    async def close(self) -> None:
+        if self.broker is not None:
+            await self.broker.close()
+            self.broker = None
+        if self.xenstored is not None:
+            await self.xenstored.close()
+            self.xenstored = None
+        for name in ("xenstored.sock", "evtchn.sock"):
+            try:
+                os.unlink(os.path.join(self.run_dir, name))
+            except FileNotFoundError:
+                pass
+        if self._pid_fd is not None:
+            # Unlink while still holding the lock: a new host can't race in between.
+            try:
+                os.unlink(self.pid_path)
+            except FileNotFoundError:
+                pass
+            os.close(self._pid_fd)
+            self._pid_fd = None
+
+
+def ready_line(run_dir: str) -> str:
+    return f"pyxenfb-sim: host ready, run dir {run_dir} (export PYXENFB_SIM={run_dir})"
+
+
+async def run_host(run_dir: str) -> int:
+    host = SimHost(run_dir)
+    try:
+        await host.start()
+    except HostAlreadyRunning as exc:
+        print(f"pyxenfb-sim: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pyxenfb-sim: cannot start the host on {host.run_dir}: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(ready_line(host.run_dir), flush=True)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await host.close()
+    return 0

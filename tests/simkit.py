@@ -1,0 +1,153 @@
+"""Test kit: an in-process simulated host, domains, guests and backends.
+
+Everything runs in the test's own asyncio loop, so a test can drive the
+reference guest's hostile API and the backends directly.  Blocking tools
+that talk to the same XenStore (fbdump) must run in a thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pyxenfb.console import Console
+from pyxenfb.platform import detect
+from pyxenfb.sim.evtchn_broker import EvtchnBroker
+from pyxenfb.sim.guest import ReferenceGuest
+from pyxenfb.sim.toolstack import create_domain
+from pyxenfb.sim.xenstored import XenStored
+from pyxenfb.xenfb import BackendContext, PortDispatcher, start_backends
+
+
+def short_run_dir() -> str:
+    """Unix socket paths are limited to 108 bytes: keep the run dir short."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="pyxfb-", dir=base)
+
+
+class HostThread:
+    """XenStored + the event-channel broker on their own loop in a thread.
+
+    The simulated event-channel handle makes synchronous requests (as the
+    real ioctls are), so the broker must not share the caller's loop.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sim-host", daemon=True)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def start(self):
+        self.thread.start()
+        self.xsd = XenStored(self.run_dir)
+        self.broker = EvtchnBroker(os.path.join(self.run_dir, "evtchn.sock"))
+        self._call(self.xsd.start())
+        self._call(self.broker.start())
+
+    def stop(self):
+        self._call(self.broker.close())
+        self._call(self.xsd.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.asynccontextmanager
+async def sim_host(run_dir: str | None = None):
+    run_dir = run_dir or short_run_dir()
+    host = HostThread(run_dir)
+    await asyncio.to_thread(host.start)
+    try:
+        yield run_dir
+    finally:
+        await asyncio.to_thread(host.stop)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@dataclass
+class Backends:
+    console: Console
+    ctx: BackendContext
+    devices: list
+    events: list = field(default_factory=list)
+
+    @property
+    def fb(self):
+        return self.devices[0]
+
+    @property
+    def kbd(self):
+        return self.devices[1]
+
+    async def close(self):
+        for d in self.devices:
+            await d.close()
+        self.ctx.ports.close()
+        self.ctx.xs.close()
+
+
+async def start_backend_stack(run_dir: str, domid: int, console: Console | None = None) -> Backends:
+    platform = detect({"PYXENFB_SIM": run_dir})
+    xs = await platform.open_xenstore()
+    console = console or Console(f"dom{domid}")
+    ctx = BackendContext(xs, platform.foreign_memory(), PortDispatcher(platform.open_evtchn(0)),
+                         console)
+    devices = await start_backends(ctx, domid)
+    return Backends(console, ctx, devices)
+
+
+async def new_domain(run_dir: str, domid: int, **guest_kw) -> ReferenceGuest:
+    """A domain written as xl would, its guest not booted yet (no DM).
+
+    Boot it (`await guest.start()`) after the backends are up, as libxl
+    unpauses a domain only once its device model runs: Linux reads the
+    backend's feature-* keys at probe time.
+    """
+    await create_domain(run_dir, domid, f"guest{domid}", memory=16, vfb="vnc=1,vncdisplay=0",
+                        dm=None, start_guest=False)
+    return ReferenceGuest(run_dir, domid, **guest_kw)
+
+
+async def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+    """Wait until predicate() is true, letting the loop run; bounded."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def wait_connected(guest: ReferenceGuest, be: Backends, timeout: float = 5.0):
+    await guest.wait_connected(timeout)
+    await wait_for(lambda: be.fb.connected and be.kbd.connected, timeout, "backends connected")
+    await wait_for(lambda: guest.fb.update_wanted, timeout, "request-update seen by the guest")
+
+
+def surface_words(console: Console) -> np.ndarray:
+    s = console.surface
+    return s.rows[:, :s.width * 4].view("<u4").reshape(s.height, s.width).copy()
+
+
+class RecordingListener:
+    def __init__(self):
+        self.updates: list[tuple[int, int, int, int]] = []
+        self.resizes: list[tuple[int, int]] = []
+        self.modes: list[bool] = []
+
+    def console_resized(self, surface):
+        self.resizes.append((surface.width, surface.height))
+
+    def console_updated(self, x, y, w, h):
+        self.updates.append((x, y, w, h))
+
+    def console_pointer_mode(self, absolute):
+        self.modes.append(absolute)
