@@ -126,6 +126,9 @@ class _XenbusDeviceTransport:
         except OSError as exc:
             self._lose(exc)
 
+    def is_closing(self) -> bool:
+        return not self._open
+
     def close(self) -> None:
         self._lose(None)
 

@@ -707,11 +707,16 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
         await _add_pv_device(xs, domid, "vfb", _vfb_backend_keys(vfb))
         await _add_pv_device(xs, domid, "vkbd", {})     # xl adds a vkb with every vfb
 
-    env = dict(os.environ, PYXENFB_SIM=run_dir)
-    if start_guest:
-        result.guest_pid = _spawn_daemon(guest, os.path.join(ddir, "guest.log"), env, run_dir)
-        Path(ddir, "guest.pid").write_text(f"{result.guest_pid}\n")
+    def unpause() -> None:
+        # libxl unpauses the domain last, once its device model runs: Linux's
+        # frontends read the backends' feature-* keys at probe time.
+        if start_guest:
+            env = dict(os.environ, PYXENFB_SIM=run_dir)
+            result.guest_pid = _spawn_daemon(guest, os.path.join(ddir, "guest.log"), env, run_dir)
+            Path(ddir, "guest.pid").write_text(f"{result.guest_pid}\n")
+
     if program is None:
+        unpause()
         return
 
     dom = f"/local/domain/{domid}"
@@ -737,6 +742,7 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
     finally:
         exited.cancel()
     result.vnc_host, result.vnc_port = await _postconfig(xs, run_dir, domid, vfb, what)
+    unpause()
 
 
 def _unlink(path: str) -> None:
