@@ -27,8 +27,9 @@ from .xenfb_abi import PAGE_SIZE
 MAX_FRAMES_PER_MAP = 262144
 MAX_FRAME = (1 << 52) - 1          # x86-64 physical address width / page size
 
-# Linux's MAP_FIXED (missing from Python's mmap module before 3.13's additions).
+# Linux values missing from Python's mmap module (x86 and arm, Xen's arches).
 MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+PROT_NONE = 0
 
 
 class ForeignMemoryError(OSError):
@@ -66,7 +67,7 @@ class ForeignMapping:
             self.array = np.empty(0, dtype=np.uint8)
             self._ffi.release(ptr)            # runs the unmap destructor once
 
-    def __enter__(self) -> "ForeignMapping":
+    def __enter__(self) -> ForeignMapping:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,10 +107,13 @@ def _check_request(domid: int, frames: Sequence[int]) -> list[int]:
 
 # ---- simulated host ----------------------------------------------------------
 
+# Addresses as uintptr_t (the same register as void * on every Linux ABI):
+# plain ints are far cheaper than a cdata per page in the stitching loop.
 _LIBC_CDEF = """
-void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+uintptr_t mmap(uintptr_t addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
 """
+MAP_FAILED = (1 << 64) - 1
 _libc = None
 
 
@@ -155,28 +159,35 @@ class SimForeignMemory(ForeignMemory):
     def _stitch(self, fd: int, frames: list[int], writable: bool) -> ForeignMapping:
         ffi, libc = self._ffi, self._libc
         size = len(frames) * PAGE_SIZE
-        failed = ffi.cast("void *", -1)
-        base = libc.mmap(ffi.NULL, size, mmap.PROT_NONE,
-                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if base == failed:
+        base = libc.mmap(0, size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if base == MAP_FAILED:
             err = ffi.errno
             raise ForeignMemoryError(err, f"cannot reserve {size} bytes: {os.strerror(err)}")
+        base_ptr = ffi.cast("void *", base)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        addr = int(ffi.cast("uintptr_t", base))
         try:
-            for i, f in enumerate(frames):
-                want = ffi.cast("void *", addr + i * PAGE_SIZE)
-                got = libc.mmap(want, PAGE_SIZE, prot, mmap.MAP_SHARED | MAP_FIXED,
-                                fd, f * PAGE_SIZE)
+            for i, count in _runs(frames):
+                want = base + i * PAGE_SIZE
+                got = libc.mmap(want, count * PAGE_SIZE, prot, mmap.MAP_SHARED | MAP_FIXED,
+                                fd, frames[i] * PAGE_SIZE)
                 if got != want:
-                    err = ffi.errno if got == failed else errno.EFAULT
-                    raise ForeignMemoryError(err, f"cannot map frame {f} (entry {i}): "
+                    err = ffi.errno if got == MAP_FAILED else errno.EFAULT
+                    raise ForeignMemoryError(err, f"cannot map frame {frames[i]} (entry {i}): "
                                                   f"{os.strerror(err)}")
         except BaseException:
-            libc.munmap(base, size)
+            libc.munmap(base_ptr, size)
             raise
-        ptr = ffi.gc(base, lambda p: libc.munmap(p, size))
+        ptr = ffi.gc(base_ptr, lambda p: libc.munmap(p, size))
         return ForeignMapping(ffi, ptr, size, writable, frames)
+
+
+def _runs(frames: list[int]):
+    """(start index, length) of runs of consecutive frame numbers: one mmap each."""
+    start = 0
+    for i in range(1, len(frames) + 1):
+        if i == len(frames) or frames[i] != frames[i - 1] + 1:
+            yield start, i - start
+            start = i
 
 
 # ---- real Xen ----------------------------------------------------------------

@@ -34,22 +34,25 @@ class Platform:
     xenstore_path: str | None       # for XenStore.open
     run_dir: str | None = None      # sim only
 
-    def open_evtchn(self, domid: int = 0) -> "EventChannel":
-        """A new event-channel handle (sim: acting as domain `domid`)."""
+    def open_evtchn(self, domid: int = 0) -> EventChannel:
+        """A new event-channel handle.
+
+        sim: the handle acts as domain `domid`; real: the kernel knows which
+        domain we are, so `domid` is ignored."""
         if self.kind == "sim":
             from .evtchn import SimEventChannel
             return SimEventChannel(os.path.join(self.run_dir, "evtchn.sock"), domid)
         from .evtchn import RealEventChannel
         return RealEventChannel()
 
-    def foreign_memory(self) -> "ForeignMemory":
+    def foreign_memory(self) -> ForeignMemory:
         if self.kind == "sim":
             from .foreignmem import SimForeignMemory
             return SimForeignMemory(self.run_dir)
         from .foreignmem import RealForeignMemory
         return RealForeignMemory()
 
-    async def open_xenstore(self) -> "XenStore":
+    async def open_xenstore(self) -> XenStore:
         from .xenstore import XenStore
         return await XenStore.open(self.xenstore_path)
 

@@ -25,9 +25,18 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..evtchn import (NOTIFICATION, OP_ALLOC_UNBOUND, OP_BIND_INTERDOMAIN, OP_HELLO,
-                      OP_NAMES, OP_NOTIFY, OP_UNBIND, OP_UNMASK, RECV_SIZE, REPLY,
-                      REQUEST)
+from ..evtchn import (
+    NOTIFICATION,
+    OP_ALLOC_UNBOUND,
+    OP_BIND_INTERDOMAIN,
+    OP_HELLO,
+    OP_NAMES,
+    OP_NOTIFY,
+    OP_UNBIND,
+    RECV_SIZE,
+    REPLY,
+    REQUEST,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ MAX_BAD_REQUESTS = 16
 class _Port:
     domid: int
     number: int
-    owner: "_Connection"
+    owner: _Connection
     remote_domid: int          # unbound: who may bind; bound: the peer's domain
     remote_port: int = 0       # 0 while unbound
     masked: bool = False
@@ -79,7 +88,7 @@ class _Violation(Exception):
 
 
 class _Connection:
-    def __init__(self, broker: "EvtchnBroker", sock: socket.socket, name: str):
+    def __init__(self, broker: EvtchnBroker, sock: socket.socket, name: str):
         self.broker = broker
         self.sock = sock
         self.name = name
@@ -136,7 +145,7 @@ class EvtchnBroker:
         for conn in list(self._connections):
             self._drop(conn, "broker shutting down")
 
-    async def __aenter__(self) -> "EvtchnBroker":
+    async def __aenter__(self) -> EvtchnBroker:
         await self.start()
         return self
 
@@ -422,6 +431,16 @@ class BrokerThread:
         """Run a coroutine on the broker's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def settle(self) -> None:
+        """Return once the broker has handled every fd that was ready when called.
+
+        The loop runs the callbacks of all ready fds in one pass; the second
+        step of this coroutine runs in a later pass.
+        """
+        async def next_pass() -> None:
+            await asyncio.sleep(0)
+        self.call(next_pass())
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self.call(self.broker.close())
@@ -429,7 +448,7 @@ class BrokerThread:
             self._thread.join(10)
             self.loop.close()
 
-    def __enter__(self) -> "BrokerThread":
+    def __enter__(self) -> BrokerThread:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -38,7 +38,7 @@ class GuestMemory:
         self.array: np.ndarray = np.frombuffer(mm, dtype=np.uint8)
 
     @classmethod
-    def create(cls, path: str, size: int, *, exist_ok: bool = False) -> "GuestMemory":
+    def create(cls, path: str, size: int, *, exist_ok: bool = False) -> GuestMemory:
         """A new zero-filled RAM file of `size` bytes (a multiple of 4096)."""
         if size <= 0 or size % PAGE_SIZE or size // PAGE_SIZE > MAX_FRAMES:
             raise ValueError(f"guest memory size {size} must be a positive multiple "
@@ -52,7 +52,7 @@ class GuestMemory:
             os.close(fd)
 
     @classmethod
-    def open(cls, path: str) -> "GuestMemory":
+    def open(cls, path: str) -> GuestMemory:
         """Map an existing RAM file."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -95,7 +95,7 @@ class GuestMemory:
         except BufferError:
             pass          # views still exported; unmapped when they are freed
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,110 @@
+"""Platform detection and the sim/real bundle."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pyxenfb.evtchn import SimEventChannel
+from pyxenfb.foreignmem import SimForeignMemory
+from pyxenfb.platform import Platform, PlatformUnavailable, detect
+from pyxenfb.sim.evtchn_broker import BrokerThread
+
+
+@pytest.fixture
+def run_dir():
+    d = tempfile.mkdtemp(prefix="plat", dir="/tmp")   # short: socket paths
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def listening_socket(path: str, kind=socket.SOCK_STREAM) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(path)
+    s.listen(1)
+    return s
+
+
+def test_no_xen_no_sim(tmp_path):
+    with pytest.raises(PlatformUnavailable) as e:
+        detect({}, dev_xen=str(tmp_path / "no-xen"))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "no Xen here" in msg and "PYXENFB_SIM" in msg and "pyxenfb-sim host" in msg
+
+
+def test_sim_dir_missing(tmp_path):
+    missing = str(tmp_path / "gone")
+    with pytest.raises(PlatformUnavailable, match=f"PYXENFB_SIM={missing}: no such directory"):
+        detect({"PYXENFB_SIM": missing})
+
+
+def test_sim_sockets_missing_are_named(run_dir):
+    xs = listening_socket(os.path.join(run_dir, "xenstored.sock"))
+    try:
+        with pytest.raises(PlatformUnavailable) as e:
+            detect({"PYXENFB_SIM": run_dir})
+        assert "evtchn.sock" in str(e.value) and "xenstored.sock" not in str(e.value)
+    finally:
+        xs.close()
+    open(os.path.join(run_dir, "evtchn.sock"), "w").close()     # a file, not a socket
+    with pytest.raises(PlatformUnavailable) as e:
+        detect({"PYXENFB_SIM": run_dir})
+    assert "evtchn.sock" in str(e.value)
+
+
+def test_sim_platform_hands_out_sim_interfaces(run_dir):
+    xs = listening_socket(os.path.join(run_dir, "xenstored.sock"))
+    os.mkdir(os.path.join(run_dir, "dom0"))
+    with BrokerThread(os.path.join(run_dir, "evtchn.sock")):
+        # Even with a real Xen present, PYXENFB_SIM wins.
+        p = detect({"PYXENFB_SIM": run_dir}, dev_xen="/")
+        assert p == Platform("sim", os.path.join(run_dir, "xenstored.sock"), run_dir)
+        ch = p.open_evtchn(5)
+        try:
+            assert isinstance(ch, SimEventChannel) and ch.domid == 5
+            assert ch.alloc_unbound(0) == 1
+        finally:
+            ch.close()
+        fm = p.foreign_memory()
+        assert isinstance(fm, SimForeignMemory) and fm.run_dir == run_dir
+    xs.close()
+
+
+def test_real_platform_xenstore_path(tmp_path, monkeypatch):
+    dev_xen = str(tmp_path)                         # "exists" stands in for /dev/xen
+    p = detect({"XENSTORED_PATH": "/x/sock"}, dev_xen=dev_xen)
+    assert (p.kind, p.xenstore_path, p.run_dir) == ("real", "/x/sock", None)
+    expected = ("/var/run/xenstored/socket" if os.path.exists("/var/run/xenstored/socket")
+                else "/dev/xen/xenbus")
+    assert detect({}, dev_xen=dev_xen).xenstore_path == expected
+
+
+@pytest.mark.skipif(os.path.exists("/dev/xen"), reason="a real Xen is present")
+def test_real_platform_without_xen_fails_readably(tmp_path):
+    p = detect({}, dev_xen=str(tmp_path))
+    with pytest.raises(OSError, match="/dev/xen/evtchn"):
+        p.open_evtchn()
+    with pytest.raises(OSError, match="privcmd"):
+        p.foreign_memory()
+
+
+def test_imports_stay_lazy():
+    code = ("import sys, pyxenfb.platform as p; "
+            "print(sorted(m for m in ('pyxenfb.xenstore', 'numpy', 'cffi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
+
+
+def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
+    code = ("import sys, pyxenfb.evtchn as e; "
+            "print(e._evtchn_lib is None and 'cffi' not in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "True"
