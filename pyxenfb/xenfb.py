@@ -64,7 +64,13 @@ class PortDispatcher:
         self.evtchn.notify(port)
 
     def _ready(self) -> None:
-        for port in self.evtchn.pending():
+        try:
+            ports = self.evtchn.pending()
+        except OSError as e:        # broker gone / evtchn device reset
+            log.error("event channel: %s", e)
+            self.loop.remove_reader(self.evtchn.fileno())
+            return
+        for port in ports:
             handler = self.handlers.get(port)
             if handler is not None:
                 try:
@@ -112,17 +118,22 @@ class BackendDevice:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_error = ""
+        self._refusals: dict[str, int] = {}
         self.state_changed = asyncio.Condition()   # tests and the machine wait on this
 
     @property
     def name(self) -> str:
         return f"dom{self.domid} {self.devtype}-{self.devid}"
 
-    def refuse(self, reason: str) -> None:
-        """Log a refusal once per distinct reason (a guest can repeat events at will)."""
-        if reason != self._last_error:
-            log.warning("%s: %s", self.name, reason)
-            self._last_error = reason
+    def refuse(self, reason: str, kind: str | None = None) -> None:
+        """Log a refused input.  A guest can repeat bad input at will, so each
+        kind of refusal is logged on its 1st, 2nd, 4th, 8th... occurrence."""
+        kind = kind or reason
+        count = self._refusals.get(kind, 0) + 1
+        self._refusals[kind] = count
+        self._last_error = reason
+        if count & (count - 1) == 0:
+            log.warning("%s: %s%s", self.name, reason, f" (seen {count} times)" if count > 1 else "")
 
     async def start(self) -> None:
         await self.xs.watch(self.be, f"be:{self.be}", self._kick)
@@ -193,7 +204,7 @@ class BackendDevice:
             try:
                 await self.connect()
             except (DeviceError, OSError, ValueError) as e:
-                self.refuse(f"cannot connect: {e}")
+                self.refuse(f"cannot connect: {e}", "connect")
                 self.disconnect()
                 return False
             self.connected = True
@@ -298,6 +309,43 @@ def check_geometry(fb_len: int, width: int, height: int, stride: int, depth: int
     return Geometry(width, height, stride, depth, offset)
 
 
+@dataclass(frozen=True)
+class FramebufferPlan:
+    """What a checked frontend description asks us to map."""
+    abi: abi.GuestAbi
+    geometry: Geometry
+    fb_len: int
+    n_pages: int
+    directory: tuple[int, ...]     # frame numbers of the page-directory pages
+
+
+def plan_framebuffer(header: bytes, protocol: str | None, videoram_mb: int) -> FramebufferPlan:
+    """Check a private copy of the shared page's first 1024 bytes (pvfb.md section 6)."""
+    guest_abi = abi.abi_for_protocol(protocol, header)
+    (_, _, _, _, width, height, line_length, mem_length, depth) = abi.FB_HEADER.unpack_from(header)
+    fb_len_max = guest_abi.max_fb_len()
+    fb_len_lim = min(videoram_mb * (1 << 20), fb_len_max) if videoram_mb > 0 else fb_len_max
+    fb_len = min(mem_length, fb_len_lim)
+    if fb_len <= 0:
+        raise DeviceError(f"mem_length {mem_length} is empty")
+    geometry = check_geometry(fb_len, width, height, line_length, depth, 0)
+    n_pages = (fb_len + abi.PAGE_SIZE - 1) // abi.PAGE_SIZE
+    n_dirs = (n_pages + guest_abi.entries_per_page - 1) // guest_abi.entries_per_page
+    dtype = "<u4" if guest_abi.entry_size == 4 else "<u8"
+    pd = np.frombuffer(header, dtype, count=n_dirs, offset=guest_abi.pd_offset)
+    return FramebufferPlan(guest_abi, geometry, fb_len, n_pages, tuple(int(f) for f in pd))
+
+
+def read_page_directory(foreignmem, domid: int, plan: FramebufferPlan) -> list[int]:
+    """The framebuffer's frame numbers, copied out of the guest's directory pages."""
+    dtype = "<u4" if plan.abi.entry_size == 4 else "<u8"
+    dir_map = foreignmem.map(domid, list(plan.directory), writable=False)
+    try:
+        return [int(f) for f in np.frombuffer(dir_map.array, dtype, count=plan.n_pages)]
+    finally:
+        dir_map.close()
+
+
 class FramebufferBackend(BackendDevice):
     devtype = "vfb"
 
@@ -308,7 +356,7 @@ class FramebufferBackend(BackendDevice):
         self.geometry: Geometry | None = None
         self.feature_update = False
         self.abi: abi.GuestAbi | None = None
-        self.visible = bool(ctx.console.listeners)
+        self.visible = False
         self.rewrote_connected = False
         self._legacy_timer: asyncio.TimerHandle | None = None
         self.updates = 0          # UPDATE events accepted (tests, stats)
@@ -326,41 +374,19 @@ class FramebufferBackend(BackendDevice):
 
         self.map_shared_page(page_ref)
         # One private copy of everything before the rings: the header and pd[].
-        header = bytes(self.page[:abi.FB_IN_RING_OFFS])
-        guest_abi = abi.abi_for_protocol(protocol, header)
-        (_, _, _, _, width, height, line_length, mem_length, depth) = abi.FB_HEADER.unpack_from(header)
-
-        fb_len_max = guest_abi.max_fb_len()
-        fb_len_lim = min(videoram_mb * (1 << 20), fb_len_max) if videoram_mb > 0 else fb_len_max
-        fb_len = min(mem_length, fb_len_lim)
-        if fb_len <= 0:
-            raise DeviceError(f"mem_length {mem_length} is empty")
-        geometry = check_geometry(fb_len, width, height, line_length, depth, 0)
-
-        n_pages = (fb_len + abi.PAGE_SIZE - 1) // abi.PAGE_SIZE
-        n_dirs = (n_pages + guest_abi.entries_per_page - 1) // guest_abi.entries_per_page
-        if n_dirs > guest_abi.usable_pd_entries:
-            raise DeviceError(f"{n_pages} pages need {n_dirs} pd entries, only "
-                              f"{guest_abi.usable_pd_entries} exist")
-        dtype = "<u4" if guest_abi.entry_size == 4 else "<u8"
-        pd = np.frombuffer(header, dtype, count=n_dirs, offset=guest_abi.pd_offset)
-        dir_map = self.ctx.foreignmem.map(self.domid, [int(f) for f in pd], writable=False)
-        try:
-            frames = np.frombuffer(dir_map.array, dtype, count=n_pages).copy()
-        finally:
-            dir_map.close()
-        self.fb_map = self.ctx.foreignmem.map(self.domid, [int(f) for f in frames], writable=False)
-        self.fb_len, self.abi, self.geometry = fb_len, guest_abi, geometry
+        plan = plan_framebuffer(bytes(self.page[:abi.FB_IN_RING_OFFS]), protocol, videoram_mb)
+        frames = read_page_directory(self.ctx.foreignmem, self.domid, plan)
+        self.fb_map = self.ctx.foreignmem.map(self.domid, frames, writable=False)
+        self.fb_len, self.abi, self.geometry = plan.fb_len, plan.abi, plan.geometry
         self.bind_port(remote_port)
         if self.feature_update:
             await self.xs.write(f"{self.be}/request-update", "1")
         self.rewrote_connected = False
         self._publish()
+        g = plan.geometry
         log.info("%s: connected %dx%d depth %d stride %d, %d pages (%s)", self.name,
-                 geometry.width, geometry.height, geometry.depth, geometry.stride, n_pages,
-                 guest_abi.name)
-        self.displays_visible(self.visible)
-        self._arm_legacy_refresh()
+                 g.width, g.height, g.depth, g.stride, plan.n_pages, plan.abi.name)
+        self.displays_visible(bool(self.ctx.console.listeners))
 
     async def frontend_connected(self) -> None:
         # A fast backend can go InitWait->Connected before Linux saw InitWait;
@@ -381,7 +407,8 @@ class FramebufferBackend(BackendDevice):
             return
         prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
         if (prod - cons) & 0xFFFFFFFF > abi.FB_OUT_RING_LEN:
-            self.refuse(f"out ring indexes prod={prod} cons={cons} are inconsistent; batch ignored")
+            self.refuse(f"out ring indexes prod={prod} cons={cons} are inconsistent; batch ignored",
+                        "out-ring-indexes")
             return
         while cons != prod:
             off = abi.ring_slot(abi.FB_OUT_RING_OFFS, cons, abi.FB_OUT_RING_LEN)
@@ -409,7 +436,7 @@ class FramebufferBackend(BackendDevice):
             try:
                 geometry = check_geometry(self.fb_len, width, height, stride, depth, offset)
             except DeviceError as e:
-                self.refuse(f"resize refused: {e}")
+                self.refuse(f"resize refused: {e}", "resize")
                 return
             self.geometry = geometry
             self.resizes += 1
@@ -504,7 +531,7 @@ class KeyboardBackend(BackendDevice):
                                   abi.KBD_IN_CONS, event):
             self.dropped += 1
             if self.page is not None:
-                self.refuse("input ring full: guest is not consuming, events dropped")
+                self.refuse("input ring full: guest is not consuming, events dropped", "in-ring-full")
 
     # ---- InputSink (called by displays through the console) -----------------
     def key(self, code: int, down: bool) -> None:

@@ -6,6 +6,7 @@
     pyxenfb-sim list
     pyxenfb-sim fbdump --domid N OUT.png
     pyxenfb-sim input-log --domid N [--follow]
+    pyxenfb-sim demo [--vnc :1] [--sdl] [--open]
 
 Every command takes --run-dir DIR, defaulting to $PYXENFB_SIM.
 """
@@ -68,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--follow", "-f", action="store_true")
 
-    # `demo` (host + guest + pyqemu-dm + a viewer in one go) is added here by
-    # the lead: sub.add_parser("demo", ...) and a branch in run().
+    p = sub.add_parser("demo", help="host + animating guest + pyqemu-dm on VNC, in one go")
+    p.add_argument("--vnc", default=":1", metavar="[HOST]:DISPLAY", help="VNC display (default :1)")
+    p.add_argument("--sdl", action="store_true", help="also open the SDL window (needs $DISPLAY)")
+    p.add_argument("--open", action="store_true", help="start a VNC viewer if one is installed")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--run-dir", help="keep the sim's files here (default: a new temporary dir)")
     return parser
 
 
@@ -89,6 +94,9 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(args.vnc, args.sdl, args.open, args.seconds, args.run_dir)
     if args.command == "host":
         from .host import run_host
         return asyncio.run(run_host(toolstack.resolve_run_dir(args.run_dir)))

@@ -334,6 +334,9 @@ class FbFront(Frontend):
     def handle_event(self) -> None:
         """The backend notified: drain the in ring, then flush a stashed rect."""
         prod, cons = self.u32(abi.FB_IN_PROD), self.u32(abi.FB_IN_CONS)
+        if (prod - cons) & 0xFFFFFFFF > abi.FB_IN_RING_LEN:
+            log.warning("dom%d vfb: in ring indexes corrupt, resynchronising", self.guest.domid)
+            cons = prod
         while cons != prod:
             off = abi.ring_slot(abi.FB_IN_RING_OFFS, cons, abi.FB_IN_RING_LEN)
             event = bytes(self.page[off:off + abi.EVENT_SIZE])
@@ -387,6 +390,9 @@ class KbdFront(Frontend):
 
     def handle_event(self) -> None:
         prod, cons = self.u32(abi.KBD_IN_PROD), self.u32(abi.KBD_IN_CONS)
+        if (prod - cons) & 0xFFFFFFFF > abi.KBD_IN_RING_LEN:
+            log.warning("dom%d vkbd: in ring indexes corrupt, resynchronising", self.guest.domid)
+            cons = prod
         while cons != prod:
             off = abi.ring_slot(abi.KBD_IN_RING_OFFS, cons, abi.KBD_IN_RING_LEN)
             self._log_input(bytes(self.page[off:off + abi.EVENT_SIZE]))

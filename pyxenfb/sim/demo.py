@@ -1,0 +1,113 @@
+"""`pyxenfb-sim demo`: the whole thing on one machine, no Xen.
+
+Starts a simulated host, creates a domain whose reference guest animates,
+launches `pyqemu-dm` exactly as libxl would (through `create`), prints where
+to point a VNC viewer, and tears everything down on Ctrl-C / SIGTERM (or
+after --seconds, for scripted runs).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import toolstack
+
+HOST_READY_TIMEOUT = 15.0
+DOMID = 1
+
+
+def _parse_vnc(spec: str) -> tuple[str, int]:
+    host, _, display = spec.rpartition(":")
+    if not display.isdigit() or int(display) > 99:
+        raise toolstack.ToolstackError(f"--vnc {spec!r}: expected [HOST]:DISPLAY, e.g. :1")
+    return host or "127.0.0.1", int(display)
+
+
+def _start_host(run_dir: str) -> subprocess.Popen:
+    host = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir],
+                            stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + HOST_READY_TIMEOUT
+    os.set_blocking(host.stdout.fileno(), True)
+    line = host.stdout.readline()          # the host prints exactly one ready line
+    if not line or time.monotonic() > deadline:
+        host.kill()
+        raise toolstack.ToolstackError("the simulated host did not start")
+    return host
+
+
+def _open_viewer(host: str, port: int) -> subprocess.Popen | None:
+    for viewer in ("vncviewer", "gvncviewer"):
+        path = shutil.which(viewer)
+        if path:
+            target = f"{host}::{port}" if viewer == "vncviewer" else f"{host}:{port - 5900}"
+            print(f"pyxenfb-sim demo: starting {viewer} {target}", flush=True)
+            return subprocess.Popen([path, target], start_new_session=True)
+    print("pyxenfb-sim demo: no VNC viewer installed (try: apt install tigervnc-viewer)", flush=True)
+    return None
+
+
+def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | None,
+             run_dir: str | None) -> int:
+    own_dir = run_dir is None
+    if own_dir:
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        run_dir = tempfile.mkdtemp(prefix="pyxenfb-demo-", dir=base)
+    vnc_host, display = _parse_vnc(vnc or ":1")
+    vfb = f"vnc=1,vncdisplay={display},vnclisten={vnc_host},vncunused=1,sdl={1 if sdl else 0}"
+    host = _start_host(run_dir)
+    viewer = None
+    try:
+        result = asyncio.run(toolstack.create_domain(run_dir, DOMID, "demo", memory=32, vfb=vfb,
+                                                     animate=True))
+        port = result.vnc_port
+        print(f"pyxenfb-sim demo: simulated host in {run_dir}", flush=True)
+        print(f"pyxenfb-sim demo: guest 'demo' (domain {DOMID}) is animating; "
+              f"pyqemu-dm serves it on VNC {result.vnc_host}:{port} "
+              f"(display :{port - 5900})", flush=True)
+        print(f"pyxenfb-sim demo:   vncviewer {result.vnc_host}::{port}", flush=True)
+        if os.path.exists("/usr/share/novnc/vnc.html"):
+            print(f"pyxenfb-sim demo:   noVNC: file:///usr/share/novnc/vnc.html?host="
+                  f"{result.vnc_host}&port={port}&autoconnect=1 (WebSocket on the same port)",
+                  flush=True)
+        print(f"pyxenfb-sim demo:   input it receives: pyxenfb-sim input-log --run-dir {run_dir} "
+              f"--domid {DOMID} --follow", flush=True)
+        if open_viewer:
+            viewer = _open_viewer(result.vnc_host, port)
+        print("pyxenfb-sim demo: running; Ctrl-C to stop", flush=True)
+        _wait(seconds)
+        return 0
+    finally:
+        print("pyxenfb-sim demo: stopping", flush=True)
+        if viewer is not None:
+            viewer.terminate()
+        try:
+            asyncio.run(toolstack.destroy_domain(run_dir, DOMID))
+        except Exception as e:       # already gone, or never created
+            print(f"pyxenfb-sim demo: destroy: {e}", file=sys.stderr)
+        host.terminate()
+        try:
+            host.wait(10)
+        except subprocess.TimeoutExpired:
+            host.kill()
+        if own_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait(seconds: float | None) -> None:
+    """Block until SIGINT/SIGTERM, or `seconds` (no busy loop: sigtimedwait)."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        if seconds is None:
+            signal.sigwait(sigs)
+        else:
+            signal.sigtimedwait(sigs, seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

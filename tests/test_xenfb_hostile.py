@@ -1,0 +1,217 @@
+"""A hostile guest against the backends (CVE-2008-1943/1944 class, XSA-155).
+
+Hypothesis writes anything into the shared page, pd[] entries, directory
+pages, ring indexes and events.  Whatever it writes: no exception escapes,
+nothing is read outside a mapping, and a second domain served by the same
+process keeps working.  PYXENFB_FUZZ_EXAMPLES raises the example count.
+"""
+import asyncio
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyxenfb import xenfb_abi as abi
+from pyxenfb.convert import GUEST_FORMATS, convert_rect
+from pyxenfb.foreignmem import ForeignMemoryError, SimForeignMemory
+from pyxenfb.sim.guestmem import GuestMemory
+from pyxenfb.sim.picture import test_picture as guest_picture
+from pyxenfb.xenfb import DeviceError, check_geometry, plan_framebuffer, read_page_directory
+
+from simkit import (RecordingListener, new_domain, short_run_dir, sim_host, start_backend_stack,
+                    surface_words, wait_connected, wait_for)
+
+# 5000 + 5000 examples in the normal run; more with PYXENFB_FUZZ_EXAMPLES.
+EXAMPLES = int(os.environ.get("PYXENFB_FUZZ_EXAMPLES", "5000"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                suppress_health_check=list(HealthCheck))
+
+i32 = st.integers(-2**31, 2**31 - 1)
+u32 = st.integers(0, 2**32 - 1)
+interesting_u32 = st.one_of(u32, st.sampled_from([0, 1, 24, 25, 26, 50, 51, 52, 2**31, 2**32 - 1]))
+
+
+# ---------------------------------------------------------------------------
+# The frontend's description of its framebuffer, checked at connect
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hostile_memory():
+    run_dir = short_run_dir()
+    os.makedirs(f"{run_dir}/dom7")
+    mem = GuestMemory.create(f"{run_dir}/dom7/memory", 4 << 20)     # 1024 frames
+    # Frame 1: a directory naming 512 valid frames (as a 64-bit guest would);
+    # frame 2: the same for a 32-bit guest; the rest: random bytes.
+    rng = np.random.default_rng(7)
+    mem.array[3 * 4096:] = rng.integers(0, 256, mem.array.size - 3 * 4096, dtype=np.uint8)
+    mem.array[4096:8192] = np.arange(100, 612, dtype="<u8").view(np.uint8)
+    mem.array[8192:12288] = np.arange(100, 1124, dtype="<u4").clip(0, 1023).view(np.uint8)
+    yield run_dir, SimForeignMemory(run_dir)
+    mem.close()
+
+
+def header(width, height, line_length, mem_length, depth, pd, pd_offset, entry_fmt):
+    page = bytearray(abi.FB_IN_RING_OFFS)
+    struct.pack_into("<iiIIB", page, abi.FB_WIDTH, width, height, line_length, mem_length, depth)
+    for i, entry in enumerate(pd):
+        off = pd_offset + i * struct.calcsize(entry_fmt)
+        if off + struct.calcsize(entry_fmt) <= len(page):
+            struct.pack_into(entry_fmt, page, off, entry % (1 << (8 * struct.calcsize(entry_fmt))))
+    return bytes(page)
+
+
+@FUZZ
+@given(width=st.one_of(i32, st.integers(0, 2000)), height=st.one_of(i32, st.integers(0, 2000)),
+       line_length=st.one_of(u32, st.integers(0, 9000)),
+       mem_length=st.one_of(u32, st.integers(0, 4 << 20)),
+       depth=st.one_of(st.integers(0, 255), st.sampled_from([8, 16, 24, 32])),
+       pd=st.lists(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([1, 2, 3, 1023, 1024])),
+                   max_size=8),
+       protocol=st.sampled_from([None, "x86_64-abi", "x86_32-abi", "arm-abi", "sparc-abi", ""]),
+       videoram=st.sampled_from([0, 1, 2, 4, 2**20]))
+def test_any_description_is_refused_or_mapped_in_bounds(hostile_memory, width, height, line_length,
+                                                         mem_length, depth, pd, protocol, videoram):
+    _, fm = hostile_memory
+    a = abi.ABIS.get(protocol, abi.ABI_X86_64)
+    page = header(width, height, line_length, mem_length, depth, pd, a.pd_offset, a.entry_format)
+    try:
+        plan = plan_framebuffer(page, protocol, videoram)
+    except DeviceError:
+        return
+    g = plan.geometry
+    # The invariants every display relies on.
+    assert plan.fb_len <= plan.abi.max_fb_len()
+    assert videoram == 0 or plan.fb_len <= videoram << 20
+    assert 0 < g.width * (g.depth // 8) <= g.stride
+    assert 0 < g.height and g.offset + g.height * g.stride <= plan.fb_len
+    if plan.n_pages > 1024:
+        return     # more than the whole guest: would be refused by the mapping below anyway
+    try:
+        frames = read_page_directory(fm, 7, plan)
+        fb = fm.map(7, frames, writable=False)
+    except ForeignMemoryError:
+        return
+    try:
+        assert fb.array.size >= plan.fb_len
+        rows = fb.array[:g.height * g.stride].reshape(g.height, g.stride)
+        # Touch every pixel the displays would read.
+        convert_rect(rows, GUEST_FORMATS[g.depth], GUEST_FORMATS[32], 0, 0, g.width, g.height)
+    finally:
+        fb.close()
+
+
+def test_resize_rules_hold_fb_len_fixed():
+    # Resize can't grow past the connect-time fb_len, nor start at/after it.
+    with pytest.raises(DeviceError):
+        check_geometry(4096, 10, 10, 40, 32, 4096)
+    g = check_geometry(8192, 10_000, 10_000, 400, 32, 400)
+    assert (g.width, g.height) == (100, (8192 - 400) // 400)
+    with pytest.raises(DeviceError):
+        check_geometry(8192, 10, 10, 8193, 32, 0)
+    with pytest.raises(DeviceError):
+        check_geometry(8192, 10, 10, 40, 12, 0)
+
+
+# ---------------------------------------------------------------------------
+# Rings and events, with a well-behaved second domain in the same process
+# ---------------------------------------------------------------------------
+out_event = st.one_of(
+    st.tuples(st.just(abi.XENFB_TYPE_UPDATE), i32, i32, i32, i32).map(
+        lambda t: abi.pack_event(abi.FB_UPDATE, *t)),
+    st.tuples(st.just(abi.XENFB_TYPE_RESIZE), i32, i32, i32,
+              st.one_of(i32, st.sampled_from([8, 16, 24, 32])), i32).map(
+        lambda t: abi.pack_event(abi.FB_RESIZE, *t)),
+    st.binary(min_size=abi.EVENT_SIZE, max_size=abi.EVENT_SIZE),
+)
+
+
+def test_hostile_rings_and_events_leave_other_domain_untouched():
+    async def body():
+        async with sim_host() as run_dir:
+            bad = await new_domain(run_dir, 1)
+            good = await new_domain(run_dir, 2)
+            be_bad = await start_backend_stack(run_dir, 1)
+            await bad.start()
+            be_good = await start_backend_stack(run_dir, 2)
+            await good.start()
+            listener = RecordingListener()
+            be_good.console.attach(listener)
+            be_bad.console.attach(RecordingListener())
+            await wait_connected(bad, be_bad)
+            await wait_connected(good, be_good)
+            fb, kbd = be_bad.fb, be_bad.kbd
+            mapping_size = fb.fb_map.array.size
+
+            @FUZZ
+            @given(out_prod=interesting_u32, out_cons=interesting_u32,
+                   events=st.lists(out_event, max_size=6),
+                   in_prod=interesting_u32, in_cons=interesting_u32,
+                   kbd_prod=interesting_u32, kbd_cons=interesting_u32,
+                   key=st.integers(-5, 0x400), pos=st.tuples(i32, i32))
+            def storm(out_prod, out_cons, events, in_prod, in_cons, kbd_prod, kbd_cons, key, pos):
+                page = bad.fb.page
+                for i, ev in enumerate(events):
+                    off = abi.ring_slot(abi.FB_OUT_RING_OFFS, out_cons + i, abi.FB_OUT_RING_LEN)
+                    page[off:off + abi.EVENT_SIZE] = np.frombuffer(ev, np.uint8)
+                bad.fb.poke(abi.FB_OUT_PROD, "<I", out_prod)
+                bad.fb.poke(abi.FB_OUT_CONS, "<I", out_cons)
+                bad.fb.poke(abi.FB_IN_PROD, "<I", in_prod)
+                bad.fb.poke(abi.FB_IN_CONS, "<I", in_cons)
+                bad.kbd.poke(abi.KBD_IN_PROD, "<I", kbd_prod)
+                bad.kbd.poke(abi.KBD_IN_CONS, "<I", kbd_cons)
+                fb.on_event()
+                kbd.on_event()
+                fb.displays_visible(bool(key & 1))
+                be_bad.console.key(key, True)
+                be_bad.console.pointer_abs(*pos)
+                s = be_bad.console.surface
+                if fb.geometry is not None:
+                    g = fb.geometry
+                    assert g.offset + g.height * g.stride <= fb.fb_len <= mapping_size
+                    assert s.rows.shape == (g.height, g.stride)
+                    assert g.width * (g.depth // 8) <= g.stride
+
+            storm()
+            # The fuzzed device still works once the guest behaves again.
+            for off in (abi.FB_OUT_PROD, abi.FB_OUT_CONS, abi.FB_IN_PROD, abi.FB_IN_CONS):
+                bad.fb.poke(off, "<I", 0)
+            bad.fb.push_out_event(abi.pack_event(abi.FB_RESIZE, abi.XENFB_TYPE_RESIZE,
+                                                 800, 600, 3200, 32, 0))
+            await wait_for(lambda: (be_bad.console.surface.width, be_bad.console.surface.height)
+                           == (800, 600), what="sane resize after the storm")
+            # The other domain never noticed.
+            assert np.array_equal(surface_words(be_good.console), guest_picture(800, 600))
+            good.fb.refresh(*good.fb.draw_box(3))
+            await wait_for(lambda: np.array_equal(surface_words(be_good.console), good.fb.fb),
+                           what="good domain still updating")
+            be_good.console.key(44, True)
+            await wait_for(lambda: any(e.get("code") == 44 for e in good.kbd.events),
+                           what="good domain still receives input")
+            assert be_good.fb.connected and be_good.kbd.connected
+            for x in (be_bad, be_good):
+                await x.close()
+            await bad.stop()
+            await good.stop()
+    asyncio.run(asyncio.wait_for(body(), 600))
+
+
+def test_bad_frontend_keys_leave_device_in_initwait():
+    """A page-ref outside guest memory: refused, logged, InitWait kept; a fixed guest connects."""
+    async def body():
+        async with sim_host() as run_dir:
+            from pyxenfb.sim.toolstack import create_domain
+            await create_domain(run_dir, 3, "bad3", memory=16, vfb="vnc=1", dm=None, start_guest=False)
+            be = await start_backend_stack(run_dir, 3)
+            xs = be.ctx.xs
+            fe = "/local/domain/3/device/vfb/0"
+            await xs.write(f"{fe}/page-ref", str(10**12))
+            await xs.write(f"{fe}/event-channel", "1")
+            await xs.write(f"{fe}/state", "3")
+            await wait_for(lambda: be.fb._last_error, what="refusal")
+            assert "cannot connect" in be.fb._last_error
+            assert await xs.read_int("/local/domain/0/backend/vfb/3/0/state") == abi.INIT_WAIT
+            assert not be.fb.connected
+            await be.close()
+    asyncio.run(asyncio.wait_for(body(), 60))
