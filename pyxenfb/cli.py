@@ -654,3 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(options)
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -25,10 +29,40 @@ from pyxenfb.sim.xenstored import XenStored
 from pyxenfb.xenfb import BackendContext, PortDispatcher, start_backends
 
 
+HOST_START_TIMEOUT = 15.0
+
+
 def short_run_dir() -> str:
     """Unix socket paths are limited to 108 bytes: keep the run dir short."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     return tempfile.mkdtemp(prefix="pyxfb-", dir=base)
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no line from pid {proc.pid} within {timeout} s")
+    return proc.stdout.readline()
+
+
+def start_host(run_dir: str) -> subprocess.Popen:
+    """`pyxenfb-sim host` as a process; returns once it printed its ready line."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = read_line(proc, HOST_START_TIMEOUT)
+    assert line == (f"pyxenfb-sim: host ready, run dir {run_dir} "
+                    f"(export PYXENFB_SIM={run_dir})\n"), (line, proc.stderr)
+    return proc
+
+
+def stop_host(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class HostThread:

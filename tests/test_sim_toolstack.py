@@ -39,45 +39,7 @@ HOST_START_TIMEOUT = 15.0
 
 # ---- the host process ---------------------------------------------------------
 
-def _short_run_dir() -> str:
-    # Unix socket paths are limited to 108 bytes: keep the run dir short.
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    return tempfile.mkdtemp(prefix="pxs-", dir=base)
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError(f"no line from pid {proc.pid} within {timeout} s")
-    return proc.stdout.readline()
-
-
-def start_host(run_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = _read_line(proc, HOST_START_TIMEOUT)
-    assert line == (f"pyxenfb-sim: host ready, run dir {run_dir} "
-                    f"(export PYXENFB_SIM={run_dir})\n"), (line, proc.stderr)
-    return proc
-
-
-def stop_host(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def host():
-    run_dir = _short_run_dir()
-    proc = start_host(run_dir)
-    yield run_dir
-    stop_host(proc)
-    shutil.rmtree(run_dir, ignore_errors=True)
+from simkit import read_line as _read_line, short_run_dir as _short_run_dir, start_host, stop_host  # noqa: E402
 
 
 def test_host_ready_refuses_second_and_stops_cleanly():
