@@ -112,6 +112,7 @@ class BackendDevice:
         self.be_state = abi.UNKNOWN
         self.fe_state = abi.UNKNOWN
         self.connected = False
+        self.fe_seen_connected = False     # FE reached Connected on this connection
         self.page_map = None
         self.page: np.ndarray | None = None
         self.port: int | None = None
@@ -189,8 +190,14 @@ class BackendDevice:
             if self.be_state != target:
                 await self._set_state(target)
             return False
-        if self.be_state == abi.CLOSED and fe_state == abi.INITIALISING:
+        # A new frontend instance (module reload, kexec, resume): start over.
+        # It may already be Initialised by the time we look, so accept both.
+        fresh_frontend = fe_state in (abi.INITIALISING, abi.INITIALISED)
+        if fresh_frontend and (self.be_state == abi.CLOSED or self.fe_seen_connected):
             log.info("%s: frontend re-initialising, reconnecting", self.name)
+            if self.connected:
+                self.disconnect()
+            self.fe_seen_connected = False
             await self._set_state(abi.INITIALISING)
             return True
         if self.be_state == abi.INITIALISING:
@@ -212,6 +219,7 @@ class BackendDevice:
             await self._set_state(abi.CONNECTED)
             return True
         if self.be_state == abi.CONNECTED and fe_state == abi.CONNECTED:
+            self.fe_seen_connected = True
             await self.frontend_connected()
         return False
 
@@ -256,6 +264,7 @@ class BackendDevice:
 
     def disconnect(self) -> None:
         self.connected = False
+        self.fe_seen_connected = False
         if self.port is not None:
             self.ctx.ports.unbind(self.port)
             self.port = None

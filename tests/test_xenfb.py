@@ -152,17 +152,19 @@ def test_input_reaches_guest_abs_rel_keys_wheel():
     run(body())
 
 
-def test_guest_reboot_reconnects():
+@pytest.mark.parametrize("clean", [True, False], ids=["close-first", "kexec"])
+def test_guest_reboot_reconnects(clean):
     async def body():
         async with sim_host() as run_dir:
             guest = await new_domain(run_dir, 1, width=800, height=600)
             be = await start_backend_stack(run_dir, 1)
             await guest.start()
             await wait_connected(guest, be)
-            old_ref = guest.fb.page_frame
-            await guest.reboot()
+            old_map = be.fb.fb_map
+            await guest.reboot(clean)
             await wait_connected(guest, be)
-            assert guest.fb.page_frame != old_ref or True   # a new page may reuse the frame
+            await wait_for(lambda: be.fb.fb_map is not None and be.fb.fb_map is not old_map,
+                           what="framebuffer mapped again")
             assert np.array_equal(surface_words(be.console), guest_picture(800, 600))
             guest.fb.refresh(*guest.fb.draw_box(7))
             await wait_for(lambda: np.array_equal(surface_words(be.console), guest.fb.fb),

@@ -511,11 +511,12 @@ class ReferenceGuest:
         if self.animate and self._anim is None:
             self._anim = asyncio.create_task(self._animate(), name="guest-animate")
 
-    async def reboot(self) -> None:
-        """Frontends close and re-initialise, as across a kexec or module reload."""
-        log.info("dom%d: rebooting frontends", self.domid)
-        await self.fb.close()
-        await self.kbd.close()
+    async def reboot(self, clean: bool = True) -> None:
+        """Frontends re-initialise: after closing (module reload, reboot) or,
+        with clean=False, straight from Connected (kexec, resume)."""
+        log.info("dom%d: rebooting frontends%s", self.domid, "" if clean else " (no close)")
+        for front in (self.fb, self.kbd):
+            await (front.close() if clean else front.release())
         for front in (self.fb, self.kbd):
             await self.xs.write(f"{front.fe}/state", str(abi.INITIALISING))
         await self.boot()
