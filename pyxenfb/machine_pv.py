@@ -116,6 +116,7 @@ class XenPvMachine:
                 self.sdl = SdlDisplay(self.console, name=name, keymap=self.keymap,
                                       on_close=self._sdl_closed)
                 self.sdl.start(asyncio.get_running_loop())
+                log.info("SDL display open (video driver %s)", os.environ.get("SDL_VIDEODRIVER", "default"))
             except Exception as e:   # no X display, no SDL: one line, not a traceback
                 raise MachineError(f"SDL display: {e}") from None
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a simulated host process per test."""
 import shutil
+import sys
 
 import pytest
 
@@ -14,3 +15,12 @@ def host():
     yield run_dir
     stop_host(proc)
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _twisted_reactor_once():
+    """vncdotool's API runs Twisted's reactor in a thread that cannot be
+    restarted: stop it once, at the end of the session, never per test."""
+    yield
+    if "vncdotool.api" in sys.modules:
+        sys.modules["vncdotool.api"].shutdown()

@@ -185,5 +185,4 @@ def test_idle_guest_and_idle_vnc_client_cause_no_wakeups(host):
         assert after - before <= 2, f"device model woke {after - before} times in an idle second"
     finally:
         client.disconnect()
-        api.shutdown()
         asyncio.run(toolstack.destroy_domain(host, 5))
