@@ -185,3 +185,25 @@ class RecordingListener:
 
     def console_pointer_mode(self, absolute):
         self.modes.append(absolute)
+
+
+@contextlib.asynccontextmanager
+async def connected_domain(domid: int = 1, *, attach: bool = False, **guest_kw):
+    """A sim host, a domain, its backends and its booted guest, all connected.
+
+    Yields (run_dir, guest, backends, listener); with attach=True a
+    RecordingListener watches the console from before the guest boots.
+    """
+    async with sim_host() as run_dir:
+        guest = await new_domain(run_dir, domid, **guest_kw)
+        be = await start_backend_stack(run_dir, domid)
+        listener = RecordingListener()
+        if attach:
+            be.console.attach(listener)
+        await guest.start()
+        try:
+            await wait_connected(guest, be)
+            yield run_dir, guest, be, listener
+        finally:
+            await be.close()
+            await guest.stop()

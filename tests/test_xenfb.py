@@ -8,8 +8,8 @@ from pyxenfb import xenfb_abi as abi
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.sim.picture import test_picture as guest_picture
 
-from simkit import (RecordingListener, new_domain, sim_host, start_backend_stack, surface_words,
-                    wait_connected, wait_for)
+from simkit import (RecordingListener, connected_domain, new_domain, sim_host,
+                    start_backend_stack, surface_words, wait_connected, wait_for)
 
 
 def rgb_words(rgb: np.ndarray) -> np.ndarray:
@@ -24,11 +24,7 @@ def run(coro):
 @pytest.mark.parametrize("abi_name", ["x86_64", "x86_32"])
 def test_connect_surface_equals_fbdump(abi_name):
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1, abi_name=abi_name, width=640, height=480)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            await wait_connected(guest, be)
+        async with connected_domain(1, abi_name=abi_name, width=640, height=480) as (run_dir, guest, be, listener):
             dump = await asyncio.to_thread(fbdump_array, run_dir, 1)
             assert be.console.surface.width == 640 and be.console.surface.height == 480
             assert np.array_equal(surface_words(be.console), rgb_words(dump))
@@ -41,58 +37,36 @@ def test_connect_surface_equals_fbdump(abi_name):
                 assert await xs.read_int(f"/local/domain/1/device/{dev}/0/state") == 4
             assert await xs.read_str("/local/domain/0/backend/vfb/1/0/request-update") == "1"
             assert await xs.read_str("/local/domain/0/backend/vfb/1/0/hotplug-status") == "connected"
-            await be.close()
-            await guest.stop()
     run(body())
 
 
 def test_updates_become_dirty_rects_and_pixels_follow():
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            listener = RecordingListener()
-            be.console.attach(listener)
-            await wait_connected(guest, be)
+        async with connected_domain(1, attach=True) as (run_dir, guest, be, listener):
             listener.updates.clear()
             for frame in range(1, 4):
                 rect = guest.fb.draw_box(frame)
                 guest.fb.refresh(*rect)
                 await wait_for(lambda: rect in listener.updates, what=f"dirty rect {rect}")
             assert np.array_equal(surface_words(be.console), guest.fb.fb)
-            await be.close()
-            await guest.stop()
     run(body())
 
 
 def test_resize_publishes_new_surface():
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            listener = RecordingListener()
-            be.console.attach(listener)
-            await wait_connected(guest, be)
+        async with connected_domain(1, attach=True) as (run_dir, guest, be, listener):
             await wait_for(lambda: guest.fb.feature_resize, what="feature-resize seen")
             assert guest.fb.resize(640, 400)
             await wait_for(lambda: (640, 400) in listener.resizes, what="resize")
             s = be.console.surface
             assert (s.width, s.height, s.stride) == (640, 400, 800 * 4)
             assert np.array_equal(surface_words(be.console), guest_picture(640, 400))
-            await be.close()
-            await guest.stop()
     run(body())
 
 
 def test_refresh_period_follows_displays():
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            await wait_connected(guest, be)
+        async with connected_domain(1) as (run_dir, guest, be, listener):
             # No display attached: the guest is told not to send updates.
             await wait_for(lambda: guest.fb.refresh_period == abi.XENFB_NO_REFRESH, what="NO_REFRESH")
             before = guest.fb.updates_sent
@@ -106,20 +80,12 @@ def test_refresh_period_follows_displays():
             await wait_for(lambda: listener.updates, what="stashed update")
             be.console.detach(listener)
             await wait_for(lambda: guest.fb.refresh_period == abi.XENFB_NO_REFRESH, what="NO_REFRESH again")
-            await be.close()
-            await guest.stop()
     run(body())
 
 
 def test_input_reaches_guest_abs_rel_keys_wheel():
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            listener = RecordingListener()
-            be.console.attach(listener)
-            await wait_connected(guest, be)
+        async with connected_domain(1, attach=True) as (run_dir, guest, be, listener):
             await wait_for(lambda: be.console.absolute_pointer and be.kbd.absolute, what="abs mode")
             c = be.console
             c.key(30, True)
@@ -147,19 +113,13 @@ def test_input_reaches_guest_abs_rel_keys_wheel():
             await wait_for(lambda: len(ev) >= 8, what="motion events")
             assert ev[6] == {"dev": "vkbd", "type": "motion", "rel_x": 5, "rel_y": -3, "rel_z": 0}
             assert ev[7]["rel_z"] == 1
-            await be.close()
-            await guest.stop()
     run(body())
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["close-first", "kexec"])
 def test_guest_reboot_reconnects(clean):
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1, width=800, height=600)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            await wait_connected(guest, be)
+        async with connected_domain(1, width=800, height=600) as (run_dir, guest, be, listener):
             old_map = be.fb.fb_map
             await guest.reboot(clean)
             await wait_connected(guest, be)
@@ -169,8 +129,6 @@ def test_guest_reboot_reconnects(clean):
             guest.fb.refresh(*guest.fb.draw_box(7))
             await wait_for(lambda: np.array_equal(surface_words(be.console), guest.fb.fb),
                            what="picture after reboot")
-            await be.close()
-            await guest.stop()
     run(body())
 
 
@@ -195,11 +153,7 @@ def test_backend_restart_takes_over_a_connected_device():
 
 def test_frontend_closing_releases_everything():
     async def body():
-        async with sim_host() as run_dir:
-            guest = await new_domain(run_dir, 1)
-            be = await start_backend_stack(run_dir, 1)
-            await guest.start()
-            await wait_connected(guest, be)
+        async with connected_domain(1) as (run_dir, guest, be, listener):
             await guest.fb.close()
             await guest.kbd.close()
             xs = be.ctx.xs
@@ -208,6 +162,4 @@ def test_frontend_closing_releases_everything():
             assert be.kbd.page is None
             # The display keeps the last picture from private memory.
             assert np.array_equal(surface_words(be.console), guest_picture(800, 600))
-            await be.close()
-            await guest.stop()
     run(body())
