@@ -62,7 +62,8 @@ def _pixel_bytes(value, fmt: PixelFormat) -> bytes:
 def _channels(vals: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     """(h, w, 3) uint8 RGB scaled to 0..255 from pixel values."""
     out = []
-    v = vals.astype(np.uint32)
+    # The integer view reads bytes little-endian: undo that for big-endian pixels.
+    v = (vals.byteswap() if fmt.big_endian and fmt.bpp > 8 else vals).astype(np.uint32)
     for shift, cmax in ((fmt.red_shift, fmt.red_max), (fmt.green_shift, fmt.green_max),
                         (fmt.blue_shift, fmt.blue_max)):
         c = (v >> np.uint32(shift)) & np.uint32(cmax)
@@ -106,58 +107,82 @@ def encode_rre(vals: np.ndarray, fmt: PixelFormat) -> bytes:
 _HT_RAW, _HT_BG, _HT_FG, _HT_ANY, _HT_COLOURED = 1, 2, 4, 8, 16
 
 
+def _solid_tiles(vals: np.ndarray, size: int) -> np.ndarray:
+    """(rows, cols) bool: which size x size tiles hold a single colour."""
+    h, w = vals.shape
+    padded = np.pad(vals, ((0, (-h) % size), (0, (-w) % size)), mode="edge")
+    ty, tx = padded.shape[0] // size, padded.shape[1] // size
+    tiles = padded.reshape(ty, size, tx, size)
+    return (tiles == tiles[:, :1, :, :1]).all(axis=(1, 3))
+
+
 def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     h, w = vals.shape
     bpp = fmt.bytes_per_pixel
+    solid = _solid_tiles(vals, 16)
     out = bytearray()
     prev_bg = prev_fg = None          # what the client still remembers
-    for ty in range(0, h, 16):
-        for tx in range(0, w, 16):
+    for row, ty in enumerate(range(0, h, 16)):
+        for col, tx in enumerate(range(0, w, 16)):
             tile = vals[ty:ty + 16, tx:tx + 16]
-            th, tw = tile.shape
-            raw_size = th * tw * bpp
-            colours, counts = np.unique(tile, return_counts=True)
-            bg = colours[np.argmax(counts)]
-            mask, body = 0, bytearray()
-            if bg != prev_bg:
-                mask |= _HT_BG
-                body += _pixel_bytes(bg, fmt)
-            if len(colours) > 1:
-                ys, xs, lengths, cols = _row_runs(tile)
-                keep = cols != bg
-                n = int(keep.sum())
-                coloured = len(colours) > 2
-                if coloured:
-                    size = 1 + n * (bpp + 2)
+            if solid[row, col]:
+                bg = tile[0, 0]
+                if bg == prev_bg:
+                    out.append(0)
                 else:
-                    fg = colours[0] if colours[1] == bg else colours[1]
-                    size = 1 + n * 2 + (bpp if fg != prev_fg else 0)
-                if n > 255 or len(body) + size >= raw_size:
-                    out.append(_HT_RAW)
-                    out += tile.tobytes()
-                    prev_bg = prev_fg = None
-                    continue
-                mask |= _HT_ANY
-                xy = (xs[keep] << 4 | ys[keep]).astype(np.uint8)
-                wh = ((lengths[keep] - 1) << 4).astype(np.uint8)  # height 1 -> 0
-                if coloured:
-                    mask |= _HT_COLOURED
-                    sub = np.empty(n, dtype=[("pix", _DTYPES[bpp]), ("xy", "u1"), ("wh", "u1")])
-                    sub["pix"] = cols[keep]
-                    prev_fg = None
-                else:
-                    if fg != prev_fg:
-                        mask |= _HT_FG
-                        body += _pixel_bytes(fg, fmt)
-                        prev_fg = fg
-                    sub = np.empty(n, dtype=[("xy", "u1"), ("wh", "u1")])
-                sub["xy"], sub["wh"] = xy, wh
-                body.append(n)
-                body += sub.tobytes()
-            prev_bg = bg
-            out.append(mask)
-            out += body
+                    out.append(_HT_BG)
+                    out += _pixel_bytes(bg, fmt)
+                    prev_bg = bg
+                continue
+            data = _hextile_tile(tile, fmt, prev_bg, prev_fg)
+            if data is None:
+                out.append(_HT_RAW)
+                out += tile.tobytes()
+                prev_bg = prev_fg = None
+            else:
+                out += data[0]
+                prev_bg, prev_fg = data[1], data[2]
     return bytes(out)
+
+
+def _hextile_tile(tile: np.ndarray, fmt: PixelFormat, prev_bg, prev_fg):
+    """A non-solid tile as subrectangles: (bytes, bg, fg) or None if raw is smaller."""
+    th, tw = tile.shape
+    bpp = fmt.bytes_per_pixel
+    raw_size = th * tw * bpp
+    runs = th + int((tile[:, 1:] != tile[:, :-1]).sum())
+    first = tile[0, 0]
+    others = tile[tile != first]
+    two_colour = bool((others == others[0]).all())
+    if runs > 255 + th or (not two_colour and (runs - 1) * (bpp + 2) >= raw_size):
+        return None
+    bg = first
+    if two_colour and others.size > tile.size // 2:
+        bg = others[0]               # the majority colour needs no subrectangles
+    ys, xs, lengths, cols = _row_runs(tile)
+    keep = cols != bg
+    n = int(keep.sum())
+    mask, body = _HT_ANY, bytearray()
+    if bg != prev_bg:
+        mask |= _HT_BG
+        body += _pixel_bytes(bg, fmt)
+    fg = prev_fg
+    if two_colour:
+        fg = first if bg != first else others[0]
+        if fg != prev_fg:
+            mask |= _HT_FG
+            body += _pixel_bytes(fg, fmt)
+        sub = np.empty(n, dtype=[("xy", "u1"), ("wh", "u1")])
+    else:
+        mask |= _HT_COLOURED
+        sub = np.empty(n, dtype=[("pix", _DTYPES[bpp]), ("xy", "u1"), ("wh", "u1")])
+        sub["pix"] = cols[keep]
+        fg = None                    # not carried past a coloured tile
+    if n > 255 or 1 + len(body) + 1 + sub.nbytes >= 1 + raw_size:
+        return None
+    sub["xy"] = (xs[keep] << 4 | ys[keep]).astype(np.uint8)
+    sub["wh"] = ((lengths[keep] - 1) << 4).astype(np.uint8)   # height 1 -> 0
+    return bytes([mask]) + bytes(body) + bytes([n]) + sub.tobytes(), bg, fg
 
 
 # ---------------------------------------------------------------- ZRLE
@@ -244,7 +269,8 @@ def _image_bytes(vals: np.ndarray, fmt: PixelFormat, kind: str, quality: int = 0
     img = Image.fromarray(_channels(vals, fmt), "RGB")
     buf = io.BytesIO()
     if kind == "JPEG":
-        img.save(buf, "JPEG", quality=_JPEG_QUALITY[quality])
+        # Full chroma resolution at the high levels: text stays legible.
+        img.save(buf, "JPEG", quality=_JPEG_QUALITY[quality], subsampling=0 if quality >= 7 else 2)
     else:
         img.save(buf, "PNG", compress_level=1)
     return buf.getvalue()

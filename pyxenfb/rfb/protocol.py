@@ -141,6 +141,8 @@ def parse_pixel_format(data: bytes) -> tuple[PixelFormat, bool]:
         if used & mask:
             raise ProtocolError("SetPixelFormat: colour channels overlap")
         used |= mask
+    if sum(m.bit_length() for m in (rmax, gmax, bmax)) > depth:
+        raise ProtocolError(f"SetPixelFormat: colour bits exceed depth {depth}")
     return PixelFormat(bpp, depth, bool(big) and bpp > 8, rmax, gmax, bmax, rs, gs, bs), True
 
 
@@ -183,6 +185,11 @@ class ServerConnection:
         self.absolute_pointer = True
         self.encoder = enc.Encoder()
         self._request: str | None = None     # None, "incremental" or "full"
+        # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
+        # arrive as an unasked-for update (vncdotool would take such an
+        # update as the answer to its own request).
+        self._pseudo: list[bytes] = []
+        self.resize_pending = False           # a size change goes out alone
         self._in = bytearray()
         self._out = bytearray()
         self._discard = 0                    # cut text bytes still to skip
@@ -451,7 +458,11 @@ class ServerConnection:
 
     # ------------------------------------------------------------ server messages
     def _pseudo_update(self, x: int, y: int, w: int, h: int, encoding: int, data: bytes = b"") -> None:
-        self._out += struct.pack(">BxH", 0, 1) + enc.rect_header(x, y, w, h, encoding) + data
+        self._pseudo.append(enc.rect_header(x, y, w, h, encoding) + data)
+
+    @property
+    def has_pseudo(self) -> bool:
+        return bool(self._pseudo)
 
     def _send_fence(self, flags: int, payload: bytes) -> None:
         self._out += struct.pack(">B3xIB", 248, flags, len(payload)) + payload
@@ -475,6 +486,7 @@ class ServerConnection:
             self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
         else:
             return False
+        self.resize_pending = True
         return True
 
     def set_pointer_mode(self, absolute: bool) -> None:
@@ -498,12 +510,19 @@ class ServerConnection:
                     rects: list[tuple[int, int, int, int]]) -> int:
         """Encode `rects` of the surface `rows` into one FramebufferUpdate.
 
-        Rectangles are clipped to the framebuffer; the outstanding request is
-        answered.  Returns the number of bytes queued.
+        Rectangles are clipped to the framebuffer; pending pseudo-rectangles
+        go first; the outstanding request is answered.  While a size change
+        is pending the caller passes no rects: it goes out alone.  Returns
+        the number of bytes queued.
         """
-        body, count = bytearray(), 0
+        body, count = bytearray(b"".join(self._pseudo)), len(self._pseudo)
+        self._pseudo.clear()
+        self.resize_pending = False
+        # Never trust the caller's size bookkeeping further than the pixels go.
+        width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
+        height = min(self.height, rows.shape[0])
         for rect in rects:
-            x, y, w, h = _clip(*rect, self.width, self.height)
+            x, y, w, h = _clip(*rect, width, height)
             if w <= 0 or h <= 0:
                 continue
             pixels = convert_rect(rows, src_fmt, self.pixel_format, x, y, w, h)

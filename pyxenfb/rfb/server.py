@@ -91,6 +91,7 @@ class VncClient(asyncio.Protocol):
         self.closing = False
         self.dirty = DirtyRegion()
         self.throttle = MIN_THROTTLE
+        self.updates_sent = 0
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
         self._held_keys: set[int] = set()
@@ -111,14 +112,16 @@ class VncClient(asyncio.Protocol):
         blocked = server.blacklist.blocked_for(self.host)
         self.conn = rfb.ServerConnection(
             self.console.surface.width, self.console.surface.height, server.desktop_name,
-            password=server.password, password_expired=server.password_expired,
+            password=server.password,
+            # An empty password (password=on, none set yet) lets nobody in.
+            password_expired=server.password_expired or server.password == "",
             blocked_reason="Too many security failures" if blocked else None)
         self.conn.absolute_pointer = self.console.absolute_pointer
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
         if self.mode == "websocket":
             self.ws = WebSocketStream()
         elif self.mode == "detect":
-            self._sniff = loop.call_later(WEBSOCKET_SNIFF, self._start_rfb)
+            self._sniff = loop.call_later(server.websocket_sniff, self._start_rfb)
         else:
             self._start_rfb()
 
@@ -155,6 +158,11 @@ class VncClient(asyncio.Protocol):
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        if not self.attached:
+            # Not yet a listener: ServerInit must carry the size of today's surface.
+            surface = self.console.surface
+            self.conn.width, self.conn.height = surface.width, surface.height
+            self.conn.absolute_pointer = self.console.absolute_pointer
         try:
             events = self.conn.receive_data(data)
         except rfb.AuthenticationFailed as exc:
@@ -201,8 +209,9 @@ class VncClient(asyncio.Protocol):
         if self.conn is not None:
             self.conn.state = "closed"
         if self.transport is not None:
+            if self.ws is not None and not self.transport.is_closing():
+                self.transport.write(self.ws.close(reason))
             self.transport.close()
-        self.server._client_gone(self)
 
     # ------------------------------------------------------------ output
     def _flush(self) -> None:
@@ -233,12 +242,15 @@ class VncClient(asyncio.Protocol):
         if request is None:
             return
         pending = self.transport.get_write_buffer_size()
-        if request == "incremental" and (not self.dirty or pending > self.throttle):
+        if request == "incremental" and (not (self.dirty or self.conn.has_pseudo) or pending > self.throttle):
             return
         if request == "full" and pending > 2 * self.throttle:
             return          # resume_writing() brings us back
         surface = self.console.surface
-        self.conn.send_update(surface.rows, surface.fmt, self.dirty.take())
+        # A size change goes alone; the pixels follow on the next request.
+        rects = [] if self.conn.resize_pending else self.dirty.take()
+        if self.conn.send_update(surface.rows, surface.fmt, rects):
+            self.updates_sent += 1
         self._flush()
 
     # ------------------------------------------------------------ events
@@ -366,6 +378,7 @@ class VncServer:
         self.clients: list[VncClient] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.websocket_sniff = WEBSOCKET_SNIFF
         self._servers: list[asyncio.AbstractServer] = []
         self._qnum = None
 
@@ -379,12 +392,11 @@ class VncServer:
     def _keymap(self):
         if self.keymap is None:
             try:
-                from .. import keymap
-            except ImportError:
-                log.warning("VNC: no keymap available, keyboard input dropped")
+                from ..keymap import Keymap
+                self.keymap = Keymap.load()
+            except (ImportError, ValueError) as exc:
+                log.warning("VNC: no keymap available (%s), keysym input dropped", exc)
                 self.keymap = False
-            else:
-                self.keymap = keymap
         return self.keymap or None
 
     def keysym_to_linux(self, keysym: int) -> int | None:
@@ -410,9 +422,6 @@ class VncServer:
 
     def unauthenticated_count(self) -> int:
         return sum(1 for c in self.clients if not c.attached and not c.closing)
-
-    def _client_gone(self, client: VncClient) -> None:
-        pass
 
     async def _bind(self, host: str, port: int, mode: str):
         loop = asyncio.get_running_loop()

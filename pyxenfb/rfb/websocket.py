@@ -83,3 +83,10 @@ class WebSocketStream:
             return b""
         self._ws.send_binary(data)
         return b"".join(self._ws.data_to_send())
+
+    def close(self, reason: str = "") -> bytes:
+        """A close frame to send before dropping the connection."""
+        if self._ws.state is not State.OPEN:
+            return b""
+        self._ws.send_close(1000, reason[:100])
+        return b"".join(self._ws.data_to_send())

@@ -1,0 +1,192 @@
+"""Fixtures for the VNC tests: a console with a known picture, a recording
+input sink, and a VncServer on a free port in a background event loop."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from pyxenfb.console import Console, Surface
+from pyxenfb.convert import GUEST_32, to_rgb
+from pyxenfb.rfb import VncServer
+from pyxenfb.rfb.auth import vnc_response
+
+KEY_A, KEY_B, KEY_ENTER = 30, 48, 28
+STUB_KEYSYMS = {0x61: KEY_A, 0x62: KEY_B, 0xFF0D: KEY_ENTER}
+
+
+class StubKeymap:
+    """keysym 'a', 'b', Return -> KEY_A, KEY_B, KEY_ENTER."""
+
+    def keysym_to_linux(self, keysym: int) -> int | None:
+        return STUB_KEYSYMS.get(keysym)
+
+
+def make_picture(width: int = 800, height: int = 600, seed: int = 0) -> Surface:
+    """Gradient plus blocky 'text' plus flat areas: exercises every encoder path."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.uint32)
+    r = (x * 255 // max(1, width - 1)) & 0xFF
+    g = (y * 255 // max(1, height - 1)) & 0xFF
+    b = ((x // 7 + y // 5 + seed) % 3) * 100
+    words = (r << 16) | (g << 8) | b
+    words[(y // 16) % 4 == 1] = 0x00FFFFFF                        # flat white bands
+    text = ((x // 3 + y // 2 + seed) % 5 == 0) & ((y // 16) % 4 == 1)
+    words[text] = 0x00102030                                     # two-colour "text"
+    words[height // 2:, : width // 4] = 0x00336699               # a solid block
+    rows = words.astype("<u4").view(np.uint8).reshape(height, width * 4)
+    return Surface(width, height, width * 4, GUEST_32, np.ascontiguousarray(rows))
+
+
+def expected_rgb(surface: Surface) -> np.ndarray:
+    return to_rgb(surface.rows, surface.fmt, surface.width, surface.height)
+
+
+class RecordingInput:
+    """InputSink that remembers what it was told (thread-safe reads via list copy)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def key(self, code, down):
+        self.events.append(("key", code, down))
+
+    def pointer_abs(self, x, y, w, h):
+        self.events.append(("abs", x, y))
+
+    def pointer_rel(self, dx, dy):
+        self.events.append(("rel", dx, dy))
+
+    def wheel(self, dz):
+        self.events.append(("wheel", dz))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A VncServer on 127.0.0.1 running in its own event-loop thread."""
+
+    def __init__(self, surface: Surface | None = None, **server_kwargs):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.input = RecordingInput()
+        self.console: Console = self.call(Console, "test", self.loop)
+        self.console.input = self.input
+        self.call(self.console.set_surface, surface or make_picture())
+        server_kwargs.setdefault("keymap", StubKeymap())
+        self.server: VncServer = self.call(VncServer, self.console, **server_kwargs)
+        # Plain clients wait this long for the banner (WebSocket sniffing); keep tests quick.
+        self.server.websocket_sniff = 0.02
+        self.port = self.run(self._listen())
+
+    async def _listen(self):
+        port = free_port()
+        return await self.server.listen("127.0.0.1", port - 5900)
+
+    def call(self, fn, *args, **kwargs):
+        """Run a plain function in the loop thread and return its result."""
+        async def wrapper():
+            return fn(*args, **kwargs)
+        return self.run(wrapper())
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def set_surface(self, surface: Surface) -> None:
+        self.call(self.console.set_surface, surface)
+
+    def draw(self, surface_rows: np.ndarray, x: int, y: int, w: int, h: int) -> None:
+        """Copy new pixels into the current surface and mark them dirty."""
+        def do():
+            s = self.console.surface
+            s.rows[y:y + h, x * 4:(x + w) * 4] = surface_rows[y:y + h, x * 4:(x + w) * 4]
+            self.console.invalidate(x, y, w, h)
+        self.call(do)
+
+    def client_count(self) -> int:
+        return self.call(lambda: sum(1 for c in self.server.clients if c.attached))
+
+    def close(self) -> None:
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def vnc_server():
+    srv = ServerThread()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def vnc_server_password():
+    srv = ServerThread(password="s3cret")
+    yield srv
+    srv.close()
+
+
+# ------------------------------------------------------------------ raw client
+class RawClient:
+    """A minimal blocking RFB client for protocol-level tests."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def handshake(self, password: str | None = None, shared: bool = True, version=b"RFB 003.008\n"):
+        assert self.recv_exact(12) == b"RFB 003.008\n"
+        self.send(version)
+        n = self.recv_exact(1)[0]
+        types = self.recv_exact(n)
+        if password is None:
+            assert types == b"\x01"
+            self.send(b"\x01")
+        else:
+            assert types == b"\x02"
+            self.send(b"\x02")
+            challenge = self.recv_exact(16)
+            self.send(vnc_response(password, challenge))
+        assert self.recv_exact(4) == b"\0\0\0\0"
+        self.send(bytes([int(shared)]))
+        w, h = struct.unpack(">HH", self.recv_exact(4))
+        self.pixel_format = self.recv_exact(16)
+        (n,) = struct.unpack(">I", self.recv_exact(4))
+        self.name = self.recv_exact(n).decode()
+        self.width, self.height = w, h
+        return w, h
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (reads and drops data)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()

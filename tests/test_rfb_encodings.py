@@ -1,0 +1,290 @@
+"""Encoders against independent reference decoders, for many formats and sizes."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyxenfb.convert import GUEST_32, PixelFormat, convert_rect
+from pyxenfb.rfb import encodings as enc
+from rfb_harness import make_picture
+
+FORMATS = {
+    "bgrx32": GUEST_32,
+    "rgbx32": PixelFormat(32, 24, False, 255, 255, 255, 0, 8, 16),
+    "be32": PixelFormat(32, 24, True, 255, 255, 255, 16, 8, 0),
+    "high32": PixelFormat(32, 24, False, 255, 255, 255, 24, 16, 8),
+    "rgb565": PixelFormat(16, 16, False, 31, 63, 31, 11, 5, 0),
+    "be565": PixelFormat(16, 16, True, 31, 63, 31, 11, 5, 0),
+    "bgr233": PixelFormat(8, 8, False, 7, 7, 3, 5, 2, 0),
+    "rgb111": PixelFormat(8, 3, False, 1, 1, 1, 2, 1, 0),
+}
+SIZES = [(1, 1), (17, 33), (70, 3), (2050, 40)]
+BIG = (641, 79)       # odd width and height (vncdotool tests do 641x479 end to end)
+
+
+class Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        assert self.pos + n <= len(self.data), "read past the end of the encoded data"
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self): return self.take(1)[0]
+    def u16(self): return struct.unpack(">H", self.take(2))[0]
+    def u32(self): return struct.unpack(">I", self.take(4))[0]
+
+    def compact(self) -> int:
+        n, shift = 0, 0
+        for i in range(3):
+            b = self.u8()
+            n |= (b & (0x7F if i < 2 else 0xFF)) << shift
+            shift += 7
+            if i < 2 and not b & 0x80:
+                break
+        return n
+
+
+class Decoder:
+    """Straightforward per-pixel decoders written from the spec (slow, obvious)."""
+
+    def __init__(self, fmt: PixelFormat, width: int, height: int):
+        self.fmt, self.bpp = fmt, fmt.bytes_per_pixel
+        self.fb = np.zeros((height, width * self.bpp), np.uint8)
+        self.zlib = zlib.decompressobj()
+        self.zrle = zlib.decompressobj()
+        self.tight = [zlib.decompressobj() for _ in range(4)]
+
+    def fill(self, x, y, w, h, pixel: bytes):
+        self.fb[y:y + h, x * self.bpp:(x + w) * self.bpp] = np.tile(np.frombuffer(pixel, np.uint8), (h, w))
+
+    def put(self, x, y, w, h, data: bytes):
+        self.fb[y:y + h, x * self.bpp:(x + w) * self.bpp] = np.frombuffer(data, np.uint8).reshape(h, w * self.bpp)
+
+    def update(self, data: bytes, count: int):
+        r = Reader(data)
+        for _ in range(count):
+            x, y, w, h = r.u16(), r.u16(), r.u16(), r.u16()
+            (e,) = struct.unpack(">i", r.take(4))
+            getattr(self, {0: "raw", 2: "rre", 5: "hextile", 6: "zlib_", 16: "zrle_", 7: "tight_",
+                           -260: "tight_"}[e])(r, x, y, w, h)
+        assert r.pos == len(data), "trailing bytes"
+
+    def raw(self, r, x, y, w, h):
+        self.put(x, y, w, h, r.take(w * h * self.bpp))
+
+    def rre(self, r, x, y, w, h):
+        n = r.u32()
+        self.fill(x, y, w, h, r.take(self.bpp))
+        for _ in range(n):
+            pix = r.take(self.bpp)
+            sx, sy, sw, sh = r.u16(), r.u16(), r.u16(), r.u16()
+            assert sx + sw <= w and sy + sh <= h
+            self.fill(x + sx, y + sy, sw, sh, pix)
+
+    def hextile(self, r, x, y, w, h):
+        bg = fg = None
+        for ty in range(y, y + h, 16):
+            for tx in range(x, x + w, 16):
+                tw, th = min(16, x + w - tx), min(16, y + h - ty)
+                mask = r.u8()
+                if mask & 1:
+                    self.put(tx, ty, tw, th, r.take(tw * th * self.bpp))
+                    bg = fg = None
+                    continue
+                if mask & 2:
+                    bg = r.take(self.bpp)
+                assert bg is not None
+                self.fill(tx, ty, tw, th, bg)
+                if mask & 4:
+                    fg = r.take(self.bpp)
+                if mask & 8:
+                    for _ in range(r.u8()):
+                        if mask & 16:
+                            colour = r.take(self.bpp)
+                        else:
+                            assert fg is not None
+                            colour = fg
+                        xy, wh = r.u8(), r.u8()
+                        sx, sy, sw, sh = xy >> 4, xy & 15, (wh >> 4) + 1, (wh & 15) + 1
+                        assert sx + sw <= tw and sy + sh <= th
+                        self.fill(tx + sx, ty + sy, sw, sh, colour)
+                if mask & 16:
+                    fg = None
+
+    def zlib_(self, r, x, y, w, h):
+        data = self.zlib.decompress(r.take(r.u32()))
+        self.put(x, y, w, h, data)
+
+    def _cpixel(self):
+        f = self.fmt
+        if f.bpp == 32 and f.depth <= 24:
+            top = max(m << s for m, s in ((f.red_max, f.red_shift), (f.green_max, f.green_shift),
+                                          (f.blue_max, f.blue_shift)))
+            if top < 1 << 24:
+                return 3, (lambda b: b + b"\0") if not f.big_endian else (lambda b: b"\0" + b)
+            if min(f.red_shift, f.green_shift, f.blue_shift) >= 8:
+                return 3, (lambda b: b"\0" + b) if not f.big_endian else (lambda b: b + b"\0")
+        return self.bpp, lambda b: b
+
+    def _expand_many(self, data: bytes, size: int, expand) -> bytes:
+        if size == self.bpp:
+            return data
+        pad = expand(b"\1\1\1").index(0)      # where expand() puts the zero byte
+        arr = np.frombuffer(data, np.uint8).reshape(-1, 3)
+        return np.insert(arr, pad, 0, axis=1).tobytes()
+
+    def zrle_(self, r, x, y, w, h):
+        t = Reader(self.zrle.decompress(r.take(r.u32())))
+        size, expand = self._cpixel()
+        for ty in range(y, y + h, 64):
+            for tx in range(x, x + w, 64):
+                tw, th = min(64, x + w - tx), min(64, y + h - ty)
+                sub = t.u8()
+                if sub == 0:
+                    self.put(tx, ty, tw, th, self._expand_many(t.take(size * tw * th), size, expand))
+                elif sub == 1:
+                    self.fill(tx, ty, tw, th, expand(t.take(size)))
+                elif 2 <= sub <= 16:
+                    pal = [expand(t.take(size)) for _ in range(sub)]
+                    bits = 1 if sub == 2 else 2 if sub <= 4 else 4
+                    rows = []
+                    for _ in range(th):
+                        row_bytes = t.take((tw * bits + 7) // 8)
+                        val = int.from_bytes(row_bytes, "big")
+                        total = len(row_bytes) * 8
+                        for i in range(tw):
+                            idx = (val >> (total - (i + 1) * bits)) & ((1 << bits) - 1)
+                            assert idx < sub
+                            rows.append(pal[idx])
+                    self.put(tx, ty, tw, th, b"".join(rows))
+                else:
+                    raise AssertionError(f"unexpected ZRLE subencoding {sub}")
+        assert t.pos == len(t.data)
+
+    def _tpixel(self, r):
+        if enc.tight_pixel24(self.fmt):
+            rgb = r.take(3)
+            f = self.fmt
+            v = rgb[0] << f.red_shift | rgb[1] << f.green_shift | rgb[2] << f.blue_shift
+            return v.to_bytes(4, "big" if f.big_endian else "little")
+        return r.take(self.bpp)
+
+    def _rgb_to_pixels(self, rgb: np.ndarray) -> bytes:
+        from pyxenfb.convert import RGB888
+        h, w, _ = rgb.shape
+        return convert_rect(rgb.reshape(h, w * 3), RGB888, self.fmt, 0, 0, w, h).tobytes()
+
+    def tight_(self, r, x, y, w, h):
+        assert w <= 2048
+        control = r.u8()
+        kind = control >> 4
+        if kind == 8:
+            self.fill(x, y, w, h, self._tpixel(r))
+            return
+        if kind in (9, 10):
+            img = Image.open(io.BytesIO(r.take(r.compact())))
+            self.put(x, y, w, h, self._rgb_to_pixels(np.asarray(img.convert("RGB"))))
+            return
+        assert kind < 8
+        stream = kind & 3
+        filt = r.u8() if kind & 4 else 0
+        tp = 3 if enc.tight_pixel24(self.fmt) else self.bpp
+        if filt == 1:
+            n = r.u8() + 1
+            pal = [self._tpixel(r) for _ in range(n)]
+            size = ((w + 7) // 8) * h if n == 2 else w * h
+        else:
+            assert filt == 0
+            size = w * h * tp
+        data = r.take(size) if size < 12 else self.tight[stream].decompress(r.take(r.compact()))
+        assert len(data) == size
+        if filt == 1:
+            if n == 2:
+                bits = np.unpackbits(np.frombuffer(data, np.uint8).reshape(h, -1), axis=1)[:, :w]
+            else:
+                bits = np.frombuffer(data, np.uint8).reshape(h, w)
+            self.put(x, y, w, h, b"".join(pal[i] for i in bits.reshape(-1)))
+        else:
+            if tp == 3:
+                rgb = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+                self.put(x, y, w, h, self._rgb_to_pixels(rgb))
+            else:
+                self.put(x, y, w, h, data)
+
+
+def _surface_pixels(width, height, fmt, seed=0):
+    s = make_picture(width, height, seed)
+    return convert_rect(s.rows, s.fmt, fmt, 0, 0, width, height)
+
+
+@pytest.mark.parametrize("encoding", [enc.RAW, enc.RRE, enc.HEXTILE, enc.ZLIB, enc.ZRLE, enc.TIGHT])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_lossless_round_trip(encoding, fmt_name):
+    fmt = FORMATS[fmt_name]
+    encoder = enc.Encoder()
+    dec = Decoder(fmt, 1, 1)     # one decoder: the zlib streams persist across updates
+    sizes = SIZES + [BIG] if fmt_name == "bgrx32" else SIZES + [(97, 61)]
+    for (w, h) in sizes:
+        pixels = _surface_pixels(w, h, fmt, seed=w)
+        for _ in range(2):
+            dec.fb = np.zeros((h, w * fmt.bytes_per_pixel), np.uint8)
+            count, data = encoder.encode(encoding, fmt, pixels, 0, 0, w, h)
+            dec.update(data, count)
+            assert np.array_equal(dec.fb, pixels), (fmt_name, w, h)
+
+
+def test_subrectangle_offsets():
+    """Encoders place sub-rectangles at the rectangle's position, not at 0,0."""
+    fmt = GUEST_32
+    full = _surface_pixels(100, 90, fmt)
+    for encoding in (enc.RRE, enc.HEXTILE, enc.ZRLE, enc.TIGHT, enc.ZLIB):
+        dec = Decoder(fmt, 100, 90)
+        part = np.ascontiguousarray(full[30:77, 13 * 4:(13 + 61) * 4])
+        count, data = enc.Encoder().encode(encoding, fmt, part, 13, 30, 61, 47)
+        dec.update(data, count)
+        assert np.array_equal(dec.fb[30:77, 13 * 4:74 * 4], part)
+        assert not dec.fb[:30].any() and not dec.fb[77:].any()
+
+
+def test_tight_png_and_jpeg():
+    fmt = FORMATS["rgbx32"]
+    pixels = _surface_pixels(300, 200, fmt)
+    dec = Decoder(fmt, 300, 200)
+    count, data = enc.Encoder().encode(enc.TIGHT_PNG, fmt, pixels, 0, 0, 300, 200)
+    dec.update(data, count)
+    assert np.array_equal(dec.fb, pixels)
+    count, data = enc.Encoder().encode(enc.TIGHT, fmt, pixels, 0, 0, 300, 200, jpeg_quality=9)
+    assert data[12] >> 4 == 9          # JPEG compression control
+    dec.update(data, count)
+    err = np.abs(dec.fb.astype(int) - pixels.astype(int))
+    assert err.mean() < 3
+
+
+def test_tight_fill_and_compact_length():
+    assert enc.compact_length(10000) == b"\x90\x4e"
+    assert enc.compact_length(127) == b"\x7f"
+    assert enc.compact_length(4194303) == b"\xff\xff\xff"
+    fmt = GUEST_32
+    pixels = np.tile(np.array([1, 2, 3, 0], np.uint8), (5, 7))
+    count, data = enc.Encoder().encode(enc.TIGHT, fmt, pixels, 0, 0, 7, 5)
+    assert count == 1 and data[12:] == b"\x80\x03\x02\x01"   # fill, TPIXEL R,G,B
+
+
+def test_encoders_read_only_their_rectangle():
+    """An encoder given exactly w*h pixels never needs more (a smaller buffer would raise)."""
+    fmt = GUEST_32
+    for (w, h) in [(1, 1), (15, 17), (641, 1), (1, 479)]:
+        pixels = _surface_pixels(w, h, fmt)
+        for encoding in (enc.RAW, enc.RRE, enc.HEXTILE, enc.ZLIB, enc.ZRLE, enc.TIGHT, enc.TIGHT_PNG):
+            count, data = enc.Encoder().encode(encoding, fmt, pixels, 0, 0, w, h)
+            dec = Decoder(fmt, w, h)
+            dec.update(data, count)
+            assert np.array_equal(dec.fb, pixels)

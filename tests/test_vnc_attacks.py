@@ -1,0 +1,508 @@
+"""rfb.md section 8, case by case, over real sockets: the bad client is closed
+with a log line; the server and other clients go on."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from pyxenfb.rfb import server as rfb_server
+from rfb_harness import RawClient, ServerThread, make_picture, vnc_server, vnc_server_password  # noqa: F401
+
+FULL = struct.pack(">BBHHHH", 3, 0, 0, 0, 800, 600)
+
+
+def set_encodings(*encs) -> bytes:
+    return struct.pack(f">BxH{len(encs)}i", 2, len(encs), *encs)
+
+
+def read_update(c: RawClient, bpp: int = 4) -> list[tuple]:
+    """Read one FramebufferUpdate of Raw/pseudo rects; returns the rect headers."""
+    assert c.recv_exact(1) == b"\0"
+    pad, n = struct.unpack(">BH", c.recv_exact(3))
+    assert pad == 0
+    rects = []
+    for _ in range(n):
+        x, y, w, h, e = struct.unpack(">HHHHi", c.recv_exact(12))
+        if e == 0:
+            c.recv_exact(w * h * bpp)
+        elif e == -308:
+            nscreens = c.recv_exact(4)[0]
+            c.recv_exact(16 * nscreens)
+        rects.append((x, y, w, h, e))
+    return rects
+
+
+def assert_healthy(srv: ServerThread) -> None:
+    """A fresh client still gets the picture."""
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        c.send(set_encodings(0) + FULL)
+        assert read_update(c) == [(0, 0, 800, 600, 0)]
+    finally:
+        c.close()
+
+
+def closed_with_log(caplog, client: RawClient, text: str) -> None:
+    assert client.closed(), "server did not close the connection"
+    deadline = time.monotonic() + 5
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"no log line containing {text!r}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="pyxenfb.rfb")
+
+
+def connected(srv) -> RawClient:
+    c = RawClient(srv.port)
+    c.handshake()
+    return c
+
+
+# 1, 2 --------------------------------------------------------------------
+@pytest.mark.parametrize("length", [0xFFFFFFFF, 0x7FFFFFFF, 2 << 20, 0x80000000])
+def test_cut_text_huge_length(vnc_server, caplog, length):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BxxxI", 6, length))
+    closed_with_log(caplog, c, "ClientCutText")
+    assert_healthy(vnc_server)
+
+
+def test_cut_text_within_bound_is_dropped(vnc_server):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BxxxI", 6, 1 << 20) + b"x" * (1 << 20) + set_encodings(0) + FULL)
+    assert read_update(c) == [(0, 0, 800, 600, 0)]
+
+
+# 4, 5, 6 -------------------------------------------------------------------
+@pytest.mark.parametrize("bpp,depth,maxes,shifts", [
+    (0, 24, (255,) * 3, (16, 8, 0)), (1, 1, (1,) * 3, (0, 0, 0)), (7, 7, (1,) * 3, (0, 1, 2)),
+    (24, 24, (255,) * 3, (16, 8, 0)), (64, 24, (255,) * 3, (16, 8, 0)), (255, 24, (255,) * 3, (16, 8, 0)),
+    (16, 24, (31, 63, 31), (11, 5, 0)), (32, 24, (0, 255, 255), (16, 8, 0)), (32, 24, (255,) * 3, (32, 8, 0)),
+    (32, 24, (0xFFFF, 255, 255), (16, 8, 0)),
+])
+def test_bad_pixel_format(vnc_server, caplog, bpp, depth, maxes, shifts):
+    c = connected(vnc_server)
+    c.send(b"\0\0\0\0" + struct.pack(">BBBBHHHBBB3x", bpp, depth, 0, 1, *maxes, *shifts))
+    closed_with_log(caplog, c, "SetPixelFormat")
+    assert_healthy(vnc_server)
+
+
+def test_wide_channel_format_is_served(vnc_server):
+    """A 16-bit red channel is odd but consistent (fits in depth 32): it is served."""
+    c = connected(vnc_server)
+    c.send(b"\0\0\0\0" + struct.pack(">BBBBHHHBBB3x", 32, 32, 0, 1, 0xFFFF, 255, 255, 16, 8, 0))
+    c.send(set_encodings(5) + struct.pack(">BBHHHH", 3, 0, 0, 0, 33, 17))
+    assert c.recv_exact(4) == b"\0\0\0\x01"
+
+
+def test_colour_map_client_gets_palette_and_8bpp(vnc_server):
+    c = connected(vnc_server)
+    c.send(b"\0\0\0\0" + struct.pack(">BBBBHHHBBB3x", 8, 8, 0, 0, 0, 0, 0, 0, 0, 0))
+    head = c.recv_exact(6)
+    assert head == b"\x01\x00\x00\x00\x01\x00"
+    c.recv_exact(256 * 6)
+    c.send(set_encodings(0) + struct.pack(">BBHHHH", 3, 0, 0, 0, 4, 1))
+    assert c.recv_exact(4) == b"\0\0\0\x01"
+    assert struct.unpack(">HHHHi", c.recv_exact(12)) == (0, 0, 4, 1, 0)
+    pixels = c.recv_exact(4)
+    # Pixel (0,0) of the picture is black, palette index 0.
+    assert pixels[0] == 0
+
+
+# 7, 8 ------------------------------------------------------------------------
+def test_set_encodings_65535(vnc_server):
+    c = connected(vnc_server)
+    values = [7 + 1000 + i for i in range(65534)] + [0]
+    start = time.monotonic()
+    c.send(set_encodings(*values) + FULL)
+    assert read_update(c) == [(0, 0, 800, 600, 0)]
+    assert time.monotonic() - start < 5
+
+
+def test_set_encodings_stall_does_not_block_others(vnc_server):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BxH", 2, 65535) + b"\0\0\0\0" * 10)    # and then nothing
+    assert_healthy(vnc_server)
+    c.close()
+
+
+# 9 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("x,y,w,h", [(0, 0, 0, 0), (0, 0, 800, 0), (900, 700, 10, 10),
+                                     (65535, 65535, 65535, 65535), (790, 590, 65535, 65535)])
+def test_odd_update_requests(vnc_server, x, y, w, h):
+    c = connected(vnc_server)
+    c.send(set_encodings(0) + struct.pack(">BBHHHH", 3, 0, x, y, w, h))
+    rects = read_update(c)
+    for (rx, ry, rw, rh, _) in rects:
+        assert rx + rw <= 800 and ry + rh <= 600
+    c.send(FULL)
+    assert read_update(c) == [(0, 0, 800, 600, 0)]
+
+
+# 11 --------------------------------------------------------------------------
+def test_padding_is_zero(vnc_server):
+    c = RawClient(vnc_server.port)
+    c.handshake()
+    assert c.pixel_format[13:] == b"\0\0\0"
+    c.send(set_encodings(0) + FULL)
+    read_update(c)          # asserts the FBU padding byte
+
+
+# 12 -- three clients, one never reads ----------------------------------------
+def test_non_reading_client_is_bounded_and_others_go_on(vnc_server):
+    srv = vnc_server
+    lazy = socket.socket()
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(("127.0.0.1", srv.port))
+    lazy_client = RawClient.__new__(RawClient)
+    lazy_client.sock = lazy
+    lazy_client.sock.settimeout(5)
+    lazy_client.handshake()
+    lazy.sendall(set_encodings(0) + FULL * 50)       # asks a lot, reads nothing
+    readers = [connected(srv), connected(srv)]
+    for r in readers:
+        r.send(set_encodings(0) + FULL)
+        read_update(r)
+    rng = np.random.default_rng(1)
+    limit = 5 * max(rfb_server.MIN_THROTTLE, 800 * 600 * 4)
+    for frame in range(40):
+        picture = make_picture(seed=frame)
+        srv.draw(picture.rows, 0, 0, 800, 600)
+        for r in readers:
+            r.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 800, 600))
+            rects = read_update(r)
+            assert rects, "a reading client stopped getting updates"
+        sizes = srv.call(lambda: [c.transport.get_write_buffer_size() for c in srv.server.clients
+                                  if c.transport is not None and not c.closing])
+        assert max(sizes) <= limit
+        if rng.random() < 0.3:
+            lazy.sendall(FULL)       # keeps asking, never reads
+    # The lazy client got only the few frames that fit in the socket buffers
+    # and the throttle; the readers got all 40.
+    counts = srv.call(lambda: sorted(c.updates_sent for c in srv.server.clients))
+    assert len(counts) == 3 and counts[0] < 10 and counts[1] >= 41
+    lazy.close()
+
+
+# 14 --------------------------------------------------------------------------
+def test_disconnect_at_every_handshake_byte(vnc_server_password, caplog):
+    srv = vnc_server_password
+    from pyxenfb.rfb.auth import vnc_response
+    for cut in range(0, 12 + 1 + 16 + 1):
+        c = RawClient(srv.port)
+        c.recv_exact(12)
+        script = bytearray(b"RFB 003.008\n")
+        if cut > 12:
+            c.send(bytes(script))
+            c.recv_exact(2)
+            c.send(b"\x02")
+            challenge = c.recv_exact(16)
+            script = bytearray(vnc_response("s3cret", challenge) + b"\x01")
+            c.send(bytes(script[:cut - 13]))
+        else:
+            c.send(bytes(script[:cut]))
+        c.close()
+    deadline = time.monotonic() + 5
+    while srv.call(lambda: len(srv.server.clients)):
+        assert time.monotonic() < deadline, "connections leaked"
+        time.sleep(0.02)
+    c = RawClient(srv.port)
+    c.handshake(password="s3cret")
+
+
+# 17 --------------------------------------------------------------------------
+def test_brute_force_blocked(vnc_server_password, caplog):
+    srv = vnc_server_password
+    for _ in range(5):
+        c = RawClient(srv.port)
+        c.recv_exact(12)
+        c.send(b"RFB 003.008\n")
+        c.recv_exact(2)
+        c.send(b"\x02")
+        c.recv_exact(16)
+        c.send(b"\0" * 16)
+        assert c.recv_exact(4) == b"\0\0\0\x01"
+        c.close()
+    c = RawClient(srv.port)
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(1) == b"\0"
+    (n,) = struct.unpack(">I", c.recv_exact(4))
+    assert c.recv_exact(n) == b"Too many security failures"
+    closed_with_log(caplog, c, "Too many security failures")
+    # Even the right password is refused while blocked.
+    c = RawClient(srv.port)
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(1) == b"\0"
+
+
+# 18 --------------------------------------------------------------------------
+@pytest.mark.parametrize("choice", [0, 1, 255])
+def test_wrong_security_type(vnc_server_password, caplog, choice):
+    c = RawClient(vnc_server_password.port)
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    c.recv_exact(2)
+    c.send(bytes([choice]))
+    assert c.recv_exact(4) == b"\0\0\0\x01"
+    closed_with_log(caplog, c, "security type")
+
+
+# 19 --------------------------------------------------------------------------
+@pytest.mark.parametrize("w,h,screens", [(0, 0, 0), (1024, 768, 1), (1, 1, 2), (65535, 65535, 255)])
+def test_set_desktop_size_variants(vnc_server, w, h, screens):
+    c = connected(vnc_server)
+    c.send(set_encodings(0, -308))
+    c.send(struct.pack(">BxHHBx", 251, w, h, screens) + b"\0" * 16 * screens)
+    c.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 1, 1))
+    rects = read_update(c)
+    assert (1, 1, 800, 600, -308) in rects            # reason 1 (this client), status 1 (prohibited)
+    assert vnc_server.call(lambda: (vnc_server.console.surface.width, vnc_server.console.surface.height)) \
+        == (800, 600)
+
+
+def test_set_desktop_size_truncated_then_close(vnc_server, caplog):
+    c = connected(vnc_server)
+    c.send(set_encodings(0, -308) + struct.pack(">BxHHBx", 251, 10, 10, 255) + b"\0" * 100)
+    c.close()
+    assert_healthy(vnc_server)
+
+
+def test_set_desktop_size_without_negotiation(vnc_server, caplog):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BxHHBx", 251, 10, 10, 0))
+    closed_with_log(caplog, c, "unexpected message type 251")
+
+
+# 20, 21 ----------------------------------------------------------------------
+@pytest.mark.parametrize("msg", [b"\x07", b"\x7f", b"\x95", b"\xfe", b"\x96\x01\0\0\0\0\0\0\0\0",
+                                 b"\xf8\0\0\0\x80\0\0\0\0", b"\xfa\0\x01\x02", b"\xff\x01\0\0"])
+def test_unknown_and_unnegotiated_messages(vnc_server, caplog, msg):
+    c = connected(vnc_server)
+    c.send(msg)
+    closed_with_log(caplog, c, "unexpected message type")
+    assert_healthy(vnc_server)
+
+
+def test_fence_payload_too_long(vnc_server, caplog):
+    c = connected(vnc_server)
+    c.send(set_encodings(0, -312) + struct.pack(">B3xIB", 248, 1 << 31, 200) + b"x" * 200)
+    closed_with_log(caplog, c, "Fence payload")
+
+
+def test_qemu_audio_refused(vnc_server, caplog):
+    c = connected(vnc_server)
+    c.send(set_encodings(0, -258, -259) + b"\xff\x01\0\0")
+    closed_with_log(caplog, c, "QEMU message subtype 1")
+
+
+# 22 --------------------------------------------------------------------------
+def test_slowloris_handshake_deadline(vnc_server, caplog):
+    vnc_server.call(setattr, vnc_server.server, "handshake_timeout", 0.5)
+    c = RawClient(vnc_server.port)
+    c.recv_exact(12)
+    c.send(b"RFB 0")
+    closed_with_log(caplog, c, "no handshake within 0.5 s")
+    assert_healthy(vnc_server)
+
+
+def test_unauthenticated_connection_cap(vnc_server, caplog):
+    idle = [RawClient(vnc_server.port) for _ in range(rfb_server.MAX_UNAUTHENTICATED)]
+    for c in idle:
+        c.recv_exact(12)
+    extra = RawClient(vnc_server.port)
+    closed_with_log(caplog, extra, "too many connections still in the handshake")
+    for c in idle:
+        c.close()
+    deadline = time.monotonic() + 5
+    while vnc_server.call(lambda: len(vnc_server.server.clients)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert_healthy(vnc_server)
+
+
+# 23 --------------------------------------------------------------------------
+@pytest.mark.parametrize("banner", [b"RFB 003.00\n\n", b"RFB 004.000\n", b"RFB 003.006\n", b"XYZ"])
+def test_version_garbage(vnc_server, caplog, banner):
+    c = RawClient(vnc_server.port)
+    c.recv_exact(12)
+    c.send(banner)
+    closed_with_log(caplog, c, "protocol version")
+    assert_healthy(vnc_server)
+
+
+def test_pointer_extremes_and_odd_keys(vnc_server):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BBHH", 5, 0, 65535, 65535) + struct.pack(">BBxxI", 4, 1, 0xFFFFFFFF)
+           + struct.pack(">BBxxI", 4, 0, 0) + set_encodings(0) + FULL)
+    read_update(c)
+    assert ("abs", 799, 599) in vnc_server.input.events
+    assert not [e for e in vnc_server.input.events if e[0] == "key"]
+
+
+def test_held_keys_released_on_disconnect(vnc_server):
+    c = connected(vnc_server)
+    c.send(struct.pack(">BBxxI", 4, 1, 0x61) + struct.pack(">BBHH", 5, 1, 5, 5) + set_encodings(0) + FULL)
+    read_update(c)
+    c.close()
+    deadline = time.monotonic() + 5
+    while ("key", 30, False) not in vnc_server.input.events or ("key", 0x110, False) not in vnc_server.input.events:
+        assert time.monotonic() < deadline, vnc_server.input.events
+        time.sleep(0.02)
+
+
+def test_exclusive_client_kicks_a_blocked_peer(vnc_server, caplog):
+    lazy = socket.socket()
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(("127.0.0.1", vnc_server.port))
+    lazy_client = RawClient.__new__(RawClient)
+    lazy_client.sock = lazy
+    lazy.settimeout(5)
+    lazy_client.handshake()
+    lazy.sendall(set_encodings(0) + FULL * 10)
+    time.sleep(0.2)
+    exclusive = RawClient(vnc_server.port)
+    exclusive.handshake(shared=False)
+    exclusive.send(set_encodings(0) + FULL)
+    assert read_update(exclusive) == [(0, 0, 800, 600, 0)]
+    closed_with_log(caplog, lazy_client, "exclusive client")
+    # While the exclusive client is there, a shared one is refused.
+    shared = RawClient(vnc_server.port)
+    with pytest.raises(ConnectionError):
+        shared.handshake()          # closed instead of ServerInit
+    closed_with_log(caplog, shared, "an exclusive client is connected")
+
+
+def test_resize_disconnects_clients_that_cannot_follow(vnc_server, caplog):
+    plain = connected(vnc_server)
+    plain.send(set_encodings(0) + FULL)
+    read_update(plain)
+    follower = connected(vnc_server)
+    follower.send(set_encodings(0, -223) + FULL)
+    read_update(follower)
+    bigger = make_picture(1024, 768, seed=2)
+    vnc_server.set_surface(bigger)
+    closed_with_log(caplog, plain, "does not support desktop resizing")
+    follower.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 800, 600))
+    assert read_update(follower) == [(0, 0, 1024, 768, -223)]
+    follower.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 1024, 768))
+    assert read_update(follower) == [(0, 0, 1024, 768, 0)]
+
+
+# 16: WebSocket ---------------------------------------------------------------
+def _ws_handshake(port: int, extra: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Protocol: binary\r\n" + extra + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101") and b"Sec-WebSocket-Protocol: binary" in head
+    return s, head.split(b"\r\n\r\n", 1)[1]
+
+
+def _frame(payload: bytes, opcode=2, fin=True, mask=True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    m = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([m | n])
+    elif n < 65536:
+        head += bytes([m | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([m | 127]) + struct.pack(">Q", n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def test_websocket_rfb_with_every_split(vnc_server):
+    from websockets.sync.client import connect
+    with connect(f"ws://127.0.0.1:{vnc_server.port}/", subprotocols=["binary"]) as ws:
+        assert ws.subprotocol == "binary"
+        assert ws.recv(timeout=5) == b"RFB 003.008\n"
+        ws.send(b"RFB 003.008\n")
+        assert ws.recv(timeout=5) == b"\x01\x01"
+        ws.send(b"\x01")
+        buf = b""
+        ws.send(b"\x01")
+        while len(buf) < 4 + 4 + 16 + 4:
+            buf += ws.recv(timeout=5)
+        # A FBUR split into single-byte frames, and fragmented messages.
+        msg = set_encodings(0) + struct.pack(">BBHHHH", 3, 0, 0, 0, 2, 1)
+        for i in range(len(msg)):
+            ws.send(msg[i:i + 1])
+        data = b""
+        while len(data) < 4 + 12 + 8:
+            data += ws.recv(timeout=5)
+        assert data[:16] == b"\0\0\0\x01" + struct.pack(">HHHHi", 0, 0, 2, 1, 0)
+
+
+def test_websocket_fragmented_frames(vnc_server):
+    s, data = _ws_handshake(vnc_server.port)
+    msg = b"RFB 003.008\n"
+    s.sendall(_frame(msg[:5], fin=False) + _frame(msg[5:9], opcode=0, fin=False) + _frame(msg[9:], opcode=0))
+    while len(data) < 2 + 12 + 2:
+        data += s.recv(4096)
+    assert b"\x82\x02\x01\x01" in data     # server frame with the security list
+
+
+@pytest.mark.parametrize("attack,text", [
+    (lambda s: s.sendall(b"\x82\xff" + struct.pack(">Q", 1 << 63) + b"abcd"), "WebSocket error"),
+    (lambda s: s.sendall(b"\x82\xff" + struct.pack(">Q", 2 << 20) + b"abcd"), "WebSocket error"),
+    (lambda s: s.sendall(_frame(b"RFB 003.008\n", mask=False)), "WebSocket error"),
+])
+def test_websocket_bad_frames(vnc_server, caplog, attack, text):
+    s, _ = _ws_handshake(vnc_server.port)
+    attack(s)
+    c = RawClient.__new__(RawClient)
+    c.sock = s
+    closed_with_log(caplog, c, text)
+    assert_healthy(vnc_server)
+
+
+def test_websocket_huge_handshake(vnc_server, caplog):
+    s = socket.create_connection(("127.0.0.1", vnc_server.port), timeout=5)
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nX-Junk: " + b"a" * (1 << 20))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c = RawClient.__new__(RawClient)
+    c.sock = s
+    closed_with_log(caplog, c, "WebSocket handshake over")
+    assert_healthy(vnc_server)
+
+
+# 13 --------------------------------------------------------------------------
+def test_connect_negotiate_disconnect_cycles_leak_nothing(vnc_server):
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    assert_healthy(vnc_server)
+    before = fds()
+    for i in range(60):
+        c = connected(vnc_server)
+        c.send(set_encodings([16, 6, 7][i % 3], -258, -312, -313) + struct.pack(">BBHHHH", 3, 0, 0, 0, 64, 64))
+        c.recv_exact(4)
+        c.close()
+    deadline = time.monotonic() + 5
+    while vnc_server.call(lambda: len(vnc_server.server.clients)):
+        assert time.monotonic() < deadline, "clients leaked"
+        time.sleep(0.02)
+    assert fds() <= before + 2
+    assert_healthy(vnc_server)

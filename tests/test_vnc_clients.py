@@ -1,0 +1,368 @@
+"""Real VNC clients against our server; pictures compared pixel for pixel."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyxenfb.rfb.auth import vnc_response
+from rfb_harness import (KEY_A, RawClient, ServerThread, expected_rgb, make_picture,  # noqa: F401
+                         vnc_server, vnc_server_password)
+
+vncdotool_api = pytest.importorskip("vncdotool.api")
+from vncdotool import client as vnc_client  # noqa: E402
+from vncdotool import rfb as vnc_rfb  # noqa: E402
+
+
+_SHOT = os.path.join(tempfile.mkdtemp(prefix="vnc-test-"), "shot.png")
+
+
+def _factory_for(encoding):
+    class Client(vnc_client.VNCDoToolClient):
+        pass
+    Client.encoding = encoding
+
+    class Factory(vnc_client.VNCDoToolFactory):
+        protocol = Client
+    return Factory
+
+
+def capture(port: int, encoding=None, password=None) -> np.ndarray:
+    factory = _factory_for(encoding) if encoding is not None else vnc_client.VNCDoToolFactory
+    c = vncdotool_api.connect(f"127.0.0.1::{port}", password=password, factory_class=factory, timeout=20)
+    try:
+        c.captureScreen(_SHOT)
+        return np.asarray(c.screen.convert("RGB"))
+    finally:
+        c.disconnect()
+
+
+@pytest.mark.parametrize("encoding", [None, vnc_rfb.Encoding.HEXTILE, vnc_rfb.Encoding.ZRLE,
+                                      vnc_rfb.Encoding.RRE],
+                         ids=["raw", "hextile", "zrle", "rre"])
+def test_vncdotool_picture(vnc_server, encoding):
+    got = capture(vnc_server.port, encoding)
+    assert got.shape == (600, 800, 3)
+    assert np.array_equal(got, expected_rgb(make_picture()))
+
+
+def test_vncdotool_odd_size(vnc_server):
+    """641x479 (not a multiple of any tile size) through vncdotool's encodings.
+
+    Not ZRLE: vncdotool 1.4.2 does not byte-align packed-palette rows, which
+    the spec requires (TigerVNC does; see test_tigervnc_odd_size)."""
+    surface = make_picture(641, 479, seed=3)
+    vnc_server.set_surface(surface)
+    for encoding in (None, vnc_rfb.Encoding.HEXTILE, vnc_rfb.Encoding.RRE):
+        assert np.array_equal(capture(vnc_server.port, encoding), expected_rgb(surface)), encoding
+
+
+def test_vncdotool_input(vnc_server):
+    c = vncdotool_api.connect(f"127.0.0.1::{vnc_server.port}", timeout=20)
+    try:
+        c.keyPress("a")
+        c.mouseMove(100, 50)
+        c.mousePress(1)
+        c.mousePress(4)          # wheel up (button 4 -> bit 3)
+        c.captureScreen(_SHOT)   # a round trip: the input is in
+    finally:
+        c.disconnect()
+    events = vnc_server.input.events
+    assert ("key", KEY_A, True) in events and ("key", KEY_A, False) in events
+    assert ("abs", 100, 50) in events
+    assert ("key", 0x110, True) in events and ("key", 0x110, False) in events
+    assert events.count(("wheel", -1)) == 1
+
+
+def test_extended_key_event_uses_scancodes(vnc_server):
+    """QEMU Extended Key Event (vncdotool 1.4.2 asks for -258 but never sends
+    one, so by hand): 'c' is unknown to the stub keysym map, so KEY_C can only
+    come from the XT scancode 0x2e; Right (E0 4D -> 0xCD) is KEY_RIGHT."""
+    keymap = pytest.importorskip("pyxenfb.keymap")
+    if not hasattr(keymap, "qnum_to_linux"):
+        pytest.skip("pyxenfb.keymap.qnum_to_linux not available yet")
+    c = RawClient(vnc_server.port)
+    c.handshake()
+    c.send(struct.pack(">BxHii", 2, 2, 0, -258) + struct.pack(">BBHHHH", 3, 1, 0, 0, 1, 1))
+    assert c.recv_exact(16) == b"\0\0\0\x01" + struct.pack(">HHHHi", 0, 0, 0, 0, -258)
+    c.send(struct.pack(">BBHII", 255, 0, 1, 0x63, 0x2E) + struct.pack(">BBHII", 255, 0, 0, 0x63, 0x2E)
+           + struct.pack(">BBHII", 255, 0, 1, 0, 0xCD) + struct.pack(">BBHHHH", 3, 0, 0, 0, 1, 1))
+    c.recv_exact(4 + 12 + 4)
+    c.close()
+    assert vnc_server.input.events[:3] == [("key", 46, True), ("key", 46, False), ("key", 106, True)]
+
+
+def test_password_ok(vnc_server_password):
+    got = capture(vnc_server_password.port, password="s3cret")
+    assert np.array_equal(got, expected_rgb(make_picture()))
+
+
+def test_password_wrong(vnc_server_password, caplog):
+    """vncdotool just hangs on a refused password, so speak RFB by hand."""
+    caplog.set_level(logging.INFO, logger="pyxenfb.rfb")
+    c = RawClient(vnc_server_password.port)
+    assert c.recv_exact(12) == b"RFB 003.008\n"
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(2) == b"\x01\x02"
+    c.send(b"\x02")
+    challenge = c.recv_exact(16)
+    c.send(vnc_response("wrong", challenge))
+    assert c.recv_exact(4) == b"\0\0\0\1"
+    (n,) = struct.unpack(">I", c.recv_exact(4))
+    assert c.recv_exact(n) == b"Authentication failed"
+    assert c.closed()
+    assert any("authentication failed" in r.getMessage() for r in caplog.records)
+    # The right password still works afterwards.
+    assert np.array_equal(capture(vnc_server_password.port, password="s3cret"),
+                          expected_rgb(make_picture()))
+
+
+def test_resize_reaches_vncdotool(vnc_server):
+    c = vncdotool_api.connect(f"127.0.0.1::{vnc_server.port}", timeout=20)
+    try:
+        c.captureScreen(_SHOT)
+        bigger = make_picture(1024, 768, seed=1)
+        vnc_server.set_surface(bigger)
+        deadline = time.monotonic() + 10
+        while c.screen.size != (1024, 768) and time.monotonic() < deadline:
+            c.refreshScreen()
+        c.captureScreen(_SHOT)
+        assert c.screen.size == (1024, 768)
+        assert np.array_equal(np.asarray(c.screen.convert("RGB")), expected_rgb(bigger))
+    finally:
+        c.disconnect()
+
+
+def test_asyncvnc_zlib(vnc_server):
+    asyncvnc = pytest.importorskip("asyncvnc")
+
+    async def shot():
+        async with asyncvnc.connect("127.0.0.1", vnc_server.port) as client:
+            first = await client.screenshot()
+            # A second screenshot goes through the same (persistent) zlib stream.
+            second = await client.screenshot()
+            return first, second
+
+    first, second = asyncio.run(asyncio.wait_for(shot(), 20))
+    exp = expected_rgb(make_picture())
+    assert np.array_equal(first[:, :, :3], exp)
+    assert np.array_equal(second[:, :, :3], exp)
+
+
+# ------------------------------------------------------------------ TigerVNC
+def _free_x_display() -> int:
+    for n in range(150, 250):
+        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"):
+            return n
+    raise RuntimeError("no free X display")
+
+
+@pytest.fixture(scope="module")
+def xvfb():
+    if not shutil.which("Xvfb") or not shutil.which("vncviewer"):
+        pytest.skip("Xvfb or TigerVNC vncviewer not installed")
+    n = _free_x_display()
+    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
+        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
+        time.sleep(0.05)
+    yield f":{n}"
+    proc.terminate()
+    proc.wait(5)
+
+
+def _window_id(display: str, title_part: str, size: str) -> str | None:
+    out = subprocess.run(["xwininfo", "-root", "-tree", "-display", display],
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if title_part in line and size in line:
+            return line.split()[0]
+    return None
+
+
+def _grab(display: str, window: str) -> np.ndarray | None:
+    res = subprocess.run(["import", "-display", display, "-window", window, "png:-"],
+                         capture_output=True)
+    if res.returncode != 0 or not res.stdout:
+        return None
+    return np.asarray(Image.open(io.BytesIO(res.stdout)).convert("RGB"))
+
+
+def _quantise(rgb: np.ndarray, maxes) -> np.ndarray:
+    """What a TigerVNC low-colour viewer shows (rfb.md section 10)."""
+    out = np.empty_like(rgb)
+    for i, m in enumerate(maxes):
+        q = (rgb[..., i].astype(np.uint32) * m + 127) // 255
+        out[..., i] = q * 255 // m
+    return out
+
+
+def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarray,
+                 tolerance: float | None = None, timeout: float = 15.0) -> np.ndarray:
+    viewer = subprocess.Popen(["vncviewer", "-display", display, "-SecurityTypes", "None", "-Shared",
+                               "-AutoSelect=0", *options, f"127.0.0.1::{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        got = None
+        window = None
+        while time.monotonic() < deadline:
+            assert viewer.poll() is None, "vncviewer exited"
+            window = window or _window_id(display, "TigerVNC", f"{expected.shape[1]}x{expected.shape[0]}")
+            if window:
+                got = _grab(display, window)
+                if got is not None and got.shape == expected.shape:
+                    diff = np.abs(got.astype(int) - expected.astype(int))
+                    if (tolerance is None and not diff.any()) or \
+                            (tolerance is not None and diff.mean() <= tolerance):
+                        return got
+            time.sleep(0.2)
+        err = None
+        if got is not None and got.shape == expected.shape:
+            err = np.abs(got.astype(int) - expected.astype(int)).mean()
+        raise AssertionError(f"viewer picture never matched ({options}); window={window}, "
+                             f"shape={None if got is None else got.shape}, mean error {err}")
+    finally:
+        viewer.terminate()
+        viewer.wait(5)
+
+
+@pytest.mark.parametrize("encoding", ["Raw", "Hextile", "ZRLE", "Tight"])
+def test_tigervnc_full_colour(xvfb, vnc_server, encoding):
+    run_tigervnc(xvfb, vnc_server.port, ["-PreferredEncoding", encoding, "-FullColor", "-NoJPEG"],
+                 expected_rgb(make_picture()))
+
+
+@pytest.mark.parametrize("encoding", ["Hextile", "ZRLE", "Tight"])
+def test_tigervnc_odd_size(xvfb, vnc_server, encoding):
+    surface = make_picture(641, 479, seed=5)
+    vnc_server.set_surface(surface)
+    run_tigervnc(xvfb, vnc_server.port, ["-PreferredEncoding", encoding, "-FullColor", "-NoJPEG"],
+                 expected_rgb(surface))
+
+
+@pytest.mark.parametrize("level,maxes", [(0, (1, 1, 1)), (1, (3, 3, 3)), (2, (7, 7, 3))])
+@pytest.mark.parametrize("encoding", ["ZRLE", "Tight"])
+def test_tigervnc_low_colour(xvfb, vnc_server, encoding, level, maxes):
+    run_tigervnc(xvfb, vnc_server.port, ["-PreferredEncoding", encoding, "-FullColor=0",
+                                          "-LowColorLevel", str(level), "-NoJPEG"],
+                 _quantise(expected_rgb(make_picture()), maxes))
+
+
+def test_tigervnc_tight_jpeg(xvfb, vnc_server):
+    """JPEG is lossy: mean per-channel error <= 6 (of 255) on this busy test picture
+    (measured ~3.7 at TigerVNC's quality level 8)."""
+    expected = expected_rgb(make_picture())
+    got = run_tigervnc(xvfb, vnc_server.port, ["-PreferredEncoding", "Tight", "-FullColor",
+                                                "-QualityLevel", "8", "-NoJPEG=0"],
+                       expected, tolerance=6.0)
+    assert not np.array_equal(got, expected), "expected JPEG (lossy) rectangles"
+
+
+def test_gvnccapture(vnc_server, tmp_path):
+    if not shutil.which("gvnccapture"):
+        pytest.skip("gvnccapture not installed")
+    out = tmp_path / "shot.png"
+    res = subprocess.run(["gvnccapture", "-q", f"127.0.0.1:{vnc_server.port - 5900}", str(out)],
+                         capture_output=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(got, expected_rgb(make_picture()))
+
+
+# ------------------------------------------------------------------ pointer modes, passwords
+def _raw_update(c: RawClient) -> list[tuple]:
+    assert c.recv_exact(2) == b"\0\0"
+    (n,) = struct.unpack(">H", c.recv_exact(2))
+    rects = []
+    for _ in range(n):
+        x, y, w, h, e = struct.unpack(">HHHHi", c.recv_exact(12))
+        if e == 0:
+            c.recv_exact(w * h * 4)
+        rects.append((x, y, w, h, e))
+    return rects
+
+
+def test_relative_pointer_with_pointer_type_change(vnc_server):
+    vnc_server.call(vnc_server.console.set_pointer_mode, False)
+    c = RawClient(vnc_server.port)
+    c.handshake()
+    c.send(struct.pack(">BxHii", 2, 2, 0, -257) + struct.pack(">BBHHHH", 3, 1, 0, 0, 1, 1))
+    assert _raw_update(c) == [(0, 0, 800, 600, -257)]          # x=0: relative
+    c.send(struct.pack(">BBHH", 5, 0, 0x7FFF + 5, 0x7FFF - 3) + struct.pack(">BBHH", 5, 16, 0x7FFF, 0x7FFF)
+           + struct.pack(">BBHHHH", 3, 0, 0, 0, 1, 1))
+    _raw_update(c)
+    assert vnc_server.input.events == [("rel", 5, -3), ("wheel", 1)]
+    vnc_server.call(vnc_server.console.set_pointer_mode, True)
+    c.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 1, 1))
+    assert _raw_update(c) == [(1, 0, 800, 600, -257)]          # back to absolute
+
+
+def test_relative_pointer_without_extension_uses_deltas(vnc_server):
+    vnc_server.call(vnc_server.console.set_pointer_mode, False)
+    c = RawClient(vnc_server.port)
+    c.handshake()
+    c.send(struct.pack(">BBHH", 5, 0, 100, 100) + struct.pack(">BBHH", 5, 4, 110, 95)
+           + struct.pack(">BxHi", 2, 1, 0) + struct.pack(">BBHHHH", 3, 0, 0, 0, 1, 1))
+    _raw_update(c)
+    assert vnc_server.input.events == [("rel", 10, -5), ("key", 0x111, True)]
+
+
+def test_empty_password_lets_nobody_in(vnc_server):
+    vnc_server.call(vnc_server.server.set_password, "")
+    c = RawClient(vnc_server.port)
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(2) == b"\x01\x02"
+    c.send(b"\x02")
+    c.send(vnc_response("", c.recv_exact(16)))
+    assert c.recv_exact(4) == b"\0\0\0\x01"
+    vnc_server.call(vnc_server.server.set_password, "new")
+    RawClient(vnc_server.port).handshake(password="new")
+    vnc_server.call(vnc_server.server.expire_password)
+    c = RawClient(vnc_server.port)
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n\x02")
+    c.recv_exact(2)
+    c.send(vnc_response("new", c.recv_exact(16)))
+    assert c.recv_exact(4) == b"\0\0\0\x01"
+
+
+def test_listen_range_and_bind_error():
+    import socket as socketlib
+    from rfb_harness import free_port
+    from pyxenfb.rfb import VncBindError
+
+    srv = ServerThread()
+    try:
+        taken = srv.port
+        other = srv.call(lambda: type(srv.server)(srv.console))
+        with pytest.raises(VncBindError) as err:
+            srv.run(other.listen("127.0.0.1", taken - 5900, websocket=False))
+        assert str(err.value) == f"VNC: port {taken} on 127.0.0.1 is in use"
+        # With a range it moves on to the next free port.
+        blocker = socketlib.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        base = blocker.getsockname()[1]
+        try:
+            port = srv.run(other.listen("127.0.0.1", base - 5900, to_display=base - 5900 + 20))
+            assert base < port <= base + 20 and other.display == port - 5900
+        finally:
+            blocker.close()
+            srv.run(other.close())
+    finally:
+        srv.close()
+    assert free_port()
