@@ -30,12 +30,24 @@ async def _connected(host, domid, timeout=15.0):
         xs.close()
 
 
-def _create(host, domid, vfb, **kw):
-    async def go():
-        res = await toolstack.create_domain(host, domid, f"d{domid}", vfb=vfb, **kw)
-        await _connected(host, domid)
-        return res
-    return asyncio.run(go())
+@pytest.fixture
+def domains(host):
+    """create(domid, vfb, **kw) -> CreateResult; every domain is destroyed afterwards."""
+    created = []
+
+    def create(domid, vfb, **kw):
+        async def go():
+            created.append(domid)
+            res = await toolstack.create_domain(host, domid, f"d{domid}", vfb=vfb, **kw)
+            await _connected(host, domid)
+            return res
+        return asyncio.run(go())
+    yield create
+    for domid in created:
+        try:
+            asyncio.run(toolstack.destroy_domain(host, domid))
+        except toolstack.ToolstackError:
+            pass            # creation failed and cleaned up already
 
 
 def _input_events(host, domid, n, timeout=10.0):
@@ -47,9 +59,9 @@ def _input_events(host, domid, n, timeout=10.0):
         time.sleep(0.05)
 
 
-def test_vnc_password_capture_and_input(host):
+def test_vnc_password_capture_and_input(host, domains):
     from vncdotool import api
-    res = _create(host, 1, "vnc=1,vncdisplay=51,vncunused=1,vncpasswd=s3cret")
+    res = domains(1, "vnc=1,vncdisplay=51,vncunused=1,vncpasswd=s3cret")
     expected = fbdump_array(host, 1)
     with pytest.raises(Exception):
         bad = api.connect(f"127.0.0.1::{res.vnc_port}", password="wrong", timeout=10)
@@ -71,12 +83,11 @@ def test_vnc_password_capture_and_input(host):
     assert (0x110, True) in keys and (0x110, False) in keys       # BTN_LEFT
     pos = [e for e in events if e["type"] == "pos"]
     assert pos and (pos[-1]["x"], pos[-1]["y"]) == (100, 200)
-    asyncio.run(toolstack.destroy_domain(host, 1))
 
 
 @pytest.mark.parametrize("fmt", ["ppm", "png"])
-def test_qmp_screendump_equals_guest_memory(host, tmp_path, fmt):
-    _create(host, 2, "vnc=1,vncdisplay=52,vncunused=1", width=640, height=400)
+def test_qmp_screendump_equals_guest_memory(host, domains, tmp_path, fmt):
+    domains(2, "vnc=1,vncdisplay=52,vncunused=1", width=640, height=400)
     out = tmp_path / f"shot.{fmt}"
 
     async def dump():
@@ -94,14 +105,13 @@ def test_qmp_screendump_equals_guest_memory(host, tmp_path, fmt):
         assert img.format == fmt.upper()
         shot = np.asarray(img.convert("RGB"))
     assert np.array_equal(shot, fbdump_array(host, 2))
-    asyncio.run(toolstack.destroy_domain(host, 2))
 
 
-def test_vnc_and_sdl_share_one_console(host, monkeypatch):
+def test_vnc_and_sdl_share_one_console(host, domains, monkeypatch):
     """-vnc and -sdl at once (SDL's dummy video driver): both get the guest's picture."""
     from vncdotool import api
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    res = _create(host, 3, "vnc=1,vncdisplay=53,vncunused=1,sdl=1", width=320, height=240)
+    res = domains(3, "vnc=1,vncdisplay=53,vncunused=1,sdl=1", width=320, height=240)
     client = api.connect(f"127.0.0.1::{res.vnc_port}", timeout=10)
     try:
         shot = np.asarray(client.refreshScreen().screen.convert("RGB"))
@@ -111,4 +121,3 @@ def test_vnc_and_sdl_share_one_console(host, monkeypatch):
     log = open(res.dm_log).read()
     assert "SDL display open (video driver dummy)" in log, log
     assert "Traceback" not in log, log
-    asyncio.run(toolstack.destroy_domain(host, 3))

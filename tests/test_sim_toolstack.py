@@ -383,9 +383,10 @@ def write_fake_dm(directory: str, terminator: bytes = b"\r\n", mode: str = "ok")
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:      # a zombie nobody reaped yet is dead too
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except (ProcessLookupError, FileNotFoundError):
         return True
-    return False
 
 
 def test_create_runs_the_libxl_dm_sequence(host):
@@ -639,3 +640,18 @@ def test_create_with_guest_and_pyqemu_dm_connects(host):
             await toolstack.destroy_domain(host, 1)
         assert _dead(result.dm_pid) and _dead(result.guest_pid)
     asyncio.run(scenario())
+
+
+def test_stopping_the_host_powers_off_its_domains():
+    run_dir = _short_run_dir()
+    proc = start_host(run_dir)
+    try:
+        res = asyncio.run(toolstack.create_domain(run_dir, 6, "orphan", vfb="vnc=1", dm=None))
+        assert not _dead(res.guest_pid)
+    finally:
+        assert stop_host(proc) == 0
+    deadline = time.monotonic() + 10
+    while not _dead(res.guest_pid):
+        assert time.monotonic() < deadline, "guest survived its host"
+        time.sleep(0.05)
+    shutil.rmtree(run_dir, ignore_errors=True)

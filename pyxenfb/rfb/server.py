@@ -95,6 +95,7 @@ class VncClient(asyncio.Protocol):
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
         self._held_keys: set[int] = set()
+        self._keysyms = server.keysym_decoder()   # per client: its own modifier state
         self._buttons = 0
         self._last_pos: tuple[int, int] | None = None
 
@@ -263,7 +264,7 @@ class VncClient(asyncio.Protocol):
         elif isinstance(event, rfb.PointerEvent):
             self._pointer(event)
         elif isinstance(event, rfb.KeyEvent):
-            self._key(self.server.keysym_to_linux(event.keysym), event.down)
+            self._key(self._keysym_code(event.keysym, event.down), event.down)
         elif isinstance(event, rfb.ExtendedKeyEvent):
             code = self.server.qnum_to_linux(event.keycode) if event.keycode else None
             if code is None:
@@ -298,6 +299,12 @@ class VncClient(asyncio.Protocol):
         self._set_throttle()
         self.console.attach(self)
         log.info("VNC: client %s authenticated (%s)", self.peer, "shared" if shared else "exclusive")
+
+    def _keysym_code(self, keysym: int, down: bool) -> int | None:
+        """The layout's key for a keysym, chosen with this client's held modifiers."""
+        if self._keysyms is None:
+            return self.server.keysym_to_linux(keysym)
+        return self._keysyms.press(keysym) if down else self._keysyms.release(keysym)
 
     def _key(self, code: int | None, down: bool) -> None:
         if not code:
@@ -398,6 +405,12 @@ class VncServer:
                 log.warning("VNC: no keymap available (%s), keysym input dropped", exc)
                 self.keymap = False
         return self.keymap or None
+
+    def keysym_decoder(self):
+        """QEMU's keysym rules for one client, when the keymap is one of ours."""
+        from ..keymap import Keymap, KeysymDecoder
+        km = self._keymap()
+        return KeysymDecoder(km) if isinstance(km, Keymap) else None
 
     def keysym_to_linux(self, keysym: int) -> int | None:
         km = self._keymap()

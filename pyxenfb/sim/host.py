@@ -104,7 +104,23 @@ class SimHost:
         finally:
             xs.close()
 
+    def _power_off_domains(self) -> None:
+        """The host going down takes its domains with it: SIGKILL each domain's
+        guest and device model (only processes whose argv names this run dir,
+        so a recycled pid is never hit)."""
+        for pid_file in glob.glob(os.path.join(self.run_dir, "dom[0-9]*", "*.pid")):
+            try:
+                pid = int(open(pid_file).read().split()[0])
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.run_dir.encode() not in f.read():
+                        continue
+                os.kill(pid, signal.SIGKILL)
+                log.info("host stopping: killed pid %d (%s)", pid, os.path.basename(pid_file))
+            except (OSError, ValueError, IndexError):
+                continue
+
     async def close(self) -> None:
+        self._power_off_domains()
         if self.broker is not None:
             await self.broker.close()
             self.broker = None
