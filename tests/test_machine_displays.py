@@ -121,3 +121,19 @@ def test_vnc_and_sdl_share_one_console(host, domains, monkeypatch):
     log = open(res.dm_log).read()
     assert "SDL display open (video driver dummy)" in log, log
     assert "Traceback" not in log, log
+
+
+def test_keymap_de_maps_keysyms_to_the_german_layout(host, domains):
+    """-k de (xl's keymap=de): the keysym 'z' is the key labelled Z on a German
+    keyboard, which is KEY_Y's position; and the other way round."""
+    from vncdotool import api
+    res = domains(4, "vnc=1,vncdisplay=54,vncunused=1,keymap=de")
+    client = api.connect(f"127.0.0.1::{res.vnc_port}", timeout=10)
+    try:
+        client.keyPress("z")
+        client.keyPress("y")
+    finally:
+        client.disconnect()
+    events = _input_events(host, 4, 4)
+    downs = [e["code"] for e in events if e["type"] == "key" and e["pressed"]]
+    assert downs == [21, 44], events          # KEY_Y, KEY_Z

@@ -1,0 +1,113 @@
+"""VNC on the simulated host: the reference guest animates and resizes while
+three clients watch, one of which never reads."""
+import asyncio
+import resource
+import socket
+import struct
+
+import numpy as np
+
+from pyxenfb.rfb import VncServer
+from pyxenfb.sim.picture import test_picture as guest_picture
+
+from simkit import connected_domain, wait_for
+
+RAW, DESKTOP_SIZE = 0, -223
+
+
+class RawClient:
+    """The smallest RFB 3.8 client: None auth, Raw + DesktopSize, keeps a picture."""
+
+    def __init__(self, name):
+        self.name = name
+        self.updates = 0
+        self.size = (0, 0)
+        self.picture = None
+
+    async def connect(self, port, rcvbuf=None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        self.r, self.w = await asyncio.open_connection(sock=sock)
+        assert (await self.r.readexactly(12)).startswith(b"RFB 003.")
+        self.w.write(b"RFB 003.008\n")
+        types = await self.r.readexactly((await self.r.readexactly(1))[0])
+        assert 1 in types
+        self.w.write(b"\x01")
+        assert await self.r.readexactly(4) == b"\0\0\0\0"
+        self.w.write(b"\x01")                                   # shared
+        width, height = struct.unpack(">HH", await self.r.readexactly(4))
+        await self.r.readexactly(16)
+        await self.r.readexactly(struct.unpack(">I", await self.r.readexactly(4))[0])
+        self._resize(width, height)
+        self.w.write(struct.pack(">BxHii", 2, 2, RAW, DESKTOP_SIZE))
+        self.request(incremental=False)
+
+    def _resize(self, width, height):
+        self.size = (width, height)
+        self.picture = np.zeros((height, width), np.uint32)
+
+    def request(self, incremental=True):
+        w, h = self.size
+        self.w.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, w, h))
+
+    async def read_updates(self):
+        while True:
+            kind, _, n = struct.unpack(">BBH", await self.r.readexactly(4))
+            assert kind == 0, kind
+            resized = False
+            for _ in range(n):
+                x, y, w, h, enc = struct.unpack(">HHHHi", await self.r.readexactly(12))
+                if enc == DESKTOP_SIZE:
+                    self._resize(w, h)
+                    resized = True
+                    continue
+                assert enc == RAW, enc
+                data = await self.r.readexactly(w * h * 4)
+                self.picture[y:y + h, x:x + w] = np.frombuffer(data, "<u4").reshape(h, w) & 0xFFFFFF
+            self.updates += 1
+            self.request(incremental=not resized)
+
+
+def test_animation_three_clients_one_not_reading_then_resize():
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc = VncServer(be.console, name="sim")
+            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            readers = [RawClient("a"), RawClient("b")]
+            for c in readers:
+                await c.connect(port)
+            slow = RawClient("slow")
+            await slow.connect(port, rcvbuf=4096)
+            for _ in range(200):                 # ask again and again, never read
+                slow.request(incremental=False)
+            tasks = [asyncio.create_task(c.read_updates()) for c in readers]
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            await wait_for(lambda: all(c.updates >= 1 for c in readers), what="first frames")
+            for frame in range(1, 61):
+                guest.fb.refresh(*guest.fb.draw_box(frame))
+                await asyncio.sleep(0.02)      # the guest's own frame clock
+            await wait_for(lambda: all(np.array_equal(c.picture, guest.fb.fb) for c in readers),
+                           timeout=10, what="readers caught up with the animation")
+            assert all(c.updates >= 10 for c in readers), [c.updates for c in readers]
+            slow_peer = "127.0.0.1:%d" % slow.w.get_extra_info("sockname")[1]
+            slow_side = [c for c in vnc.clients if c.peer == slow_peer]
+            if slow_side:                        # still connected: its output is bounded
+                assert slow_side[0].transport.get_write_buffer_size() <= 5 * slow_side[0].throttle
+                assert slow_side[0].updates_sent < 60
+            assert len(vnc.clients) in (2, 3)    # the readers are never dropped
+            growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+            assert growth_kib < 64 * 1024, f"RSS grew {growth_kib} KiB"
+
+            assert guest.fb.resize(640, 480)
+            await wait_for(lambda: all(c.size == (640, 480) for c in readers), what="DesktopSize")
+            await wait_for(lambda: all(np.array_equal(c.picture, guest_picture(640, 480))
+                                       for c in readers), timeout=10, what="picture after resize")
+            for t in tasks:
+                t.cancel()
+            for c in readers + [slow]:
+                c.w.close()
+            await vnc.close()
+    asyncio.run(asyncio.wait_for(body(), 120))
