@@ -62,6 +62,15 @@ def _input_events(host, domid, n, timeout=10.0):
 def test_vnc_password_capture_and_input(host, domains):
     from vncdotool import api
     res = domains(1, "vnc=1,vncdisplay=51,vncunused=1,vncpasswd=s3cret")
+
+    async def xend_password_node():
+        xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
+        try:
+            return await xs.read(f"/vm/{res.uuid}/vncpasswd")
+        finally:
+            xs.close()
+    # qemu-dm read xend's copy once at start and overwrote it.
+    assert asyncio.run(xend_password_node()) == b"\0" * len("s3cret")
     expected = fbdump_array(host, 1)
     with pytest.raises(Exception):
         bad = api.connect(f"127.0.0.1::{res.vnc_port}", password="wrong", timeout=10)
