@@ -118,9 +118,8 @@ class BackendDevice:
         self.port: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._last_error = ""
+        self.last_refusal = ""
         self._refusals: dict[str, int] = {}
-        self.state_changed = asyncio.Condition()   # tests and the machine wait on this
 
     @property
     def name(self) -> str:
@@ -132,7 +131,7 @@ class BackendDevice:
         kind = kind or reason
         count = self._refusals.get(kind, 0) + 1
         self._refusals[kind] = count
-        self._last_error = reason
+        self.last_refusal = reason
         if count & (count - 1) == 0:
             log.warning("%s: %s%s", self.name, reason, f" (seen {count} times)" if count > 1 else "")
 
@@ -151,9 +150,11 @@ class BackendDevice:
                 await self._evaluate()
             except asyncio.CancelledError:
                 raise
-            except ConnectionError as e:
-                log.error("%s: XenStore connection lost: %s", self.name, e)
-                return
+            except OSError as e:
+                if self.xs.closed.done():
+                    log.error("%s: XenStore connection lost: %s", self.name, e)
+                    return
+                log.exception("%s: XenStore error: %s", self.name, e)
             except Exception as e:
                 log.exception("%s: state machine error: %s", self.name, e)
 
@@ -161,8 +162,6 @@ class BackendDevice:
         self.be_state = state
         await self.xs.write(f"{self.be}/state", str(state))
         log.info("%s: backend -> %s", self.name, abi.STATE_NAMES.get(state, state))
-        async with self.state_changed:
-            self.state_changed.notify_all()
 
     async def _evaluate(self) -> None:
         if self.fe is None:
@@ -215,7 +214,7 @@ class BackendDevice:
                 self.disconnect()
                 return False
             self.connected = True
-            self._last_error = ""
+            self.last_refusal = ""
             await self._set_state(abi.CONNECTED)
             return True
         if self.be_state == abi.CONNECTED and fe_state == abi.CONNECTED:

@@ -209,8 +209,8 @@ def test_bad_frontend_keys_leave_device_in_initwait():
             await xs.write(f"{fe}/page-ref", str(10**12))
             await xs.write(f"{fe}/event-channel", "1")
             await xs.write(f"{fe}/state", "3")
-            await wait_for(lambda: be.fb._last_error, what="refusal")
-            assert "cannot connect" in be.fb._last_error
+            await wait_for(lambda: be.fb.last_refusal, what="refusal")
+            assert "cannot connect" in be.fb.last_refusal
             assert await xs.read_int("/local/domain/0/backend/vfb/3/0/state") == abi.INIT_WAIT
             assert not be.fb.connected
             await be.close()
