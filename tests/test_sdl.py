@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from xvfb import Xvfb
 
 from pyxenfb.console import BTN_LEFT, BTN_RIGHT, Console, Surface
 from pyxenfb.convert import GUEST_16, GUEST_32, PixelFormat, convert_rect, to_rgb
@@ -231,32 +232,16 @@ def test_quit_calls_on_close(dummy_video):
 
 # ---- a real X server (Xvfb) -----------------------------------------------------------
 
-def _free_display() -> int:
-    for n in range(60, 200):
-        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"):
-            return n
-    raise RuntimeError("no free X display number")
-
-
 @pytest.fixture(params=[24, 16], ids=["x24", "x16"])
 def xvfb(request, monkeypatch):
     if not shutil.which("Xvfb") or not shutil.which("xwd"):
         pytest.skip("Xvfb/xwd not installed")
-    n = _free_display()
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", f"1024x768x{request.param}", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):      # an external process: poll its socket
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"Xvfb :{n} did not start")
-        time.sleep(0.02)
-    monkeypatch.setenv("DISPLAY", f":{n}")
+    server = Xvfb(f"1024x768x{request.param}")
+    monkeypatch.setenv("DISPLAY", server.display)
     monkeypatch.setenv("SDL_VIDEODRIVER", "x11")
     yield request.param
     pygame.display.quit()
-    proc.terminate()
-    proc.wait(5)
+    server.stop()
 
 
 def parse_xwd(data: bytes) -> tuple[np.ndarray, int]:

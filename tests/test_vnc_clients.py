@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from xvfb import Xvfb
 from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
@@ -160,27 +161,13 @@ def test_asyncvnc_zlib(vnc_server):
 
 
 # ------------------------------------------------------------------ TigerVNC
-def _free_x_display() -> int:
-    for n in range(150, 250):
-        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"):
-            return n
-    raise RuntimeError("no free X display")
-
-
 @pytest.fixture(scope="module")
 def xvfb():
     if not shutil.which("Xvfb") or not shutil.which("vncviewer"):
         pytest.skip("Xvfb or TigerVNC vncviewer not installed")
-    n = _free_x_display()
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
-        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-        time.sleep(0.05)
-    yield f":{n}"
-    proc.terminate()
-    proc.wait(5)
+    server = Xvfb("1280x1024x24")
+    yield server.display
+    server.stop()
 
 
 def _window_id(display: str, title_part: str, size: str) -> str | None:
