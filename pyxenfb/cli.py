@@ -73,7 +73,7 @@ VNC_REFUSED = frozenset({          # security features we do not implement
     "sasl-authz", "acl", "reverse",
 })
 VNC_IGNORED = frozenset({          # harmless tuning knobs
-    "lossy", "share", "non-adaptive", "key-delay-ms", "connections",
+    "share", "non-adaptive", "key-delay-ms", "connections",
     "power-control", "audiodev", "display", "id", "lock-key-sync",
 })
 
@@ -118,6 +118,7 @@ class VncOptions:
     to_display: int | None   # search upward up to this display (to=, -vncunused)
     password: bool           # password=on: a password is required (set later)
     websocket: int | None    # websocket port (websocket=on -> 5700 + display)
+    lossy: bool = False      # lossy=on: JPEG for clients that ask for a quality level
 
     @property
     def port(self) -> int:
@@ -310,6 +311,8 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
             vnc.password = parse_bool("-vnc", key, value)
         elif key == "websocket":
             vnc.websocket = parse_websocket(value, display)
+        elif key == "lossy":
+            vnc.lossy = parse_bool("-vnc", key, value)
         elif key in ("ipv4", "ipv6"):
             parse_bool("-vnc", key, value)    # the host decides the family
         elif key in VNC_REFUSED:
@@ -568,7 +571,7 @@ Machine:
   -S                           start paused until QMP 'cont'
 
 Display:
-  -vnc [HOST]:D[,to=N][,password=on][,websocket=on|PORT]
+  -vnc [HOST]:D[,to=N][,password=on][,websocket=on|PORT][,lossy=on]
                                VNC on port 5900+D; HOST defaults to 127.0.0.1;
                                [::1]:D for IPv6; to=N tries displays D..N
   -vnc none                    no VNC (also the default)

@@ -95,7 +95,8 @@ class XenPvMachine:
             from .rfb.server import VncBindError, VncServer
             self.vnc_password = await self._take_xend_vnc_password()
             password = self.vnc_password
-            self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name)
+            self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
+                                 lossy=vnc_opts.lossy)
             if vnc_opts.password and password is None:
                 # password=on without a password yet: nobody gets in until QMP sets one.
                 self.vnc.set_password("")

@@ -129,6 +129,14 @@ def vnc_server():
 
 
 @pytest.fixture
+def vnc_server_lossy():
+    """JPEG allowed, as with QEMU's -vnc ...,lossy=on."""
+    srv = ServerThread(lossy=True)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
 def vnc_server_password():
     srv = ServerThread(password="s3cret")
     yield srv

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from novnc_driver import NovncBrowser, missing_requirement
-from rfb_harness import expected_rgb, make_picture, vnc_server, vnc_server_password  # noqa: F401
+from rfb_harness import (expected_rgb, make_picture, vnc_server, vnc_server_lossy,  # noqa: F401
+                         vnc_server_password)
 from pyxenfb.rfb import encodings as enc
 
 _missing = missing_requirement()
@@ -73,9 +74,20 @@ def test_novnc_tight_odd_size(browser, vnc_server):
         assert_same_picture(result, surface)
 
 
-def test_novnc_default_encodings_jpeg(browser, vnc_server):
-    """noVNC's own list (Tight first, JPEG quality 6): lossy, but close and opaque."""
+def test_novnc_default_encodings_lossless_by_default(browser, vnc_server):
+    """noVNC's own list asks for JPEG quality 6, but without lossy=on (QEMU's
+    default) Tight stays lossless: the picture is exact."""
     result = browser.run_client(vnc_server.port, 800, 600)
+    assert result["outcome"] == "frame", result
+    assert enc.JPEG_QUALITY_MIN + 6 in result["sentEncodings"]
+    assert set(result["rects"]) == {str(enc.TIGHT)}
+    assert_same_picture(result, make_picture())
+
+
+def test_novnc_default_encodings_jpeg(browser, vnc_server_lossy):
+    """With lossy=on: noVNC's own list (Tight first, JPEG quality 6) is lossy,
+    but close and opaque."""
+    result = browser.run_client(vnc_server_lossy.port, 800, 600)
     assert result["outcome"] == "frame", result
     assert result["sentEncodings"][:3] == [enc.COPYRECT, enc.TIGHT, enc.TIGHT_PNG]
     assert enc.JPEG_QUALITY_MIN + 6 in result["sentEncodings"]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
 from rfb_harness import (KEY_A, RawClient, ServerThread, expected_rgb, make_picture,  # noqa: F401
-                         vnc_server, vnc_server_password)
+                         vnc_server, vnc_server_password, vnc_server_lossy)
 
 vncdotool_api = pytest.importorskip("vncdotool.api")
 from vncdotool import client as vnc_client  # noqa: E402
@@ -248,11 +248,11 @@ def test_tigervnc_low_colour(xvfb, vnc_server, encoding, level, maxes):
                  _quantise(expected_rgb(make_picture()), maxes))
 
 
-def test_tigervnc_tight_jpeg(xvfb, vnc_server):
+def test_tigervnc_tight_jpeg(xvfb, vnc_server_lossy):
     """JPEG is lossy: mean per-channel error <= 6 (of 255) on this busy test picture
     (measured ~3.7 at TigerVNC's quality level 8)."""
     expected = expected_rgb(make_picture())
-    got = run_tigervnc(xvfb, vnc_server.port, ["-PreferredEncoding", "Tight", "-FullColor",
+    got = run_tigervnc(xvfb, vnc_server_lossy.port, ["-PreferredEncoding", "Tight", "-FullColor",
                                                 "-QualityLevel", "8", "-NoJPEG=0"],
                        expected, tolerance=6.0)
     assert not np.array_equal(got, expected), "expected JPEG (lossy) rectangles"

@@ -165,11 +165,13 @@ class ServerConnection:
     """One client's RFB session, without I/O."""
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
-                 password_expired: bool = False, blocked_reason: str | None = None):
+                 password_expired: bool = False, blocked_reason: str | None = None,
+                 lossy: bool = False):
         self.width, self.height = width, height
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
+        self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
         self.blocked_reason = blocked_reason
         self.state = "version"
         self.version = 8               # minor version in use
@@ -527,7 +529,7 @@ class ServerConnection:
                 continue
             pixels = convert_rect(rows, src_fmt, self.pixel_format, x, y, w, h)
             n, data = self.encoder.encode(self.encoding, self.pixel_format, pixels, x, y, w, h,
-                                          jpeg_quality=self.jpeg_quality)
+                                          jpeg_quality=self.jpeg_quality if self.lossy else None)
             body += data
             count += n
         full, self._request = self._request == "full", None

@@ -116,7 +116,8 @@ class VncClient(asyncio.Protocol):
             password=server.password,
             # An empty password (password=on, none set yet) lets nobody in.
             password_expired=server.password_expired or server.password == "",
-            blocked_reason="Too many security failures" if blocked else None)
+            blocked_reason="Too many security failures" if blocked else None,
+            lossy=server.lossy)
         self.conn.absolute_pointer = self.console.absolute_pointer
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
         if self.mode == "websocket":
@@ -371,13 +372,14 @@ class VncServer:
     """The VNC display of one console."""
 
     def __init__(self, console: Console, *, keymap=None, password: str | None = None,
-                 name: str = "QEMU", max_clients: int = 32):
+                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False):
         self.console = console
         self.keymap = keymap
         self.password = password
         self.password_expired = False
         self.name = name
         self.max_clients = max_clients
+        self.lossy = lossy
         self.host = ""
         self.port = 0
         self.display = 0
