@@ -143,6 +143,7 @@ def test_release_domain_alone_exits_within_a_second(host):
             code = await asyncio.to_thread(proc.wait, 5)
             elapsed = time.monotonic() - t0
             assert code == 0, proc.stderr.read()
+            print(f"exit {elapsed:.3f} s after @releaseDomain")
             assert elapsed < 1.0, elapsed
         finally:
             if proc.poll() is None:
