@@ -107,82 +107,94 @@ def encode_rre(vals: np.ndarray, fmt: PixelFormat) -> bytes:
 _HT_RAW, _HT_BG, _HT_FG, _HT_ANY, _HT_COLOURED = 1, 2, 4, 8, 16
 
 
-def _solid_tiles(vals: np.ndarray, size: int) -> np.ndarray:
-    """(rows, cols) bool: which size x size tiles hold a single colour."""
-    h, w = vals.shape
-    padded = np.pad(vals, ((0, (-h) % size), (0, (-w) % size)), mode="edge")
-    ty, tx = padded.shape[0] // size, padded.shape[1] // size
-    tiles = padded.reshape(ty, size, tx, size)
-    return (tiles == tiles[:, :1, :, :1]).all(axis=(1, 3))
+_TILE = 16
 
 
 def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    """Hextile with every tile classified at once (numpy, no per-tile Python
+    except copying raw tiles):
+
+    - one colour: background only, omitted when the client still has it;
+    - two colours: background (the majority) + foreground + one subrectangle
+      per horizontal run of the foreground, unless raw would be smaller;
+    - more colours: raw.
+    Only the background is carried between tiles, and never past a raw tile
+    (the client forgets it there); the foreground is always sent.
+    """
     h, w = vals.shape
     bpp = fmt.bytes_per_pixel
-    solid = _solid_tiles(vals, 16)
-    out = bytearray()
-    prev_bg = prev_fg = None          # what the client still remembers
-    for row, ty in enumerate(range(0, h, 16)):
-        for col, tx in enumerate(range(0, w, 16)):
-            tile = vals[ty:ty + 16, tx:tx + 16]
-            if solid[row, col]:
-                bg = tile[0, 0]
-                if bg == prev_bg:
-                    out.append(0)
-                else:
-                    out.append(_HT_BG)
-                    out += _pixel_bytes(bg, fmt)
-                    prev_bg = bg
-                continue
-            data = _hextile_tile(tile, fmt, prev_bg, prev_fg)
-            if data is None:
-                out.append(_HT_RAW)
-                out += tile.tobytes()
-                prev_bg = prev_fg = None
-            else:
-                out += data[0]
-                prev_bg, prev_fg = data[1], data[2]
-    return bytes(out)
+    dtype = _DTYPES[bpp]
+    rows_t, cols_t = -(-h // _TILE), -(-w // _TILE)
+    n = rows_t * cols_t
+    # Edge padding repeats existing pixels: it adds no colour to a tile.
+    padded = np.pad(vals, ((0, rows_t * _TILE - h), (0, cols_t * _TILE - w)), mode="edge")
+    tiles = padded.reshape(rows_t, _TILE, cols_t, _TILE).swapaxes(1, 2).reshape(n, _TILE, _TILE)
+    tile_h = np.minimum(_TILE, h - np.arange(rows_t) * _TILE).repeat(cols_t)
+    tile_w = np.tile(np.minimum(_TILE, w - np.arange(cols_t) * _TILE), rows_t)
+    inside = ((np.arange(_TILE)[None, :, None] < tile_h[:, None, None]) &
+              (np.arange(_TILE)[None, None, :] < tile_w[:, None, None]))
 
+    first = tiles[:, 0, 0]
+    is_first = tiles == first[:, None, None]
+    has_other = ~is_first.all(axis=(1, 2))
+    second = tiles.reshape(n, -1)[np.arange(n), (~is_first).reshape(n, -1).argmax(axis=1)]
+    is_second = tiles == second[:, None, None]
+    two = has_other & (is_first | is_second).all(axis=(1, 2))
+    # Background = the majority colour: fewer subrectangles.
+    second_wins = (is_second & inside).sum(axis=(1, 2)) > (is_first & inside).sum(axis=(1, 2))
+    bg = np.where(two & second_wins, second, first)
+    fg = np.where(second_wins, first, second)
 
-def _hextile_tile(tile: np.ndarray, fmt: PixelFormat, prev_bg, prev_fg):
-    """A non-solid tile as subrectangles: (bytes, bg, fg) or None if raw is smaller."""
-    th, tw = tile.shape
-    bpp = fmt.bytes_per_pixel
-    raw_size = th * tw * bpp
-    runs = th + int((tile[:, 1:] != tile[:, :-1]).sum())
-    first = tile[0, 0]
-    others = tile[tile != first]
-    two_colour = bool((others == others[0]).all())
-    if runs > 255 + th or (not two_colour and (runs - 1) * (bpp + 2) >= raw_size):
-        return None
-    bg = first
-    if two_colour and others.size > tile.size // 2:
-        bg = others[0]               # the majority colour needs no subrectangles
-    ys, xs, lengths, cols = _row_runs(tile)
-    keep = cols != bg
-    n = int(keep.sum())
-    mask, body = _HT_ANY, bytearray()
-    if bg != prev_bg:
-        mask |= _HT_BG
-        body += _pixel_bytes(bg, fmt)
-    fg = prev_fg
-    if two_colour:
-        fg = first if bg != first else others[0]
-        if fg != prev_fg:
-            mask |= _HT_FG
-            body += _pixel_bytes(fg, fmt)
-        sub = np.empty(n, dtype=[("xy", "u1"), ("wh", "u1")])
-    else:
-        mask |= _HT_COLOURED
-        sub = np.empty(n, dtype=[("pix", _DTYPES[bpp]), ("xy", "u1"), ("wh", "u1")])
-        sub["pix"] = cols[keep]
-        fg = None                    # not carried past a coloured tile
-    if n > 255 or 1 + len(body) + 1 + sub.nbytes >= 1 + raw_size:
-        return None
-    sub["xy"] = (xs[keep] << 4 | ys[keep]).astype(np.uint8)
-    sub["wh"] = ((lengths[keep] - 1) << 4).astype(np.uint8)   # height 1 -> 0
-    return bytes([mask]) + bytes(body) + bytes([n]) + sub.tobytes(), bg, fg
+    # Foreground runs of every two-colour tile: (tile, y, x0, x1).
+    two_idx = np.flatnonzero(two)
+    fg_mask = (tiles[two_idx] == fg[two_idx, None, None]) & inside[two_idx]
+    left = np.zeros_like(fg_mask)
+    left[:, :, 1:] = fg_mask[:, :, :-1]
+    right = np.zeros_like(fg_mask)
+    right[:, :, :-1] = fg_mask[:, :, 1:]
+    run_t, run_y, run_x0 = np.nonzero(fg_mask & ~left)
+    run_x1 = np.nonzero(fg_mask & ~right)[2] + 1          # same order as the starts
+    runs = np.bincount(run_t, minlength=len(two_idx))
+    raw_size = 1 + tile_h * tile_w * bpp
+    two_size = 1 + bpp + bpp + 1 + 2 * runs               # upper bound (bg always)
+    too_big = two_size >= raw_size[two_idx]
+    two[two_idx[too_big]] = False
+    keep_run = ~too_big[run_t]
+    run_t, run_y, run_x0, run_x1 = (a[keep_run] for a in (run_t, run_y, run_x0, run_x1))
+    runs[too_big] = 0
+    raw = has_other & ~two
+
+    prev_raw = np.concatenate(([True], raw[:-1]))
+    prev_bg = np.concatenate(([bg[0]], bg[:-1]))
+    send_bg = ~raw & (prev_raw | (bg != prev_bg))
+    count = np.zeros(n, np.int64)
+    count[two_idx] = runs
+    size = np.where(raw, raw_size, 1 + send_bg * bpp + two * (bpp + 1) + 2 * count)
+    offs = np.concatenate(([0], np.cumsum(size)[:-1]))
+    out = np.empty(int(size.sum()), np.uint8)
+
+    mask = np.where(raw, _HT_RAW, np.where(send_bg, _HT_BG, 0) |
+                    np.where(two, _HT_FG | _HT_ANY, 0))
+    out[offs] = mask
+    span = np.arange(bpp)
+    sel = np.flatnonzero(send_bg)
+    out[(offs[sel] + 1)[:, None] + span] = bg[sel].astype(dtype).view(np.uint8).reshape(-1, bpp)
+    fg_at = offs + 1 + send_bg * bpp
+    sel = np.flatnonzero(two)
+    out[fg_at[sel][:, None] + span] = fg[sel].astype(dtype).view(np.uint8).reshape(-1, bpp)
+    out[fg_at[sel] + bpp] = count[sel]
+    if len(run_t):
+        tile_of_run = two_idx[run_t]
+        first_run = np.concatenate(([0], np.cumsum(runs)[:-1]))
+        rank = np.arange(len(run_t)) - first_run[run_t]
+        at = fg_at[tile_of_run] + bpp + 1 + 2 * rank
+        out[at] = (run_x0 << 4 | run_y).astype(np.uint8)
+        out[at + 1] = ((run_x1 - run_x0 - 1) << 4).astype(np.uint8)
+    for i in np.flatnonzero(raw):
+        r, c = divmod(int(i), cols_t)
+        pix = vals[r * _TILE:(r + 1) * _TILE, c * _TILE:(c + 1) * _TILE]
+        out[offs[i] + 1:offs[i] + size[i]] = np.ascontiguousarray(pix).view(np.uint8).reshape(-1)
+    return out.tobytes()
 
 
 # ---------------------------------------------------------------- ZRLE
