@@ -159,9 +159,11 @@ class BackendDevice:
                 log.exception("%s: state machine error: %s", self.name, e)
 
     async def _set_state(self, state: int) -> None:
+        changed = state != self.be_state
         self.be_state = state
         await self.xs.write(f"{self.be}/state", str(state))
-        log.info("%s: backend -> %s", self.name, abi.STATE_NAMES.get(state, state))
+        log.log(logging.INFO if changed else logging.DEBUG, "%s: backend -> %s%s", self.name,
+                abi.STATE_NAMES.get(state, state), "" if changed else " (written again)")
 
     async def _evaluate(self) -> None:
         if self.fe is None:

@@ -6,11 +6,8 @@ client offers it (old noVNC/websockify); none is required.
 """
 from __future__ import annotations
 
-from websockets.frames import Opcode
-from websockets.http11 import Request
-from websockets.protocol import State
-from websockets.server import ServerProtocol
-
+# The websockets library is imported when the first browser connects, not at
+# start-up: a device model's start-up time counts against libxl's timeout.
 MAX_HANDSHAKE = 4096
 MAX_FRAME = 1 << 20
 
@@ -39,6 +36,7 @@ class WebSocketStream:
     """Turns raw TCP bytes into RFB bytes and back."""
 
     def __init__(self):
+        from websockets.server import ServerProtocol
         self._ws = ServerProtocol(subprotocols=["binary"], select_subprotocol=_pick_subprotocol,
                                   max_size=MAX_FRAME)
         self._handshake_bytes = 0
@@ -50,6 +48,9 @@ class WebSocketStream:
         Raises WebSocketError when the connection must end (after the caller
         has written the returned bytes, which may hold a close frame or an
         HTTP error)."""
+        from websockets.frames import Opcode
+        from websockets.http11 import Request
+        from websockets.protocol import State
         if not self.open:
             self._handshake_bytes += len(data)
             if self._handshake_bytes > MAX_HANDSHAKE:
@@ -78,15 +79,19 @@ class WebSocketStream:
             raise WebSocketError(error, bytes(payload), out)
         return bytes(payload), out
 
+    def _is_open(self) -> bool:
+        from websockets.protocol import State
+        return self._ws.state is State.OPEN
+
     def send(self, data: bytes) -> bytes:
-        if self._ws.state is not State.OPEN:
+        if not self._is_open():
             return b""
         self._ws.send_binary(data)
         return b"".join(self._ws.data_to_send())
 
     def close(self, reason: str = "") -> bytes:
         """A close frame to send before dropping the connection."""
-        if self._ws.state is not State.OPEN:
+        if not self._is_open():
             return b""
         self._ws.send_close(1000, reason[:100])
         return b"".join(self._ws.data_to_send())
