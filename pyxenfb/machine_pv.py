@@ -218,8 +218,9 @@ class XenPvMachine:
         return {"enabled": True, "host": host, "family": "ipv6" if ":" in host else "ipv4",
                 "service": str(self.vnc.port), "auth": "vnc" if self.vnc_password is not None
                 or (self.opts.vnc and self.opts.vnc.password) else "none",
-                "clients": [{"host": str(c), "family": "ipv4", "service": "", "websocket": False}
-                            for c in getattr(self.vnc, "clients", [])]}
+                "clients": [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
+                             "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode == "websocket"}
+                            for c in self.vnc.clients if c.attached]}
 
     def qmp_set_vnc_password(self, password: str) -> None:
         from .qmp import QmpError

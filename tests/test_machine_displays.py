@@ -146,3 +146,26 @@ def test_keymap_de_maps_keysyms_to_the_german_layout(host, domains):
     events = _input_events(host, 4, 4)
     downs = [e["code"] for e in events if e["type"] == "key" and e["pressed"]]
     assert downs == [21, 44], events          # KEY_Y, KEY_Z
+
+
+def test_qmp_query_vnc_lists_connected_clients(host, domains):
+    from vncdotool import api
+    res = domains(5, "vnc=1,vncdisplay=55,vncunused=1")
+
+    async def query():
+        qmp = await toolstack.QmpClient.connect(toolstack.qmp_paths(host, 5)[0], "query-vnc")
+        try:
+            await qmp.execute("qmp_capabilities")
+            return await qmp.execute("query-vnc")
+        finally:
+            qmp.close()
+    client = api.connect(f"127.0.0.1::{res.vnc_port}", timeout=10)
+    try:
+        client.refreshScreen()
+        info = asyncio.run(query())
+    finally:
+        client.disconnect()
+    assert info["enabled"] is True and info["service"] == str(res.vnc_port)
+    assert info["auth"] == "none" and info["host"] == "127.0.0.1"
+    assert [c["host"] for c in info["clients"]] == ["127.0.0.1"]
+    assert info["clients"][0]["websocket"] is False
