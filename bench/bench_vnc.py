@@ -14,27 +14,17 @@ clients a device model can refresh at once.
 from __future__ import annotations
 
 import argparse
-import time
 import zlib
 
 import numpy as np
 
+from bench_convert import best_of   # same timing rule for every bench
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.sim.picture import BOX, box_colour, test_picture
 
 ENCODINGS = {"Raw": enc.RAW, "RRE": enc.RRE, "Hextile": enc.HEXTILE, "Zlib": enc.ZLIB,
              "ZRLE": enc.ZRLE, "Tight": enc.TIGHT, "TightPNG": enc.TIGHT_PNG}
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def frames():
