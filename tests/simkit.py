@@ -39,6 +39,8 @@ def short_run_dir() -> str:
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line, bounded.  Only for a process that prints one line at a time
+    (select() can't see lines already sitting in the reader's buffer)."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
         raise AssertionError(f"no line from pid {proc.pid} within {timeout} s")

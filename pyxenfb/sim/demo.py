@@ -20,6 +20,8 @@ from . import toolstack
 
 HOST_READY_TIMEOUT = 15.0
 DOMID = 1
+NOVNC_DIR = "/usr/share/novnc"      # Debian's novnc package
+NOVNC_BASE_PORT = 6080              # + VNC display, as websockify's usual 6080
 
 
 def _parse_vnc(spec: str) -> tuple[str, int]:
@@ -42,6 +44,15 @@ def _start_host(run_dir: str) -> subprocess.Popen:
     return host
 
 
+def _serve_novnc(host: str, port: int) -> tuple[subprocess.Popen, int]:
+    """noVNC's pages over HTTP (browsers refuse its modules from file://);
+    it then talks WebSocket straight to pyqemu-dm's VNC port."""
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", host, "--directory",
+                            NOVNC_DIR, str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    return web, port
+
+
 def _open_viewer(host: str, port: int) -> subprocess.Popen | None:
     for viewer in ("vncviewer", "gvncviewer"):
         path = shutil.which(viewer)
@@ -62,7 +73,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
     vnc_host, display = _parse_vnc(vnc or ":1")
     vfb = f"vnc=1,vncdisplay={display},vnclisten={vnc_host},vncunused=1,sdl={1 if sdl else 0}"
     host = _start_host(run_dir)
-    viewer = None
+    viewer = web = None
     try:
         result = asyncio.run(toolstack.create_domain(run_dir, DOMID, "demo", memory=32, vfb=vfb,
                                                      animate=True))
@@ -72,9 +83,10 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
               f"pyqemu-dm serves it on VNC {result.vnc_host}:{port} "
               f"(display :{port - 5900})", flush=True)
         print(f"pyxenfb-sim demo:   vncviewer {result.vnc_host}::{port}", flush=True)
-        if os.path.exists("/usr/share/novnc/vnc.html"):
-            print(f"pyxenfb-sim demo:   noVNC: file:///usr/share/novnc/vnc.html?host="
-                  f"{result.vnc_host}&port={port}&autoconnect=1 (WebSocket on the same port)",
+        if os.path.exists(f"{NOVNC_DIR}/vnc.html"):
+            web = _serve_novnc(result.vnc_host, port - 5900 + NOVNC_BASE_PORT)
+            print(f"pyxenfb-sim demo:   noVNC: http://{result.vnc_host}:{web[1]}/vnc.html?host="
+                  f"{result.vnc_host}&port={port}&autoconnect=1 (WebSocket on the VNC port)",
                   flush=True)
         print(f"pyxenfb-sim demo:   input it receives: pyxenfb-sim input-log --run-dir {run_dir} "
               f"--domid {DOMID} --follow", flush=True)
@@ -85,8 +97,9 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
         return 0
     finally:
         print("pyxenfb-sim demo: stopping", flush=True)
-        if viewer is not None:
-            viewer.terminate()
+        for child in (viewer, web and web[0]):
+            if child is not None:
+                child.terminate()
         try:
             asyncio.run(toolstack.destroy_domain(run_dir, DOMID))
         except Exception as e:       # already gone, or never created
