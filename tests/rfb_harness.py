@@ -198,3 +198,29 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ------------------------------------------------------------------ vncdotool
+def _factory_for(encoding):
+    """A vncdotool client factory that advertises exactly `encoding`
+    (vncdotool decodes Hextile, ZRLE, RRE... but advertises only Raw)."""
+    from vncdotool import client as vnc_client
+
+    class Client(vnc_client.VNCDoToolClient):
+        pass
+    Client.encoding = encoding
+
+    class Factory(vnc_client.VNCDoToolFactory):
+        protocol = Client
+    return Factory
+
+
+def capture(port: int, encoding=None, password=None) -> np.ndarray:
+    """One full-screen capture with vncdotool, as an (h, w, 3) RGB array."""
+    from vncdotool import api, client as vnc_client
+    factory = _factory_for(encoding) if encoding is not None else vnc_client.VNCDoToolFactory
+    c = api.connect(f"127.0.0.1::{port}", password=password, factory_class=factory, timeout=20)
+    try:
+        return np.asarray(c.refreshScreen().screen.convert("RGB"))
+    finally:
+        c.disconnect()

@@ -169,3 +169,24 @@ def test_qmp_query_vnc_lists_connected_clients(host, domains):
     assert info["auth"] == "none" and info["host"] == "127.0.0.1"
     assert [c["host"] for c in info["clients"]] == ["127.0.0.1"]
     assert info["clients"][0]["websocket"] is False
+
+
+@pytest.mark.parametrize("encoding", ["raw", "hextile", "zrle", "rre", "zlib"])
+def test_each_encoding_through_the_sim_equals_guest_memory(host, domains, encoding):
+    """vncdotool with its encoding list set to each one it decodes, asyncvnc for Zlib."""
+    res = domains(6, "vnc=1,vncdisplay=56,vncunused=1", width=640, height=480)
+    expected = fbdump_array(host, 6)
+    if encoding == "zlib":
+        asyncvnc = pytest.importorskip("asyncvnc")
+
+        async def shot():
+            async with asyncvnc.connect("127.0.0.1", res.vnc_port) as client:
+                return await client.screenshot()
+        got = asyncio.run(asyncio.wait_for(shot(), 20))[:, :, :3]
+    else:
+        from vncdotool import rfb as vnc_rfb
+        from rfb_harness import capture
+        code = {"raw": None, "hextile": vnc_rfb.Encoding.HEXTILE, "zrle": vnc_rfb.Encoding.ZRLE,
+                "rre": vnc_rfb.Encoding.RRE}[encoding]
+        got = capture(res.vnc_port, code)
+    assert np.array_equal(got, expected)

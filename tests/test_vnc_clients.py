@@ -17,35 +17,14 @@ from xvfb import Xvfb
 from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
-from rfb_harness import (KEY_A, RawClient, ServerThread, expected_rgb, make_picture,  # noqa: F401
-                         vnc_server, vnc_server_password, vnc_server_lossy)
+from rfb_harness import (KEY_A, RawClient, ServerThread, _factory_for, capture,  # noqa: F401
+                         expected_rgb, make_picture, vnc_server, vnc_server_lossy,
+                         vnc_server_password)
 
 vncdotool_api = pytest.importorskip("vncdotool.api")
+_SHOT = os.path.join(tempfile.mkdtemp(prefix="vnc-test-"), "shot.png")
 from vncdotool import client as vnc_client  # noqa: E402
 from vncdotool import rfb as vnc_rfb  # noqa: E402
-
-
-_SHOT = os.path.join(tempfile.mkdtemp(prefix="vnc-test-"), "shot.png")
-
-
-def _factory_for(encoding):
-    class Client(vnc_client.VNCDoToolClient):
-        pass
-    Client.encoding = encoding
-
-    class Factory(vnc_client.VNCDoToolFactory):
-        protocol = Client
-    return Factory
-
-
-def capture(port: int, encoding=None, password=None) -> np.ndarray:
-    factory = _factory_for(encoding) if encoding is not None else vnc_client.VNCDoToolFactory
-    c = vncdotool_api.connect(f"127.0.0.1::{port}", password=password, factory_class=factory, timeout=20)
-    try:
-        c.captureScreen(_SHOT)
-        return np.asarray(c.screen.convert("RGB"))
-    finally:
-        c.disconnect()
 
 
 @pytest.mark.parametrize("encoding", [None, vnc_rfb.Encoding.HEXTILE, vnc_rfb.Encoding.ZRLE,
