@@ -29,6 +29,11 @@ MAX_RECTS = 8
 BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
 BUTTON_CODES = {"left": BTN_LEFT, "middle": BTN_MIDDLE, "right": BTN_RIGHT}
 
+# Lock keys and their bit in the lock-LED state (QEMU's LED-state bits).
+KEY_CAPSLOCK, KEY_NUMLOCK, KEY_SCROLLLOCK = 58, 69, 70
+LED_SCROLL, LED_NUM, LED_CAPS = 1, 2, 4
+LOCK_LEDS = {KEY_SCROLLLOCK: LED_SCROLL, KEY_NUMLOCK: LED_NUM, KEY_CAPSLOCK: LED_CAPS}
+
 
 @dataclass
 class Surface:
@@ -89,6 +94,10 @@ class Console:
         self.name = name
         self.surface: Surface = Surface.blank(640, 480)
         self.absolute_pointer = True
+        # A PV keyboard has no LED channel (kbdif.h defines none), so the lock
+        # state is followed from the lock keys sent to the guest, from all
+        # locks off at boot.  Displays that can show it get console_leds().
+        self.leds = 0
         self.input: InputSink | None = None
         self.framebuffer: VisibilitySink | None = None
         self._listeners: list[DisplayListener] = []
@@ -157,8 +166,15 @@ class Console:
 
     def key(self, code: int, down: bool) -> None:
         """A Linux input key code (KEY_* or BTN_*) pressed or released."""
-        if self.input is not None:
-            self.input.key(code, down)
+        if self.input is None:
+            return
+        self.input.key(code, down)
+        if down and code in LOCK_LEDS:
+            self.leds ^= LOCK_LEDS[code]
+            for lst in list(self._listeners):
+                notify = getattr(lst, "console_leds", None)
+                if notify is not None:
+                    notify(self.leds)
 
     def button(self, name: str, down: bool) -> None:
         """'left', 'middle' or 'right'."""

@@ -436,3 +436,41 @@ def test_fuzz_websocket_stream(chunks, upgrade):
             ws.receive(chunk)
         except WebSocketError:
             return
+
+
+# ---------------------------------------------------------------- LED state
+def test_led_state_follows_lock_keys_sent_to_the_guest():
+    """QEMU LED state (-261): sent on negotiation and whenever a lock key the
+    guest receives toggles a lock; bits 1 scroll, 2 num, 4 caps."""
+    import struct as _struct
+
+    from rfb_harness import RawClient, ServerThread
+
+    def update_with_leds(c):
+        c.send(_struct.pack(">BBHHHH", 3, 1, 0, 0, 8, 8))
+        assert c.recv_exact(1) == b"\0"
+        _, n = _struct.unpack(">BH", c.recv_exact(3))
+        leds = None
+        for _ in range(n):
+            x, y, w, h, e = _struct.unpack(">HHHHi", c.recv_exact(12))
+            if e == -261:
+                leds = c.recv_exact(1)[0]
+            elif e == 0:
+                c.recv_exact(w * h * 4)
+        return leds
+
+    srv = ServerThread()
+    try:
+        c = RawClient(srv.port)
+        c.handshake()
+        c.send(_struct.pack(">BxH2i", 2, 2, 0, -261))
+        assert update_with_leds(c) == 0
+        srv.call(srv.console.key, 58, True)          # KEY_CAPSLOCK
+        srv.call(srv.console.key, 58, False)
+        assert update_with_leds(c) == 4
+        srv.call(srv.console.key, 69, True)          # KEY_NUMLOCK
+        assert update_with_leds(c) == 6
+        assert ("key", 58, True) in srv.input.events  # the guest got the key itself
+        c.close()
+    finally:
+        srv.close()

@@ -185,6 +185,7 @@ class ServerConnection:
         self.fence_seen = False
         self.cu_seen = False
         self.absolute_pointer = True
+        self.leds = 0                        # lock LEDs, QEMU bits: 1 scroll, 2 num, 4 caps
         self.encoder = enc.Encoder()
         self._request: str | None = None     # None, "incremental" or "full"
         # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
@@ -451,6 +452,8 @@ class ServerConnection:
         if enc.POINTER_TYPE_CHANGE in wanted:
             self._pseudo_update(int(self.absolute_pointer), 0, self.width, self.height,
                                 enc.POINTER_TYPE_CHANGE)
+        if enc.QEMU_LED_STATE in wanted:
+            self._pseudo_update(0, 0, 0, 0, enc.QEMU_LED_STATE, bytes([self.leds]))
         if enc.FENCE in wanted and not self.fence_seen:
             self.fence_seen = True
             self._send_fence(FENCE_REQUEST, b"")
@@ -495,6 +498,11 @@ class ServerConnection:
         self.absolute_pointer = absolute
         if self.state == "normal" and enc.POINTER_TYPE_CHANGE in self.encodings:
             self._pseudo_update(int(absolute), 0, self.width, self.height, enc.POINTER_TYPE_CHANGE)
+
+    def set_leds(self, leds: int) -> None:
+        self.leds = leds & 7
+        if self.state == "normal" and enc.QEMU_LED_STATE in self.encodings:
+            self._pseudo_update(0, 0, 0, 0, enc.QEMU_LED_STATE, bytes([self.leds]))
 
     def bell(self) -> None:
         if self.state == "normal":

@@ -165,6 +165,7 @@ class VncClient(asyncio.Protocol):
             surface = self.console.surface
             self.conn.width, self.conn.height = surface.width, surface.height
             self.conn.absolute_pointer = self.console.absolute_pointer
+            self.conn.leds = self.console.leds
         try:
             events = self.conn.receive_data(data)
         except rfb.AuthenticationFailed as exc:
@@ -365,6 +366,10 @@ class VncClient(asyncio.Protocol):
     def console_pointer_mode(self, absolute: bool) -> None:
         self._last_pos = None
         self.conn.set_pointer_mode(absolute)
+        self._flush()
+
+    def console_leds(self, leds: int) -> None:
+        self.conn.set_leds(leds)
         self._flush()
 
 
