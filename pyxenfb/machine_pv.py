@@ -15,8 +15,6 @@ import os
 import signal
 import sys
 
-from .console import Console
-from .convert import to_rgb
 
 log = logging.getLogger("pyxenfb.machine")
 
@@ -35,7 +33,7 @@ class XenPvMachine:
         self.status = "prelaunch" if options.start_paused else "running"
         self.stop_event = asyncio.Event()
         self.exit_code = 0
-        self.console: Console | None = None
+        self.console = None
         self.xs = None
         self.ports = None
         self.devices = []
@@ -43,6 +41,8 @@ class XenPvMachine:
         self.sdl = None
         self.qmp = None
         self.vnc_password: str | None = None
+        self.vnc_password_expired = False
+        self.vnc_listeners = None           # bound early, served once VncServer exists
 
     # ---- start-up -----------------------------------------------------------
     async def start(self) -> None:
@@ -59,11 +59,26 @@ class XenPvMachine:
         if self.opts.machine == "none":       # libxl's capability probe: QMP only
             return
         name = self.opts.name or await self.xs.read_str(f"/local/domain/{self.domid}/name") or ""
+        await self._bind_vnc()
+        await self.xs.watch("@releaseDomain", "release", self._domain_maybe_gone)
+        # libxl gives a device model 60 s (fixed) to write `running`, and
+        # numpy plus the encoders take seconds to import in an emulated or
+        # busy dom0.  So, VNC-only: announce once QMP answers and the VNC port
+        # is bound (clients queue in its backlog), and import the rest in a
+        # thread while the loop keeps answering QMP.  With SDL, announce once
+        # the window is open.
+        early = self.status == "running" and not self.opts.sdl
+        if early:
+            await self._announce_running()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _import_display_stack)
+        except ImportError as e:
+            raise MachineError(f"cannot load the display stack: {e}") from None
+        from .console import Console
         self.console = Console(name)
         await self._start_devices()
         await self._start_displays(name)
-        await self.xs.watch("@releaseDomain", "release", self._domain_maybe_gone)
-        if self.status == "running":
+        if self.status == "running" and not early:
             await self._announce_running()
 
     async def _start_qmp(self) -> None:
@@ -89,28 +104,37 @@ class XenPvMachine:
         for dev in self.devices:
             await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{dev.devtype}")
 
+    async def _bind_vnc(self) -> None:
+        vnc_opts = self.opts.vnc
+        if vnc_opts is None:
+            return
+        from .rfb.listener import VncBindError, bind_vnc
+        self.vnc_password = await self._take_xend_vnc_password()
+        try:
+            self.vnc_listeners = bind_vnc(vnc_opts.host, vnc_opts.display,
+                                          to_display=vnc_opts.to_display,
+                                          websocket_port=vnc_opts.websocket)
+        except VncBindError as e:
+            raise MachineError(str(e)) from None
+        port = self.vnc_listeners.port
+        log.info("VNC server on %s:%d", vnc_opts.host, port)
+        # qemu-dm wrote these for xend; under libxl the toolstack writes them too.
+        base = f"/local/domain/{self.domid}/console"
+        await self.xs.write(f"{base}/vnc-port", str(port))
+        await self.xs.write(f"{base}/vnc-listen", vnc_opts.host)
+
     async def _start_displays(self, name: str) -> None:
         vnc_opts = self.opts.vnc
         if vnc_opts is not None:
-            from .rfb.server import VncBindError, VncServer
-            self.vnc_password = await self._take_xend_vnc_password()
+            from .rfb.server import VncServer
             password = self.vnc_password
+            if vnc_opts.password and password is None:
+                password = ""    # password=on, none set yet: nobody gets in until QMP sets one
             self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
                                  lossy=vnc_opts.lossy)
-            if vnc_opts.password and password is None:
-                # password=on without a password yet: nobody gets in until QMP sets one.
-                self.vnc.set_password("")
-            try:
-                port = await self.vnc.listen(vnc_opts.host, vnc_opts.display,
-                                             to_display=vnc_opts.to_display,
-                                             websocket_port=vnc_opts.websocket)
-            except VncBindError as e:
-                raise MachineError(str(e)) from None
-            log.info("VNC server on %s:%d", vnc_opts.host, port)
-            # qemu-dm wrote these for xend; under libxl the toolstack writes them too.
-            base = f"/local/domain/{self.domid}/console"
-            await self.xs.write(f"{base}/vnc-port", str(port))
-            await self.xs.write(f"{base}/vnc-listen", vnc_opts.host)
+            if self.vnc_password_expired:
+                self.vnc.expire_password()
+            await self.vnc.serve(self.vnc_listeners)
         if self.opts.sdl:
             from .sdl import SdlDisplay
             try:
@@ -185,6 +209,8 @@ class XenPvMachine:
         if self.vnc is not None:
             await self.vnc.close()
             self.vnc = None
+        if self.vnc_listeners is not None:
+            self.vnc_listeners.close()       # if never served
         if self.sdl is not None:
             self.sdl.close()
             self.sdl = None
@@ -212,34 +238,39 @@ class XenPvMachine:
                 asyncio.ensure_future(self._announce_running())
 
     def qmp_query_vnc(self) -> dict:
-        if self.vnc is None:
+        if self.vnc_listeners is None:
             return {"enabled": False}
-        host = self.vnc.host
+        host = self.vnc_listeners.host
+        clients = self.vnc.clients if self.vnc is not None else []
         return {"enabled": True, "host": host, "family": "ipv6" if ":" in host else "ipv4",
-                "service": str(self.vnc.port), "auth": "vnc" if self.vnc_password is not None
+                "service": str(self.vnc_listeners.port), "auth": "vnc" if self.vnc_password is not None
                 or (self.opts.vnc and self.opts.vnc.password) else "none",
                 "clients": [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
                              "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode == "websocket"}
-                            for c in self.vnc.clients if c.attached]}
+                            for c in clients if c.attached]}
 
     def qmp_set_vnc_password(self, password: str) -> None:
         from .qmp import QmpError
-        if self.vnc is None:
+        if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password")
-        self.vnc_password = password
-        self.vnc.set_password(password)
+        self.vnc_password, self.vnc_password_expired = password, False
+        if self.vnc is not None:
+            self.vnc.set_password(password)
 
     def qmp_expire_vnc_password(self, time: str) -> None:
         from .qmp import QmpError
-        if self.vnc is None:
+        if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password expire time")
         if time != "never":
-            self.vnc.expire_password()
+            self.vnc_password_expired = True
+            if self.vnc is not None:
+                self.vnc.expire_password()
 
     def qmp_screendump(self, filename: str, fmt: str) -> None:
         from .qmp import QmpError
         if self.console is None:
             raise QmpError("GenericError", "There is no console to take a screendump from")
+        from .convert import to_rgb
         s = self.console.surface
         rgb = to_rgb(s.rows, s.fmt, s.width, s.height)
         try:
@@ -262,6 +293,14 @@ class XenPvMachine:
             where = f"unix:{c.path}" if c.path else f"fd:{c.fd}"
             out.append({"label": c.id, "filename": f"{where},server=on", "frontend-open": True})
         return out
+
+
+def _import_display_stack() -> None:
+    """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
+    worker thread so that the event loop keeps serving QMP meanwhile."""
+    import numpy  # noqa: F401
+    from . import console, xenfb  # noqa: F401
+    from .rfb import server  # noqa: F401
 
 
 def run(options) -> int:

@@ -10,13 +10,13 @@ timer except the handshake deadline and the WebSocket sniffing delay.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 
 from ..console import Console, Surface
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
+from .listener import VncBindError, VncListeners, bind_vnc  # noqa: F401 (VncBindError re-exported)
 from .websocket import WebSocketError, WebSocketStream, looks_like_websocket
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ MAX_DIRTY_RECTS = 16
 POINTER_ORIGIN = 0x7FFF         # relative-mode pointer offsets (QEMU -257)
 BUTTONS = ((1, "left"), (2, "middle"), (4, "right"))
 WHEEL_UP, WHEEL_DOWN = 8, 16
-
-
-class VncBindError(Exception):
-    """No port could be bound; str() is one readable line."""
 
 
 class DirtyRegion:
@@ -443,40 +439,24 @@ class VncServer:
     def unauthenticated_count(self) -> int:
         return sum(1 for c in self.clients if not c.attached and not c.closing)
 
-    async def _bind(self, host: str, port: int, mode: str):
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: VncClient(self, mode), host or None, port,
-                                        reuse_address=True)
-
     async def listen(self, host: str, display: int, *, to_display: int | None = None,
                      websocket: bool = True, websocket_port: int | None = None) -> int:
-        last = max(display, to_display if to_display is not None else display)
-        where = host or "all addresses"
-        for d in range(display, last + 1):
-            port = 5900 + d
-            try:
-                server = await self._bind(host, port, "detect" if websocket else "rfb")
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                raise VncBindError(f"VNC: cannot listen on port {port} on {where}: {exc.strerror or exc}") from None
-            self._servers.append(server)
-            self.host, self.port, self.display = host, port, d
-            log.info("VNC: listening on %s port %d (display :%d)", where, port, d)
-            break
-        else:
-            if last == display:
-                raise VncBindError(f"VNC: port {5900 + display} on {where} is in use")
-            raise VncBindError(f"VNC: ports {5900 + display}-{5900 + last} on {where} are all in use")
-        if websocket_port is not None:
-            try:
-                self._servers.append(await self._bind(host, websocket_port, "websocket"))
-            except OSError as exc:
-                await self.close()
-                raise VncBindError(f"VNC: WebSocket port {websocket_port} on {where}: "
-                                   f"{exc.strerror or exc}") from None
-            self.websocket_port = websocket_port
+        """Bind 5900+display (searching up to to_display) and serve; returns the port."""
+        listeners = bind_vnc(host, display, to_display=to_display, websocket=websocket,
+                             websocket_port=websocket_port)
+        await self.serve(listeners)
         return self.port
+
+    async def serve(self, listeners: VncListeners) -> None:
+        """Serve on sockets bound beforehand (listener.bind_vnc)."""
+        loop = asyncio.get_running_loop()
+        for sock, mode in listeners.sockets:
+            self._servers.append(await loop.create_server(
+                lambda mode=mode: VncClient(self, mode), sock=sock))
+        self.host, self.port, self.display = listeners.host, listeners.port, listeners.display
+        self.websocket_port = listeners.websocket_port
+        log.info("VNC: listening on %s port %d (display :%d)", listeners.host or "all addresses",
+                 self.port, self.display)
 
     async def close(self) -> None:
         for server in self._servers:
