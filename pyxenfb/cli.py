@@ -645,14 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("pyxenfb.cli")
     if options.ignored:
         log.warning("ignoring unsupported options: %s", " ".join(options.ignored))
-    try:
-        from .machine_pv import run
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.machine_pv":
-            raise
-        print(f"{PROG}: the xenpv machine is not available in this build",
-              file=sys.stderr)
-        return 1
+    from .machine_pv import run
     try:
         return run(options)
     except KeyboardInterrupt:
