@@ -67,6 +67,8 @@ class XenPvMachine:
         # is bound (clients queue in its backlog), and import the rest in a
         # thread while the loop keeps answering QMP.  With SDL, announce once
         # the window is open.
+        for devtype in ("vfb", "vkbd"):     # what QEMU registers; libxl may look here
+            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{devtype}")
         early = self.status == "running" and not self.opts.sdl
         if early:
             await self._announce_running()
@@ -101,8 +103,6 @@ class XenPvMachine:
         self.ports = PortDispatcher(evtchn)
         ctx = BackendContext(self.xs, self.platform.foreign_memory(), self.ports, self.console)
         self.devices = await start_backends(ctx, self.domid)
-        for dev in self.devices:
-            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{dev.devtype}")
 
     async def _bind_vnc(self) -> None:
         vnc_opts = self.opts.vnc
