@@ -61,26 +61,18 @@ class XenPvMachine:
         name = self.opts.name or await self.xs.read_str(f"/local/domain/{self.domid}/name") or ""
         await self._bind_vnc()
         await self.xs.watch("@releaseDomain", "release", self._domain_maybe_gone)
-        # libxl gives a device model 60 s (fixed) to write `running`, and
-        # numpy plus the encoders take seconds to import in an emulated or
-        # busy dom0.  So, VNC-only: announce once QMP answers and the VNC port
-        # is bound (clients queue in its backlog), and import the rest in a
-        # thread while the loop keeps answering QMP.  With SDL, announce once
-        # the window is open.
-        for devtype in ("vfb", "vkbd"):     # what QEMU registers; libxl may look here
-            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{devtype}")
-        early = self.status == "running" and not self.opts.sdl
-        if early:
-            await self._announce_running()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, _import_display_stack)
-        except ImportError as e:
-            raise MachineError(f"cannot load the display stack: {e}") from None
+        # numpy, the backends and the encoders load here, in the main thread:
+        # importing them in a worker thread while the loop ran crashed
+        # Debian's Python 3.11.2 in dom0 (heap corruption, segfault), so
+        # `running` waits for them.  websockets, Pillow and pycryptodome are
+        # only imported when first needed, to keep this path short.
         from .console import Console
         self.console = Console(name)
         await self._start_devices()
+        for devtype in ("vfb", "vkbd"):     # what QEMU registers; libxl may look here
+            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{devtype}")
         await self._start_displays(name)
-        if self.status == "running" and not early:
+        if self.status == "running":
             await self._announce_running()
 
     async def _start_qmp(self) -> None:
@@ -293,14 +285,6 @@ class XenPvMachine:
             where = f"unix:{c.path}" if c.path else f"fd:{c.fd}"
             out.append({"label": c.id, "filename": f"{where},server=on", "frontend-open": True})
         return out
-
-
-def _import_display_stack() -> None:
-    """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
-    worker thread so that the event loop keeps serving QMP meanwhile."""
-    import numpy  # noqa: F401
-    from . import console, xenfb  # noqa: F401
-    from .rfb import server  # noqa: F401
 
 
 def run(options) -> int:
