@@ -371,7 +371,11 @@ def test_exclusive_client_kicks_a_blocked_peer(vnc_server, caplog):
     lazy.settimeout(5)
     lazy_client.handshake()
     lazy.sendall(set_encodings(0) + FULL * 10)
-    time.sleep(0.2)
+    # Wait until the server has answered the lazy client (which never reads).
+    deadline = time.monotonic() + 5
+    while not vnc_server.call(lambda: any(c.updates_sent for c in vnc_server.server.clients)):
+        assert time.monotonic() < deadline, "the lazy client never got an update"
+        time.sleep(0.01)
     exclusive = RawClient(vnc_server.port)
     exclusive.handshake(shared=False)
     exclusive.send(set_encodings(0) + FULL)
