@@ -458,27 +458,28 @@ class FramebufferBackend(BackendDevice):
     def displays_visible(self, visible: bool) -> None:
         """No display watching: tell the guest it need not send updates (XENFB_NO_REFRESH)."""
         self.visible = visible
+        self._arm_legacy_refresh()
         if self.page is None or not self.feature_update:
             return
         period = REFRESH_PERIOD_MS if visible else abi.XENFB_NO_REFRESH
         event = abi.pack_event(abi.FB_REFRESH, abi.XENFB_TYPE_REFRESH_PERIOD, period)
         self.push_in_event(abi.FB_IN_RING_OFFS, abi.FB_IN_RING_LEN, abi.FB_IN_PROD,
                            abi.FB_IN_CONS, event)
-        self._arm_legacy_refresh()
 
     def _arm_legacy_refresh(self) -> None:
         """A frontend without feature-update sends no UPDATE events: rescan while watched."""
         if self._legacy_timer is not None:
             self._legacy_timer.cancel()
             self._legacy_timer = None
-        if self.connected or self.geometry is not None:
-            if not self.feature_update and self.visible and self.fb_map is not None:
-                def tick():
-                    self._legacy_timer = None
-                    if self.fb_map is not None and self.geometry is not None:
-                        self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
-                        self._arm_legacy_refresh()
-                self._legacy_timer = asyncio.get_running_loop().call_later(LEGACY_REFRESH_S, tick)
+        if self.feature_update or not self.visible or self.fb_map is None:
+            return
+
+        def tick():
+            self._legacy_timer = None
+            if self.fb_map is not None:
+                self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
+                self._arm_legacy_refresh()
+        self._legacy_timer = asyncio.get_running_loop().call_later(LEGACY_REFRESH_S, tick)
 
     def disconnect(self) -> None:
         if self._legacy_timer is not None:

@@ -163,3 +163,26 @@ def test_frontend_closing_releases_everything():
             # The display keeps the last picture from private memory.
             assert np.array_equal(surface_words(be.console), guest_picture(800, 600))
     run(body())
+
+
+def test_frontend_without_feature_update_is_rescanned_while_watched(monkeypatch):
+    """A frontend that sends no UPDATE events (no feature-update): the backend
+    rescans the whole framebuffer, but only while a display is attached."""
+    from pyxenfb.sim.guest import FbFront
+    original = FbFront.frontend_keys
+    monkeypatch.setattr(FbFront, "frontend_keys",
+                        lambda self: [kv for kv in original(self) if kv[0] != "feature-update"])
+
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            assert not be.fb.feature_update and not guest.fb.update_wanted
+            assert be.fb._legacy_timer is None            # nobody watching: no rescans
+            be.console.attach(listener)
+            await wait_for(lambda: listener.updates.count((0, 0, 800, 600)) >= 2,
+                           what="periodic full-screen rescans")
+            guest.fb.fb[10:20, 10:20] = 0x123456           # drawn without any UPDATE event
+            await wait_for(lambda: np.array_equal(surface_words(be.console), guest.fb.fb),
+                           what="the change seen by a rescan")
+            be.console.detach(listener)
+            assert be.fb._legacy_timer is None
+    run(body())

@@ -115,7 +115,7 @@ class Frontend:
 
     async def backend_changed(self, be_state: int) -> None:
         """xen-fbfront/xen-kbdfront's otherend_changed, as Linux does it."""
-        if be_state in (abi.INIT_WAIT,):
+        if be_state == abi.INIT_WAIT:
             await self.switch_state(abi.CONNECTED)
         elif be_state == abi.CONNECTED:
             # Linux's race workaround: the backend may go InitWait->Connected
@@ -131,8 +131,7 @@ class Frontend:
             await self.switch_state(abi.CLOSING)
             await self.switch_state(abi.CLOSED)
         else:
-            if be_state != abi.CONNECTED:
-                self.connected.clear()
+            self.connected.clear()
 
     async def close(self) -> None:
         """Module unload / reboot: Closing, wait for the backend, Closed, free."""
