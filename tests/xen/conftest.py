@@ -14,6 +14,7 @@ Environment:
     PYXENFB_XEN_SHARE    share folder (default /var/tmp/pyxenfb-xen-share)
     PYXENFB_XEN_TIMEOUT  seconds for the whole boot (default 560)
     PYXENFB_XEN_REUSE=1  do not boot: judge the results of the last run in the share
+    PYXENFB_XEN_ARGS     extra Xen command line (default: cpuid=no-xsave, see LAB_XEN_ARGS)
 """
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ def xenlab_home() -> Path | None:
         if candidate and (Path(candidate) / "run").is_file():
             return Path(candidate)
     return None
+
+
+# QEMU 7.2's TCG loses vector registers when Xen switches a pCPU between dom0
+# and a domU with XSAVE in use: dom0 processes then see another process's
+# XMM/YMM values (measured with tests/xen/dom0/fpu-stress.sh: ~60 corrupted
+# 1 MiB copies a minute with a domU running, none without one).  That is what
+# made `xl` segfault and bash mangle words in earlier runs, whatever the DM.
+# Without XSAVE, Xen and both kernels switch FPU state with FXSAVE: 0 corrupt.
+LAB_XEN_ARGS = "cpuid=no-xsave"
+
+
+def xen_args() -> str:
+    return os.environ.get("PYXENFB_XEN_ARGS", LAB_XEN_ARGS)
 
 
 def write_ppm(path: Path, rgb: np.ndarray) -> None:
@@ -208,8 +222,8 @@ def lab() -> Lab:
     with open(run_log, "w") as log:
         # the lab's own timeout kills QEMU; ours is a backstop 60 s later
         proc = subprocess.run([str(home / "run"), str(HERE / "dom0" / "tier.sh"), "--share",
-                               str(share), "--timeout", str(timeout)], stdout=log,
-                              stderr=subprocess.STDOUT, timeout=timeout + 60)
+                               str(share), "--timeout", str(timeout), "--xen-args", xen_args()],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout + 60)
     seconds = time.monotonic() - t0
     lab = Lab(share, proc.returncode, seconds, run_log,
               parse_results(share / "out" / "results.tsv"), decode_captures(share / "out"))

@@ -132,6 +132,19 @@ def test_dom0_has_xen_libraries(lab):
     assert lab.need("env.python").startswith("Python 3.11")
 
 
+def test_lab_switches_fpu_state_without_xsave(lab):
+    """The lab workaround is in effect (conftest.LAB_XEN_ARGS): dom0 uses FXSAVE."""
+    if "no-xsave" not in lab.need("env.xen_cmdline"):
+        pytest.skip(f"lab booted with Xen args {lab.get('env.xen_cmdline')!r} (PYXENFB_XEN_ARGS)")
+    assert "FXSAVE" in lab.need("env.dom0_fpu"), lab.get("env.dom0_fpu")
+
+
+def test_no_dom0_process_crashed(lab):
+    """Neither a device model nor the toolstack (xl) nor a shell died of a fault in dom0."""
+    faults = lab.need("end.dom0_faults")
+    assert faults == "", f"dom0 kernel log ({lab.out}/serial.log):\n{faults}"
+
+
 # ---- a. create, states, XenStore -------------------------------------------------------------
 
 @pytest.mark.parametrize("key", DOMUS)

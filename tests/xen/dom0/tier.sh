@@ -175,6 +175,8 @@ step "environment"
 recs env.python "$(python3 -V 2>&1)"
 recs env.xen_libs "$(ls /usr/lib/x86_64-linux-gnu/ | grep -E '^libxen(evtchn|foreignmemory|gnttab|store|toolcore)\.so\.[0-9]+$' | tr '\n' ' ')"
 recs env.xl_info "$(xl info | grep -E 'xen_version|nr_cpus|free_memory' | tr -s ' ' | tr '\n' ';')"
+recs env.xen_cmdline "$(xl info | sed -n 's/^xen_commandline *: //p')"
+recs env.dom0_fpu "$(dmesg | grep -m1 -E 'x86/fpu: (x87 FPU will use|Enabled xstate)')"
 
 # --- Debian's QEMU: the reference ------------------------------------------------------
 T0=$(now)
@@ -244,6 +246,8 @@ finish py2 pyq
 rec py2.scenario_s "$(since "$T0")"
 
 recs end.xl_list "$(xl list 2>&1)"
+# any dom0 process killed by a fault: our DM, or the lab corrupting xl/bash/python
+recs end.dom0_faults "$(dmesg | grep -E 'segfault at|general protection|traps: ' )"
 recs end.leftover_dms "$(ps -eo pid,args | grep -E 'pyqemu-dm|xen-qemu-system-i386 -xen-domid [1-9]' | grep -v grep)"
 step "tier done"
 exit 0
