@@ -285,18 +285,6 @@ class SimEventChannel(EventChannel):
 
 # ---- real: libxenevtchn ----------------------------------------------------
 
-_EVTCHN_CDEF = """
-typedef struct xenevtchn_handle xenevtchn_handle;
-xenevtchn_handle *xenevtchn_open(void *logger, unsigned int flags);
-int xenevtchn_close(xenevtchn_handle *xce);
-int xenevtchn_fd(xenevtchn_handle *xce);
-int xenevtchn_notify(xenevtchn_handle *xce, uint32_t port);
-int xenevtchn_bind_unbound_port(xenevtchn_handle *xce, uint32_t domid);
-int xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint32_t domid, uint32_t remote_port);
-int xenevtchn_unbind(xenevtchn_handle *xce, uint32_t port);
-int xenevtchn_pending(xenevtchn_handle *xce);
-int xenevtchn_unmask(xenevtchn_handle *xce, uint32_t port);
-"""
 _evtchn_lib = None
 
 
@@ -304,9 +292,7 @@ def _load_libxenevtchn():
     """(ffi, lib) for libxenevtchn.so.1, loaded on first use."""
     global _evtchn_lib
     if _evtchn_lib is None:
-        import cffi
-        ffi = cffi.FFI()
-        ffi.cdef(_EVTCHN_CDEF)
+        from ._xen_ffi import ffi      # generated from xen_cdefs.EVTCHN
         _evtchn_lib = (ffi, ffi.dlopen("libxenevtchn.so.1"))
     return _evtchn_lib
 

@@ -107,12 +107,6 @@ def _check_request(domid: int, frames: Sequence[int]) -> list[int]:
 
 # ---- simulated host ----------------------------------------------------------
 
-# Addresses as uintptr_t (the same register as void * on every Linux ABI):
-# plain ints are far cheaper than a cdata per page in the stitching loop.
-_LIBC_CDEF = """
-uintptr_t mmap(uintptr_t addr, size_t length, int prot, int flags, int fd, long offset);
-int munmap(void *addr, size_t length);
-"""
 MAP_FAILED = (1 << 64) - 1
 _libc = None
 
@@ -120,9 +114,7 @@ _libc = None
 def _load_libc():
     global _libc
     if _libc is None:
-        import cffi
-        ffi = cffi.FFI()
-        ffi.cdef(_LIBC_CDEF)
+        from ._xen_ffi import ffi      # generated from xen_cdefs.LIBC
         _libc = (ffi, ffi.dlopen(None))
     return _libc
 
@@ -192,23 +184,13 @@ def _runs(frames: list[int]):
 
 # ---- real Xen ----------------------------------------------------------------
 
-_FMEM_CDEF = """
-typedef struct xenforeignmemory_handle xenforeignmemory_handle;
-xenforeignmemory_handle *xenforeignmemory_open(void *logger, unsigned int open_flags);
-int xenforeignmemory_close(xenforeignmemory_handle *fmem);
-void *xenforeignmemory_map(xenforeignmemory_handle *fmem, uint32_t dom, int prot,
-                           size_t pages, const unsigned long arr[], int err[]);
-int xenforeignmemory_unmap(xenforeignmemory_handle *fmem, void *addr, size_t pages);
-"""
 _fmem_lib = None
 
 
 def _load_libxenforeignmemory():
     global _fmem_lib
     if _fmem_lib is None:
-        import cffi
-        ffi = cffi.FFI()
-        ffi.cdef(_FMEM_CDEF)
+        from ._xen_ffi import ffi      # generated from xen_cdefs.FOREIGNMEMORY
         _fmem_lib = (ffi, ffi.dlopen("libxenforeignmemory.so.1"))
     return _fmem_lib
 

@@ -108,3 +108,45 @@ def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == "True"
+
+
+# ---- the generated cffi module (pyxenfb/_xen_ffi.py) ------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_generated_ffi_module_matches_the_declarations(tmp_path):
+    out = tmp_path / "_xen_ffi.py"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), str(out)],
+                   check=True, capture_output=True, timeout=60)
+    with open(os.path.join(ROOT, "pyxenfb", "_xen_ffi.py"), "rb") as f:
+        committed = f.read()
+    assert out.read_bytes() == committed, \
+        "pyxenfb/_xen_ffi.py is stale: run scripts/gen_cffi.py after editing xen_cdefs.py"
+
+
+def test_libraries_load_without_cffis_parser():
+    """A start loads _cffi_backend only: cffi's C parser cost seconds in a TCG dom0."""
+    code = ("import sys, pyxenfb.evtchn as e, pyxenfb.foreignmem as f; "
+            "e._load_libxenevtchn(); f._load_libxenforeignmemory(); ffi, libc = f._load_libc(); "
+            "p = libc.mmap(0, 4096, 3, 0x22, -1, 0); assert libc.munmap(ffi.cast('void *', p), 4096) == 0; "
+            "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
+
+
+def test_declarations_agree_with_libxen_headers(tmp_path):
+    """gcc rejects a prototype that conflicts with Debian's libxen-dev headers."""
+    from pyxenfb import xen_cdefs
+    # we pass NULL for the logger, so the cdef keeps it an opaque void *
+    ours = (xen_cdefs.EVTCHN + xen_cdefs.FOREIGNMEMORY).replace(
+        "void *logger", "struct xentoollog_logger *logger")
+    src = tmp_path / "agree.c"
+    src.write_text("#include <xenevtchn.h>\n#include <xenforeignmemory.h>\n" + ours)
+    gcc = subprocess.run(["gcc", "-std=c11", "-Werror", "-fsyntax-only", str(src)],
+                         capture_output=True, text=True, timeout=60)
+    assert gcc.returncode == 0, gcc.stderr
+    src.write_text("#include <xenevtchn.h>\nint xenevtchn_notify(xenevtchn_handle *, uint16_t);\n")
+    assert subprocess.run(["gcc", "-std=c11", "-fsyntax-only", str(src)],
+                          capture_output=True, timeout=60).returncode != 0   # the check can fail
