@@ -61,19 +61,41 @@ class XenPvMachine:
         name = self.opts.name or await self.xs.read_str(f"/local/domain/{self.domid}/name") or ""
         await self._bind_vnc()
         await self.xs.watch("@releaseDomain", "release", self._domain_maybe_gone)
-        # numpy, the backends and the encoders load here, in the main thread:
-        # importing them in a worker thread while the loop ran crashed
-        # Debian's Python 3.11.2 in dom0 (heap corruption, segfault), so
-        # `running` waits for them.  websockets, Pillow and pycryptodome are
-        # only imported when first needed, to keep this path short.
+        # libxl gives a device model 60 s (fixed) to write `running`, and
+        # numpy plus the encoders take seconds to import in an emulated or
+        # busy dom0.  So, VNC-only: announce once QMP answers and the VNC port
+        # is bound (clients queue in its backlog), and import the rest in a
+        # thread while the loop keeps answering QMP (libxl allows a QMP command
+        # 10 s).  With SDL, announce once the window is open.  (This design was
+        # reverted once after DMs crashed in the lab: that was the lab losing
+        # vector registers as soon as the unpaused domU ran; docs/real-xen.md.)
+        for devtype in ("vfb", "vkbd"):     # what QEMU registers; libxl may look here
+            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{devtype}")
+        await self._advertise_backend_features()
+        early = self.status == "running" and not self.opts.sdl
+        if early:
+            await self._announce_running()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _import_display_stack)
+        except ImportError as e:
+            raise MachineError(f"cannot load the display stack: {e}") from None
         from .console import Console
         self.console = Console(name)
         await self._start_devices()
-        for devtype in ("vfb", "vkbd"):     # what QEMU registers; libxl may look here
-            await self.xs.mkdir(f"/local/domain/0/device-model/{self.domid}/backends/{devtype}")
         await self._start_displays(name)
-        if self.status == "running":
+        if self.status == "running" and not early:
             await self._announce_running()
+
+    async def _advertise_backend_features(self) -> None:
+        """Before `running` (libxl unpauses the guest then): the frontends read
+        some features only when they probe, long before the backends start."""
+        from .xenfb_abi import BACKEND_FEATURES
+        for devtype, features in BACKEND_FEATURES.items():
+            be = f"/local/domain/0/backend/{devtype}/{self.domid}/0"
+            if await self.xs.read(f"{be}/frontend", None) is None:
+                continue                    # no such device (or not ours to touch)
+            for key, value in features.items():
+                await self.xs.write(f"{be}/{key}", value)
 
     async def _start_qmp(self) -> None:
         if not self.opts.monitors:
@@ -285,6 +307,14 @@ class XenPvMachine:
             where = f"unix:{c.path}" if c.path else f"fd:{c.fd}"
             out.append({"label": c.id, "filename": f"{where},server=on", "frontend-open": True})
         return out
+
+
+def _import_display_stack() -> None:
+    """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
+    worker thread so that the event loop keeps serving QMP meanwhile."""
+    import numpy  # noqa: F401
+    from . import console, xenfb  # noqa: F401
+    from .rfb import server  # noqa: F401
 
 
 def run(options) -> int:

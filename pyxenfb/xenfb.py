@@ -281,7 +281,10 @@ class BackendDevice:
         self.disconnect()
 
     # ---- hooks ------------------------------------------------------------
-    async def init_backend(self) -> None: ...
+    async def init_backend(self) -> None:
+        for key, value in abi.BACKEND_FEATURES[self.devtype].items():
+            await self.xs.write(f"{self.be}/{key}", value)
+
     async def connect(self) -> None: ...
     async def frontend_connected(self) -> None: ...
     def on_event(self) -> None: ...
@@ -372,8 +375,6 @@ class FramebufferBackend(BackendDevice):
         self.updates = 0          # UPDATE events accepted (tests, stats)
         self.resizes = 0
 
-    async def init_backend(self) -> None:
-        await self.xs.write(f"{self.be}/feature-resize", "1")
 
     async def connect(self) -> None:
         page_ref = await self.read_fe_int("page-ref", 0, 2**64 - 1)
@@ -510,9 +511,6 @@ class KeyboardBackend(BackendDevice):
         self.last_abs = (0, 0)
         self.dropped = 0
 
-    async def init_backend(self) -> None:
-        await self.xs.write(f"{self.be}/feature-abs-pointer", "1")
-        await self.xs.write(f"{self.be}/feature-raw-pointer", "1")
 
     async def connect(self) -> None:
         page_ref = await self.read_fe_int("page-ref", 0, 2**64 - 1)

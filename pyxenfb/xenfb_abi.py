@@ -110,3 +110,13 @@ def ring_slot(ring_offset: int, index: int, ring_len: int) -> int:
 def pack_event(st: struct.Struct, *fields) -> bytes:
     """A whole 40-byte slot, unused bytes zero."""
     return st.pack(*fields).ljust(EVENT_SIZE, b"\0")
+
+
+# What each backend advertises in its XenStore directory.  Linux's
+# xen-kbdfront reads feature-abs-pointer once, when it probes, so these must be
+# there before the domain is unpaused (the machine writes them before
+# `running`; the backends write them again on every re-initialisation).
+BACKEND_FEATURES = {
+    "vfb": {"feature-resize": "1"},
+    "vkbd": {"feature-abs-pointer": "1", "feature-raw-pointer": "1"},
+}

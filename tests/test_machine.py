@@ -187,3 +187,64 @@ def test_idle_guest_and_idle_vnc_client_cause_no_wakeups(host):
     finally:
         client.disconnect()
         asyncio.run(toolstack.destroy_domain(host, 5))
+
+
+SLOW_NUMPY = '''
+import importlib.abc, os, sys, time
+class _SlowNumpy(importlib.abc.MetaPathFinder):
+    """Makes the device model's numpy import take {delay} s (a TCG dom0 takes 7-16 s)."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and "pyxenfb.machine_pv" in sys.modules:
+            sys.meta_path.remove(self)
+            open(os.path.join({marks!r}, "numpy-begin"), "w").close()
+            time.sleep({delay})
+            open(os.path.join({marks!r}, "numpy-released"), "w").close()
+        return None
+sys.meta_path.insert(0, _SlowNumpy())
+'''
+
+
+def test_qmp_and_running_do_not_wait_for_numpy(host, tmp_path, monkeypatch):
+    """libxl allows a DM 60 s to write `running` and each QMP command 10 s; numpy
+    alone took 7-16 s in the emulated dom0. So `running`, QMP (with a password
+    set before the VNC server exists) come first; the display stack follows."""
+    from vncdotool import api
+    delay = 12.0                                   # > libxl's 10 s QMP timeout
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_NUMPY.format(marks=str(tmp_path), delay=delay))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(hooks)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+    t0 = time.monotonic()
+    res = asyncio.run(toolstack.create_domain(host, 6, "slow", vfb="vnc=1,vncdisplay=56,vncunused=1,"
+                                              "vncpasswd=s3cret", width=320, height=200))
+    created = time.monotonic() - t0
+    assert (tmp_path / "numpy-begin").exists(), "the hook never saw the DM import numpy"
+    assert not (tmp_path / "numpy-released").exists(), \
+        f"xl create returned after {created:.1f} s, only once numpy had loaded"
+
+    async def connected():
+        xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
+        try:
+            for dev in ("vfb", "vkbd"):
+                await _wait_node(xs, f"/local/domain/0/backend/{dev}/6/0/state",
+                                 lambda v: v == "4", timeout=delay + 30)
+        finally:
+            xs.close()
+    asyncio.run(connected())
+    assert (tmp_path / "numpy-released").exists()
+    client = api.connect(f"127.0.0.1::{res.vnc_port}", password="s3cret", timeout=20)
+    try:
+        shot = np.asarray(client.refreshScreen().screen.convert("RGB"))
+        client.mouseMove(100, 150)
+    finally:
+        client.disconnect()
+    assert np.array_equal(shot, fbdump_array(host, 6))
+    # xen-kbdfront asks for an absolute pointer only if the backend offered one
+    # when it probed, i.e. before our backends existed: the machine advertises early.
+    deadline = time.monotonic() + 10
+    while not (pos := [e for e in toolstack.read_input_log(host, 6) if e["type"] == "pos"]):
+        assert time.monotonic() < deadline, toolstack.read_input_log(host, 6)
+        time.sleep(0.05)
+    assert (pos[-1]["x"], pos[-1]["y"]) == (100, 150)

@@ -177,15 +177,19 @@ def _quantise(rgb: np.ndarray, maxes) -> np.ndarray:
 
 def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarray,
                  tolerance: float | None = None, timeout: float = 15.0) -> np.ndarray:
+    log = tempfile.TemporaryFile()
     viewer = subprocess.Popen(["vncviewer", "-display", display, "-SecurityTypes", "None", "-Shared",
                                "-AutoSelect=0", *options, f"127.0.0.1::{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         got = None
         window = None
         while time.monotonic() < deadline:
-            assert viewer.poll() is None, "vncviewer exited"
+            if viewer.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"vncviewer exited {viewer.returncode}: "
+                                     f"{log.read().decode(errors='replace')[-2000:]}")
             window = window or _window_id(display, "TigerVNC", f"{expected.shape[1]}x{expected.shape[0]}")
             if window:
                 got = _grab(display, window)
@@ -203,6 +207,7 @@ def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarr
     finally:
         viewer.terminate()
         viewer.wait(5)
+        log.close()
 
 
 @pytest.mark.parametrize("encoding", ["Raw", "Hextile", "ZRLE", "Tight"])

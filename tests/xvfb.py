@@ -13,7 +13,12 @@ class Xvfb:
     def __init__(self, screen: str = "1280x1024x24"):
         read_fd, write_fd = os.pipe()
         self.proc = subprocess.Popen(
-            ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", screen, "-nolisten", "tcp"],
+            # -noreset: by default the server resets when its last client
+            # leaves, and a client connecting meanwhile gets "Can't open
+            # display" (seen: a TigerVNC viewer started right after the
+            # previous test's viewer quit)
+            ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", screen, "-nolisten", "tcp",
+             "-noreset"],
             pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(write_fd)
         # Read the whole "N\n" line before closing our end: Xvfb may write the
