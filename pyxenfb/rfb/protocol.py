@@ -161,6 +161,53 @@ def _clip(x: int, y: int, w: int, h: int, width: int, height: int):
     return x0, y0, x1 - x0, y1 - y0
 
 
+BAND_PIXELS = 65536     # about what one encoding step may cover (ZRLE: ~15 ms here)
+
+
+def _band_rows(width: int) -> int:
+    """Rows per band: a multiple of 64, so ZRLE's and Hextile's tiles stay where
+    they would be in the whole rectangle."""
+    return max(64, BAND_PIXELS // max(width, 1) // 64 * 64)
+
+
+class UpdateJob:
+    """One FramebufferUpdate, encoded a band at a time so that a server can
+    serve other clients and input between bands.  Its pixels were copied
+    when it began: neither a guest rewriting its framebuffer nor a surface
+    going away afterwards can reach them.  The encoding and pixel format are
+    the ones in force then (later changes apply to the next update, as if
+    this one had already been on the wire)."""
+
+    def __init__(self, conn: "ServerConnection", pseudo: list[bytes], pieces: list, full: bool):
+        self._conn = conn
+        self._body = bytearray(b"".join(pseudo))
+        self._count = len(pseudo)
+        self._pieces = pieces
+        self._next = 0
+        self._full = full
+        self._encoding, self._fmt = conn.encoding, conn.pixel_format
+        self._jpeg = conn.jpeg_quality if conn.lossy else None
+
+    def step(self) -> bool:
+        """Encode the next band; False once every band is done."""
+        if self._next >= len(self._pieces):
+            return False
+        pixels, x, y, w, h = self._pieces[self._next]
+        self._pieces[self._next] = None              # free the copy as we go
+        self._next += 1
+        n, data = self._conn.encoder.encode(self._encoding, self._fmt, pixels, x, y, w, h,
+                                            jpeg_quality=self._jpeg)
+        self._body += data
+        self._count += n
+        return self._next < len(self._pieces)
+
+    def finish(self) -> int:
+        """Queue the whole FramebufferUpdate; the number of bytes queued."""
+        while self.step():
+            pass
+        return self._conn._queue_update(self._body, self._count, self._full)
+
+
 class ServerConnection:
     """One client's RFB session, without I/O."""
 
@@ -200,8 +247,8 @@ class ServerConnection:
         self._out += b"RFB 003.008\n"
 
     # ------------------------------------------------------------ I/O side
-    def data_to_send(self) -> bytes:
-        out, self._out = bytes(self._out), bytearray()
+    def data_to_send(self) -> bytearray:
+        out, self._out = self._out, bytearray()     # handed over, not copied (updates are MBs)
         return out
 
     @property
@@ -518,31 +565,43 @@ class ServerConnection:
 
     def send_update(self, rows: np.ndarray, src_fmt: PixelFormat,
                     rects: list[tuple[int, int, int, int]]) -> int:
-        """Encode `rects` of the surface `rows` into one FramebufferUpdate.
+        """Encode `rects` of the surface `rows` into one FramebufferUpdate at once.
 
         Rectangles are clipped to the framebuffer; pending pseudo-rectangles
         go first; the outstanding request is answered.  While a size change
         is pending the caller passes no rects: it goes out alone.  Returns
-        the number of bytes queued.
+        the number of bytes queued.  (`begin_update` does the same a band at
+        a time.)
         """
-        body, count = bytearray(b"".join(self._pseudo)), len(self._pseudo)
-        self._pseudo.clear()
+        job = self.begin_update(rows, src_fmt, rects)
+        while job.step():
+            pass
+        return job.finish()
+
+    def begin_update(self, rows: np.ndarray, src_fmt: PixelFormat,
+                     rects: list[tuple[int, int, int, int]]) -> "UpdateJob":
+        """Start answering the outstanding request: the pixels are converted
+        (copied) now, encoded by UpdateJob.step(), queued by finish()."""
+        pseudo, self._pseudo = self._pseudo, []
         self.resize_pending = False
+        full, self._request = self._request == "full", None
         # Never trust the caller's size bookkeeping further than the pixels go.
         width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
         height = min(self.height, rows.shape[0])
+        pieces = []
         for rect in rects:
             x, y, w, h = _clip(*rect, width, height)
             if w <= 0 or h <= 0:
                 continue
             pixels = convert_rect(rows, src_fmt, self.pixel_format, x, y, w, h)
-            n, data = self.encoder.encode(self.encoding, self.pixel_format, pixels, x, y, w, h,
-                                          jpeg_quality=self.jpeg_quality if self.lossy else None)
-            body += data
-            count += n
-        full, self._request = self._request == "full", None
+            band = h if self.encoding == enc.RAW else _band_rows(w)   # Raw is a copy: no need
+            for top in range(0, h, band):
+                pieces.append((pixels[top:top + band], x, y + top, w, min(band, h - top)))
+        return UpdateJob(self, pseudo, pieces, full)
+
+    def _queue_update(self, body: bytearray, count: int, full: bool) -> int:
         if count == 0 and not full:
             return 0
-        msg = struct.pack(">BxH", 0, count) + body
-        self._out += msg
-        return len(msg)
+        self._out += struct.pack(">BxH", 0, count)
+        self._out += body
+        return 4 + len(body)

@@ -27,6 +27,7 @@ WEBSOCKET_SNIFF = 0.1           # how long a silent client may be a browser
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
 MAX_DIRTY_RECTS = 16
+UPDATE_SLICE = 0.005            # seconds of encoding before other clients and input get a turn
 POINTER_ORIGIN = 0x7FFF         # relative-mode pointer offsets (QEMU -257)
 BUTTONS = ((1, "left"), (2, "middle"), (4, "right"))
 WHEEL_UP, WHEEL_DOWN = 8, 16
@@ -88,6 +89,7 @@ class VncClient(asyncio.Protocol):
         self.dirty = DirtyRegion()
         self.throttle = MIN_THROTTLE
         self.updates_sent = 0
+        self._job: rfb.UpdateJob | None = None     # the update being encoded, band by band
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
         self._held_keys: set[int] = set()
@@ -194,6 +196,7 @@ class VncClient(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        self._job = None
         log.info("VNC: client %s disconnected: %s", self.peer, reason)
         for timer in self._timers:
             timer.cancel()
@@ -235,7 +238,7 @@ class VncClient(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=self.throttle)
 
     def _maybe_update(self) -> None:
-        if self.closing or not self.attached:
+        if self.closing or not self.attached or self._job is not None:
             return
         request = self.conn.pending_request
         if request is None:
@@ -248,9 +251,27 @@ class VncClient(asyncio.Protocol):
         surface = self.console.surface
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
-        if self.conn.send_update(surface.rows, surface.fmt, rects):
+        self._job = self.conn.begin_update(surface.rows, surface.fmt, rects)
+        self._continue_update()
+
+    def _continue_update(self) -> None:
+        """Encode bands for up to UPDATE_SLICE, then let the loop run the rest
+        (a full frame can take 100+ ms here, seconds in an emulated dom0)."""
+        job = self._job
+        if job is None or self.closing:
+            self._job = None
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UPDATE_SLICE
+        while job.step():
+            if loop.time() >= deadline:
+                loop.call_soon(self._continue_update)
+                return
+        self._job = None
+        if job.finish():
             self.updates_sent += 1
         self._flush()
+        self._maybe_update()        # a request or changes that came meanwhile
 
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
