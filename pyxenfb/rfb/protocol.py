@@ -573,10 +573,7 @@ class ServerConnection:
         the number of bytes queued.  (`begin_update` does the same a band at
         a time.)
         """
-        job = self.begin_update(rows, src_fmt, rects)
-        while job.step():
-            pass
-        return job.finish()
+        return self.begin_update(rows, src_fmt, rects).finish()
 
     def begin_update(self, rows: np.ndarray, src_fmt: PixelFormat,
                      rects: list[tuple[int, int, int, int]]) -> "UpdateJob":
