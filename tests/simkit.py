@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,6 +152,17 @@ async def new_domain(run_dir: str, domid: int, **guest_kw) -> ReferenceGuest:
     await create_domain(run_dir, domid, f"guest{domid}", memory=16, vfb="vnc=1,vncdisplay=0",
                         dm=None, start_guest=False)
     return ReferenceGuest(run_dir, domid, **guest_kw)
+
+
+def wait_until(predicate, timeout: float = 5.0, what="condition"):
+    """Poll predicate() from a plain thread until true; bounded.  `what` may be
+    a callable, evaluated only for the failure message."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for "
+                                 f"{what() if callable(what) else what}")
+        time.sleep(0.02)
 
 
 async def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):

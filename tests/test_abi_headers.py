@@ -82,7 +82,7 @@ def _field_offset(st, index):
     import struct
     import re
     fmt = st.format
-    offs, pos, n = [], 0, 0
+    offs, pos = [], 0
     for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt[1:]):
         count = int(count) if count else 1
         size = struct.calcsize("<" + code)

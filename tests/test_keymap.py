@@ -16,7 +16,6 @@ import evdev.ecodes as ec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyxenfb import keymap
 from pyxenfb.keymap import (
     MOD_ALTGR, MOD_SHIFT, Keymap, KeysymDecoder, UnknownKeymap, available_layouts,
     linux_key_name, qnum_to_linux, usb_hid_to_linux,

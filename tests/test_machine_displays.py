@@ -4,7 +4,6 @@ Pictures are compared with `pyxenfb-sim fbdump` (the guest's memory read
 directly, independent of the backend) pixel for pixel.
 """
 import asyncio
-import json
 import os
 import time
 

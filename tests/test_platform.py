@@ -94,20 +94,20 @@ def test_real_platform_without_xen_fails_readably(tmp_path):
         p.foreign_memory()
 
 
+def fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+
+
 def test_imports_stay_lazy():
-    code = ("import sys, pyxenfb.platform as p; "
-            "print(sorted(m for m in ('pyxenfb.xenstore', 'numpy', 'cffi') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    assert out.strip() == "[]"
+    assert fresh_python("import sys, pyxenfb.platform as p; print(sorted(m for m in "
+                        "('pyxenfb.xenstore', 'numpy', 'cffi') if m in sys.modules))") == "[]"
 
 
 def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
-    code = ("import sys, pyxenfb.evtchn as e; "
-            "print(e._evtchn_lib is None and 'cffi' not in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    assert out.strip() == "True"
+    assert fresh_python("import sys, pyxenfb.evtchn as e; "
+                        "print(e._evtchn_lib is None and 'cffi' not in sys.modules)") == "True"
 
 
 # ---- the generated cffi module (pyxenfb/_xen_ffi.py) ------------------------------
@@ -131,9 +131,7 @@ def test_libraries_load_without_cffis_parser():
             "e._load_libxenevtchn(); f._load_libxenforeignmemory(); ffi, libc = f._load_libc(); "
             "p = libc.mmap(0, 4096, 3, 0x22, -1, 0); assert libc.munmap(ffi.cast('void *', p), 4096) == 0; "
             "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    assert out.strip() == "[]"
+    assert fresh_python(code) == "[]"
 
 
 def test_declarations_agree_with_libxen_headers(tmp_path):

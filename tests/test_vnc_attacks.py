@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pyxenfb.rfb import server as rfb_server
+from simkit import wait_until
 from rfb_harness import RawClient, ServerThread, make_picture, vnc_server, vnc_server_password  # noqa: F401
 
 FULL = struct.pack(">BBHHHH", 3, 0, 0, 0, 800, 600)
@@ -51,10 +52,8 @@ def assert_healthy(srv: ServerThread) -> None:
 
 def closed_with_log(caplog, client: RawClient, text: str) -> None:
     assert client.closed(), "server did not close the connection"
-    deadline = time.monotonic() + 5
-    while not any(text in r.getMessage() for r in caplog.records):
-        assert time.monotonic() < deadline, f"no log line containing {text!r}"
-        time.sleep(0.01)
+    wait_until(lambda: any(text in r.getMessage() for r in caplog.records), 5,
+               f"a log line containing {text!r}")
 
 
 @pytest.fixture(autouse=True)
@@ -212,10 +211,8 @@ def test_disconnect_at_every_handshake_byte(vnc_server_password, caplog):
         else:
             c.send(bytes(script[:cut]))
         c.close()
-    deadline = time.monotonic() + 5
-    while srv.call(lambda: len(srv.server.clients)):
-        assert time.monotonic() < deadline, "connections leaked"
-        time.sleep(0.02)
+    wait_until(lambda: not srv.call(lambda: len(srv.server.clients)), 5,
+               "the connections to go (leaked?)")
     c = RawClient(srv.port)
     c.handshake(password="s3cret")
 
@@ -325,10 +322,8 @@ def test_unauthenticated_connection_cap(vnc_server, caplog):
     closed_with_log(caplog, extra, "too many connections still in the handshake")
     for c in idle:
         c.close()
-    deadline = time.monotonic() + 5
-    while vnc_server.call(lambda: len(vnc_server.server.clients)):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: not vnc_server.call(lambda: len(vnc_server.server.clients)), 5,
+               "the idle connections to go")
     assert_healthy(vnc_server)
 
 
@@ -356,10 +351,9 @@ def test_held_keys_released_on_disconnect(vnc_server):
     c.send(struct.pack(">BBxxI", 4, 1, 0x61) + struct.pack(">BBHH", 5, 1, 5, 5) + set_encodings(0) + FULL)
     read_update(c)
     c.close()
-    deadline = time.monotonic() + 5
-    while ("key", 30, False) not in vnc_server.input.events or ("key", 0x110, False) not in vnc_server.input.events:
-        assert time.monotonic() < deadline, vnc_server.input.events
-        time.sleep(0.02)
+    wait_until(lambda: ("key", 30, False) in vnc_server.input.events
+               and ("key", 0x110, False) in vnc_server.input.events, 5,
+               lambda: f"key and button releases in {vnc_server.input.events}")
 
 
 def test_exclusive_client_kicks_a_blocked_peer(vnc_server, caplog):
@@ -372,10 +366,8 @@ def test_exclusive_client_kicks_a_blocked_peer(vnc_server, caplog):
     lazy_client.handshake()
     lazy.sendall(set_encodings(0) + FULL * 10)
     # Wait until the server has answered the lazy client (which never reads).
-    deadline = time.monotonic() + 5
-    while not vnc_server.call(lambda: any(c.updates_sent for c in vnc_server.server.clients)):
-        assert time.monotonic() < deadline, "the lazy client never got an update"
-        time.sleep(0.01)
+    wait_until(lambda: vnc_server.call(lambda: any(c.updates_sent for c in vnc_server.server.clients)),
+               5, "an update for the lazy client")
     exclusive = RawClient(vnc_server.port)
     exclusive.handshake(shared=False)
     exclusive.send(set_encodings(0) + FULL)
@@ -515,9 +507,7 @@ def test_connect_negotiate_disconnect_cycles_leak_nothing(vnc_server):
         c.close()
     # zlib streams are ~256 KiB each: a leak of one per cycle would show at once.
     assert rss_kib() - rss_before < 16 * 1024, (rss_before, rss_kib())
-    deadline = time.monotonic() + 5
-    while vnc_server.call(lambda: len(vnc_server.server.clients)):
-        assert time.monotonic() < deadline, "clients leaked"
-        time.sleep(0.02)
+    wait_until(lambda: not vnc_server.call(lambda: len(vnc_server.server.clients)), 5,
+               "the clients to go (leaked?)")
     assert fds() <= before + 2
     assert_healthy(vnc_server)

@@ -17,13 +17,12 @@ from xvfb import Xvfb
 from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
-from rfb_harness import (KEY_A, RawClient, ServerThread, _factory_for, capture,  # noqa: F401
+from rfb_harness import (KEY_A, RawClient, ServerThread, capture,  # noqa: F401
                          expected_rgb, make_picture, vnc_server, vnc_server_lossy,
                          vnc_server_password)
 
 vncdotool_api = pytest.importorskip("vncdotool.api")
 _SHOT = os.path.join(tempfile.mkdtemp(prefix="vnc-test-"), "shot.png")
-from vncdotool import client as vnc_client  # noqa: E402
 from vncdotool import rfb as vnc_rfb  # noqa: E402
 
 

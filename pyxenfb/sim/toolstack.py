@@ -300,7 +300,7 @@ async def _write_domain(xs: XenStore, domid: int, name: str, uuid: str,
 
 async def _add_console(xs: XenStore, domid: int, memory_mib: int) -> None:
     """The PV console device libxl adds (served by xenconsoled, not by the DM)."""
-    dom, lx = f"/local/domain/{domid}", f"/libxl/{domid}"
+    dom = f"/local/domain/{domid}"
     be = f"/local/domain/0/backend/console/{domid}/0"
     fe = f"{dom}/console"
     p = _perms(domid)
