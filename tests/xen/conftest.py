@@ -55,10 +55,6 @@ def xenlab_home() -> Path | None:
 LAB_XEN_ARGS = "cpuid=no-xsave"
 
 
-def xen_args() -> str:
-    return os.environ.get("PYXENFB_XEN_ARGS", LAB_XEN_ARGS)
-
-
 def write_ppm(path: Path, rgb: np.ndarray) -> None:
     h, w, _ = rgb.shape
     path.write_bytes(b"P6\n%d %d\n255\n" % (w, h) + rgb.astype(np.uint8).tobytes())
@@ -222,7 +218,8 @@ def lab() -> Lab:
     with open(run_log, "w") as log:
         # the lab's own timeout kills QEMU; ours is a backstop 60 s later
         proc = subprocess.run([str(home / "run"), str(HERE / "dom0" / "tier.sh"), "--share",
-                               str(share), "--timeout", str(timeout), "--xen-args", xen_args()],
+                               str(share), "--timeout", str(timeout), "--xen-args",
+                               os.environ.get("PYXENFB_XEN_ARGS", LAB_XEN_ARGS)],
                               stdout=log, stderr=subprocess.STDOUT, timeout=timeout + 60)
     seconds = time.monotonic() - t0
     lab = Lab(share, proc.returncode, seconds, run_log,
