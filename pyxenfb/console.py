@@ -5,8 +5,13 @@ pixel format) and marks dirty rectangles; displays (VNC, SDL) attach as
 listeners and call the input API.  Devices and displays never import each
 other — this is QEMU's console / DisplayChangeListener split.
 
-Everything runs on the one asyncio loop.  Dirty rectangles are coalesced and
-handed to listeners once per loop pass (`loop.call_soon`), never on a timer.
+Everything runs on the one asyncio loop.  This is the one update path: the
+device's dirty rectangles are clipped and coalesced here (`region.py`) and
+each listener gets the whole batch once per loop pass (`loop.call_soon`),
+never on a timer.  Input state every display shares lives here too: which
+keys and buttons each display holds (released when it goes away) and how a
+display's pointer position becomes the absolute or relative motion the
+guest asked for.
 """
 from __future__ import annotations
 
@@ -18,12 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from .convert import GUEST_32, PixelFormat
+from .region import DirtyRegion, Rect, clip
 
 log = logging.getLogger(__name__)
-
-# Up to this many separate rectangles are kept; beyond it they are merged
-# into their bounding box (QEMU's xenfb keeps 8 before going full-screen).
-MAX_RECTS = 8
 
 # Linux input codes for pointer buttons (linux/input-event-codes.h).
 BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
@@ -64,8 +66,10 @@ class DisplayListener(Protocol):
     """What a display implements to follow a console."""
 
     def console_resized(self, surface: Surface) -> None: ...
-    def console_updated(self, x: int, y: int, w: int, h: int) -> None: ...
+    def console_update(self, rects: list[Rect]) -> None:
+        """One batch of clipped, coalesced dirty rectangles (valid this loop pass)."""
     def console_pointer_mode(self, absolute: bool) -> None: ...
+    def console_leds(self, leds: int) -> None: ...
 
 
 class InputSink(Protocol):
@@ -83,10 +87,12 @@ class VisibilitySink(Protocol):
     def displays_visible(self, visible: bool) -> None: ...
 
 
-def _union(a, b):
-    x0, y0 = min(a[0], b[0]), min(a[1], b[1])
-    x1, y1 = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
-    return (x0, y0, x1 - x0, y1 - y0)
+class _HeldInput:
+    """What one display (an input source) holds down, and where its pointer was."""
+
+    def __init__(self):
+        self.codes: set[int] = set()
+        self.last_pos: tuple[int, int] | None = None
 
 
 class Console:
@@ -101,7 +107,8 @@ class Console:
         self.input: InputSink | None = None
         self.framebuffer: VisibilitySink | None = None
         self._listeners: list[DisplayListener] = []
-        self._dirty: list[tuple[int, int, int, int]] = []
+        self._dirty = DirtyRegion()
+        self._held: dict[object, _HeldInput] = {}
         self._flush_scheduled = False
         self._loop = loop
 
@@ -109,41 +116,36 @@ class Console:
     def set_surface(self, surface: Surface) -> None:
         """A new surface (connect, resize, disconnect).  Listeners redraw."""
         self.surface = surface
-        self._dirty.clear()
+        self._dirty.take()
         for lst in list(self._listeners):
             lst.console_resized(surface)
 
     def invalidate(self, x: int, y: int, w: int, h: int) -> None:
         """Mark a rectangle dirty; it is clipped to the surface here."""
-        s = self.surface
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(s.width, x + w), min(s.height, y + h)
-        if x1 <= x0 or y1 <= y0:
+        rect = clip(x, y, w, h, self.surface.width, self.surface.height)
+        if rect is None:
             return
-        rect = (x0, y0, x1 - x0, y1 - y0)
-        self._dirty.append(rect)
-        if len(self._dirty) > MAX_RECTS:
-            merged = self._dirty[0]
-            for r in self._dirty[1:]:
-                merged = _union(merged, r)
-            self._dirty = [merged]
+        self._dirty.add(rect)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
-        """Hand the coalesced dirty rectangles to every listener."""
+        """Hand the batch of dirty rectangles to every listener, once."""
         self._flush_scheduled = False
-        rects, self._dirty = self._dirty, []
-        for rect in rects:
-            for lst in list(self._listeners):
-                lst.console_updated(*rect)
+        rects = self._dirty.take()
+        if not rects:
+            return
+        for lst in list(self._listeners):
+            lst.console_update(rects)
 
     def set_pointer_mode(self, absolute: bool) -> None:
         if absolute != self.absolute_pointer:
             log.info("%s: guest asks for %s pointer", self.name or "console",
                      "absolute" if absolute else "relative")
         self.absolute_pointer = absolute
+        for held in self._held.values():
+            held.last_pos = None            # a relative delta must not span the switch
         for lst in list(self._listeners):
             lst.console_pointer_mode(absolute)
 
@@ -164,21 +166,49 @@ class Console:
     def listeners(self) -> tuple[DisplayListener, ...]:
         return tuple(self._listeners)
 
-    def key(self, code: int, down: bool) -> None:
-        """A Linux input key code (KEY_* or BTN_*) pressed or released."""
+    # ---- input (from displays) ------------------------------------------
+    def key(self, code: int, down: bool, source: object = None) -> None:
+        """A Linux input key code (KEY_* or BTN_*) pressed or released by
+        `source` (a display or one of its clients), which holds it until
+        released or until `release_input(source)`."""
+        if source is not None:
+            held = self._held.setdefault(source, _HeldInput())
+            if down:
+                held.codes.add(code)
+            elif code in held.codes:
+                held.codes.discard(code)
         if self.input is None:
             return
         self.input.key(code, down)
         if down and code in LOCK_LEDS:
             self.leds ^= LOCK_LEDS[code]
             for lst in list(self._listeners):
-                notify = getattr(lst, "console_leds", None)
-                if notify is not None:
-                    notify(self.leds)
+                lst.console_leds(self.leds)
 
-    def button(self, name: str, down: bool) -> None:
+    def button(self, name: str, down: bool, source: object = None) -> None:
         """'left', 'middle' or 'right'."""
-        self.key(BUTTON_CODES[name], down)
+        self.key(BUTTON_CODES[name], down, source)
+
+    def release_input(self, source: object) -> None:
+        """Let go of every key and button `source` still holds (a client
+        leaving, a window losing focus), as QEMU does."""
+        held = self._held.pop(source, None)
+        if held is None:
+            return
+        for code in sorted(held.codes):
+            self.key(code, False)
+
+    def pointer_move(self, source: object, x: int, y: int) -> None:
+        """A display's pointer is at (x, y) in surface pixels: an absolute
+        position, or the motion since `source`'s last position, whichever
+        the guest asked for."""
+        if self.absolute_pointer:
+            self.pointer_abs(x, y)
+            return
+        held = self._held.setdefault(source, _HeldInput())
+        if held.last_pos is not None:
+            self.pointer_rel(x - held.last_pos[0], y - held.last_pos[1])
+        held.last_pos = (x, y)
 
     def pointer_abs(self, x: int, y: int) -> None:
         """Absolute position in surface pixels (clamped here)."""

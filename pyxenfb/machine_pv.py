@@ -140,7 +140,7 @@ class XenPvMachine:
     async def _start_displays(self, name: str) -> None:
         vnc_opts = self.opts.vnc
         if vnc_opts is not None:
-            from .rfb.server import VncServer
+            from .vnc import VncServer
             password = self.vnc_password
             if vnc_opts.password and password is None:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
@@ -152,8 +152,7 @@ class XenPvMachine:
         if self.opts.sdl:
             from .sdl import SdlDisplay
             try:
-                self.sdl = SdlDisplay(self.console, name=name, keymap=self.keymap,
-                                      on_close=self._sdl_closed)
+                self.sdl = SdlDisplay(self.console, name=name, on_close=self._sdl_closed)
                 self.sdl.start(asyncio.get_running_loop())
                 log.info("SDL display open (video driver %s)", os.environ.get("SDL_VIDEODRIVER", "default"))
             except Exception as e:   # no X display, no SDL: one line, not a traceback
@@ -255,13 +254,11 @@ class XenPvMachine:
         if self.vnc_listeners is None:
             return {"enabled": False}
         host = self.vnc_listeners.host
-        clients = self.vnc.clients if self.vnc is not None else []
+        clients = self.vnc.query_clients() if self.vnc is not None else []
         return {"enabled": True, "host": host, "family": "ipv6" if ":" in host else "ipv4",
                 "service": str(self.vnc_listeners.port), "auth": "vnc" if self.vnc_password is not None
                 or (self.opts.vnc and self.opts.vnc.password) else "none",
-                "clients": [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
-                             "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode == "websocket"}
-                            for c in clients if c.attached]}
+                "clients": clients}
 
     def qmp_set_vnc_password(self, password: str) -> None:
         from .qmp import QmpError
@@ -313,8 +310,7 @@ def _import_display_stack() -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
     worker thread so that the event loop keeps serving QMP meanwhile."""
     import numpy  # noqa: F401
-    from . import console, xenfb  # noqa: F401
-    from .rfb import server  # noqa: F401
+    from . import console, vnc, xenfb  # noqa: F401
 
 
 def run(options) -> int:

@@ -1,9 +1,9 @@
 """The SDL display: a pygame window showing a console, feeding its input back.
 
-`SdlDisplay` is a console listener.  Guest pixels are converted by
-`convert.convert_rect` straight into the window surface's own pixel memory
-(a plain row copy when the guest format is the window's), and only the dirty
-rectangles are pushed to the screen with `pygame.display.update(rects)`.
+`SdlDisplay` is a console listener.  Each batch of dirty rectangles is
+converted by `convert.convert_rect` straight into the window surface's own
+pixel memory (a plain row copy when the guest format is the window's) and
+pushed to the screen with one `pygame.display.update(rects)`.
 
 Event-loop integration (see docs/sdl.md for the why): on X11 the X server
 connection's fd is watched with `loop.add_reader`, and SDL's event queue is
@@ -29,6 +29,7 @@ import numpy as np
 
 from .console import Console, Surface
 from .convert import PixelFormat, convert_rect
+from .keymap import usb_hid_to_linux
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def x11_connection_fd(display_capsule) -> int | None:
 class SdlDisplay:
     """A pygame window following `console`; see the module docstring."""
 
-    def __init__(self, console: Console, *, name: str, keymap: str | None = None,
+    def __init__(self, console: Console, *, name: str,
                  on_close: Callable[[], None] | None = None):
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         # Like QEMU: an idle guest console must not keep the screensaver away.
@@ -72,7 +73,6 @@ class SdlDisplay:
         self._pg = pygame
         self.console = console
         self.name = name
-        self.keymap = keymap     # unused: SDL reports layout-independent scancodes
         self.on_close = on_close
         self.grabbed = False
         self.fullscreen = False
@@ -83,14 +83,9 @@ class SdlDisplay:
         self._fd: int | None = None
         self.window_id: int | None = None    # X11 window id, when there is one
         self._poll_handle: asyncio.TimerHandle | None = None
-        self._pending_rects: list = []
-        self._flush_scheduled = False
         self._pump_scheduled = False
-        self._held_keys: set[int] = set()    # Linux codes sent down, released on focus loss
         self._swallowed: set[int] = set()    # scancodes of hotkeys whose key-up must not reach the guest
         self._grab_click = False             # the click that grabbed: its release stays ours too
-        self._usb_hid_to_linux = None
-        self._keymap_missing = False
         self._closed = False
 
     # ---- life cycle -----------------------------------------------------
@@ -109,7 +104,7 @@ class SdlDisplay:
             return
         self._closed = True
         self.console.detach(self)
-        self._release_held_keys()
+        self.console.release_input(self)
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._fd = None
@@ -191,19 +186,11 @@ class SdlDisplay:
 
     def _redraw_all(self) -> None:
         s = self.console.surface
-        self._pending_rects.clear()
         if self._window is not None:
             self._window.fill((0, 0, 0))
             self._draw(0, 0, s.width, s.height)
             self._pg.display.update()
         self._schedule_pump()
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        rects, self._pending_rects = self._pending_rects, []
-        if rects and not self._closed:
-            self._pg.display.update(rects)
-            self.pump_events()
 
     # ---- DisplayListener ------------------------------------------------
     def console_resized(self, surface: Surface) -> None:
@@ -214,17 +201,17 @@ class SdlDisplay:
             self._update_title()
         self._redraw_all()
 
-    def console_updated(self, x: int, y: int, w: int, h: int) -> None:
+    def console_update(self, rects) -> None:
         # Convert now: the console's surface rows are only valid in this loop pass.
         if self._closed:
             return
-        rect = self._draw(x, y, w, h)
-        if rect is None:
-            return
-        self._pending_rects.append(self._pg.Rect(rect))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        drawn = [self._pg.Rect(r) for r in (self._draw(*rect) for rect in rects) if r is not None]
+        if drawn:
+            self._pg.display.update(drawn)
+            self.pump_events()
+
+    def console_leds(self, leds: int) -> None:
+        pass                               # a window has no lock LEDs to show
 
     def console_pointer_mode(self, absolute: bool) -> None:
         if not self._closed:
@@ -316,7 +303,7 @@ class SdlDisplay:
             self._adopt_window_surface()
             self._redraw_all()
         elif t == pg.WINDOWFOCUSLOST:
-            self._release_held_keys()
+            self.console.release_input(self)
 
     def _on_key(self, event, down: bool) -> None:
         pg = self._pg
@@ -334,33 +321,14 @@ class SdlDisplay:
             self._swallowed.discard(scancode)
             return
         code = self._linux_code(scancode)
-        if code is None:
-            return
-        if down:
-            self._held_keys.add(code)
-        else:
-            self._held_keys.discard(code)
-        self.console.key(code, down)
+        if code is not None:
+            self.console.key(code, down, source=self)
 
     def _linux_code(self, scancode: int) -> int | None:
-        if self._usb_hid_to_linux is None and not self._keymap_missing:
-            try:
-                from .keymap import usb_hid_to_linux
-                self._usb_hid_to_linux = usb_hid_to_linux
-            except ImportError as exc:
-                self._keymap_missing = True
-                log.error("sdl: no keymap module (%s); keys are not forwarded", exc)
-        if self._usb_hid_to_linux is None:
-            return None
-        code = self._usb_hid_to_linux(scancode)
+        code = usb_hid_to_linux(scancode)
         if code is None:
             log.debug("sdl: scancode %d has no Linux key code", scancode)
         return code
-
-    def _release_held_keys(self) -> None:
-        for code in sorted(self._held_keys):
-            self.console.key(code, False)
-        self._held_keys.clear()
 
     def _on_motion(self, event) -> None:
         if self.console.absolute_pointer:
@@ -385,4 +353,4 @@ class SdlDisplay:
         if self.console.absolute_pointer:
             x, y = event.pos
             self.console.pointer_abs(int(x), int(y))
-        self.console.button(name, down)
+        self.console.button(name, down, source=self)

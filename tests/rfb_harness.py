@@ -12,7 +12,7 @@ import pytest
 
 from pyxenfb.console import Console, Surface
 from pyxenfb.convert import GUEST_32, to_rgb
-from pyxenfb.rfb import VncServer
+from pyxenfb.vnc import VncServer
 from pyxenfb.rfb.auth import vnc_response
 
 KEY_A, KEY_B, KEY_ENTER = 30, 48, 28

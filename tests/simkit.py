@@ -189,14 +189,20 @@ def surface_words(console: Console) -> np.ndarray:
 class RecordingListener:
     def __init__(self):
         self.updates: list[tuple[int, int, int, int]] = []
+        self.batches: list[list[tuple[int, int, int, int]]] = []
+        self.leds: list[int] = []
         self.resizes: list[tuple[int, int]] = []
         self.modes: list[bool] = []
 
     def console_resized(self, surface):
         self.resizes.append((surface.width, surface.height))
 
-    def console_updated(self, x, y, w, h):
-        self.updates.append((x, y, w, h))
+    def console_update(self, rects):
+        self.batches.append(list(rects))
+        self.updates.extend(rects)
+
+    def console_leds(self, leds):
+        self.leds.append(leds)
 
     def console_pointer_mode(self, absolute):
         self.modes.append(absolute)

@@ -247,7 +247,7 @@ def test_set_encodings_65535_entries():
 def test_quality_and_compression_levels():
     conn = to_normal()
     conn.receive_data(set_encodings(7, -24, -254))
-    assert conn.jpeg_quality == 8 and conn.encoder.compress_level == 2
+    assert conn.jpeg_quality == 8 and conn.compress_level == 2
     conn.receive_data(set_encodings(7))
     assert conn.jpeg_quality is None
 

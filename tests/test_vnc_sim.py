@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from pyxenfb.rfb import VncServer
+from pyxenfb.vnc import VncServer
 from pyxenfb.sim.picture import test_picture as guest_picture
 
 from simkit import connected_domain, wait_for
@@ -58,6 +58,7 @@ class RawClient:
             kind, _, n = struct.unpack(">BBH", await self.r.readexactly(4))
             assert kind == 0, kind
             resized = False
+            rects = []
             for _ in range(n):
                 x, y, w, h, enc = struct.unpack(">HHHHi", await self.r.readexactly(12))
                 if enc == DESKTOP_SIZE:
@@ -65,8 +66,10 @@ class RawClient:
                     resized = True
                     continue
                 assert enc == RAW, enc
+                rects.append((x, y, w, h))
                 data = await self.r.readexactly(w * h * 4)
                 self.picture[y:y + h, x:x + w] = np.frombuffer(data, "<u4").reshape(h, w) & 0xFFFFFF
+            self.last_rects = rects
             self.updates += 1
             self.request(incremental=not resized)
 

@@ -1,19 +1,12 @@
-"""The VNC display: an RFB server of our own.
+"""The RFB protocol, its encoders and its transport; no console, no keymap.
 
 listener.py binds the TCP ports (light: the device model binds them before
 its heavy imports), protocol.py is the sans-IO core, encodings.py the
 rectangle encoders, auth.py VNC authentication and the blacklist,
-websocket.py RFB over WebSocket, server.py the asyncio glue and the public
-`VncServer`.
+websocket.py RFB over WebSocket, server.py the asyncio transport (clients,
+throttling, encoding beside the loop).  The VNC display of a console that
+uses them is pyxenfb/vnc.py.
 """
 from .listener import VncBindError
 
-__all__ = ["VncBindError", "VncServer"]
-
-
-def __getattr__(name):
-    # VncServer pulls in numpy: import it only when asked for.
-    if name == "VncServer":
-        from .server import VncServer
-        return VncServer
-    raise AttributeError(name)
+__all__ = ["VncBindError"]

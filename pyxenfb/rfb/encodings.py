@@ -298,6 +298,9 @@ class Encoder:
         self._zrle = None
         self._tight: list = [None] * 4
 
+    def set_compress_level(self, level: int) -> None:
+        self.compress_level = level
+
     def _deflate(self, stream, data: bytes) -> bytes:
         return stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
 

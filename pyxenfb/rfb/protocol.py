@@ -161,50 +161,53 @@ def _clip(x: int, y: int, w: int, h: int, width: int, height: int):
     return x0, y0, x1 - x0, y1 - y0
 
 
-BAND_PIXELS = 65536     # about what one encoding step may cover (ZRLE: ~15 ms here)
-
-
-def _band_rows(width: int) -> int:
-    """Rows per band: a multiple of 64, so ZRLE's and Hextile's tiles stay where
-    they would be in the whole rectangle."""
-    return max(64, BAND_PIXELS // max(width, 1) // 64 * 64)
-
-
 class UpdateJob:
-    """One FramebufferUpdate, encoded a band at a time so that a server can
-    serve other clients and input between bands.  Its pixels were copied
-    when it began: neither a guest rewriting its framebuffer nor a surface
-    going away afterwards can reach them.  The encoding and pixel format are
-    the ones in force then (later changes apply to the next update, as if
-    this one had already been on the wire)."""
+    """One FramebufferUpdate: the pixels were copied (converted to the
+    client's format) when it began, so neither a guest rewriting its
+    framebuffer nor a surface going away afterwards can reach them.
+
+    `encode()` touches only the job and the client's encoder (its zlib
+    streams), so it may run in a worker thread while the loop goes on with
+    the connection; `finish()` queues the result, back on the loop.  One job
+    per connection at a time keeps the zlib streams in order.  The encoding,
+    pixel format and compression level are those in force when the job
+    began (later changes apply to the next update, as if this one had
+    already been on the wire)."""
 
     def __init__(self, conn: "ServerConnection", pseudo: list[bytes], pieces: list, full: bool):
         self._conn = conn
-        self._body = bytearray(b"".join(pseudo))
-        self._count = len(pseudo)
-        self._pieces = pieces
-        self._next = 0
+        self._encoder = conn.encoder
+        self._pseudo = pseudo
+        self.pieces = pieces                   # (pixels, x, y, w, h) in the client's format
         self._full = full
         self._encoding, self._fmt = conn.encoding, conn.pixel_format
         self._jpeg = conn.jpeg_quality if conn.lossy else None
+        self._level = conn.compress_level
+        self._body: bytearray | None = None
+        self._count = 0
 
-    def step(self) -> bool:
-        """Encode the next band; False once every band is done."""
-        if self._next >= len(self._pieces):
-            return False
-        pixels, x, y, w, h = self._pieces[self._next]
-        self._pieces[self._next] = None              # free the copy as we go
-        self._next += 1
-        n, data = self._conn.encoder.encode(self._encoding, self._fmt, pixels, x, y, w, h,
-                                            jpeg_quality=self._jpeg)
-        self._body += data
-        self._count += n
-        return self._next < len(self._pieces)
+    @property
+    def pixel_count(self) -> int:
+        return sum(w * h for _, _, _, w, h in self.pieces)
+
+    def encode(self) -> None:
+        """Encode every rectangle (the slow part; safe off the loop)."""
+        body = bytearray(b"".join(self._pseudo))
+        count = len(self._pseudo)
+        if self._level is not None:
+            self._encoder.set_compress_level(self._level)
+        for pixels, x, y, w, h in self.pieces:
+            n, data = self._encoder.encode(self._encoding, self._fmt, pixels, x, y, w, h,
+                                           jpeg_quality=self._jpeg)
+            body += data
+            count += n
+        self._body, self._count = body, count
 
     def finish(self) -> int:
-        """Queue the whole FramebufferUpdate; the number of bytes queued."""
-        while self.step():
-            pass
+        """Queue the whole FramebufferUpdate (encoding it first if nobody
+        has); the number of bytes queued."""
+        if self._body is None:
+            self.encode()
         return self._conn._queue_update(self._body, self._count, self._full)
 
 
@@ -234,6 +237,7 @@ class ServerConnection:
         self.absolute_pointer = True
         self.leds = 0                        # lock LEDs, QEMU bits: 1 scroll, 2 num, 4 caps
         self.encoder = enc.Encoder()
+        self.compress_level: int | None = None    # the client's CompressLevel, if it sent one
         self._request: str | None = None     # None, "incremental" or "full"
         # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
         # arrive as an unasked-for update (vncdotool would take such an
@@ -492,7 +496,7 @@ class ServerConnection:
         self.jpeg_quality = qualities[0] - enc.JPEG_QUALITY_MIN if qualities else None
         levels = [e for e in values if enc.COMPRESS_LEVEL_MIN <= e <= enc.COMPRESS_LEVEL_MAX]
         if levels:
-            self.encoder.compress_level = levels[0] - enc.COMPRESS_LEVEL_MIN
+            self.compress_level = levels[0] - enc.COMPRESS_LEVEL_MIN
         if enc.QEMU_EXT_KEY in wanted and not self.extkey_acked:
             self.extkey_acked = True
             self._pseudo_update(0, 0, 0, 0, enc.QEMU_EXT_KEY)
@@ -570,30 +574,30 @@ class ServerConnection:
         Rectangles are clipped to the framebuffer; pending pseudo-rectangles
         go first; the outstanding request is answered.  While a size change
         is pending the caller passes no rects: it goes out alone.  Returns
-        the number of bytes queued.  (`begin_update` does the same a band at
-        a time.)
+        the number of bytes queued.  (`begin_update` splits the same into
+        copy now, encode anywhere, queue later.)
         """
         return self.begin_update(rows, src_fmt, rects).finish()
 
     def begin_update(self, rows: np.ndarray, src_fmt: PixelFormat,
-                     rects: list[tuple[int, int, int, int]]) -> "UpdateJob":
-        """Start answering the outstanding request: the pixels are converted
-        (copied) now, encoded by UpdateJob.step(), queued by finish()."""
+                     rects: list[tuple[int, int, int, int]], *, snapshot=None) -> "UpdateJob":
+        """Start answering the outstanding request: the rectangles' pixels are
+        copied in the client's format now.  `snapshot(rows, src_fmt, dst_fmt,
+        clipped_rects)` may provide that copy (a server shares one among
+        clients that use the same format); it returns one private pixel array
+        per rectangle."""
         pseudo, self._pseudo = self._pseudo, []
         self.resize_pending = False
         full, self._request = self._request == "full", None
         # Never trust the caller's size bookkeeping further than the pixels go.
         width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
         height = min(self.height, rows.shape[0])
-        pieces = []
-        for rect in rects:
-            x, y, w, h = _clip(*rect, width, height)
-            if w <= 0 or h <= 0:
-                continue
-            pixels = convert_rect(rows, src_fmt, self.pixel_format, x, y, w, h)
-            band = h if self.encoding == enc.RAW else _band_rows(w)   # Raw is a copy: no need
-            for top in range(0, h, band):
-                pieces.append((pixels[top:top + band], x, y + top, w, min(band, h - top)))
+        clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
+        if snapshot is not None:
+            copies = snapshot(rows, src_fmt, self.pixel_format, clipped)
+        else:
+            copies = [convert_rect(rows, src_fmt, self.pixel_format, *r) for r in clipped]
+        pieces = [(pixels, *r) for pixels, r in zip(copies, clipped)]
         return UpdateJob(self, pseudo, pieces, full)
 
     def _queue_update(self, body: bytearray, count: int, full: bool) -> int:

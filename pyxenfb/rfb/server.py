@@ -1,22 +1,39 @@
-"""asyncio glue around the sans-IO RFB core: sockets, console, throttling.
+"""asyncio transport around the sans-IO RFB core: sockets, throttling, encoding.
 
-One `VncClient` (an asyncio Protocol) per connection: it feeds the socket's
-bytes to its `ServerConnection`, turns the resulting events into console
-input, and listens to the console for dirty rectangles, resizes and pointer
-mode changes.  Updates are encoded only when the client has asked for one (or
-enabled continuous updates) and its output queue is short; nothing runs on a
-timer except the handshake deadline and the WebSocket sniffing delay.
+One `RfbClient` (an asyncio Protocol) per connection feeds the socket's bytes
+to its `ServerConnection`, hands input events to its server's display side,
+and sends FramebufferUpdates when the client has asked for one (or enabled
+continuous updates) and its output queue is short.  Nothing runs on a timer
+except the handshake deadline and the WebSocket sniffing delay.
+
+Updates are encoded beside the loop, as QEMU's VNC worker does: when an
+update begins, the dirty rectangles are copied in the client's pixel format
+(once per format for all clients starting an update in the same loop pass,
+into reused buffers), then a worker thread encodes that snapshot (zlib,
+numpy and Pillow release the GIL, so the second core works) and the loop
+queues the bytes when it is done.  One update per client is in flight at a
+time, which keeps its zlib streams in order; other clients, input and the
+guest never wait for it.
+
+`RfbServer` knows nothing of consoles or keymaps: a display subclasses it
+(pyxenfb/vnc.py) and provides the picture and the input handling.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
+from typing import Protocol
 
-from ..console import Console, Surface
+import numpy as np
+
+from ..convert import PixelFormat, convert_rect
+from ..region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
-from .listener import VncBindError, VncListeners, bind_vnc  # noqa: F401 (VncBindError re-exported)
+from .listener import VncListeners, bind_vnc
 from .websocket import WebSocketError, WebSocketStream, looks_like_websocket
 
 log = logging.getLogger(__name__)
@@ -26,41 +43,21 @@ MAX_UNAUTHENTICATED = 16        # connections still in the handshake
 WEBSOCKET_SNIFF = 0.1           # how long a silent client may be a browser
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
-MAX_DIRTY_RECTS = 16
-UPDATE_SLICE = 0.005            # seconds of encoding before other clients and input get a turn
-POINTER_ORIGIN = 0x7FFF         # relative-mode pointer offsets (QEMU -257)
-BUTTONS = ((1, "left"), (2, "middle"), (4, "right"))
-WHEEL_UP, WHEEL_DOWN = 8, 16
+# Updates this small are encoded on the loop: a thread hand-off costs more
+# than encoding them (a 64x64 change must reach the client in ~1 ms).
+INLINE_PIXELS = 128 * 128
+# Encoder threads: two, so that two clients' frames encode at once on a
+# 2-core dom0 (docs/performance.md measures one against two).
+ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
+POOL_BUFFERS = 4                # idle snapshot buffers kept for reuse
 
 
-class DirtyRegion:
-    """A few rectangles; beyond MAX_DIRTY_RECTS they merge into their bounding box."""
-
-    def __init__(self):
-        self.rects: list[tuple[int, int, int, int]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.rects)
-
-    def add(self, x: int, y: int, w: int, h: int) -> None:
-        if w <= 0 or h <= 0:
-            return
-        for (rx, ry, rw, rh) in self.rects:
-            if rx <= x and ry <= y and x + w <= rx + rw and y + h <= ry + rh:
-                return
-        self.rects = [r for r in self.rects
-                      if not (x <= r[0] and y <= r[1] and r[0] + r[2] <= x + w and r[1] + r[3] <= y + h)]
-        self.rects.append((x, y, w, h))
-        if len(self.rects) > MAX_DIRTY_RECTS:
-            x0 = min(r[0] for r in self.rects)
-            y0 = min(r[1] for r in self.rects)
-            x1 = max(r[0] + r[2] for r in self.rects)
-            y1 = max(r[1] + r[3] for r in self.rects)
-            self.rects = [(x0, y0, x1 - x0, y1 - y0)]
-
-    def take(self) -> list[tuple[int, int, int, int]]:
-        rects, self.rects = self.rects, []
-        return rects
+class Framebuffer(Protocol):
+    """What a display shows (console.Surface has this shape)."""
+    width: int
+    height: int
+    fmt: PixelFormat
+    rows: np.ndarray
 
 
 def _peer_name(transport) -> tuple[str, str]:
@@ -71,12 +68,60 @@ def _peer_name(transport) -> tuple[str, str]:
     return str(peer), str(peer)
 
 
-class VncClient(asyncio.Protocol):
-    """One connected client: a console listener driving a ServerConnection."""
+class BufferPool:
+    """Snapshot buffers reused between updates: a frame-sized allocation per
+    update would be an mmap and munmap each time."""
 
-    def __init__(self, server: "VncServer", mode: str):
+    def __init__(self, keep: int = POOL_BUFFERS):
+        self.keep = keep
+        self.allocations = 0
+        self._free: list[np.ndarray] = []
+
+    def get(self, nbytes: int) -> np.ndarray:
+        fits = [b for b in self._free if b.size >= nbytes]
+        if fits:
+            buf = min(fits, key=lambda b: b.size)
+            self._free.remove(buf)
+            return buf
+        self.allocations += 1
+        return np.empty(max(nbytes, 1 << 16), np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.append(buf)
+        if len(self._free) > self.keep:
+            self._free.remove(min(self._free, key=lambda b: b.size))
+
+
+class Snapshot:
+    """Rectangles copied in one pixel format, shared by the jobs using them;
+    its buffer goes back to the pool when the last job lets go."""
+
+    def __init__(self, pool: BufferPool, rows: np.ndarray, src_fmt: PixelFormat,
+                 dst_fmt: PixelFormat, rects: list[Rect]):
+        bpp = dst_fmt.bytes_per_pixel
+        self._pool = pool
+        self.buffer = pool.get(sum(w * h * bpp for _, _, w, h in rects))
+        self.pixels = []
+        at = 0
+        for x, y, w, h in rects:
+            out = self.buffer[at:at + w * h * bpp].reshape(h, w * bpp)
+            self.pixels.append(convert_rect(rows, src_fmt, dst_fmt, x, y, w, h, out=out))
+            at += w * h * bpp
+        self.users = 0
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.buffer is not None:
+            self.pixels = []
+            self._pool.put(self.buffer)
+            self.buffer = None
+
+
+class RfbClient(asyncio.Protocol):
+    """One connection: transport, handshake, throttling and its updates."""
+
+    def __init__(self, server: "RfbServer", mode: str):
         self.server = server
-        self.console: Console = server.console
         self.mode = mode                  # "detect", "rfb" or "websocket"
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
@@ -89,13 +134,10 @@ class VncClient(asyncio.Protocol):
         self.dirty = DirtyRegion()
         self.throttle = MIN_THROTTLE
         self.updates_sent = 0
-        self._job: rfb.UpdateJob | None = None     # the update being encoded, band by band
+        self.session = None               # the display's per-client state
+        self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
-        self._held_keys: set[int] = set()
-        self._keysyms = server.keysym_decoder()   # per client: its own modifier state
-        self._buttons = 0
-        self._last_pos: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -109,14 +151,15 @@ class VncClient(asyncio.Protocol):
             self.disconnect("too many connections still in the handshake")
             return
         blocked = server.blacklist.blocked_for(self.host)
+        fb = server.framebuffer()
         self.conn = rfb.ServerConnection(
-            self.console.surface.width, self.console.surface.height, server.desktop_name,
+            fb.width, fb.height, server.desktop_name,
             password=server.password,
             # An empty password (password=on, none set yet) lets nobody in.
             password_expired=server.password_expired or server.password == "",
             blocked_reason="Too many security failures" if blocked else None,
             lossy=server.lossy)
-        self.conn.absolute_pointer = self.console.absolute_pointer
+        server.prepare_connection(self.conn)
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
         if self.mode == "websocket":
             self.ws = WebSocketStream()
@@ -159,11 +202,10 @@ class VncClient(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         if not self.attached:
-            # Not yet a listener: ServerInit must carry the size of today's surface.
-            surface = self.console.surface
-            self.conn.width, self.conn.height = surface.width, surface.height
-            self.conn.absolute_pointer = self.console.absolute_pointer
-            self.conn.leds = self.console.leds
+            # Not yet attached: ServerInit must carry today's size and state.
+            fb = self.server.framebuffer()
+            self.conn.width, self.conn.height = fb.width, fb.height
+            self.server.prepare_connection(self.conn)
         try:
             events = self.conn.receive_data(data)
         except rfb.AuthenticationFailed as exc:
@@ -196,16 +238,14 @@ class VncClient(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        self._job = None
         log.info("VNC: client %s disconnected: %s", self.peer, reason)
         for timer in self._timers:
             timer.cancel()
         if self._sniff is not None:
             self._sniff.cancel()
-        self._release_input()
         if self.attached:
-            self.console.detach(self)
             self.attached = False
+            self.server.client_detached(self)
         if self in self.server.clients:
             self.server.clients.remove(self)
         if self.conn is not None:
@@ -233,9 +273,14 @@ class VncClient(asyncio.Protocol):
             self.disconnect(f"output queue of {pending} bytes over limit (client not reading)")
 
     def _set_throttle(self) -> None:
-        s = self.console.surface
-        self.throttle = max(MIN_THROTTLE, s.width * s.height * self.conn.pixel_format.bytes_per_pixel)
+        fb = self.server.framebuffer()
+        self.throttle = max(MIN_THROTTLE, fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
         self.transport.set_write_buffer_limits(high=self.throttle)
+
+    def add_dirty(self, rects: list[Rect]) -> None:
+        """Rectangles (clipped to today's surface) this client has yet to see."""
+        self.dirty.update(rects)
+        self._maybe_update()
 
     def _maybe_update(self) -> None:
         if self.closing or not self.attached or self._job is not None:
@@ -248,27 +293,43 @@ class VncClient(asyncio.Protocol):
             return
         if request == "full" and pending > 2 * self.throttle:
             return          # resume_writing() brings us back
-        surface = self.console.surface
+        fb = self.server.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
-        self._job = self.conn.begin_update(surface.rows, surface.fmt, rects)
-        self._continue_update()
-
-    def _continue_update(self) -> None:
-        """Encode bands for up to UPDATE_SLICE, then let the loop run the rest
-        (a full frame can take 100+ ms here, seconds in an emulated dom0)."""
-        job = self._job
-        if job is None or self.closing:
-            self._job = None
+        snapshots: list[Snapshot] = []
+        job = self.conn.begin_update(
+            fb.rows, fb.fmt, rects,
+            snapshot=lambda *args: self.server.snapshot(snapshots, *args))
+        if job.pixel_count <= INLINE_PIXELS:
+            self._finish(job, snapshots)
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + UPDATE_SLICE
-        while job.step():
-            if loop.time() >= deadline:
-                loop.call_soon(self._continue_update)
-                return
+        self._job = job
+        future = asyncio.get_running_loop().run_in_executor(self.server.encoder_pool(), job.encode)
+        future.add_done_callback(lambda f: self._encoded(job, snapshots, f))
+
+    def _encoded(self, job: rfb.UpdateJob, snapshots: list[Snapshot], future) -> None:
+        """Back on the loop: a worker finished (or failed) this client's update."""
         self._job = None
-        if job.finish():
+        if future.cancelled() or self.closing:
+            for snap in snapshots:
+                snap.release()
+            return
+        exc = future.exception()
+        if exc is not None:
+            for snap in snapshots:
+                snap.release()
+            log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
+            self.disconnect(f"encoder error: {exc}")
+            return
+        self._finish(job, snapshots)
+
+    def _finish(self, job: rfb.UpdateJob, snapshots: list[Snapshot]) -> None:
+        try:
+            sent = job.finish()
+        finally:
+            for snap in snapshots:
+                snap.release()
+        if sent:
             self.updates_sent += 1
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
@@ -277,18 +338,10 @@ class VncClient(asyncio.Protocol):
     def _handle(self, event) -> None:
         if isinstance(event, rfb.UpdateRequest):
             if not event.incremental:
-                s = self.console.surface
-                x, y = min(event.x, s.width), min(event.y, s.height)
-                self.dirty.add(x, y, min(event.w, s.width - x), min(event.h, s.height - y))
-        elif isinstance(event, rfb.PointerEvent):
-            self._pointer(event)
-        elif isinstance(event, rfb.KeyEvent):
-            self._key(self._keysym_code(event.keysym, event.down), event.down)
-        elif isinstance(event, rfb.ExtendedKeyEvent):
-            code = self.server.qnum_to_linux(event.keycode) if event.keycode else None
-            if code is None:
-                code = self.server.keysym_to_linux(event.keysym)
-            self._key(code, event.down)
+                fb = self.server.framebuffer()
+                rect = clip(event.x, event.y, event.w, event.h, fb.width, fb.height)
+                if rect is not None:
+                    self.dirty.add(rect)
         elif isinstance(event, rfb.PixelFormatChanged):
             self._set_throttle()
         elif isinstance(event, rfb.EncodingsChanged):
@@ -298,6 +351,8 @@ class VncClient(asyncio.Protocol):
             self.server.blacklist.success(self.host)
         elif isinstance(event, rfb.ClientInit):
             self._client_init(event.shared)
+        elif self.attached:
+            self.server.client_input(self, event)
 
     def _client_init(self, shared: bool) -> None:
         server = self.server
@@ -316,87 +371,37 @@ class VncClient(asyncio.Protocol):
             timer.cancel()
         self.attached = True
         self._set_throttle()
-        self.console.attach(self)
+        server.client_attached(self)
         log.info("VNC: client %s authenticated (%s)", self.peer, "shared" if shared else "exclusive")
 
-    def _keysym_code(self, keysym: int, down: bool) -> int | None:
-        """The layout's key for a keysym, chosen with this client's held modifiers."""
-        if self._keysyms is None:
-            return self.server.keysym_to_linux(keysym)
-        return self._keysyms.press(keysym) if down else self._keysyms.release(keysym)
-
-    def _key(self, code: int | None, down: bool) -> None:
-        if not code:
-            return
-        if down:
-            self._held_keys.add(code)
-        elif code in self._held_keys:
-            self._held_keys.discard(code)
-        self.console.key(code, down)
-
-    def _pointer(self, event: rfb.PointerEvent) -> None:
-        console = self.console
-        if console.absolute_pointer:
-            console.pointer_abs(event.x, event.y)
-        elif enc.POINTER_TYPE_CHANGE in self.conn.encodings:
-            console.pointer_rel(event.x - POINTER_ORIGIN, event.y - POINTER_ORIGIN)
-        else:
-            if self._last_pos is not None:
-                console.pointer_rel(event.x - self._last_pos[0], event.y - self._last_pos[1])
-            self._last_pos = (event.x, event.y)
-        changed = event.buttons ^ self._buttons
-        pressed = event.buttons & ~self._buttons
-        self._buttons = event.buttons
-        for bit, name in BUTTONS:
-            if changed & bit:
-                console.button(name, bool(event.buttons & bit))
-        if pressed & WHEEL_UP:
-            console.wheel(-1)
-        if pressed & WHEEL_DOWN:
-            console.wheel(1)
-
-    def _release_input(self) -> None:
-        """Let go of whatever this client still holds (as QEMU does)."""
-        for code in sorted(self._held_keys):
-            self.console.key(code, False)
-        self._held_keys.clear()
-        for bit, name in BUTTONS:
-            if self._buttons & bit:
-                self.console.button(name, False)
-        self._buttons = 0
-
-    # ------------------------------------------------------------ console listener
-    def console_updated(self, x: int, y: int, w: int, h: int) -> None:
-        self.dirty.add(x, y, w, h)
-        self._maybe_update()
-
-    def console_resized(self, surface: Surface) -> None:
-        if not self.conn.resize(surface.width, surface.height):
+    # ------------------------------------------------------------ display changes
+    def resized(self, width: int, height: int) -> None:
+        if not self.conn.resize(width, height):
             self.disconnect("client does not support desktop resizing")
             return
         self.dirty.take()
-        self.dirty.add(0, 0, surface.width, surface.height)
+        self.dirty.add((0, 0, width, height))
         self._set_throttle()
         self._flush()
         self._maybe_update()
 
-    def console_pointer_mode(self, absolute: bool) -> None:
-        self._last_pos = None
+    def set_pointer_mode(self, absolute: bool) -> None:
         self.conn.set_pointer_mode(absolute)
         self._flush()
 
-    def console_leds(self, leds: int) -> None:
+    def set_leds(self, leds: int) -> None:
         self.conn.set_leds(leds)
         self._flush()
 
 
-class VncServer:
-    """The VNC display of one console."""
+class RfbServer:
+    """Listening sockets and the clients of one picture.  A display
+    subclasses it: `framebuffer()` gives the picture, the client_* hooks
+    hear of clients and their input, and it reports changes with
+    `mark_dirty`, `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
 
-    def __init__(self, console: Console, *, keymap=None, password: str | None = None,
-                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False):
-        self.console = console
-        self.keymap = keymap
+    def __init__(self, *, password: str | None = None, name: str = "QEMU",
+                 max_clients: int = 32, lossy: bool = False):
         self.password = password
         self.password_expired = False
         self.name = name
@@ -406,12 +411,14 @@ class VncServer:
         self.port = 0
         self.display = 0
         self.websocket_port: int | None = None
-        self.clients: list[VncClient] = []
+        self.clients: list[RfbClient] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.websocket_sniff = WEBSOCKET_SNIFF
         self._servers: list[asyncio.AbstractServer] = []
-        self._qnum = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool = BufferPool()
+        self._pass_snapshots: dict[tuple, Snapshot] = {}
 
     @property
     def desktop_name(self) -> str:
@@ -419,35 +426,72 @@ class VncServer:
             return self.name
         return f"QEMU ({self.name})"
 
-    # ------------------------------------------------------------ keymaps
-    def _keymap(self):
-        if self.keymap is None:
-            try:
-                from ..keymap import Keymap
-                self.keymap = Keymap.load()
-            except (ImportError, ValueError) as exc:
-                log.warning("VNC: no keymap available (%s), keysym input dropped", exc)
-                self.keymap = False
-        return self.keymap or None
+    # ------------------------------------------------------------ display hooks
+    def framebuffer(self) -> Framebuffer:
+        raise NotImplementedError
 
-    def keysym_decoder(self):
-        """QEMU's keysym rules for one client, when the keymap is one of ours."""
-        from ..keymap import Keymap, KeysymDecoder
-        km = self._keymap()
-        return KeysymDecoder(km) if isinstance(km, Keymap) else None
+    def prepare_connection(self, conn: rfb.ServerConnection) -> None:
+        """Set what ServerInit and the first pseudo-encodings report."""
 
-    def keysym_to_linux(self, keysym: int) -> int | None:
-        km = self._keymap()
-        return km.keysym_to_linux(keysym) if km is not None else None
+    def client_attached(self, client: RfbClient) -> None:
+        """ClientInit accepted: the client now gets updates and sends input."""
 
-    def qnum_to_linux(self, qnum: int) -> int | None:
-        if self._qnum is None:
-            try:
-                from ..keymap import qnum_to_linux
-            except ImportError:
-                qnum_to_linux = getattr(self._keymap(), "qnum_to_linux", None) or (lambda q: None)
-            self._qnum = qnum_to_linux
-        return self._qnum(qnum)
+    def client_input(self, client: RfbClient, event) -> None:
+        """A key, pointer, cut-text or other input event from an attached client."""
+
+    def client_detached(self, client: RfbClient) -> None:
+        """An attached client is gone."""
+
+    # ------------------------------------------------------------ display changes
+    def attached_clients(self) -> list[RfbClient]:
+        return [c for c in self.clients if c.attached and not c.closing]
+
+    def mark_dirty(self, rects: list[Rect]) -> None:
+        for client in self.attached_clients():
+            client.add_dirty(rects)
+
+    def resize_clients(self, width: int, height: int) -> None:
+        for client in self.attached_clients():
+            client.resized(width, height)
+
+    def pointer_mode_changed(self, absolute: bool) -> None:
+        for client in self.attached_clients():
+            client.set_pointer_mode(absolute)
+
+    def leds_changed(self, leds: int) -> None:
+        for client in self.attached_clients():
+            client.set_leds(leds)
+
+    # ------------------------------------------------------------ updates
+    def encoder_pool(self) -> concurrent.futures.Executor:
+        """The encoder threads, started with the first big update (never
+        before: nothing to pay at start-up, and no thread exists to fork)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, ENCODE_WORKERS), thread_name_prefix="vnc-encode")
+        return self._executor
+
+    def snapshot(self, holders: list[Snapshot], rows: np.ndarray, src_fmt: PixelFormat,
+                 dst_fmt: PixelFormat, rects: list[Rect]) -> list[np.ndarray]:
+        """Copies of `rects` in `dst_fmt`, converted once per loop pass for
+        every client that starts an update with the same format and rects."""
+        key = (dst_fmt, tuple(rects))
+        snap = self._pass_snapshots.get(key)
+        if snap is None:
+            if not self._pass_snapshots:
+                asyncio.get_running_loop().call_soon(self._end_pass)
+            snap = Snapshot(self._pool, rows, src_fmt, dst_fmt, rects)
+            snap.users += 1                   # the pass's own hold, dropped in _end_pass
+            self._pass_snapshots[key] = snap
+        snap.users += 1
+        holders.append(snap)
+        return snap.pixels
+
+    def _end_pass(self) -> None:
+        """The guest may write again after this pass: later updates copy anew."""
+        snaps, self._pass_snapshots = self._pass_snapshots, {}
+        for snap in snaps.values():
+            snap.release()
 
     # ------------------------------------------------------------ control
     def set_password(self, password: str | None) -> None:
@@ -473,7 +517,7 @@ class VncServer:
         loop = asyncio.get_running_loop()
         for sock, mode in listeners.sockets:
             self._servers.append(await loop.create_server(
-                lambda mode=mode: VncClient(self, mode), sock=sock))
+                lambda mode=mode: RfbClient(self, mode), sock=sock))
         self.host, self.port, self.display = listeners.host, listeners.port, listeners.display
         self.websocket_port = listeners.websocket_port
         log.info("VNC: listening on %s port %d (display :%d)", listeners.host or "all addresses",
@@ -487,3 +531,7 @@ class VncServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self._executor is not None:
+            # Jobs of closed clients finish on their own; nobody waits for them.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

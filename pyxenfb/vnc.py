@@ -1,0 +1,152 @@
+"""The VNC display of a console, beside sdl.py.
+
+`VncServer` is the console listener: it passes each batch of dirty
+rectangles, size changes, pointer-mode and LED changes to its clients, and
+turns their input into the console's input API: keysyms through the keymap
+(QEMU's rules, per client modifier state) or QEMU extended key events (XT
+scancodes) to Linux key codes, pointer positions and buttons.  The RFB
+protocol, encoders and sockets live in `rfb/`, which knows nothing of
+consoles or keymaps.
+"""
+from __future__ import annotations
+
+import logging
+
+from .console import Console, Surface
+from .region import Rect
+from .rfb import encodings as enc
+from .rfb import protocol as rfb
+from .rfb.server import RfbClient, RfbServer
+
+log = logging.getLogger(__name__)
+
+POINTER_ORIGIN = 0x7FFF         # relative-mode pointer offsets (QEMU -257)
+BUTTONS = ((1, "left"), (2, "middle"), (4, "right"))
+WHEEL_UP, WHEEL_DOWN = 8, 16
+
+
+class VncSession:
+    """One attached client's input state: its modifiers and buttons."""
+
+    def __init__(self, keysyms):
+        self.keysyms = keysyms          # a KeysymDecoder, or None with a foreign keymap
+        self.buttons = 0
+
+
+class VncServer(RfbServer):
+    """The VNC display of one console."""
+
+    def __init__(self, console: Console, *, keymap=None, password: str | None = None,
+                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False):
+        super().__init__(password=password, name=name, max_clients=max_clients, lossy=lossy)
+        self.console = console
+        self.keymap = keymap
+        self._listening = False
+
+    # ------------------------------------------------------------ RfbServer hooks
+    def framebuffer(self) -> Surface:
+        return self.console.surface
+
+    def prepare_connection(self, conn: rfb.ServerConnection) -> None:
+        conn.absolute_pointer = self.console.absolute_pointer
+        conn.leds = self.console.leds
+
+    def client_attached(self, client: RfbClient) -> None:
+        client.session = VncSession(self.keysym_decoder())
+        if not self._listening:
+            self._listening = True
+            self.console.attach(self)
+
+    def client_detached(self, client: RfbClient) -> None:
+        self.console.release_input(client)
+        if self._listening and not self.attached_clients():
+            self._listening = False
+            self.console.detach(self)
+
+    def client_input(self, client: RfbClient, event) -> None:
+        if isinstance(event, rfb.PointerEvent):
+            self._pointer(client, event)
+        elif isinstance(event, rfb.KeyEvent):
+            self._key(client, self._keysym_code(client, event.keysym, event.down), event.down)
+        elif isinstance(event, rfb.ExtendedKeyEvent):
+            code = self.qnum_to_linux(event.keycode) if event.keycode else None
+            if code is None:
+                code = self.keysym_to_linux(event.keysym)
+            self._key(client, code, event.down)
+
+    # ------------------------------------------------------------ console listener
+    def console_update(self, rects: list[Rect]) -> None:
+        self.mark_dirty(rects)
+
+    def console_resized(self, surface: Surface) -> None:
+        self.resize_clients(surface.width, surface.height)
+
+    def console_pointer_mode(self, absolute: bool) -> None:
+        self.pointer_mode_changed(absolute)
+
+    def console_leds(self, leds: int) -> None:
+        self.leds_changed(leds)
+
+    # ------------------------------------------------------------ input
+    def _keysym_code(self, client: RfbClient, keysym: int, down: bool) -> int | None:
+        """The layout's key for a keysym, chosen with this client's held modifiers."""
+        decoder = client.session.keysyms
+        if decoder is None:
+            return self.keysym_to_linux(keysym)
+        return decoder.press(keysym) if down else decoder.release(keysym)
+
+    def _key(self, client: RfbClient, code: int | None, down: bool) -> None:
+        if code:
+            self.console.key(code, down, source=client)
+
+    def _pointer(self, client: RfbClient, event: rfb.PointerEvent) -> None:
+        console = self.console
+        if not console.absolute_pointer and enc.POINTER_TYPE_CHANGE in client.conn.encodings:
+            # The client knows the pointer is relative: it sends offsets from an origin.
+            console.pointer_rel(event.x - POINTER_ORIGIN, event.y - POINTER_ORIGIN)
+        else:
+            console.pointer_move(client, event.x, event.y)
+        session = client.session
+        changed = event.buttons ^ session.buttons
+        pressed = event.buttons & ~session.buttons
+        session.buttons = event.buttons
+        for bit, name in BUTTONS:
+            if changed & bit:
+                console.button(name, bool(event.buttons & bit), source=client)
+        if pressed & WHEEL_UP:
+            console.wheel(-1)
+        if pressed & WHEEL_DOWN:
+            console.wheel(1)
+
+    # ------------------------------------------------------------ keymaps
+    def _keymap(self):
+        if self.keymap is None:
+            try:
+                from .keymap import Keymap
+                self.keymap = Keymap.load()
+            except ValueError as exc:
+                log.warning("VNC: no keymap available (%s), keysym input dropped", exc)
+                self.keymap = False
+        return self.keymap or None
+
+    def keysym_decoder(self):
+        """QEMU's keysym rules for one client, when the keymap is one of ours."""
+        from .keymap import Keymap, KeysymDecoder
+        km = self._keymap()
+        return KeysymDecoder(km) if isinstance(km, Keymap) else None
+
+    def keysym_to_linux(self, keysym: int) -> int | None:
+        km = self._keymap()
+        return km.keysym_to_linux(keysym) if km is not None else None
+
+    def qnum_to_linux(self, qnum: int) -> int | None:
+        from .keymap import qnum_to_linux
+        return qnum_to_linux(qnum)
+
+    # ------------------------------------------------------------ QMP
+    def query_clients(self) -> list[dict]:
+        """The `clients` of QMP query-vnc."""
+        return [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
+                 "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode == "websocket"}
+                for c in self.attached_clients()]
+

@@ -1,0 +1,91 @@
+"""The console on its own: one clipped, coalesced batch per loop pass for
+every listener; input state (held keys, pointer mode) kept once."""
+import asyncio
+
+from pyxenfb.console import BTN_LEFT, Console, Surface
+from pyxenfb.region import MAX_RECTS, DirtyRegion, clip
+
+from rfb_harness import RecordingInput
+from simkit import RecordingListener
+
+
+def run_pass(console: Console, marks) -> None:
+    async def body():
+        for rect in marks:
+            console.invalidate(*rect)
+        await asyncio.sleep(0)           # the flush is the next loop pass
+    asyncio.run(body())
+
+
+def make_console():
+    console = Console("t")
+    console.set_surface(Surface.blank(320, 200))
+    console.input = RecordingInput()
+    a, b = RecordingListener(), RecordingListener()
+    console.attach(a)
+    console.attach(b)
+    return console, a, b
+
+
+def test_each_listener_gets_one_clipped_batch_per_pass():
+    console, a, b = make_console()
+    run_pass(console, [(10, 10, 20, 20), (300, 190, 50, 50), (-5, -5, 10, 10), (400, 0, 5, 5),
+                       (12, 12, 4, 4)])
+    expected = [[(10, 10, 20, 20), (300, 190, 20, 10), (0, 0, 5, 5)]]
+    assert a.batches == expected and b.batches == expected
+
+
+def test_many_rects_become_their_bounding_box():
+    console, a, _ = make_console()
+    run_pass(console, [(i * 10, i * 5, 4, 4) for i in range(MAX_RECTS + 1)])
+    assert a.batches == [[(0, 0, MAX_RECTS * 10 + 4, MAX_RECTS * 5 + 4)]]
+
+
+def test_region_primitives():
+    assert clip(-10, 5, 20, 300, 100, 100) == (0, 5, 10, 95)
+    assert clip(100, 0, 5, 5, 100, 100) is None
+    region = DirtyRegion(max_rects=2)
+    region.add((0, 0, 10, 10))
+    region.add((2, 2, 3, 3))                  # inside: dropped
+    region.add((0, 0, 0, 5))                  # empty: dropped
+    assert region.rects == [(0, 0, 10, 10)]
+    region.add((-1, -1, 20, 20))              # contains the first: replaces it
+    assert region.take() == [(-1, -1, 20, 20)] and not region
+
+
+def test_release_input_lets_go_of_what_one_source_holds():
+    console, _, _ = make_console()
+    vnc_client, window = object(), object()
+    console.key(30, True, source=vnc_client)
+    console.button("left", True, source=vnc_client)
+    console.key(48, True, source=window)
+    console.key(31, True, source=vnc_client)
+    console.key(31, False, source=vnc_client)
+    console.input.events.clear()
+    console.release_input(vnc_client)
+    assert console.input.events == [("key", 30, False), ("key", BTN_LEFT, False)]
+    console.release_input(vnc_client)         # nothing held any more
+    assert len(console.input.events) == 2
+
+
+def test_pointer_move_follows_the_guests_mode():
+    console, a, _ = make_console()
+    src = object()
+    console.pointer_move(src, 500, 20)                 # absolute: clamped to the surface
+    console.set_pointer_mode(False)
+    console.pointer_move(src, 100, 100)                # first relative position: no motion yet
+    console.pointer_move(src, 110, 95)
+    console.set_pointer_mode(True)
+    console.set_pointer_mode(False)
+    console.pointer_move(src, 0, 0)                    # the switch forgot the last position
+    console.pointer_move(src, 3, 4)
+    assert console.input.events == [("abs", 319, 20), ("rel", 10, -5), ("rel", 3, 4)]
+    assert a.modes == [False, True, False]
+
+
+def test_lock_keys_reach_listeners_as_leds():
+    console, a, b = make_console()
+    console.key(58, True, source=1)            # KEY_CAPSLOCK
+    console.key(58, False, source=1)
+    console.key(69, True, source=1)            # KEY_NUMLOCK
+    assert a.leds == [4, 6] and b.leds == [4, 6]

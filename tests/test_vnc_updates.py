@@ -1,0 +1,204 @@
+"""The update path: one guest batch, one FramebufferUpdate; encoding in
+worker threads that neither input nor other clients wait for; one
+conversion per pixel format shared by the clients; snapshot buffers reused."""
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+
+import numpy as np
+
+from pyxenfb import xenfb_abi as abi
+from pyxenfb.console import Surface
+from pyxenfb.convert import GUEST_32
+from pyxenfb.rfb import encodings as enc
+from pyxenfb.rfb import server as rfb_server
+from pyxenfb.vnc import VncServer
+
+from rfb_harness import KEY_A, RawClient, ServerThread
+from simkit import connected_domain, wait_for, wait_until
+from test_vnc_sim import RawClient as AsyncRawClient
+
+W, H = 1920, 1080
+
+
+def noisy_surface(width: int = W, height: int = H) -> Surface:
+    rng = np.random.default_rng(3)
+    words = rng.integers(0, 1 << 24, (height, width), dtype=np.uint32)
+    words[:, : width // 3] = 0x00336699                       # some flat area too
+    rows = words.astype("<u4").view(np.uint8).reshape(height, width * 4)
+    return Surface(width, height, width * 4, GUEST_32, np.ascontiguousarray(rows))
+
+
+def read_update(c: RawClient, bpp: int = 4) -> list[tuple]:
+    """One FramebufferUpdate: [(x, y, w, h, encoding, payload)] (Raw and
+    Tight's basic/fill payloads are returned as read)."""
+    assert c.recv_exact(1) == b"\0"
+    _, n = struct.unpack(">BH", c.recv_exact(3))
+    rects = []
+    for _ in range(n):
+        x, y, w, h, e = struct.unpack(">HHHHi", c.recv_exact(12))
+        if e == enc.RAW:
+            payload = c.recv_exact(w * h * bpp)
+        elif e == enc.ZRLE:
+            payload = c.recv_exact(struct.unpack(">I", c.recv_exact(4))[0])
+        else:
+            raise AssertionError(f"unexpected encoding {e}")
+        rects.append((x, y, w, h, e, payload))
+    return rects
+
+
+def full_request(c: RawClient, incremental: bool = False, w: int = W, h: int = H) -> None:
+    c.send(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, w, h))
+
+
+def test_one_guest_batch_is_one_framebuffer_update():
+    """The guest puts 8 UPDATEs on its ring and notifies once (as a busy
+    xen-fbfront does between two backend passes): a client whose request is
+    pending gets all 8 rectangles in a single FramebufferUpdate."""
+    rects = [(20 + 90 * i, 10 + 60 * i, 40 + i, 30 + 2 * i) for i in range(8)]
+
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc = VncServer(be.console, name="sim")
+            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            client = AsyncRawClient("c")
+            await client.connect(port)
+            reader = asyncio.create_task(client.read_updates())
+            await wait_for(lambda: client.updates == 1, what="first frame")
+            await wait_for(lambda: vnc.clients[0].conn.pending_request == "incremental",
+                           what="the next request pending at the server")
+            for i, (x, y, w, h) in enumerate(rects):
+                guest.fb.fb[y:y + h, x:x + w] = 0x00102030 * (i + 1) & 0xFFFFFF
+                guest.fb.push_out_event(abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h),
+                                        notify=i == len(rects) - 1)
+            await wait_for(lambda: client.updates == 2, what="the batch's update")
+            await wait_for(lambda: np.array_equal(client.picture, guest.fb.fb), what="pixels")
+            reader.cancel()
+            assert client.updates == 2, "the batch came in more than one update"
+            assert sorted(client.last_rects) == sorted(rects)
+            client.w.close()
+            await vnc.close()
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+class EncodeGate:
+    """Holds Tight encodes in the worker threads until opened (a stuck encoder)."""
+
+    def __init__(self, monkeypatch):
+        self.opened = threading.Event()
+        self.waiting = threading.Event()
+        real = enc.Encoder.encode
+
+        def gated(encoder, encoding, *args, **kwargs):
+            if encoding == enc.TIGHT and threading.current_thread().name.startswith("vnc-encode"):
+                self.waiting.set()
+                assert self.opened.wait(30), "gate never opened"
+            return real(encoder, encoding, *args, **kwargs)
+        monkeypatch.setattr(enc.Encoder, "encode", gated)
+
+
+def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypatch):
+    gate = EncodeGate(monkeypatch)
+    srv = ServerThread(noisy_surface())
+    slow, other = RawClient(srv.port), RawClient(srv.port, timeout=20)
+    try:
+        slow.handshake()
+        slow.send(struct.pack(">BxHi", 2, 1, enc.TIGHT))
+        full_request(slow)
+        assert gate.waiting.wait(20), "the Tight update never reached a worker"
+        assert srv.call(lambda: sum(c._job is not None for c in srv.server.clients)) == 1
+
+        # While that update sits in a worker: input from another client...
+        other.handshake()
+        other.send(struct.pack(">BBxxI", 4, 1, 0x61) + struct.pack(">BBxxI", 4, 0, 0x61))
+        wait_until(lambda: ("key", KEY_A, False) in srv.input.events, 10, "key events handled")
+        # ... and a full 1080p frame for that client, encoded beside it.
+        full_request(other)
+        rects = read_update(other)
+        assert sum(w * h for _, _, w, h, _, _ in rects) == W * H
+        assert srv.call(lambda: sum(c._job is not None for c in srv.server.clients)) == 1
+
+        gate.opened.set()
+        assert slow.recv_exact(1) == b"\0"              # the slow client's update arrives
+        assert struct.unpack(">xH", slow.recv_exact(3))[0] >= 1
+    finally:
+        gate.opened.set()
+        slow.close()
+        other.close()
+        srv.close()
+
+
+def test_clients_with_one_format_share_one_conversion(monkeypatch):
+    calls = []
+    real = rfb_server.convert_rect
+
+    def counting(*args, **kwargs):
+        calls.append(args[3:7])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rfb_server, "convert_rect", counting)
+    picture = noisy_surface(640, 480)
+    srv = ServerThread(Surface.blank(640, 480))
+    clients = [RawClient(srv.port) for _ in range(3)]
+    try:
+        for c in clients:
+            c.handshake()
+            full_request(c, w=640, h=480)
+            read_update(c)
+        wait_until(lambda: srv.call(lambda: all(c.conn.pending_request is None
+                                                for c in srv.server.clients)), 5, "first frames sent")
+        for c in clients:
+            full_request(c, incremental=True, w=640, h=480)
+        wait_until(lambda: srv.call(lambda: all(c.conn.pending_request == "incremental"
+                                                for c in srv.server.clients)), 5, "requests pending")
+        calls.clear()
+        srv.draw(picture.rows, 100, 50, 300, 200)
+        updates = [read_update(c) for c in clients]
+        assert updates[0] == updates[1] == updates[2]
+        ((x, y, w, h, _, payload),) = updates[0]
+        assert (x, y, w, h) == (100, 50, 300, 200)
+        expected = picture.rows[50:250, 400:1600].tobytes()
+        assert payload == expected
+        assert calls == [(100, 50, 300, 200)], calls       # converted once, for all three
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()
+
+
+def test_snapshot_buffers_are_reused_between_updates():
+    srv = ServerThread(noisy_surface(800, 600))
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        c.send(struct.pack(">BxHi", 2, 1, enc.ZRLE))
+        for _ in range(30):
+            full_request(c, w=800, h=600)
+            rects = read_update(c)
+            assert sum(w * h for _, _, w, h, _, _ in rects) == 800 * 600
+        assert srv.call(lambda: srv.server._pool.allocations) <= 2
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_held_input_released_once_by_the_console_when_a_client_goes():
+    """Keys and buttons a VNC client holds are let go when it disconnects;
+    another client's held key stays down."""
+    srv = ServerThread()
+    a, b = RawClient(srv.port), RawClient(srv.port)
+    try:
+        a.handshake()
+        b.handshake()
+        a.send(struct.pack(">BBxxI", 4, 1, 0x61) + struct.pack(">BBHH", 5, 1, 10, 10))
+        b.send(struct.pack(">BBxxI", 4, 1, 0x62))
+        wait_until(lambda: len([e for e in srv.input.events if e[0] == "key"]) == 3, 5, "presses")
+        a.close()
+        wait_until(lambda: ("key", 0x110, False) in srv.input.events, 5, "button released")
+        keys = [e for e in srv.input.events if e[0] == "key"]
+        assert ("key", KEY_A, False) in keys
+        assert not any(e[1] == 48 and not e[2] for e in keys), "b's key was released too"
+    finally:
+        b.close()
+        srv.close()
