@@ -350,7 +350,7 @@ def serve_pyxenfb(port: int, picture: str) -> None:
 
     from pyxenfb.console import Console, Surface
     from pyxenfb.convert import GUEST_32
-    from pyxenfb.rfb.server import VncServer
+    from pyxenfb.vnc import VncServer
 
     rows = np.fromfile(picture, np.uint8).reshape(HEIGHT, WIDTH * BPP)
 
