@@ -221,3 +221,20 @@ def test_large_picture_all_paths_agree_with_small_reference_sample():
         got = convert_rect(src, GUEST_32, df, 0, 0, 1920, 1080)
         for row in (0, 539, 1079):
             np.testing.assert_array_equal(got[row:row + 1], reference(src, GUEST_32, df, 0, row, 1920, 1))
+
+
+@needs_pixman
+def test_threads_share_one_lazily_loaded_library(monkeypatch):
+    """Conversions from worker threads (cffi releases the GIL) load the library
+    once and give the same bytes as the reference."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setattr(pixman, "_loaded", False)
+    monkeypatch.setattr(pixman, "_lib", None)
+    rng = np.random.default_rng(9)
+    src = rng.integers(0, 256, (64, 96 * 4), dtype=np.uint8)
+    want = reference(src, GUEST_32, GUEST_16, 5, 3, 80, 50)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: convert_rect(src, GUEST_32, GUEST_16, 5, 3, 80, 50), range(32)))
+    assert pixman._lib is not None and conversion_path(GUEST_32, GUEST_16) == "pixman"
+    for got in results:
+        np.testing.assert_array_equal(got, want)

@@ -21,6 +21,7 @@ import numpy as np
 from ..convert import GUEST_32, PixelFormat, convert_rect
 from . import auth
 from . import encodings as enc
+from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, ServerMsg, State
 
 SEC_NONE, SEC_VNC = 1, 2
 MAX_CUT_TEXT = 1 << 20
@@ -109,7 +110,6 @@ class ContinuousUpdates:
 
 # ---------------------------------------------------------------- helpers
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
-_STATES = ("version", "security", "vnc_auth", "client_init", "normal", "closed")
 
 
 def _string(text: str) -> bytes:
@@ -148,7 +148,7 @@ def parse_pixel_format(data: bytes) -> tuple[PixelFormat, bool]:
 
 def colour_map_entries() -> bytes:
     """SetColourMapEntries describing PALETTE_FORMAT's 256 colours."""
-    out = bytearray(struct.pack(">BxHH", 1, 0, 256))
+    out = bytearray(struct.pack(">BxHH", ServerMsg.SET_COLOUR_MAP_ENTRIES, 0, 256))
     for i in range(256):
         r, g, b = i & 7, (i >> 3) & 7, (i >> 6) & 3
         out += struct.pack(">HHH", r * 65535 // 7, g * 65535 // 7, b * 65535 // 3)
@@ -223,7 +223,7 @@ class ServerConnection:
         self.password_expired = password_expired
         self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
         self.blocked_reason = blocked_reason
-        self.state = "version"
+        self.state = State.VERSION
         self.version = 8               # minor version in use
         self.pixel_format: PixelFormat = SERVER_FORMAT
         self.colour_map = False
@@ -257,10 +257,14 @@ class ServerConnection:
 
     @property
     def closed(self) -> bool:
-        return self.state == "closed"
+        return self.state is State.CLOSED
+
+    def close(self) -> None:
+        """The owner closed the connection: nothing more is parsed."""
+        self.state = State.CLOSED
 
     def receive_data(self, data: bytes) -> list:
-        if self.state == "closed":
+        if self.state is State.CLOSED:
             return []
         if self._discard:
             skip = min(self._discard, len(data))
@@ -271,7 +275,7 @@ class ServerConnection:
         events: list = []
         pos = 0
         try:
-            while self.state != "closed":
+            while self.state is not State.CLOSED:
                 used = self._parse(buf, pos, events)
                 if used == 0:
                     break
@@ -281,36 +285,29 @@ class ServerConnection:
                     self._discard -= skip
                     pos += skip
         except ProtocolError:
-            self.state = "closed"
+            self.state = State.CLOSED
             buf.clear()
             raise
         del buf[:pos]
         return events
 
     def _fail(self, reason: str, exc=ProtocolError):
-        self.state = "closed"
+        self.state = State.CLOSED
         raise exc(reason)
 
     # ------------------------------------------------------------ parsing
     # Each parser gets the input buffer and the offset of the next message
     # and returns the bytes it consumed (0 = incomplete, wait for more).
     def _parse(self, buf: bytearray, p: int, events: list) -> int:
-        state = self.state
-        if state == "normal":
-            return self._parse_message(buf, p, events)
-        if state == "version":
-            return self._parse_version(buf, p, events)
-        if state == "security":
-            return self._parse_security(buf, p, events)
-        if state == "vnc_auth":
-            return self._parse_auth(buf, p, events)
-        if state == "client_init":
-            if len(buf) - p < 1:
-                return 0
-            self._server_init()
-            events.append(ClientInit(bool(buf[p])))
-            return 1
-        return 0
+        parser = self._STATE_PARSERS.get(self.state)
+        return parser(self, buf, p, events) if parser is not None else 0
+
+    def _parse_client_init(self, buf, p, events) -> int:
+        if len(buf) - p < 1:
+            return 0
+        self._server_init()
+        events.append(ClientInit(bool(buf[p])))
+        return 1
 
     def _parse_version(self, buf, p, events) -> int:
         got = bytes(buf[p:p + 12])
@@ -334,18 +331,18 @@ class ServerConnection:
             self._begin_security(sec, events)
         else:
             self._out += bytes([1, sec])
-            self.state = "security"
+            self.state = State.SECURITY
         return 12
 
     def _begin_security(self, sec: int, events: list) -> None:
         if sec == SEC_VNC:
             self._challenge = auth.new_challenge()
             self._out += self._challenge
-            self.state = "vnc_auth"
+            self.state = State.VNC_AUTH
         else:
             if self.version == 8:
                 self._out += struct.pack(">I", 0)
-            self.state = "client_init"
+            self.state = State.CLIENT_INIT
             events.append(Authenticated())
 
     def _security_failed(self, reason: str, log_reason: str):
@@ -373,7 +370,7 @@ class ServerConnection:
         if not auth.check_response(self.password or "", self._challenge, response):
             self._security_failed("Authentication failed", "VNC authentication failed")
         self._out += struct.pack(">I", 0)
-        self.state = "client_init"
+        self.state = State.CLIENT_INIT
         events.append(Authenticated())
         return auth.CHALLENGE_SIZE
 
@@ -382,108 +379,137 @@ class ServerConnection:
         self._out += struct.pack(">HH", self.width, self.height)
         self._out += pack_pixel_format(SERVER_FORMAT)
         self._out += struct.pack(">I", len(name)) + name
-        self.state = "normal"
+        self.state = State.NORMAL
 
     # ------------------------------------------------------------ normal phase
     def _parse_message(self, buf, p, events) -> int:
-        n = len(buf) - p
-        if n < 1:
+        if len(buf) - p < 1:
             return 0
         t = buf[p]
-        if t == 0:                                   # SetPixelFormat
-            if n < 20:
-                return 0
-            fmt, true_colour = parse_pixel_format(bytes(buf[p + 4:p + 20]))
-            self.pixel_format, self.colour_map = fmt, not true_colour
-            if self.colour_map:
-                self._out += colour_map_entries()
-            events.append(PixelFormatChanged(fmt))
-            return 20
-        if t == 2:                                   # SetEncodings
-            if n < 4:
-                return 0
-            count = struct.unpack_from(">H", buf, p + 2)[0]
-            size = 4 + 4 * count
-            if n < size:
-                return 0
-            self._set_encodings(list(struct.unpack_from(f">{count}i", buf, p + 4)))
-            events.append(EncodingsChanged(self.encoding))
-            return size
-        if t == 3:                                   # FramebufferUpdateRequest
-            if n < 10:
-                return 0
-            incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
-            if not incremental:
-                self._request = "full"
-                if enc.EXT_DESKTOP_SIZE in self.encodings:
-                    self._send_ext_desktop_size(0, 0)
-            elif self._request is None:
-                self._request = "incremental"
-            events.append(UpdateRequest(bool(incremental), x, y, w, h))
-            return 10
-        if t == 4:                                   # KeyEvent
-            if n < 8:
-                return 0
-            down, keysym = struct.unpack_from(">B2xI", buf, p + 1)
-            events.append(KeyEvent(bool(down), keysym))
-            return 8
-        if t == 5:                                   # PointerEvent
-            if n < 6:
-                return 0
-            events.append(PointerEvent(*struct.unpack_from(">BHH", buf, p + 1)))
-            return 6
-        if t == 6:                                   # ClientCutText (read and dropped)
-            if n < 8:
-                return 0
-            length = struct.unpack_from(">I", buf, p + 4)[0]
-            if length > MAX_CUT_TEXT:
-                self._fail(f"ClientCutText of {length} bytes (limit {MAX_CUT_TEXT})")
-            self._discard = length
-            events.append(CutText(length))
-            return 8
-        if t == 150 and self.cu_seen:                # EnableContinuousUpdates
-            if n < 10:
-                return 0
-            enable, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
-            if enable:
-                self.continuous = (x, y, w, h)
-            else:
-                self.continuous = None
-                self._out += b"\x96"              # EndOfContinuousUpdates
-            events.append(ContinuousUpdates(bool(enable), x, y, w, h))
-            return 10
-        if t == 248 and self.fence_seen:             # ClientFence
-            if n < 9:
-                return 0
-            flags, length = struct.unpack_from(">3xIB", buf, p + 1)
-            if length > MAX_FENCE_PAYLOAD:
-                self._fail(f"Fence payload of {length} bytes (limit {MAX_FENCE_PAYLOAD})")
-            if n < 9 + length:
-                return 0
-            if flags & FENCE_REQUEST:
-                # Reply: same payload, request and unknown flags cleared.
-                self._send_fence(flags & 0x7, bytes(buf[p + 9:p + 9 + length]))
-            return 9 + length
-        if t == 251 and enc.EXT_DESKTOP_SIZE in self.encodings:   # SetDesktopSize
-            if n < 8:
-                return 0
-            size = 8 + 16 * buf[p + 6]
-            if n < size:
-                return 0
-            # The guest decides its size: answer "prohibited".
-            self._send_ext_desktop_size(1, 1)
-            return size
-        if t == 255 and self.extkey_acked:           # QEMU message
-            if n < 2:
-                return 0
-            if buf[p + 1] != 0:
-                self._fail(f"unsupported QEMU message subtype {buf[p + 1]}")
-            if n < 12:
-                return 0
-            down, keysym, keycode = struct.unpack_from(">HII", buf, p + 2)
-            events.append(ExtendedKeyEvent(bool(down), keysym, keycode))
-            return 12
-        self._fail(f"unexpected message type {t}")
+        entry = self._MESSAGES.get(t)
+        if entry is None or not entry[1](self):
+            self._fail(f"unexpected message type {t}")
+        return entry[0](self, buf, p, len(buf) - p, events)
+
+    def _msg_set_pixel_format(self, buf, p, n, events) -> int:
+        if n < 20:
+            return 0
+        fmt, true_colour = parse_pixel_format(bytes(buf[p + 4:p + 20]))
+        self.pixel_format, self.colour_map = fmt, not true_colour
+        if self.colour_map:
+            self._out += colour_map_entries()
+        events.append(PixelFormatChanged(fmt))
+        return 20
+
+    def _msg_set_encodings(self, buf, p, n, events) -> int:
+        if n < 4:
+            return 0
+        count = struct.unpack_from(">H", buf, p + 2)[0]
+        size = 4 + 4 * count
+        if n < size:
+            return 0
+        self._set_encodings(list(struct.unpack_from(f">{count}i", buf, p + 4)))
+        events.append(EncodingsChanged(self.encoding))
+        return size
+
+    def _msg_update_request(self, buf, p, n, events) -> int:
+        if n < 10:
+            return 0
+        incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
+        if not incremental:
+            self._request = "full"
+            if enc.EXT_DESKTOP_SIZE in self.encodings:
+                self._send_ext_desktop_size(0, 0)
+        elif self._request is None:
+            self._request = "incremental"
+        events.append(UpdateRequest(bool(incremental), x, y, w, h))
+        return 10
+
+    def _msg_key(self, buf, p, n, events) -> int:
+        if n < 8:
+            return 0
+        down, keysym = struct.unpack_from(">B2xI", buf, p + 1)
+        events.append(KeyEvent(bool(down), keysym))
+        return 8
+
+    def _msg_pointer(self, buf, p, n, events) -> int:
+        if n < 6:
+            return 0
+        events.append(PointerEvent(*struct.unpack_from(">BHH", buf, p + 1)))
+        return 6
+
+    def _msg_cut_text(self, buf, p, n, events) -> int:
+        """Read and dropped (the guest has no clipboard channel)."""
+        if n < 8:
+            return 0
+        length = struct.unpack_from(">I", buf, p + 4)[0]
+        if length > MAX_CUT_TEXT:
+            self._fail(f"ClientCutText of {length} bytes (limit {MAX_CUT_TEXT})")
+        self._discard = length
+        events.append(CutText(length))
+        return 8
+
+    def _msg_continuous_updates(self, buf, p, n, events) -> int:
+        if n < 10:
+            return 0
+        enable, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
+        if enable:
+            self.continuous = (x, y, w, h)
+        else:
+            self.continuous = None
+            self._out.append(ServerMsg.END_OF_CONTINUOUS_UPDATES)
+        events.append(ContinuousUpdates(bool(enable), x, y, w, h))
+        return 10
+
+    def _msg_fence(self, buf, p, n, events) -> int:
+        if n < 9:
+            return 0
+        flags, length = struct.unpack_from(">3xIB", buf, p + 1)
+        if length > MAX_FENCE_PAYLOAD:
+            self._fail(f"Fence payload of {length} bytes (limit {MAX_FENCE_PAYLOAD})")
+        if n < 9 + length:
+            return 0
+        if flags & FENCE_REQUEST:
+            # Reply: same payload, request and unknown flags cleared.
+            self._send_fence(flags & 0x7, bytes(buf[p + 9:p + 9 + length]))
+        return 9 + length
+
+    def _msg_set_desktop_size(self, buf, p, n, events) -> int:
+        if n < 8:
+            return 0
+        size = 8 + 16 * buf[p + 6]
+        if n < size:
+            return 0
+        # The guest decides its size: answer "prohibited".
+        self._send_ext_desktop_size(1, 1)
+        return size
+
+    def _msg_qemu(self, buf, p, n, events) -> int:
+        if n < 2:
+            return 0
+        if buf[p + 1] != QEMU_EXTENDED_KEY_EVENT:
+            self._fail(f"unsupported QEMU message subtype {buf[p + 1]}")
+        if n < 12:
+            return 0
+        down, keysym, keycode = struct.unpack_from(">HII", buf, p + 2)
+        events.append(ExtendedKeyEvent(bool(down), keysym, keycode))
+        return 12
+
+    # message type -> (parser, whether the client may send it now): the
+    # extension messages only after the client announced the extension.
+    _MESSAGES = {
+        ClientMsg.SET_PIXEL_FORMAT: (_msg_set_pixel_format, lambda c: True),
+        ClientMsg.SET_ENCODINGS: (_msg_set_encodings, lambda c: True),
+        ClientMsg.FRAMEBUFFER_UPDATE_REQUEST: (_msg_update_request, lambda c: True),
+        ClientMsg.KEY_EVENT: (_msg_key, lambda c: True),
+        ClientMsg.POINTER_EVENT: (_msg_pointer, lambda c: True),
+        ClientMsg.CLIENT_CUT_TEXT: (_msg_cut_text, lambda c: True),
+        ClientMsg.ENABLE_CONTINUOUS_UPDATES: (_msg_continuous_updates, lambda c: c.cu_seen),
+        ClientMsg.CLIENT_FENCE: (_msg_fence, lambda c: c.fence_seen),
+        ClientMsg.SET_DESKTOP_SIZE: (_msg_set_desktop_size,
+                                     lambda c: enc.EXT_DESKTOP_SIZE in c.encodings),
+        ClientMsg.QEMU: (_msg_qemu, lambda c: c.extkey_acked),
+    }
 
     def _set_encodings(self, values: list[int]) -> None:
         wanted = set(values)
@@ -510,7 +536,7 @@ class ServerConnection:
             self._send_fence(FENCE_REQUEST, b"")
         if enc.CONTINUOUS_UPDATES in wanted and not self.cu_seen:
             self.cu_seen = True
-            self._out += b"\x96"
+            self._out.append(ServerMsg.END_OF_CONTINUOUS_UPDATES)
 
     # ------------------------------------------------------------ server messages
     def _pseudo_update(self, x: int, y: int, w: int, h: int, encoding: int, data: bytes = b"") -> None:
@@ -521,7 +547,7 @@ class ServerConnection:
         return bool(self._pseudo)
 
     def _send_fence(self, flags: int, payload: bytes) -> None:
-        self._out += struct.pack(">B3xIB", 248, flags, len(payload)) + payload
+        self._out += struct.pack(">B3xIB", ServerMsg.SERVER_FENCE, flags, len(payload)) + payload
 
     def _send_ext_desktop_size(self, reason: int, status: int) -> None:
         screen = struct.pack(">B3xIHHHHI", 1, 0, 0, 0, self.width, self.height, 0)
@@ -534,7 +560,7 @@ class ServerConnection:
     def resize(self, width: int, height: int) -> bool:
         """The framebuffer changed size; False if this client cannot follow."""
         self.width, self.height = width, height
-        if self.state != "normal":
+        if self.state is not State.NORMAL:
             return True
         if enc.EXT_DESKTOP_SIZE in self.encodings:
             self._send_ext_desktop_size(0, 0)
@@ -547,17 +573,13 @@ class ServerConnection:
 
     def set_pointer_mode(self, absolute: bool) -> None:
         self.absolute_pointer = absolute
-        if self.state == "normal" and enc.POINTER_TYPE_CHANGE in self.encodings:
+        if self.state is State.NORMAL and enc.POINTER_TYPE_CHANGE in self.encodings:
             self._pseudo_update(int(absolute), 0, self.width, self.height, enc.POINTER_TYPE_CHANGE)
 
     def set_leds(self, leds: int) -> None:
         self.leds = leds & 7
-        if self.state == "normal" and enc.QEMU_LED_STATE in self.encodings:
+        if self.state is State.NORMAL and enc.QEMU_LED_STATE in self.encodings:
             self._pseudo_update(0, 0, 0, 0, enc.QEMU_LED_STATE, bytes([self.leds]))
-
-    def bell(self) -> None:
-        if self.state == "normal":
-            self._out += b"\x02"
 
     # ------------------------------------------------------------ updates
     @property
@@ -603,6 +625,14 @@ class ServerConnection:
     def _queue_update(self, body: bytearray, count: int, full: bool) -> int:
         if count == 0 and not full:
             return 0
-        self._out += struct.pack(">BxH", 0, count)
+        self._out += struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count)
         self._out += body
         return 4 + len(body)
+
+    _STATE_PARSERS = {
+        State.VERSION: _parse_version,
+        State.SECURITY: _parse_security,
+        State.VNC_AUTH: _parse_auth,
+        State.CLIENT_INIT: _parse_client_init,
+        State.NORMAL: _parse_message,
+    }

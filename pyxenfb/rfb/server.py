@@ -249,7 +249,7 @@ class RfbClient(asyncio.Protocol):
         if self in self.server.clients:
             self.server.clients.remove(self)
         if self.conn is not None:
-            self.conn.state = "closed"
+            self.conn.close()
         if self.transport is not None:
             if self.ws is not None and not self.transport.is_closing():
                 self.transport.write(self.ws.close(reason))

@@ -1,0 +1,43 @@
+"""The RFB connection's states and message numbers, named once.
+
+A server connection moves VERSION -> SECURITY (3.7/3.8) -> VNC_AUTH (when a
+password is set) -> CLIENT_INIT -> NORMAL, or to CLOSED from anywhere on a
+protocol error.  RFB 3.3 skips SECURITY: the server picks the type.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class State(str, enum.Enum):
+    VERSION = "version"
+    SECURITY = "security"
+    VNC_AUTH = "vnc_auth"
+    CLIENT_INIT = "client_init"
+    NORMAL = "normal"
+    CLOSED = "closed"
+
+
+class ClientMsg(enum.IntEnum):
+    """Client-to-server message types (RFC 6143 section 7.5 and extensions)."""
+    SET_PIXEL_FORMAT = 0
+    SET_ENCODINGS = 2
+    FRAMEBUFFER_UPDATE_REQUEST = 3
+    KEY_EVENT = 4
+    POINTER_EVENT = 5
+    CLIENT_CUT_TEXT = 6
+    ENABLE_CONTINUOUS_UPDATES = 150
+    CLIENT_FENCE = 248
+    SET_DESKTOP_SIZE = 251
+    QEMU = 255
+
+
+class ServerMsg(enum.IntEnum):
+    """Server-to-client message types."""
+    FRAMEBUFFER_UPDATE = 0
+    SET_COLOUR_MAP_ENTRIES = 1
+    END_OF_CONTINUOUS_UPDATES = 150
+    SERVER_FENCE = 248
+
+
+QEMU_EXTENDED_KEY_EVENT = 0         # the only QEMU message subtype a client may send us
