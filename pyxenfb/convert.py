@@ -213,6 +213,7 @@ class _Plan:
     lut: np.ndarray | None = None   # "lut": src pixel value -> dst pixel value
     terms: tuple = ()               # "words": (right shift, mask) of the source word to OR
     pad: int = 0                    # "words": padding bits of the destination (set to 1)
+    pixman: tuple | None = None     # (source, destination) pixman format codes if exact
 
 
 @functools.lru_cache(maxsize=32)
@@ -221,12 +222,13 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
     check_format(dst_fmt)
     if _same_layout(src_fmt, dst_fmt):
         return _Plan("copy")
+    codes = pixman.format_codes(src_fmt, dst_fmt)
 
     src_bytes, dst_bytes = _byte_planes(src_fmt), _byte_planes(dst_fmt)
     if src_bytes is not None and dst_bytes is not None:
         by_dst = dict(zip(dst_bytes, src_bytes))
         planes = tuple((j, by_dst.get(j, -1)) for j in range(dst_fmt.bytes_per_pixel))
-        return _Plan("planes", planes=planes)
+        return _Plan("planes", planes=planes, pixman=codes)
 
     dst_dt = _uint(dst_fmt.bytes_per_pixel)
     pad = _pad_mask(dst_fmt)
@@ -235,7 +237,7 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
         lut = np.full(values.shape, pad, np.uint64)
         for (smax, sshift), (dmax, dshift) in zip(src_fmt.channels, dst_fmt.channels):
             lut |= _rescale_values((values >> np.uint64(sshift)) & np.uint64(smax), smax, dmax) << np.uint64(dshift)
-        return _Plan("lut", lut=lut.astype(dst_dt))
+        return _Plan("lut", lut=lut.astype(dst_dt), pixman=codes)
 
     # 24/32 bpp source: every destination bit is one shift of the source word,
     # so the conversion is a few (shift, mask, OR) passes over uint32 words;
@@ -245,15 +247,16 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
         for left, mask in _rescale_terms(smax, dmax):
             right = sshift - dshift - left
             by_shift[right] = by_shift.get(right, 0) | (mask << dshift)
-    return _Plan("words", terms=tuple(sorted(by_shift.items())), pad=pad)
+    return _Plan("words", terms=tuple(sorted(by_shift.items())), pad=pad, pixman=codes)
 
 
 def conversion_path(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> str:
     """"copy", "pixman" or "numpy": how `convert_rect` converts src_fmt -> dst_fmt
     (for a source and destination pixman can address, see `_pixman_convert`)."""
-    if _plan(src_fmt, dst_fmt).kind == "copy":
+    plan = _plan(src_fmt, dst_fmt)
+    if plan.kind == "copy":
         return "copy"
-    if pixman.format_codes(src_fmt, dst_fmt) is not None and pixman.available():
+    if plan.pixman is not None and pixman.available():
         return "pixman"
     return "numpy"
 
@@ -296,8 +299,7 @@ def convert_rect(src: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
         else:
             np.copyto(out, rows)
         return out
-    codes = pixman.format_codes(src_fmt, dst_fmt)
-    if codes is not None and _pixman_convert(codes, src, sb, out, db, x, y, w, h):
+    if plan.pixman is not None and _pixman_convert(plan.pixman, src, sb, out, db, x, y, w, h):
         return out
     _convert_numpy(plan, src[y:y + h, x * sb:(x + w) * sb], src_fmt, dst_fmt, out, w, h)
     return out
@@ -340,22 +342,28 @@ def _convert_words(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat,
     words = _load_words(rows, src_fmt)
     if words.dtype != np.uint32:         # other byte order: swap once, not per pass
         words = words.astype(np.uint32)
-    acc = np.empty((h, w), np.uint32)
-    tmp = np.empty((h, w), np.uint32) if len(plan.terms) > 1 else None
+    # Every term's bits lie inside the destination pixel, so each shift can
+    # write straight into the destination's word size (3x less memory traffic
+    # than uint32 for 16 bpp), and into `out` itself when its byte order is native.
+    dt = _uint(dst_fmt.bytes_per_pixel)
+    direct = dst_fmt.bpp != 24 and (dst_fmt.bpp == 8 or dst_fmt.big_endian == _NATIVE_BIG)
+    acc = out.view(dt) if direct else np.empty((h, w), dt)
+    tmp = np.empty((h, w), dt) if len(plan.terms) > 1 else None
     for n, (right, mask) in enumerate(plan.terms):
         dest = acc if n == 0 else tmp
         if right > 0:
-            np.right_shift(words, np.uint32(right), out=dest)
+            np.right_shift(words, np.uint32(right), out=dest, casting="unsafe")
         elif right < 0:
-            np.left_shift(words, np.uint32(-right), out=dest)
+            np.left_shift(words, np.uint32(-right), out=dest, casting="unsafe")
         else:
-            np.copyto(dest, words)
-        dest &= np.uint32(mask)
+            np.copyto(dest, words, casting="unsafe")
+        dest &= dt.type(mask)
         if n:
             acc |= tmp
     if plan.pad:
-        acc |= np.uint32(plan.pad)
-    _store_words(acc, out, dst_fmt)
+        acc |= dt.type(plan.pad)
+    if not direct:
+        _store_words(acc, out, dst_fmt)
 
 
 def to_rgb(src: np.ndarray, src_fmt: PixelFormat, width: int, height: int) -> np.ndarray:
