@@ -6,8 +6,9 @@ formats map onto it.  `convert_rect` turns a rectangle of a source surface
 into a buffer in the target format; `conversion_path` says how:
 
 * "copy"   -- same layout: a plain copy of the rows (padding bits included);
-* "pixman" -- libpixman-1 (pyxenfb.pixman) when it loads and has an exact
-  format for both sides;
+* "pixman" -- libpixman-1 (pyxenfb.pixman) when it loads, has an exact
+  format for both sides and is not slower than numpy for the pair
+  (`_numpy_faster`);
 * "numpy"  -- otherwise, vectorised over the whole rectangle, planned once
   per (source, target) pair by `_plan`: a shuffle of byte planes when all
   channels are whole bytes, a lookup table for 8/16 bpp sources, else
@@ -222,7 +223,7 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
     check_format(dst_fmt)
     if _same_layout(src_fmt, dst_fmt):
         return _Plan("copy")
-    codes = pixman.format_codes(src_fmt, dst_fmt)
+    codes = None if _numpy_faster(src_fmt, dst_fmt) else pixman.format_codes(src_fmt, dst_fmt)
 
     src_bytes, dst_bytes = _byte_planes(src_fmt), _byte_planes(dst_fmt)
     if src_bytes is not None and dst_bytes is not None:
@@ -250,9 +251,24 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
     return _Plan("words", terms=tuple(sorted(by_shift.items())), pad=pad, pixman=codes)
 
 
+def _numpy_faster(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> bool:
+    """Pairs pixman has but converts through its generic per-scanline path
+    slower than our numpy plan does (1080p, bench/bench_convert.py, docs/sdl.md):
+    an 8 bpp source (a 256-entry table lookup, 2-4x) unless the target is
+    24 bpp, and a 32 bpp source to 8 bpp without padding (three narrowing
+    passes, ~1.5-2x) or to 16 bpp with padding (pixman's a1r5g5b5 /
+    a4r4g4b4 stores, ~1.3x).  32 -> 565 stays with pixman's SIMD fast path."""
+    pad = _pad_mask(dst_fmt)
+    if src_fmt.bpp == 8:
+        return dst_fmt.bpp != 24
+    if src_fmt.bpp == 32:
+        return (dst_fmt.bpp == 8 and not pad) or (dst_fmt.bpp == 16 and bool(pad))
+    return False
+
+
 def conversion_path(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> str:
     """"copy", "pixman" or "numpy": how `convert_rect` converts src_fmt -> dst_fmt
-    (for a source and destination pixman can address, see `_pixman_convert`)."""
+    (for buffers pixman can address: 4-byte aligned rows, see `_pixman_convert`)."""
     plan = _plan(src_fmt, dst_fmt)
     if plan.kind == "copy":
         return "copy"

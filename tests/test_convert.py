@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyxenfb import pixman
+import contextlib
+
+from pyxenfb import convert, pixman
 from pyxenfb.convert import (GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS, RGB888,
                              PixelFormat, _plan, check_format, conversion_path, convert_rect, to_rgb)
 
@@ -273,6 +275,19 @@ def no_pixman(monkeypatch):
 needs_pixman = pytest.mark.skipif(not pixman.available(), reason="libpixman-1.so.0 not installed")
 
 
+@contextlib.contextmanager
+def pixman_wherever_exact():
+    """Use pixman also for the pairs where numpy is the faster choice."""
+    real = convert._numpy_faster
+    convert._numpy_faster = lambda sf, df: False
+    convert._plan.cache_clear()
+    try:
+        yield
+    finally:
+        convert._numpy_faster = real
+        convert._plan.cache_clear()
+
+
 @st.composite
 def aligned_pictures(draw, fmts):
     """Pictures pixman can take: 4-byte aligned rows, random rect and stride."""
@@ -310,19 +325,21 @@ def test_pixman_equals_numpy_equals_reference(picture, df, data):
     real = pixman.composite_src
     pixman.composite_src = lambda *a: calls.append(a) or real(*a)
     try:
-        got = convert_rect(src, sf, df, x, y, w, h)
-        convert_rect(src, sf, df, x, y, w, h, out=view)
+        with pixman_wherever_exact():
+            path = conversion_path(sf, df)
+            got = convert_rect(src, sf, df, x, y, w, h)
+            convert_rect(src, sf, df, x, y, w, h, out=view)
     finally:
         pixman.composite_src = real
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(view, expected)
     canvas[1:1 + h, col:col + w * db] = 0xA5
     assert (canvas == 0xA5).all()                       # nothing written outside the rect
-    if conversion_path(sf, df) == "pixman":
+    if path == "pixman":
         aligned_out = (w * db) % 4 == 0 or h == 1
         assert len(calls) == (1 if aligned_out else 0) + (1 if view.ctypes.data % 4 == 0 else 0)
     else:
-        assert conversion_path(sf, df) == "copy" and not calls
+        assert path == "copy" and not calls
 
 
 # the fixture's state (pixman hidden) is the same for every example
@@ -340,12 +357,17 @@ def test_conversion_paths():
     be_xrgb = PixelFormat(32, 24, True, 255, 255, 255, 16, 8, 0)
     ten_bit = PixelFormat(32, 30, False, 1023, 1023, 1023, 20, 10, 0)
     tiger64 = PixelFormat(8, 6, False, 3, 3, 3, 4, 2, 0)
+    bgr233 = PixelFormat(8, 8, False, 7, 7, 3, 0, 3, 6)
+    rgb555 = PixelFormat(16, 15, False, 31, 31, 31, 10, 5, 0)
     assert conversion_path(GUEST_32, GUEST_32) == "copy"
-    for df in (GUEST_16, GUEST_8, RGB888, GUEST_24, be_xrgb, tiger64,
-               PixelFormat(8, 8, False, 7, 7, 3, 0, 3, 6),
-               PixelFormat(16, 15, False, 31, 31, 31, 10, 5, 0)):
+    for df in (GUEST_16, RGB888, GUEST_24, be_xrgb, tiger64):
         assert conversion_path(GUEST_32, df) == "pixman", df
     assert conversion_path(GUEST_16, GUEST_32) == "pixman"
+    assert conversion_path(GUEST_8, RGB888) == "pixman"
+    # exact in pixman, but numpy is faster (docs/sdl.md)
+    for sf, df in ((GUEST_32, GUEST_8), (GUEST_32, bgr233), (GUEST_32, rgb555), (GUEST_8, GUEST_32)):
+        assert pixman.format_codes(sf, df) is not None
+        assert conversion_path(sf, df) == "numpy", (sf, df)
     assert conversion_path(GUEST_32, be_565) == "numpy"     # a byte swap splits green
     assert conversion_path(GUEST_32, ten_bit) == "numpy"    # pixman rounds wide channels
     assert conversion_path(tiger64, GUEST_32) == "numpy"    # no x2r2g2b2 source format
