@@ -323,16 +323,22 @@ def convert_rect(src: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
 
 def _pixman_convert(codes: tuple[int, int], src: np.ndarray, sb: int, out: np.ndarray, db: int,
                     x: int, y: int, w: int, h: int) -> bool:
-    """The conversion by libpixman, if it is there and both buffers suit it
-    (4-byte aligned rows); False to fall back to numpy."""
-    src_addr, dst_addr = src.ctypes.data, out.ctypes.data
-    src_stride = src.strides[0] if src.shape[0] > 1 else -(-src.shape[1] // 4) * 4
+    """The conversion by libpixman, if it is there and both buffers suit it;
+    False to fall back to numpy."""
+    # pixman silently composites nothing when coordinates leave 16 bits
+    # (analyze_extent in pixman.c), which would hand out uninitialised memory:
+    # its source image starts at row y, so only x + w and h are bounded.
+    if x + w >= 0x7FFF or h >= 0x7FFF:
+        return False
+    src_stride = src.strides[0] if h > 1 else -(-((x + w) * sb) // 4) * 4
     dst_stride = out.strides[0] if h > 1 else -(-(w * db) // 4) * 4
+    src_addr = src.ctypes.data + y * src.strides[0]
+    dst_addr = out.ctypes.data
+    # rows are uint32_t arrays to pixman: 4-byte aligned starts and strides
     if (src_addr | dst_addr | src_stride | dst_stride) & 3 or src_stride <= 0 or dst_stride <= 0:
         return False
-    # The source image is the whole `src` (pixman reads only the rect of it).
-    return pixman.composite_src(codes[0], src_addr, src.shape[1] // sb, src.shape[0], src_stride,
-                                codes[1], dst_addr, w, h, dst_stride, x, y, w, h)
+    return pixman.composite_src(codes[0], src_addr, x + w, h, src_stride,
+                                codes[1], dst_addr, w, h, dst_stride, x, 0, w, h)
 
 
 def _convert_numpy(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,

@@ -405,3 +405,34 @@ def test_copy_of_full_width_rows_is_one_block():
     got = convert_rect(src, GUEST_32, GUEST_32, 0, 2, 8, 3)
     np.testing.assert_array_equal(got, src[2:5])
     assert got.flags.c_contiguous and not np.shares_memory(got, src)
+
+
+@needs_pixman
+def test_threads_share_one_lazily_loaded_library(monkeypatch):
+    """Conversions from worker threads (cffi releases the GIL) load the library
+    once and give the same bytes as the reference."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setattr(pixman, "_loaded", False)
+    monkeypatch.setattr(pixman, "_lib", None)
+    rng = np.random.default_rng(9)
+    src = rng.integers(0, 256, (64, 96 * 4), dtype=np.uint8)
+    want = reference(src, GUEST_32, GUEST_16, 5, 3, 80, 50)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: convert_rect(src, GUEST_32, GUEST_16, 5, 3, 80, 50), range(32)))
+    assert pixman._lib is not None and conversion_path(GUEST_32, GUEST_16) == "pixman"
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_pixman
+@pytest.mark.parametrize("shape, rect", [((40000, 2 * 4), (1, 39990, 1, 9)),      # tall
+                                         ((3, 33000 * 4), (32760, 1, 30, 2)),    # wide
+                                         ((3, 33000 * 4), (0, 0, 32767, 3))])
+def test_beyond_pixmans_16_bit_coordinates(shape, rect):
+    """pixman does nothing past 16-bit coordinates: such rects still convert
+    (numpy takes those the pixman source image cannot reach)."""
+    src = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    x, y, w, h = rect
+    got = convert_rect(src, GUEST_32, GUEST_16, *rect)
+    for row in (0, h - 1):
+        np.testing.assert_array_equal(got[row:row + 1], reference(src, GUEST_32, GUEST_16, x, y + row, w, 1))
