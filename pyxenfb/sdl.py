@@ -67,7 +67,7 @@ class SdlDisplay:
         os.environ.setdefault("SDL_VIDEO_ALLOW_SCREENSAVER", "1")
         # Draw into the window system's own framebuffer (X11: XShm images in
         # the visual's format) rather than an OpenGL texture SDL converts
-        # from: our converter does that job, once, rounding correctly.
+        # from: our converter does that job, once.
         os.environ.setdefault("SDL_FRAMEBUFFER_ACCELERATION", "0")
         import pygame                                  # lazy: only with --sdl
         self._pg = pygame

@@ -166,10 +166,12 @@ def _grab(display: str, window: str) -> np.ndarray | None:
 
 
 def _quantise(rgb: np.ndarray, maxes) -> np.ndarray:
-    """What a TigerVNC low-colour viewer shows (rfb.md section 10)."""
+    """What a TigerVNC low-colour viewer shows (rfb.md section 10): our server
+    narrows each channel keeping its high bits (pixman's semantic), the viewer
+    scales back by q * 255 // max."""
     out = np.empty_like(rgb)
     for i, m in enumerate(maxes):
-        q = (rgb[..., i].astype(np.uint32) * m + 127) // 255
+        q = rgb[..., i].astype(np.uint32) >> (8 - m.bit_length())
         out[..., i] = q * 255 // m
     return out
 
