@@ -202,3 +202,21 @@ def test_held_input_released_once_by_the_console_when_a_client_goes():
     finally:
         b.close()
         srv.close()
+
+
+def test_log_says_which_conversion_a_client_gets(caplog):
+    from pyxenfb import pixman
+    srv = ServerThread(noisy_surface(64, 48))
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        with caplog.at_level("INFO", logger="pyxenfb.rfb.server"):
+            # RGB565 little-endian
+            c.send(struct.pack(">BxxxBBBBHHHBBBxxx", 0, 16, 16, 0, 1, 31, 63, 31, 11, 5, 0))
+            full_request(c, w=64, h=48)
+            assert c.recv_exact(1) == b"\0"
+        path = "pixman" if pixman.available() else "numpy"
+        assert any(f"16 bpp depth 16: conversion by {path}" in r.getMessage() for r in caplog.records)
+    finally:
+        c.close()
+        srv.close()

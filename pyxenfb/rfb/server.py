@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..convert import PixelFormat, convert_rect
+from ..convert import PixelFormat, conversion_path, convert_rect
 from ..region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
@@ -135,6 +135,7 @@ class RfbClient(asyncio.Protocol):
         self.throttle = MIN_THROTTLE
         self.updates_sent = 0
         self.session = None               # the display's per-client state
+        self._format_logged = False
         self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
@@ -344,6 +345,12 @@ class RfbClient(asyncio.Protocol):
                     self.dirty.add(rect)
         elif isinstance(event, rfb.PixelFormatChanged):
             self._set_throttle()
+            fb = self.server.framebuffer()
+            # Info once per client (a client may switch formats at will), debug after.
+            log.log(logging.DEBUG if self._format_logged else logging.INFO,
+                    "VNC: client %s asks for %d bpp depth %d: conversion by %s", self.peer,
+                    event.fmt.bpp, event.fmt.depth, conversion_path(fb.fmt, event.fmt))
+            self._format_logged = True
         elif isinstance(event, rfb.EncodingsChanged):
             log.debug("VNC: client %s uses %s", self.peer, enc.NAMES.get(event.encoding))
         elif isinstance(event, rfb.Authenticated):
