@@ -231,25 +231,46 @@ def _pack_indices(idx: np.ndarray, bits: int) -> bytes:
 
 
 def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
-    """The uncompressed ZRLE tile stream for a rectangle."""
+    """The uncompressed ZRLE tile stream for a rectangle.
+
+    Every 64x64 tile's colours are counted at once: one row-wise sort of all
+    tiles (numpy's SIMD sort, several times faster than np.unique per tile),
+    then distinct = 1 + number of changes between neighbours.  Python only
+    loops over the ~13 tiles of a band to lay out their bytes.
+    """
     sel = _cpixel_bytes(fmt)
     h, w = vals.shape
+    bpp = fmt.bytes_per_pixel
+    rows_t, cols_t = -(-h // 64), -(-w // 64)
+    n = rows_t * cols_t
+    # Edge padding repeats existing pixels: it adds no colour to a tile.
+    padded = vals
+    if h % 64 or w % 64:
+        padded = np.pad(vals, ((0, rows_t * 64 - h), (0, cols_t * 64 - w)), mode="edge")
+    tiles = padded.reshape(rows_t, 64, cols_t, 64).swapaxes(1, 2).reshape(n, 4096)  # a copy
+    tiles.sort(axis=1)
+    change = tiles[:, 1:] != tiles[:, :-1]
+    ncol = 1 + np.count_nonzero(change, axis=1)
+    cpix = vals.view(np.uint8).reshape(h, w, bpp)
+    if sel is not None:
+        cpix = cpix[:, :, sel]                       # CPIXELs of the whole rectangle, once
     out = bytearray()
-    for ty in range(0, h, 64):
-        for tx in range(0, w, 64):
-            tile = vals[ty:ty + 64, tx:tx + 64]
-            palette = np.unique(tile)
-            if len(palette) == 1:
-                out.append(1)
-                out += _cpixels(palette, fmt, sel)
-            elif len(palette) <= 16:
-                bits = 1 if len(palette) == 2 else 2 if len(palette) <= 4 else 4
-                out.append(len(palette))
-                out += _cpixels(palette, fmt, sel)
-                out += _pack_indices(np.searchsorted(palette, tile), bits)
-            else:
-                out.append(0)
-                out += _cpixels(tile, fmt, sel)
+    for i in range(n):
+        ty, tx = divmod(i, cols_t)
+        ty, tx = ty * 64, tx * 64
+        k = int(ncol[i])
+        if k == 1:
+            out.append(1)
+            out += _cpixels(tiles[i, :1], fmt, sel)
+        elif k <= 16:
+            palette = tiles[i, np.concatenate(([True], change[i]))]   # sorted, distinct
+            bits = 1 if k == 2 else 2 if k <= 4 else 4
+            out.append(k)
+            out += _cpixels(palette, fmt, sel)
+            out += _pack_indices(np.searchsorted(palette, vals[ty:ty + 64, tx:tx + 64]), bits)
+        else:
+            out.append(0)
+            out += cpix[ty:ty + 64, tx:tx + 64].tobytes()
     return bytes(out)
 
 
