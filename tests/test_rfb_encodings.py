@@ -165,6 +165,24 @@ class Decoder:
                             assert idx < sub
                             rows.append(pal[idx])
                     self.put(tx, ty, tw, th, b"".join(rows))
+                elif sub == 128 or sub >= 130:        # plain RLE, palette RLE
+                    pal = [expand(t.take(size)) for _ in range(sub - 128)]
+                    pixels = []
+                    while len(pixels) < tw * th:
+                        if not pal:
+                            colour, more = expand(t.take(size)), True
+                        else:
+                            b = t.u8()
+                            assert b & 127 < len(pal)
+                            colour, more = pal[b & 127], bool(b & 128)
+                        length = 1
+                        while more:               # 255 255 ... then the rest
+                            b = t.u8()
+                            length += b
+                            more = b == 255
+                        pixels += [colour] * length
+                    assert len(pixels) == tw * th, "RLE run past the tile"
+                    self.put(tx, ty, tw, th, b"".join(pixels))
                 else:
                     raise AssertionError(f"unexpected ZRLE subencoding {sub}")
         assert t.pos == len(t.data)
@@ -352,3 +370,4 @@ def test_zlib_continuation_survives_a_plain_decompressobj():
         (n,) = struct.unpack(">I", data[12:16])
         assert len(data) == 16 + n
         assert inflater.decompress(data[16:]) == pixels.tobytes()
+
