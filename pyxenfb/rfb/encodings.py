@@ -386,7 +386,8 @@ class _Stream:
             self._z = zlib.compressobj(level, zlib.DEFLATED, -15, _MEM_LEVEL,
                                        **({"zdict": self._tail} if self._tail else {}))
         out = self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
-        self._tail = (self._tail + data[-_WINDOW:])[-_WINDOW:] if len(data) < _WINDOW else data[-_WINDOW:]
+        # What the client's inflater window now holds (the last 32 KiB).
+        self._tail = data[-_WINDOW:] if len(data) >= _WINDOW else (self._tail + data)[-_WINDOW:]
         return out
 
 
