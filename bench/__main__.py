@@ -57,8 +57,21 @@ def main(argv=None) -> int:
             out.write(line + "\n")
             out.flush()
 
-    # SIGTERM cleans up like Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop the run and clean up; SIGINT explicitly, as
+    # a shell's background job starts with it ignored.
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+    def cleanup():
+        # a second Ctrl-C must not cut the cleanup short
+        old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            ctx.procs.cleanup()
+        finally:
+            for s, h in zip((signal.SIGINT, signal.SIGTERM), old):
+                signal.signal(s, h)
     t0 = time.monotonic()
     try:
         for g in groups:
@@ -74,12 +87,12 @@ def main(argv=None) -> int:
                       "baseline_value": None, "ratio": None, "group": g,
                       "skipped": f"{type(exc).__name__}: {exc}"})
             finally:
-                ctx.procs.cleanup()               # each group starts from a clean machine
+                cleanup()                         # each group starts from a clean machine
     except KeyboardInterrupt:
         print("bench: interrupted, cleaning up", file=sys.stderr)
         return 130
     finally:
-        ctx.procs.cleanup()
+        cleanup()
         if out:
             out.close()
     print(f"bench: {len(groups)} group(s) in {time.monotonic() - t0:.0f} s", file=sys.stderr)
