@@ -1,7 +1,8 @@
 """pyxenfb's benchmark suite.
 
     uv run python -m bench [--quick] [--only GROUP[,GROUP]] [--out FILE.jsonl]
-    uv run python -m bench --plot FILE.jsonl OUTDIR
+    uv run python -m bench --plot FILE.jsonl OUTDIR     (PNGs)
+    uv run python -m bench --table FILE.jsonl           (Markdown table)
 
 Prints one JSON line per metric (also appended to --out): name, value, unit,
 baseline, baseline_value, ratio (= our cost / the baseline's; < 1 is better)
@@ -29,7 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--plot", nargs=2, metavar=("FILE.jsonl", "OUTDIR"),
                     help="draw the PNGs from a previous run's JSON lines and exit")
+    ap.add_argument("--table", metavar="FILE.jsonl",
+                    help="print a previous run's figures as a Markdown table and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        from .plot import markdown_table
+        print(markdown_table(args.table))
+        return 0
     if args.plot:
         from .plot import plot
         for path in plot(*args.plot):

@@ -27,6 +27,23 @@ def load(path: str) -> list[dict]:
     return list({r["name"]: r for r in rows}.values())
 
 
+def markdown_table(jsonl: str) -> str:
+    """The figures as a Markdown table (docs/performance.md is made of it)."""
+    def fmt(v):
+        return "–" if v is None else (f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else
+                                      f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
+    lines = ["| metric | pyxenfb | unit | baseline | baseline value | ratio (cost, <1 better) | notes |",
+             "|---|---:|---|---|---:|---:|---|"]
+    for r in load(jsonl):
+        notes = []
+        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "skipped", "error"):
+            if r.get(k) is not None:
+                notes.append(f"{k} {fmt(r[k])}")
+        lines.append(f"| {r['name']} | {fmt(r['value'])} | {r['unit'] or ''} | {r['baseline'] or ''} "
+                     f"| {fmt(r['baseline_value'])} | {fmt(r['ratio'])} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
 def plot(jsonl: str, outdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -102,7 +119,9 @@ def plot(jsonl: str, outdir: str) -> list[str]:
         ax2 = ax.twinx()
         ax2.plot(ns, cpu, "s--", c="tab:red", label="CPU of all pyqemu-dm (% of one core)")
         ax2.set_ylabel("% of one core")
-        fig.legend(loc="upper center", fontsize=8)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
         ax.set_xticks(ns)
         save(fig, "domains.png")
     return written
