@@ -169,6 +169,8 @@ def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None
              sample_memory: bool = False) -> dict:
     """One vnc-rate run; adds the DM's CPU % (and its peak RSS/PSS) over it."""
     tool = anchor("vnc-rate")
+    if tool is None:
+        return {"error": missing_anchor("vnc-rate")}
     p = ctx.procs.popen([sys.executable, str(tool), f"127.0.0.1::{port}", "--encoding", enc,
                          "--seconds", str(seconds)], stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
@@ -420,14 +422,19 @@ def bench_memory_animating(ctx) -> list[dict]:
         r = vnc_rate(ctx, port, "Tight", 2 if ctx.quick else 5, sim.pid(1, "dm"), True)
         sim.kill_domains()
         mem = r.get("dm_peak_kib", {"rss": None, "pss": None})
-    return [metric("dm_rss_tight_animating_800x600", mem["rss"], "KiB", None, None, None),
-            metric("dm_pss_tight_animating_800x600", mem["pss"], "KiB", None, None, None)]
+        if "error" in r:
+            mem["skipped"] = r["error"]
+    why = {"skipped": mem["skipped"]} if "skipped" in mem else {}
+    return [metric("dm_rss_tight_animating_800x600", mem["rss"], "KiB", None, None, None, **why),
+            metric("dm_pss_tight_animating_800x600", mem["pss"], "KiB", None, None, None, **why)]
 
 
 # ---- many domains at once ---------------------------------------------------------
 def bench_multi(ctx) -> list[dict]:
     counts = [4] if ctx.quick else [1, 4, 16]
     secs = 3 if ctx.quick else 8
+    if anchor("vnc-rate") is None:
+        return [metric("multi_fps_per_domain", None, "frames/s", skipped=missing_anchor("vnc-rate"))]
     out = []
     for n in counts:
         sim = SimHost(ctx.procs)
