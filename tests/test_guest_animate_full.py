@@ -74,3 +74,16 @@ def test_animate_full_sends_full_screen_updates_of_the_frames():
             shown = surface_words(be.console) & 0xFFFFFF
             assert any(np.array_equal(shown, fr) for fr in frames)
     asyncio.run(body())
+
+
+def test_animate_full_fps_caps_the_frame_rate():
+    async def body():
+        # attach: a display watching, else the backend says XENFB_NO_REFRESH
+        async with connected_domain(1, attach=True, width=160, height=120, animate="full",
+                                    fps=20) as (run_dir, guest, be, listener):
+            await wait_for(lambda: guest.frame >= 1, 10, "first frame")
+            t0, f0 = asyncio.get_running_loop().time(), guest.frame
+            await wait_for(lambda: guest.frame >= f0 + 10, 10, "10 more frames")
+            # 10 frames at <= 20 frames/s take at least 9 periods
+            assert asyncio.get_running_loop().time() - t0 >= 9 / 20 - 0.02
+    asyncio.run(body())
