@@ -9,6 +9,7 @@ gives "baseline_value": null and a "skipped" reason, never a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -123,7 +124,10 @@ def delegated(module: str, quick: bool):
     run = getattr(mod, "run", None)
     if not callable(run):
         return None, None
-    return list(run(quick)), None
+    # stdout carries only our JSON lines: whatever run() prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = [d for d in run(quick) if isinstance(d, dict)]
+    return rows, None
 
 
 def fill(d: dict) -> dict:
