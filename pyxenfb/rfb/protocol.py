@@ -630,16 +630,19 @@ class ServerConnection:
         return bool({enc.DESKTOP_SIZE, enc.EXT_DESKTOP_SIZE} & self.encodings)
 
     def resize(self, width: int, height: int) -> bool:
-        """The framebuffer changed size; False if this client cannot follow."""
-        self.width, self.height = width, height
+        """The framebuffer changed size.  False if this client cannot follow:
+        it keeps the size it has and sees that much of the new picture (as
+        with QEMU); updates are clipped to it."""
         if self.state is not State.NORMAL:
+            self.width, self.height = width, height      # ServerInit will say so
             return True
+        if not self.supports_resize:
+            return False
+        self.width, self.height = width, height
         if enc.EXT_DESKTOP_SIZE in self.encodings:
             self._send_ext_desktop_size(0, 0)
-        elif enc.DESKTOP_SIZE in self.encodings:
-            self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
         else:
-            return False
+            self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
         self.resize_pending = True
         return True
 

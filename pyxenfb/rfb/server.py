@@ -446,10 +446,10 @@ class RfbClient(asyncio.Protocol):
     # ------------------------------------------------------------ display changes
     def resized(self, width: int, height: int) -> None:
         if not self.conn.resize(width, height):
-            self.disconnect("client does not support desktop resizing")
-            return
+            log.info("VNC: client %s cannot follow the resize to %dx%d; it keeps its %dx%d view",
+                     self.peer, width, height, self.conn.width, self.conn.height)
         self.dirty.take()
-        self.dirty.add((0, 0, width, height))
+        self.dirty.add((0, 0, min(width, self.conn.width), min(height, self.conn.height)))
         self._set_throttle()
         self._flush()
         self._maybe_update()
