@@ -89,14 +89,14 @@ class EncodeGate:
     def __init__(self, monkeypatch):
         self.opened = threading.Event()
         self.waiting = threading.Event()
-        real = enc.Encoder.encode
+        real = enc.Encoder.encode_chunks
 
         def gated(encoder, encoding, *args, **kwargs):
             if encoding == enc.TIGHT and threading.current_thread().name.startswith("vnc-encode"):
                 self.waiting.set()
                 assert self.opened.wait(30), "gate never opened"
             return real(encoder, encoding, *args, **kwargs)
-        monkeypatch.setattr(enc.Encoder, "encode", gated)
+        monkeypatch.setattr(enc.Encoder, "encode_chunks", gated)
 
 
 def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypatch):

@@ -423,8 +423,19 @@ class Encoder:
     def encode(self, encoding: int, fmt: PixelFormat, pixels: np.ndarray,
                x: int, y: int, w: int, h: int, *, jpeg_quality: int | None = None) -> tuple[int, bytes]:
         """Encode one rectangle; returns (number of rectangles, bytes with headers)."""
+        count, chunks = self.encode_chunks(encoding, fmt, pixels, x, y, w, h, jpeg_quality=jpeg_quality)
+        return count, b"".join(chunks)
+
+    def encode_chunks(self, encoding: int, fmt: PixelFormat, pixels: np.ndarray,
+                      x: int, y: int, w: int, h: int, *,
+                      jpeg_quality: int | None = None) -> tuple[int, list[bytes]]:
+        """`encode` as a list of byte strings to send in order: a server
+        writes them as they are instead of copying megabytes into one."""
         if encoding in (TIGHT, TIGHT_PNG):
-            return self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
+            count, data = self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
+            return count, [data]
+        if encoding not in (RRE, HEXTILE, ZLIB, ZRLE):
+            return 1, [rect_header(x, y, w, h, RAW), encode_raw(pixels)]
         vals = _values(pixels, fmt, w, h)
         if encoding == RRE:
             data = encode_rre(vals, fmt)
@@ -440,10 +451,8 @@ class Encoder:
                 if self._zrle is None:
                     self._zrle = _Stream(level)
                 z = self._zrle.deflate(zrle_tiles(vals, fmt), level)
-            data = struct.pack(">I", len(z)) + z
-        else:
-            encoding, data = RAW, encode_raw(pixels)
-        return 1, rect_header(x, y, w, h, encoding) + data
+            return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", len(z)), z]
+        return 1, [rect_header(x, y, w, h, encoding), data]
 
     # Tight -----------------------------------------------------------
     def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality):

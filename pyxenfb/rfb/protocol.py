@@ -190,7 +190,7 @@ class UpdateJob:
         self._encoding, self._fmt = conn.encoding, conn.pixel_format
         self._jpeg = conn.jpeg_quality if conn.lossy else None
         self._level = conn.compress_level
-        self._body: bytearray | None = None
+        self._chunks: list[bytes] | None = None
         self._count = 0
 
     @property
@@ -199,23 +199,23 @@ class UpdateJob:
 
     def encode(self) -> None:
         """Encode every rectangle (the slow part; safe off the loop)."""
-        body = bytearray(b"".join(self._pseudo))
+        chunks = list(self._pseudo)
         count = len(self._pseudo)
         if self._level is not None:
             self._encoder.set_compress_level(self._level)
         for pixels, x, y, w, h in self.pieces:
-            n, data = self._encoder.encode(self._encoding, self._fmt, pixels, x, y, w, h,
-                                           jpeg_quality=self._jpeg)
-            body += data
+            n, data = self._encoder.encode_chunks(self._encoding, self._fmt, pixels, x, y, w, h,
+                                                  jpeg_quality=self._jpeg)
+            chunks += data
             count += n
-        self._body, self._count = body, count
+        self._chunks, self._count = chunks, count
 
     def finish(self) -> int:
         """Queue the whole FramebufferUpdate (encoding it first if nobody
         has); the number of bytes queued."""
-        if self._body is None:
+        if self._chunks is None:
             self.encode()
-        return self._conn._queue_update(self._body, self._count, self._full)
+        return self._conn._queue_update(self._chunks, self._count, self._full)
 
 
 class ServerConnection:
@@ -257,14 +257,31 @@ class ServerConnection:
         self.resize_pending = False           # a size change goes out alone
         self._in = bytearray()
         self._out = bytearray()
+        self._chunks: list = []              # whole pieces queued before what _out holds
         self._discard = 0                    # cut text bytes still to skip
         self._challenge = b""
         self._out += b"RFB 003.008\n"
 
     # ------------------------------------------------------------ I/O side
-    def data_to_send(self) -> bytearray:
-        out, self._out = self._out, bytearray()     # handed over, not copied (updates are MBs)
-        return out
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything to send, as one buffer."""
+        if not self._chunks:
+            out, self._out = self._out, bytearray()
+            return out
+        return b"".join(self.data_to_send_chunks())
+
+    def data_to_send_chunks(self) -> list:
+        """Everything to send, as the pieces it was made of (updates are MBs:
+        a server writes them one by one rather than joining them)."""
+        self._seal()
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+    def _seal(self) -> None:
+        """Small messages queued so far go before what is queued next."""
+        if self._out:
+            self._chunks.append(self._out)
+            self._out = bytearray()
 
     @property
     def closed(self) -> bool:
@@ -697,12 +714,13 @@ class ServerConnection:
         pieces = [(pixels, *r) for pixels, r in zip(copies, clipped)]
         return UpdateJob(self, pseudo, pieces, full)
 
-    def _queue_update(self, body: bytearray, count: int, full: bool) -> int:
+    def _queue_update(self, chunks: list[bytes], count: int, full: bool) -> int:
         if count == 0 and not full:
             return 0
-        self._out += struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count)
-        self._out += body
-        return 4 + len(body)
+        self._seal()
+        self._chunks.append(struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count))
+        self._chunks += chunks
+        return 4 + sum(len(c) for c in chunks)
 
     _STATE_PARSERS = {
         State.VERSION: _parse_version,

@@ -314,12 +314,17 @@ class RfbClient(asyncio.Protocol):
             return
         if self.ws is not None and not self.ws.open:
             return
-        data = self.conn.data_to_send()
-        if not data:
-            return
-        if self.ws is not None:
-            data = self.ws.send(data)
-        self._write(data)
+        if self.ws is None and self.tls is None:
+            chunks = self.conn.data_to_send_chunks()
+            if not chunks:
+                return
+            for chunk in chunks:
+                self.transport.write(chunk)
+        else:
+            data = self.conn.data_to_send()
+            if not data:
+                return
+            self._write(self.ws.send(data) if self.ws is not None else data)
         pending = self.transport.get_write_buffer_size()
         if pending > HARD_LIMIT_FACTOR * self.throttle:
             self.transport.abort()
