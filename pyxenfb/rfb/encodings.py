@@ -131,22 +131,41 @@ def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     n = rows_t * cols_t
     # Edge padding repeats existing pixels: it adds no colour to a tile.
     padded = np.pad(vals, ((0, rows_t * _TILE - h), (0, cols_t * _TILE - w)), mode="edge")
-    tiles = padded.reshape(rows_t, _TILE, cols_t, _TILE).swapaxes(1, 2).reshape(n, _TILE, _TILE)
+    # Tile-major order, moving each tile row (16 pixels) as one block.
+    row_block = np.dtype((np.void, _TILE * bpp))
+    tiles = (np.ascontiguousarray(padded).view(row_block).reshape(rows_t, _TILE, cols_t)
+             .swapaxes(1, 2).copy().view(vals.dtype).reshape(n, _TILE, _TILE))
     tile_h = np.minimum(_TILE, h - np.arange(rows_t) * _TILE).repeat(cols_t)
     tile_w = np.tile(np.minimum(_TILE, w - np.arange(cols_t) * _TILE), rows_t)
     inside = ((np.arange(_TILE)[None, :, None] < tile_h[:, None, None]) &
               (np.arange(_TILE)[None, None, :] < tile_w[:, None, None]))
 
-    first = tiles[:, 0, 0]
-    is_first = tiles == first[:, None, None]
-    has_other = ~is_first.all(axis=(1, 2))
-    second = tiles.reshape(n, -1)[np.arange(n), (~is_first).reshape(n, -1).argmax(axis=1)]
-    is_second = tiles == second[:, None, None]
-    two = has_other & (is_first | is_second).all(axis=(1, 2))
+    # A tile whose top row and left column already show three colours is
+    # raw: only the others (flat areas, text) need the full analysis, which
+    # on a photo-like picture is a small minority.
+    edge = np.concatenate((tiles[:, 0, :], tiles[:, 1:, 0]), axis=1)
+    edge_other = edge != edge[:, :1]
+    edge_second = edge[np.arange(n), edge_other.argmax(axis=1)]
+    cand = np.flatnonzero(~(edge_other & (edge != edge_second[:, None])).any(axis=1))
+
+    sub, sub_inside = tiles[cand], inside[cand]
+    first = sub[:, 0, 0]
+    is_first = sub == first[:, None, None]
+    sub_other = ~is_first.all(axis=(1, 2))
+    flat = (len(cand), _TILE * _TILE)
+    second = sub.reshape(flat)[np.arange(len(cand)), (~is_first).reshape(flat).argmax(axis=1)]
+    is_second = sub == second[:, None, None]
+    sub_two = sub_other & (is_first | is_second).all(axis=(1, 2))
     # Background = the majority colour: fewer subrectangles.
-    second_wins = (is_second & inside).sum(axis=(1, 2)) > (is_first & inside).sum(axis=(1, 2))
-    bg = np.where(two & second_wins, second, first)
-    fg = np.where(second_wins, first, second)
+    second_wins = (is_second & sub_inside).sum(axis=(1, 2)) > (is_first & sub_inside).sum(axis=(1, 2))
+    has_other = np.ones(n, bool)
+    has_other[cand] = sub_other
+    two = np.zeros(n, bool)
+    two[cand] = sub_two
+    bg = tiles[:, 0, 0].copy()
+    bg[cand] = np.where(sub_two & second_wins, second, first)
+    fg = np.zeros(n, vals.dtype)
+    fg[cand] = np.where(second_wins, first, second)
 
     # Foreground runs of every two-colour tile: (tile, y, x0, x1).
     two_idx = np.flatnonzero(two)
@@ -173,16 +192,15 @@ def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     count = np.zeros(n, np.int64)
     count[two_idx] = runs
     size = np.where(raw, raw_size, 1 + send_bg * bpp + two * (bpp + 1) + 2 * count)
-    # Every tile is laid out in a fixed slot as big as a raw tile, then the
-    # slots' used prefixes are joined with one boolean selection: raw tiles
-    # are copied in one go instead of one numpy call each.
-    slot = 1 + _TILE * _TILE * bpp
-    slots = np.empty((n, slot), np.uint8)
+    # Headers and subrectangles of the tiles that are not raw go into fixed
+    # slots (mask, background, foreground, count and at most 8 runs in each
+    # of 16 rows); raw tiles are sent from one copy of their pixels.  The
+    # output is joined from memoryview slices: a run of raw tiles is one slice.
+    slot = 2 + 2 * bpp + 2 * (_TILE * _TILE // 2)
+    slots = np.zeros((n, slot), np.uint8)
     offs = np.arange(n) * slot
     out = slots.reshape(-1)
-
-    mask = np.where(raw, _HT_RAW, np.where(send_bg, _HT_BG, 0) |
-                    np.where(two, _HT_FG | _HT_ANY, 0))
+    mask = np.where(send_bg, _HT_BG, 0) | np.where(two, _HT_FG | _HT_ANY, 0)
     out[offs] = mask
     span = np.arange(bpp)
     sel = np.flatnonzero(send_bg)
@@ -198,20 +216,31 @@ def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
         at = fg_at[tile_of_run] + bpp + 1 + 2 * rank
         out[at] = (run_x0 << 4 | run_y).astype(np.uint8)
         out[at + 1] = ((run_x1 - run_x0 - 1) << 4).astype(np.uint8)
-    raw_idx = np.flatnonzero(raw)
-    if len(raw_idx):
-        pix = tiles[raw_idx]
-        part = raw_idx[(tile_h[raw_idx] < _TILE) | (tile_w[raw_idx] < _TILE)]
-        if len(part):
-            # Edge tiles: their real pixels, row by row, moved to the front.
-            k = np.searchsorted(raw_idx, part)
-            packed = np.zeros((len(part), _TILE * _TILE), dtype)
-            packed[np.arange(_TILE * _TILE) < (tile_h[part] * tile_w[part])[:, None]] = \
-                pix[k][inside[part]]
-            pix[k] = packed.reshape(-1, _TILE, _TILE)
-        slots[raw_idx, 1:] = pix.view(np.uint8).reshape(len(raw_idx), -1)
-    out = slots[np.arange(slot) < size[:, None]]
-    return out.tobytes()
+
+    full = (tile_h == _TILE) & (tile_w == _TILE)
+    raw_full = raw & full
+    raw_rows = np.flatnonzero(raw_full)
+    raw_slot = 1 + _TILE * _TILE * bpp
+    raw_slots = np.empty((len(raw_rows), raw_slot), np.uint8)
+    raw_slots[:, 0] = _HT_RAW
+    raw_slots[:, 1:] = tiles[raw_rows].reshape(len(raw_rows), _TILE * _TILE).view(np.uint8)
+    raw_mv, hdr_mv = memoryview(raw_slots.reshape(-1)), memoryview(out)
+    sizes = size.tolist()
+
+    def piece(t: int):
+        if not raw[t]:
+            return hdr_mv[t * slot:t * slot + sizes[t]]
+        r, c = divmod(t, cols_t)                 # a raw edge tile: its real pixels only
+        return b"\x01" + np.ascontiguousarray(vals[r * _TILE:(r + 1) * _TILE,
+                                                   c * _TILE:(c + 1) * _TILE]).tobytes()
+    edges = np.diff(np.concatenate(([0], raw_full.view(np.int8), [0])))
+    pieces, pos, row = [], 0, 0
+    for start, end in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+        pieces += [piece(t) for t in range(pos, start)]
+        pieces.append(raw_mv[row * raw_slot:(row + end - start) * raw_slot])
+        row, pos = row + end - start, end
+    pieces += [piece(t) for t in range(pos, n)]
+    return b"".join(pieces)
 
 
 # ---------------------------------------------------------------- ZRLE
