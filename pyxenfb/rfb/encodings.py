@@ -113,6 +113,19 @@ _HT_RAW, _HT_BG, _HT_FG, _HT_ANY, _HT_COLOURED = 1, 2, 4, 8, 16
 _TILE = 16
 
 
+def _pad_edge(vals: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`vals` grown to height x width by repeating its last row and column:
+    the padding adds no colour to a tile (np.pad's "edge", without its cost)."""
+    h, w = vals.shape
+    if (h, w) == (height, width):
+        return vals
+    out = np.empty((height, width), vals.dtype)
+    out[:h, :w] = vals
+    out[:h, w:] = vals[:, w - 1:]
+    out[h:] = out[h - 1]
+    return out
+
+
 def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     """Hextile with every tile classified at once (numpy, no per-tile Python
     except copying raw tiles):
@@ -129,8 +142,7 @@ def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     dtype = _DTYPES[bpp]
     rows_t, cols_t = -(-h // _TILE), -(-w // _TILE)
     n = rows_t * cols_t
-    # Edge padding repeats existing pixels: it adds no colour to a tile.
-    padded = np.pad(vals, ((0, rows_t * _TILE - h), (0, cols_t * _TILE - w)), mode="edge")
+    padded = _pad_edge(vals, rows_t * _TILE, cols_t * _TILE)
     # Tile-major order, moving each tile row (16 pixels) as one block.
     row_block = np.dtype((np.void, _TILE * bpp))
     tiles = (np.ascontiguousarray(padded).view(row_block).reshape(rows_t, _TILE, cols_t)
@@ -278,45 +290,66 @@ def _pack_indices(idx: np.ndarray, bits: int) -> bytes:
 def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     """The uncompressed ZRLE tile stream for a rectangle.
 
-    Every 64x64 tile's colours are counted at once: one row-wise sort of all
-    tiles (numpy's SIMD sort, several times faster than np.unique per tile),
-    then distinct = 1 + number of changes between neighbours.  Python only
-    loops over the ~13 tiles of a band to lay out their bytes.
+    Tiles are classified at once: a tile whose first row already has more
+    than 16 colours is raw; the others are sorted (numpy's SIMD sort) and
+    distinct = 1 + changes between neighbours.  Full raw tiles are sent from
+    one tile-major copy of the CPIXELs; Python only loops over the tiles to
+    join their pieces.
     """
     sel = _cpixel_bytes(fmt)
     h, w = vals.shape
-    bpp = fmt.bytes_per_pixel
     rows_t, cols_t = -(-h // 64), -(-w // 64)
     n = rows_t * cols_t
     # Edge padding repeats existing pixels: it adds no colour to a tile.
-    padded = vals
-    if h % 64 or w % 64:
-        padded = np.pad(vals, ((0, rows_t * 64 - h), (0, cols_t * 64 - w)), mode="edge")
-    tiles = padded.reshape(rows_t, 64, cols_t, 64).swapaxes(1, 2).reshape(n, 4096)  # a copy
-    tiles.sort(axis=1)
-    change = tiles[:, 1:] != tiles[:, :-1]
-    ncol = 1 + np.count_nonzero(change, axis=1)
-    cpix = vals.view(np.uint8).reshape(h, w, bpp)
-    if sel is not None:
-        cpix = cpix[:, :, sel]                       # CPIXELs of the whole rectangle, once
-    out = bytearray()
+    padded = _pad_edge(vals, rows_t * 64, cols_t * 64)
+    tile_view = padded.reshape(rows_t, 64, cols_t, 64).swapaxes(1, 2)
+    # A first row and column that show 17 colours make a tile raw.
+    sample = np.sort(np.concatenate((tile_view[:, :, 0, :], tile_view[:, :, 1:, 0]),
+                                    axis=2).reshape(n, 127), axis=1)
+    few = np.count_nonzero(sample[:, 1:] != sample[:, :-1], axis=1) < 16
+    cand = np.flatnonzero(few)
+    ncol = np.full(n, 17)
+    palettes: dict[int, np.ndarray] = {}
+    if len(cand):
+        sub = tile_view[cand // cols_t, cand % cols_t].reshape(len(cand), 4096)
+        sub.sort(axis=1)
+        change = sub[:, 1:] != sub[:, :-1]
+        ncol[cand] = 1 + np.count_nonzero(change, axis=1)
+        for j, i in enumerate(cand.tolist()):
+            if ncol[i] <= 16:
+                palettes[i] = sub[j, np.concatenate(([True], change[j]))]   # sorted, distinct
+
+    if sel is None:
+        cpix = np.ascontiguousarray(vals).view(np.uint8).reshape(h, -1)
+    else:                       # 3 bytes of each 4: copied as one 3-byte field
+        field = np.dtype({"names": ["c"], "formats": ["V3"], "offsets": [sel[0]], "itemsize": 4})
+        cpix = np.ascontiguousarray(vals).view(field)["c"].copy().view(np.uint8).reshape(h, -1)
+    cb = cpix.shape[1] // w
+    full_rows, full_cols = h // 64, w // 64
+    # Tile-major copy of the whole tiles, moving each 64-pixel tile row as one block.
+    block = np.dtype((np.void, 64 * cb))
+    tiled = memoryview(np.ascontiguousarray(
+        cpix[:full_rows * 64, :full_cols * 64 * cb].view(block)
+        .reshape(full_rows, 64, full_cols).swapaxes(1, 2)).reshape(-1).view(np.uint8))
+    tile_bytes = 64 * 64 * cb
+    pieces: list = []
     for i in range(n):
-        ty, tx = divmod(i, cols_t)
-        ty, tx = ty * 64, tx * 64
-        k = int(ncol[i])
-        if k == 1:
-            out.append(1)
-            out += _cpixels(tiles[i, :1], fmt, sel)
-        elif k <= 16:
-            palette = tiles[i, np.concatenate(([True], change[i]))]   # sorted, distinct
+        r, c = divmod(i, cols_t)
+        ty, tx = r * 64, c * 64
+        palette = palettes.get(i)
+        if palette is not None and len(palette) == 1:
+            pieces += [b"\x01", _cpixels(palette, fmt, sel)]
+        elif palette is not None:
+            k = len(palette)
             bits = 1 if k == 2 else 2 if k <= 4 else 4
-            out.append(k)
-            out += _cpixels(palette, fmt, sel)
-            out += _pack_indices(np.searchsorted(palette, vals[ty:ty + 64, tx:tx + 64]), bits)
-        else:
-            out.append(0)
-            out += cpix[ty:ty + 64, tx:tx + 64].tobytes()
-    return bytes(out)
+            pieces += [bytes([k]), _cpixels(palette, fmt, sel),
+                       _pack_indices(np.searchsorted(palette, vals[ty:ty + 64, tx:tx + 64]), bits)]
+        elif r < full_rows and c < full_cols:
+            at = (r * full_cols + c) * tile_bytes
+            pieces += [b"\x00", tiled[at:at + tile_bytes]]
+        else:                                   # an edge tile: its real pixels only
+            pieces += [b"\x00", cpix[ty:ty + 64, tx * cb:(tx + 64) * cb].tobytes()]
+    return b"".join(pieces)
 
 
 # ---------------------------------------------------------------- Tight
