@@ -350,3 +350,21 @@ def vnc_obfuscated(password: str) -> bytes:
     from Crypto.Cipher import DES
     key = bytes(int(f"{b:08b}"[::-1], 2) for b in (23, 82, 107, 6, 35, 78, 88, 7))
     return DES.new(key, DES.MODE_ECB).encrypt(password.encode()[:8].ljust(8, b"\0"))
+
+
+@pytest.mark.parametrize("password", [None, "s3cret"])
+def test_novnc_over_wss_is_pixel_exact(tls_server, pki, password):
+    from novnc_driver import NovncBrowser, missing_requirement
+    if (missing := missing_requirement()) is not None:
+        pytest.skip(missing)
+    from pyxenfb.rfb import encodings as enc
+    srv = tls_server(TlsCredentials("x509", pki.dir, False), password=password)
+    browser = NovncBrowser()
+    try:
+        result = browser.run_client(srv.port, 800, 600, encodings=[enc.TIGHT], lossless=True,
+                                    password=password, scheme="wss")
+    finally:
+        browser.close()
+    assert result["outcome"] == "frame", result
+    want = expected_rgb(make_picture())
+    assert (result["picture"][..., :3] == want).all()
