@@ -17,6 +17,7 @@ other QEMU option is accepted and reported once in `Options.ignored`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -685,6 +686,10 @@ def setup_logging(domid: int | None, stream=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # numpy's OpenBLAS starts a thread per core at import, which costs CPU
+    # (a quarter of the import here, more in an emulated dom0) and memory;
+    # nothing here does linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         options = parse_args(argv)
     except EarlyExit as done:
