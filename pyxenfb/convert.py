@@ -49,10 +49,6 @@ class PixelFormat:
     def bytes_per_pixel(self) -> int:
         return self.bpp // 8
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first problem; see `check_format`."""
-        check_format(self)
-
     @property
     def channels(self) -> tuple[tuple[int, int], ...]:
         """((max, shift) for red, green, blue)."""
