@@ -43,6 +43,8 @@ class XenPvMachine:
         self.vnc_password: str | None = None
         self.vnc_password_expired = False
         self.vnc_listeners = None           # bound early, served once VncServer exists
+        self.evtchn = None                  # the hypervisor handles, opened before dm_restrict
+        self.foreignmem = None
 
     # ---- start-up -----------------------------------------------------------
     async def start(self) -> None:
@@ -75,10 +77,21 @@ class XenPvMachine:
         early = self.status == "running" and not self.opts.sdl
         if early:
             await self._announce_running()
+        restrict = self.opts.restrict
         try:
-            await asyncio.get_running_loop().run_in_executor(None, _import_display_stack)
+            await asyncio.get_running_loop().run_in_executor(
+                None, _import_display_stack, restrict.chroot is not None)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
+        self._open_handles()
+        if restrict.active:
+            # Every handle is open and every socket listens: from here on the
+            # process needs no path, no new device and no privilege.
+            from .restrict import RestrictError, apply
+            try:
+                log.info("restricted: %s", apply(restrict, self.domid, self.evtchn, self.foreignmem))
+            except RestrictError as e:
+                raise MachineError(str(e)) from None
         from .console import Console
         self.console = Console(name)
         await self._start_devices()
@@ -108,14 +121,20 @@ class XenPvMachine:
             except OSError as e:
                 raise MachineError(f"QMP socket {chardev.path or chardev.fd}: {e}") from None
 
-    async def _start_devices(self) -> None:
-        from .xenfb import BackendContext, PortDispatcher, start_backends
+    def _open_handles(self) -> None:
         try:
-            evtchn = self.platform.open_evtchn(0)
+            self.evtchn = self.platform.open_evtchn(0)
         except OSError as e:
             raise MachineError(f"cannot open event channels: {e}") from None
-        self.ports = PortDispatcher(evtchn)
-        ctx = BackendContext(self.xs, self.platform.foreign_memory(), self.ports, self.console)
+        try:
+            self.foreignmem = self.platform.foreign_memory()
+        except OSError as e:
+            raise MachineError(f"cannot open foreign memory: {e}") from None
+
+    async def _start_devices(self) -> None:
+        from .xenfb import BackendContext, PortDispatcher, start_backends
+        self.ports = PortDispatcher(self.evtchn)
+        ctx = BackendContext(self.xs, self.foreignmem, self.ports, self.console)
         self.devices = await start_backends(ctx, self.domid)
 
     async def _bind_vnc(self) -> None:
@@ -233,6 +252,12 @@ class XenPvMachine:
         if self.ports is not None:
             self.ports.close()
             self.ports = None
+        elif self.evtchn is not None:
+            self.evtchn.close()
+        self.evtchn = None
+        if self.foreignmem is not None:
+            self.foreignmem.close()
+            self.foreignmem = None
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None
@@ -306,11 +331,15 @@ class XenPvMachine:
         return out
 
 
-def _import_display_stack() -> None:
+def _import_display_stack(chroot: bool = False) -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
-    worker thread so that the event loop keeps serving QMP meanwhile."""
+    worker thread so that the event loop keeps serving QMP meanwhile; before
+    a chroot, also everything imported lazily later (restrict.PRELOAD)."""
     import numpy  # noqa: F401
-    from . import console, vnc, xenfb  # noqa: F401
+    from . import console, convert, vnc, xenfb  # noqa: F401
+    if chroot:
+        from . import restrict
+        restrict.preload()
 
 
 def run(options) -> int:

@@ -130,7 +130,7 @@ class BackendDevice:
         """Log a refused input, through the budget: a few lines per kind,
         then one summary per window (logbudget.py)."""
         self.last_refusal = reason
-        self.ctx.budget.warning(f"{self.name}:{kind}", "%s: %s", self.name, reason,
+        self.ctx.budget.warning(f"{self.name}:refused:{kind}", "%s: %s", self.name, reason,
                                 what=f"{self.name} refusals ({kind})")
 
     def note(self, kind: str, msg: str, *args) -> None:
