@@ -238,6 +238,10 @@ class XenPvMachine:
         self.stop_event.set()
 
     async def shutdown(self) -> None:
+        # Suppressed lines are summarised now rather than lost.
+        for budget in {id(b): b for b in ([self.vnc.budget] if self.vnc else [])
+                       + [d.ctx.budget for d in self.devices]}.values():
+            budget.flush()
         if self.vnc is not None:
             await self.vnc.close()
             self.vnc = None
