@@ -24,6 +24,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
+import struct
 from typing import Protocol
 
 import numpy as np
@@ -236,7 +238,12 @@ class RfbClient(asyncio.Protocol):
         self._timers.append(self._stall)
 
     def _stalled(self) -> None:
-        self.transport.abort()          # close() would wait for the unread bytes
+        # Reset: close() would wait for the unread bytes, and even abort()
+        # leaves the kernel trickling its send buffer to the client.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
         self.disconnect(f"not reading its output for {self.server.stall_timeout:g} s")
 
     def resume_writing(self) -> None:
