@@ -1,11 +1,11 @@
 /*
  * Reference VNC server for bench/bench_vs_libvncserver.py: libvncserver
- * serving one fixed 800x600 picture, so pyxenfb's encoders can be timed
- * against a C implementation on identical pixels.
+ * serving one fixed picture, so pyxenfb's encoders can be timed against a C
+ * implementation on identical pixels.
  *
- *   lvs_server PORT PICTURE [DEFER_MS]
+ *   lvs_server PORT PICTURE WIDTH HEIGHT [DEFER_MS]
  *
- * PICTURE is 800*600*4 bytes of little-endian BGRX (0x00RRGGBB words), the
+ * PICTURE is WIDTH*HEIGHT*4 bytes of little-endian BGRX (0x00RRGGBB words), the
  * layout of a Xen guest's 32 bpp framebuffer.  Listens on 127.0.0.1:PORT
  * only, no authentication.  Prints "READY" on stdout once listening.
  *
@@ -18,18 +18,23 @@
 #include <stdlib.h>
 #include <rfb/rfb.h>
 
-enum { WIDTH = 800, HEIGHT = 600, BPP = 4 };
+enum { BPP = 4 };
 
 int main(int argc, char **argv)
 {
-    if (argc < 3 || argc > 4) {
-        fprintf(stderr, "usage: %s PORT PICTURE [DEFER_MS]\n", argv[0]);
+    if (argc < 5 || argc > 6) {
+        fprintf(stderr, "usage: %s PORT PICTURE width height [DEFER_MS]\n", argv[0]);
         return 2;
     }
     int port = atoi(argv[1]);
-    int defer_ms = argc == 4 ? atoi(argv[3]) : 0;
+    int width = atoi(argv[3]), height = atoi(argv[4]);
+    int defer_ms = argc == 6 ? atoi(argv[5]) : 0;
+    if (width <= 0 || height <= 0) {
+        fprintf(stderr, "lvs_server: bad size %dx%d\n", width, height);
+        return 2;
+    }
 
-    size_t size = (size_t)WIDTH * HEIGHT * BPP;
+    size_t size = (size_t)width * height * BPP;
     char *pixels = malloc(size);
     FILE *f = fopen(argv[2], "rb");
     if (!pixels || !f || fread(pixels, 1, size, f) != size) {
@@ -39,7 +44,7 @@ int main(int argc, char **argv)
     fclose(f);
 
     /* NULL argc/argv: no libvncserver command-line options are parsed. */
-    rfbScreenInfoPtr screen = rfbGetScreen(NULL, NULL, WIDTH, HEIGHT, 8, 3, BPP);
+    rfbScreenInfoPtr screen = rfbGetScreen(NULL, NULL, width, height, 8, 3, BPP);
     if (!screen)
         return 1;
     screen->frameBuffer = pixels;

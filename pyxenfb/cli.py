@@ -17,9 +17,12 @@ other QEMU option is accepted and reported once in `Options.ignored`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
+
+from .rfb.tls import TlsCredentials
 
 PROG = "pyqemu-dm"
 
@@ -67,8 +70,7 @@ NOOP_FLAGS = frozenset({
 RUN_WITH_IGNORED = frozenset({"async-teardown", "exit-with-parent"})
 
 VNC_REFUSED = frozenset({          # security features we do not implement
-    "tls", "x509", "x509verify", "tls-creds", "tls-authz", "sasl",
-    "sasl-authz", "acl", "reverse",
+    "tls-authz", "sasl", "sasl-authz", "acl", "reverse",
 })
 VNC_IGNORED = frozenset({          # harmless tuning knobs
     "share", "non-adaptive", "key-delay-ms", "connections",
@@ -87,7 +89,8 @@ COMMAND_LINE_OPTIONS: list[dict] = [
     {"option": "vnc", "parameters": [
         {"name": "to", "type": "number"},
         {"name": "password", "type": "boolean"},
-        {"name": "websocket", "type": "string"}]},
+        {"name": "websocket", "type": "string"},
+        {"name": "tls-creds", "type": "string"}]},
     {"option": "chardev", "parameters": [
         {"name": "backend", "type": "string"}, {"name": "id", "type": "string"},
         {"name": "path", "type": "string"}, {"name": "fd", "type": "string"},
@@ -118,6 +121,8 @@ class VncOptions:
     password: bool           # password=on: a password is required (set later)
     websocket: int | None    # websocket port (websocket=on -> 5700 + display)
     lossy: bool = False      # lossy=on: JPEG for clients that ask for a quality level
+    tls: TlsCredentials | None = None   # VeNCrypt (and wss://) with these credentials
+    tls_creds_id: str | None = None     # tls-creds=ID, resolved against -object at the end
 
     @property
     def port(self) -> int:
@@ -325,6 +330,7 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
     display = parse_int("-vnc", "display", display_text, 0, MAX_DISPLAY)
     vnc = VncOptions(host=host or "127.0.0.1", display=display, to_display=None,
                      password=False, websocket=None)
+    old_tls, x509_dir, x509_verify = False, None, False     # qemu-dm's tls,x509=DIR
     for key, value in keyvals(parts[1:]):
         if key == "to":
             vnc.to_display = parse_int("-vnc", "to=", value or "", display, MAX_DISPLAY)
@@ -334,6 +340,16 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
             vnc.websocket = parse_websocket(value, display)
         elif key == "lossy":
             vnc.lossy = parse_bool("-vnc", key, value)
+        elif key == "tls-creds":
+            if not value:
+                raise CliError("-vnc: tls-creds= needs the id of a -object tls-creds-*")
+            vnc.tls_creds_id = value
+        elif key == "tls":
+            old_tls = parse_bool("-vnc", key, value)
+        elif key in ("x509", "x509verify"):
+            if not value:
+                raise CliError(f"-vnc: {key}= needs a directory")
+            old_tls, x509_dir, x509_verify = True, value, key == "x509verify"
         elif key in ("ipv4", "ipv6"):
             parse_bool("-vnc", key, value)    # the host decides the family
         elif key in VNC_REFUSED:
@@ -342,7 +358,37 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
             ignored.append(f"-vnc {key}{'=' + value if value is not None else ''}")
         else:
             raise CliError(f"-vnc: unknown option '{key}'")
+    if old_tls:
+        if vnc.tls_creds_id is not None:
+            raise CliError("-vnc: give either tls-creds= or tls/x509=, not both")
+        vnc.tls = (TlsCredentials("x509", x509_dir, x509_verify) if x509_dir
+                   else TlsCredentials("anon"))
     return vnc
+
+
+def parse_tls_object(text: str) -> tuple[str, TlsCredentials] | None:
+    """-object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]
+    or tls-creds-anon,id=ID,endpoint=server: (id, credentials); None for
+    objects of other types (ignored as before)."""
+    parts = split_opts(text)
+    kind = parts[0].removeprefix("qom-type=")
+    if kind not in ("tls-creds-x509", "tls-creds-anon"):
+        return None
+    props = dict(keyvals(parts[1:]))
+    obj_id = props.get("id")
+    if not obj_id:
+        raise CliError(f"-object {kind}: id= is required")
+    endpoint = props.get("endpoint", "client")
+    if endpoint != "server":
+        raise CliError(f"-object {obj_id}: endpoint={endpoint}, a VNC server needs endpoint=server")
+    if kind == "tls-creds-anon":
+        return obj_id, TlsCredentials("anon")
+    directory = props.get("dir")
+    if not directory:
+        raise CliError(f"-object {obj_id}: dir= is required")
+    # QEMU checks client certificates unless told not to.
+    verify = parse_bool(f"-object {obj_id}", "verify-peer", props.get("verify-peer", "on"))
+    return obj_id, TlsCredentials("x509", directory, verify)
 
 
 @dataclass
@@ -440,6 +486,7 @@ class _Parser:
         self.vncunused = False
         self.nographic = False
         self.qmp_count = 0
+        self.tls_objects: dict[str, TlsCredentials] = {}   # -object tls-creds-*, by id
 
     def parse(self, argv: list[str]) -> Options:
         args = list(argv)
@@ -496,6 +543,8 @@ class _Parser:
             o.memory_mb = parse_memory(value)
         elif name == "chardev":
             self.add_chardev(parse_chardev(value))
+        elif name == "object" and (tls := parse_tls_object(value)) is not None:
+            self.tls_objects[tls[0]] = tls[1]
         elif name == "mon":
             self.mon(value)
         elif name == "qmp":
@@ -607,6 +656,10 @@ class _Parser:
             if chardev.id not in used and not chardev.id.startswith("compat_monitor"):
                 o.ignored.append(f"-chardev {chardev.spec}")
         if o.vnc is not None:
+            if o.vnc.tls_creds_id is not None:
+                if o.vnc.tls_creds_id not in self.tls_objects:
+                    raise CliError(f"-vnc: tls-creds={o.vnc.tls_creds_id}: no such -object tls-creds-*")
+                o.vnc.tls = self.tls_objects[o.vnc.tls_creds_id]
             if self.vnclisten is not None:
                 o.vnc.host = self.vnclisten
             if self.vncunused and o.vnc.to_display is None:
@@ -712,6 +765,10 @@ def setup_logging(domid: int | None, stream=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # numpy's OpenBLAS starts a thread per core at import, which costs CPU
+    # (a quarter of the import here, more in an emulated dom0) and memory;
+    # nothing here does linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         options = parse_args(argv)
     except EarlyExit as done:

@@ -1,21 +1,24 @@
-"""Pixel formats and rectangle conversion (numpy, a plain copy on a format match).
+"""Pixel formats and rectangle conversion (pixman, numpy, a plain copy on a format match).
 
 A `PixelFormat` describes a true-colour format the way RFB's PIXEL_FORMAT does
 (bits per pixel, depth, byte order, per-channel max and shift); guest and SDL
 formats map onto it.  `convert_rect` turns a rectangle of a source surface
-into a buffer in the target format.
+into a buffer in the target format; `conversion_path` says how:
 
-Every conversion is vectorised over the whole rectangle; which way it goes is
-decided once per (source, target) pair by `_plan` and cached:
+* "copy"   -- same layout: a plain copy of the rows (padding bits included);
+* "pixman" -- libpixman-1 (pyxenfb.pixman) when it loads, has an exact
+  format for both sides and is not slower than numpy for the pair
+  (`_numpy_faster`);
+* "numpy"  -- otherwise, vectorised over the whole rectangle, planned once
+  per (source, target) pair by `_plan`: a shuffle of byte planes when all
+  channels are whole bytes, a lookup table for 8/16 bpp sources, else
+  shift-and-mask terms on whole pixel words.
 
-* same layout            -> a plain copy of the rows;
-* 8-bit channels on byte boundaries on both sides (32<->32 with other byte
-  positions, 32->24 RGB, 24->32) -> a shuffle of byte planes;
-* 8/16 bpp source        -> one lookup table indexed by the whole pixel;
-* anything else          -> per channel: extract, rescale, shift, OR, in the
-  narrowest integer type that holds the intermediate values.
-
-Channels are rescaled rounding to nearest: (v * dst_max + src_max // 2) // src_max.
+Both conversion paths give identical bytes, with pixman's semantic (which is
+also QEMU's): a channel is narrowed by truncation (8 -> 5 bits: v >> 3) and
+widened by bit replication (5 -> 8 bits: v << 3 | v >> 2); bits of a
+converted pixel that belong to no channel are set to 1 (pixman writes an
+opaque alpha there).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import pixman
 
 _NATIVE_BIG = sys.byteorder == "big"
 
@@ -136,18 +141,36 @@ def _word_dtype(fmt: PixelFormat) -> np.dtype:
     return dt.newbyteorder(">" if fmt.big_endian else "<") if dt.itemsize > 1 else dt
 
 
-def _work_dtype(limit: int) -> np.dtype:
-    for dt in (np.uint16, np.uint32, np.uint64):
-        if limit <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise ValueError("channel too wide")  # unreachable for validated formats
-
-
 def _rescale_values(v: np.ndarray, smax: int, dmax: int) -> np.ndarray:
-    """Reference rescale used for lookup tables (exact, in Python ints' range)."""
+    """Channel values of smax -> dmax (both 2^n-1): truncate or replicate bits."""
     if smax == dmax:
         return v
-    return (v * dmax + smax // 2) // smax
+    return functools.reduce(np.bitwise_or, (((v << np.uint64(net)) if net >= 0 else (v >> np.uint64(-net)))
+                                            & np.uint64(mask) for net, mask in _rescale_terms(smax, dmax)))
+
+
+def _rescale_terms(smax: int, dmax: int) -> list[tuple[int, int]]:
+    """A channel rescale as (left shift, mask of the result) terms to OR.
+
+    The source bits are repeated until they fill the destination width and
+    the top dbits kept: a narrowing keeps the high bits, a widening
+    replicates (1 -> 8 bits: 0 or 255; 5 -> 8 bits: v << 3 | v >> 2).
+    """
+    sbits, dbits = smax.bit_length(), dmax.bit_length()
+    terms = []
+    pos = dbits - sbits
+    while pos > -sbits:
+        terms.append((pos, (smax << pos if pos >= 0 else smax >> -pos) & dmax))
+        pos -= sbits
+    return terms
+
+
+def _pad_mask(fmt: PixelFormat) -> int:
+    """Bits of a pixel that belong to no channel."""
+    used = 0
+    for cmax, shift in fmt.channels:
+        used |= cmax << shift
+    return ((1 << fmt.bpp) - 1) & ~used
 
 
 def _pixels(rows: np.ndarray, nbytes: int) -> np.ndarray:
@@ -186,11 +209,12 @@ def _store_words(words: np.ndarray, out: np.ndarray, fmt: PixelFormat) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    kind: str                       # "copy", "planes", "lut", "channels"
-    planes: tuple = ()              # "planes": (dst byte, src byte or -1 for zero)
+    kind: str                       # "copy", "planes", "lut", "words"
+    planes: tuple = ()              # "planes": (dst byte, src byte or -1 for padding)
     lut: np.ndarray | None = None   # "lut": src pixel value -> dst pixel value
-    channels: tuple = ()            # "channels": (smax, sshift, src byte|None, dmax, dshift)
-    work: np.dtype | None = None    # "channels": intermediate dtype
+    terms: tuple = ()               # "words": (right shift, mask) of the source word to OR
+    pad: int = 0                    # "words": padding bits of the destination (set to 1)
+    pixman: tuple | None = None     # (source, destination) pixman format codes if exact
 
 
 @functools.lru_cache(maxsize=32)
@@ -199,30 +223,58 @@ def _plan(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> _Plan:
     check_format(dst_fmt)
     if _same_layout(src_fmt, dst_fmt):
         return _Plan("copy")
+    codes = None if _numpy_faster(src_fmt, dst_fmt) else pixman.format_codes(src_fmt, dst_fmt)
 
     src_bytes, dst_bytes = _byte_planes(src_fmt), _byte_planes(dst_fmt)
     if src_bytes is not None and dst_bytes is not None:
         by_dst = dict(zip(dst_bytes, src_bytes))
         planes = tuple((j, by_dst.get(j, -1)) for j in range(dst_fmt.bytes_per_pixel))
-        return _Plan("planes", planes=planes)
+        return _Plan("planes", planes=planes, pixman=codes)
 
     dst_dt = _uint(dst_fmt.bytes_per_pixel)
+    pad = _pad_mask(dst_fmt)
     if src_fmt.bpp <= 16:
         values = np.arange(1 << src_fmt.bpp, dtype=np.uint64)
-        lut = np.zeros(values.shape, np.uint64)
+        lut = np.full(values.shape, pad, np.uint64)
         for (smax, sshift), (dmax, dshift) in zip(src_fmt.channels, dst_fmt.channels):
             lut |= _rescale_values((values >> np.uint64(sshift)) & np.uint64(smax), smax, dmax) << np.uint64(dshift)
-        return _Plan("lut", lut=lut.astype(dst_dt))
+        return _Plan("lut", lut=lut.astype(dst_dt), pixman=codes)
 
-    channels = []
-    limit = 0
+    # 24/32 bpp source: every destination bit is one shift of the source word,
+    # so the conversion is a few (shift, mask, OR) passes over uint32 words;
+    # terms with the same shift share a pass.
+    by_shift: dict[int, int] = {}
     for (smax, sshift), (dmax, dshift) in zip(src_fmt.channels, dst_fmt.channels):
-        byte = None
-        if src_bytes is not None:
-            byte = _byte_index(src_fmt, sshift)
-        channels.append((smax, sshift, byte, dmax, dshift))
-        limit = max(limit, smax * dmax + smax // 2, smax, dmax << dshift)
-    return _Plan("channels", channels=tuple(channels), work=_work_dtype(limit))
+        for left, mask in _rescale_terms(smax, dmax):
+            right = sshift - dshift - left
+            by_shift[right] = by_shift.get(right, 0) | (mask << dshift)
+    return _Plan("words", terms=tuple(sorted(by_shift.items())), pad=pad, pixman=codes)
+
+
+def _numpy_faster(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> bool:
+    """Pairs pixman has but converts through its generic per-scanline path
+    slower than our numpy plan does (1080p, bench/bench_convert.py, docs/sdl.md):
+    an 8 bpp source (a 256-entry table lookup, 2-4x) unless the target is
+    24 bpp, and a 32 bpp source to 8 bpp without padding (three narrowing
+    passes, ~1.5-2x) or to 16 bpp with padding (pixman's a1r5g5b5 /
+    a4r4g4b4 stores, ~1.3x).  32 -> 565 stays with pixman's SIMD fast path."""
+    pad = _pad_mask(dst_fmt)
+    if src_fmt.bpp == 8:
+        return dst_fmt.bpp != 24
+    if src_fmt.bpp == 32:
+        return (dst_fmt.bpp == 8 and not pad) or (dst_fmt.bpp == 16 and bool(pad))
+    return False
+
+
+def conversion_path(src_fmt: PixelFormat, dst_fmt: PixelFormat) -> str:
+    """"copy", "pixman" or "numpy": how `convert_rect` converts src_fmt -> dst_fmt
+    (for buffers pixman can address: 4-byte aligned rows, see `_pixman_convert`)."""
+    plan = _plan(src_fmt, dst_fmt)
+    if plan.kind == "copy":
+        return "copy"
+    if plan.pixman is not None and pixman.available():
+        return "pixman"
+    return "numpy"
 
 
 # ---- the public entry point ---------------------------------------------------------
@@ -254,16 +306,49 @@ def convert_rect(src: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
         raise ValueError(f"out must be uint8 of shape {(h, w * db)} with contiguous rows")
     if w == 0 or h == 0:
         return out
-    rows = src[y:y + h, x * sb:(x + w) * sb]
 
     if plan.kind == "copy":
-        np.copyto(out, rows)
-    elif plan.kind == "planes":
-        src_px = _pixels(rows, sb)
-        dst_px = _pixels(out, db)
+        rows = src[y:y + h, x * sb:(x + w) * sb]
+        if rows.flags.c_contiguous and out.flags.c_contiguous:
+            # full-width rows: one memcpy of the whole block
+            out.reshape(-1)[...] = rows.reshape(-1)
+        else:
+            np.copyto(out, rows)
+        return out
+    if plan.pixman is not None and _pixman_convert(plan.pixman, src, sb, out, db, x, y, w, h):
+        return out
+    _convert_numpy(plan, src[y:y + h, x * sb:(x + w) * sb], src_fmt, dst_fmt, out, w, h)
+    return out
+
+
+def _pixman_convert(codes: tuple[int, int], src: np.ndarray, sb: int, out: np.ndarray, db: int,
+                    x: int, y: int, w: int, h: int) -> bool:
+    """The conversion by libpixman, if it is there and both buffers suit it;
+    False to fall back to numpy."""
+    # pixman silently composites nothing when coordinates leave 16 bits
+    # (analyze_extent in pixman.c), which would hand out uninitialised memory:
+    # its source image starts at row y, so only x + w and h are bounded.
+    if x + w >= 0x7FFF or h >= 0x7FFF:
+        return False
+    src_stride = src.strides[0] if h > 1 else -(-((x + w) * sb) // 4) * 4
+    dst_stride = out.strides[0] if h > 1 else -(-(w * db) // 4) * 4
+    src_addr = src.ctypes.data + y * src.strides[0]
+    dst_addr = out.ctypes.data
+    # rows are uint32_t arrays to pixman: 4-byte aligned starts and strides
+    if (src_addr | dst_addr | src_stride | dst_stride) & 3 or src_stride <= 0 or dst_stride <= 0:
+        return False
+    return pixman.composite_src(codes[0], src_addr, x + w, h, src_stride,
+                                codes[1], dst_addr, w, h, dst_stride, x, 0, w, h)
+
+
+def _convert_numpy(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
+                   out: np.ndarray, w: int, h: int) -> None:
+    if plan.kind == "planes":
+        src_px = _pixels(rows, src_fmt.bytes_per_pixel)
+        dst_px = _pixels(out, dst_fmt.bytes_per_pixel)
         for j, i in plan.planes:
             if i < 0:
-                dst_px[:, :, j] = 0
+                dst_px[:, :, j] = 0xFF
             else:
                 dst_px[:, :, j] = src_px[:, :, i]
     elif plan.kind == "lut":
@@ -271,38 +356,34 @@ def convert_rect(src: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
         index = np.ascontiguousarray(words, dtype=words.dtype.newbyteorder("="))
         _store_words(np.take(plan.lut, index, mode="clip"), out, dst_fmt)
     else:
-        _convert_channels(plan, rows, src_fmt, dst_fmt, out, w, h)
-    return out
+        _convert_words(plan, rows, src_fmt, dst_fmt, out, w, h)
 
 
-def _convert_channels(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat,
-                      dst_fmt: PixelFormat, out: np.ndarray, w: int, h: int) -> None:
-    work = plan.work
-    dst_dt = _uint(dst_fmt.bytes_per_pixel)
+def _convert_words(plan: _Plan, rows: np.ndarray, src_fmt: PixelFormat,
+                   dst_fmt: PixelFormat, out: np.ndarray, w: int, h: int) -> None:
+    words = _load_words(rows, src_fmt)
+    if words.dtype != np.uint32:         # other byte order: swap once, not per pass
+        words = words.astype(np.uint32)
+    # Every term's bits lie inside the destination pixel, so each shift can
+    # write straight into the destination's word size (3x less memory traffic
+    # than uint32 for 16 bpp), and into `out` itself when its byte order is native.
+    dt = _uint(dst_fmt.bytes_per_pixel)
     direct = dst_fmt.bpp != 24 and (dst_fmt.bpp == 8 or dst_fmt.big_endian == _NATIVE_BIG)
-    # Accumulate straight into `out` when its byte order is native.
-    acc = out.view(dst_dt) if direct else np.empty((h, w), dst_dt)
-    src_px = _pixels(rows, src_fmt.bytes_per_pixel)
-    words = None
-    c = np.empty((h, w), work)
-    for n, (smax, sshift, byte, dmax, dshift) in enumerate(plan.channels):
-        if byte is not None:
-            np.copyto(c, src_px[:, :, byte], casting="unsafe")
+    acc = out.view(dt) if direct else np.empty((h, w), dt)
+    tmp = np.empty((h, w), dt) if len(plan.terms) > 1 else None
+    for n, (right, mask) in enumerate(plan.terms):
+        dest = acc if n == 0 else tmp
+        if right > 0:
+            np.right_shift(words, np.uint32(right), out=dest, casting="unsafe")
+        elif right < 0:
+            np.left_shift(words, np.uint32(-right), out=dest, casting="unsafe")
         else:
-            if words is None:
-                words = _load_words(rows, src_fmt)
-            np.right_shift(words, sshift, out=c, casting="unsafe")
-            c &= work.type(smax)
-        if smax != dmax:
-            c *= work.type(dmax)
-            c += work.type(smax // 2)
-            c //= work.type(smax)
-        if dshift:
-            c <<= work.type(dshift)
-        if n == 0:
-            np.copyto(acc, c, casting="unsafe")
-        else:
-            np.bitwise_or(acc, c, out=acc, casting="unsafe")
+            np.copyto(dest, words, casting="unsafe")
+        dest &= dt.type(mask)
+        if n:
+            acc |= tmp
+    if plan.pad:
+        acc |= dt.type(plan.pad)
     if not direct:
         _store_words(acc, out, dst_fmt)
 

@@ -142,6 +142,13 @@ class XenPvMachine:
         if vnc_opts is None:
             return
         from .rfb.listener import VncBindError, bind_vnc
+        if vnc_opts.tls is not None:
+            from .rfb.tls import TlsConfigError, server_context
+            try:
+                server_context(vnc_opts.tls)        # bad credentials: fail before `running`
+            except TlsConfigError as e:
+                raise MachineError(f"VNC: {e}") from None
+            log.info("VNC: %s", vnc_opts.tls.describe())
         self.vnc_password = await self._take_xend_vnc_password()
         try:
             self.vnc_listeners = bind_vnc(vnc_opts.host, vnc_opts.display,
@@ -164,7 +171,7 @@ class XenPvMachine:
             if vnc_opts.password and password is None:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
             self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
-                                 lossy=vnc_opts.lossy)
+                                 lossy=vnc_opts.lossy, tls=vnc_opts.tls)
             if self.vnc_password_expired:
                 self.vnc.expire_password()
             await self.vnc.serve(self.vnc_listeners)
@@ -285,9 +292,16 @@ class XenPvMachine:
         host = self.vnc_listeners.host
         clients = self.vnc.query_clients() if self.vnc is not None else []
         return {"enabled": True, "host": host, "family": "ipv6" if ":" in host else "ipv4",
-                "service": str(self.vnc_listeners.port), "auth": "vnc" if self.vnc_password is not None
-                or (self.opts.vnc and self.opts.vnc.password) else "none",
-                "clients": clients}
+                "service": str(self.vnc_listeners.port), **self._vnc_auth(), "clients": clients}
+
+    def _vnc_auth(self) -> dict:
+        """query-vnc's auth fields, named as QEMU names them."""
+        password = self.vnc_password is not None or bool(self.opts.vnc and self.opts.vnc.password)
+        tls = self.opts.vnc.tls if self.opts.vnc else None
+        if tls is None:
+            return {"auth": "vnc" if password else "none"}
+        kind = "x509" if tls.kind == "x509" else "tls"
+        return {"auth": "vencrypt", "vencrypt": f"{kind}-{'vnc' if password else 'none'}"}
 
     def qmp_set_vnc_password(self, password: str) -> None:
         from .qmp import QmpError

@@ -46,6 +46,8 @@ def preload() -> None:
         importlib.import_module(name)
     from PIL import Image
     Image.preinit()                # registers the PNG/JPEG/PPM encoders Image.save looks up
+    from . import pixman
+    pixman.load()                  # dlopen-ed on the first conversion otherwise
 
 
 def apply(opts, domid: int, evtchn, foreignmem) -> str:

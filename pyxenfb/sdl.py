@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .console import Console, Surface
-from .convert import PixelFormat, convert_rect
+from .convert import PixelFormat, conversion_path, convert_rect
 from .keymap import usb_hid_to_linux
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class SdlDisplay:
         os.environ.setdefault("SDL_VIDEO_ALLOW_SCREENSAVER", "1")
         # Draw into the window system's own framebuffer (X11: XShm images in
         # the visual's format) rather than an OpenGL texture SDL converts
-        # from: our converter does that job, once, rounding correctly.
+        # from: our converter does that job, once.
         os.environ.setdefault("SDL_FRAMEBUFFER_ACCELERATION", "0")
         import pygame                                  # lazy: only with --sdl
         self._pg = pygame
@@ -84,6 +84,7 @@ class SdlDisplay:
         self.window_id: int | None = None    # X11 window id, when there is one
         self._poll_handle: asyncio.TimerHandle | None = None
         self._pump_scheduled = False
+        self._logged_pair = None
         self._swallowed: set[int] = set()    # scancodes of hotkeys whose key-up must not reach the guest
         self._grab_click = False             # the click that grabbed: its release stays ours too
         self._closed = False
@@ -159,6 +160,15 @@ class SdlDisplay:
                      surf.get_bitsize(), r, g, b)
             self._shadow = pg.Surface(surf.get_size(), 0, 32, (0xFF0000, 0xFF00, 0xFF, 0))
             self.window_format = PixelFormat.from_masks(32, 0xFF0000, 0xFF00, 0xFF)
+        self._log_conversion()
+
+    def _log_conversion(self) -> None:
+        """Say once per (guest, window) format pair how pixels are converted."""
+        pair = (self.console.surface.fmt, self.window_format)
+        if pair != self._logged_pair:
+            self._logged_pair = pair
+            log.info("sdl: %d bpp guest -> %d bpp window: %s", pair[0].bpp, pair[1].bpp,
+                     conversion_path(*pair))
 
     def _draw(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int] | None:
         """Convert one guest rectangle into the window surface; return it clipped."""
@@ -199,6 +209,7 @@ class SdlDisplay:
         if self._window.get_size() != (surface.width, surface.height) and not self.fullscreen:
             self._open_window(surface.width, surface.height)
             self._update_title()
+        self._log_conversion()
         self._redraw_all()
 
     def console_update(self, rects) -> None:

@@ -37,8 +37,9 @@ class VncServer(RfbServer):
     """The VNC display of one console."""
 
     def __init__(self, console: Console, *, keymap=None, password: str | None = None,
-                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False):
-        super().__init__(password=password, name=name, max_clients=max_clients, lossy=lossy)
+                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False, tls=None):
+        super().__init__(password=password, name=name, max_clients=max_clients, lossy=lossy,
+                         tls=tls)
         self.console = console
         self.keymap = keymap
         self._listening = False

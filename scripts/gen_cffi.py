@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Regenerate pyxenfb/_xen_ffi.py from pyxenfb/xen_cdefs.py (cffi out-of-line ABI mode).
+"""Regenerate the cffi modules (out-of-line ABI mode) from their declarations:
+pyxenfb/_xen_ffi.py from xen_cdefs.py and pyxenfb/_pixman_ffi.py from pixman_cdefs.py.
 
-    uv run python scripts/gen_cffi.py [OUTPUT]
+    uv run python scripts/gen_cffi.py [--pixman] [OUTPUT]
 
-Run it after changing xen_cdefs.py; tests/test_platform.py fails until you do.
+Without OUTPUT both are written in place.  Run it after changing a *_cdefs.py;
+tests/test_platform.py fails until you do.
 """
 from __future__ import annotations
 
@@ -14,17 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def generate(out: Path) -> None:
+def generate(out: Path, which: str = "xen") -> None:
     import cffi
 
-    from pyxenfb import xen_cdefs
+    from pyxenfb import pixman_cdefs, xen_cdefs
+    cdefs = {"xen": xen_cdefs, "pixman": pixman_cdefs}[which]
     ffi = cffi.FFI()
-    ffi.cdef(xen_cdefs.ALL)
-    ffi.set_source(xen_cdefs.MODULE, None)      # None: ABI mode, nothing to compile
+    ffi.cdef(cdefs.ALL)
+    ffi.set_source(cdefs.MODULE, None)      # None: ABI mode, nothing to compile
     ffi.emit_python_code(str(out))
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "pyxenfb" / "_xen_ffi.py"
-    generate(target)
-    print(f"wrote {target}")
+    args = sys.argv[1:]
+    which = "pixman" if "--pixman" in args else "xen"
+    args = [a for a in args if a != "--pixman"]
+    if args:
+        generate(Path(args[0]), which)
+        print(f"wrote {args[0]}")
+    else:
+        for which, name in (("xen", "_xen_ffi.py"), ("pixman", "_pixman_ffi.py")):
+            generate(ROOT / "pyxenfb" / name, which)
+            print(f"wrote pyxenfb/{name}")

@@ -39,6 +39,8 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--window-size=1024,768", "--force-device-scale-factor=1", "--force-color-profile=srgb",
     "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    # wss:// tests serve certificates made on the fly by a CA it cannot know.
+    "--ignore-certificate-errors",
 ]
 
 
@@ -218,15 +220,15 @@ class NovncBrowser:
     def run_client(self, vnc_port: int, width: int, height: int, *, encodings=None,
                    lossless: bool = False, raw_alpha_fix: bool = False,
                    password: str | None = None, screenshot: bool = False,
-                   timeout: float = 20.0) -> dict:
-        """Connect noVNC (on a fresh page) to ws://127.0.0.1:vnc_port/.
+                   timeout: float = 20.0, scheme: str = "ws") -> dict:
+        """Connect noVNC (on a fresh page) to ws://127.0.0.1:vnc_port/ (or wss://).
 
         Returns the page's result; for outcome 'frame', `picture` is the
         canvas as an (height, width, 4) uint8 RGBA array (read with
         getImageData) and, with `screenshot`, `screenshot` is the canvas as
         Chromium renders it, (height, width, 3) RGB."""
         self.chromium.navigate(f"{self.http.base}/pyxenfb/page.html")
-        opts = {"url": f"ws://127.0.0.1:{vnc_port}/", "width": width, "height": height,
+        opts = {"url": f"{scheme}://127.0.0.1:{vnc_port}/", "width": width, "height": height,
                 "encodings": encodings, "lossless": lossless,
                 "rawAlphaFix": raw_alpha_fix, "password": password,
                 "timeoutMs": int(timeout * 1000)}

@@ -164,6 +164,50 @@ def test_usable_pd_entries_stop_before_the_rings():
         assert a.pd_offset + a.usable_pd_entries * a.entry_size <= abi.FB_IN_RING_OFFS
 
 
+# ---- libpixman-1 (Debian libpixman-1-dev) -----------------------------------------
+
+PIXMAN_HEADER = "/usr/include/pixman-1/pixman.h"
+needs_pixman_h = pytest.mark.skipif(not shutil.which("gcc") or not __import__("os").path.exists(PIXMAN_HEADER),
+                                    reason="needs gcc and Debian libpixman-1-dev")
+
+
+def _gcc(tmp_path, source: str, *flags: str) -> subprocess.CompletedProcess:
+    src = tmp_path / "pixman_check.c"
+    src.write_text(source)
+    return subprocess.run(["gcc", "-std=c11", "-I/usr/include/pixman-1", *flags, "-o",
+                           str(tmp_path / "pixman_check"), str(src)], capture_output=True, text=True, timeout=60)
+
+
+@needs_pixman_h
+def test_pixman_declarations_agree_with_the_header(tmp_path):
+    """gcc rejects a prototype of ours that conflicts with pixman.h; the enums
+    we declare as unsigned int have that ABI."""
+    from pyxenfb import pixman_cdefs
+    source = ("#include <pixman.h>\n" + pixman_cdefs.FUNCTIONS +
+              "_Static_assert(sizeof(pixman_op_t) == sizeof(unsigned int), \"op\");\n"
+              "_Static_assert(sizeof(pixman_format_code_t) == sizeof(unsigned int), \"format\");\n"
+              "_Static_assert((pixman_op_t)-1 > 0 && (pixman_format_code_t)-1 > 0, \"unsigned\");\n"
+              "_Static_assert(sizeof(pixman_bool_t) == sizeof(int), \"bool\");\n")
+    r = _gcc(tmp_path, source, "-Werror", "-fsyntax-only")
+    assert r.returncode == 0, r.stderr
+    bad = "#include <pixman.h>\npixman_bool_t pixman_image_unref(pixman_image_t *image, int extra);\n"
+    assert _gcc(tmp_path, bad, "-fsyntax-only").returncode != 0      # the check can fail
+
+
+@needs_pixman_h
+def test_pixman_format_codes_match_the_header(tmp_path):
+    from pyxenfb import pixman
+    body = "".join(f'    printf("{name} %u\\n", (unsigned)PIXMAN_{name});\n' for name in pixman.FORMATS)
+    body += '    printf("OP_SRC %u\\n", (unsigned)PIXMAN_OP_SRC);\n'
+    r = _gcc(tmp_path, "#include <stdio.h>\n#include <pixman.h>\nint main(void) {\n" + body + "    return 0;\n}\n")
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([str(tmp_path / "pixman_check")], capture_output=True, text=True, check=True).stdout
+    theirs = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    ours = {name: pixman.code(*args) for name, args in pixman.FORMATS.items()}
+    ours["OP_SRC"] = pixman.OP_SRC
+    assert ours == theirs
+
+
 @pytest.mark.skipif(not shutil.which("gcc") or not __import__("os").path.exists("/usr/include/xenevtchn.h"),
                     reason="needs gcc and Debian libxen-dev headers")
 def test_restrict_prototypes_match_xen_headers(tmp_path):

@@ -52,7 +52,8 @@ def test_novnc_lossless_picture(browser, vnc_server, encoding):
 
 def test_novnc_raw_as_shipped(browser, vnc_server):
     """noVNC 1.3's own Raw decoder: every pixel it makes opaque is exact; any
-    it leaves transparent (its alpha bug, our padding byte is 0) has alpha 0."""
+    it leaves transparent (its alpha bug, where the padding byte is 0) has
+    alpha 0 (our converter now sends padding 0xFF, so normally none)."""
     result = browser.run_client(vnc_server.port, 800, 600, encodings=[enc.RAW], lossless=True)
     assert result["outcome"] == "frame", result
     assert set(result["rects"]) == {str(enc.RAW)}

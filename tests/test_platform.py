@@ -115,14 +115,16 @@ def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_generated_ffi_module_matches_the_declarations(tmp_path):
-    out = tmp_path / "_xen_ffi.py"
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), str(out)],
+@pytest.mark.parametrize("flags, name, cdefs", [([], "_xen_ffi.py", "xen_cdefs.py"),
+                                                 (["--pixman"], "_pixman_ffi.py", "pixman_cdefs.py")])
+def test_generated_ffi_module_matches_the_declarations(tmp_path, flags, name, cdefs):
+    out = tmp_path / name
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), *flags, str(out)],
                    check=True, capture_output=True, timeout=60)
-    with open(os.path.join(ROOT, "pyxenfb", "_xen_ffi.py"), "rb") as f:
+    with open(os.path.join(ROOT, "pyxenfb", name), "rb") as f:
         committed = f.read()
     assert out.read_bytes() == committed, \
-        "pyxenfb/_xen_ffi.py is stale: run scripts/gen_cffi.py after editing xen_cdefs.py"
+        f"pyxenfb/{name} is stale: run scripts/gen_cffi.py after editing {cdefs}"
 
 
 def test_libraries_load_without_cffis_parser():
@@ -132,6 +134,15 @@ def test_libraries_load_without_cffis_parser():
             "p = libc.mmap(0, 4096, 3, 0x22, -1, 0); assert libc.munmap(ffi.cast('void *', p), 4096) == 0; "
             "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
     assert fresh_python(code) == "[]"
+
+
+def test_pixman_loads_without_cffis_parser():
+    code = ("import sys, numpy as np; from pyxenfb import convert as c, pixman; "
+            "assert pixman._loaded is False; "
+            "out = c.convert_rect(np.zeros((2, 8), np.uint8), c.GUEST_32, c.GUEST_16, 0, 0, 2, 2); "
+            "print(c.conversion_path(c.GUEST_32, c.GUEST_16) if pixman.available() else 'pixman', "
+            "sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
+    assert fresh_python(code) == "pixman []"
 
 
 def test_declarations_agree_with_libxen_headers(tmp_path):

@@ -380,7 +380,9 @@ def test_exclusive_client_kicks_a_blocked_peer(vnc_server, caplog):
     closed_with_log(caplog, shared, "an exclusive client is connected")
 
 
-def test_resize_disconnects_clients_that_cannot_follow(vnc_server, caplog):
+def test_resize_leaves_clients_that_cannot_follow_at_their_size(vnc_server, caplog):
+    """As QEMU: a client without DesktopSize keeps its size and sees that much
+    of the new picture; one with it is told the new size first."""
     plain = connected(vnc_server)
     plain.send(set_encodings(0) + FULL)
     read_update(plain)
@@ -388,8 +390,12 @@ def test_resize_disconnects_clients_that_cannot_follow(vnc_server, caplog):
     follower.send(set_encodings(0, -223) + FULL)
     read_update(follower)
     bigger = make_picture(1024, 768, seed=2)
-    vnc_server.set_surface(bigger)
-    closed_with_log(caplog, plain, "does not support desktop resizing")
+    with caplog.at_level(logging.INFO, logger="pyxenfb.rfb.server"):
+        vnc_server.set_surface(bigger)
+        wait_until(lambda: any("cannot follow the resize to 1024x768; it keeps its 800x600 view"
+                               in r.getMessage() for r in caplog.records), 5, "the resize log line")
+    plain.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 800, 600))
+    assert read_update(plain) == [(0, 0, 800, 600, 0)]
     follower.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 800, 600))
     assert read_update(follower) == [(0, 0, 1024, 768, -223)]
     follower.send(struct.pack(">BBHHHH", 3, 1, 0, 0, 1024, 768))

@@ -17,7 +17,7 @@ from xvfb import Xvfb
 from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
-from rfb_harness import (KEY_A, RawClient, ServerThread, capture,  # noqa: F401
+from rfb_harness import (KEY_A, RawClient, ServerThread, _factory_for, capture,  # noqa: F401
                          expected_rgb, make_picture, vnc_server, vnc_server_lossy,
                          vnc_server_password)
 
@@ -44,6 +44,35 @@ def test_vncdotool_odd_size(vnc_server):
     vnc_server.set_surface(surface)
     for encoding in (None, vnc_rfb.Encoding.HEXTILE, vnc_rfb.Encoding.RRE):
         assert np.array_equal(capture(vnc_server.port, encoding), expected_rgb(surface)), encoding
+
+
+def test_vncdotool_compress_level_mid_session(vnc_server):
+    """CompressLevel changed on a live ZRLE connection takes effect at once,
+    and vncdotool's one zlib inflater still decodes every picture exactly."""
+    zrle = _factory_for(vnc_rfb.Encoding.ZRLE)
+
+    class Client(zrle.protocol):
+        def offer(self, encodings):
+            self.setEncodings(encodings)
+            return self          # the proxy chains the next call on what this returns
+
+    class Factory(zrle):
+        protocol = Client
+
+    c = vncdotool_api.connect(f"127.0.0.1::{vnc_server.port}", timeout=20, factory_class=Factory)
+    try:
+        c.refreshScreen()                          # the stream starts at the default level
+        for seed, level in enumerate([9, 0, 5, 1], start=1):
+            c.offer([vnc_rfb.Encoding.ZRLE, -256 + level])
+            surface = make_picture(seed=seed)
+            vnc_server.draw(surface.rows, 0, 0, 800, 600)
+            got = np.asarray(c.refreshScreen().screen.convert("RGB"))
+            assert np.array_equal(got, expected_rgb(surface)), level
+            levels = vnc_server.call(lambda: [cl.conn.encoder.compress_level
+                                              for cl in vnc_server.server.clients])
+            assert levels == [level]
+    finally:
+        c.disconnect()
 
 
 def test_vncdotool_input(vnc_server):
@@ -166,10 +195,12 @@ def _grab(display: str, window: str) -> np.ndarray | None:
 
 
 def _quantise(rgb: np.ndarray, maxes) -> np.ndarray:
-    """What a TigerVNC low-colour viewer shows (rfb.md section 10)."""
+    """What a TigerVNC low-colour viewer shows (rfb.md section 10): our server
+    narrows each channel keeping its high bits (pixman's semantic), the viewer
+    scales back by q * 255 // max."""
     out = np.empty_like(rgb)
     for i, m in enumerate(maxes):
-        q = (rgb[..., i].astype(np.uint32) * m + 127) // 255
+        q = rgb[..., i].astype(np.uint32) >> (8 - m.bit_length())
         out[..., i] = q * 255 // m
     return out
 

@@ -89,14 +89,14 @@ class EncodeGate:
     def __init__(self, monkeypatch):
         self.opened = threading.Event()
         self.waiting = threading.Event()
-        real = enc.Encoder.encode
+        real = enc.Encoder.encode_chunks
 
         def gated(encoder, encoding, *args, **kwargs):
             if encoding == enc.TIGHT and threading.current_thread().name.startswith("vnc-encode"):
                 self.waiting.set()
                 assert self.opened.wait(30), "gate never opened"
             return real(encoder, encoding, *args, **kwargs)
-        monkeypatch.setattr(enc.Encoder, "encode", gated)
+        monkeypatch.setattr(enc.Encoder, "encode_chunks", gated)
 
 
 def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypatch):
@@ -201,4 +201,22 @@ def test_held_input_released_once_by_the_console_when_a_client_goes():
         assert not any(e[1] == 48 and not e[2] for e in keys), "b's key was released too"
     finally:
         b.close()
+        srv.close()
+
+
+def test_log_says_which_conversion_a_client_gets(caplog):
+    from pyxenfb import pixman
+    srv = ServerThread(noisy_surface(64, 48))
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        with caplog.at_level("INFO", logger="pyxenfb.rfb.server"):
+            # RGB565 little-endian
+            c.send(struct.pack(">BxxxBBBBHHHBBBxxx", 0, 16, 16, 0, 1, 31, 63, 31, 11, 5, 0))
+            full_request(c, w=64, h=48)
+            assert c.recv_exact(1) == b"\0"
+        path = "pixman" if pixman.available() else "numpy"
+        assert any(f"16 bpp depth 16: conversion by {path}" in r.getMessage() for r in caplog.records)
+    finally:
+        c.close()
         srv.close()

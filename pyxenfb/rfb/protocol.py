@@ -21,9 +21,10 @@ import numpy as np
 from ..convert import GUEST_32, PixelFormat, convert_rect
 from . import auth
 from . import encodings as enc
-from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, ServerMsg, State
+from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, SecurityType, ServerMsg, State, VeNCryptSubtype
 
-SEC_NONE, SEC_VNC = 1, 2
+SEC_NONE, SEC_VNC, SEC_VENCRYPT = SecurityType.NONE, SecurityType.VNC, SecurityType.VENCRYPT
+VENCRYPT_VERSION = (0, 2)
 MAX_CUT_TEXT = 1 << 20
 MAX_FENCE_PAYLOAD = 64
 MAX_NAME = 1024
@@ -48,6 +49,12 @@ class AuthenticationFailed(ProtocolError):
 @dataclass(frozen=True)
 class Authenticated:
     pass
+
+
+@dataclass(frozen=True)
+class StartTls:
+    """Send what is queued, run the server side of a TLS handshake on the
+    connection, then call `tls_established()` (or close on failure)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class UpdateJob:
         self._encoding, self._fmt = conn.encoding, conn.pixel_format
         self._jpeg = conn.jpeg_quality if conn.lossy else None
         self._level = conn.compress_level
-        self._body: bytearray | None = None
+        self._chunks: list[bytes] | None = None
         self._count = 0
 
     @property
@@ -192,23 +199,23 @@ class UpdateJob:
 
     def encode(self) -> None:
         """Encode every rectangle (the slow part; safe off the loop)."""
-        body = bytearray(b"".join(self._pseudo))
+        chunks = list(self._pseudo)
         count = len(self._pseudo)
         if self._level is not None:
             self._encoder.set_compress_level(self._level)
         for pixels, x, y, w, h in self.pieces:
-            n, data = self._encoder.encode(self._encoding, self._fmt, pixels, x, y, w, h,
-                                           jpeg_quality=self._jpeg)
-            body += data
+            n, data = self._encoder.encode_chunks(self._encoding, self._fmt, pixels, x, y, w, h,
+                                                  jpeg_quality=self._jpeg)
+            chunks += data
             count += n
-        self._body, self._count = body, count
+        self._chunks, self._count = chunks, count
 
     def finish(self) -> int:
         """Queue the whole FramebufferUpdate (encoding it first if nobody
         has); the number of bytes queued."""
-        if self._body is None:
+        if self._chunks is None:
             self.encode()
-        return self._conn._queue_update(self._body, self._count, self._full)
+        return self._conn._queue_update(self._chunks, self._count, self._full)
 
 
 class ServerConnection:
@@ -216,13 +223,17 @@ class ServerConnection:
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
                  password_expired: bool = False, blocked_reason: str | None = None,
-                 lossy: bool = False):
+                 lossy: bool = False, tls: str | None = None):
         self.width, self.height = width, height
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
         self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
         self.blocked_reason = blocked_reason
+        # "x509" or "anon": only VeNCrypt is offered, with the one subtype
+        # these credentials and the password setting call for (as QEMU).
+        self.tls = tls
+        self.subtype: VeNCryptSubtype | None = None
         self.state = State.VERSION
         self.version = 8               # minor version in use
         self.pixel_format: PixelFormat = SERVER_FORMAT
@@ -246,14 +257,31 @@ class ServerConnection:
         self.resize_pending = False           # a size change goes out alone
         self._in = bytearray()
         self._out = bytearray()
+        self._chunks: list = []              # whole pieces queued before what _out holds
         self._discard = 0                    # cut text bytes still to skip
         self._challenge = b""
         self._out += b"RFB 003.008\n"
 
     # ------------------------------------------------------------ I/O side
-    def data_to_send(self) -> bytearray:
-        out, self._out = self._out, bytearray()     # handed over, not copied (updates are MBs)
-        return out
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything to send, as one buffer."""
+        if not self._chunks:
+            out, self._out = self._out, bytearray()
+            return out
+        return b"".join(self.data_to_send_chunks())
+
+    def data_to_send_chunks(self) -> list:
+        """Everything to send, as the pieces it was made of (updates are MBs:
+        a server writes them one by one rather than joining them)."""
+        self._seal()
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+    def _seal(self) -> None:
+        """Small messages queued so far go before what is queued next."""
+        if self._out:
+            self._chunks.append(self._out)
+            self._out = bytearray()
 
     @property
     def closed(self) -> bool:
@@ -321,12 +349,15 @@ class ServerConnection:
             self._fail(f"unsupported protocol version {got!r}")
         minor = int(m[2])
         self.version = 3 if minor in (3, 4, 5) else 7 if minor == 7 else 8
-        sec = SEC_VNC if self.password is not None else SEC_NONE
+        sec = self._security_type()
         if self.blocked_reason is not None:
             self._out += struct.pack(">I" if self.version == 3 else ">B", 0)
             self._out += _string(self.blocked_reason)
             self._fail(self.blocked_reason)
         if self.version == 3:
+            if sec == SEC_VENCRYPT:       # RFB 3.3 lets the server pick only None or VNC
+                self._out += struct.pack(">I", 0) + _string("TLS is required (VeNCrypt, RFB 3.7 or later)")
+                self._fail("RFB 3.3 client, but TLS is required")
             self._out += struct.pack(">I", sec)
             self._begin_security(sec, events)
         else:
@@ -334,13 +365,28 @@ class ServerConnection:
             self.state = State.SECURITY
         return 12
 
+    def _security_type(self) -> SecurityType:
+        if self.tls is not None:
+            return SEC_VENCRYPT
+        return SEC_VNC if self.password is not None else SEC_NONE
+
+    def _offered_subtype(self) -> VeNCryptSubtype:
+        with_password = self.password is not None
+        if self.tls == "x509":
+            return VeNCryptSubtype.X509_VNC if with_password else VeNCryptSubtype.X509_NONE
+        return VeNCryptSubtype.TLS_VNC if with_password else VeNCryptSubtype.TLS_NONE
+
     def _begin_security(self, sec: int, events: list) -> None:
-        if sec == SEC_VNC:
+        if sec == SEC_VENCRYPT:
+            self._out += bytes(VENCRYPT_VERSION)
+            self.state = State.VENCRYPT_VERSION
+        elif sec == SEC_VNC:
             self._challenge = auth.new_challenge()
             self._out += self._challenge
             self.state = State.VNC_AUTH
         else:
-            if self.version == 8:
+            # VeNCrypt's None subtypes always end with a SecurityResult.
+            if self.version == 8 or self.subtype is not None:
                 self._out += struct.pack(">I", 0)
             self.state = State.CLIENT_INIT
             events.append(Authenticated())
@@ -354,12 +400,55 @@ class ServerConnection:
     def _parse_security(self, buf, p, events) -> int:
         if len(buf) - p < 1:
             return 0
-        offered = SEC_VNC if self.password is not None else SEC_NONE
+        offered = self._security_type()
         if buf[p] != offered:
             self._security_failed("Unsupported security type",
                                   f"client chose security type {buf[p]}, offered {offered}")
         self._begin_security(offered, events)
         return 1
+
+    def _parse_vencrypt_version(self, buf, p, events) -> int:
+        if len(buf) - p < 2:
+            return 0
+        version = (buf[p], buf[p + 1])
+        if version != VENCRYPT_VERSION:
+            self._out.append(1)                      # non-zero: unsupported, closing
+            self._fail(f"VeNCrypt version {version[0]}.{version[1]} not supported (only 0.2)",
+                       AuthenticationFailed)
+        self._out += bytes([0, 1]) + struct.pack(">I", self._offered_subtype())
+        self.state = State.VENCRYPT_SUBTYPE
+        return 2
+
+    def _parse_vencrypt_subtype(self, buf, p, events) -> int:
+        if len(buf) - p < 4:
+            return 0
+        chosen = struct.unpack_from(">I", buf, p)[0]
+        offered = self._offered_subtype()
+        if chosen != offered:
+            self._out.append(0)                      # 0 here means refused
+            self._fail(f"client chose VeNCrypt subtype {chosen}, offered {offered.value} "
+                       f"({offered.name})", AuthenticationFailed)
+        self._out.append(1)
+        self.subtype = offered
+        self.state = State.TLS_HANDSHAKE
+        events.append(StartTls())
+        return 4
+
+    def tls_established(self) -> list:
+        """The TLS handshake succeeded: the subtype's own authentication
+        follows (VNC's challenge, or the SecurityResult for None)."""
+        if self.state is not State.TLS_HANDSHAKE:
+            raise ProtocolError("TLS established outside the handshake")
+        events: list = []
+        with_vnc = self.subtype in (VeNCryptSubtype.TLS_VNC, VeNCryptSubtype.X509_VNC)
+        self._begin_security(SEC_VNC if with_vnc else SEC_NONE, events)
+        return events
+
+    def take_buffered_input(self) -> bytes:
+        """Client bytes received behind the VeNCrypt choice: the start of the
+        TLS handshake, for the TLS layer."""
+        data, self._in = bytes(self._in), bytearray()
+        return data
 
     def _parse_auth(self, buf, p, events) -> int:
         if len(buf) - p < auth.CHALLENGE_SIZE:
@@ -558,16 +647,19 @@ class ServerConnection:
         return bool({enc.DESKTOP_SIZE, enc.EXT_DESKTOP_SIZE} & self.encodings)
 
     def resize(self, width: int, height: int) -> bool:
-        """The framebuffer changed size; False if this client cannot follow."""
-        self.width, self.height = width, height
+        """The framebuffer changed size.  False if this client cannot follow:
+        it keeps the size it has and sees that much of the new picture (as
+        with QEMU); updates are clipped to it."""
         if self.state is not State.NORMAL:
+            self.width, self.height = width, height      # ServerInit will say so
             return True
+        if not self.supports_resize:
+            return False
+        self.width, self.height = width, height
         if enc.EXT_DESKTOP_SIZE in self.encodings:
             self._send_ext_desktop_size(0, 0)
-        elif enc.DESKTOP_SIZE in self.encodings:
-            self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
         else:
-            return False
+            self._pseudo_update(0, 0, width, height, enc.DESKTOP_SIZE)
         self.resize_pending = True
         return True
 
@@ -622,16 +714,19 @@ class ServerConnection:
         pieces = [(pixels, *r) for pixels, r in zip(copies, clipped)]
         return UpdateJob(self, pseudo, pieces, full)
 
-    def _queue_update(self, body: bytearray, count: int, full: bool) -> int:
+    def _queue_update(self, chunks: list[bytes], count: int, full: bool) -> int:
         if count == 0 and not full:
             return 0
-        self._out += struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count)
-        self._out += body
-        return 4 + len(body)
+        self._seal()
+        self._chunks.append(struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count))
+        self._chunks += chunks
+        return 4 + sum(len(c) for c in chunks)
 
     _STATE_PARSERS = {
         State.VERSION: _parse_version,
         State.SECURITY: _parse_security,
+        State.VENCRYPT_VERSION: _parse_vencrypt_version,
+        State.VENCRYPT_SUBTYPE: _parse_vencrypt_subtype,
         State.VNC_AUTH: _parse_auth,
         State.CLIENT_INIT: _parse_client_init,
         State.NORMAL: _parse_message,

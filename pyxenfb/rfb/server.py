@@ -30,13 +30,15 @@ from typing import Protocol
 
 import numpy as np
 
-from ..convert import PixelFormat, convert_rect
+from ..convert import PixelFormat, conversion_path, convert_rect
 from ..logbudget import LogBudget
 from ..region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
 from .listener import VncListeners, bind_vnc
+from .states import State
+from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
 from .websocket import WebSocketError, WebSocketStream, looks_like_websocket
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class RfbClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
         self.ws: WebSocketStream | None = None
+        self.tls: TlsStream | None = None     # under everything else, once TLS starts
         self.peer = self.host = "?"
         self.authenticated = False
         self.attached = False
@@ -139,6 +142,7 @@ class RfbClient(asyncio.Protocol):
         self.throttle = MIN_THROTTLE
         self.updates_sent = 0
         self.session = None               # the display's per-client state
+        self._format_logged = False
         self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
@@ -155,16 +159,7 @@ class RfbClient(asyncio.Protocol):
         if server.unauthenticated_count() > MAX_UNAUTHENTICATED:
             self.disconnect("too many connections still in the handshake")
             return
-        blocked = server.blacklist.blocked_for(self.host)
-        fb = server.framebuffer()
-        self.conn = rfb.ServerConnection(
-            fb.width, fb.height, server.desktop_name,
-            password=server.password,
-            # An empty password (password=on, none set yet) lets nobody in.
-            password_expired=server.password_expired or server.password == "",
-            blocked_reason="Too many security failures" if blocked else None,
-            lossy=server.lossy)
-        server.prepare_connection(self.conn)
+        self.conn = self._new_connection(tls=server.tls.kind if server.tls else None)
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
         if self.mode == "websocket":
             self.ws = WebSocketStream()
@@ -172,6 +167,20 @@ class RfbClient(asyncio.Protocol):
             self._sniff = loop.call_later(server.websocket_sniff, self._start_rfb)
         else:
             self._start_rfb()
+
+    def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
+        server = self.server
+        blocked = server.blacklist.blocked_for(self.host)
+        fb = server.framebuffer()
+        conn = rfb.ServerConnection(
+            fb.width, fb.height, server.desktop_name,
+            password=server.password,
+            # An empty password (password=on, none set yet) lets nobody in.
+            password_expired=server.password_expired or server.password == "",
+            blocked_reason="Too many security failures" if blocked else None,
+            lossy=server.lossy, tls=tls)
+        server.prepare_connection(conn)
+        return conn
 
     def _start_rfb(self) -> None:
         self._sniff = None
@@ -187,23 +196,62 @@ class RfbClient(asyncio.Protocol):
             return
         if self.mode == "detect":
             self._sniff.cancel()
-            if looks_like_websocket(data):
+            if self.server.tls_context is not None and data[:1] == bytes([TLS_RECORD]):
+                # A browser's wss://: TLS first, the WebSocket inside it.
+                self.mode, self.tls = "detect-tls", TlsStream(self.server.tls_context)
+            elif looks_like_websocket(data):
+                if self.server.tls is not None:
+                    self.disconnect("WebSocket without TLS refused (TLS is configured: use wss://)")
+                    return
                 self.mode, self.ws = "websocket", WebSocketStream()
             else:
                 self._start_rfb()
+        if self.tls is not None:
+            data = self._tls_receive(data)
+            if not data or self.closing:
+                return
+            if self.mode == "detect-tls":
+                if not looks_like_websocket(data):
+                    self.disconnect("TLS from the start is for wss:// only; RFB clients use VeNCrypt")
+                    return
+                # The TLS around the WebSocket protects it: inside, the plain
+                # security types, as QEMU's WebSocket does.
+                self.mode, self.ws = "websocket", WebSocketStream()
+                self.conn = self._new_connection(tls=None)
         if self.ws is not None:
             try:
                 data, reply = self.ws.receive(data)
             except WebSocketError as exc:
                 if exc.reply:
-                    self.transport.write(exc.reply)
+                    self._write(exc.reply)
                 self.disconnect(str(exc))
                 return
             if reply:
-                self.transport.write(reply)
+                self._write(reply)
             self._flush()       # the banner goes out once the WebSocket is open
         if data:
             self._feed(data)
+
+    def _tls_receive(self, data: bytes) -> bytes | None:
+        """Socket bytes through TLS: the plaintext, or None once closed."""
+        try:
+            plain, reply = self.tls.receive(data)
+        except TlsError as exc:
+            if exc.reply:
+                self.transport.write(exc.reply)
+            self.disconnect(f"TLS: {exc}")
+            return None
+        if reply:
+            self.transport.write(reply)
+        if self.tls.established and self.conn.state is State.TLS_HANDSHAKE:
+            self._handle_all(self.conn.tls_established())
+            self._flush()
+        return plain
+
+    def _write(self, data) -> None:
+        if self.tls is not None:
+            data = self.tls.send(data)
+        self.transport.write(data)
 
     def _feed(self, data: bytes) -> None:
         if not self.attached:
@@ -222,12 +270,17 @@ class RfbClient(asyncio.Protocol):
             self._flush()
             self.disconnect(str(exc))
             return
+        self._handle_all(events)
+        if self.closing:
+            return
+        self._flush()
+        self._maybe_update()
+
+    def _handle_all(self, events) -> None:
         for event in events:
             self._handle(event)
             if self.closing:
                 return
-        self._flush()
-        self._maybe_update()
 
     def connection_lost(self, exc) -> None:
         self.disconnect(f"connection lost ({exc})" if exc else "client closed the connection")
@@ -274,21 +327,26 @@ class RfbClient(asyncio.Protocol):
             self.conn.close()
         if self.transport is not None:
             if self.ws is not None and not self.transport.is_closing():
-                self.transport.write(self.ws.close(reason))
+                self._write(self.ws.close(reason))
             self.transport.close()
 
     # ------------------------------------------------------------ output
     def _flush(self) -> None:
-        if self.closing or self.conn is None or self.mode == "detect":
+        if self.closing or self.conn is None or self.mode.startswith("detect"):
             return
         if self.ws is not None and not self.ws.open:
             return
-        data = self.conn.data_to_send()
-        if not data:
-            return
-        if self.ws is not None:
-            data = self.ws.send(data)
-        self.transport.write(data)
+        if self.ws is None and self.tls is None:
+            chunks = self.conn.data_to_send_chunks()
+            if not chunks:
+                return
+            for chunk in chunks:
+                self.transport.write(chunk)
+        else:
+            data = self.conn.data_to_send()
+            if not data:
+                return
+            self._write(self.ws.send(data) if self.ws is not None else data)
         pending = self.transport.get_write_buffer_size()
         if pending > HARD_LIMIT_FACTOR * self.throttle:
             self.transport.abort()
@@ -366,6 +424,12 @@ class RfbClient(asyncio.Protocol):
                     self.dirty.add(rect)
         elif isinstance(event, rfb.PixelFormatChanged):
             self._set_throttle()
+            fb = self.server.framebuffer()
+            # Info once per client (a client may switch formats at will), debug after.
+            log.log(logging.DEBUG if self._format_logged else logging.INFO,
+                    "VNC: client %s asks for %d bpp depth %d: conversion by %s", self.peer,
+                    event.fmt.bpp, event.fmt.depth, conversion_path(fb.fmt, event.fmt))
+            self._format_logged = True
         elif isinstance(event, rfb.EncodingsChanged):
             log.debug("VNC: client %s uses %s", self.peer, enc.NAMES.get(event.encoding))
         elif isinstance(event, rfb.Authenticated):
@@ -373,8 +437,18 @@ class RfbClient(asyncio.Protocol):
             self.server.blacklist.success(self.host)
         elif isinstance(event, rfb.ClientInit):
             self._client_init(event.shared)
+        elif isinstance(event, rfb.StartTls):
+            self._start_tls()
         elif self.attached:
             self.server.client_input(self, event)
+
+    def _start_tls(self) -> None:
+        """VeNCrypt agreed: the ack goes out in the clear, then everything is TLS."""
+        self._flush()
+        self.tls = TlsStream(self.server.tls_context)
+        early = self.conn.take_buffered_input()   # a ClientHello right behind the choice
+        if early and self._tls_receive(early):
+            self.disconnect("data inside TLS before the handshake finished")
 
     def _client_init(self, shared: bool) -> None:
         server = self.server
@@ -400,10 +474,11 @@ class RfbClient(asyncio.Protocol):
     # ------------------------------------------------------------ display changes
     def resized(self, width: int, height: int) -> None:
         if not self.conn.resize(width, height):
-            self.disconnect("client does not support desktop resizing")
-            return
+            self.server.budget.info("resize-view", "VNC: client %s cannot follow the resize to %dx%d; "
+                                    "it keeps its %dx%d view", self.peer, width, height,
+                                    self.conn.width, self.conn.height, what="VNC clients kept their size")
         self.dirty.take()
-        self.dirty.add((0, 0, width, height))
+        self.dirty.add((0, 0, min(width, self.conn.width), min(height, self.conn.height)))
         self._set_throttle()
         self._flush()
         self._maybe_update()
@@ -424,12 +499,16 @@ class RfbServer:
     `mark_dirty`, `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
 
     def __init__(self, *, password: str | None = None, name: str = "QEMU",
-                 max_clients: int = 32, lossy: bool = False):
+                 max_clients: int = 32, lossy: bool = False, tls: TlsCredentials | None = None):
         self.password = password
         self.password_expired = False
         self.name = name
         self.max_clients = max_clients
         self.lossy = lossy
+        # TLS: VeNCrypt only on the RFB side, wss:// only for WebSockets.
+        # server_context raises TlsConfigError (one line) for bad credentials.
+        self.tls = tls
+        self.tls_context = server_context(tls) if tls is not None else None
         self.host = ""
         self.port = 0
         self.display = 0

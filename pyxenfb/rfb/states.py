@@ -2,7 +2,9 @@
 
 A server connection moves VERSION -> SECURITY (3.7/3.8) -> VNC_AUTH (when a
 password is set) -> CLIENT_INIT -> NORMAL, or to CLOSED from anywhere on a
-protocol error.  RFB 3.3 skips SECURITY: the server picks the type.
+protocol error.  RFB 3.3 skips SECURITY: the server picks the type.  With
+TLS, SECURITY leads to VeNCrypt: VENCRYPT_VERSION -> VENCRYPT_SUBTYPE ->
+TLS_HANDSHAKE (the owner runs it) -> VNC_AUTH or CLIENT_INIT.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import enum
 class State(str, enum.Enum):
     VERSION = "version"
     SECURITY = "security"
+    VENCRYPT_VERSION = "vencrypt_version"
+    VENCRYPT_SUBTYPE = "vencrypt_subtype"
+    TLS_HANDSHAKE = "tls_handshake"
     VNC_AUTH = "vnc_auth"
     CLIENT_INIT = "client_init"
     NORMAL = "normal"
@@ -38,6 +43,20 @@ class ServerMsg(enum.IntEnum):
     SET_COLOUR_MAP_ENTRIES = 1
     END_OF_CONTINUOUS_UPDATES = 150
     SERVER_FENCE = 248
+
+
+class SecurityType(enum.IntEnum):
+    NONE = 1
+    VNC = 2
+    VENCRYPT = 19
+
+
+class VeNCryptSubtype(enum.IntEnum):
+    """The VeNCrypt subtypes we offer: anonymous TLS or X.509, then None or VNC auth."""
+    TLS_NONE = 257
+    TLS_VNC = 258
+    X509_NONE = 260
+    X509_VNC = 261
 
 
 QEMU_EXTENDED_KEY_EVENT = 0         # the only QEMU message subtype a client may send us

@@ -1,7 +1,7 @@
 """`pyxenfb-sim`: the simulated Xen host and its xl-like toolstack commands.
 
     pyxenfb-sim host --run-dir DIR
-    pyxenfb-sim create --domid N --name NAME [--vfb SPEC] [...]
+    pyxenfb-sim create --domid N --name NAME [--vfb SPEC] [--animate [full] [--fps F]] [...]
     pyxenfb-sim destroy --domid N
     pyxenfb-sim list
     pyxenfb-sim fbdump --domid N OUT.png
@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abi", choices=["x86_64", "x86_32"], default="x86_64")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--animate", action="store_true")
+    p.add_argument("--animate", nargs="?", const="box", choices=["box", "full"], default=None,
+                   help="the guest animates: box (alone: a moving square) or full (repaints "
+                        "the whole screen every frame, the benchmark load)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="with --animate full: at most F frames per second (default: as fast "
+                        "as the device model consumes them)")
     p.add_argument("--no-guest", action="store_true",
                    help="do not start the reference guest (frontends stay Initialising)")
     dm = p.add_mutually_exclusive_group()
@@ -87,7 +92,7 @@ async def _create(args: argparse.Namespace) -> int:
     dm = None if args.no_dm else (args.dm or "default")
     result = await toolstack.create_domain(
         args.run_dir, args.domid, args.name, memory=args.memory, vfb=args.vfb,
-        abi=args.abi, width=args.width, height=args.height, animate=args.animate,
+        abi=args.abi, width=args.width, height=args.height, animate=args.animate, fps=args.fps,
         dm=dm, start_guest=not args.no_guest, dm_timeout=args.dm_timeout,
         dm_restrict=args.dm_restrict, dm_user=args.dm_user)
     print(result.summary(), flush=True)

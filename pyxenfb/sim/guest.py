@@ -9,7 +9,12 @@ use its hostile API to write anything anywhere); `pyxenfb-sim create` runs
 it as a process:
 
     python -m pyxenfb.sim.guest --run-dir DIR --domid N [--abi x86_32]
-        [--width W --height H] [--animate]
+        [--width W --height H] [--animate [box|full]] [--fps F]
+
+--animate (= box) moves a small square over the test picture; --animate full
+repaints the whole framebuffer from ../shared/bench/xanim.c's 24 frames, one
+full-screen UPDATE per frame (the benchmark load), as fast as the backend
+consumes them or at most --fps F frames per second.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import xenfb_abi as abi
-from .picture import BOX, box_colour, box_position, test_picture
+from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
 
 log = logging.getLogger("pyxenfb.guest")
 
@@ -223,6 +228,7 @@ class FbFront(Frontend):
         self.refresh_period: int | None = None   # last REFRESH_PERIOD seen (ms)
         self.pending_dirty: tuple[int, int, int, int] | None = None
         self.updates_sent = 0
+        self.backend_kicked = asyncio.Event()    # set on every notification from the backend
 
     async def read_backend_features(self) -> None:
         mb = await self.xs.read_int(f"{self.be}/videoram", None)
@@ -264,6 +270,7 @@ class FbFront(Frontend):
         self.update_wanted = bool(await self.xs.read_int(f"{self.be}/request-update", 0))
         self.feature_resize = bool(await self.xs.read_int(f"{self.be}/feature-resize", 0))
         self.refresh(0, 0, self.width, self.height)
+        self.backend_kicked.set()
 
     def release_device_memory(self) -> None:
         self.fb = None
@@ -289,6 +296,12 @@ class FbFront(Frontend):
         x0, y0 = min(ox, nx), min(oy, ny)
         x1, y1 = min(self.width, max(ox, nx) + BOX), min(self.height, max(oy, ny) + BOX)
         return x0, y0, x1 - x0, y1 - y0
+
+    def out_ring_busy(self) -> bool:
+        """Our last event is not consumed yet (or we may not send at all)."""
+        return (self.page is None or not self.update_wanted
+                or self.refresh_period == abi.XENFB_NO_REFRESH
+                or self.u32(abi.FB_OUT_PROD) != self.u32(abi.FB_OUT_CONS))
 
     def refresh(self, x: int, y: int, w: int, h: int) -> None:
         """Linux xenfb_refresh: send an UPDATE, or stash the rect if we can't yet."""
@@ -350,6 +363,7 @@ class FbFront(Frontend):
         self.set_u32(abi.FB_IN_CONS, cons)
         if self.pending_dirty is not None:
             self.refresh(*self.pending_dirty)
+        self.backend_kicked.set()
 
 
 # Linux input code ranges that xen-kbdfront routes (pvfb.md section 4).
@@ -433,12 +447,17 @@ class ReferenceGuest:
     """One simulated PV domain's kernel: a vfb and a vkbd frontend."""
 
     def __init__(self, run_dir: str | os.PathLike, domid: int, *, abi_name: str = "x86_64",
-                 width: int = 800, height: int = 600, animate: bool = False, seed: int | None = None):
+                 width: int = 800, height: int = 600, animate: bool | str = False,
+                 fps: float | None = None, seed: int | None = None):
         self.run_dir = Path(run_dir)
         self.domid = domid
         self.abi = _abi(abi_name)
         self.width, self.height = width, height
-        self.animate = animate
+        # True / "box": the bouncing square; "full": xanim's full-screen frames
+        self.animate = "box" if animate is True else (animate or None)
+        if self.animate not in (None, "box", "full"):
+            raise ValueError(f"unknown animation {animate!r}")
+        self.fps = fps if fps and fps > 0 else None
         self.seed = domid if seed is None else seed
         self.dom_dir = self.run_dir / f"dom{domid}"
         self.ports: dict[int, Frontend] = {}
@@ -508,7 +527,8 @@ class ReferenceGuest:
         await self.kbd.probe()
         self._write_info()
         if self.animate and self._anim is None:
-            self._anim = asyncio.create_task(self._animate(), name="guest-animate")
+            body = self._animate_full() if self.animate == "full" else self._animate()
+            self._anim = asyncio.create_task(body, name="guest-animate")
 
     async def reboot(self, clean: bool = True) -> None:
         """Frontends re-initialise: after closing (module reload, reboot) or,
@@ -532,6 +552,37 @@ class ReferenceGuest:
                 continue
             self.frame += 1
             fb.refresh(*fb.draw_box(self.frame))
+
+    async def _animate_full(self) -> None:
+        """Full-screen frames: one copy into the framebuffer, one UPDATE, one notify.
+
+        Keeps one UPDATE in flight: the next frame is drawn once the backend
+        consumed the last one (its notification), so the guest paints as
+        fast as the backend takes frames and never overflows the out ring.
+        """
+        loop = asyncio.get_running_loop()
+        frames, n = None, 0
+        next_t = loop.time()
+        while True:
+            fb = self.fb
+            if fb.fb is None or fb.out_ring_busy():
+                fb.backend_kicked.clear()
+                # The backend's notification wakes us; the timeout only covers
+                # a reboot replacing self.fb (the old front is never kicked).
+                try:
+                    await asyncio.wait_for(fb.backend_kicked.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if frames is None or frames.shape[1:] != (fb.height, fb.width):
+                frames = xanim_frames(fb.width, fb.height)
+            fb.fb[:, :] = frames[n % XANIM_FRAMES]
+            n += 1
+            self.frame = n
+            fb.refresh(0, 0, fb.width, fb.height)
+            if self.fps:
+                next_t = max(next_t + 1 / self.fps, loop.time() - 1.0)
+                await asyncio.sleep(max(0.0, next_t - loop.time()))
 
     def _write_info(self) -> None:
         info = {"domid": self.domid, "pid": os.getpid(), "abi": self.abi.name,
@@ -561,7 +612,7 @@ class ReferenceGuest:
 
 async def _run(args) -> int:
     guest = ReferenceGuest(args.run_dir, args.domid, abi_name=args.abi, width=args.width,
-                           height=args.height, animate=args.animate)
+                           height=args.height, animate=args.animate, fps=args.fps)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -574,6 +625,16 @@ async def _run(args) -> int:
     return 0
 
 
+def add_animate_args(p: argparse.ArgumentParser) -> None:
+    """--animate [box|full] and --fps, shared with `pyxenfb-sim create`."""
+    p.add_argument("--animate", nargs="?", const="box", choices=["box", "full"], default=None,
+                   help="animate: box (default when given alone) = a moving square; "
+                        "full = repaint the whole screen every frame (xanim's frames)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="with --animate full: at most F frames per second (default: as fast as "
+                        "the backend consumes them)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pyxenfb-guest", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
@@ -581,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abi", default="x86_64", choices=["x86_64", "x86_32"])
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=600)
-    p.add_argument("--animate", action="store_true")
+    add_animate_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"pyxenfb-guest[{args.domid}]: %(message)s")

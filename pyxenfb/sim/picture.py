@@ -40,3 +40,52 @@ def box_position(frame: int, width: int, height: int) -> tuple[int, int]:
 
 def box_colour(frame: int) -> int:
     return ((frame * 37) & 0xFF) << 16 | ((frame * 91) & 0xFF) << 8 | 0x80
+
+
+# ---- the benchmark animation (--animate full) -------------------------------
+# The same 24 frames as ../shared/bench/xanim.c (its default "gradient" mode),
+# so pyxenfb and the x11vnc anchor serve identical content.
+XANIM_FRAMES = 24
+
+
+def xanim_blocks(width: int, height: int) -> list[list[int]]:
+    """xanim.c's 5 moving blocks: [x, y, vx, vy, w, h, colour]."""
+    W, H = width, height
+    return [[50, 40, 7, 3, W // 8, H // 7, 0xFFFFFF],
+            [300, 200, -5, 4, W // 10, H // 5, 0x202020],
+            [600, 100, 4, -6, W // 6, H // 9, 0xE03030],
+            [100, 400, -3, -2, W // 12, H // 12, 0x30E030],
+            [700, 300, 6, 5, W // 9, H // 6, 0x3030E0]]
+
+
+def xanim_frames(width: int, height: int, n: int = XANIM_FRAMES) -> np.ndarray:
+    """(n, height, width) uint32 0x00RRGGBB: frame f is xanim's frame f.
+
+    r = ((x + y + 4f) / 4) & 255, g = (y·256 / H) & 255,
+    b = (255 − (x + 4f) / 8) & 255, then the blocks, which move 3·v px per
+    frame and bounce off the edges exactly as in xanim.c (clipped, not
+    wrapped; the bounce test uses the position after the move).
+    """
+    x = np.arange(width, dtype=np.int64)
+    y = np.arange(height, dtype=np.int64)[:, None]
+    g = (((y * 256) // height) & 255).astype(np.uint32) << 8
+    out = np.empty((n, height, width), np.uint32)
+    blocks = xanim_blocks(width, height)
+    for f in range(n):
+        off = 4 * f
+        r = (((x + y + off) // 4) & 255).astype(np.uint32) << 16
+        b = ((255 - (x + off) // 8) & 255).astype(np.uint32)      # two's complement & 255, as C
+        out[f] = r | g | b
+        for blk in blocks:
+            bx, by, vx, vy, bw, bh, colour = blk
+            x0, x1 = max(bx, 0), min(bx + bw, width)
+            y0, y1 = max(by, 0), min(by + bh, height)
+            if x0 < x1 and y0 < y1:
+                out[f, y0:y1, x0:x1] = colour
+            blk[0] += vx * 3
+            blk[1] += vy * 3
+            if blk[0] < 0 or blk[0] + bw > width:
+                blk[2] = -vx
+            if blk[1] < 0 or blk[1] + bh > height:
+                blk[3] = -vy
+    return out

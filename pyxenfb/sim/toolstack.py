@@ -533,7 +533,7 @@ def _spawn_daemon(argv: list[str], log_path: str, env: dict[str, str], cwd: str,
 
 
 def _guest_argv(run_dir: str, domid: int, abi: str, width: int | None,
-                height: int | None, animate: bool) -> list[str]:
+                height: int | None, animate: bool | str, fps: float | None = None) -> list[str]:
     argv = [sys.executable, "-m", "pyxenfb.sim.guest", "--run-dir", run_dir,
             "--domid", str(domid), "--abi", abi]
     if width is not None:
@@ -541,7 +541,9 @@ def _guest_argv(run_dir: str, domid: int, abi: str, width: int | None,
     if height is not None:
         argv += ["--height", str(height)]
     if animate:
-        argv.append("--animate")
+        argv += ["--animate"] if animate in (True, "box") else ["--animate", str(animate)]
+        if fps:
+            argv += ["--fps", str(fps)]
     return argv
 
 
@@ -705,12 +707,15 @@ async def _postconfig(xs: XenStore, run_dir: str, domid: int, vfb: VfbConfig | N
 async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: int = 64,
                         vfb: VfbConfig | str | None = None, abi: str = "x86_64",
                         width: int | None = None, height: int | None = None,
-                        animate: bool = False, dm: str | list[str] | None = "default",
+                        animate: bool | str = False, fps: float | None = None,
+                        dm: str | list[str] | None = "default",
                         start_guest: bool = True,
                         dm_timeout: float = DM_START_TIMEOUT, dm_restrict: bool = False,
                         dm_user: str | None = None) -> CreateResult:
     """`xl create` for a PV guest with an optional vfb (+ the vkbd xl adds with it).
 
+    animate: False, True / "box" (moving square) or "full" (whole screen every
+    frame, at most `fps` frames/s when given).
     dm: "default" (pyqemu-dm), a program path or argv prefix, or None (no DM).
     dm_restrict: as xl's `dm_restrict=1` (chroot dir, pre-opened QMP socket,
     unshare and rlimits before exec); dm_user: `device_model_user=` (-runas).
@@ -723,6 +728,8 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
         raise ToolstackError(f"memory {memory} MiB out of range")
     if abi not in ("x86_64", "x86_32"):
         raise ToolstackError(f"unknown guest ABI {abi!r}")
+    if animate not in (False, True, None, "box", "full"):
+        raise ToolstackError(f"unknown animation {animate!r}")
     if isinstance(vfb, str):
         vfb = parse_vfb(vfb)
     program = (default_dm_program() if dm == "default" else
@@ -746,7 +753,7 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
         result = CreateResult(domid, name, str(uuidlib.uuid4()))
         try:
             await _build(xs, run_dir, result, memory, vfb, abi, width, height, animate,
-                         program, start_guest, dm_timeout, dm_restrict, dm_user)
+                         program, start_guest, dm_timeout, fps, dm_restrict, dm_user)
         except BaseException as exc:
             try:
                 await asyncio.shield(_destroy(xs, run_dir, domid))
@@ -762,8 +769,8 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
 
 async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
                  vfb: VfbConfig | None, abi: str, width: int | None, height: int | None,
-                 animate: bool, program: list[str] | None, start_guest: bool,
-                 dm_timeout: float, dm_restrict: bool = False,
+                 animate: bool | str, program: list[str] | None, start_guest: bool,
+                 dm_timeout: float, fps: float | None = None, dm_restrict: bool = False,
                  dm_user: str | None = None) -> None:
     domid, name = result.domid, result.name
     from .guestmem import GuestMemory
@@ -771,7 +778,7 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
     os.makedirs(ddir)
     GuestMemory.create(os.path.join(ddir, "memory"), memory * MiB).close()
 
-    guest = _guest_argv(run_dir, domid, abi, width, height, animate)
+    guest = _guest_argv(run_dir, domid, abi, width, height, animate, fps)
     await _write_domain(xs, domid, name, result.uuid, memory,
                         kernel="pyxenfb.sim.guest", cmdline=" ".join(guest[3:]))
     await _add_console(xs, domid, memory)

@@ -1,0 +1,134 @@
+"""PNGs from `python -m bench` JSON lines.
+
+    uv run python -m bench.plot FILE.jsonl OUTDIR      (or python -m bench --plot ...)
+
+fps_<WxH>.png: full frames/s per encoding, pyxenfb vs x11vnc;
+convert.png: conversion MPix/s vs pixman; latency_cdf.png: CDF of the 64x64
+guest-UPDATE -> client latency (from the samples side file next to the
+JSON lines); domains.png: frames/s per domain and device-model CPU vs the
+number of domains.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+
+def load(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+    # a file appended to by several runs: the last figure of a name wins
+    return list({r["name"]: r for r in rows}.values())
+
+
+def markdown_table(jsonl: str) -> str:
+    """The figures as a Markdown table (docs/performance.md is made of it)."""
+    def fmt(v):
+        return "–" if v is None else (f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else
+                                      f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
+    lines = ["| metric | pyxenfb | unit | baseline | baseline value | ratio (cost, <1 better) | notes |",
+             "|---|---:|---|---|---:|---:|---|"]
+    for r in load(jsonl):
+        notes = []
+        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "skipped", "error"):
+            if r.get(k) is not None:
+                notes.append(f"{k} {fmt(r[k])}")
+        lines.append(f"| {r['name']} | {fmt(r['value'])} | {r['unit'] or ''} | {r['baseline'] or ''} "
+                     f"| {fmt(r['baseline_value'])} | {fmt(r['ratio'])} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def plot(jsonl: str, outdir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = load(jsonl)
+    by = {r["name"]: r for r in rows}
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(outdir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    sizes = sorted({m.group(2) for r in rows if (m := re.match(r"vnc_fps_(\w+?)_(\d+x\d+)$", r["name"]))})
+    for size in sizes:
+        encs = [r["name"].split("_")[2] for r in rows
+                if re.match(rf"vnc_fps_\w+_{size}$", r["name"])]
+        ours = [by[f"vnc_fps_{e}_{size}"]["value"] or 0 for e in encs]
+        base = [by[f"vnc_fps_{e}_{size}"]["baseline_value"] or 0 for e in encs]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(encs))
+        ax.bar(x - 0.2, ours, 0.4, label="pyxenfb (pyqemu-dm)")
+        ax.bar(x + 0.2, base, 0.4, label="x11vnc (LibVNCServer)")
+        ax.set_xticks(x, encs)
+        ax.set_ylabel("full frames/s")
+        ax.set_title(f"Full-screen animation at {size}, one vnc-rate client")
+        ax.legend()
+        save(fig, f"fps_{size}.png")
+
+    conv = [r for r in rows if r["name"].startswith("convert_") and r.get("value")]
+    if conv:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = np.arange(len(conv))
+        ax.bar(x - 0.2, [r["value"] for r in conv], 0.4, label="pyxenfb (numpy)")
+        ax.bar(x + 0.2, [r["baseline_value"] or 0 for r in conv], 0.4, label="pixman / memcpy (C)")
+        ax.set_xticks(x, [r["name"].removeprefix("convert_") for r in conv], rotation=20,
+                      ha="right", fontsize=8)
+        ax.set_ylabel("MPix/s")
+        ax.set_title("Pixel conversion from x8r8g8b8")
+        ax.legend()
+        save(fig, "convert.png")
+
+    lat = by.get("update_latency_64x64_p50")
+    if lat and lat.get("samples"):
+        path = os.path.join(os.path.dirname(os.path.abspath(jsonl)), lat["samples"])
+        if os.path.exists(path):
+            samples = np.sort(np.array(json.load(open(path))))
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(samples, np.arange(1, len(samples) + 1) / len(samples))
+            for ms, label in ((2, "p50 target"), (10, "p99 target")):
+                ax.axvline(ms, ls="--", c="grey")
+                ax.text(ms, 0.05, label, rotation=90, va="bottom")
+            ax.set_xscale("log")
+            ax.set_xlabel("guest UPDATE -> client has the pixels (ms), 64x64 rect")
+            ax.set_ylabel("fraction of updates")
+            ax.set_title(f"Update latency CDF, {len(samples)} updates")
+            save(fig, "latency_cdf.png")
+
+    multi = sorted((r["domains"], r) for r in rows if re.match(r"multi_\d+dom_fps_per_domain$", r["name"]))
+    if multi:
+        ns = [n for n, _ in multi]
+        fps = [r["value"] for _, r in multi]
+        cpu = [(by.get(f"multi_{n}dom_dm_cpu_pct") or {}).get("value") or 0 for n in ns]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(ns, fps, "o-", label="frames/s per domain (Tight, 1024x768)")
+        ax.set_xlabel("domains animating at once")
+        ax.set_ylabel("frames/s per domain")
+        ax2 = ax.twinx()
+        ax2.plot(ns, cpu, "s--", c="tab:red", label="CPU of all pyqemu-dm (% of one core)")
+        ax2.set_ylabel("% of one core")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+        ax.set_xticks(ns)
+        save(fig, "domains.png")
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.split("\n\n")[1])
+    for p in plot(sys.argv[1], sys.argv[2]):
+        print(p)

@@ -1,0 +1,479 @@
+"""The metrics of `python -m bench`: one JSON line each.
+
+    {"name", "value", "unit", "baseline", "baseline_value", "ratio", ...}
+
+ratio = our cost / the baseline's cost (time per item, or 1 / rate): below
+1.0 we are better.  A baseline that can't be measured here (tool missing)
+gives "baseline_value": null and a "skipped" reason, never a crash.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .procs import Procs, SimHost, context_switches, cpu_seconds, memory_kib
+
+REPO = Path(__file__).resolve().parent.parent
+ANCHORS = Path(os.environ.get("BENCH_ANCHORS", REPO.parent / "shared" / "bench"))
+ENCODINGS = ["Raw", "Hextile", "Zlib", "ZRLE", "Tight"]
+SIZES = [(800, 600), (1920, 1080)]
+
+
+def metric(name, value, unit, baseline=None, baseline_value=None, ratio=None, **extra) -> dict:
+    d = {"name": name, "value": value, "unit": unit, "baseline": baseline,
+         "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 3)}
+    d.update(extra)
+    return d
+
+
+def cost_ratio_rate(ours, base):
+    """Rates (higher is better): our cost / theirs = their rate / ours."""
+    return base / ours if ours and base else None
+
+
+def cost_ratio_time(ours, base):
+    return ours / base if ours is not None and base else None
+
+
+def anchor(name: str) -> Path | None:
+    p = ANCHORS / name
+    return p if p.exists() else None
+
+
+def missing_anchor(name: str) -> str:
+    return f"{ANCHORS / name} not found (the shared anchor tools; set BENCH_ANCHORS)"
+
+
+# ---- conversion vs pixman and memcpy ----------------------------------------------
+PIXMAN_TARGETS = {  # pixbench name -> pyxenfb PixelFormat args (bpp, depth, be, maxes, shifts)
+    "x8r8g8b8(copy)": (32, 24, False, 255, 255, 255, 16, 8, 0),
+    "r5g6b5": (16, 16, False, 31, 63, 31, 11, 5, 0),
+    "x8b8g8r8": (32, 24, False, 255, 255, 255, 0, 8, 16),
+    "x1r5g5b5": (16, 15, False, 31, 31, 31, 10, 5, 0),
+    "b2g3r3": (8, 8, False, 7, 7, 3, 0, 3, 6),
+}
+
+
+def pixbench(procs: Procs, w: int, h: int, reps: int) -> tuple[dict, str | None]:
+    src = anchor("pixbench.c")
+    if src is None:
+        return {}, missing_anchor("pixbench.c")
+    if not shutil.which("gcc") or subprocess.run(["pkg-config", "--exists", "pixman-1"]).returncode:
+        return {}, "gcc or libpixman-1-dev missing (apt-get install gcc libpixman-1-dev)"
+    tmp = procs.tempdir("pxb-pix-")
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "pixman-1"], capture_output=True,
+                           text=True).stdout.split()
+    exe = os.path.join(tmp, "pixbench")
+    r = subprocess.run(["gcc", "-O2", "-o", exe, str(src), *flags], capture_output=True, text=True)
+    if r.returncode:
+        return {}, f"pixbench.c did not build: {r.stderr.strip()[-200:]}"
+    out = subprocess.run([exe, str(w), str(h), str(reps)], capture_output=True, text=True,
+                         timeout=120).stdout
+    return {d["what"]: d for d in map(json.loads, out.split("\n")[:-1])}, None
+
+
+def convert_inline(procs: Procs, quick: bool) -> list[dict]:
+    import numpy as np
+
+    from pyxenfb.convert import GUEST_32, PixelFormat, convert_rect
+    w, h, reps = 1920, 1080, (5 if quick else 20)
+    base, why = pixbench(procs, w, h, reps)
+    src = np.random.default_rng(1).integers(0, 256, (h, w * 4), dtype=np.uint8)
+
+    def best(fn):
+        fn()
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+    out = []
+    for name, args in PIXMAN_TARGETS.items():
+        dst = PixelFormat(*args)
+        buf = np.empty((h, w * dst.bytes_per_pixel), np.uint8)
+        mpix = w * h / 1e6 / best(lambda: convert_rect(src, GUEST_32, dst, 0, 0, w, h, out=buf))
+        b = base.get(f"pixman {name}", {}).get("mpix_s")
+        out.append(metric(f"convert_{name}_{w}x{h}", round(mpix), "MPix/s", "pixman",
+                          b, cost_ratio_rate(mpix, b), **({"skipped": why} if why else {})))
+    ours_copy = w * h / 1e6 / best(lambda: src.copy())
+    m = base.get("memcpy", {}).get("mpix_s")
+    out.append(metric(f"convert_numpy_copy_{w}x{h}", round(ours_copy), "MPix/s", "memcpy (C)", m,
+                      cost_ratio_rate(ours_copy, m), **({"skipped": why} if why else {})))
+    return out
+
+
+def delegated(module: str, quick: bool):
+    """bench.<module>.run(quick) when that branch has it, else None."""
+    try:
+        mod = importlib.import_module(f"bench.{module}")
+    except Exception as exc:                  # a half-rewritten module must not stop the suite
+        return None, f"import bench.{module} failed: {exc}"
+    run = getattr(mod, "run", None)
+    if not callable(run):
+        return None, None
+    # stdout carries only our JSON lines: whatever run() prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = [d for d in run(quick) if isinstance(d, dict)]
+    return rows, None
+
+
+def fill(d: dict) -> dict:
+    for k in ("name", "value", "unit", "baseline", "baseline_value", "ratio"):
+        d.setdefault(k, None)
+    return d
+
+
+def bench_convert(ctx) -> list[dict]:
+    got, err = delegated("bench_convert", ctx.quick)
+    if got is not None:
+        return [fill(d) for d in got]
+    return convert_inline(ctx.procs, ctx.quick)
+
+
+LVS_ROW = re.compile(r"^(Raw|Hextile|Zlib|ZRLE|Tight)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+
+
+def bench_libvncserver(ctx) -> list[dict]:
+    got, err = delegated("bench_vs_libvncserver", ctx.quick)
+    if got is not None:
+        return [fill(d) for d in got]
+    # No run() on this branch: the script's own table, parsed.
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_vs_libvncserver.py"),
+                        "--updates", "5" if ctx.quick else "20"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    rows = [LVS_ROW.match(line) for line in r.stdout.splitlines()]
+    rows = [m for m in rows if m]
+    if r.returncode or not rows:
+        why = (r.stdout + r.stderr).strip().splitlines()[-1:] or ["no output"]
+        return [metric("full_update_800x600", None, "ms", "libvncserver", None, None,
+                       skipped=f"bench_vs_libvncserver.py: {why[0]}")]
+    out = []
+    for m in rows:
+        enc, lvs, py = m.group(1), float(m.group(2)), float(m.group(4))
+        out.append(metric(f"full_update_{enc}_800x600", py, "ms/update", "libvncserver", lvs,
+                          cost_ratio_time(py, lvs)))
+    return out
+
+
+# ---- frames/s and request->update latency per encoding vs x11vnc -----------------------
+def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None,
+             sample_memory: bool = False) -> dict:
+    """One vnc-rate run; adds the DM's CPU % (and its peak RSS/PSS) over it."""
+    tool = anchor("vnc-rate")
+    if tool is None:
+        return {"error": missing_anchor("vnc-rate")}
+    p = ctx.procs.popen([sys.executable, str(tool), f"127.0.0.1::{port}", "--encoding", enc,
+                         "--seconds", str(seconds)], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    c0, t0 = (cpu_seconds(dm_pid) if dm_pid else 0.0), time.monotonic()
+    peak = {"rss": 0, "pss": 0}
+    deadline = t0 + seconds + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        if sample_memory and dm_pid:
+            m = memory_kib(dm_pid)
+            peak = {k: max(peak[k], m[k] or 0) for k in peak}
+        try:
+            p.wait(0.25)
+        except subprocess.TimeoutExpired:
+            pass
+    if p.poll() is None:
+        p.kill()
+    out, err = p.communicate()
+    wall = time.monotonic() - t0
+    try:
+        d = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": (err.strip().splitlines() or ["vnc-rate failed"])[-1]}
+    if dm_pid:
+        d["dm_cpu_pct"] = round(100 * (cpu_seconds(dm_pid) - c0) / wall, 1)
+    if sample_memory:
+        d["dm_peak_kib"] = peak
+    return d
+
+
+def x11vnc_anchor(ctx, w: int, h: int, seconds: float) -> tuple[dict, str | None]:
+    script = anchor("anchor-x11vnc.sh")
+    if script is None:
+        return {}, missing_anchor("anchor-x11vnc.sh")
+    for tool in ("Xvfb", "x11vnc", "gcc"):
+        if not shutil.which(tool):
+            return {}, f"{tool} missing (apt-get install xvfb x11vnc gcc libx11-dev)"
+    env = dict(os.environ, ENCODINGS=" ".join(ENCODINGS), REPLAY_MB="0")
+    p = ctx.procs.popen(["bash", str(script), f"{w}x{h}", str(seconds), "gradient"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out, err = p.communicate(timeout=len(ENCODINGS) * (seconds + 30) + 60)
+    got = {}
+    for line in out.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if "error" not in d:
+            got[d["encoding"]] = d
+    if not got:
+        return {}, f"anchor-x11vnc.sh gave no figures: {(err.strip().splitlines() or ['?'])[-1]}"
+    return got, None
+
+
+def bench_vnc_rate(ctx) -> list[dict]:
+    secs = 2 if ctx.quick else 5
+    if anchor("vnc-rate") is None:
+        return [metric("vnc_fps", None, "frames/s", "x11vnc", None, skipped=missing_anchor("vnc-rate"))]
+    out = []
+    for w, h in SIZES:
+        base, why = x11vnc_anchor(ctx, w, h, secs)
+        sim = SimHost(ctx.procs)
+        port = sim.create(1, width=w, height=h, animate="full", memory=64 if w * h < 2e6 else 128)
+        dm = sim.pid(1, "dm")
+        for enc in ENCODINGS:
+            r = vnc_rate(ctx, port, enc, secs, dm, sample_memory=(enc == "Tight" and w == 800))
+            b = base.get(enc)
+            skip = {"skipped": why} if why else ({} if b else {"skipped": f"x11vnc gave no {enc} figure"})
+            if "error" in r:
+                out.append(metric(f"vnc_fps_{enc}_{w}x{h}", None, "frames/s", "x11vnc",
+                                  b and b["full_frames_per_s"], error=r["error"]))
+                continue
+            fps, bfps = r["full_frames_per_s"], b and b["full_frames_per_s"]
+            extra = {"dm_cpu_pct": r.get("dm_cpu_pct"), "bytes_per_update": r["bytes_per_update"],
+                     "x11vnc_cpu_pct": b and b.get("x11vnc_cpu_pct"), "seconds": secs}
+            out.append(metric(f"vnc_fps_{enc}_{w}x{h}", fps, "frames/s", "x11vnc", bfps,
+                              cost_ratio_rate(fps, bfps), **extra, **skip))
+            for p in ("p50", "p99"):
+                ours, theirs = r[f"latency_ms_{p}"], b and b[f"latency_ms_{p}"]
+                out.append(metric(f"vnc_latency_{p}_{enc}_{w}x{h}", ours, "ms", "x11vnc", theirs,
+                                  cost_ratio_time(ours, theirs), **skip))
+            if "dm_peak_kib" in r:
+                ctx.animating_memory = r["dm_peak_kib"]
+        sim.kill_domains()
+    return out
+
+
+# ---- guest UPDATE -> client has the pixels, 64x64 -------------------------------
+class RawClient:
+    """Minimal RFB 3.8 client: None auth, native 32 bpp, Raw only."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def handshake(self) -> tuple[int, int]:
+        assert self.read(12).startswith(b"RFB 003.")
+        self.sock.sendall(b"RFB 003.008\n")
+        types = self.read(self.read(1)[0])
+        if 1 not in types:
+            raise RuntimeError(f"no None security type in {list(types)}")
+        self.sock.sendall(b"\x01")
+        if self.read(4) != b"\0\0\0\0":
+            raise RuntimeError("security handshake failed")
+        self.sock.sendall(b"\x01")
+        w, h = struct.unpack(">HH", self.read(4))
+        self.read(16)
+        self.read(struct.unpack(">I", self.read(4))[0])
+        self.sock.sendall(b"\0\0\0\0" + struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255,
+                                                     16, 8, 0))
+        self.sock.sendall(struct.pack(">BxHi", 2, 1, 0))
+        self.w, self.h = w, h
+        return w, h
+
+    def request(self, incremental: bool = True) -> None:
+        self.sock.sendall(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, self.w, self.h))
+
+    def update(self) -> list[tuple[int, int, int, int, bytes]]:
+        """One FramebufferUpdate: [(x, y, w, h, raw pixels)]."""
+        while True:
+            kind = self.read(1)[0]
+            if kind == 0:
+                break
+            if kind == 2:                       # Bell
+                continue
+            raise RuntimeError(f"unexpected server message {kind}")
+        n = struct.unpack(">xH", self.read(3))[0]
+        rects = []
+        for _ in range(n):
+            x, y, w, h, enc = struct.unpack(">HHHHi", self.read(12))
+            if enc != 0:
+                raise RuntimeError(f"unexpected encoding {enc}")
+            rects.append((x, y, w, h, self.read(w * h * 4)))
+        return rects
+
+    def close(self):
+        self.sock.close()
+
+
+async def _update_latency(run_dir: str, domid: int, port: int, n: int) -> list[float]:
+    import numpy as np
+
+    from pyxenfb.sim.guest import ReferenceGuest
+    guest = ReferenceGuest(run_dir, domid, width=800, height=600)
+    await guest.start()
+    try:
+        await guest.wait_connected(15)
+        deadline = time.monotonic() + 15
+        while not guest.fb.update_wanted:         # backend's request-update, read on Connected
+            if time.monotonic() > deadline:
+                raise RuntimeError("the backend never asked for updates")
+            await asyncio.sleep(0.01)
+        client = RawClient(port)
+        await asyncio.to_thread(client.handshake)
+        client.request(False)
+        await asyncio.to_thread(client.update)
+        fb, S = guest.fb, 64
+        lat = []
+        for i in range(n + 20):                  # 20 warm-up updates
+            colour = 0x102030 + (i * 0x0B0705) & 0xFFFFFF
+            x, y = (i * 97) % (800 - S), (i * 53) % (600 - S)
+            want = np.full(S * S, colour, "<u4")
+            client.request(True)                  # pending before the guest draws
+            # the backend must have consumed our last UPDATE, else refresh() would stash
+            while fb.out_ring_busy():
+                fb.backend_kicked.clear()
+                await asyncio.wait_for(fb.backend_kicked.wait(), 5)
+            t0 = time.perf_counter()
+            fb.fb[y:y + S, x:x + S] = colour
+            fb.refresh(x, y, S, S)                # UPDATE on the ring + event-channel notify
+            while True:
+                # the guest's loop must keep running (event channel) while we read
+                rects = await asyncio.to_thread(client.update)
+                t1 = time.perf_counter()
+                if any(rx <= x and ry <= y and rx + rw >= x + S and ry + rh >= y + S and
+                       np.array_equal(np.frombuffer(px, "<u4").reshape(rh, rw)
+                                      [y - ry:y - ry + S, x - rx:x - rx + S].ravel() & 0xFFFFFF,
+                                      want) for rx, ry, rw, rh, px in rects):
+                    break
+                client.request(True)
+            if i >= 20:
+                lat.append(t1 - t0)
+        client.close()
+        return lat
+    finally:
+        await guest.stop()
+
+
+def bench_update_latency(ctx) -> list[dict]:
+    n = 500 if ctx.quick else 2000
+    sim = SimHost(ctx.procs)
+    port = sim.create(1, guest=False)
+    lat = asyncio.run(_update_latency(sim.run_dir, 1, port, n))
+    sim.kill_domains()
+    lat_ms = sorted(t * 1e3 for t in lat)
+    p50 = lat_ms[len(lat_ms) // 2]
+    p99 = lat_ms[min(len(lat_ms) - 1, int(round(0.99 * (len(lat_ms) - 1))))]
+    samples = None
+    if ctx.out_dir:
+        samples = os.path.join(ctx.out_dir, "latency_64x64_samples.json")
+        Path(samples).write_text(json.dumps([round(t, 4) for t in lat_ms]))
+    extra = {"updates": len(lat_ms), "samples": samples and os.path.basename(samples)}
+    return [metric("update_latency_64x64_p50", round(p50, 3), "ms", "target", 2.0,
+                   cost_ratio_time(p50, 2.0), **extra),
+            metric("update_latency_64x64_p99", round(p99, 3), "ms", "target", 10.0,
+                   cost_ratio_time(p99, 10.0), **extra)]
+
+
+# ---- idle wake-ups and memory ---------------------------------------------------
+def bench_idle(ctx) -> list[dict]:
+    secs = 2.0 if ctx.quick else 5.0
+    sim = SimHost(ctx.procs)
+    port = sim.create(1)                           # guest drawn once, then idle
+    dm = sim.pid(1, "dm")
+    client = RawClient(port)
+    client.handshake()
+    client.request(False)
+    client.update()
+    client.request(True)                           # pending, as a viewer keeps one
+    time.sleep(0.5)                                # let connection set-up work settle
+    s0, t0 = context_switches(dm), time.monotonic()
+    time.sleep(secs)                               # the measurement window itself
+    s1 = context_switches(dm)
+    rate = (s1 - s0) / (time.monotonic() - t0)
+    mem = memory_kib(dm)
+    client.close()
+    sim.kill_domains()
+    out = [metric("idle_wakeups", round(rate, 1), "context switches/s", "ideal", 0, None,
+                  seconds=secs, switches_total=s1, threads=len(os.listdir(f"/proc/{dm}/task")),
+                  dm_pid=dm)]
+    out.append(metric("dm_rss_idle", mem["rss"], "KiB", None, None, None))
+    out.append(metric("dm_pss_idle", mem["pss"], "KiB", None, None, None))
+    return out
+
+
+def bench_memory_animating(ctx) -> list[dict]:
+    mem = getattr(ctx, "animating_memory", None)
+    if mem is None:                                 # vnc_rate didn't run: measure it alone
+        sim = SimHost(ctx.procs)
+        port = sim.create(1, animate="full")
+        r = vnc_rate(ctx, port, "Tight", 2 if ctx.quick else 5, sim.pid(1, "dm"), True)
+        sim.kill_domains()
+        mem = r.get("dm_peak_kib", {"rss": None, "pss": None})
+        if "error" in r:
+            mem["skipped"] = r["error"]
+    why = {"skipped": mem["skipped"]} if "skipped" in mem else {}
+    return [metric("dm_rss_tight_animating_800x600", mem["rss"], "KiB", None, None, None, **why),
+            metric("dm_pss_tight_animating_800x600", mem["pss"], "KiB", None, None, None, **why)]
+
+
+# ---- many domains at once ---------------------------------------------------------
+def bench_multi(ctx) -> list[dict]:
+    counts = [4] if ctx.quick else [1, 4, 16]
+    secs = 3 if ctx.quick else 8
+    if anchor("vnc-rate") is None:
+        return [metric("multi_fps_per_domain", None, "frames/s", skipped=missing_anchor("vnc-rate"))]
+    out = []
+    for n in counts:
+        sim = SimHost(ctx.procs)
+        ports = [sim.create(d, width=1024, height=768, animate="full") for d in range(1, n + 1)]
+        dms = [sim.pid(d, "dm") for d in range(1, n + 1)]
+        tool = anchor("vnc-rate")
+        c0, t0 = sum(map(cpu_seconds, dms)), time.monotonic()
+        clients = [ctx.procs.popen([sys.executable, str(tool), f"127.0.0.1::{p}", "--encoding",
+                                    "Tight", "--seconds", str(secs)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for p in ports]
+        results, errors = [], []
+        for c in clients:
+            o, e = c.communicate(timeout=secs + 120)
+            try:
+                results.append(json.loads(o.strip().splitlines()[-1])["full_frames_per_s"])
+            except (IndexError, ValueError, KeyError):
+                results.append(0.0)
+                errors.append((e.strip().splitlines() or ["vnc-rate failed"])[-1])
+        cpu = 100 * (sum(map(cpu_seconds, dms)) - c0) / (time.monotonic() - t0)
+        sim.kill_domains()
+        out.append(metric(f"multi_{n}dom_fps_per_domain", round(statistics.mean(results), 2),
+                          "frames/s", None, None, None, domains=n, fps_min=min(results),
+                          size="1024x768", encoding="Tight", seconds=secs,
+                          **({"errors": errors} if errors else {})))
+        out.append(metric(f"multi_{n}dom_dm_cpu_pct", round(cpu, 1), "% of one core", None, None,
+                          None, domains=n, per_domain=round(cpu / n, 1)))
+    return out
+
+
+GROUPS = {
+    "convert": bench_convert,
+    "libvncserver": bench_libvncserver,
+    "vnc_rate": bench_vnc_rate,
+    "latency": bench_update_latency,
+    "idle": bench_idle,
+    "memory": bench_memory_animating,
+    "multi": bench_multi,
+}
