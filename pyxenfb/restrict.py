@@ -27,14 +27,19 @@ import os
 log = logging.getLogger("pyxenfb.restrict")
 
 # What the device model imports lazily (first JPEG/PNG update, first
-# password, first browser, a PNG screendump, name encodings).  A module
-# imported for the first time inside the chroot would fail.
+# password, first browser, a PNG screendump, codecs).  A module
+# imported for the first time inside the chroot would fail, and so would a
+# library some of them load on first use: preload() imports these and runs
+# each lazy path once.
 PRELOAD = (
     "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin",
-    "Crypto.Cipher.DES",
+    "Crypto.Cipher.DES", "Crypto.Cipher._mode_ecb",
     "websockets.server", "websockets.frames", "websockets.http11", "websockets.protocol",
-    "encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
+    "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
 )
+# A browser's opening request, to take the WebSocket code through its handshake.
+_WS_REQUEST = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
 class RestrictError(Exception):
@@ -44,10 +49,20 @@ class RestrictError(Exception):
 def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
-    from PIL import Image
-    Image.preinit()                # registers the PNG/JPEG/PPM encoders Image.save looks up
+    import numpy as np
+
     from . import pixman
+    from .convert import GUEST_32
+    from .rfb import auth, encodings
+    from .rfb.websocket import WebSocketStream
     pixman.load()                  # dlopen-ed on the first conversion otherwise
+    vals = np.zeros((8, 8), np.uint32)
+    for kind in ("JPEG", "PNG"):   # Tight JPEG, TightPNG, PNG screendumps
+        encodings._image_bytes(vals, GUEST_32, kind, 5)
+    auth.vnc_response("x", bytes(16))
+    stream = WebSocketStream()
+    stream.receive(_WS_REQUEST)
+    stream.send(b"x")
 
 
 def apply(opts, domid: int, evtchn, foreignmem) -> str:

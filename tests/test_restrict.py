@@ -44,9 +44,9 @@ def sim():
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _create(sim, domid: int, **kw) -> toolstack.CreateResult:
+def _create(sim, domid: int, vfb_extra: str = "", **kw) -> toolstack.CreateResult:
     return asyncio.run(toolstack.create_domain(
-        sim.run_dir, domid, f"rst{domid}", vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1",
+        sim.run_dir, domid, f"rst{domid}", vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1{vfb_extra}",
         width=320, height=240, dm_restrict=True, **kw))
 
 
@@ -179,10 +179,11 @@ def test_restricted_dm_end_to_end(sim):
 
 def test_restricted_dm_as_another_user(sim):
     """device_model_user= (-runas): uid/gid switched, groups dropped, and the
-    picture and a guest reboot still work; a screendump into the root-owned
-    mode-0000 chroot is refused, as QEMU's would be."""
+    picture (behind a VNC password: DES inside the chroot) and a guest reboot
+    still work; a screendump into the root-owned mode-0000 chroot is refused,
+    as QEMU's would be."""
     nobody = pwd.getpwnam("nobody")
-    res = _create(sim, 3, dm_user="nobody")
+    res = _create(sim, 3, vfb_extra=",vncpasswd=s3cret", dm_user="nobody")
     try:
         pid = res.dm_pid
         _wait_log(res, "vfb-0: backend -> Connected")
@@ -191,10 +192,11 @@ def test_restricted_dm_as_another_user(sim):
         assert _status(pid, "Groups") == []
         assert os.readlink(f"/proc/{pid}/root") == res.dm_root
         assert f"running as nobody (uid {nobody.pw_uid}, gid {nobody.pw_gid})" in _log(res)
-        assert np.array_equal(_vnc_picture(res.vnc_port), fbdump_array(sim.run_dir, 3))
+        assert np.array_equal(_vnc_picture(res.vnc_port, "s3cret"), fbdump_array(sim.run_dir, 3))
         os.kill(res.guest_pid, signal.SIGUSR1)
         _wait_log(res, "vfb-0: backend -> Connected", count=2)
-        wait_until(lambda: np.array_equal(_vnc_picture(res.vnc_port), fbdump_array(sim.run_dir, 3)),
+        wait_until(lambda: np.array_equal(_vnc_picture(res.vnc_port, "s3cret"),
+                                          fbdump_array(sim.run_dir, 3)),
                    20, "the picture after the reboot")
         (reply,) = _qmp(sim, 3, ("screendump", {"filename": "/shot.ppm"}))
         assert isinstance(reply, toolstack.QmpError) and "Permission denied" in str(reply)
@@ -269,3 +271,44 @@ def test_restrict_steps_refuse_without_privilege():
                        cwd="/")
     os.rmdir(tmp_path)
     assert r.stdout.strip() == f"cannot chroot to {tmp_path}: Operation not permitted", r.stderr
+
+
+LAZY_AFTER_CHROOT = r'''
+import io, os, sys
+import numpy as np
+from pyxenfb import restrict
+from pyxenfb.convert import GUEST_32, GUEST_16, convert_rect
+from pyxenfb.rfb import auth, encodings
+from pyxenfb.rfb.websocket import WebSocketStream
+from pyxenfb import pixman
+restrict.preload()
+os.chroot(sys.argv[1]); os.chdir("/")
+sys.path[:] = []                      # nothing can be found any more: imports must be done
+vals = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 2654435761 % (1 << 24)
+jpeg = encodings._image_bytes(vals, GUEST_32, "JPEG", 5)
+png = encodings._image_bytes(vals, GUEST_32, "PNG")
+assert jpeg[:2] == b"\xff\xd8" and png[:8] == b"\x89PNG\r\n\x1a\n"
+assert len(auth.vnc_response("s3cret", bytes(16))) == 16
+ws = WebSocketStream()
+_, reply = ws.receive(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+assert reply.startswith(b"HTTP/1.1 101"), reply
+rows = np.zeros((16, 64), np.uint8)
+convert_rect(rows, GUEST_32, GUEST_16, 0, 0, 16, 16)
+from PIL import Image
+buf = io.BytesIO(); Image.new("RGB", (4, 4)).save(buf, format="PNG")
+print("ok", pixman.available())
+'''
+
+
+def test_everything_imported_lazily_works_after_the_chroot(tmp_path):
+    """What the DM imports on first use (JPEG/PNG, DES, the WebSocket, pixman,
+    codecs) is loaded by restrict.preload(): exercised inside an empty chroot
+    with an empty sys.path, nothing is missing."""
+    root = tmp_path / "root"
+    root.mkdir()
+    r = subprocess.run([sys.executable, "-c", LAZY_AFTER_CHROOT, str(root)], capture_output=True,
+                       text=True, timeout=120, cwd="/")
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    from pyxenfb import pixman
+    assert r.stdout.strip() == f"ok {pixman.available()}"
