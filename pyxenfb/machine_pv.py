@@ -83,7 +83,10 @@ class XenPvMachine:
                 None, _import_display_stack, restrict.chroot is not None)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
+        from .console import Console
+        self.console = Console(name)
         self._open_handles()
+        self._make_vnc(name)            # reads the TLS credentials: before any chroot
         if restrict.active:
             # Every handle is open and every socket listens: from here on the
             # process needs no path, no new device and no privilege.
@@ -92,8 +95,6 @@ class XenPvMachine:
                 log.info("restricted: %s", apply(restrict, self.domid, self.evtchn, self.foreignmem))
             except RestrictError as e:
                 raise MachineError(str(e)) from None
-        from .console import Console
-        self.console = Console(name)
         await self._start_devices()
         await self._start_displays(name)
         if self.status == "running" and not early:
@@ -163,7 +164,7 @@ class XenPvMachine:
         await self.xs.write(f"{base}/vnc-port", str(port))
         await self.xs.write(f"{base}/vnc-listen", vnc_opts.host)
 
-    async def _start_displays(self, name: str) -> None:
+    def _make_vnc(self, name: str) -> None:
         vnc_opts = self.opts.vnc
         if vnc_opts is not None:
             from .vnc import VncServer
@@ -172,6 +173,9 @@ class XenPvMachine:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
             self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
                                  lossy=vnc_opts.lossy, tls=vnc_opts.tls)
+
+    async def _start_displays(self, name: str) -> None:
+        if self.vnc is not None:
             if self.vnc_password_expired:
                 self.vnc.expire_password()
             await self.vnc.serve(self.vnc_listeners)

@@ -312,3 +312,47 @@ def test_everything_imported_lazily_works_after_the_chroot(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
     from pyxenfb import pixman
     assert r.stdout.strip() == f"ok {pixman.available()}"
+
+
+def test_restricted_dm_serves_vnc_over_tls(sim, tmp_path):
+    """TLS credentials are read before the chroot: a restricted DM with
+    tls-creds-x509 (verify-peer=on) still negotiates VeNCrypt and shows the picture."""
+    from test_vnc_tls import X509_NONE, VencryptClient
+    from tlscerts import make_pki
+    pki = make_pki(str(tmp_path / "pki"))
+    asyncio.run(toolstack.create_domain(sim.run_dir, 6, "tls6", vfb="vnc=1", width=320, height=240,
+                                        dm=None))
+    root = os.path.join(sim.run_dir, "qemu-root-6")
+    toolstack.make_dm_root(root)
+    env = dict(os.environ, PYXENFB_SIM=sim.run_dir)
+    log_path = os.path.join(sim.run_dir, "tls6.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(DM + ["-xen-domid", "6", "-object",
+                                      f"tls-creds-x509,id=tls0,dir={pki.dir},endpoint=server,verify-peer=on",
+                                      "-vnc", "127.0.0.1:0,to=99,tls-creds=tls0",
+                                      "-xen-domid-restrict", "-chroot", root, "-machine", "xenpv"],
+                                env=env, stdout=log, stderr=log)
+    text = lambda: open(log_path, errors="replace").read()   # noqa: E731
+    try:
+        wait_until(lambda: "vfb-0: backend -> Connected" in text() or proc.poll() is not None, 60,
+                   lambda: text())
+        assert proc.poll() is None, text()
+        assert os.readlink(f"/proc/{proc.pid}/root") == root
+        port = int(text().split("VNC server on 127.0.0.1:")[1].split()[0])
+        want = fbdump_array(sim.run_dir, 6)
+
+        def picture_matches() -> bool:
+            c = VencryptClient(port)
+            try:
+                c.negotiate(X509_NONE, ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+                w, h = c.finish_auth()
+                got = c.raw_frame(w, h)
+            finally:
+                c.close()
+            rgb = np.stack([(got >> 16) & 255, (got >> 8) & 255, got & 255], axis=-1).astype(np.uint8)
+            return np.array_equal(rgb, want)
+        wait_until(picture_matches, 20, "the picture over TLS")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        _destroy(sim, 6)
