@@ -79,8 +79,9 @@ class XenPvMachine:
             await self._announce_running()
         restrict = self.opts.restrict
         try:
+            # Under a chroot or another user the installed files may be out of reach later.
             await asyncio.get_running_loop().run_in_executor(
-                None, _import_display_stack, restrict.chroot is not None)
+                None, _import_display_stack, restrict.chroot is not None or restrict.user is not None)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
         from .console import Console
@@ -353,13 +354,13 @@ class XenPvMachine:
         return out
 
 
-def _import_display_stack(chroot: bool = False) -> None:
+def _import_display_stack(preload: bool = False) -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
     worker thread so that the event loop keeps serving QMP meanwhile; before
-    a chroot, also everything imported lazily later (restrict.PRELOAD)."""
+    a chroot or a user switch, also every lazy path (restrict.preload)."""
     import numpy  # noqa: F401
     from . import console, convert, vnc, xenfb  # noqa: F401
-    if chroot:
+    if preload:
         from . import restrict
         restrict.preload()
 
