@@ -21,10 +21,7 @@ run with more privilege than the administrator asked for.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-
-log = logging.getLogger("pyxenfb.restrict")
 
 # What the device model imports lazily (first JPEG/PNG update, first
 # password, first browser, a PNG screendump, codecs).  A module

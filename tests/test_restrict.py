@@ -24,7 +24,6 @@ from PIL import Image
 
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
-from pyxenfb.xenstore import XenStore
 from simkit import HostThread, short_run_dir, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chroot, unshare and -runas need root")
