@@ -66,10 +66,8 @@ NOOP_FLAGS = frozenset({
     "xen-attach",       # the domain exists already: always the case for xenpv
 })
 
-# Options that would make the device model drop privileges (libxl's
-# dm_restrict).  Ignoring them would silently run with more privilege than
-# the administrator asked for, so they are refused.
-RESTRICT_OPTIONS = frozenset({"xen-domid-restrict", "chroot", "runas", "run-with"})
+# -run-with keys of QEMU (8.1+) that have nothing to do in a xenpv backend.
+RUN_WITH_IGNORED = frozenset({"async-teardown", "exit-with-parent"})
 
 VNC_REFUSED = frozenset({          # security features we do not implement
     "tls-authz", "sasl", "sasl-authz", "acl", "reverse",
@@ -81,7 +79,8 @@ VNC_IGNORED = frozenset({          # harmless tuning knobs
 
 # What `query-command-line-options` reports (QMP): the QemuOpts-style
 # options we understand and their parameters.  libxl only looks for
-# `run-with`, which we deliberately do not claim (see RESTRICT_OPTIONS).
+# `run-with`, which QEMU 7.2 (the version we answer as) lacks: libxl then
+# passes -chroot, which we accept as well as -run-with.
 COMMAND_LINE_OPTIONS: list[dict] = [
     {"option": "machine", "parameters": [
         {"name": "type", "type": "string"}, {"name": "accel", "type": "string"}]},
@@ -140,6 +139,27 @@ class ChardevSocket:
 
 
 @dataclass
+class RunAs:
+    """-runas / -run-with user=: resolved when parsed, as QEMU does (no
+    /etc/passwd inside a chroot)."""
+    spec: str
+    uid: int
+    gid: int
+
+
+@dataclass
+class RestrictOptions:
+    """libxl's dm_restrict: applied once every handle is open (restrict.py)."""
+    domid_restrict: bool = False         # -xen-domid-restrict
+    chroot: str | None = None            # -chroot DIR, -run-with chroot=DIR
+    user: RunAs | None = None            # -runas USER, -run-with user=USER
+
+    @property
+    def active(self) -> bool:
+        return self.domid_restrict or self.chroot is not None or self.user is not None
+
+
+@dataclass
 class Options:
     machine: str = "xenpv"               # 'xenpv' or 'none' (libxl's probe)
     domid: int | None = None
@@ -151,6 +171,7 @@ class Options:
     start_paused: bool = False           # -S
     vncviewer: bool = False
     memory_mb: int | None = None
+    restrict: RestrictOptions = field(default_factory=RestrictOptions)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -419,6 +440,37 @@ def parse_qmp_shorthand(text: str, index: int) -> _Chardev | None:
     return parse_chardev(",".join(p.replace(",", ",,") for p in props))
 
 
+def parse_runas(option: str, text: str) -> RunAs:
+    """A user name, or uid:gid (QEMU 7.2 accepts both)."""
+    import pwd
+    m = re.fullmatch(r"([0-9]+):([0-9]+)", text)
+    if m:
+        uid, gid = int(m[1]), int(m[2])
+        if uid > 0xFFFFFFFE or gid > 0xFFFFFFFE:
+            raise CliError(f"{option}: uid:gid '{text}' out of range")
+    else:
+        if not text or "\0" in text:
+            raise CliError(f"{option}: empty user name")
+        try:
+            entry = pwd.getpwnam(text)
+        except KeyError:
+            raise CliError(f"{option}: user \"{text}\" doesn't exist (and is not <uid>:<gid>)") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if uid == 0:
+        # The drop is verified by setuid(0) failing afterwards: root can't pass.
+        raise CliError(f"{option}: '{text}' is root; refusing to run as root when asked to drop")
+    return RunAs(text, uid, gid)
+
+
+def parse_chroot(option: str, text: str) -> str:
+    if not text or "\0" in text:
+        raise CliError(f"{option}: empty directory")
+    import os
+    if not os.path.isdir(text):
+        raise CliError(f"{option}: '{text}' is not a directory")
+    return text
+
+
 # ---------------------------------------------------------------------------
 
 class _Parser:
@@ -461,9 +513,6 @@ class _Parser:
             raise EarlyExit(HELP)
         if name == "version":
             raise EarlyExit(f"{PROG} (pyxenfb): QEMU 7.2 compatible xenpv device model")
-        if name in RESTRICT_OPTIONS:
-            raise CliError(f"-{name}: device model privilege restriction "
-                           "(dm_restrict) is not supported; refusing to run unrestricted")
         if name in ("M", "machine"):
             o.machine = parse_machine(value, o.ignored)
         elif name in ("xen-domid", "d"):
@@ -506,6 +555,14 @@ class _Parser:
         elif name == "sandbox" and value.startswith("on"):
             raise CliError("-sandbox on: seccomp sandboxing is not supported; "
                            "refusing to run unrestricted")
+        elif name == "xen-domid-restrict":
+            o.restrict.domid_restrict = True
+        elif name == "chroot":
+            o.restrict.chroot = parse_chroot("-chroot", value)
+        elif name == "runas":
+            o.restrict.user = parse_runas("-runas", value)
+        elif name == "run-with":
+            self.run_with(value)
         elif name in NOOP_FLAGS:
             pass
         else:
@@ -521,6 +578,17 @@ class _Parser:
             raise CliError(f"-{name} {domid} conflicts with -{self.domid_from} "
                            f"{self.opts.domid}")
         self.opts.domid, self.domid_from = domid, name
+
+    def run_with(self, value: str) -> None:
+        for key, val in keyvals(split_opts(value)):
+            if key == "chroot":
+                self.opts.restrict.chroot = parse_chroot("-run-with chroot", val or "")
+            elif key == "user":
+                self.opts.restrict.user = parse_runas("-run-with user", val or "")
+            elif key in RUN_WITH_IGNORED:
+                self.opts.ignored.append(f"-run-with {key}{'=' + val if val is not None else ''}")
+            else:
+                raise CliError(f"-run-with: unknown option '{key}'")
 
     def display(self, value: str) -> None:
         parts = split_opts(value)
@@ -598,6 +666,12 @@ class _Parser:
                 o.vnc.to_display = min(o.vnc.display + VNCUNUSED_SPAN, MAX_DISPLAY)
         if self.nographic and o.sdl:
             raise CliError("-nographic cannot be combined with SDL (-sdl, -display sdl)")
+        if o.sdl and o.restrict.chroot is not None:
+            # SDL needs the X socket, fonts and libraries it loads lazily: none
+            # of them exist inside an empty chroot.
+            raise CliError("SDL cannot run inside -chroot (dm_restrict); use VNC")
+        if o.restrict.domid_restrict and o.machine == "none":
+            raise CliError("-xen-domid-restrict needs a domain (-machine xenpv)")
         if o.machine == "xenpv" and o.domid is None:
             raise CliError("no domain id: give -xen-domid N (libxl) or -d N (xend)")
         return o
@@ -643,8 +717,13 @@ Monitor (QMP, what libxl talks to):
 Compatibility:
   -no-shutdown -nodefaults -no-user-config -xen-attach  accepted (nothing to do)
   any other QEMU option is accepted and ignored, with one warning line;
-  -chroot/-runas/-run-with/-xen-domid-restrict (dm_restrict) and VNC TLS/SASL
-  are refused rather than silently ignored.
+  VNC TLS/SASL and -sandbox on are refused rather than silently ignored.
+
+Restriction (libxl's dm_restrict), applied once every handle is open:
+  -xen-domid-restrict          event channels and foreign memory: this domain only
+  -chroot DIR                  chroot into DIR (QMP screendump paths are inside it)
+  -runas USER | -runas UID:GID drop to this user (supplementary groups dropped)
+  -run-with chroot=DIR[,user=USER]   the same, QEMU 8.1+ spelling
   Exit status 2 on a bad command line.
 
 Examples:

@@ -38,9 +38,10 @@ OP_BIND_INTERDOMAIN = 3
 OP_NOTIFY = 4
 OP_UNMASK = 5
 OP_UNBIND = 6
+OP_RESTRICT = 7         # IOCTL_EVTCHN_RESTRICT_DOMID: this handle serves one domain from now on
 OP_NAMES = {OP_HELLO: "HELLO", OP_ALLOC_UNBOUND: "ALLOC_UNBOUND",
             OP_BIND_INTERDOMAIN: "BIND_INTERDOMAIN", OP_NOTIFY: "NOTIFY",
-            OP_UNMASK: "UNMASK", OP_UNBIND: "UNBIND"}
+            OP_UNMASK: "UNMASK", OP_UNBIND: "UNBIND", OP_RESTRICT: "RESTRICT"}
 REQUEST = struct.Struct("<IIII")      # op, a, b, c
 REPLY = struct.Struct("<iI")          # result (port, 0 or -errno), op
 NOTIFICATION = struct.Struct("<I")    # a local port that fired
@@ -106,6 +107,12 @@ class EventChannel(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the handle and all its ports (idempotent)."""
+
+    def restrict(self, domid: int) -> None:
+        """From now on this handle binds only to ports of `domid`
+        (xenevtchn_restrict; dm_restrict).  Irrevocable: a second call fails
+        with EACCES, binding elsewhere or an unbound port with EACCES."""
+        raise OSError(errno.ENOSYS, f"{type(self).__name__} cannot be restricted")
 
     def __enter__(self):
         return self
@@ -177,6 +184,9 @@ class SimEventChannel(EventChannel):
 
     def unmask(self, port: int) -> None:
         self._send(OP_UNMASK, _check_port(port))
+
+    def restrict(self, domid: int) -> None:
+        self._request(OP_RESTRICT, _check_domid(domid))
 
     def unbind(self, port: int) -> None:
         self._request(OP_UNBIND, _check_port(port))
@@ -349,6 +359,10 @@ class RealEventChannel(EventChannel):
     def unbind(self, port: int) -> None:
         self._check(self._lib.xenevtchn_unbind(self._live(), _check_port(port)),
                     f"xenevtchn_unbind({port})")
+
+    def restrict(self, domid: int) -> None:
+        self._check(self._lib.xenevtchn_restrict(self._live(), _check_domid(domid)),
+                    f"xenevtchn_restrict(dom {domid})")
 
     def pending(self) -> list[int]:
         handle = self._live()

@@ -79,6 +79,12 @@ class ForeignMemory(ABC):
     def map(self, domid: int, frames: Sequence[int], writable: bool = False) -> ForeignMapping:
         """Map `frames` of domain `domid`; raises ForeignMemoryError naming a bad frame."""
 
+    def restrict(self, domid: int) -> None:
+        """From now on map only frames of `domid` (xenforeignmemory_restrict;
+        dm_restrict).  As privcmd: restricting again to the same domain is
+        fine, to another EINVAL; mapping another domain's frames EPERM."""
+        raise OSError(errno.ENOSYS, f"{type(self).__name__} cannot be restricted")
+
     def close(self) -> None:
         pass
 
@@ -125,18 +131,48 @@ class SimForeignMemory(ForeignMemory):
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self._ffi, self._libc = _load_libc()
+        self._restricted: tuple[int, int] | None = None   # (domid, fd of its memory)
 
     def memory_path(self, domid: int) -> str:
         return os.path.join(self.run_dir, f"dom{domid}", "memory")
 
-    def map(self, domid: int, frames: Sequence[int], writable: bool = False) -> ForeignMapping:
-        frames = _check_request(domid, frames)
+    def restrict(self, domid: int) -> None:
+        """The sim's privcmd restriction: the one guest's memory file is
+        opened now (before a chroot hides the run dir) and every later map
+        goes through that fd; other domains are refused, as privcmd does."""
+        if self._restricted is not None:
+            if self._restricted[0] != domid:
+                raise OSError(errno.EINVAL, f"foreign memory already restricted to "
+                                            f"dom{self._restricted[0]}")
+            return
+        _check_request(domid, [0])
         path = self.memory_path(domid)
         try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise ForeignMemoryError(e.errno, f"dom{domid}: cannot open guest memory "
-                                              f"{path}: {e.strerror}") from None
+            raise OSError(e.errno, f"dom{domid}: cannot open guest memory {path}: "
+                                   f"{e.strerror}") from None
+        self._restricted = (domid, fd)
+
+    def close(self) -> None:
+        if self._restricted is not None:
+            os.close(self._restricted[1])     # live mappings keep the file themselves
+            self._restricted = None
+
+    def map(self, domid: int, frames: Sequence[int], writable: bool = False) -> ForeignMapping:
+        frames = _check_request(domid, frames)
+        if self._restricted is not None:
+            if domid != self._restricted[0]:
+                raise ForeignMemoryError(errno.EPERM, f"dom{domid}: this handle is restricted "
+                                                      f"to dom{self._restricted[0]}")
+            fd = os.dup(self._restricted[1])
+        else:
+            path = self.memory_path(domid)
+            try:
+                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            except OSError as e:
+                raise ForeignMemoryError(e.errno, f"dom{domid}: cannot open guest memory "
+                                                  f"{path}: {e.strerror}") from None
         try:
             nr_frames = os.fstat(fd).st_size // PAGE_SIZE
             for i, f in enumerate(frames):
@@ -236,6 +272,13 @@ class RealForeignMemory(ForeignMemory):
         self._live_mappings += 1
         ptr = ffi.gc(ptr, lambda p: self._unmap(p, n))
         return ForeignMapping(ffi, ptr, n * PAGE_SIZE, writable, frames)
+
+    def restrict(self, domid: int) -> None:
+        if self._closing:
+            raise ValueError("foreign memory handle is closed")
+        if self._lib.xenforeignmemory_restrict(self._handle, domid) < 0:
+            err = self._ffi.errno
+            raise OSError(err, f"xenforeignmemory_restrict(dom {domid}): {os.strerror(err)}")
 
     def _unmap(self, ptr, pages: int) -> None:
         self._lib.xenforeignmemory_unmap(self._handle, ptr, pages)

@@ -43,6 +43,8 @@ class XenPvMachine:
         self.vnc_password: str | None = None
         self.vnc_password_expired = False
         self.vnc_listeners = None           # bound early, served once VncServer exists
+        self.evtchn = None                  # the hypervisor handles, opened before dm_restrict
+        self.foreignmem = None
 
     # ---- start-up -----------------------------------------------------------
     async def start(self) -> None:
@@ -75,12 +77,25 @@ class XenPvMachine:
         early = self.status == "running" and not self.opts.sdl
         if early:
             await self._announce_running()
+        restrict = self.opts.restrict
         try:
-            await asyncio.get_running_loop().run_in_executor(None, _import_display_stack)
+            # Under a chroot or another user the installed files may be out of reach later.
+            await asyncio.get_running_loop().run_in_executor(
+                None, _import_display_stack, restrict.chroot is not None or restrict.user is not None)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
         from .console import Console
         self.console = Console(name)
+        self._open_handles()
+        self._make_vnc(name)            # reads the TLS credentials: before any chroot
+        if restrict.active:
+            # Every handle is open and every socket listens: from here on the
+            # process needs no path, no new device and no privilege.
+            from .restrict import RestrictError, apply
+            try:
+                log.info("restricted: %s", apply(restrict, self.domid, self.evtchn, self.foreignmem))
+            except RestrictError as e:
+                raise MachineError(str(e)) from None
         await self._start_devices()
         await self._start_displays(name)
         if self.status == "running" and not early:
@@ -108,14 +123,20 @@ class XenPvMachine:
             except OSError as e:
                 raise MachineError(f"QMP socket {chardev.path or chardev.fd}: {e}") from None
 
-    async def _start_devices(self) -> None:
-        from .xenfb import BackendContext, PortDispatcher, start_backends
+    def _open_handles(self) -> None:
         try:
-            evtchn = self.platform.open_evtchn(0)
+            self.evtchn = self.platform.open_evtchn(0)
         except OSError as e:
             raise MachineError(f"cannot open event channels: {e}") from None
-        self.ports = PortDispatcher(evtchn)
-        ctx = BackendContext(self.xs, self.platform.foreign_memory(), self.ports, self.console)
+        try:
+            self.foreignmem = self.platform.foreign_memory()
+        except OSError as e:
+            raise MachineError(f"cannot open foreign memory: {e}") from None
+
+    async def _start_devices(self) -> None:
+        from .xenfb import BackendContext, PortDispatcher, start_backends
+        self.ports = PortDispatcher(self.evtchn)
+        ctx = BackendContext(self.xs, self.foreignmem, self.ports, self.console)
         self.devices = await start_backends(ctx, self.domid)
 
     async def _bind_vnc(self) -> None:
@@ -144,7 +165,7 @@ class XenPvMachine:
         await self.xs.write(f"{base}/vnc-port", str(port))
         await self.xs.write(f"{base}/vnc-listen", vnc_opts.host)
 
-    async def _start_displays(self, name: str) -> None:
+    def _make_vnc(self, name: str) -> None:
         vnc_opts = self.opts.vnc
         if vnc_opts is not None:
             from .vnc import VncServer
@@ -153,6 +174,9 @@ class XenPvMachine:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
             self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
                                  lossy=vnc_opts.lossy, tls=vnc_opts.tls)
+
+    async def _start_displays(self, name: str) -> None:
+        if self.vnc is not None:
             if self.vnc_password_expired:
                 self.vnc.expire_password()
             await self.vnc.serve(self.vnc_listeners)
@@ -226,6 +250,10 @@ class XenPvMachine:
         self.stop_event.set()
 
     async def shutdown(self) -> None:
+        # Suppressed lines are summarised now rather than lost.
+        for budget in {id(b): b for b in ([self.vnc.budget] if self.vnc else [])
+                       + [d.ctx.budget for d in self.devices]}.values():
+            budget.flush()
         if self.vnc is not None:
             await self.vnc.close()
             self.vnc = None
@@ -240,6 +268,12 @@ class XenPvMachine:
         if self.ports is not None:
             self.ports.close()
             self.ports = None
+        elif self.evtchn is not None:
+            self.evtchn.close()
+        self.evtchn = None
+        if self.foreignmem is not None:
+            self.foreignmem.close()
+            self.foreignmem = None
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None
@@ -320,11 +354,15 @@ class XenPvMachine:
         return out
 
 
-def _import_display_stack() -> None:
+def _import_display_stack(preload: bool = False) -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
-    worker thread so that the event loop keeps serving QMP meanwhile."""
+    worker thread so that the event loop keeps serving QMP meanwhile; before
+    a chroot or a user switch, also every lazy path (restrict.preload)."""
     import numpy  # noqa: F401
-    from . import console, vnc, xenfb  # noqa: F401
+    from . import console, convert, vnc, xenfb  # noqa: F401
+    if preload:
+        from . import restrict
+        restrict.preload()
 
 
 def run(options) -> int:

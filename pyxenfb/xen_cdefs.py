@@ -19,6 +19,7 @@ int xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint32_t domid, uint32_t r
 int xenevtchn_unbind(xenevtchn_handle *xce, uint32_t port);
 int xenevtchn_pending(xenevtchn_handle *xce);
 int xenevtchn_unmask(xenevtchn_handle *xce, uint32_t port);
+int xenevtchn_restrict(xenevtchn_handle *xce, uint16_t domid);
 """
 
 # libxenforeignmemory.so.1 (xen/tools/include/xenforeignmemory.h)
@@ -29,14 +30,17 @@ int xenforeignmemory_close(xenforeignmemory_handle *fmem);
 void *xenforeignmemory_map(xenforeignmemory_handle *fmem, uint32_t dom, int prot,
                            size_t pages, const unsigned long arr[], int err[]);
 int xenforeignmemory_unmap(xenforeignmemory_handle *fmem, void *addr, size_t pages);
+int xenforeignmemory_restrict(xenforeignmemory_handle *fmem, uint16_t domid);
 """
 
 # libc, for the simulated host's guest memory.  Addresses as uintptr_t (the
 # same register as void * on every Linux ABI): plain ints are far cheaper
-# than a cdata per page in the stitching loop.
+# than a cdata per page in the stitching loop.  unshare: Python 3.11's os
+# lacks it (the sim toolstack's dm_restrict pre-exec, as libxl's).
 LIBC = """
 uintptr_t mmap(uintptr_t addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
+int unshare(int flags);
 """
 
 ALL = EVTCHN + FOREIGNMEMORY + LIBC

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import xenfb_abi as abi
 from .console import Console, Surface
 from .convert import GUEST_FORMATS
+from .logbudget import LogBudget
 
 log = logging.getLogger("pyxenfb.xenfb")
 
@@ -93,6 +94,8 @@ class BackendContext:
     foreignmem: object          # pyxenfb.foreignmem.ForeignMemory
     ports: PortDispatcher
     console: Console
+    # A guest can repeat anything at will: its lines go through a budget.
+    budget: LogBudget = field(default_factory=lambda: LogBudget(log))
 
 
 # --------------------------------------------------------------------------
@@ -118,21 +121,21 @@ class BackendDevice:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.last_refusal = ""
-        self._refusals: dict[str, int] = {}
 
     @property
     def name(self) -> str:
         return f"dom{self.domid} {self.devtype}-{self.devid}"
 
-    def refuse(self, reason: str, kind: str | None = None) -> None:
-        """Log a refused input.  A guest can repeat bad input at will, so each
-        kind of refusal is logged on its 1st, 2nd, 4th, 8th... occurrence."""
-        kind = kind or reason
-        count = self._refusals.get(kind, 0) + 1
-        self._refusals[kind] = count
+    def refuse(self, reason: str, kind: str = "frontend") -> None:
+        """Log a refused input, through the budget: a few lines per kind,
+        then one summary per window (logbudget.py)."""
         self.last_refusal = reason
-        if count & (count - 1) == 0:
-            log.warning("%s: %s%s", self.name, reason, f" (seen {count} times)" if count > 1 else "")
+        self.ctx.budget.warning(f"{self.name}:refused:{kind}", "%s: %s", self.name, reason,
+                                what=f"{self.name} refusals ({kind})")
+
+    def note(self, kind: str, msg: str, *args) -> None:
+        """An info line the guest causes (state changes, resizes): budgeted too."""
+        self.ctx.budget.info(f"{self.name}:{kind}", msg, *args, what=f"{self.name} {kind} events")
 
     async def start(self) -> None:
         await self.xs.watch(self.be, f"be:{self.be}", self._kick)
@@ -161,8 +164,10 @@ class BackendDevice:
         changed = state != self.be_state
         self.be_state = state
         await self.xs.write(f"{self.be}/state", str(state))
-        log.log(logging.INFO if changed else logging.DEBUG, "%s: backend -> %s%s", self.name,
-                abi.STATE_NAMES.get(state, state), "" if changed else " (written again)")
+        if changed:
+            self.note("state", "%s: backend -> %s", self.name, abi.STATE_NAMES.get(state, state))
+        else:
+            log.debug("%s: backend -> %s (written again)", self.name, abi.STATE_NAMES.get(state, state))
 
     async def _evaluate(self) -> None:
         if self.fe is None:
@@ -194,7 +199,7 @@ class BackendDevice:
         # It may already be Initialised by the time we look, so accept both.
         fresh_frontend = fe_state in (abi.INITIALISING, abi.INITIALISED)
         if fresh_frontend and (self.be_state == abi.CLOSED or self.fe_seen_connected):
-            log.info("%s: frontend re-initialising, reconnecting", self.name)
+            self.note("state", "%s: frontend re-initialising, reconnecting", self.name)
             if self.connected:
                 self.disconnect()
             self.fe_seen_connected = False
@@ -394,8 +399,8 @@ class FramebufferBackend(BackendDevice):
         self.rewrote_connected = False
         self._publish()
         g = plan.geometry
-        log.info("%s: connected %dx%d depth %d stride %d, %d pages (%s)", self.name,
-                 g.width, g.height, g.depth, g.stride, plan.n_pages, plan.abi.name)
+        self.note("connect", "%s: connected %dx%d depth %d stride %d, %d pages (%s)", self.name,
+                  g.width, g.height, g.depth, g.stride, plan.n_pages, plan.abi.name)
         self.displays_visible(bool(self.ctx.console.listeners))
 
     async def frontend_connected(self) -> None:
@@ -450,8 +455,8 @@ class FramebufferBackend(BackendDevice):
                 return
             self.geometry = geometry
             self.resizes += 1
-            log.info("%s: resized to %dx%d depth %d", self.name, geometry.width, geometry.height,
-                     geometry.depth)
+            self.note("resize", "%s: resized to %dx%d depth %d", self.name, geometry.width,
+                      geometry.height, geometry.depth)
             self._publish()
         # Unknown types are ignored, as the protocol says.
 
@@ -520,7 +525,7 @@ class KeyboardBackend(BackendDevice):
         self.map_shared_page(page_ref)
         self.bind_port(remote_port)
         self.ctx.console.input = self
-        log.info("%s: connected", self.name)
+        self.note("connect", "%s: connected", self.name)
 
     async def frontend_connected(self) -> None:
         absolute = await self.xs.read_int(f"{self.fe}/request-abs-pointer", 0) == 1

@@ -206,3 +206,26 @@ def test_pixman_format_codes_match_the_header(tmp_path):
     ours = {name: pixman.code(*args) for name, args in pixman.FORMATS.items()}
     ours["OP_SRC"] = pixman.OP_SRC
     assert ours == theirs
+
+
+@pytest.mark.skipif(not shutil.which("gcc") or not __import__("os").path.exists("/usr/include/xenevtchn.h"),
+                    reason="needs gcc and Debian libxen-dev headers")
+def test_restrict_prototypes_match_xen_headers(tmp_path):
+    """dm_restrict's two calls: domid_t is uint16_t; gcc rejects a conflicting
+    redeclaration, so a wrong width in xen_cdefs fails here."""
+    import re
+
+    from pyxenfb import xen_cdefs
+    decls = [line for line in (xen_cdefs.EVTCHN + xen_cdefs.FOREIGNMEMORY).splitlines()
+             if re.search(r"\b(xenevtchn|xenforeignmemory)_restrict\(", line)]
+    assert len(decls) == 2, decls
+    src = tmp_path / "restrict.c"
+    src.write_text("#include <xenevtchn.h>\n#include <xenforeignmemory.h>\n"
+                   "_Static_assert(sizeof(domid_t) == 2, \"domid_t\");\n" + "\n".join(decls) + "\n")
+    r = subprocess.run(["gcc", "-std=c11", "-Werror", "-fsyntax-only", str(src)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wrong = [d.replace("uint16_t domid", "uint32_t domid") for d in decls]
+    src.write_text("#include <xenevtchn.h>\n#include <xenforeignmemory.h>\n" + "\n".join(wrong) + "\n")
+    r = subprocess.run(["gcc", "-std=c11", "-fsyntax-only", str(src)], capture_output=True, timeout=60)
+    assert r.returncode != 0              # the check can fail

@@ -258,8 +258,19 @@ def test_readline_monitor_is_ignored_but_checked():
     (["-d", "1", "-name", "guest="], "no guest name"),
     (["-d", "1", "-vnc"], "requires an argument"),
     (["-d", "1", "-serial"], "requires an argument"),
-    (["-d", "1", "-runas", "qemu"], "dm_restrict"),
-    (["-d", "1", "-xen-domid-restrict"], "dm_restrict"),
+    (["-d", "1", "-runas", "no-such-user-here"], "doesn't exist (and is not <uid>:<gid>)"),
+    (["-d", "1", "-runas", ""], "empty user name"),
+    (["-d", "1", "-runas", "root"], "is root"),
+    (["-d", "1", "-runas", "0:0"], "is root"),
+    (["-d", "1", "-runas", "99999999999:1"], "out of range"),
+    (["-d", "1", "-chroot", "/no/such/dir"], "not a directory"),
+    (["-d", "1", "-chroot", ""], "empty directory"),
+    (["-d", "1", "-run-with", "chroot=/no/such/dir"], "not a directory"),
+    (["-d", "1", "-run-with", "user=no-such-user-here"], "doesn't exist"),
+    (["-d", "1", "-run-with", "jail=/"], "-run-with: unknown option 'jail'"),
+    (["-d", "1", "-chroot", "/", "-sdl"], "SDL cannot run inside -chroot"),
+    (["-machine", "none", "-xen-domid-restrict"], "needs a domain"),
+    (["-d", "1", "-chroot"], "requires an argument"),
     (["-d", "1", "-sandbox", "on"], "refusing"),
     (["-vnc", ":1"], "no domain id"),
 ])
@@ -348,3 +359,39 @@ def test_parser_fuzz_only_raises_cli_errors(argv):
     if o.vnc is not None:
         assert 0 <= o.vnc.display <= cli.MAX_DISPLAY
         assert o.vnc.to_display is None or o.vnc.display <= o.vnc.to_display <= cli.MAX_DISPLAY
+
+
+# ---- dm_restrict ------------------------------------------------------------
+def test_libxl_dm_restrict_argv(tmp_path):
+    """libxl 4.17 with dm_restrict=1 for a PV guest (libxl_dm.c)."""
+    o = parse_args(["-xen-domid", "7", "-chardev", "socket,id=libxl-cmd,fd=5,server=on,wait=off",
+                    "-mon", "chardev=libxl-cmd,mode=control", "-nodefaults", "-no-user-config",
+                    "-xen-attach", "-name", "g", "-vnc", "127.0.0.1:0,to=99", "-display", "none",
+                    "-xen-domid-restrict", "-chroot", str(tmp_path), "-machine", "xenpv", "-m", "64"])
+    assert o.restrict.domid_restrict and o.restrict.chroot == str(tmp_path)
+    assert o.restrict.user is None and o.restrict.active
+    assert o.ignored == []
+
+
+def test_runas_user_and_uid_gid():
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    o = parse_args(["-d", "1", "-runas", "nobody"])
+    assert (o.restrict.user.uid, o.restrict.user.gid) == (nobody.pw_uid, nobody.pw_gid)
+    o = parse_args(["-d", "1", "-runas", "1234:5678"])
+    assert (o.restrict.user.uid, o.restrict.user.gid) == (1234, 5678)
+    assert not parse_args(["-d", "1"]).restrict.active
+
+
+def test_run_with_spelling(tmp_path):
+    o = parse_args(["-d", "1", "-run-with", f"chroot={tmp_path},user=nobody,async-teardown=on"])
+    assert o.restrict.chroot == str(tmp_path) and o.restrict.user.spec == "nobody"
+    assert o.ignored == ["-run-with async-teardown=on"]
+    o = parse_args(["-d", "1", "--run-with", f"chroot={str(tmp_path).replace(',', ',,')}"])
+    assert o.restrict.chroot == str(tmp_path)
+
+
+def test_bad_restrict_option_is_one_line_exit_2(capsys):
+    assert cli.main(["-d", "1", "-runas", "no-such-user-here"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pyqemu-dm: -runas:")

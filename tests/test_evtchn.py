@@ -431,3 +431,42 @@ def test_real_event_channel_without_xen_is_a_readable_oserror():
         RealEventChannel()
     assert e.value.errno == errno.ENOENT
     assert "/dev/xen/evtchn" in str(e.value)
+
+
+# ---- dm_restrict: a handle restricted to one domain ------------------------------
+
+def test_restricted_handle_binds_only_to_its_domain(broker):
+    """As Linux's IOCTL_EVTCHN_RESTRICT_DOMID: binding to another domain and
+    unbound ports are EACCES afterwards, restricting twice EACCES, and only a
+    guest domain (not 0, not a reserved id) may be the target."""
+    path = broker.broker.sock_path
+    with SimEventChannel(path, GUEST) as guest, SimEventChannel(path, GUEST + 1) as other, \
+            SimEventChannel(path, 0) as dom0, SimEventChannel(path, 0) as fresh:
+        gport, oport = guest.alloc_unbound(0), other.alloc_unbound(0)
+        for bad in (0, 0x7FF0):
+            with pytest.raises(OSError) as info:
+                fresh.restrict(bad)
+            assert info.value.errno == errno.EINVAL
+        dom0.restrict(GUEST)
+        with pytest.raises(OSError) as info:
+            dom0.bind_interdomain(GUEST + 1, oport)
+        assert info.value.errno == errno.EACCES
+        with pytest.raises(OSError) as info:
+            dom0.alloc_unbound(GUEST)
+        assert info.value.errno == errno.EACCES
+        with pytest.raises(OSError) as info:
+            dom0.restrict(GUEST)
+        assert info.value.errno == errno.EACCES
+        # Its own guest still works both ways, and an unrestricted handle is unaffected.
+        bport = dom0.bind_interdomain(GUEST, gport)
+        barrier(guest)
+        assert dom0.pending() == [bport]
+        dom0.unmask(bport)
+        guest.notify(gport)
+        barrier(guest)
+        assert dom0.pending() == [bport]
+        assert fresh.bind_interdomain(GUEST + 1, oport) > 0
+
+        async def restrictions():
+            return broker.broker.restrictions(0)
+        assert sorted(broker.call(restrictions())) == [-1, GUEST]

@@ -262,3 +262,31 @@ def test_real_foreign_memory_without_xen_is_a_readable_oserror():
         RealForeignMemory()
     assert e.value.errno == errno.ENOENT
     assert "privcmd" in str(e.value)
+
+
+# ---- dm_restrict ------------------------------------------------------------------
+
+def test_restricted_handle_maps_only_its_domain_through_a_held_fd(run_dir, guest, tmp_path):
+    """As privcmd after IOCTL_PRIVCMD_RESTRICT: other domains EPERM, another
+    restriction EINVAL; the one guest's memory was opened at restrict time,
+    so its frames still map when the run dir is out of reach (a chroot)."""
+    other = tmp_path / f"dom{DOMID + 1}"
+    other.mkdir()
+    GuestMemory.create(memory_path(run_dir, DOMID + 1), 16 * PAGE).close()
+    fmem = SimForeignMemory(run_dir)
+    fmem.restrict(DOMID)
+    fmem.restrict(DOMID)                      # the same domain again is fine
+    with pytest.raises(OSError) as info:
+        fmem.restrict(DOMID + 1)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(ForeignMemoryError) as info:
+        fmem.map(DOMID + 1, [0])
+    assert info.value.errno == errno.EPERM
+    os.rename(os.path.join(run_dir, f"dom{DOMID}"), os.path.join(run_dir, "elsewhere"))
+    with fmem.map(DOMID, [5, 9], writable=True) as m:
+        assert m.array[:PAGE].tobytes() == frame_bytes(guest, 5)
+        m.array[PAGE] = 42                    # writes reach the guest
+        assert guest.frame(9)[0] == 42
+    fmem.close()
+    with pytest.raises(ForeignMemoryError):   # unrestricted again, and the path is gone
+        fmem.map(DOMID, [0])

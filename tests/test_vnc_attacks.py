@@ -517,3 +517,30 @@ def test_connect_negotiate_disconnect_cycles_leak_nothing(vnc_server):
                "the clients to go (leaked?)")
     assert fds() <= before + 2
     assert_healthy(vnc_server)
+
+
+# Idle bounds ------------------------------------------------------------------
+def test_handshake_deadline_is_10_s():
+    assert rfb_server.HANDSHAKE_TIMEOUT == 10.0
+
+
+def test_client_not_reading_a_full_queue_is_closed(vnc_server, caplog):
+    """A client that asks for frames and never reads them: once its queue is
+    over the throttle (writing paused) and nothing drains for stall_timeout,
+    it is closed with one line, while another client keeps its picture."""
+    vnc_server.call(setattr, vnc_server.server, "stall_timeout", 0.5)
+    c = RawClient(vnc_server.port)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.handshake()
+    c.send(set_encodings(0))
+
+    def stalled() -> bool:
+        # Keep asking for 1.9 MB Raw frames, never reading: reading would drain the queue.
+        if not any("not reading its output" in r.getMessage() for r in caplog.records):
+            c.send(FULL)
+            return False
+        return True
+    wait_until(stalled, 10, "the stalled client to be closed")
+    assert c.closed()
+    assert sum("not reading its output" in r.getMessage() for r in caplog.records) == 1
+    assert_healthy(vnc_server)

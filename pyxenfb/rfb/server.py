@@ -24,11 +24,14 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
+import struct
 from typing import Protocol
 
 import numpy as np
 
 from ..convert import PixelFormat, conversion_path, convert_rect
+from ..logbudget import LogBudget
 from ..region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
@@ -40,7 +43,8 @@ from .websocket import WebSocketError, WebSocketStream, looks_like_websocket
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 30.0        # seconds from connect to ClientInit
+HANDSHAKE_TIMEOUT = 10.0        # seconds from connect to ClientInit (QEMU, TigerVNC: 10 s or less)
+STALL_TIMEOUT = 30.0            # a client with a full output queue must read within this
 MAX_UNAUTHENTICATED = 16        # connections still in the handshake
 WEBSOCKET_SNIFF = 0.1           # how long a silent client may be a browser
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
@@ -142,6 +146,7 @@ class RfbClient(asyncio.Protocol):
         self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
         self._timers: list[asyncio.TimerHandle] = []
         self._sniff: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -150,7 +155,7 @@ class RfbClient(asyncio.Protocol):
         server = self.server
         server.clients.append(self)
         loop = asyncio.get_running_loop()
-        log.info("VNC: client %s connected", self.peer)
+        self.server.budget.info("connect", "VNC: client %s connected", self.peer, what="VNC connections")
         if server.unauthenticated_count() > MAX_UNAUTHENTICATED:
             self.disconnect("too many connections still in the handshake")
             return
@@ -281,9 +286,24 @@ class RfbClient(asyncio.Protocol):
         self.disconnect(f"connection lost ({exc})" if exc else "client closed the connection")
 
     def pause_writing(self) -> None:
-        pass
+        # Output queue full: the client must read some of it in time.
+        self._stall = asyncio.get_running_loop().call_later(self.server.stall_timeout, self._stalled)
+        self._timers.append(self._stall)
+
+    def _stalled(self) -> None:
+        # Reset: close() would wait for the unread bytes, and even abort()
+        # leaves the kernel trickling its send buffer to the client.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+        self.disconnect(f"not reading its output for {self.server.stall_timeout:g} s")
 
     def resume_writing(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._timers.remove(self._stall)
+            self._stall = None
         self._maybe_update()
 
     def disconnect(self, reason: str) -> None:
@@ -291,7 +311,9 @@ class RfbClient(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        log.info("VNC: client %s disconnected: %s", self.peer, reason)
+        self.server.budget.info("session-end" if self.attached else "refused", "VNC: client %s disconnected: %s",
+                    self.peer, reason, what="VNC sessions ended" if self.attached
+                    else "VNC connections closed before ClientInit")
         for timer in self._timers:
             timer.cancel()
         if self._sniff is not None:
@@ -446,13 +468,15 @@ class RfbClient(asyncio.Protocol):
         self.attached = True
         self._set_throttle()
         server.client_attached(self)
-        log.info("VNC: client %s authenticated (%s)", self.peer, "shared" if shared else "exclusive")
+        self.server.budget.info("attach", "VNC: client %s authenticated (%s)", self.peer,
+                    "shared" if shared else "exclusive", what="VNC clients attached")
 
     # ------------------------------------------------------------ display changes
     def resized(self, width: int, height: int) -> None:
         if not self.conn.resize(width, height):
-            log.info("VNC: client %s cannot follow the resize to %dx%d; it keeps its %dx%d view",
-                     self.peer, width, height, self.conn.width, self.conn.height)
+            self.server.budget.info("resize-view", "VNC: client %s cannot follow the resize to %dx%d; "
+                                    "it keeps its %dx%d view", self.peer, width, height,
+                                    self.conn.width, self.conn.height, what="VNC clients kept their size")
         self.dirty.take()
         self.dirty.add((0, 0, min(width, self.conn.width), min(height, self.conn.height)))
         self._set_throttle()
@@ -492,6 +516,8 @@ class RfbServer:
         self.clients: list[RfbClient] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.stall_timeout = STALL_TIMEOUT
+        self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self.websocket_sniff = WEBSOCKET_SNIFF
         self._servers: list[asyncio.AbstractServer] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--dm", metavar="PROGRAM", help="device model program (default: pyqemu-dm)")
     p.add_argument("--dm-timeout", type=float, default=toolstack.DM_START_TIMEOUT,
                    help=argparse.SUPPRESS)
+    p.add_argument("--dm-restrict", action="store_true",
+                   help="as xl's dm_restrict=1: chroot RUN_DIR/qemu-root-N, pre-opened QMP socket, "
+                        "-xen-domid-restrict, unshare + rlimits before exec")
+    p.add_argument("--dm-user", metavar="USER",
+                   help="as xl's device_model_user= (passed as -runas USER)")
 
     p = sub.add_parser("destroy", help="destroy a domain, like `xl destroy`")
     _add_run_dir(p)
@@ -88,7 +93,8 @@ async def _create(args: argparse.Namespace) -> int:
     result = await toolstack.create_domain(
         args.run_dir, args.domid, args.name, memory=args.memory, vfb=args.vfb,
         abi=args.abi, width=args.width, height=args.height, animate=args.animate, fps=args.fps,
-        dm=dm, start_guest=not args.no_guest, dm_timeout=args.dm_timeout)
+        dm=dm, start_guest=not args.no_guest, dm_timeout=args.dm_timeout,
+        dm_restrict=args.dm_restrict, dm_user=args.dm_user)
     print(result.summary(), flush=True)
     return 0
 

@@ -32,6 +32,7 @@ from ..evtchn import (
     OP_HELLO,
     OP_NAMES,
     OP_NOTIFY,
+    OP_RESTRICT,
     OP_UNBIND,
     RECV_SIZE,
     REPLY,
@@ -93,6 +94,7 @@ class _Connection:
         self.sock = sock
         self.name = name
         self.domid: int | None = None
+        self.restricted_to: int | None = None     # OP_RESTRICT: the only domain it may bind to
         self.ports: dict[int, _Port] = {}
         self.output: deque[bytes] = deque()
         self.reading = False
@@ -161,6 +163,11 @@ class EvtchnBroker:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def restrictions(self, domid: int) -> list[int]:
+        """For each connection of domain `domid`: the domain it is restricted to (-1: none)."""
+        return [-1 if c.restricted_to is None else c.restricted_to
+                for c in self._connections if c.domid == domid]
 
     # ---- connections
 
@@ -295,6 +302,8 @@ class EvtchnBroker:
                 self._deliver(conn.ports[result])
         elif op == OP_UNBIND:
             self._reply(conn, op, self._unbind(conn, a, b, c))
+        elif op == OP_RESTRICT:
+            self._reply(conn, op, self._restrict(conn, a, b, c))
         else:
             port = conn.ports.get(a)
             if port is None or b or c:
@@ -325,7 +334,20 @@ class EvtchnBroker:
         conn.ports[port.number] = port
         return port
 
+    def _restrict(self, conn: _Connection, domid: int, b: int, c: int) -> int:
+        # As Linux's evtchn driver (IOCTL_EVTCHN_RESTRICT_DOMID): once only,
+        # and only to a real guest domain.
+        if conn.restricted_to is not None:
+            return -errno.EACCES
+        if b or c or domid == 0 or domid >= DOMID_FIRST_RESERVED:
+            return -errno.EINVAL
+        conn.restricted_to = domid
+        log.info("event-channel broker: %r restricted to dom%d", conn, domid)
+        return 0
+
     def _alloc_unbound(self, conn: _Connection, remote_domid: int, b: int, c: int) -> int:
+        if conn.restricted_to is not None:
+            return -errno.EACCES            # a restricted handle offers no new ports
         if b or c or remote_domid >= DOMID_FIRST_RESERVED:
             return -errno.EINVAL
         if len(conn.ports) >= MAX_PORTS_PER_CONNECTION:
@@ -334,6 +356,8 @@ class EvtchnBroker:
 
     def _bind_interdomain(self, conn: _Connection, remote_domid: int, remote_number: int,
                           c: int) -> int:
+        if conn.restricted_to is not None and remote_domid != conn.restricted_to:
+            return -errno.EACCES
         space = self._spaces.get(remote_domid)
         remote = space.ports.get(remote_number) if space else None
         if (c or remote is None or remote.remote_port != 0

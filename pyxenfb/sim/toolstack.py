@@ -20,8 +20,10 @@ import importlib.util
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +45,16 @@ QMP_LINE_MAX = 1 << 20                 # a longer QMP reply is a broken DM
 GUEST_STOP_TIMEOUT = 5.0               # SIGTERM -> SIGKILL for the guest
 KILL_WAIT_TIMEOUT = 5.0                # bound on waiting for a SIGKILLed process
 CONSOLE_LIMIT = 1048576                # XEN_QEMU_CONSOLE_LIMIT, libxl's xsa_180 env
+# dm_restrict (libxl_linux.c, libxl__local_dm_preexec_restrict): soft = hard.
+DM_RESTRICT_RLIMITS = (
+    (resource.RLIMIT_FSIZE, 256 * 1024),     # "big enough for log files, not for a DoS"
+    (resource.RLIMIT_CORE, 0),
+    (resource.RLIMIT_MSGQUEUE, 0),
+    (getattr(resource, "RLIMIT_LOCKS", 10), 0),   # Linux 10; Python has no name for it
+    (resource.RLIMIT_MEMLOCK, 0),
+)
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 # Fake "hypervisor" resources: nobody maps or binds these in the sim.
 STORE_PORT, CONSOLE_PORT = 1, 2
 
@@ -106,6 +118,7 @@ class CreateResult:
     vnc_host: str | None = None
     vnc_port: int | None = None
     dm_log: str | None = None
+    dm_root: str | None = None         # dm_restrict: the device model's chroot
 
     def summary(self) -> str:
         if self.vnc_port is not None:
@@ -133,6 +146,11 @@ def dom_dir(run_dir: str, domid: int) -> str:
 def qmp_paths(run_dir: str, domid: int) -> tuple[str, str]:
     return (os.path.join(run_dir, f"qmp-libxl-{domid}"),
             os.path.join(run_dir, f"qmp-libxenstat-{domid}"))
+
+
+def dm_root_path(run_dir: str, domid: int) -> str:
+    """libxl: XEN_RUN_DIR/qemu-root-<domid>."""
+    return os.path.join(run_dir, f"qemu-root-{domid}")
 
 
 def dm_log_path(run_dir: str, name: str) -> str:
@@ -184,10 +202,15 @@ def vnc_arg(vfb: VfbConfig) -> str:
 
 
 def dm_argv(program: list[str], run_dir: str, domid: int, name: str,
-            memory_mib: int, vfb: VfbConfig | None) -> list[str]:
+            memory_mib: int, vfb: VfbConfig | None, *, qmp_fd: int | None = None,
+            dm_root: str | None = None, dm_user: str | None = None) -> list[str]:
+    """qmp_fd: the QMP socket libxl pre-opened; dm_root: dm_restrict's chroot
+    (with -xen-domid-restrict); dm_user: device_model_user (-runas, which
+    libxl passes for HVM only)."""
     qmp_libxl, qmp_stat = qmp_paths(run_dir, domid)
+    where = f"fd={qmp_fd}" if qmp_fd is not None else f"path={qmp_libxl}"
     argv = [*program, "-xen-domid", str(domid), "-no-shutdown",
-            "-chardev", f"socket,id=libxl-cmd,path={qmp_libxl},server=on,wait=off",
+            "-chardev", f"socket,id=libxl-cmd,{where},server=on,wait=off",
             "-mon", "chardev=libxl-cmd,mode=control",
             "-chardev", f"socket,id=libxenstat-cmd,path={qmp_stat},server=on,wait=off",
             "-mon", "chardev=libxenstat-cmd,mode=control",
@@ -198,8 +221,52 @@ def dm_argv(program: list[str], run_dir: str, domid: int, name: str,
         argv.append("-sdl")
     if vfb and vfb.keymap:
         argv += ["-k", vfb.keymap]
+    if dm_root is not None:
+        argv += ["-xen-domid-restrict", "-chroot", dm_root]
     argv += ["-machine", "xenpv", "-m", str(memory_mib)]
+    if dm_user is not None:
+        argv += ["-runas", dm_user]
     return argv
+
+
+def make_dm_root(path: str) -> None:
+    """As libxl: remove a leftover (empty) root, then create it mode 0000."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ToolstackError(f"failed to remove existing chroot dir {path}: {exc.strerror}") from None
+    os.mkdir(path, 0o000)
+    os.chmod(path, 0o000)              # whatever the umask
+
+
+def pre_open_qmp(path: str) -> socket.socket:
+    """libxl__pre_open_qmp_socket: bound and listening before the DM starts."""
+    _unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dm_restrict_preexec(unshare: bool):
+    """The child's side of libxl__local_dm_preexec_restrict: new mount and
+    IPC namespaces (root only), then the rlimits.  Runs between fork and exec."""
+    from ..foreignmem import _load_libc
+    ffi, libc = _load_libc()           # loaded before the fork: nothing to open in the child
+
+    def preexec() -> None:
+        if unshare and libc.unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0:
+            raise OSError(ffi.errno, "unshare Mount and IPC namespace failed")
+        for res, limit in DM_RESTRICT_RLIMITS:
+            resource.setrlimit(res, (limit, limit))
+    return preexec
 
 
 def dm_environment(run_dir: str, vfb: VfbConfig | None) -> dict[str, str]:
@@ -455,11 +522,13 @@ def _read_pid_file(path: str) -> int | None:
     return int(text) if text.isdigit() and int(text) > 1 else None
 
 
-def _spawn_daemon(argv: list[str], log_path: str, env: dict[str, str], cwd: str) -> int:
+def _spawn_daemon(argv: list[str], log_path: str, env: dict[str, str], cwd: str,
+                  preexec_fn=None, pass_fds: tuple[int, ...] = ()) -> int:
     """Start a process in its own session with stdout/stderr to log_path."""
     with open(log_path, "wb") as out, open(os.devnull, "rb") as null:
         proc = subprocess.Popen(argv, stdin=null, stdout=out, stderr=out, env=env,
-                                cwd=cwd, start_new_session=True, close_fds=True)
+                                cwd=cwd, start_new_session=True, close_fds=True,
+                                preexec_fn=preexec_fn, pass_fds=pass_fds)
     return proc.pid
 
 
@@ -641,12 +710,15 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
                         animate: bool | str = False, fps: float | None = None,
                         dm: str | list[str] | None = "default",
                         start_guest: bool = True,
-                        dm_timeout: float = DM_START_TIMEOUT) -> CreateResult:
+                        dm_timeout: float = DM_START_TIMEOUT, dm_restrict: bool = False,
+                        dm_user: str | None = None) -> CreateResult:
     """`xl create` for a PV guest with an optional vfb (+ the vkbd xl adds with it).
 
     animate: False, True / "box" (moving square) or "full" (whole screen every
     frame, at most `fps` frames/s when given).
     dm: "default" (pyqemu-dm), a program path or argv prefix, or None (no DM).
+    dm_restrict: as xl's `dm_restrict=1` (chroot dir, pre-opened QMP socket,
+    unshare and rlimits before exec); dm_user: `device_model_user=` (-runas).
     On any failure the half-built domain is destroyed, as libxl does.
     """
     run_dir = resolve_run_dir(run_dir)
@@ -681,7 +753,7 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
         result = CreateResult(domid, name, str(uuidlib.uuid4()))
         try:
             await _build(xs, run_dir, result, memory, vfb, abi, width, height, animate,
-                         program, start_guest, dm_timeout, fps)
+                         program, start_guest, dm_timeout, fps, dm_restrict, dm_user)
         except BaseException as exc:
             try:
                 await asyncio.shield(_destroy(xs, run_dir, domid))
@@ -698,7 +770,8 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
 async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
                  vfb: VfbConfig | None, abi: str, width: int | None, height: int | None,
                  animate: bool | str, program: list[str] | None, start_guest: bool,
-                 dm_timeout: float, fps: float | None = None) -> None:
+                 dm_timeout: float, fps: float | None = None, dm_restrict: bool = False,
+                 dm_user: str | None = None) -> None:
     domid, name = result.domid, result.name
     from .guestmem import GuestMemory
     ddir = dom_dir(run_dir, domid)
@@ -734,9 +807,26 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
     result.dm_log = dm_log_path(run_dir, name)
     for path in qmp_paths(run_dir, domid):
         _unlink(path)
-    argv = dm_argv(program, run_dir, domid, name, memory, vfb)
-    log.debug("spawning device model: %s", argv)
-    result.dm_pid = _spawn_daemon(argv, result.dm_log, dm_environment(run_dir, vfb), "/")
+    qmp_sock = preexec = None
+    if dm_restrict:
+        result.dm_root = dm_root_path(run_dir, domid)
+        make_dm_root(result.dm_root)
+        qmp_sock = pre_open_qmp(qmp_paths(run_dir, domid)[0])
+        unshare = os.geteuid() == 0
+        if not unshare:
+            log.warning("dm_restrict: not root, so the device model's mount and IPC "
+                        "namespaces are not unshared (rlimits still apply)")
+        preexec = dm_restrict_preexec(unshare)
+    try:
+        argv = dm_argv(program, run_dir, domid, name, memory, vfb,
+                       qmp_fd=qmp_sock.fileno() if qmp_sock else None,
+                       dm_root=result.dm_root, dm_user=dm_user)
+        log.debug("spawning device model: %s", argv)
+        result.dm_pid = _spawn_daemon(argv, result.dm_log, dm_environment(run_dir, vfb), "/",
+                                      preexec, (qmp_sock.fileno(),) if qmp_sock else ())
+    finally:
+        if qmp_sock is not None:
+            qmp_sock.close()            # the device model has its own copy
     Path(ddir, "dm.pid").write_text(f"{result.dm_pid}\n")
     await xs.write(f"{dom}/image/device-model-pid", result.dm_pid)
     await xs.set_perms(f"{dom}/image", _perms(domid)["ro"])
@@ -804,6 +894,10 @@ async def _destroy(xs: XenStore, run_dir: str, domid: int) -> None:
     shutil.rmtree(ddir, ignore_errors=True)
     for path in qmp_paths(run_dir, domid):
         _unlink(path)
+    try:
+        os.rmdir(dm_root_path(run_dir, domid))   # empty unless a screendump was left there
+    except OSError:
+        pass
 
 
 @dataclass
