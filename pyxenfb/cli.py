@@ -769,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     # (a quarter of the import here, more in an emulated dom0) and memory;
     # nothing here does linear algebra.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .malloc import limit_arenas
+    limit_arenas()
     try:
         options = parse_args(argv)
     except EarlyExit as done:

@@ -220,3 +220,20 @@ def test_log_says_which_conversion_a_client_gets(caplog):
     finally:
         c.close()
         srv.close()
+
+
+def test_frame_buffers_let_go_when_the_last_client_leaves():
+    from pyxenfb import malloc
+    assert malloc.limit_arenas(1)                 # glibc: mallopt accepted
+    srv = ServerThread(noisy_surface(800, 600))
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        full_request(c, w=800, h=600)
+        read_update(c)
+        wait_until(lambda: srv.call(lambda: len(srv.server._pool._free)) >= 1, 5, "a buffer back in the pool")
+        c.close()
+        wait_until(lambda: srv.call(lambda: not srv.server.clients and not srv.server._pool._free),
+                   5, "the pool emptied once nobody watches")
+    finally:
+        srv.close()

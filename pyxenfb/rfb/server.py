@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import malloc
 from ..convert import PixelFormat, conversion_path, convert_rect
 from ..logbudget import LogBudget
 from ..region import DirtyRegion, Rect, clip
@@ -55,7 +56,7 @@ INLINE_PIXELS = 128 * 128
 # Encoder threads: two, so that two clients' frames encode at once on a
 # 2-core dom0 (docs/performance.md measures one against two).
 ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
-POOL_BUFFERS = 4                # idle snapshot buffers kept for reuse
+POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
 
 
 class Framebuffer(Protocol):
@@ -323,6 +324,8 @@ class RfbClient(asyncio.Protocol):
             self.server.client_detached(self)
         if self in self.server.clients:
             self.server.clients.remove(self)
+            if not self.server.clients:
+                self.server.all_clients_gone()
         if self.conn is not None:
             self.conn.close()
         if self.transport is not None:
@@ -565,6 +568,12 @@ class RfbServer:
     def leds_changed(self, leds: int) -> None:
         for client in self.attached_clients():
             client.set_leds(leds)
+
+    def all_clients_gone(self) -> None:
+        """Nobody watches: let the frame buffers and zlib streams go back to
+        the system instead of staying resident until the next client."""
+        self._pool = BufferPool()
+        malloc.trim()
 
     # ------------------------------------------------------------ updates
     def encoder_pool(self) -> concurrent.futures.Executor:

@@ -1,0 +1,41 @@
+"""glibc malloc settings that keep a device model's resident memory down.
+
+Each thread that allocates gets a glibc arena of its own, and memory freed
+in an arena mostly stays resident: with the encoder threads, a DM serving a
+few clients one after another grew by ~20 MB that way (measured on the
+sim: 46 -> 66 MB over five encodings; 55 MB with one arena).  Nothing here
+allocates fast enough from several threads for one arena's lock to matter.
+Without glibc (or ctypes) these are no-ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_ARENA_MAX = -8            # mallopt parameter (malloc.h)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def limit_arenas(count: int = 1) -> bool:
+    """Before any thread starts: all threads share `count` arenas."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt and mallopt(M_ARENA_MAX, count) == 1)
+
+
+def trim() -> None:
+    """Give freed heap memory back to the system (after a client has gone:
+    its frame-sized buffers and zlib streams)."""
+    libc = _libc()
+    malloc_trim = getattr(libc, "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
