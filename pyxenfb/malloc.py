@@ -10,17 +10,17 @@ Without glibc (or ctypes) these are no-ops.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
-
-log = logging.getLogger(__name__)
+import functools
 
 M_ARENA_MAX = -8            # mallopt parameter (malloc.h)
 
 
+@functools.cache
 def _libc():
+    """The C library already in the process (no file lookup: this also runs
+    inside a dm_restrict chroot)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(None)
     except OSError:
         return None
 
