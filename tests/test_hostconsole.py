@@ -1,0 +1,471 @@
+"""pyxenfb-console against the simulated host: three domains (two pyqemu-dm
+without a password, one with), the API, thumbnails against fbdump, noVNC in
+headless Chromium through the relay, typed keys reaching the guest (and drawn
+by it with --echo-input), the password prompt, destroy/create, access rules."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from consolekit import ConsoleProcess, api_domains, get, wait_api
+from novnc_driver import Chromium, DevToolsError, missing_requirement
+from simkit import short_run_dir, start_host, stop_host
+from pyxenfb.hostconsole.thumbnails import downscale
+from pyxenfb.sim import toolstack
+from pyxenfb.sim.echo import STRIP_H, render_strip, strip_text
+from pyxenfb.sim.fbdump import fbdump_array
+
+PASSWORD = "s3cret"
+SIZES = {1: (320, 200), 2: (400, 300), 3: (320, 240)}
+CONNECTED = re.compile(r"VNC: client \S+ connected$", re.M)   # the DM's line per connection
+needs_browser = pytest.mark.skipif(missing_requirement() is not None,
+                                   reason=str(missing_requirement()))
+
+
+def _create(run_dir: str, domid: int, name: str, vfb: str, **kw):
+    w, h = SIZES.get(domid, (320, 200))
+    return asyncio.run(toolstack.create_domain(run_dir, domid, name, memory=8, vfb=vfb,
+                                               width=w, height=h, **kw))
+
+
+class Sim:
+    def __init__(self):
+        self.run_dir = short_run_dir()
+        self.host = start_host(self.run_dir)
+        self.created = {}
+        try:
+            self.created[1] = _create(self.run_dir, 1, "alpha", "vnc=1,vncdisplay=61,vncunused=1")
+            self.created[2] = _create(self.run_dir, 2, "beta", "vnc=1,vncdisplay=62,vncunused=1",
+                                      echo_input=True)
+            self.created[3] = _create(self.run_dir, 3, "gamma",
+                                      f"vnc=1,vncdisplay=63,vncunused=1,vncpasswd={PASSWORD}")
+            self.console = ConsoleProcess(self.run_dir)
+        except BaseException:
+            self.close()
+            raise
+        self.url = self.console.url
+        self._chromium = None
+
+    @property
+    def chromium(self) -> Chromium:
+        if self._chromium is None:
+            self._chromium = Chromium()
+        return self._chromium
+
+    def fbdump(self, domid: int) -> np.ndarray:
+        return fbdump_array(self.run_dir, domid)
+
+    def dm_log(self, name: str) -> str:
+        with open(os.path.join(self.run_dir, f"qemu-dm-{name}.log")) as f:
+            return f.read()
+
+    def close(self):
+        if self._chromium is not None:
+            self._chromium.close()
+        if hasattr(self, "console"):
+            self.console_log = self.console.close()
+        for domid in list(self.created):
+            try:
+                asyncio.run(toolstack.destroy_domain(self.run_dir, domid))
+            except toolstack.ToolstackError:
+                pass
+        stop_host(self.host)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = Sim()
+    yield s
+    s.close()
+
+
+def wait_guest_picture(sim: Sim, domid: int, timeout: float = 20.0) -> np.ndarray:
+    """The guest drew its picture once fbdump works (it boots after its DM runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return sim.fbdump(domid)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ---- API and thumbnails ------------------------------------------------------
+
+def test_api_lists_the_three_domains(sim):
+    domains = api_domains(sim.url)
+    assert [(d["domid"], d["name"], d["password"]) for d in domains] == \
+        [(1, "alpha", False), (2, "beta", False), (3, "gamma", True)]
+    for d in domains:
+        created = sim.created[d["domid"]]
+        assert (d["vnc_host"], d["vnc_port"]) == (created.vnc_host, created.vnc_port)
+        assert set(d) >= {"domid", "name", "vnc_host", "vnc_port", "width", "height", "password"}
+        assert d["served_by"] == "pyqemu-dm"
+
+
+def test_thumbnails_are_the_guest_pictures_downscaled(sim):
+    """Tolerance: none.  The guests are static, RFB Raw is lossless and the
+    thumbnail is Pillow's box filter of the same pixels, so the PNG equals
+    downscale(fbdump) exactly."""
+    for domid, name in ((1, "alpha"), (2, "beta")):
+        truth = wait_guest_picture(sim, domid)
+        connections_before = len(CONNECTED.findall(sim.dm_log(name)))
+        for _ in range(3):
+            status, headers, body = get(f"{sim.url}/domain/{domid}/thumbnail.png")
+            assert status == 200, body
+            assert headers["Content-Type"] == "image/png"
+            thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+            expected = np.asarray(downscale(truth))
+            assert thumb.shape == expected.shape
+            assert thumb.shape[1] <= 320 and thumb.shape[0] <= 240
+            assert np.array_equal(thumb, expected)
+        # One long-lived connection for all three thumbnails, not one each.
+        assert len(CONNECTED.findall(sim.dm_log(name))) - connections_before <= 1
+    sizes = {d["domid"]: (d["width"], d["height"]) for d in api_domains(sim.url)}
+    assert sizes[1] == SIZES[1] and sizes[2] == SIZES[2]
+
+
+def test_password_domain_has_no_thumbnail(sim):
+    status, _, body = get(f"{sim.url}/domain/3/thumbnail.png")
+    assert status == 403 and b"password" in body
+    assert api_domains(sim.url)[2]["password"] is True
+
+
+@pytest.mark.parametrize("path", ["/domain/99/", "/domain/99/thumbnail.png", "/domain/99/websockify",
+                                  "/domain/99", "/domain/abc/", "/domain/1/../../etc/passwd",
+                                  "/domain/99999999999999999999/", "/static/../app.py"])
+def test_unknown_or_bad_domain_is_404(sim, path):
+    status, _, body = get(sim.url + path)
+    assert status == 404, (path, status, body)
+    assert b"Traceback" not in body
+
+
+def test_websocket_from_another_origin_is_refused(sim):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+    ws_url = sim.url.replace("http://", "ws://") + "/domain/1/websockify"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url, origin="http://evil.example", proxy=None, open_timeout=10)
+    assert refused.value.response.status_code == 403
+    # Our own origin: the relay hands over the VNC server's greeting, untouched.
+    with connect(ws_url, origin=sim.url, proxy=None, open_timeout=10) as ws:
+        assert ws.recv(timeout=10) == b"RFB 003.008\n"
+
+
+def test_host_header_other_than_loopback_refused(sim):
+    """A loopback console answers loopback names only (DNS rebinding)."""
+    status, _, _ = get(f"{sim.url}/api/domains", headers={"Host": "rebind.example:80"})
+    assert status == 403
+
+
+# ---- the browser -------------------------------------------------------------
+
+CANVAS_JS = """(() => {
+    const c = document.querySelector('#screen canvas');
+    if (!c || !c.width) { return null; }
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let t = '';
+    for (let i = 0; i < d.length; i += 0x8000) { t += String.fromCharCode.apply(null, d.subarray(i, i + 0x8000)); }
+    return { w: c.width, h: c.height, rgba: btoa(t) };
+})()"""
+
+
+def evaluate_until(chromium: Chromium, expression: str, predicate, timeout: float, what: str):
+    """Evaluate until predicate(value); survives page navigations; bounded."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while True:
+        try:
+            value = chromium.evaluate(expression)
+        except DevToolsError:
+            value = None             # the page is navigating: its context went away
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last value {str(value)[:300]})")
+        time.sleep(0.05)
+
+
+def canvas_rgba(chromium: Chromium) -> np.ndarray | None:
+    try:
+        v = chromium.evaluate(CANVAS_JS)
+    except DevToolsError:
+        return None
+    if not v:
+        return None
+    return np.frombuffer(base64.b64decode(v["rgba"]), np.uint8).reshape(v["h"], v["w"], 4)
+
+
+def wait_canvas_is_guest(sim: Sim, domid: int, timeout: float = 20.0) -> np.ndarray:
+    """Until the noVNC canvas equals the guest's framebuffer, pixel for pixel."""
+    deadline = time.monotonic() + timeout
+    while True:
+        truth = sim.fbdump(domid)
+        canvas = canvas_rgba(sim.chromium)
+        if canvas is not None and canvas.shape[:2] == truth.shape[:2] \
+                and np.array_equal(canvas[:, :, :3], truth) and (canvas[:, :, 3] == 255).all():
+            return truth
+        if time.monotonic() > deadline:
+            diff = None if canvas is None or canvas.shape[:2] != truth.shape[:2] else \
+                int((canvas[:, :, :3] != truth).any(axis=2).sum())
+            raise AssertionError(f"canvas never equalled domain {domid}'s picture: "
+                                 f"canvas {None if canvas is None else canvas.shape}, "
+                                 f"truth {truth.shape}, differing pixels {diff}")
+        time.sleep(0.1)
+
+
+def click(chromium: Chromium, selector: str) -> None:
+    box = chromium.evaluate(f"""(() => {{ const r = document.querySelector({json.dumps(selector)})
+        .getBoundingClientRect(); return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()""")
+    for kind in ("mousePressed", "mouseReleased"):
+        chromium.call("Input.dispatchMouseEvent", {"type": kind, "x": box["x"], "y": box["y"],
+                                                    "button": "left", "clickCount": 1})
+
+
+def type_text(chromium: Chromium, text: str) -> None:
+    for ch in text:
+        code = f"Key{ch.upper()}" if ch.isalpha() else {" ": "Space"}.get(ch, f"Digit{ch}")
+        vk = ord(ch.upper()) if ch.isalnum() else 32
+        chromium.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": ch, "code": code,
+                                                  "text": ch, "windowsVirtualKeyCode": vk})
+        chromium.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": ch, "code": code,
+                                                  "windowsVirtualKeyCode": vk})
+
+
+@needs_browser
+def test_index_click_opens_console_with_the_exact_picture(sim):
+    c = sim.chromium
+    c.navigate(sim.url + "/")
+    evaluate_until(c, "document.body.dataset.listed", lambda v: v == "1,2,3", 10, "index lists 1,2,3")
+    # Thumbnails for the two open consoles, a lock for the password one.
+    evaluate_until(c, """[1, 2].every(i => { const img = document.querySelector(`#domain-${i} img`);
+                          return img && img.complete && img.naturalWidth > 0; })""",
+                   bool, 15, "thumbnails shown")
+    assert c.evaluate("document.querySelector('#domain-3 .lock') !== null") is True
+    assert c.evaluate("document.querySelector('#domain-3 img') === null") is True
+    click(c, "#domain-1")
+    evaluate_until(c, "location.pathname", lambda v: v == "/domain/1/", 10, "console page opened")
+    truth = wait_canvas_is_guest(sim, 1)
+    assert truth.shape[:2] == SIZES[1][::-1]
+
+
+@needs_browser
+def test_typed_keys_reach_the_guest_and_it_draws_them(sim):
+    c = sim.chromium
+    c.navigate(sim.url + "/domain/2/")
+    wait_canvas_is_guest(sim, 2)
+    c.evaluate("window.pyxenfbConsole.rfb.focus()")
+    type_text(c, "hello xen")
+    # input.log: the key codes of h e l l o space x e n, pressed and released.
+    want = [35, 18, 38, 38, 24, 57, 45, 18, 49]
+    deadline = time.monotonic() + 10
+    while True:
+        pressed = [e["code"] for e in toolstack.read_input_log(sim.run_dir, 2)
+                   if e["type"] == "key" and e["pressed"]]
+        if pressed[-len(want):] == want:
+            break
+        assert time.monotonic() < deadline, f"guest received {pressed}"
+        time.sleep(0.05)
+    # The guest's own picture (fbdump, not the backend) shows the text ...
+    w, h = SIZES[2]
+    strip = render_strip(w, strip_text("hello xen", 0))
+    deadline = time.monotonic() + 10
+    while True:
+        dump = sim.fbdump(2)
+        words = (dump[h - STRIP_H:, :, 0].astype(np.uint32) << 16) | \
+                (dump[h - STRIP_H:, :, 1].astype(np.uint32) << 8) | dump[h - STRIP_H:, :, 2]
+        if np.array_equal(words, strip):
+            break
+        assert time.monotonic() < deadline, "typed text never appeared in the guest's picture"
+        time.sleep(0.05)
+    # ... and the round trip reaches the browser, exactly.
+    wait_canvas_is_guest(sim, 2)
+
+
+@needs_browser
+def test_password_domain_asks_then_shows_the_picture(sim):
+    c = sim.chromium
+    c.navigate(sim.url + "/domain/3/")
+    evaluate_until(c, "window.pyxenfbConsole && window.pyxenfbConsole.credentialsRequired",
+                   bool, 15, "password prompt")
+    assert c.evaluate("document.getElementById('password').classList.contains('shown')") is True
+    c.evaluate(f"""(() => {{ document.getElementById('pw').value = {json.dumps(PASSWORD)};
+                   document.getElementById('password').requestSubmit(); }})()""")
+    wait_canvas_is_guest(sim, 3)
+
+
+@needs_browser
+def test_destroy_and_create_follow_within_two_seconds(sim):
+    c = sim.chromium
+    c.navigate(sim.url + "/")
+    evaluate_until(c, "document.body.dataset.listed", lambda v: v == "1,2,3", 10, "index lists 1,2,3")
+    t0 = time.monotonic()
+    asyncio.run(toolstack.destroy_domain(sim.run_dir, 1))
+    del sim.created[1]
+    _, api_s = wait_api(sim.url, lambda ds: 1 not in [d["domid"] for d in ds], 2.0, "domain 1 gone")
+    evaluate_until(c, "document.body.dataset.listed", lambda v: v == "2,3",
+                   max(0.1, 2.0 - (time.monotonic() - t0)), "index without domain 1")
+    page_s = time.monotonic() - t0
+    sim.created[4] = _create(sim.run_dir, 4, "delta", "vnc=1,vncdisplay=64,vncunused=1")
+    t1 = time.monotonic()
+    wait_api(sim.url, lambda ds: 4 in [d["domid"] for d in ds], 2.0, "domain 4 listed")
+    evaluate_until(c, "document.body.dataset.listed", lambda v: v == "2,3,4", 2.0, "index with 4")
+    print(f"destroy: gone from the API after {api_s * 1000:.0f} ms, from the page after "
+          f"{page_s * 1000:.0f} ms; create: on the page {1000 * (time.monotonic() - t1):.0f} ms "
+          f"after create returned")
+
+
+# ---- access ----------------------------------------------------------------------
+
+def test_refuses_other_addresses_without_tls_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyxenfb.hostconsole.cli", "--listen", "0.0.0.0",
+                        "--sim", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "without TLS and a login" in r.stderr, r.stderr
+
+
+def _login_opener(ca: str):
+    import http.cookiejar
+    import ssl
+    ctx = ssl.create_default_context(cafile=ca)
+    jar = http.cookiejar.CookieJar()
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kw):
+            return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect(),
+                                         urllib.request.HTTPSHandler(context=ctx),
+                                         urllib.request.HTTPCookieProcessor(jar))
+    return opener, jar
+
+
+def _post(opener, url: str, fields: dict, origin: str | None):
+    data = urllib.parse.urlencode(fields).encode()
+    headers = {"Origin": origin} if origin else {}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with opener.open(req, timeout=30) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_tls_login_cookie_and_rate_limit(tmp_path, host):
+    from tlscerts import make_pki
+    from pyxenfb.hostconsole.auth import hash_password
+    pki = make_pki(str(tmp_path))
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("right horse") + "\n")
+    console = ConsoleProcess(host, "--cert", f"{pki.dir}/server-cert.pem",
+                             "--key", f"{pki.dir}/server-key.pem", "--password-file", str(pw_file))
+    try:
+        base = console.url
+        assert base.startswith("https://")
+        base = base.replace("127.0.0.1", "localhost")   # the certificate's name
+        opener, jar = _login_opener(pki.ca)
+        # Not logged in: pages go to the login, the API and WebSockets get 401.
+        status, headers, _ = get(f"{base}/", opener=opener)
+        assert status == 302 and headers["Location"].startswith("/login")
+        assert get(f"{base}/api/domains", opener=opener)[0] == 401
+        assert get(f"{base}/domain/1/websockify", opener=opener)[0] == 401
+        # A login posted from another site is refused whatever the password.
+        assert _post(opener, f"{base}/login", {"password": "right horse"}, "https://evil.example")[0] == 403
+        status, headers = _post(opener, f"{base}/login", {"password": "right horse", "next": "/"}, base)
+        assert status == 302 and headers["Location"] == "/"
+        cookie = headers["Set-Cookie"]
+        for flag in ("HttpOnly", "Secure", "SameSite=Strict"):
+            assert flag in cookie, cookie
+        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+        # Wrong passwords: three answered, then refused with Retry-After, even the right one.
+        fresh, _ = _login_opener(pki.ca)
+        for _ in range(4):
+            status, headers = _post(fresh, f"{base}/login", {"password": "wrong"}, base)
+            assert status == 302 and headers["Location"] == "/login?failed=1"
+        status, headers = _post(fresh, f"{base}/login", {"password": "right horse"}, base)
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+    finally:
+        log = console.close()
+    assert "failed login" in log and "login attempt while blocked" in log
+
+
+def test_other_address_with_tls_and_login_starts(tmp_path, host):
+    from tlscerts import make_pki
+    from pyxenfb.hostconsole.auth import hash_password
+    pki = make_pki(str(tmp_path))
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("x") + "\n")
+    console = ConsoleProcess(host, "--listen", "0.0.0.0", "--cert", f"{pki.dir}/server-cert.pem",
+                             "--key", f"{pki.dir}/server-key.pem", "--password-file", str(pw_file))
+    try:
+        assert console.url.startswith("https://0.0.0.0:")
+    finally:
+        console.close()
+
+
+# ---- many domains ---------------------------------------------------------------------
+
+def test_fifty_domains_listed_fast(host):
+    """50 domains written as xl does, without device models; their console keys
+    point at a closed port.  Measures /api/domains and the index page."""
+    async def make():
+        for domid in range(1, 51):
+            await toolstack.create_domain(host, domid, f"vm{domid:02d}", memory=1, vfb=None,
+                                          dm=None, start_guest=False)
+        xs = await toolstack.open_xenstore(host)
+        try:
+            for domid in range(1, 51):
+                await xs.write(f"/local/domain/{domid}/console/vnc-listen", "127.0.0.1")
+                await xs.write(f"/local/domain/{domid}/console/vnc-port", str(closed_port))
+        finally:
+            xs.close()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed_port = s.getsockname()[1]
+    s.close()
+    t0 = time.monotonic()
+    asyncio.run(make())
+    made = time.monotonic() - t0
+    console = ConsoleProcess(host)
+    try:
+        wait_api(console.url, lambda ds: len(ds) == 50, 5.0, "50 domains")
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            assert len(api_domains(console.url)) == 50
+            times.append(time.perf_counter() - t)
+        api_ms = 1000 * sorted(times)[len(times) // 2]
+        page_ms = None
+        if missing_requirement() is None:
+            chromium = Chromium()
+            try:
+                t = time.monotonic()
+                chromium.navigate(console.url + "/")
+                evaluate_until(chromium, "document.body.dataset.listed",
+                               lambda v: v and len(v.split(",")) == 50, 10, "50 cards")
+                page_ms = 1000 * (time.monotonic() - t)
+            finally:
+                chromium.close()
+        print(f"50 domains (created in {made:.1f} s): GET /api/domains median {api_ms:.1f} ms; "
+              f"index page loaded with 50 cards in {page_ms and round(page_ms)} ms")
+        assert api_ms < 200
+        assert page_ms is None or page_ms < 5000
+    finally:
+        console.close()
