@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -468,4 +469,112 @@ def test_fifty_domains_listed_fast(host):
         assert api_ms < 200
         assert page_ms is None or page_ms < 5000
     finally:
+        console.close()
+
+
+# ---- bounded -----------------------------------------------------------------------
+
+def _domain_at(run_dir: str, domid: int, port: int) -> None:
+    """A domain whose console keys point at `port` (no device model, no guest)."""
+    async def make():
+        await toolstack.create_domain(run_dir, domid, f"fake{domid}", memory=1, vfb=None,
+                                      dm=None, start_guest=False)
+        xs = await toolstack.open_xenstore(run_dir)
+        try:
+            await xs.write(f"/local/domain/{domid}/console/vnc-listen", "127.0.0.1")
+            await xs.write(f"/local/domain/{domid}/console/vnc-port", str(port))
+        finally:
+            xs.close()
+    asyncio.run(make())
+
+
+def test_relay_backpressure_a_browser_that_does_not_read(host):
+    """A 'VNC server' that writes without end to a WebSocket client that never
+    reads: the relay stops reading, so the server's send blocks after a bounded
+    amount (kernel buffers + one relay chunk each way), not a gigabyte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    _domain_at(host, 1, server.getsockname()[1])
+    console = ConsoleProcess(host)
+    try:
+        hostport = console.url.split("//", 1)[1]
+        ip, port = hostport.rsplit(":", 1)
+        browser = socket.socket()
+        browser.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        browser.connect((ip, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        browser.sendall((f"GET /domain/1/websockify HTTP/1.1\r\nHost: {hostport}\r\n"
+                         f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                         f"Sec-WebSocket-Version: 13\r\nOrigin: {console.url}\r\n\r\n").encode())
+        browser.settimeout(10)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += browser.recv(1)           # byte by byte: leave the frames in the socket
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        server.settimeout(10)
+        vnc, _ = server.accept()
+        vnc.settimeout(3)                       # a send that can't progress for 3 s: stalled
+        chunk, sent = b"\0" * 65536, 0
+        with pytest.raises(socket.timeout):
+            while sent < 1 << 30:
+                sent += vnc.send(chunk)
+        pid = console.proc.pid
+        with open(f"/proc/{pid}/status") as f:
+            rss_kb = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+        print(f"relay stalled the VNC server after {sent / 1e6:.1f} MB; console RSS {rss_kb / 1024:.0f} MiB")
+        assert sent < 32 << 20
+        assert rss_kb < 200 * 1024
+        browser.close()
+        vnc.close()
+    finally:
+        server.close()
+        console.close()
+
+
+def test_nobody_looking_means_no_connection(host):
+    """Thumbnail connections exist only while someone asks: after the idle
+    time the console closes it (the server sees EOF)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    _domain_at(host, 1, server.getsockname()[1])
+    console = ConsoleProcess(host, "--thumb-idle", "1")
+    try:
+        import threading
+        result = {}
+
+        def fake_vnc():
+            server.settimeout(10)
+            conn, _ = server.accept()
+            conn.settimeout(15)
+            conn.sendall(b"RFB 003.008\n")
+            assert conn.recv(12) == b"RFB 003.008\n"
+            conn.sendall(b"\x01\x01")                   # security: None
+            assert conn.recv(1) == b"\x01"
+            conn.sendall(b"\0\0\0\0")                   # OK
+            assert conn.recv(1) == b"\x01"              # ClientInit shared
+            conn.sendall(struct.pack(">HH16sI", 4, 2, b"\x20\x18\0\1\0\xff\0\xff\0\xff\x10\x08\0\0\0\0", 1) + b"x")
+            got = b""
+            while len(got) < 20 + 12 + 10:              # SetPixelFormat, SetEncodings(2), request
+                data = conn.recv(4096)
+                assert data
+                got += data
+            conn.sendall(b"\0\0\0\x01" + struct.pack(">HHHHi", 0, 0, 4, 2, 0) + b"\x10\x20\x30\x00" * 8)
+            t = time.monotonic()
+            while conn.recv(4096):                      # incremental requests, then EOF
+                pass
+            result["closed_after"] = time.monotonic() - t
+            conn.close()
+
+        th = threading.Thread(target=fake_vnc, daemon=True)
+        th.start()
+        status, _, body = get(f"{console.url}/domain/1/thumbnail.png")
+        assert status == 200
+        assert np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))[0, 0].tolist() == [0x30, 0x20, 0x10]
+        th.join(15)
+        assert "closed_after" in result, "the thumbnail connection stayed open with nobody looking"
+        assert result["closed_after"] < 5
+    finally:
+        server.close()
         console.close()

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noVNC's files (default: Debian's /usr/share/novnc)")
     p.add_argument("--sim", metavar="DIR", help="use the simulated host in DIR (= PYXENFB_SIM=DIR)")
     p.add_argument("--thumb-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--thumb-idle", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument("--hash-password", action="store_true",
                    help="read a password (twice) and print its salted scrypt hash")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"TLS certificate/key: {e}")
     settings = Settings(tls=tls is not None, password=password, novnc_dir=args.novnc,
                         allowed_origins=set(args.allowed_origin), loopback_only=loopback,
-                        thumb_interval=args.thumb_interval)
+                        thumb_interval=args.thumb_interval, thumb_idle=args.thumb_idle)
     return asyncio.run(serve(args, settings, tls))
 
 

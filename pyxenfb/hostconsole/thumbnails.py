@@ -55,6 +55,7 @@ class _Watcher:
     generation: int = 0                     # bumped on each update received
     png: tuple[int, bytes] | None = None    # (generation, PNG) cache
     failed_at: float = 0.0
+    failures: int = 0                       # in a row: only the first is a warning
 
 
 class ThumbnailService:
@@ -142,8 +143,10 @@ class ThumbnailService:
             log.info("console: domain %d's VNC needs a password (%s): shown locked", d.domid, e)
             w.locked = True
         except (OSError, RfbError, asyncio.TimeoutError) as e:
-            log.warning("console: domain %d thumbnail: VNC %s:%d: %s", d.domid, d.vnc_host,
-                        d.vnc_port, e or type(e).__name__)
+            w.failures += 1
+            (log.warning if w.failures == 1 else log.debug)(
+                "console: domain %d thumbnail: VNC %s:%d: %s", d.domid, d.vnc_host, d.vnc_port,
+                e or type(e).__name__)
             w.failed_at = time.monotonic()
         finally:
             if reader is not None:
@@ -159,6 +162,7 @@ class ThumbnailService:
         (An incremental request is held by the server until something changes.)"""
         while True:
             resized = await client.update()
+            w.failures = 0
             w.generation += 1
             w.size = (client.width, client.height)
             w.frame.set()
