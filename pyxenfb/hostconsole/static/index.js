@@ -43,11 +43,7 @@ function updateCard(card, d) {
     if (before && before.password === d.password) { return; }
     if (d.password) {
         card.img = null;
-        const lock = document.createElement('span');
-        lock.className = 'lock';
-        lock.title = 'this console asks for a password';
-        lock.textContent = '🔒';
-        card.thumb.replaceChildren(lock);
+        card.thumb.replaceChildren(lockIcon());
     } else {
         card.img = document.createElement('img');
         card.img.alt = d.name;
@@ -57,6 +53,29 @@ function updateCard(card, d) {
         card.thumb.replaceChildren(wait);
         refreshThumb(card);
     }
+}
+
+// Drawn, not an emoji: a server's browser may have no emoji font.
+function lockIcon() {
+    const ns = 'http://www.w3.org/2000/svg';
+    const svg = document.createElementNS(ns, 'svg');
+    svg.setAttribute('class', 'lock');
+    svg.setAttribute('viewBox', '0 0 24 24');
+    svg.setAttribute('width', '72');
+    svg.setAttribute('height', '72');
+    const title = document.createElementNS(ns, 'title');
+    title.textContent = 'this console asks for a password';
+    const shackle = document.createElementNS(ns, 'path');
+    shackle.setAttribute('d', 'M7 11V7a5 5 0 0 1 10 0v4');
+    shackle.setAttribute('fill', 'none');
+    shackle.setAttribute('stroke', '#c9ced6');
+    shackle.setAttribute('stroke-width', '2');
+    const body = document.createElementNS(ns, 'rect');
+    for (const [k, v] of Object.entries({ x: 4, y: 11, width: 16, height: 11, rx: 2, fill: '#c9ced6' })) {
+        body.setAttribute(k, v);
+    }
+    svg.append(title, shackle, body);
+    return svg;
 }
 
 function refreshThumb(card) {
