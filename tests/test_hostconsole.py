@@ -578,3 +578,28 @@ def test_nobody_looking_means_no_connection(host):
     finally:
         server.close()
         console.close()
+
+
+def test_demo_starts_the_console_and_prints_its_url():
+    import queue
+    import threading
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "demo", "--vnc", ":19",
+                             "--console-port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        out: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [out.put(x) for x in proc.stdout], daemon=True).start()
+        lines = []
+        while not lines or "running; Ctrl-C to stop" not in lines[-1]:
+            try:
+                lines.append(out.get(timeout=60))
+            except queue.Empty:
+                raise AssertionError(f"demo printed {lines} then nothing for 60 s") from None
+        url = re.search(r"web console: (http://\S+)", "".join(lines)).group(1).rstrip("/")
+        domains = api_domains(url)
+        assert [(d["domid"], d["name"]) for d in domains] == [(1, "demo")]
+        proc.send_signal(2)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
