@@ -200,6 +200,7 @@ def evaluate_until(chromium: Chromium, expression: str, predicate, timeout: floa
         if predicate(value):
             return value
         if time.monotonic() > deadline:
+            what = what() if callable(what) else what
             raise AssertionError(f"{what}: not within {timeout} s (last value {str(value)[:300]})")
         time.sleep(0.05)
 
@@ -331,6 +332,33 @@ def test_destroy_and_create_follow_within_two_seconds(sim):
     print(f"destroy: gone from the API after {api_s * 1000:.0f} ms, from the page after "
           f"{page_s * 1000:.0f} ms; create: on the page {1000 * (time.monotonic() - t1):.0f} ms "
           f"after create returned")
+
+
+@needs_browser
+def test_browser_over_tls_logs_in_and_gets_the_exact_picture(sim, tmp_path):
+    """The non-loopback setup (TLS + login) end to end in Chromium: redirected
+    to the login, logged in, the console over wss:// through the Origin check."""
+    from tlscerts import make_pki
+    from pyxenfb.hostconsole.auth import hash_password
+    pki = make_pki(str(tmp_path))
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("open sesame") + "\n")
+    console = ConsoleProcess(sim.run_dir, "--cert", f"{pki.dir}/server-cert.pem",
+                             "--key", f"{pki.dir}/server-key.pem", "--password-file", str(pw_file))
+    try:
+        base = console.url.replace("127.0.0.1", "localhost")
+        c = sim.chromium
+        c.navigate(base + "/domain/2/")
+        evaluate_until(c, "location.pathname", lambda v: v == "/login", 10, "sent to the login")
+        c.evaluate("""(() => { document.querySelector('input[name=password]').value = 'open sesame';
+                       document.querySelector('form.login').requestSubmit(); })()""")
+        evaluate_until(c, "location.pathname", lambda v: v == "/domain/2/", 10,
+                       lambda: f"back to the console from {c.evaluate('location.href')}: {console.close()}")
+        assert c.evaluate("document.cookie") == ""          # HttpOnly: invisible to scripts
+        wait_canvas_is_guest(sim, 2)
+    finally:
+        log = console.close()
+    assert "logged in" in log
 
 
 # ---- access ----------------------------------------------------------------------
