@@ -299,6 +299,37 @@ def test_typed_keys_reach_the_guest_and_it_draws_them(sim):
         time.sleep(0.05)
     # ... and the round trip reaches the browser, exactly.
     wait_canvas_is_guest(sim, 2)
+    # A click at framebuffer (100, 60): the guest counts it and puts its crosshair there.
+    box = c.evaluate("""(() => { const c = document.querySelector('#screen canvas');
+        const r = c.getBoundingClientRect();
+        return {x: r.left, y: r.top, sx: r.width / c.width, sy: r.height / c.height}; })()""")
+    px, py = box["x"] + (100 + 0.5) * box["sx"], box["y"] + (60 + 0.5) * box["sy"]
+    c.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": px, "y": py})
+    for kind in ("mousePressed", "mouseReleased"):
+        c.call("Input.dispatchMouseEvent", {"type": kind, "x": px, "y": py, "button": "left",
+                                             "clickCount": 1})
+    deadline = time.monotonic() + 10
+    while True:
+        log = toolstack.read_input_log(sim.run_dir, 2)
+        released = [e for e in log if e["type"] == "key" and e["code"] == 0x110 and not e["pressed"]]
+        if released:
+            break
+        assert time.monotonic() < deadline, f"no click in {log[-5:]}"
+        time.sleep(0.05)
+    x, y = [(e["x"], e["y"]) for e in log if e["type"] == "pos"][-1]
+    assert abs(x - 100) <= 1 and abs(y - 60) <= 1, (x, y)
+    strip = render_strip(w, strip_text("hello xen", 1))
+    deadline = time.monotonic() + 10
+    while True:
+        dump = sim.fbdump(2)
+        words = (dump.astype(np.uint32)[:, :, 0] << 16) | (dump.astype(np.uint32)[:, :, 1] << 8) \
+            | dump[:, :, 2]
+        if np.array_equal(words[h - STRIP_H:], strip) and words[y, x] == 0xFFFFFF \
+                and words[y, x - 5] == 0xFFFFFF and words[y - 5, x] == 0xFFFFFF:
+            break
+        assert time.monotonic() < deadline, "the click never showed in the guest's picture"
+        time.sleep(0.05)
+    wait_canvas_is_guest(sim, 2)
 
 
 @needs_browser
