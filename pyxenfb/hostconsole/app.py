@@ -27,6 +27,8 @@ STATIC = Path(__file__).with_name("static")
 PAGE_PATH = re.compile(r"/|/domain/[0-9]{1,9}/?")     # a browser gets sent to /login from these
 LONG_POLL = 25.0                    # seconds a /api/changes request is held
 MAX_WS_MESSAGE = 1 << 20            # RFB client messages are small; ClientCutText is capped too
+MAX_RELAYS = 256                    # open console connections, all domains together
+MAX_WAITERS = 256                   # held /api/changes requests
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
@@ -70,6 +72,7 @@ class ConsoleApp:
         self.sessions = Sessions()
         self.limits = RateLimit()
         self.relays = 0
+        self.waiters = 0
         self.app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         r = self.app.router
         r.add_get("/", self.index)
@@ -147,7 +150,14 @@ class ConsoleApp:
             since = int(request.query.get("since", "-1"))
         except ValueError:
             raise web.HTTPBadRequest(text="since must be a number\n") from None
-        version = await self.directory.wait_change(since, LONG_POLL)
+        if self.waiters >= MAX_WAITERS:
+            log.warning("console: %s: %d long polls already held; refused", request.remote, self.waiters)
+            raise web.HTTPServiceUnavailable(text="too many waiting requests\n")
+        self.waiters += 1
+        try:
+            version = await self.directory.wait_change(since, LONG_POLL)
+        finally:
+            self.waiters -= 1
         return web.json_response({"version": version}, headers={"Cache-Control": "no-store"})
 
     async def console_redirect(self, request: web.Request) -> web.Response:
@@ -178,6 +188,9 @@ class ConsoleApp:
             log.warning("console: %s: WebSocket for domain %d from Origin %r refused",
                         request.remote, domain.domid, request.headers.get("Origin", "")[:120])
             raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
+        if self.relays >= MAX_RELAYS:
+            log.warning("console: %s: %d consoles already open; refused", request.remote, self.relays)
+            raise web.HTTPServiceUnavailable(text="too many open consoles\n")
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=MAX_WS_MESSAGE,
                                    heartbeat=30.0)
         await ws.prepare(request)
