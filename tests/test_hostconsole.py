@@ -215,11 +215,12 @@ def canvas_rgba(chromium: Chromium) -> np.ndarray | None:
     return np.frombuffer(base64.b64decode(v["rgba"]), np.uint8).reshape(v["h"], v["w"], 4)
 
 
-def wait_canvas_is_guest(sim: Sim, domid: int, timeout: float = 20.0) -> np.ndarray:
-    """Until the noVNC canvas equals the guest's framebuffer, pixel for pixel."""
+def wait_canvas_is_guest(sim: Sim, domid: int, timeout: float = 20.0, picture=None) -> np.ndarray:
+    """Until the noVNC canvas equals the guest's framebuffer (fbdump, or `picture()`),
+    pixel for pixel."""
     deadline = time.monotonic() + timeout
     while True:
-        truth = sim.fbdump(domid)
+        truth = picture() if picture else sim.fbdump(domid)
         canvas = canvas_rgba(sim.chromium)
         if canvas is not None and canvas.shape[:2] == truth.shape[:2] \
                 and np.array_equal(canvas[:, :, :3], truth) and (canvas[:, :, 3] == 255).all():
@@ -390,6 +391,75 @@ def test_browser_over_tls_logs_in_and_gets_the_exact_picture(sim, tmp_path):
     finally:
         log = console.close()
     assert "logged in" in log
+
+
+class GuestThread:
+    """A reference guest booted in this process, on its own loop in a thread,
+    so that the test can make it resize while Chromium is driven synchronously."""
+
+    def __init__(self, run_dir: str, domid: int, width: int, height: int):
+        import threading
+        from pyxenfb.sim.guest import ReferenceGuest
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.guest = ReferenceGuest(run_dir, domid, width=width, height=height)
+        self.call(self.guest.start())
+        self.call(self.guest.wait_connected(20))
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def picture(self) -> np.ndarray:
+        """The guest's framebuffer as it sees it (fbdump reads the page header,
+        which keeps the boot size after a RESIZE, as Linux's does)."""
+        async def copy():
+            return self.guest.fb.fb.copy()
+        words = self.call(copy())
+        return np.stack([(words >> 16) & 0xFF, (words >> 8) & 0xFF, words & 0xFF], -1).astype(np.uint8)
+
+    def resize(self, width: int, height: int) -> bool:
+        async def go():
+            return self.guest.fb.resize(width, height)
+        return self.call(go())
+
+    def stop(self):
+        try:
+            self.call(self.guest.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@needs_browser
+def test_guest_resize_reaches_console_and_thumbnail(sim):
+    """DesktopSize through the relay (noVNC follows, exact) and to the thumbnailer."""
+    sim.created[5] = _create(sim.run_dir, 5, "epsilon", "vnc=1,vncdisplay=65,vncunused=1",
+                             start_guest=False)
+    guest = GuestThread(sim.run_dir, 5, 400, 300)
+    try:
+        c = sim.chromium
+        c.navigate(sim.url + "/domain/5/")
+        wait_canvas_is_guest(sim, 5)
+        assert get(f"{sim.url}/domain/5/thumbnail.png")[0] == 200
+        assert guest.resize(320, 240)
+        truth = wait_canvas_is_guest(sim, 5, picture=guest.picture)
+        assert truth.shape[:2] == (240, 320)
+        # The thumbnail connection asks again 2 s after its last answer: within a bounded wait
+        # it has the new size and picture.
+        deadline = time.monotonic() + 10
+        while True:
+            status, _, body = get(f"{sim.url}/domain/5/thumbnail.png")
+            thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")) if status == 200 else None
+            if thumb is not None and np.array_equal(thumb, np.asarray(downscale(truth))):
+                break
+            assert time.monotonic() < deadline, \
+                f"thumbnail never followed the resize ({status}); DM log: {sim.dm_log('epsilon')[-2000:]}"
+            time.sleep(0.2)
+        sizes = {d["domid"]: (d["width"], d["height"]) for d in api_domains(sim.url)}
+        assert sizes[5] == (320, 240)
+    finally:
+        guest.stop()
 
 
 # ---- access ----------------------------------------------------------------------
