@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,14 +21,15 @@ class ConsoleProcess:
     """`pyxenfb-console --sim DIR --port 0 ...`; .url once it printed its ready line."""
 
     def __init__(self, run_dir: str, *extra: str, env: dict | None = None):
+        # The log goes to a file: a pipe nobody reads would stop the console once full.
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyxenfb.hostconsole.cli", "--sim", run_dir, "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
             start_new_session=True)
         line = read_line(self.proc, START_TIMEOUT)
         if "serving " not in line:
-            self.close()
-            raise AssertionError(f"console did not start: {line!r} {self.proc.stderr.read()}")
+            raise AssertionError(f"console did not start: {line!r} {self.close()}")
         self.url = line.split("serving ", 1)[1].split()[0].rstrip("/")
 
     def close(self) -> str:
@@ -39,7 +41,8 @@ class ConsoleProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        return self.proc.stderr.read()
+        self.log.seek(0)
+        return self.log.read()
 
 
 def get(url: str, headers: dict | None = None, timeout: float = 10.0, opener=NO_PROXY):
