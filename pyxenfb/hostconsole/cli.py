@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
+    """One line on stderr; exit 2 for refused options, 1 for what failed at run time."""
     print(f"pyxenfb-console: {message}", file=sys.stderr, flush=True)
-    return 2
+    return code
 
 
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -65,10 +66,17 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
     try:
         platform = detect(env)
     except PlatformUnavailable as e:
-        return _fail(str(e))
-    xs = await platform.open_xenstore()
+        return _fail(str(e), 1)
+    try:
+        xs = await platform.open_xenstore()
+    except OSError as e:           # XenStoreError is one: no socket, no permission (not root)
+        return _fail(f"cannot open XenStore ({platform.xenstore_path}): {e}", 1)
     directory = DomainDirectory(xs)
-    await directory.start()
+    try:
+        await directory.start()
+    except OSError as e:
+        xs.close()
+        return _fail(f"cannot read the domains from XenStore: {e}", 1)
     console = ConsoleApp(directory, settings)
     runner = web.AppRunner(console.app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -77,7 +85,7 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        return _fail(f"cannot listen on {args.listen}:{args.port}: {e.strerror}")
+        return _fail(f"cannot listen on {args.listen}:{args.port}: {e.strerror}", 1)
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
     if not novnc_available(settings.novnc_dir):
@@ -95,7 +103,7 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
     await directory.close()
     xs.close()
     if lost.done():
-        return _fail("lost the XenStore connection")
+        return _fail("lost the XenStore connection", 1)
     return 0
 
 
