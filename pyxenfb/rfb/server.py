@@ -88,7 +88,7 @@ class BufferPool:
         fits = [b for b in self._free if b.size >= nbytes]
         if fits:
             buf = min(fits, key=lambda b: b.size)
-            self._free.remove(buf)
+            self._drop(buf)
             return buf
         self.allocations += 1
         return np.empty(max(nbytes, 1 << 16), np.uint8)
@@ -96,7 +96,15 @@ class BufferPool:
     def put(self, buf: np.ndarray) -> None:
         self._free.append(buf)
         if len(self._free) > self.keep:
-            self._free.remove(min(self._free, key=lambda b: b.size))
+            self._drop(min(self._free, key=lambda b: b.size))
+
+    def _drop(self, buf: np.ndarray) -> None:
+        # By identity: list.remove compares arrays with ==, element-wise, which
+        # fails (or matches the wrong buffer) once buffers of two sizes are kept.
+        for i, b in enumerate(self._free):
+            if b is buf:
+                del self._free[i]
+                return
 
 
 class Snapshot:

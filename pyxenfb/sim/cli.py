@@ -6,7 +6,7 @@
     pyxenfb-sim list
     pyxenfb-sim fbdump --domid N OUT.png
     pyxenfb-sim input-log --domid N [--follow]
-    pyxenfb-sim demo [--vnc :1] [--sdl] [--open]
+    pyxenfb-sim demo [--vnc :1] [--sdl] [--open] [--console-port 8080]
 
 Every command takes --run-dir DIR, defaulting to $PYXENFB_SIM.
 """
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None,
                    help="with --animate full: at most F frames per second (default: as fast "
                         "as the device model consumes them)")
+    p.add_argument("--echo-input", action="store_true",
+                   help="the guest draws the keys, clicks and pointer it receives into its picture")
     p.add_argument("--no-guest", action="store_true",
                    help="do not start the reference guest (frontends stay Initialising)")
     dm = p.add_mutually_exclusive_group()
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="start a VNC viewer if one is installed")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--run-dir", help="keep the sim's files here (default: a new temporary dir)")
+    p.add_argument("--console-port", type=int, default=8080,
+                   help="port of the web console, pyxenfb-console (default 8080, any free one if "
+                        "taken; -1: don't start it)")
     return parser
 
 
@@ -94,7 +99,7 @@ async def _create(args: argparse.Namespace) -> int:
         args.run_dir, args.domid, args.name, memory=args.memory, vfb=args.vfb,
         abi=args.abi, width=args.width, height=args.height, animate=args.animate, fps=args.fps,
         dm=dm, start_guest=not args.no_guest, dm_timeout=args.dm_timeout,
-        dm_restrict=args.dm_restrict, dm_user=args.dm_user)
+        dm_restrict=args.dm_restrict, dm_user=args.dm_user, echo_input=args.echo_input)
     print(result.summary(), flush=True)
     return 0
 
@@ -107,7 +112,8 @@ async def _list(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
-        return run_demo(args.vnc, args.sdl, args.open, args.seconds, args.run_dir)
+        return run_demo(args.vnc, args.sdl, args.open, args.seconds, args.run_dir,
+                        console_port=args.console_port)
     if args.command == "host":
         from .host import run_host
         return asyncio.run(run_host(toolstack.resolve_run_dir(args.run_dir)))

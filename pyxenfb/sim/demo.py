@@ -1,14 +1,17 @@
 """`pyxenfb-sim demo`: the whole thing on one machine, no Xen.
 
-Starts a simulated host, creates a domain whose reference guest animates,
-launches `pyqemu-dm` exactly as libxl would (through `create`), prints where
-to point a VNC viewer, and tears everything down on Ctrl-C / SIGTERM (or
-after --seconds, for scripted runs).
+Starts a simulated host, creates a domain whose reference guest animates
+and draws the input it receives (--echo-input), launches `pyqemu-dm` exactly
+as libxl would (through `create`), starts the web console
+(`pyxenfb-console`), prints where to point a browser or a VNC viewer, and
+tears everything down on Ctrl-C / SIGTERM (or after --seconds, for scripted
+runs).
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +25,7 @@ HOST_READY_TIMEOUT = 15.0
 DOMID = 1
 NOVNC_DIR = "/usr/share/novnc"      # Debian's novnc package
 NOVNC_BASE_PORT = 6080              # + VNC display, as websockify's usual 6080
+CONSOLE_READY_TIMEOUT = 30.0
 
 
 def _parse_vnc(spec: str) -> tuple[str, int]:
@@ -53,6 +57,21 @@ def _serve_novnc(host: str, port: int) -> tuple[subprocess.Popen, int]:
     return web, port
 
 
+def _start_console(run_dir: str, port: int) -> tuple[subprocess.Popen | None, str | None]:
+    """pyxenfb-console on the sim; returns (process, URL).  A taken port: any free one."""
+    for try_port in (port, 0) if port else (0,):
+        proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.hostconsole.cli", "--sim", run_dir,
+                                 "--port", str(try_port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        ready, _, _ = select.select([proc.stdout], [], [], CONSOLE_READY_TIMEOUT)
+        line = proc.stdout.readline() if ready else ""
+        if "serving " in line:
+            return proc, line.split("serving ", 1)[1].split()[0]
+        proc.kill()
+        proc.wait()
+    return None, None
+
+
 def _open_viewer(host: str, port: int) -> subprocess.Popen | None:
     for viewer in ("vncviewer", "gvncviewer"):
         path = shutil.which(viewer)
@@ -65,7 +84,7 @@ def _open_viewer(host: str, port: int) -> subprocess.Popen | None:
 
 
 def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | None,
-             run_dir: str | None) -> int:
+             run_dir: str | None, console_port: int = 8080) -> int:
     own_dir = run_dir is None
     if own_dir:
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -73,10 +92,10 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
     vnc_host, display = _parse_vnc(vnc or ":1")
     vfb = f"vnc=1,vncdisplay={display},vnclisten={vnc_host},vncunused=1,sdl={1 if sdl else 0}"
     host = _start_host(run_dir)
-    viewer = web = None
+    viewer = web = console = None
     try:
         result = asyncio.run(toolstack.create_domain(run_dir, DOMID, "demo", memory=32, vfb=vfb,
-                                                     animate=True))
+                                                     animate=True, echo_input=True))
         port = result.vnc_port
         print(f"pyxenfb-sim demo: simulated host in {run_dir}", flush=True)
         print(f"pyxenfb-sim demo: guest 'demo' (domain {DOMID}) is animating; "
@@ -88,6 +107,13 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
             print(f"pyxenfb-sim demo:   noVNC: http://{result.vnc_host}:{web[1]}/vnc.html?host="
                   f"{result.vnc_host}&port={port}&autoconnect=1 (WebSocket on the VNC port)",
                   flush=True)
+        if console_port >= 0:
+            console, url = _start_console(run_dir, console_port)
+            if url:
+                print(f"pyxenfb-sim demo:   web console: {url} (type into the guest's page: "
+                      f"it draws what it receives)", flush=True)
+            else:
+                print("pyxenfb-sim demo:   web console did not start", flush=True)
         print(f"pyxenfb-sim demo:   input it receives: pyxenfb-sim input-log --run-dir {run_dir} "
               f"--domid {DOMID} --follow", flush=True)
         if open_viewer:
@@ -97,7 +123,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
         return 0
     finally:
         print("pyxenfb-sim demo: stopping", flush=True)
-        for child in (viewer, web and web[0]):
+        for child in (viewer, web and web[0], console):
             if child is not None:
                 child.terminate()
         try:

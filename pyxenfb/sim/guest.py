@@ -9,12 +9,14 @@ use its hostile API to write anything anywhere); `pyxenfb-sim create` runs
 it as a process:
 
     python -m pyxenfb.sim.guest --run-dir DIR --domid N [--abi x86_32]
-        [--width W --height H] [--animate [box|full]] [--fps F]
+        [--width W --height H] [--animate [box|full]] [--fps F] [--echo-input]
 
 --animate (= box) moves a small square over the test picture; --animate full
 repaints the whole framebuffer from ../shared/bench/xanim.c's 24 frames, one
 full-screen UPDATE per frame (the benchmark load), as fast as the backend
-consumes them or at most --fps F frames per second.
+consumes them or at most --fps F frames per second.  --echo-input draws what
+the keyboard frontend receives (pyxenfb/sim/echo.py); off, the picture is
+exactly the test picture.
 """
 from __future__ import annotations
 
@@ -229,6 +231,7 @@ class FbFront(Frontend):
         self.pending_dirty: tuple[int, int, int, int] | None = None
         self.updates_sent = 0
         self.backend_kicked = asyncio.Event()    # set on every notification from the backend
+        self.echo_marker: tuple[int, int] | None = None   # where --echo-input's crosshair is
 
     async def read_backend_features(self) -> None:
         mb = await self.xs.read_int(f"{self.be}/videoram", None)
@@ -296,6 +299,34 @@ class FbFront(Frontend):
         x0, y0 = min(ox, nx), min(oy, ny)
         x1, y1 = min(self.width, max(ox, nx) + BOX), min(self.height, max(oy, ny) + BOX)
         return x0, y0, x1 - x0, y1 - y0
+
+    def draw_echo(self, echo, strip: bool, marker: bool) -> None:
+        """--echo-input: the strip goes into the background too (the animated
+        square restores from it); the marker only into the framebuffer."""
+        from .echo import STRIP_H, draw_marker, marker_rect, render_strip
+        if self.fb is None:
+            return
+        w, h = self.width, self.height
+        background = self.guest.picture_cache(w, h)
+        dirty = []
+        if strip and h > 2 * STRIP_H:
+            pixels = render_strip(w, echo.strip_text())
+            background[h - STRIP_H:, :] = pixels
+            self.fb[h - STRIP_H:, :] = pixels
+            dirty.append((0, h - STRIP_H, w, h))
+        if strip or marker:
+            if self.echo_marker is not None:          # take the old crosshair away
+                x0, y0, x1, y1 = marker_rect(*self.echo_marker, w, h)
+                self.fb[y0:y1, x0:x1] = background[y0:y1, x0:x1]
+                dirty.append((x0, y0, x1, y1))
+            if echo.pointer is not None:
+                draw_marker(self.fb, *echo.pointer, bool(echo.buttons))
+                dirty.append(marker_rect(*echo.pointer, w, h))
+                self.echo_marker = echo.pointer
+        if dirty:
+            x0, y0 = min(d[0] for d in dirty), min(d[1] for d in dirty)
+            x1, y1 = max(d[2] for d in dirty), max(d[3] for d in dirty)
+            self.refresh(x0, y0, x1 - x0, y1 - y0)
 
     def out_ring_busy(self) -> bool:
         """Our last event is not consumed yet (or we may not send at all)."""
@@ -441,6 +472,8 @@ class KbdFront(Frontend):
             entry = {"dev": "vkbd", "type": "unknown", "raw_type": kind}
         self.events.append(entry)
         self.guest.log_event(entry)
+        if self.guest.echo is not None and self.guest.fb is not None:
+            self.guest.fb.draw_echo(self.guest.echo, *self.guest.echo.feed(entry))
 
 
 class ReferenceGuest:
@@ -448,7 +481,7 @@ class ReferenceGuest:
 
     def __init__(self, run_dir: str | os.PathLike, domid: int, *, abi_name: str = "x86_64",
                  width: int = 800, height: int = 600, animate: bool | str = False,
-                 fps: float | None = None, seed: int | None = None):
+                 fps: float | None = None, seed: int | None = None, echo_input: bool = False):
         self.run_dir = Path(run_dir)
         self.domid = domid
         self.abi = _abi(abi_name)
@@ -458,6 +491,9 @@ class ReferenceGuest:
         if self.animate not in (None, "box", "full"):
             raise ValueError(f"unknown animation {animate!r}")
         self.fps = fps if fps and fps > 0 else None
+        if echo_input:
+            from .echo import InputEcho
+        self.echo = InputEcho() if echo_input else None     # draws received input (opt-in)
         self.seed = domid if seed is None else seed
         self.dom_dir = self.run_dir / f"dom{domid}"
         self.ports: dict[int, Frontend] = {}
@@ -612,7 +648,8 @@ class ReferenceGuest:
 
 async def _run(args) -> int:
     guest = ReferenceGuest(args.run_dir, args.domid, abi_name=args.abi, width=args.width,
-                           height=args.height, animate=args.animate, fps=args.fps)
+                           height=args.height, animate=args.animate, fps=args.fps,
+                           echo_input=args.echo_input)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -643,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=600)
     add_animate_args(p)
+    p.add_argument("--echo-input", action="store_true",
+                   help="draw the input received: typed text in a bottom strip, a pointer marker")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"pyxenfb-guest[{args.domid}]: %(message)s")

@@ -533,7 +533,8 @@ def _spawn_daemon(argv: list[str], log_path: str, env: dict[str, str], cwd: str,
 
 
 def _guest_argv(run_dir: str, domid: int, abi: str, width: int | None,
-                height: int | None, animate: bool | str, fps: float | None = None) -> list[str]:
+                height: int | None, animate: bool | str, fps: float | None = None,
+                echo_input: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "pyxenfb.sim.guest", "--run-dir", run_dir,
             "--domid", str(domid), "--abi", abi]
     if width is not None:
@@ -544,6 +545,8 @@ def _guest_argv(run_dir: str, domid: int, abi: str, width: int | None,
         argv += ["--animate"] if animate in (True, "box") else ["--animate", str(animate)]
         if fps:
             argv += ["--fps", str(fps)]
+    if echo_input:
+        argv += ["--echo-input"]
     return argv
 
 
@@ -711,11 +714,12 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
                         dm: str | list[str] | None = "default",
                         start_guest: bool = True,
                         dm_timeout: float = DM_START_TIMEOUT, dm_restrict: bool = False,
-                        dm_user: str | None = None) -> CreateResult:
+                        dm_user: str | None = None, echo_input: bool = False) -> CreateResult:
     """`xl create` for a PV guest with an optional vfb (+ the vkbd xl adds with it).
 
     animate: False, True / "box" (moving square) or "full" (whole screen every
     frame, at most `fps` frames/s when given).
+    echo_input: the guest draws the input it receives into its picture.
     dm: "default" (pyqemu-dm), a program path or argv prefix, or None (no DM).
     dm_restrict: as xl's `dm_restrict=1` (chroot dir, pre-opened QMP socket,
     unshare and rlimits before exec); dm_user: `device_model_user=` (-runas).
@@ -753,7 +757,7 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
         result = CreateResult(domid, name, str(uuidlib.uuid4()))
         try:
             await _build(xs, run_dir, result, memory, vfb, abi, width, height, animate,
-                         program, start_guest, dm_timeout, fps, dm_restrict, dm_user)
+                         program, start_guest, dm_timeout, fps, dm_restrict, dm_user, echo_input)
         except BaseException as exc:
             try:
                 await asyncio.shield(_destroy(xs, run_dir, domid))
@@ -771,14 +775,14 @@ async def _build(xs: XenStore, run_dir: str, result: CreateResult, memory: int,
                  vfb: VfbConfig | None, abi: str, width: int | None, height: int | None,
                  animate: bool | str, program: list[str] | None, start_guest: bool,
                  dm_timeout: float, fps: float | None = None, dm_restrict: bool = False,
-                 dm_user: str | None = None) -> None:
+                 dm_user: str | None = None, echo_input: bool = False) -> None:
     domid, name = result.domid, result.name
     from .guestmem import GuestMemory
     ddir = dom_dir(run_dir, domid)
     os.makedirs(ddir)
     GuestMemory.create(os.path.join(ddir, "memory"), memory * MiB).close()
 
-    guest = _guest_argv(run_dir, domid, abi, width, height, animate, fps)
+    guest = _guest_argv(run_dir, domid, abi, width, height, animate, fps, echo_input)
     await _write_domain(xs, domid, name, result.uuid, memory,
                         kernel="pyxenfb.sim.guest", cmdline=" ".join(guest[3:]))
     await _add_console(xs, domid, memory)
