@@ -25,6 +25,7 @@ ENCODING_IDS = {"raw": 0, "rre": 2, "hextile": 5, "zlib": 6, "zrle": 16}
 FULL = ["qemu", "py"]
 PY_DOMUS = ["py", "py2"]         # py2: created again, picture B, keymap "de", vncpasswd, rebooted
 DOMUS = FULL + ["py2", "qemu_de"]  # qemu_de only with TIER_QEMU_DE=1
+RESTRICTED = ["qemur", "pyr"]    # dm_restrict=1: the same DMs confined by libxl
 
 
 # ---- helpers ------------------------------------------------------------------------
@@ -395,3 +396,29 @@ def test_performance_numbers_beside_qemu(lab):
     (lab.out / "perf.txt").write_text("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
     assert all(v is not None for v in p[1:]), table
+
+
+# ---- dm_restrict=1 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", RESTRICTED)
+def test_restricted_dm_serves_the_guest(lab, key):
+    """xl's dm_restrict=1: libxl starts the DM chrooted with its limits; the
+    picture still arrives over VNC, and a screendump lands inside the chroot."""
+    assert lab.need(f"{key}.create_rc") == 0, f"xl create failed ({lab.out}/{key}-xl-create.log)"
+    require_ready(lab, key)
+    for enc in ("raw", "zrle"):
+        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"{key}-vnc-{enc}.ppm"),
+                            f"{key} VNC {enc}")
+    assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"{key}-qmp.ppm"),
+                        f"{key} QMP screendump inside the chroot")
+
+
+@pytest.mark.parametrize("key", RESTRICTED)
+def test_restricted_dm_is_confined(lab, key):
+    require_ready(lab, key)
+    argv = lab.need(f"{key}.argv")
+    assert "-xen-domid-restrict" in argv, argv
+    assert lab.need(f"{key}.root") == lab.need(f"{key}.expected_root")
+    assert lab.need(f"{key}.fsize_limit") == "262144 262144", "RLIMIT_FSIZE is libxl's 256 KiB"
+    own, init = lab.need(f"{key}.mnt_ns").split()
+    assert own != init, "the DM runs in a mount namespace of its own"

@@ -245,6 +245,29 @@ fi
 finish py2 pyq
 rec py2.scenario_s "$(since "$T0")"
 
+# --- dm_restrict=1: each DM confined the way libxl 4.17 does it -------------------------
+restricted() {   # KEY NAME DM [create options]: picture, screendump and what confines the DM
+  local key=$1 name=$2 dm=$3 port pid d T0; shift 3
+  T0=$(now)
+  if boot "$name" "$key" "$dm" --vncdisplay 0 --picture $X/picture-a.ppm --cfg 'dm_restrict=1' "$@"; then
+    port=$(xenlab_vnc_port "$name"); pid=$(dm_pid "$name"); d=$(xenlab_domid "$name")
+    vnc "$key" grab "${port:-5900}" "grab:raw:$O/$key-vnc-raw.ppm" "grab:zrle:$O/$key-vnc-zrle.ppm"
+    recs "$key.argv" "$(tr '\0' ' ' < /proc/$pid/cmdline)"
+    recs "$key.root" "$(readlink /proc/$pid/root)"
+    recs "$key.expected_root" "/var/run/xen/qemu-root-$d"
+    recs "$key.fsize_limit" "$(awk '/^Max file size/{print $4" "$5}' /proc/$pid/limits)"
+    recs "$key.mnt_ns" "$(readlink /proc/$pid/ns/mnt) $(readlink /proc/1/ns/mnt)"
+    # QEMU resolves the screendump path inside its chroot
+    xenlab_qmp "$name" '{"execute":"screendump","arguments":{"filename":"/shot.ppm"}}' \
+      > "$O/$key-qmp-reply.txt" 2>&1
+    cp "/var/run/xen/qemu-root-$d/shot.ppm" "$O/$key-qmp.ppm" 2>/dev/null
+  fi
+  finish "$key" "$name"
+  rec "$key.scenario_s" "$(since "$T0")"
+}
+restricted qemur qrefr qemu
+restricted pyr pyqr "$PYDM" "${PYENV[@]}"
+
 recs end.xl_list "$(xl list 2>&1)"
 # any dom0 process killed by a fault: our DM, or the lab corrupting xl/bash/python
 recs end.dom0_faults "$(dmesg | grep -E 'segfault at|general protection|traps: ' )"
