@@ -32,10 +32,12 @@ def main(argv=None) -> int:
                     help="draw the PNGs from a previous run's JSON lines and exit")
     ap.add_argument("--table", metavar="FILE.jsonl",
                     help="print a previous run's figures as a Markdown table and exit")
+    ap.add_argument("--before", metavar="FILE.jsonl",
+                    help="with --table: an earlier run whose ratios go beside")
     args = ap.parse_args(argv)
     if args.table:
         from .plot import markdown_table
-        print(markdown_table(args.table))
+        print(markdown_table(args.table, args.before))
         return 0
     if args.plot:
         from .plot import plot

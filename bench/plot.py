@@ -27,20 +27,24 @@ def load(path: str) -> list[dict]:
     return list({r["name"]: r for r in rows}.values())
 
 
-def markdown_table(jsonl: str) -> str:
-    """The figures as a Markdown table (docs/performance.md is made of it)."""
+def markdown_table(jsonl: str, before: str | None = None) -> str:
+    """The figures as a Markdown table (docs/performance.md is made of it);
+    with `before`, an earlier run's ratio beside each one."""
+    earlier = {r["name"]: r for r in load(before)} if before else {}
     def fmt(v):
         return "–" if v is None else (f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else
                                       f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
-    lines = ["| metric | pyxenfb | unit | baseline | baseline value | ratio (cost, <1 better) | notes |",
-             "|---|---:|---|---|---:|---:|---|"]
+    lines = ["| metric | pyxenfb | unit | baseline | baseline value | ratio (cost, <1 better) |"
+             + (" ratio before |" if before else "") + " notes |",
+             "|---|---:|---|---|---:|---:|" + ("---:|" if before else "") + "---|"]
     for r in load(jsonl):
         notes = []
         for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "skipped", "error"):
             if r.get(k) is not None:
                 notes.append(f"{k} {fmt(r[k])}")
+        was = f" {fmt(earlier.get(r['name'], {}).get('ratio'))} |" if before else ""
         lines.append(f"| {r['name']} | {fmt(r['value'])} | {r['unit'] or ''} | {r['baseline'] or ''} "
-                     f"| {fmt(r['baseline_value'])} | {fmt(r['ratio'])} | {'; '.join(notes)} |")
+                     f"| {fmt(r['baseline_value'])} | {fmt(r['ratio'])} |{was} {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
