@@ -688,4 +688,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: a child's machine
+    # finds its control socket through `pyxenfb.zygote`.
+    from pyxenfb.zygote import main as _main
+    sys.exit(_main())
