@@ -679,11 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         zygote.log(f"cannot listen on {args.socket}: {e.strerror or e}")
         return 1
-    # The one line on stdout: whoever started us waits for it.
+    # On stdout (problems go to stderr): whoever started us waits for this line.
     print(f"pyxenfb-zygote: ready on {args.socket} (warmed up in "
           f"{time.monotonic() - started:.2f} s, pid {os.getpid()})", flush=True)
     code = zygote.serve()
-    zygote.log(f"stopped after serving {zygote.served} device models; they keep running")
+    print(f"pyxenfb-zygote: stopped after serving {zygote.served} device models; "
+          "they keep running", flush=True)
     return code
 
 

@@ -129,6 +129,9 @@ class SimHost:
         except asyncio.TimeoutError:
             self.zygote.kill()
             await self.zygote.wait()
+        log_path = os.path.join(self.run_dir, "zygote.log")
+        if os.path.exists(log_path) and os.path.getsize(log_path) == 0:
+            os.unlink(log_path)             # nothing went wrong: leave the run dir clean
 
     async def _seed_dom0(self) -> None:
         xs = await XenStore.open(os.path.join(self.run_dir, "xenstored.sock"))
