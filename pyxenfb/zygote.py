@@ -197,10 +197,42 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
     return _stand_in(sock, pid, fds, prefix)
 
 
-def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str) -> int:
+# The stand-in, once committed, re-execs itself as a bare interpreter (no
+# site, no cli module, no logging): the same pid for the toolstack, about half
+# the memory (docs/zygote.md).  Its argv keeps the original one for `ps`.
+_SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from pyxenfb.zygote import _slim_main; sys.exit(_slim_main(sys.argv[2:]))")
+
+
+def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
+    """Returns only if the exec failed (the stand-in then carries on as it is)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Blocked across exec, the forwarded signals stay pending until the new
+    # image has its handlers in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        os.set_inheritable(sock.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", _SLIM, root,
+                                  str(sock.fileno()), str(pid), prefix, "--", *sys.argv])
+    except OSError:
+        os.set_inheritable(sock.fileno(), False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+def _slim_main(args: list[str]) -> int:
+    """The re-exec'd stand-in: args are FD PID PREFIX -- ORIGINAL-ARGV."""
+    sock = socket.socket(fileno=int(args[0]))
+    return _stand_in(sock, int(args[1]), [], args[2], slim=False)
+
+
+def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: bool = True) -> int:
     for fd in fds:
         if fd > 2:
             os.close(fd)                   # the child's QMP socket: not ours to hold open
+    if slim:
+        _reexec_slim(sock, pid, prefix)
 
     def forward(signum, _frame):
         try:
@@ -209,6 +241,7 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str) -> int
             pass                           # the child is gone: the EOF below says so
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     while True:
         try:
             msg = _recv(sock)
