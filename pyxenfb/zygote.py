@@ -548,6 +548,12 @@ class Zygote:
         self._drop(fd)
         try:
             self._fork(conn, request, ns)
+        except OSError as e:                # EAGAIN, ENOMEM: this request fails, the zygote serves on
+            self.log(f"fork failed: {e.strerror or e}")
+            try:
+                _send(conn, {"error": f"fork failed: {e.strerror or e}"})
+            except OSError:
+                pass
         finally:
             for f in fds + [f for f in ns.values()]:
                 os.close(f)
@@ -613,6 +619,7 @@ class Zygote:
                 resource.setrlimit(number, limits)
             except (ValueError, OSError) as e:
                 raise OSError(f"cannot apply the stand-in's RLIMIT_{name} {limits}: {e}") from None
+        _set_comm(os.path.basename(request.argv[0]))     # `ps -C pyqemu-dm` finds it as a cold one
         os.umask(request.umask)
         os.chdir(request.cwd)
         os.environ.clear()
@@ -655,7 +662,7 @@ class Zygote:
         """The received fds at their numbers in the stand-in (0-2 closed where
         the stand-in had them closed); returns the control socket, moved
         above every number a passed fd may take."""
-        top = max([MAX_FD_NUMBER, conn.fileno(), *fds.values()]) + 1
+        top = max([*fds, *fds.values(), conn.fileno()]) + 1     # above every number in play
         control = socket.socket(fileno=_dup_at_least(conn.fileno(), top))
         conn.close()
         moved = {target: _dup_at_least(fd, top) for target, fd in fds.items()}
@@ -679,6 +686,12 @@ def _dup_at_least(fd: int, low: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
 
 
+def _set_comm(name: str) -> None:
+    import ctypes
+    PR_SET_NAME = 15
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(errors="replace")[:15], 0, 0, 0)
+
+
 def _setns(fd: int, nstype: int) -> None:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -699,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     zygote = Zygote(args.socket)
     started = time.monotonic()
+
     try:
         zygote.warm()
     except Exception as e:
