@@ -154,6 +154,10 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
         mem = _mem(child)
         assert mem["Pss"] < mem["VmRSS"], mem            # pages shared with the zygote
         assert len(os.listdir(f"/proc/{res.dm_pid}/task")) == 1
+        for fd in (0, 1, 2):                            # the log libxl opened, at the same numbers
+            assert os.readlink(f"/proc/{child}/fd/{fd}") == os.readlink(f"/proc/{res.dm_pid}/fd/{fd}")
+        held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
+        assert not any("zygote" in h for h in held), held   # nothing of the zygote's
         assert "numpy" not in Path(f"/proc/{res.dm_pid}/maps").read_text()   # a thin stand-in
 
         expected = fbdump_array(zhost, 1)
@@ -277,9 +281,16 @@ def read_line_err(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stderr.readline()
 
 
-def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost):
-    res = _create(zhost, 10, dm_restrict=True)
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user):
+    res = _create(zhost, 10, dm_restrict=True, dm_user=user)
     child = _child_of(res.dm_log)
+    if user is not None:                                 # -runas: the child drops, as cold
+        import pwd
+        uid = str(pwd.getpwnam(user).pw_uid)
+        status = Path(f"/proc/{child}/status").read_text()
+        assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.M), status
+        assert _vnc_handshake(res.vnc_port) == (320, 200)
     limits = lambda pid: Path(f"/proc/{pid}/limits").read_text()   # noqa: E731
     assert limits(child) == limits(res.dm_pid)
     assert "Max file size             262144" in limits(child)
