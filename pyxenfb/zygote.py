@@ -76,7 +76,10 @@ def _recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict | None:
         return None
     if flags & socket.MSG_TRUNC or len(data) > limit:
         raise ValueError(f"message longer than {limit} bytes")
-    obj = json.loads(data)
+    try:
+        obj = json.loads(data)
+    except RecursionError:                  # "[[[[...": not a ValueError of its own
+        raise ValueError("message nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("message is not a JSON object")
     return obj
@@ -439,8 +442,13 @@ class Zygote:
                         os.read(self.wake_r, 64)
                     except BlockingIOError:
                         pass
-                else:
-                    self._request(key.fd)
+                elif key.fd in self.pending:
+                    try:
+                        self._request(key.fd)
+                    except Exception as e:      # a bug must cost one request, not the zygote
+                        self.log(f"request failed: {type(e).__name__}: {e}")
+                        if key.fd in self.pending:
+                            self._drop(key.fd).close()
             now = time.monotonic()
             for fd, (conn, deadline, pid) in list(self.pending.items()):
                 if deadline <= now:
@@ -534,7 +542,7 @@ class Zygote:
                 raise RequestError(f"request longer than {MAX_REQUEST} bytes")
             try:
                 obj = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise RequestError("request is not JSON") from None
             if not isinstance(obj, dict):
                 raise RequestError("request is not a JSON object")

@@ -436,6 +436,7 @@ def test_malformed_requests_are_refused_and_the_zygote_keeps_serving(lone_zygote
     cases = [
         (b"not json", [], "not JSON"),
         (b"[1]", [], "not a JSON object"),
+        (b"[" * 100_000, [], "not JSON"),
         (json.dumps({**good, "v": 2}).encode(), [], "protocol version"),
         (json.dumps({**good, "argv": []}).encode(), [], "argv"),
         (json.dumps({**good, "env": {"A=B": "x"}}).encode(), [], "env"),
