@@ -128,6 +128,25 @@ def plot(jsonl: str, outdir: str) -> list[str]:
         ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
         ax.set_xticks(ns)
         save(fig, "domains.png")
+    zyg = sorted((r["domains"], r) for r in rows
+                 if re.match(r"zygote_\d+dom_pss_per_domain_cold$", r["name"]))
+    if zyg:
+        ns = [n for n, _ in zyg]
+        cold = [r["value"] / 1024 for _, r in zyg]
+        warm = [((by.get(f"zygote_{n}dom_pss_per_domain_zygote") or {}).get("value") or 0) / 1024
+                for n in ns]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(ns))
+        ax.bar(x - 0.2, cold, 0.4, label="cold pyqemu-dm")
+        ax.bar(x + 0.2, warm, 0.4, label="through pyxenfb-zygote (+ stand-ins, zygote)")
+        ax.axhline(22, ls="--", c="grey")
+        ax.text(len(ns) - 0.5, 22.5, "QEMU 7.2 RSS (lab)", ha="right", fontsize=8)
+        ax.set_xticks(x, [str(n) for n in ns])
+        ax.set_xlabel("domains at 1024x768, animating, one Tight client each")
+        ax.set_ylabel("PSS per domain (MiB)")
+        ax.set_title("Memory per domain: cold vs zygote")
+        ax.legend(fontsize=8)
+        save(fig, "zygote_pss.png")
     return written
 
 

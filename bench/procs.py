@@ -8,6 +8,7 @@ they are found through the pid files in the sim's run directory.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -89,15 +90,17 @@ class Procs:
 class SimHost:
     """`pyxenfb-sim host` in a fresh run dir, plus domains made with `pyxenfb-sim create`."""
 
-    def __init__(self, procs: Procs):
+    def __init__(self, procs: Procs, zygote: bool = False):
+        """zygote: `host --zygote`: every device model is forked by pyxenfb-zygote."""
         self.procs = procs
         self.run_dir = procs.tempdir("pxb-")
         self.env = dict(os.environ, PYXENFB_SIM=self.run_dir)
         self.host = procs.popen([sys.executable, "-m", "pyxenfb.sim.cli", "host",
-                                 "--run-dir", self.run_dir],
+                                 "--run-dir", self.run_dir, *(["--zygote"] if zygote else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.sims.append(self)
-        ready, _, _ = select.select([self.host.stdout], [], [], HOST_START_TIMEOUT)
+        ready, _, _ = select.select([self.host.stdout], [], [],
+                                    HOST_START_TIMEOUT * (3 if zygote else 1))
         line = self.host.stdout.readline() if ready else ""
         if "host ready" not in line:
             raise RuntimeError(f"pyxenfb-sim host did not start: {line!r}")
@@ -129,6 +132,27 @@ class SimHost:
     def pid(self, domid: int, what: str) -> int:
         """what: "dm" or "guest"."""
         return int(Path(self.run_dir, f"dom{domid}", f"{what}.pid").read_text())
+
+    def dm_processes(self, domid: int) -> list[int]:
+        """The pids that make domid's device model: pyqemu-dm, and through a
+        zygote also the child it forked (named in the stand-in's first log line)."""
+        pids = [self.pid(domid, "dm")]
+        try:
+            log = next(Path(self.run_dir).glob(f"qemu-dm-bench{domid}.log")).read_text()
+        except (StopIteration, OSError):
+            return pids
+        m = re.search(r"forked the device model as pid (\d+)", log)
+        return pids + [int(m.group(1))] if m else pids
+
+    def zygote_pid(self) -> int | None:
+        import socket
+        import struct
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(os.path.join(self.run_dir, "zygote.sock"))
+                return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            return None
 
     def kill_domains(self) -> None:
         pgids = []

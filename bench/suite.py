@@ -468,6 +468,116 @@ def bench_multi(ctx) -> list[dict]:
     return out
 
 
+# ---- the zygote: memory shared across domains, start-up -----------------------------
+async def _exec_to_running(sim: SimHost, domid: int, zygote: bool) -> tuple[float, float, dict]:
+    """Seconds from exec of pyqemu-dm (as the sim's create runs it) to `running`
+    and to a VNC ServerInit, and the pyqemu-dm process's memory then (through
+    a zygote: the stand-in's)."""
+    from pyxenfb.sim import toolstack
+    from pyxenfb.xenstore import XenStore
+    await toolstack.create_domain(sim.run_dir, domid, f"start{domid}", vfb="vnc=1", dm=None,
+                                  start_guest=False)
+    xs = await XenStore.open(os.path.join(sim.run_dir, "xenstored.sock"))
+    env = dict(toolstack.dm_environment(sim.run_dir, None),
+               PYXENFB_ZYGOTE=os.path.join(sim.run_dir, "zygote.sock") if zygote else "off")
+    start = time.monotonic()
+    proc = subprocess.Popen([*toolstack.default_dm_program(), "-xen-domid", str(domid),
+                             "-vnc", "127.0.0.1:0,to=99"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while await xs.read_str(f"/local/domain/0/device-model/{domid}/state") != "running":
+            if proc.poll() is not None or time.monotonic() - start > 60:
+                raise RuntimeError(f"pyqemu-dm for domain {domid} did not get to running")
+            await asyncio.sleep(0.002)
+        took = time.monotonic() - start
+        # VNC clients wait in the listen backlog until the display stack (numpy,
+        # encoders) is loaded: a cold device model loads it after `running`.
+        port = int(await xs.read_str(f"/local/domain/{domid}/console/vnc-port"))
+        await asyncio.to_thread(_rfb_server_init, port)
+        display = time.monotonic() - start
+        stand_in = memory_kib(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        xs.close()
+        await toolstack.destroy_domain(sim.run_dir, domid)
+    return took, display, stand_in
+
+
+def _rfb_server_init(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        f = sock.makefile("rb")
+        f.read(12)
+        sock.sendall(b"RFB 003.008\n")
+        f.read(f.read(1)[0])
+        sock.sendall(b"\x01")
+        f.read(4)
+        sock.sendall(b"\x01")
+        if len(f.read(24)) != 24:
+            raise RuntimeError(f"no RFB ServerInit on port {port}")
+
+
+def bench_zygote(ctx) -> list[dict]:
+    """PSS of N animating domains (1024x768, one Tight client each), cold vs through
+    pyxenfb-zygote (stand-ins and the zygote counted); exec -> running and exec ->
+    VNC ready (display stack loaded) both ways."""
+    counts = [1, 4] if ctx.quick else [1, 4, 16]
+    secs = 3 if ctx.quick else 6
+    tool = anchor("vnc-rate")
+    out = []
+    # exec -> running: both ways on one host, alternating, so both see the same load
+    sim = SimHost(ctx.procs, zygote=True)
+    runs = {False: [], True: []}
+    for i in range(3 if ctx.quick else 6):
+        for zygote in (False, True):
+            runs[zygote].append(asyncio.run(_exec_to_running(sim, 900 + 2 * i + zygote, zygote)))
+    sim.kill_domains()
+    for zygote, starts in runs.items():
+        way = "zygote" if zygote else "cold"
+        for what, index in (("running", 0), ("vnc_ready", 1)):
+            times = sorted(r[index] for r in starts)
+            out.append(metric(f"zygote_exec_to_{what}_{way}_ms",
+                              round(1000 * statistics.median(times)), "ms", None, None, None,
+                              min_ms=round(1000 * times[0]), max_ms=round(1000 * times[-1]),
+                              runs=len(times),
+                              target_ms=300 if zygote and what == "running" else None))
+    stand_in = runs[True][-1][2]
+    out.append(metric("zygote_stand_in_rss", stand_in["rss"], "KiB", None, None, None,
+                      pss=stand_in["pss"]))
+    for zygote in (False, True):
+        way = "zygote" if zygote else "cold"
+        for n in counts:
+            sim = SimHost(ctx.procs, zygote=zygote)
+            ports = [sim.create(d, width=1024, height=768, animate="full") for d in range(1, n + 1)]
+            clients = [] if tool is None else [
+                ctx.procs.popen([sys.executable, str(tool), f"127.0.0.1::{p}", "--encoding", "Tight",
+                                 "--seconds", str(secs)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for p in ports]
+            time.sleep(secs * 0.7)            # the clients' buffers and encoders are in use
+            pids = [p for d in range(1, n + 1) for p in sim.dm_processes(d)]
+            zpid = sim.zygote_pid() if zygote else None
+            mems = [memory_kib(p) for p in pids + ([zpid] if zpid else [])]
+            pss = sum(m["pss"] or 0 for m in mems)
+            rss = sum(m["rss"] or 0 for m in mems)
+            for c in clients:
+                c.communicate(timeout=secs + 120)
+            sim.kill_domains()
+            extra = {} if tool else {"note": "no Tight clients: " + missing_anchor("vnc-rate")}
+            if zpid:
+                extra["zygote_pss_kib"] = mems[-1]["pss"]
+            out.append(metric(f"zygote_{n}dom_pss_per_domain_{way}", round(pss / n), "KiB",
+                              None, None, None, domains=n, pss_total_kib=pss, rss_total_kib=rss,
+                              processes=len(mems), size="1024x768", encoding="Tight", **extra))
+    # the zygote's PSS per domain against the cold one, per N
+    by = {r["name"]: r["value"] for r in out}
+    for n in counts:
+        cold, warm = by.get(f"zygote_{n}dom_pss_per_domain_cold"), by.get(f"zygote_{n}dom_pss_per_domain_zygote")
+        if cold and warm:
+            out.append(metric(f"zygote_{n}dom_pss_ratio", round(warm / cold, 3), "zygote/cold",
+                              "cold start", cold, warm / cold, domains=n))
+    return out
+
+
 GROUPS = {
     "convert": bench_convert,
     "libvncserver": bench_libvncserver,
@@ -476,4 +586,5 @@ GROUPS = {
     "idle": bench_idle,
     "memory": bench_memory_animating,
     "multi": bench_multi,
+    "zygote": bench_zygote,
 }

@@ -21,8 +21,10 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .rfb.tls import TlsCredentials
+if TYPE_CHECKING:
+    from .rfb.tls import TlsCredentials
 
 PROG = "pyqemu-dm"
 
@@ -359,6 +361,7 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
         else:
             raise CliError(f"-vnc: unknown option '{key}'")
     if old_tls:
+        from .rfb.tls import TlsCredentials     # here: it imports ssl, which a zygote stand-in never needs
         if vnc.tls_creds_id is not None:
             raise CliError("-vnc: give either tls-creds= or tls/x509=, not both")
         vnc.tls = (TlsCredentials("x509", x509_dir, x509_verify) if x509_dir
@@ -374,6 +377,7 @@ def parse_tls_object(text: str) -> tuple[str, TlsCredentials] | None:
     kind = parts[0].removeprefix("qom-type=")
     if kind not in ("tls-creds-x509", "tls-creds-anon"):
         return None
+    from .rfb.tls import TlsCredentials
     props = dict(keyvals(parts[1:]))
     obj_id = props.get("id")
     if not obj_id:
@@ -764,6 +768,7 @@ def setup_logging(domid: int | None, stream=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exec_argv = argv is None          # run as the program (not called by a test or a zygote child)
     argv = sys.argv[1:] if argv is None else list(argv)
     # numpy's OpenBLAS starts a thread per core at import, which costs CPU
     # (a quarter of the import here, more in an emulated dom0) and memory;
@@ -779,6 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
+    if exec_argv:
+        # Before any heavy import: a warm zygote forks this domain's device
+        # model and this process stands in for it (docs/zygote.md).
+        from .zygote import try_zygote
+        code = try_zygote(argv, PROG if options.domid is None else f"{PROG}[{options.domid}]")
+        if code is not None:
+            return code
     setup_logging(options.domid)
     log = logging.getLogger("pyxenfb.cli")
     if options.ignored:

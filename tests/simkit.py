@@ -48,11 +48,17 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline()
 
 
+# PYXENFB_TEST_ZYGOTE=1: every host runs a zygote and the sim's `create`
+# goes through it, to run the machine and display tests the other way.
+THROUGH_ZYGOTE = os.environ.get("PYXENFB_TEST_ZYGOTE") == "1"
+
+
 def start_host(run_dir: str) -> subprocess.Popen:
     """`pyxenfb-sim host` as a process; returns once it printed its ready line."""
-    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = read_line(proc, HOST_START_TIMEOUT)
+    extra = ["--zygote"] if THROUGH_ZYGOTE else []
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir,
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = read_line(proc, HOST_START_TIMEOUT * (4 if THROUGH_ZYGOTE else 1))
     assert line == (f"pyxenfb-sim: host ready, run dir {run_dir} "
                     f"(export PYXENFB_SIM={run_dir})\n"), (line, proc.stderr)
     return proc

@@ -8,10 +8,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
+import simkit
 from simkit import wait_until
 
 DM = [sys.executable, "-m", "pyxenfb.cli"]
@@ -200,6 +202,7 @@ sys.meta_path.insert(0, _SlowNumpy())
 '''
 
 
+@pytest.mark.skipif(simkit.THROUGH_ZYGOTE, reason="through a zygote, numpy was loaded before the fork")
 def test_qmp_and_running_do_not_wait_for_numpy(host, tmp_path, monkeypatch):
     """libxl allows a DM 60 s to write `running` and each QMP command 10 s; numpy
     alone took 7-16 s in the emulated dom0. So `running`, QMP (with a password

@@ -1,6 +1,6 @@
 """`pyxenfb-sim`: the simulated Xen host and its xl-like toolstack commands.
 
-    pyxenfb-sim host --run-dir DIR
+    pyxenfb-sim host --run-dir DIR [--zygote]
     pyxenfb-sim create --domid N --name NAME [--vfb SPEC] [--animate [full] [--fps F]] [...]
     pyxenfb-sim destroy --domid N
     pyxenfb-sim list
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("host", help="run the simulated host (xenstored + event channels)")
     _add_run_dir(p)
+    p.add_argument("--zygote", action="store_true",
+                   help="also run pyxenfb-zygote on RUN_DIR/zygote.sock; `create` goes through it")
 
     p = sub.add_parser("create", help="create a PV domain, like `xl create`")
     _add_run_dir(p)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                         console_port=args.console_port)
     if args.command == "host":
         from .host import run_host
-        return asyncio.run(run_host(toolstack.resolve_run_dir(args.run_dir)))
+        return asyncio.run(run_host(toolstack.resolve_run_dir(args.run_dir), zygote=args.zygote))
     if args.command == "create":
         return asyncio.run(_create(args))
     if args.command == "destroy":

@@ -1,4 +1,5 @@
-"""The simulated Xen host process: XenStore daemon + event-channel broker.
+"""The simulated Xen host process: XenStore daemon + event-channel broker
+(+ with --zygote, pyxenfb-zygote on RUN_DIR/zygote.sock).
 
 `pyxenfb-sim host --run-dir DIR` runs both in one asyncio loop, seeds dom0's
 XenStore content the way a freshly booted dom0 with xenstored and xl has it,
@@ -47,13 +48,19 @@ DOM0_NODES = {
 }
 
 
+ZYGOTE_START_TIMEOUT = 60.0     # its warm-up imports numpy & co.: slow on a busy or emulated dom0
+ZYGOTE_STOP_TIMEOUT = 5.0
+
+
 class SimHost:
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, zygote: bool = False):
         self.run_dir = os.path.abspath(run_dir)
         self.pid_path = os.path.join(self.run_dir, "host.pid")
         self._pid_fd: int | None = None
         self.xenstored: XenStored | None = None
         self.broker: EvtchnBroker | None = None
+        self.want_zygote = zygote
+        self.zygote: asyncio.subprocess.Process | None = None
 
     def _lock(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
@@ -88,11 +95,43 @@ class SimHost:
             self.broker = EvtchnBroker(os.path.join(self.run_dir, "evtchn.sock"))
             await self.broker.start()
             await self._seed_dom0()
+            if self.want_zygote:
+                await self._start_zygote()
             os.ftruncate(self._pid_fd, 0)
             os.pwrite(self._pid_fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
             await self.close()
             raise
+
+    async def _start_zygote(self) -> None:
+        """pyxenfb-zygote on RUN_DIR/zygote.sock, beside the host (as systemd
+        would run it beside xenstored); its log is RUN_DIR/zygote.log."""
+        path = os.path.join(self.run_dir, "zygote.sock")
+        with open(os.path.join(self.run_dir, "zygote.log"), "ab") as log_file:
+            self.zygote = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pyxenfb.zygote", "--socket", path,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                start_new_session=True)    # a Ctrl-C meant for the host is the host's to relay
+        try:
+            line = await asyncio.wait_for(self.zygote.stdout.readline(), ZYGOTE_START_TIMEOUT)
+        except asyncio.TimeoutError:
+            line = b""
+        if not line.startswith(b"pyxenfb-zygote: ready"):
+            raise OSError(f"pyxenfb-zygote did not start; see {self.run_dir}/zygote.log")
+
+    async def _stop_zygote(self) -> None:
+        """Its children (the domains' device models) are left running."""
+        if self.zygote is None or self.zygote.returncode is not None:
+            return
+        self.zygote.terminate()
+        try:
+            await asyncio.wait_for(self.zygote.wait(), ZYGOTE_STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.zygote.kill()
+            await self.zygote.wait()
+        log_path = os.path.join(self.run_dir, "zygote.log")
+        if os.path.exists(log_path) and os.path.getsize(log_path) == 0:
+            os.unlink(log_path)             # nothing went wrong: leave the run dir clean
 
     async def _seed_dom0(self) -> None:
         xs = await XenStore.open(os.path.join(self.run_dir, "xenstored.sock"))
@@ -121,6 +160,7 @@ class SimHost:
 
     async def close(self) -> None:
         self._power_off_domains()
+        await self._stop_zygote()
         if self.broker is not None:
             await self.broker.close()
             self.broker = None
@@ -146,8 +186,8 @@ def ready_line(run_dir: str) -> str:
     return f"pyxenfb-sim: host ready, run dir {run_dir} (export PYXENFB_SIM={run_dir})"
 
 
-async def run_host(run_dir: str) -> int:
-    host = SimHost(run_dir)
+async def run_host(run_dir: str, zygote: bool = False) -> int:
+    host = SimHost(run_dir, zygote)
     try:
         await host.start()
     except HostAlreadyRunning as exc:

@@ -273,6 +273,10 @@ def dm_environment(run_dir: str, vfb: VfbConfig | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYXENFB_SIM"] = run_dir
     env["XEN_QEMU_CONSOLE_LIMIT"] = str(CONSOLE_LIMIT)
+    # `host --zygote` runs one in the run dir: pyqemu-dm goes through it as
+    # after libxl's exec; without one, never a zygote from outside the sim.
+    zygote = os.path.join(run_dir, "zygote.sock")
+    env.setdefault("PYXENFB_ZYGOTE", zygote if os.path.exists(zygote) else "off")
     if vfb and vfb.sdl:
         if vfb.display:
             env["DISPLAY"] = vfb.display

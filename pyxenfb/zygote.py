@@ -1,0 +1,750 @@
+"""A warm fork-server behind `pyqemu-dm` (issue 16, docs/zygote.md).
+
+`pyxenfb-zygote` imports everything a device model needs once, freezes its
+heap and, single-threaded, listens on a unix socket.  `pyqemu-dm`, as the
+toolstack execs it, asks the zygote first (`try_zygote`, at the very top of
+cli.main): it sends its argv, environment, cwd, umask and rlimits with its
+fds 0-2 and any `fd=N` QMP socket (SCM_RIGHTS).  The zygote forks (twice: no
+zombie, no tie to the zygote) a child that puts those fds back at the same
+numbers, joins the exec'd process's mount and IPC namespaces, takes its
+rlimits and runs `cli.main(argv)` as a cold start would.  The exec'd process
+stays as a thin stand-in whose pid the toolstack knows: it forwards
+SIGTERM/SIGINT/SIGHUP, exits with the child's status, and when it is
+SIGKILLed the child sees the control socket close and exits at once.
+
+Wire (SOCK_SEQPACKET, one JSON object per message, each bounded):
+  stand-in -> zygote  {"v": 1, "argv", "env", "cwd", "umask", "rlimits", "fds"} + SCM_RIGHTS
+  zygote   -> stand-in {"error": "..."}   (refused; the stand-in starts cold)
+  child    -> stand-in {"pid": N}          stand-in -> child {"go": true}
+  stand-in -> child   {"signal": N}       child -> stand-in {"exit": N}
+
+This module imports only the standard library at the top: the stand-in must
+stay small and start fast.
+"""
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+PROTOCOL = 1
+ENV = "PYXENFB_ZYGOTE"                  # a socket path, or "off"
+DEFAULT_SOCKET = "/var/run/xen/pyxenfb-zygote.sock"
+ANSWER_TIMEOUT = 2.0                    # the stand-in's bound on the zygote's answer
+REQUEST_TIMEOUT = 2.0                   # the zygote's bound on a peer's request
+MAX_REQUEST = 128 * 1024                # argv + environment as JSON
+MAX_MESSAGE = 4096                      # every other message
+MAX_FDS = 16
+MAX_FD_NUMBER = 1023
+MAX_ARGS = 4096
+MAX_PENDING = 64                        # connections accepted but not yet served
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NAMESPACES = ("mnt", "ipc")             # what libxl's dm_restrict unshares
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+RLIMITS = ("AS", "CORE", "CPU", "DATA", "FSIZE", "LOCKS", "MEMLOCK", "MSGQUEUE", "NICE",
+           "NOFILE", "NPROC", "RSS", "RTPRIO", "RTTIME", "SIGPENDING", "STACK")
+RLIMIT_NUMBERS = {"LOCKS": 10}          # Linux's number; Python has no name for it
+
+
+class Unavailable(Exception):
+    """No zygote to use: the reason (one line), and whether to say it."""
+
+    def __init__(self, reason: str, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
+
+
+# ---- shared helpers ------------------------------------------------------------
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(obj).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict | None:
+    """One message as a dict; None at EOF; ValueError if malformed."""
+    data, _anc, flags, _addr = sock.recvmsg(limit + 1)
+    if not data:
+        return None
+    if flags & socket.MSG_TRUNC or len(data) > limit:
+        raise ValueError(f"message longer than {limit} bytes")
+    try:
+        obj = json.loads(data)
+    except RecursionError:                  # "[[[[...": not a ValueError of its own
+        raise ValueError("message nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError("message is not a JSON object")
+    return obj
+
+
+def _rlimit_number(name: str) -> int | None:
+    import resource
+    return getattr(resource, f"RLIMIT_{name}", RLIMIT_NUMBERS.get(name))
+
+
+def _ns_inode(pid: int | str, ns: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+
+
+# ---- the stand-in (the process the toolstack exec'd) ---------------------------------
+
+def _fds_to_pass(argv: list[str]) -> list[int]:
+    """0, 1, 2 where open, and every `fd=N` of a -chardev/-add-fd in argv."""
+    wanted = [0, 1, 2]
+    for arg in argv:
+        for part in arg.split(","):
+            if part.startswith("fd=") and part[3:].isdigit():
+                wanted.append(int(part[3:]))
+    out = []
+    for fd in dict.fromkeys(wanted):
+        if fd <= MAX_FD_NUMBER and len(out) < MAX_FDS:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue                  # closed here: the child has it closed too
+            out.append(fd)
+    return out
+
+
+def _rlimits() -> dict[str, list[int]]:
+    import resource
+    out = {}
+    for name in RLIMITS:
+        number = _rlimit_number(name)
+        if number is not None:
+            try:
+                out[name] = list(resource.getrlimit(number))
+            except (ValueError, OSError):
+                continue
+    return out
+
+
+def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socket, int, list[int]]:
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            # No zygote installed at the default path: a plain cold start, silently.
+            raise Unavailable(f"no zygote at {path}", quiet=not explicit) from None
+        except socket.timeout:
+            raise Unavailable(f"{path} did not accept within {ANSWER_TIMEOUT:g} s") from None
+        except OSError as e:
+            raise Unavailable(f"cannot connect to {path}: {e.strerror or e}") from None
+        fds = _fds_to_pass(argv)
+        request = {"v": PROTOCOL, "argv": [sys.argv[0] if sys.argv else "pyqemu-dm", *argv],
+                   "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask(),
+                   "rlimits": _rlimits(), "fds": fds}
+        data = json.dumps(request).encode()
+        if len(data) > MAX_REQUEST:
+            raise Unavailable(f"request of {len(data)} bytes exceeds {MAX_REQUEST}")
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            reply = _recv(sock)
+        except socket.timeout:
+            raise Unavailable(f"{path} did not answer within {ANSWER_TIMEOUT:g} s") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(f"{path}: bad answer: {e}") from None
+        if reply is None:
+            raise Unavailable(f"{path} closed the connection without an answer")
+        if "error" in reply:
+            raise Unavailable(f"{path} refused: {str(reply['error'])[:200]}")
+        pid = reply.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise Unavailable(f"{path}: bad answer {str(reply)[:100]}")
+        try:
+            _send(sock, {"go": True})     # from here on the child is this domain's DM
+        except OSError as e:
+            raise Unavailable(f"{path}: child {pid} went away: {e.strerror or e}") from None
+        sock.settimeout(None)
+        return sock, pid, fds
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def try_zygote(argv: list[str], prefix: str) -> int | None:
+    """In the exec'd pyqemu-dm: have the zygote fork this domain's device model
+    and stand in for it (returns its exit status); None = start cold."""
+    setting = os.environ.get(ENV, "")
+    if setting == "off":
+        return None
+    path = setting or DEFAULT_SOCKET
+    started = time.monotonic()
+    try:
+        sock, pid, fds = _handshake(path, argv, explicit=bool(setting))
+    except Unavailable as e:
+        if not e.quiet:
+            print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
+        return None
+    print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
+          f"{(time.monotonic() - started) * 1000:.0f} ms; pid {os.getpid()} stands in for it",
+          file=sys.stderr, flush=True)
+    return _stand_in(sock, pid, fds, prefix)
+
+
+# The stand-in, once committed, re-execs itself as a bare interpreter (no
+# site, no cli module, no logging): the same pid for the toolstack, about half
+# the memory (docs/zygote.md).  Its argv keeps the original one for `ps`.
+_SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from pyxenfb.zygote import _slim_main; sys.exit(_slim_main(sys.argv[2:]))")
+
+
+def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
+    """Returns only if the exec failed (the stand-in then carries on as it is)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Blocked across exec, the forwarded signals stay pending until the new
+    # image has its handlers in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        os.set_inheritable(sock.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", _SLIM, root,
+                                  str(sock.fileno()), str(pid), prefix, "--", *sys.argv])
+    except OSError:
+        os.set_inheritable(sock.fileno(), False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+def _slim_main(args: list[str]) -> int:
+    """The re-exec'd stand-in: args are FD PID PREFIX -- ORIGINAL-ARGV."""
+    sock = socket.socket(fileno=int(args[0]))
+    return _stand_in(sock, int(args[1]), [], args[2], slim=False)
+
+
+def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: bool = True) -> int:
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)                   # the child's QMP socket: not ours to hold open
+    if slim:
+        _reexec_slim(sock, pid, prefix)
+
+    def forward(signum, _frame):
+        try:
+            _send(sock, {"signal": signum})
+        except OSError:
+            pass                           # the child is gone: the EOF below says so
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    while True:
+        try:
+            msg = _recv(sock)
+        except ValueError as e:
+            print(f"{prefix}: zygote child {pid}: bad message ({e}); ignored",
+                  file=sys.stderr, flush=True)
+            continue
+        except OSError:
+            msg = None
+        if msg is None:
+            print(f"{prefix}: device model pid {pid} died without an exit status "
+                  "(killed by a signal?)", file=sys.stderr, flush=True)
+            return 1
+        code = msg.get("exit")
+        if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255:
+            return code
+
+
+# ---- in a zygote child: the machine's hook ----------------------------------------------
+
+_control: socket.socket | None = None      # the connection to our stand-in, in a child only
+
+
+def watch_stand_in(loop, on_lost=None) -> None:
+    """Called by the machine once its loop runs.  A forwarded signal is raised
+    here; the stand-in's death (xl destroy SIGKILLs it) ends this process at
+    once, as the SIGKILL would have ended a cold device model: a graceful
+    shutdown would still write to XenStore while the toolstack removes the
+    domain's nodes."""
+    if _control is None:
+        return
+    sock = _control
+    sock.setblocking(False)
+
+    def readable() -> None:
+        try:
+            msg = _recv(sock)
+        except BlockingIOError:
+            return
+        except ValueError:
+            return                          # garbage from our own stand-in: ignored
+        except OSError:
+            msg = None
+        if msg is None:
+            if on_lost is not None:
+                on_lost()
+            _exit_now(1)
+        sig = msg.get("signal")
+        if sig in FORWARDED:
+            signal.raise_signal(sig)
+    loop.add_reader(sock.fileno(), readable)
+
+
+def _exit_now(code: int) -> None:
+    import logging
+    logging.shutdown()                      # flush the log lines written so far
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+# ---- the zygote ------------------------------------------------------------------------
+
+class RequestError(Exception):
+    """A peer's request refused; str() is one line sent back to it."""
+
+
+class Request:
+    def __init__(self, obj: dict, fds: list[int]):
+        if obj.get("v") != PROTOCOL:
+            raise RequestError(f"protocol version {obj.get('v')!r}, expected {PROTOCOL}")
+        argv, env, cwd = obj.get("argv"), obj.get("env"), obj.get("cwd")
+        if (not isinstance(argv, list) or not 1 <= len(argv) <= MAX_ARGS
+                or not all(isinstance(a, str) and "\0" not in a for a in argv)):
+            raise RequestError("argv must be a list of 1..4096 strings")
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                and "\0" not in k + v for k, v in env.items()):
+            raise RequestError("env must map names to strings")
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+            raise RequestError("cwd must be an absolute path")
+        umask = obj.get("umask")
+        if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
+            raise RequestError("umask out of range")
+        rlimits = obj.get("rlimits")
+        if not isinstance(rlimits, dict):
+            raise RequestError("rlimits must be an object")
+        for name, pair in rlimits.items():
+            if (name not in RLIMITS or not isinstance(pair, list) or len(pair) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool)
+                               and -1 <= v < 1 << 64 for v in pair)):
+                raise RequestError(f"bad rlimit {str(name)[:20]}")
+        targets = obj.get("fds")
+        if (not isinstance(targets, list) or len(targets) != len(fds)
+                or not all(isinstance(t, int) and not isinstance(t, bool)
+                           and 0 <= t <= MAX_FD_NUMBER for t in targets)
+                or len(set(targets)) != len(targets)):
+            raise RequestError(f"fds must name 0..{MAX_FD_NUMBER} once each, one per passed fd")
+        self.argv, self.env, self.cwd, self.umask = argv, env, cwd, umask
+        self.rlimits = rlimits
+        self.fds = dict(zip(targets, fds))     # target number -> fd received here
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))
+
+
+class Zygote:
+    def __init__(self, path: str, log=None):
+        self.path = path
+        self.log = log or (lambda msg: print(f"pyxenfb-zygote: {msg}", file=sys.stderr, flush=True))
+        self.listener: socket.socket | None = None
+        self.selector = None
+        self.pending: dict[int, tuple[socket.socket, float, int]] = {}   # fd -> (conn, deadline, pid)
+        self.wake_r = self.wake_w = -1
+        self.stopping = False
+        self.served = 0
+
+    # -- start-up --
+    @staticmethod
+    def warm() -> None:
+        """Everything a device model imports or loads lazily, once, here."""
+        import numpy  # noqa: F401
+        from . import (cli, console, convert, evtchn, foreignmem, keymap, logbudget,  # noqa: F401
+                       machine_pv, platform, qmp, region, restrict, vnc, xenfb, xenfb_abi,
+                       xenstore, xs_wire)
+        from .rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
+        from .keymaps.index import LAYOUT_MODULES
+        restrict.preload()                 # PIL plugins, pixman, JPEG/PNG, DES, websockets
+        for name in LAYOUT_MODULES:
+            keymap.Keymap.load(name)       # cached: every domain's -k is ready
+        tls.server_context(tls.TlsCredentials("anon"))     # OpenSSL's lazy state
+        try:
+            from . import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
+        except ImportError:
+            pass
+        try:
+            from .sim import guestmem  # noqa: F401  (the sim platform's memory)
+        except ImportError:
+            pass
+
+    def bind(self) -> None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass                            # none, or a dead zygote's socket
+        else:
+            raise OSError(f"another zygote answers on {self.path}")
+        finally:
+            probe.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)               # 0600 from the start: no window for other users
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listener = sock
+
+    def serve(self) -> int:
+        import selectors
+        threads = os.listdir("/proc/self/task")
+        if len(threads) != 1:
+            # fork() would copy locks held by threads the child doesn't have
+            self.log(f"refusing to serve: {len(threads)} threads (a library started one; "
+                     "is OPENBLAS_NUM_THREADS=1 set?)")
+            return 1
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in FORWARDED:
+            signal.signal(sig, self._stop)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        while not self.stopping:
+            now = time.monotonic()
+            timeout = min((d for _c, d, _p in self.pending.values()), default=None)
+            events = self.selector.select(None if timeout is None else max(0.0, timeout - now))
+            for key, _mask in events:
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        os.read(self.wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                elif key.fd in self.pending:
+                    try:
+                        self._request(key.fd)
+                    except Exception as e:      # a bug must cost one request, not the zygote
+                        self.log(f"request failed: {type(e).__name__}: {e}")
+                        if key.fd in self.pending:
+                            self._drop(key.fd).close()
+            now = time.monotonic()
+            for fd, (conn, deadline, pid) in list(self.pending.items()):
+                if deadline <= now:
+                    self._refuse(fd, f"no request within {REQUEST_TIMEOUT:g} s")
+        self.close()
+        return 0
+
+    def _stop(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        for fd in list(self.pending):
+            self._drop(fd)
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    # -- connections --
+    def _accept(self) -> None:
+        import selectors
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log(f"accept: {e.strerror or e}")
+                return
+            pid, uid, _gid = _peer_cred(conn)
+            if uid not in (0, os.geteuid()):
+                self.log(f"refused pid {pid}: uid {uid} is not root")
+                try:
+                    _send(conn, {"error": f"uid {uid} may not use this zygote (root only)"})
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            if len(self.pending) >= MAX_PENDING:
+                try:
+                    _send(conn, {"error": "too many pending requests"})
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.pending[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT, pid)
+            self.selector.register(conn, selectors.EVENT_READ, "request")
+
+    def _drop(self, fd: int) -> socket.socket:
+        conn, _deadline, _pid = self.pending.pop(fd)
+        self.selector.unregister(conn)
+        return conn
+
+    def _refuse(self, fd: int, reason: str) -> None:
+        conn = self._drop(fd)
+        self.log(f"refused a request: {reason}")
+        try:
+            _send(conn, {"error": reason})
+        except OSError:
+            pass
+        conn.close()
+
+    def _request(self, fd: int) -> None:
+        conn, _deadline, peer = self.pending[fd]
+        fds: list[int] = []
+        try:
+            data, anc, flags, _ = conn.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS * 4))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._refuse(fd, f"receive failed: {e.strerror or e}")
+            return
+        try:
+            for level, kind, blob in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
+                    fds.extend(got)
+            if not data:
+                raise RequestError("closed before sending a request")
+            if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+                raise RequestError(f"more than {MAX_FDS} file descriptors")
+            if flags & socket.MSG_TRUNC or len(data) > MAX_REQUEST:
+                raise RequestError(f"request longer than {MAX_REQUEST} bytes")
+            try:
+                obj = json.loads(data)
+            except (ValueError, RecursionError):
+                raise RequestError("request is not JSON") from None
+            if not isinstance(obj, dict):
+                raise RequestError("request is not a JSON object")
+            request = Request(obj, fds)
+            ns = self._open_namespaces(peer)
+        except RequestError as e:
+            for f in fds:
+                os.close(f)
+            self._refuse(fd, str(e))
+            return
+        self._drop(fd)
+        try:
+            self._fork(conn, request, ns)
+        except OSError as e:                # EAGAIN, ENOMEM: this request fails, the zygote serves on
+            self.log(f"fork failed: {e.strerror or e}")
+            try:
+                _send(conn, {"error": f"fork failed: {e.strerror or e}"})
+            except OSError:
+                pass
+        finally:
+            for f in fds + [f for f in ns.values()]:
+                os.close(f)
+            conn.close()
+
+    def _open_namespaces(self, peer: int) -> dict[str, int]:
+        """The peer's mount/IPC namespaces where they differ from ours (libxl's
+        dm_restrict unshares them before exec): the child joins them."""
+        out = {}
+        for ns in NAMESPACES:
+            try:
+                if _ns_inode(peer, ns) == _ns_inode("self", ns):
+                    continue
+                out[ns] = os.open(f"/proc/{peer}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                for f in out.values():
+                    os.close(f)
+                raise RequestError(f"cannot read the {ns} namespace of pid {peer}: "
+                                   f"{e.strerror or e}") from None
+        return out
+
+    def _fork(self, conn: socket.socket, request: Request, ns: dict[str, int]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()                  # or the child would write our buffer again
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()                 # not in the zygote's session or process group
+                if os.fork():
+                    os._exit(0)             # the grandchild is reparented: nobody's zombie
+                self._become(conn, request, ns)
+            except BaseException as e:
+                try:
+                    os.write(2, f"pyxenfb-zygote: child failed to start: {e}\n".encode())
+                finally:
+                    os._exit(127)
+            os._exit(127)
+        os.waitpid(pid, 0)                  # the intermediate exits at once
+        self.served += 1
+
+    # -- in the grandchild --
+    def _become(self, conn: socket.socket, request: Request, ns: dict[str, int]) -> None:
+        global _control
+        signal.set_wakeup_fd(-1)
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as a fresh interpreter has it
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for other in list(self.pending):
+            self._drop(other).close()
+        self.selector.close()
+        self.listener.close()
+        for kind, fd in ns.items():       # before the fds move: a passed fd may take their numbers
+            _setns(fd, CLONE_NEWNS if kind == "mnt" else CLONE_NEWIPC)
+            os.close(fd)
+        conn = self._place_fds(conn, request.fds)
+        import resource
+        for name, (soft, hard) in request.rlimits.items():
+            number = _rlimit_number(name)
+            limits = tuple(resource.RLIM_INFINITY if v == -1 else v for v in (soft, hard))
+            try:
+                resource.setrlimit(number, limits)
+            except (ValueError, OSError) as e:
+                raise OSError(f"cannot apply the stand-in's RLIMIT_{name} {limits}: {e}") from None
+        _set_comm(os.path.basename(request.argv[0]))     # `ps -C pyqemu-dm` finds it as a cold one
+        os.umask(request.umask)
+        os.chdir(request.cwd)
+        os.environ.clear()
+        os.environ.update(request.env)
+        sys.argv = list(request.argv)
+        import logging
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)     # the zygote's; the DM sets up its own
+        root.setLevel(logging.WARNING)
+        _send(conn, {"pid": os.getpid()})
+        conn.settimeout(ANSWER_TIMEOUT)
+        try:
+            go = _recv(conn)
+        except (OSError, ValueError):
+            go = None
+        if not go or go.get("go") is not True:
+            os._exit(0)                     # the stand-in gave up and starts cold: not ours
+        conn.settimeout(None)
+        _control = conn
+        code = 1
+        try:
+            from .cli import main
+            code = main(request.argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            code = code if isinstance(code, int) and 0 <= code <= 255 else 1
+            try:
+                _send(conn, {"exit": code})
+            except OSError:
+                pass
+            _exit_now(code)
+
+    @staticmethod
+    def _place_fds(conn: socket.socket, fds: dict[int, int]) -> socket.socket:
+        """The received fds at their numbers in the stand-in (0-2 closed where
+        the stand-in had them closed); returns the control socket, moved
+        above every number a passed fd may take."""
+        top = max([*fds, *fds.values(), conn.fileno()]) + 1     # above every number in play
+        control = socket.socket(fileno=_dup_at_least(conn.fileno(), top))
+        conn.close()
+        moved = {target: _dup_at_least(fd, top) for target, fd in fds.items()}
+        for fd in fds.values():
+            os.close(fd)
+        # Nothing else the zygote holds (or inherited) belongs to this domain:
+        # a cold start has exactly what its exec'er passed.
+        low = 0
+        for keep in sorted([*moved.values(), control.fileno()]):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 1 << 30)
+        for target, fd in moved.items():
+            os.dup2(fd, target, inheritable=True)
+            os.close(fd)
+        return control
+
+
+def _dup_at_least(fd: int, low: int) -> int:
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+
+
+def _set_comm(name: str) -> None:
+    import ctypes
+    PR_SET_NAME = 15
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(errors="replace")[:15], 0, 0, 0)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pyxenfb-zygote [--socket PATH]`: warm up, then serve until SIGTERM."""
+    # Before numpy: OpenBLAS would start threads at import, and a process
+    # with threads must not fork.
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    import argparse
+    ap = argparse.ArgumentParser(prog="pyxenfb-zygote", description=main.__doc__.split(":")[0])
+    ap.add_argument("--socket", default=DEFAULT_SOCKET,
+                    help=f"unix socket to listen on (default {DEFAULT_SOCKET})")
+    args = ap.parse_args(argv)
+    zygote = Zygote(args.socket)
+    started = time.monotonic()
+
+    try:
+        zygote.warm()
+    except Exception as e:
+        zygote.log(f"cannot load the device model: {e}")
+        return 1
+    import gc
+    gc.collect()
+    gc.freeze()                 # the warm heap stays out of every child's collections: shared pages
+    try:
+        zygote.bind()
+    except OSError as e:
+        zygote.log(f"cannot listen on {args.socket}: {e.strerror or e}")
+        return 1
+    # On stdout (problems go to stderr): whoever started us waits for this line.
+    print(f"pyxenfb-zygote: ready on {args.socket} (warmed up in "
+          f"{time.monotonic() - started:.2f} s, pid {os.getpid()})", flush=True)
+    code = zygote.serve()
+    print(f"pyxenfb-zygote: stopped after serving {zygote.served} device models; "
+          "they keep running", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    # Run the importable module, not this __main__ copy: a child's machine
+    # finds its control socket through `pyxenfb.zygote`.
+    from pyxenfb.zygote import main as _main
+    sys.exit(_main())

@@ -1,0 +1,459 @@
+"""pyxenfb-zygote and the pyqemu-dm stand-in (pyxenfb/zygote.py), on the sim:
+`pyxenfb-sim host --zygote` and the sim's `create`, which execs pyqemu-dm
+with PYXENFB_ZYGOTE=RUN_DIR/zygote.sock as libxl would exec it."""
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyxenfb import zygote
+from pyxenfb.sim import toolstack
+from pyxenfb.sim.fbdump import fbdump_array
+from pyxenfb.xenstore import XenStore
+from simkit import read_line, short_run_dir, stop_host, wait_until
+
+ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
+FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
+DM = [sys.executable, "-m", "pyxenfb.cli"]
+
+
+def _start_host_with_zygote(run_dir: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir,
+                             "--zygote"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = read_line(proc, ZYGOTE_START_TIMEOUT)
+    assert "host ready" in line, (line, proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def zhost():
+    run_dir = short_run_dir()
+    proc = _start_host_with_zygote(run_dir)
+    yield run_dir
+    stop_host(proc)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _start_zygote(path: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.zygote", "--socket", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = read_line(proc, ZYGOTE_START_TIMEOUT)
+    assert line.startswith("pyxenfb-zygote: ready on "), (line, proc.stderr)
+    return proc
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")     # a zombie counts as dead
+    except FileNotFoundError:
+        return True
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[1])
+
+
+def _mem(pid: int) -> dict:
+    out = {}
+    for path in (f"/proc/{pid}/status", f"/proc/{pid}/smaps_rollup"):
+        for line in Path(path).read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "Pss"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def _child_of(log_path: str) -> int:
+    """The zygote child's pid, from the stand-in's line in the DM's log."""
+    m = FORKED.search(Path(log_path).read_text())
+    assert m, Path(log_path).read_text()
+    return int(m.group(2))
+
+
+def _zygote_pid(path: str) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(path)
+        return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+
+
+async def _connected(run_dir: str, domid: int, timeout: float = 15.0) -> None:
+    xs = await XenStore.open(os.path.join(run_dir, "xenstored.sock"))
+    try:
+        deadline = time.monotonic() + timeout
+        for dev in ("vfb", "vkbd"):
+            while await xs.read_str(f"/local/domain/0/backend/{dev}/{domid}/0/state") != "4" or \
+                    await xs.read_str(f"/local/domain/{domid}/device/{dev}/0/state") != "4":
+                assert time.monotonic() < deadline, f"{dev} of domain {domid} never connected"
+                await asyncio.sleep(0.05)
+    finally:
+        xs.close()
+
+
+async def _qmp(run_dir: str, domid: int, command: str, args: dict | None = None):
+    qmp = await toolstack.QmpClient.connect(toolstack.qmp_paths(run_dir, domid)[0], command)
+    try:
+        await qmp.execute("qmp_capabilities")
+        return await qmp.execute(command, args)
+    finally:
+        qmp.close()
+
+
+def _create(run_dir: str, domid: int, **kw) -> toolstack.CreateResult:
+    async def go():
+        res = await toolstack.create_domain(run_dir, domid, f"z{domid}",
+                                            vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1",
+                                            width=320, height=200, **kw)
+        await _connected(run_dir, domid)
+        return res
+    return asyncio.run(go())
+
+
+def _vnc_handshake(port: int) -> tuple[int, int]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.read(12) == b"RFB 003.008\n"
+        s.sendall(b"RFB 003.008\n")
+        types = f.read(f.read(1)[0])
+        assert 1 in types
+        s.sendall(b"\x01")
+        assert f.read(4) == b"\0\0\0\0"
+        s.sendall(b"\x01")
+        return struct.unpack(">HH", f.read(4))
+
+
+# ---- a domain through the zygote is a domain like any other --------------------------
+
+def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
+    from vncdotool import api
+    sock = os.path.join(zhost, "zygote.sock")
+    zpid = _zygote_pid(sock)
+    for round_ in range(2):                             # the second round is a reboot
+        res = _create(zhost, 1)
+        child = _child_of(res.dm_log)
+        # really a zygote child: not the stand-in's, not a fresh interpreter
+        assert child != res.dm_pid and _ppid(child) != res.dm_pid
+        assert Path(f"/proc/{child}/cmdline").read_bytes() == \
+            Path(f"/proc/{zpid}/cmdline").read_bytes()
+        mem = _mem(child)
+        assert mem["Pss"] < mem["VmRSS"], mem            # pages shared with the zygote
+        assert len(os.listdir(f"/proc/{res.dm_pid}/task")) == 1
+        for fd in (0, 1, 2):                            # the log libxl opened, at the same numbers
+            assert os.readlink(f"/proc/{child}/fd/{fd}") == os.readlink(f"/proc/{res.dm_pid}/fd/{fd}")
+        held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
+        assert not any("zygote" in h for h in held), held   # nothing of the zygote's
+        assert "numpy" not in Path(f"/proc/{res.dm_pid}/maps").read_text()   # a thin stand-in
+
+        expected = fbdump_array(zhost, 1)
+        client = api.connect(f"127.0.0.1::{res.vnc_port}", timeout=10)
+        try:
+            shot = np.asarray(client.refreshScreen().screen.convert("RGB"))
+            assert np.array_equal(shot, expected)
+            client.keyPress("a")
+        finally:
+            client.disconnect()
+        wait_until(lambda: any(e["type"] == "key" and e["code"] == 30 and not e["pressed"]
+                               for e in toolstack.read_input_log(zhost, 1)), 10, "KEY_A in the guest")
+
+        assert asyncio.run(_qmp(zhost, 1, "query-status"))["status"] == "running"
+        out = tmp_path / f"shot{round_}.png"
+        asyncio.run(_qmp(zhost, 1, "screendump", {"filename": str(out), "format": "png"}))
+        from PIL import Image
+        with Image.open(out) as img:
+            assert np.array_equal(np.asarray(img.convert("RGB")), expected)
+
+        asyncio.run(toolstack.destroy_domain(zhost, 1))    # SIGKILL to the stand-in
+        wait_until(lambda: _dead(child), 1.0, "the zygote child to follow its stand-in")
+        assert "stand-in process gone" in Path(res.dm_log).read_text()
+    assert not _dead(zpid)
+
+
+def test_kill_9_of_the_stand_in_takes_the_child_down_within_1s(zhost):
+    res = _create(zhost, 2)
+    child = _child_of(res.dm_log)
+    os.kill(res.dm_pid, signal.SIGKILL)
+    start = time.monotonic()
+    wait_until(lambda: _dead(child), 1.0, "the child to exit after its stand-in's SIGKILL")
+    took = time.monotonic() - start
+    print(f"child gone {took * 1000:.0f} ms after the stand-in's SIGKILL")
+    asyncio.run(toolstack.destroy_domain(zhost, 2))
+
+
+def test_kill_9_of_a_child_leaves_the_zygote_and_other_domains_serving(zhost):
+    async def create_three():              # many at once
+        results = await asyncio.gather(*(toolstack.create_domain(
+            zhost, d, f"z{d}", vfb=f"vnc=1,vncdisplay={60 + d},vncunused=1", width=320, height=200)
+            for d in (3, 4, 5)))
+        for d in (3, 4, 5):
+            await _connected(zhost, d)
+        return results
+    r3, r4, r5 = asyncio.run(create_three())
+    children = [_child_of(r.dm_log) for r in (r3, r4, r5)]
+    assert len(set(children)) == 3
+    os.kill(children[0], signal.SIGKILL)                # domain 3's device model "crashes"
+    wait_until(lambda: _dead(r3.dm_pid), 5, "the stand-in of the crashed child to exit")
+    assert "died without an exit status" in Path(r3.dm_log).read_text()
+    for r, d in ((r4, 4), (r5, 5)):
+        assert asyncio.run(_qmp(zhost, d, "query-status"))["status"] == "running"
+        assert _vnc_handshake(r.vnc_port) == (320, 200)
+    r6 = _create(zhost, 6)                              # and the zygote still serves
+    assert _child_of(r6.dm_log)
+    for d in (4, 5, 6):
+        asyncio.run(toolstack.destroy_domain(zhost, d))
+    asyncio.run(toolstack.destroy_domain(zhost, 3))
+
+
+def test_zygote_restart_leaves_running_domains_alone(zhost):
+    sock = os.path.join(zhost, "zygote.sock")
+    res = _create(zhost, 7)
+    child = _child_of(res.dm_log)
+    old = _zygote_pid(sock)
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: _dead(old), 10, "the zygote to stop")
+    assert not os.path.exists(sock)
+    assert not _dead(child) and not _dead(res.dm_pid)
+    assert asyncio.run(_qmp(zhost, 7, "query-status"))["status"] == "running"
+    new = _start_zygote(sock)
+    try:
+        res8 = _create(zhost, 8)
+        assert _child_of(res8.dm_log)
+        assert _vnc_handshake(res.vnc_port) == (320, 200)
+        for d in (7, 8):
+            asyncio.run(toolstack.destroy_domain(zhost, d))
+    finally:
+        new.terminate()
+        new.wait(10)
+
+
+def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost):
+    asyncio.run(toolstack.create_domain(zhost, 9, "term", vfb="vnc=1", dm=None, start_guest=False))
+    qmp = os.path.join(zhost, "qmp-test-9")
+    env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
+    proc = subprocess.Popen(DM + ["-xen-domid", "9", "-chardev",
+                                  f"socket,id=c,path={qmp},server=on,wait=off",
+                                  "-mon", "chardev=c,mode=control", "-vnc", "127.0.0.1:0,to=99"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line_err(proc, 10)
+        child = int(FORKED.search(line).group(2))
+        wait_until(lambda: os.path.exists(qmp), 10, "the child's QMP socket")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        wait_until(lambda: _dead(child), 5, "the child to exit")
+        assert not os.path.exists(qmp)                   # a clean shutdown, as a cold DM does
+        assert "SIGTERM received" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A failing start-up is the stand-in's failure too: exit 1 and the child's one line.
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        display = blocker.getsockname()[1] - 5900
+        r = subprocess.run(DM + ["-xen-domid", "9", "-vnc", f"127.0.0.1:{display}"], env=env,
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        blocker.close()
+    assert r.returncode == 1, r.stderr
+    assert FORKED.search(r.stderr) and "in use" in r.stderr and "Traceback" not in r.stderr
+
+
+def read_line_err(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    assert ready, f"no line from pid {proc.pid} within {timeout} s"
+    return proc.stderr.readline()
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user):
+    res = _create(zhost, 10, dm_restrict=True, dm_user=user)
+    child = _child_of(res.dm_log)
+    if user is not None:                                 # -runas: the child drops, as cold
+        import pwd
+        uid = str(pwd.getpwnam(user).pw_uid)
+        status = Path(f"/proc/{child}/status").read_text()
+        assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.M), status
+        assert _vnc_handshake(res.vnc_port) == (320, 200)
+    limits = lambda pid: Path(f"/proc/{pid}/limits").read_text()   # noqa: E731
+    assert limits(child) == limits(res.dm_pid)
+    assert "Max file size             262144" in limits(child)
+    for ns in ("mnt", "ipc"):
+        assert os.readlink(f"/proc/{child}/ns/{ns}") == os.readlink(f"/proc/{res.dm_pid}/ns/{ns}")
+        assert os.readlink(f"/proc/{child}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+    assert f"chroot {res.dm_root}" in Path(res.dm_log).read_text()
+    assert asyncio.run(_qmp(zhost, 10, "query-status"))["status"] == "running"
+    asyncio.run(toolstack.destroy_domain(zhost, 10))
+    wait_until(lambda: _dead(child), 1.0, "the restricted child to exit")
+
+
+def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost):
+    """Target: exec -> `running` <= 300 ms on the sim (best of 3)."""
+    env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
+    times = []
+
+    async def once(domid: int) -> None:
+        await toolstack.create_domain(zhost, domid, f"t{domid}", vfb="vnc=1", dm=None,
+                                      start_guest=False)
+        xs = await XenStore.open(os.path.join(zhost, "xenstored.sock"))
+        start = time.monotonic()
+        proc = subprocess.Popen(DM + ["-xen-domid", str(domid), "-vnc", "127.0.0.1:0,to=99"],
+                                env=env, stderr=subprocess.DEVNULL)
+        try:
+            path = f"/local/domain/0/device-model/{domid}/state"
+            while await xs.read_str(path) != "running":
+                assert time.monotonic() - start < 30 and proc.poll() is None
+                await asyncio.sleep(0.002)
+            times.append(time.monotonic() - start)
+            mem = _mem(proc.pid)
+            print(f"stand-in: RSS {mem['VmRSS']} KiB, PSS {mem['Pss']} KiB")
+            assert mem["VmRSS"] < 25 * 1024
+        finally:
+            proc.kill()
+            proc.wait()
+            xs.close()
+            await toolstack.destroy_domain(zhost, domid)
+    for domid in (11, 12, 13):
+        asyncio.run(once(domid))
+    print("exec -> running through the zygote: " + ", ".join(f"{t * 1000:.0f} ms" for t in times))
+    assert min(times) <= 0.3, times
+
+
+# ---- no zygote: a cold start, with one line saying why ------------------------------
+
+def test_no_zygote_or_a_silent_one_is_a_cold_start_with_one_line(host, monkeypatch):
+    monkeypatch.setenv("PYXENFB_ZYGOTE", os.path.join(host, "nowhere.sock"))
+    res = _create(host, 14)
+    log = Path(res.dm_log).read_text()
+    assert f"zygote: no zygote at {host}/nowhere.sock; cold start" in log
+    assert not FORKED.search(log)
+    assert asyncio.run(_qmp(host, 14, "query-status"))["status"] == "running"
+    asyncio.run(toolstack.destroy_domain(host, 14))
+
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)     # listens, never answers
+    silent.bind(os.path.join(host, "silent.sock"))
+    silent.listen(4)
+    monkeypatch.setenv("PYXENFB_ZYGOTE", os.path.join(host, "silent.sock"))
+    try:
+        res = _create(host, 15)
+    finally:
+        silent.close()
+    log = Path(res.dm_log).read_text()
+    assert log.count("zygote:") == 1 and "did not answer within 2 s; cold start" in log, log
+    asyncio.run(toolstack.destroy_domain(host, 15))
+
+    monkeypatch.setenv("PYXENFB_ZYGOTE", "off")
+    res = _create(host, 16)
+    assert "zygote" not in Path(res.dm_log).read_text()
+    asyncio.run(toolstack.destroy_domain(host, 16))
+
+
+# ---- the zygote's door ------------------------------------------------------------------
+
+@pytest.fixture
+def lone_zygote():
+    run_dir = short_run_dir()
+    path = os.path.join(run_dir, "z.sock")
+    proc = _start_zygote(path)
+    yield path, proc
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _as_nobody(path: str) -> str:
+    """Connect as uid/gid 65534 from a forked child; what happened, one word or the reply."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            try:
+                s.connect(path)
+                out = s.recv(4096).decode() or "EOF"       # refused at accept: no request needed
+            except PermissionError:
+                out = "EACCES"
+            except OSError as e:
+                out = repr(e)
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
+def test_a_non_root_peer_is_refused(lone_zygote):
+    path, proc = lone_zygote
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert _as_nobody(path) == "EACCES"                  # the socket's mode keeps it out
+    os.chmod(os.path.dirname(path), 0o711)
+    os.chmod(path, 0o666)                               # and without it, SO_PEERCRED does
+    reply = json.loads(_as_nobody(path))
+    assert "uid 65534" in reply["error"] and "root only" in reply["error"]
+    os.chmod(path, 0o600)
+    assert _zygote_pid(path) == proc.pid                 # still serving
+
+
+def _raw_request(path: str, data: bytes, fds: list[int] = ()) -> dict | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                  if fds else [])
+        reply = s.recv(4096)
+        return json.loads(reply) if reply else None
+
+
+def test_malformed_requests_are_refused_and_the_zygote_keeps_serving(lone_zygote):
+    path, proc = lone_zygote
+    good = {"v": 1, "argv": ["pyqemu-dm", "-version"], "env": {}, "cwd": "/", "umask": 0o22,
+            "rlimits": {}, "fds": []}
+    cases = [
+        (b"not json", [], "not JSON"),
+        (b"[1]", [], "not a JSON object"),
+        (b"[" * 100_000, [], "not JSON"),
+        (json.dumps({**good, "v": 2}).encode(), [], "protocol version"),
+        (json.dumps({**good, "argv": []}).encode(), [], "argv"),
+        (json.dumps({**good, "env": {"A=B": "x"}}).encode(), [], "env"),
+        (json.dumps({**good, "cwd": "relative"}).encode(), [], "cwd"),
+        (json.dumps({**good, "rlimits": {"BOGUS": [1, 1]}}).encode(), [], "rlimit"),
+        (json.dumps({**good, "fds": [0]}).encode(), [], "fds"),        # names one, passes none
+        (b"x" * (zygote.MAX_REQUEST + 10), [], "longer than"),
+        (json.dumps({**good, "fds": list(range(20))}).encode(), [0] * 20, "file descriptors"),
+    ]
+    for data, fds, why in cases:
+        reply = _raw_request(path, data, fds)
+        assert reply is not None and why in reply["error"], (why, reply)
+    # a silent peer is dropped after the bound, and others are served meanwhile
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as idle:
+        idle.connect(path)
+        assert _zygote_pid(path) == proc.pid
+        idle.settimeout(zygote.REQUEST_TIMEOUT + 5)
+        assert "no request within" in json.loads(idle.recv(4096))["error"]
+    assert len(os.listdir(f"/proc/{proc.pid}/fd")) <= 8        # nothing leaked
+    assert len(os.listdir(f"/proc/{proc.pid}/task")) == 1
