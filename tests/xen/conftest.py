@@ -207,7 +207,7 @@ def lab() -> Lab:
     if home is None:
         pytest.skip("xenlab not found (set XENLAB_HOME)")
     share = Path(os.environ.get("PYXENFB_XEN_SHARE", "/var/tmp/pyxenfb-xen-share"))
-    timeout = int(os.environ.get("PYXENFB_XEN_TIMEOUT", "560"))
+    timeout = int(os.environ.get("PYXENFB_XEN_TIMEOUT", "1000"))
     run_log = share / "tier-run.log"
     if os.environ.get("PYXENFB_XEN_REUSE") == "1" and (share / "out" / "results.tsv").exists():
         rc = int((share / "out" / "rc").read_text()) if (share / "out" / "rc").exists() else 125
@@ -233,7 +233,7 @@ def lab() -> Lab:
 def pytest_collection_modifyitems(config, items):
     # The first test pays for the lab boot (minutes under TCG); the project-wide
     # 120 s per-test timeout would cut it off.
-    budget = int(os.environ.get("PYXENFB_XEN_TIMEOUT", "560")) + 120
+    budget = int(os.environ.get("PYXENFB_XEN_TIMEOUT", "1000")) + 120
     for item in items:
         if item.get_closest_marker("xen") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(budget))

@@ -399,26 +399,61 @@ def test_performance_numbers_beside_qemu(lab):
 
 
 # ---- dm_restrict=1 -------------------------------------------------------------------------
+# Debian's QEMU 7.2 runs the same config in the same boot as the reference for
+# what libxl does to a restricted DM (argv, chroot, limits, namespace, user);
+# its own vfb/vkbd backends stay in InitWait there (docs/real-xen.md), so
+# pictures are judged for pyqemu-dm only.
 
-@pytest.mark.parametrize("key", RESTRICTED)
-def test_restricted_dm_serves_the_guest(lab, key):
+def test_restricted_dm_serves_the_guest(lab):
     """xl's dm_restrict=1: libxl starts the DM chrooted with its limits; the
-    picture still arrives over VNC, and a screendump lands inside the chroot."""
-    assert lab.need(f"{key}.create_rc") == 0, f"xl create failed ({lab.out}/{key}-xl-create.log)"
-    require_ready(lab, key)
+    picture arrives over VNC, exact, after a screendump attempt."""
+    assert lab.need("pyr.create_rc") == 0, f"xl create failed ({lab.out}/pyr-xl-create.log)"
+    require_ready(lab, "pyr")
     for enc in ("raw", "zrle"):
-        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"{key}-vnc-{enc}.ppm"),
-                            f"{key} VNC {enc}")
-    assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"{key}-qmp.ppm"),
-                        f"{key} QMP screendump inside the chroot")
+        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"pyr-vnc-{enc}.ppm"), f"pyr VNC {enc}")
+
+
+def test_restricted_screendump(lab):
+    """The path is resolved inside the chroot, where libxl's 256 KiB
+    RLIMIT_FSIZE refuses an 800x600 PPM: a clear QMP error, and the DM lives
+    on (the pictures above were taken after it)."""
+    require_ready(lab, "pyr")
+    reply = lab.need("pyr.screendump_reply")
+    if '"error"' in reply:
+        assert "File too large" in reply, reply
+    else:
+        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm("pyr-qmp.ppm"), "screendump in the chroot")
 
 
 @pytest.mark.parametrize("key", RESTRICTED)
 def test_restricted_dm_is_confined(lab, key):
-    require_ready(lab, key)
     argv = lab.need(f"{key}.argv")
-    assert "-xen-domid-restrict" in argv, argv
+    assert "-xen-domid-restrict" in argv and "-chroot" in argv, argv
     assert lab.need(f"{key}.root") == lab.need(f"{key}.expected_root")
     assert lab.need(f"{key}.fsize_limit") == "262144 262144", "RLIMIT_FSIZE is libxl's 256 KiB"
     own, init = lab.need(f"{key}.mnt_ns").split()
     assert own != init, "the DM runs in a mount namespace of its own"
+
+
+def test_restricted_dms_run_as_the_same_user(lab):
+    assert lab.need("pyr.uids") == lab.need("qemur.uids")
+
+
+# ---- the zygote ------------------------------------------------------------------------------
+
+def test_zygote_serves_a_guest(lab):
+    """libxl execs pyqemu-dm, which has the warm pyxenfb-zygote fork the
+    domain's device model (cold ones run in the same boot above)."""
+    assert "ready on" in lab.need("zygote.ready_line"), f"zygote log: {lab.out}/zygote.log"
+    require_ready(lab, "pyz")
+    for enc in ("raw", "zrle"):
+        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"pyz-vnc-{enc}.ppm"), f"pyz VNC {enc}")
+    child, stand_in = lab.need("pyz.child_pid"), lab.need("pyz.stand_in_pid")
+    assert child and child != stand_in, "the DM is the zygote's child, not the exec'd stand-in"
+    assert lab.need("pyz.dm_exec_to_running_s") < LIBXL_SPAWN_TIMEOUT_S
+
+
+def test_zygote_child_goes_with_xl_destroy(lab):
+    require_ready(lab, "pyz")
+    assert lab.need("pyz.destroy_rc") == 0
+    assert lab.need("pyz.child_left_running") is False
