@@ -289,18 +289,18 @@ until grep -q "ready on" "$O/zygote.log" 2>/dev/null || [ "$(date +%s)" -ge $end
 rec zygote.warmup_s "$(since "$T0")"
 recs zygote.ready_line "$(grep -m1 'ready on' "$O/zygote.log")"
 T0=$(now)
-if boot pyz pyz "$PYDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
+if boot pyzg pyz "$PYDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
      --dm-env PYXENFB_ZYGOTE=$ZSOCK; then
-  port=$(xenlab_vnc_port pyz)
+  port=$(xenlab_vnc_port pyzg)
   vnc pyz grab "${port:-5900}" "grab:raw:$O/pyz-vnc-raw.ppm" "grab:zrle:$O/pyz-vnc-zrle.ppm"
-  stand_in=$(dm_pid pyz)
-  child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyz.log | awk '{print $NF}' | tail -1)
+  stand_in=$(dm_pid pyzg)
+  child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyzg.log | awk '{print $NF}' | tail -1)
   rec pyz.stand_in_pid "${stand_in:-null}"; rec pyz.child_pid "${child:-null}"
   rec pyz.stand_in_mem "$(proc_mem "$stand_in")"
   rec pyz.child_mem "$(proc_mem "$child")"
   recs pyz.pss_kb "$(awk '/^Pss:/{print $2}' /proc/$stand_in/smaps_rollup) $(awk '/^Pss:/{print $2}' /proc/$child/smaps_rollup) $(awk '/^Pss:/{print $2}' /proc/$ZPID/smaps_rollup)"
 fi
-finish pyz pyz
+finish pyz pyzg    # KEY != NAME: finish moves the logs from NAME to KEY
 if [ -n "${child:-}" ] && [ -d /proc/$child ]; then rec pyz.child_left_running true; else rec pyz.child_left_running false; fi
 rec pyz.scenario_s "$(since "$T0")"
 kill $ZPID 2>/dev/null
