@@ -577,7 +577,7 @@ async def _wait_node(xs: XenStore, path: str, want, pids: tuple[int, ...] = (),
     """Wait (watch-driven) until `path` satisfies want(value); fail at once if one
     of `pids` (the guest, the DM) dies meanwhile."""
     changed = asyncio.Event()
-    deaths = [toolstack._process_exited(pid) for pid in pids]
+    deaths = [toolstack.process_exited(pid) for pid in pids]
     for death in deaths:
         death.add_done_callback(lambda _f: changed.set())
     await xs.watch(path, "wait", lambda _p, _t: changed.set())
