@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 
+from .qmp import QmpError
 
 log = logging.getLogger("pyxenfb.machine")
 
@@ -309,7 +310,6 @@ class XenPvMachine:
         return {"auth": "vencrypt", "vencrypt": f"{kind}-{'vnc' if password else 'none'}"}
 
     def qmp_set_vnc_password(self, password: str) -> None:
-        from .qmp import QmpError
         if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password")
         self.vnc_password, self.vnc_password_expired = password, False
@@ -317,7 +317,6 @@ class XenPvMachine:
             self.vnc.set_password(password)
 
     def qmp_expire_vnc_password(self, time: str) -> None:
-        from .qmp import QmpError
         if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password expire time")
         if time != "never":
@@ -326,7 +325,6 @@ class XenPvMachine:
                 self.vnc.expire_password()
 
     def qmp_screendump(self, filename: str, fmt: str) -> None:
-        from .qmp import QmpError
         if self.console is None:
             raise QmpError("GenericError", "There is no console to take a screendump from")
         from .convert import to_rgb
