@@ -236,6 +236,13 @@ class XenPvMachine:
             print(f"pyqemu-dm: {e}", file=sys.stderr)
             await self.shutdown()
             return 1
+        except OSError:
+            # xenstored went away while we started: every request fails now
+            if self.xs is None or not self.xs.closed.done():
+                raise
+            log.error("XenStore connection lost during start-up, exiting")
+            await self.shutdown()
+            return 1
         lost = self.xs.closed if self.xs is not None else loop.create_future()
         stop = asyncio.ensure_future(self.stop_event.wait())
         done, _ = await asyncio.wait([stop, lost], return_when=asyncio.FIRST_COMPLETED)

@@ -323,6 +323,48 @@ def test_cli_create_list_destroy(host):
     assert r.returncode == 1 and "page-ref" in r.stderr
 
 
+@needs_dm
+def test_cli_create_without_vfb_boots_the_guest(host):
+    """As Linux with no vfb/vkbd in its config: the guest boots with no
+    frontends, no traceback, and stops cleanly on destroy."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pyxenfb.sim.cli", *args],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYXENFB_SIM=host))
+    r = cli("create", "--domid", "7", "--name", "novfb", "--memory", "16")
+    assert (r.returncode, r.stdout) == (0, "domain 7 (novfb) created; no VNC\n"), r.stderr
+    guest_log = Path(host, "dom7", "guest.log")
+    pid = int(Path(host, "dom7", "guest.pid").read_text())
+    wait_until(lambda: guest_log.exists() and "guest running" in guest_log.read_text(), 30,
+               lambda: guest_log.exists() and guest_log.read_text())
+    assert "devices: none" in guest_log.read_text() and not _dead(pid)
+    assert json.loads(Path(host, "dom7", "guest.json").read_text())["fb_page_ref"] is None
+    assert cli("destroy", "--domid", "7").returncode == 0
+    assert _dead(pid)
+
+
+def test_fbdump_reads_through_xenstore_and_names_what_is_wrong(host, tmp_path):
+    from pyxenfb.sim.fbdump import fbdump_array
+
+    async def write(path, value):
+        xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
+        try:
+            await xs.write(path, value)
+        finally:
+            xs.close()
+    fe = "/local/domain/9/device/vfb/0"
+    with pytest.raises(FbdumpError, match="has no .*page-ref"):
+        fbdump_array(host, 9)
+    asyncio.run(write(f"{fe}/page-ref", "12x"))
+    with pytest.raises(FbdumpError, match="not a frame number: '12x'"):
+        fbdump_array(host, 9)
+    asyncio.run(write(f"{fe}/page-ref", "12"))
+    with pytest.raises(FbdumpError, match="cannot open guest memory"):
+        fbdump_array(host, 9)
+    with pytest.raises(FbdumpError, match="cannot reach XenStore"):
+        fbdump_array(str(tmp_path), 9)              # no host on this run dir
+
+
 # ---- the device model sequence (a fake DM that records what libxl-sim does) ------
 
 FAKE_DM = r'''#!{python}
