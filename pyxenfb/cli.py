@@ -42,6 +42,14 @@ MAX_DOMID = DOMID_FIRST_RESERVED - 1
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
 
+# upstream QEMU's `-d` log items (qemu-system -d help, 7.2 and later), which
+# `-d` may carry instead of qemu-dm's domain id
+QEMU_LOG_ITEMS = frozenset("""
+    out_asm in_asm op op_opt op_ind op_plugin int exec cpu fpu mmu pcall
+    cpu_reset unimp guest_errors page nochain plugin strace tid invalid_mem vpu
+    tb_op help
+""".split())
+
 KEYMAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 # QEMU (and qemu-dm) options that take a value: needed so that the value of
@@ -208,6 +216,9 @@ def parse_name(text: str, ignored: list[str]) -> str:
 def parse_keymap(text: str) -> str:
     if not KEYMAP_RE.fullmatch(text):
         raise CliError(f"-k: bad keymap name '{text}' (e.g. en-us, de, fr-ch)")
+    from .keymap import available_layouts       # the generated index: no tables loaded
+    if text not in available_layouts():
+        raise CliError(f"-k: unknown keymap '{text}' (available: {' '.join(available_layouts())})")
     return text
 
 
@@ -487,8 +498,13 @@ class _Parser:
             o.ignored.append(f"-{name}" if value is None else f"-{name} {value}")
 
     def domid(self, name: str, value: str) -> None:
-        if name == "d" and re.fullmatch(r"[a-z_,]+", value):
+        if name == "d" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_,:*.-]*", value):
             # upstream QEMU's -d is a list of log items, qemu-dm's is the domid
+            items = value.split(",")
+            unknown = [i for i in items if i not in QEMU_LOG_ITEMS and not i.startswith("trace:")]
+            if unknown:
+                raise CliError(f"-d: '{value}' is neither a domain id nor QEMU log items "
+                               f"('{unknown[0]}' is not one)")
             self.opts.ignored.append(f"-d {value}")
             return
         domid = parse_domid(f"-{name}", value)
