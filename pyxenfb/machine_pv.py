@@ -27,6 +27,15 @@ class MachineError(Exception):
 
 
 class XenPvMachine:
+    """One device model process for one domain: XenStore, QMP, the vfb and
+    vkbd backends, the console and its displays, in one asyncio loop.
+
+    `run()` starts them in libxl's order (QMP, VNC port, `running`, then the
+    display stack and the backends), applies dm_restrict once every handle is
+    open, and exits when the domain is released, on a signal, or when the
+    XenStore connection is lost.  QMP commands arrive as the `qmp_*` methods.
+    """
+
     def __init__(self, options, platform):
         self.opts = options
         self.platform = platform
