@@ -309,6 +309,20 @@ def test_set_desktop_size_is_prohibited():
         assert conn.width == 800
 
 
+def test_a_surface_wider_than_rfb_can_say_is_shown_clipped():
+    """A guest can make its surface 70000 pixels wide (one row, 8 bpp): RFB
+    sizes are u16, so the client is told 65535 and sees the top-left part."""
+    conn = rfb.ServerConnection(70000, 2, "wide")
+    conn.data_to_send()
+    conn.receive_data(b"RFB 003.008\n\x01\x01")
+    assert struct.unpack(">HH", conn.data_to_send()[2 + 4:2 + 4 + 4]) == (65535, 2)
+    conn.receive_data(set_encodings(0, -223))
+    assert conn.resize(1, 100_000) is True
+    conn.receive_data(fbur(1))
+    conn.send_update(make_picture(8, 8).rows, GUEST_32, [])
+    assert conn.data_to_send() == b"\0\0\0\x01" + enc.rect_header(0, 0, 1, 65535, -223)
+
+
 def test_resize_goes_alone_and_unsupported_client_refuses():
     conn = to_normal()
     assert conn.resize(1024, 768) is False
