@@ -707,13 +707,17 @@ class ServerConnection:
         clipped_rects)` may provide that copy (a server shares one among
         clients that use the same format); it returns one private pixel array
         per rectangle."""
-        pseudo, self._pseudo = self._pseudo, []
-        self.resize_pending = False
-        full, self._request = self._request == "full", None
         # Never trust the caller's size bookkeeping further than the pixels go.
         width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
         height = min(self.height, rows.shape[0])
         clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
+        if self._request != "full" and not self._pseudo and not clipped:
+            # Nothing this client can see changed (all outside its view):
+            # its incremental request stays outstanding, or it waits forever.
+            return UpdateJob(self, [], [], False)
+        pseudo, self._pseudo = self._pseudo, []
+        self.resize_pending = False
+        full, self._request = self._request == "full", None
         if snapshot is not None:
             copies = snapshot(rows, src_fmt, self.pixel_format, clipped)
         else:
