@@ -167,12 +167,13 @@ def wait_until(predicate, timeout: float = 5.0, what="condition"):
         time.sleep(0.02)
 
 
-async def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    """Wait until predicate() is true, letting the loop run; bounded."""
+async def wait_for(predicate, timeout: float = 5.0, what="condition"):
+    """Wait until predicate() is true, letting the loop run; bounded.  `what`
+    may be a callable, evaluated only for the failure message."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.005)
 
 

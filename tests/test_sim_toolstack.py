@@ -36,7 +36,9 @@ HOST_START_TIMEOUT = 15.0
 
 # ---- the host process ---------------------------------------------------------
 
-from simkit import short_run_dir as _short_run_dir, start_host, stop_host, wait_until  # noqa: E402
+from simkit import (  # noqa: E402
+    short_run_dir as _short_run_dir, start_host, stop_host, wait_node, wait_until,
+)
 
 
 def test_host_ready_refuses_second_and_stops_cleanly():
@@ -614,32 +616,6 @@ def test_read_input_log_skips_partial_lines(tmp_path):
 
 # ---- with the reference guest and the real device model -----------------------------
 
-async def _wait_node(xs: XenStore, path: str, want, pids: tuple[int, ...] = (),
-                     timeout: float = 20.0) -> str:
-    """Wait (watch-driven) until `path` satisfies want(value); fail at once if one
-    of `pids` (the guest, the DM) dies meanwhile."""
-    changed = asyncio.Event()
-    deaths = [toolstack.process_exited(pid) for pid in pids]
-    for death in deaths:
-        death.add_done_callback(lambda _f: changed.set())
-    await xs.watch(path, "wait", lambda _p, _t: changed.set())
-    try:
-        async def loop():
-            while True:
-                changed.clear()
-                value = await xs.read_str(path)
-                if value is not None and want(value):
-                    return value
-                dead = [pid for pid, d in zip(pids, deaths) if d.done()]
-                assert not dead, f"pid {dead} died while waiting for {path} (value {value!r})"
-                await changed.wait()
-        return await asyncio.wait_for(loop(), timeout)
-    finally:
-        for death in deaths:
-            death.cancel()
-        await xs.unwatch(path, "wait")
-
-
 @needs_guest
 def test_fbdump_of_the_reference_guest(host):
     from pyxenfb.sim.picture import test_picture
@@ -649,7 +625,7 @@ def test_fbdump_of_the_reference_guest(host):
                                                width=320, height=200)
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         try:
-            await _wait_node(xs, "/local/domain/1/device/vfb/0/state", lambda v: v in ("3", "4"),
+            await wait_node(xs, "/local/domain/1/device/vfb/0/state", lambda v: v in ("3", "4"),
                              pids=(result.guest_pid,))
             rgb = toolstack.fbdump_array(host, 1)
             want = test_picture(320, 200)
@@ -672,7 +648,7 @@ def test_create_with_guest_and_pyqemu_dm_connects(host):
             assert result.vnc_port is not None and result.vnc_port >= 5900 + 37
             assert await xs.read_str("/local/domain/1/console/vnc-port") == str(result.vnc_port)
             for dev in ("vfb", "vkbd"):
-                await _wait_node(xs, f"/local/domain/0/backend/{dev}/1/0/state", lambda v: v == "4",
+                await wait_node(xs, f"/local/domain/0/backend/{dev}/1/0/state", lambda v: v == "4",
                                  pids=(result.guest_pid, result.dm_pid))
         finally:
             xs.close()

@@ -232,7 +232,9 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             # ... and the watcher gets it, picture and all.
             await wait_for(lambda: watcher.size == (800, 600)
                            and np.array_equal(watcher.picture, surface_words(console) & 0xFFFFFF),
-                           timeout=10, what="the watcher's picture after the storm")
+                           timeout=10, what=lambda: (
+                               f"the watcher's picture after the storm (its size "
+                               f"{watcher.size}, {watcher.updates} updates, reader {reading!r})"))
             # The other domain never noticed.
             assert np.array_equal(surface_words(be_good.console), guest_picture(800, 600))
             good.fb.refresh(*good.fb.draw_box(3))
