@@ -26,20 +26,22 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..xenconst import PAGE_SIZE
+from ..xenconst import DOMID_FIRST_RESERVED, PAGE_SIZE  # noqa: F401
 from ..xenstore import XenStore, XenStoreError
 from .dmprocess import (  # noqa: F401  (re-exported)
-    DM_START_TIMEOUT, GUEST_STOP_TIMEOUT, KILL_WAIT_TIMEOUT, alive,
-    default_dm_program, dm_argv, dm_environment, dm_restrict_preexec, guest_argv,
+    CLONE_NEWIPC, CLONE_NEWNS, DM_RESTRICT_RLIMITS, DM_START_TIMEOUT, GUEST_STOP_TIMEOUT,
+    KILL_WAIT_TIMEOUT, alive, default_dm_program, dm_argv, dm_environment, dm_restrict_preexec, guest_argv,
     make_dm_root, pre_open_qmp, process_exited, read_pid_file, spawn_daemon, stop_process,
     vnc_arg, wait_dm_running,
 )
 from .inputlog import follow_input_log, read_input_log  # noqa: F401
 from .libxl_tree import (  # noqa: F401
-    CONSOLE_LIMIT, MiB, STORE_PORT, add_console, add_pv_device, domain_names, domain_perms,
-    vfb_backend_keys, write_domain,
+    CONSOLE_LIMIT, CONSOLE_PORT, MiB, STORE_PORT, add_console, add_pv_device, domain_names,
+    domain_perms, vfb_backend_keys, write_domain,
 )
-from .qmpclient import QMP_CMD_TIMEOUT, QmpClient, QmpError, postconfig  # noqa: F401
+from .qmpclient import (  # noqa: F401
+    QMP_CMD_TIMEOUT, QMP_LINE_MAX, QmpClient, QmpError, postconfig,
+)
 from .rundir import (  # noqa: F401
     ToolstackError, check_domid, check_name, dm_log_path, dm_root_path, dom_dir,
     input_log_path, open_xenstore, qmp_paths, resolve_run_dir, unlink_quietly,
