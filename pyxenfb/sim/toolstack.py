@@ -30,9 +30,9 @@ from ..xenconst import DOMID_FIRST_RESERVED, PAGE_SIZE  # noqa: F401
 from ..xenstore import XenStore, XenStoreError
 from .dmprocess import (  # noqa: F401  (re-exported)
     CLONE_NEWIPC, CLONE_NEWNS, DM_RESTRICT_RLIMITS, DM_START_TIMEOUT, GUEST_STOP_TIMEOUT,
-    KILL_WAIT_TIMEOUT, alive, default_dm_program, dm_argv, dm_environment, dm_restrict_preexec, guest_argv,
-    make_dm_root, pre_open_qmp, process_exited, read_pid_file, spawn_daemon, stop_process,
-    vnc_arg, wait_dm_running,
+    KILL_WAIT_TIMEOUT, alive, default_dm_program, dm_argv, dm_environment, dm_restrict_preexec,
+    guest_argv, make_dm_root, pre_open_qmp, process_exited, read_pid_file, spawn_daemon,
+    stop_process, vnc_arg, wait_dm_running,
 )
 from .inputlog import follow_input_log, read_input_log  # noqa: F401
 from .libxl_tree import (  # noqa: F401
