@@ -173,8 +173,11 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             await wait_for(lambda: watcher.updates >= 1, what="the watcher's first frame")
             loop = asyncio.get_running_loop()
 
+            examples = [0]
+
             async def one_example(out_prod, out_cons, events, in_prod, in_cons, kbd_prod,
                                   kbd_cons, key, pos):
+                examples[0] += 1
                 page = bad.fb.page
                 for i, ev in enumerate(events):
                     off = abi.ring_slot(abi.FB_OUT_RING_OFFS, out_cons + i, abi.FB_OUT_RING_LEN)
@@ -219,6 +222,8 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
 
             updates_before, batches_before = watcher.updates, len(seen.batches)
             await loop.run_in_executor(None, storm)
+            print(f"storm: {examples[0]} examples through the loop, {watcher.updates - updates_before} "
+                  f"VNC updates, {len(seen.batches) - batches_before} console flushes")
             assert len(seen.batches) > batches_before, "no fuzzed update reached the displays"
             assert watcher.updates > updates_before, "the VNC watcher saw nothing of the storm"
             # The fuzzed device still works once the guest behaves again.
