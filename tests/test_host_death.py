@@ -64,6 +64,7 @@ def _kill_host_and_measure(count: int, sigterm_first: bool) -> float:
     host = _start_host_group(run_dir)
     pids: list[int] = []
     logs: dict[int, str] = {}
+    dm_logs: dict[int, str] = {}
     try:
         results = asyncio.run(asyncio.wait_for(_create(run_dir, count), BOOT_TIMEOUT))
         pids = [p for r in results for p in (r.guest_pid, r.dm_pid) if p]
@@ -85,6 +86,7 @@ def _kill_host_and_measure(count: int, sigterm_first: bool) -> float:
                    lambda: f"still alive: {[p for p in pids if alive(p)]}")
         took = time.monotonic() - killed
         logs = {r.domid: _guest_log(run_dir, r.domid) for r in results}
+        dm_logs = {r.domid: Path(r.dm_log).read_text(errors="replace") for r in results if r.dm_log}
     finally:
         for pid in pids:
             if alive(pid):
@@ -106,6 +108,12 @@ def _kill_host_and_measure(count: int, sigterm_first: bool) -> float:
         # Nobody killed the guests: each one saw its host go and said so once.
         for domid, text in logs.items():
             assert text.count("XenStore connection lost") == 1, (domid, text)
+        # ... and so did each device model, waiting on XenStore as it was.
+        assert len(dm_logs) == WITH_DM
+        for domid, text in dm_logs.items():
+            assert "XenStore connection lost, exiting" in text, (domid, text)
+    for domid, text in dm_logs.items():
+        assert "Traceback" not in text, (domid, text)
     print(f"{count} domains, {'SIGTERM+SIGKILL' if sigterm_first else 'SIGKILL'}: "
           f"all gone {took:.2f} s after the SIGKILL")
     return took
