@@ -418,6 +418,47 @@ def bench_idle(ctx) -> list[dict]:
     return out
 
 
+def _until_dead(pids: list[int], t0: float, limit: float = 10.0) -> float | None:
+    """Seconds from t0 until every pid is gone (None past `limit`); polls,
+    as a measurement may (the tests wait on events and only bound them)."""
+    from pyxenfb.sim.dmprocess import alive
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() - t0 > limit:
+            return None
+        time.sleep(0.002)
+    return time.monotonic() - t0
+
+
+def bench_lifecycle(ctx) -> list[dict]:
+    """How fast processes follow a death: a device model its domain's
+    (@releaseDomain), a domain's guest and DM their host's (SIGKILL)."""
+    from pyxenfb.xenstore import XenStore
+    sim = SimHost(ctx.procs)
+    sim.create(1)
+    sim.create(2)
+    dm1 = sim.pid(1, "dm")
+
+    async def release() -> None:
+        xs = await XenStore.open(os.path.join(sim.run_dir, "xenstored.sock"))
+        try:
+            await xs.release_domain(1)
+        finally:
+            xs.close()
+    t0 = time.monotonic()
+    asyncio.run(release())
+    released = _until_dead([dm1], t0)
+    orphans = [sim.pid(2, "dm"), sim.pid(2, "guest")]
+    t0 = time.monotonic()
+    sim.host.kill()                                # no chance to kill its domains
+    host_gone = _until_dead(orphans, t0)
+    sim.host.wait()
+    sim.kill_domains()
+    ms = lambda s: None if s is None else round(s * 1000, 1)   # noqa: E731
+    return [metric("dm_exit_after_release", ms(released), "ms", None, None, None),
+            metric("domain_gone_after_host_kill", ms(host_gone), "ms", None, None, None,
+                   processes=len(orphans))]
+
+
 def bench_memory_animating(ctx) -> list[dict]:
     mem = getattr(ctx, "animating_memory", None)
     if mem is None:                                 # vnc_rate didn't run: measure it alone
@@ -584,6 +625,7 @@ GROUPS = {
     "vnc_rate": bench_vnc_rate,
     "latency": bench_update_latency,
     "idle": bench_idle,
+    "lifecycle": bench_lifecycle,
     "memory": bench_memory_animating,
     "multi": bench_multi,
     "zygote": bench_zygote,

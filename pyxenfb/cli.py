@@ -20,25 +20,38 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# The option types live in options.py (qmp.py reads them too); re-exported here.
+from .options import (  # noqa: F401
+    COMMAND_LINE_OPTIONS, ChardevSocket, Options, RestrictOptions, RunAs, VncOptions,
+)
+from .rfb.listener import VNC_BASE_PORT
+from .xenconst import DOMID_FIRST_RESERVED
+
 if TYPE_CHECKING:
-    from .rfb.tls import TlsCredentials
+    from .rfb.tls import TlsCredentials     # imported where used: it loads ssl
 
 PROG = "pyqemu-dm"
 
-# A VNC display number maps to TCP port 5900 + display.
-VNC_BASE_PORT = 5900
 WEBSOCKET_BASE_PORT = 5700          # QEMU's websocket=on port base
 MAX_DISPLAY = 65535 - VNC_BASE_PORT
 # -vncunused: qemu-dm searched upward without a bound; we try 100 displays,
 # the same count libxl's `to=99` gives from display 0.
 VNCUNUSED_SPAN = 99
 # Xen domids at or above DOMID_FIRST_RESERVED (0x7FF0) are special ids.
-MAX_DOMID = 0x7FEF
+MAX_DOMID = DOMID_FIRST_RESERVED - 1
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
+
+# upstream QEMU's `-d` log items (qemu-system -d help, 7.2 and later), which
+# `-d` may carry instead of qemu-dm's domain id
+QEMU_LOG_ITEMS = frozenset("""
+    out_asm in_asm op op_opt op_ind op_plugin int exec cpu fpu mmu pcall
+    cpu_reset unimp guest_errors page nochain plugin strace tid invalid_mem vpu
+    tb_op help
+""".split())
 
 KEYMAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
@@ -79,30 +92,6 @@ VNC_IGNORED = frozenset({          # harmless tuning knobs
     "power-control", "audiodev", "display", "id", "lock-key-sync",
 })
 
-# What `query-command-line-options` reports (QMP): the QemuOpts-style
-# options we understand and their parameters.  libxl only looks for
-# `run-with`, which QEMU 7.2 (the version we answer as) lacks: libxl then
-# passes -chroot, which we accept as well as -run-with.
-COMMAND_LINE_OPTIONS: list[dict] = [
-    {"option": "machine", "parameters": [
-        {"name": "type", "type": "string"}, {"name": "accel", "type": "string"}]},
-    {"option": "memory", "parameters": [{"name": "size", "type": "size"}]},
-    {"option": "name", "parameters": [{"name": "guest", "type": "string"}]},
-    {"option": "vnc", "parameters": [
-        {"name": "to", "type": "number"},
-        {"name": "password", "type": "boolean"},
-        {"name": "websocket", "type": "string"},
-        {"name": "tls-creds", "type": "string"}]},
-    {"option": "chardev", "parameters": [
-        {"name": "backend", "type": "string"}, {"name": "id", "type": "string"},
-        {"name": "path", "type": "string"}, {"name": "fd", "type": "string"},
-        {"name": "server", "type": "boolean"}, {"name": "wait", "type": "boolean"}]},
-    {"option": "mon", "parameters": [
-        {"name": "chardev", "type": "string"}, {"name": "mode", "type": "string"},
-        {"name": "pretty", "type": "boolean"}]},
-]
-
-
 class CliError(Exception):
     """A bad command line; str() is one readable line."""
 
@@ -113,68 +102,6 @@ class EarlyExit(Exception):
     def __init__(self, text: str):
         super().__init__(text)
         self.text = text
-
-
-@dataclass
-class VncOptions:
-    host: str                # listen address; "" or no host means 127.0.0.1
-    display: int
-    to_display: int | None   # search upward up to this display (to=, -vncunused)
-    password: bool           # password=on: a password is required (set later)
-    websocket: int | None    # websocket port (websocket=on -> 5700 + display)
-    lossy: bool = False      # lossy=on: JPEG for clients that ask for a quality level
-    tls: TlsCredentials | None = None   # VeNCrypt (and wss://) with these credentials
-    tls_creds_id: str | None = None     # tls-creds=ID, resolved against -object at the end
-
-    @property
-    def port(self) -> int:
-        return VNC_BASE_PORT + self.display
-
-
-@dataclass
-class ChardevSocket:
-    id: str
-    path: str | None
-    fd: int | None
-    server: bool
-    wait: bool
-
-
-@dataclass
-class RunAs:
-    """-runas / -run-with user=: resolved when parsed, as QEMU does (no
-    /etc/passwd inside a chroot)."""
-    spec: str
-    uid: int
-    gid: int
-
-
-@dataclass
-class RestrictOptions:
-    """libxl's dm_restrict: applied once every handle is open (restrict.py)."""
-    domid_restrict: bool = False         # -xen-domid-restrict
-    chroot: str | None = None            # -chroot DIR, -run-with chroot=DIR
-    user: RunAs | None = None            # -runas USER, -run-with user=USER
-
-    @property
-    def active(self) -> bool:
-        return self.domid_restrict or self.chroot is not None or self.user is not None
-
-
-@dataclass
-class Options:
-    machine: str = "xenpv"               # 'xenpv' or 'none' (libxl's probe)
-    domid: int | None = None
-    name: str | None = None
-    vnc: VncOptions | None = None        # None = no VNC
-    sdl: bool = False
-    keymap: str | None = None
-    monitors: list[ChardevSocket] = field(default_factory=list)
-    start_paused: bool = False           # -S
-    vncviewer: bool = False
-    memory_mb: int | None = None
-    restrict: RestrictOptions = field(default_factory=RestrictOptions)
-    ignored: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -292,6 +219,9 @@ def parse_name(text: str, ignored: list[str]) -> str:
 def parse_keymap(text: str) -> str:
     if not KEYMAP_RE.fullmatch(text):
         raise CliError(f"-k: bad keymap name '{text}' (e.g. en-us, de, fr-ch)")
+    from .keymap import available_layouts       # the generated index: no tables loaded
+    if text not in available_layouts():
+        raise CliError(f"-k: unknown keymap '{text}' (available: {' '.join(available_layouts())})")
     return text
 
 
@@ -573,8 +503,13 @@ class _Parser:
             o.ignored.append(f"-{name}" if value is None else f"-{name} {value}")
 
     def domid(self, name: str, value: str) -> None:
-        if name == "d" and re.fullmatch(r"[a-z_,]+", value):
+        if name == "d" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_,:*.-]*", value):
             # upstream QEMU's -d is a list of log items, qemu-dm's is the domid
+            items = value.split(",")
+            unknown = [i for i in items if i not in QEMU_LOG_ITEMS and not i.startswith("trace:")]
+            if unknown:
+                raise CliError(f"-d: '{value}' is neither a domain id nor QEMU log items "
+                               f"('{unknown[0]}' is not one)")
             self.opts.ignored.append(f"-d {value}")
             return
         domid = parse_domid(f"-{name}", value)

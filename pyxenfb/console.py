@@ -96,6 +96,18 @@ class _HeldInput:
 
 
 class Console:
+    """The one place a device and its displays meet.
+
+    The framebuffer backend publishes its surface (`set_surface`) and marks
+    what the guest changed (`invalidate`): rectangles are clipped to the
+    surface and batched, and `flush`, scheduled once per loop turn, hands
+    the batch to every attached display at once.  The displays send input
+    the other way (`key`, pointer events), which goes to the keyboard
+    backend (`input`) in the pointer mode the guest asked for; keys and
+    buttons are tracked per source so a display that goes away releases
+    what it held.  Knows nothing of Xen, VNC or SDL.
+    """
+
     def __init__(self, name: str = "", loop: asyncio.AbstractEventLoop | None = None):
         self.name = name
         self.surface: Surface = Surface.blank(640, 480)

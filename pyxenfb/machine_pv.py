@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 
+from .qmp import QmpError
 
 log = logging.getLogger("pyxenfb.machine")
 
@@ -26,6 +27,15 @@ class MachineError(Exception):
 
 
 class XenPvMachine:
+    """One device model process for one domain: XenStore, QMP, the vfb and
+    vkbd backends, the console and its displays, in one asyncio loop.
+
+    `run()` starts them in libxl's order (QMP, VNC port, `running`, then the
+    display stack and the backends), applies dm_restrict once every handle is
+    open, and exits when the domain is released, on a signal, or when the
+    XenStore connection is lost.  QMP commands arrive as the `qmp_*` methods.
+    """
+
     def __init__(self, options, platform):
         self.opts = options
         self.platform = platform
@@ -237,6 +247,13 @@ class XenPvMachine:
             print(f"pyqemu-dm: {e}", file=sys.stderr)
             await self.shutdown()
             return 1
+        except OSError:
+            # xenstored went away while we started: every request fails now
+            if self.xs is None or not self.xs.closed.done():
+                raise
+            log.error("XenStore connection lost during start-up, exiting")
+            await self.shutdown()
+            return 1
         lost = self.xs.closed if self.xs is not None else loop.create_future()
         stop = asyncio.ensure_future(self.stop_event.wait())
         done, _ = await asyncio.wait([stop, lost], return_when=asyncio.FIRST_COMPLETED)
@@ -311,7 +328,6 @@ class XenPvMachine:
         return {"auth": "vencrypt", "vencrypt": f"{kind}-{'vnc' if password else 'none'}"}
 
     def qmp_set_vnc_password(self, password: str) -> None:
-        from .qmp import QmpError
         if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password")
         self.vnc_password, self.vnc_password_expired = password, False
@@ -319,7 +335,6 @@ class XenPvMachine:
             self.vnc.set_password(password)
 
     def qmp_expire_vnc_password(self, time: str) -> None:
-        from .qmp import QmpError
         if self.vnc_listeners is None:
             raise QmpError("GenericError", "Could not set password expire time")
         if time != "never":
@@ -328,7 +343,6 @@ class XenPvMachine:
                 self.vnc.expire_password()
 
     def qmp_screendump(self, filename: str, fmt: str) -> None:
-        from .qmp import QmpError
         if self.console is None:
             raise QmpError("GenericError", "There is no console to take a screendump from")
         from .convert import to_rgb

@@ -25,7 +25,7 @@ import socket
 import stat
 from typing import Any, Callable, Protocol
 
-from .cli import COMMAND_LINE_OPTIONS, ChardevSocket
+from .options import COMMAND_LINE_OPTIONS, ChardevSocket
 
 log = logging.getLogger(__name__)
 

@@ -102,6 +102,11 @@ class BackendContext:
 # XenBus state machine shared by vfb and vkbd
 # --------------------------------------------------------------------------
 class BackendDevice:
+    """One XenBus backend device (/local/domain/0/backend/<type>/<domid>/<devid>):
+    its state machine as QEMU's xen-bus runs it, watching the frontend's
+    state, mapping the shared page and binding the event channel on connect,
+    and undoing both on close.  Subclasses supply `connect` and `on_event`."""
+
     devtype = ""
 
     def __init__(self, ctx: BackendContext, domid: int, devid: int = 0):
@@ -364,6 +369,11 @@ def read_page_directory(foreignmem, domid: int, plan: FramebufferPlan) -> list[i
 
 
 class FramebufferBackend(BackendDevice):
+    """The vfb backend: maps the guest's framebuffer through the shared
+    page's page directory (checked against the guest's ABI and videoram),
+    publishes it to the console as a surface, and turns the out ring's
+    UPDATE and RESIZE events into console invalidations and new surfaces."""
+
     devtype = "vfb"
 
     def __init__(self, ctx: BackendContext, domid: int, devid: int = 0):
@@ -504,6 +514,10 @@ class FramebufferBackend(BackendDevice):
 # vkbd
 # --------------------------------------------------------------------------
 class KeyboardBackend(BackendDevice):
+    """The vkbd backend: the console's input sink.  Key codes and pointer
+    events from the displays become in-ring events, absolute (scaled to the
+    range the guest declared) or relative, whichever the guest requested."""
+
     devtype = "vkbd"
     DEFAULT_RANGE = (800, 600)   # Linux kbdfront's ptr_size default (XENFB_WIDTH x HEIGHT)
 

@@ -4,7 +4,9 @@ Talks the xs_wire protocol on xenstored's unix socket (or, on a dom0
 without the socket, the /dev/xen/xenbus character device through the same
 protocol object).  Requests carry our own req_id counter and are matched to
 replies by it; WATCH_EVENTs go to the callback registered for their token.
-Losing the connection fails every pending request and resolves `closed`.
+Losing the connection (EOF, a socket error, a protocol violation) fails
+every pending request and every wait through `until()` at once, and
+resolves `closed`.
 See docs/interfaces.md for the contract.
 """
 from __future__ import annotations
@@ -405,6 +407,23 @@ class XenStore:
             by_path.pop(path, None)
             if not by_path:
                 del self._watches[token]
+
+    async def until(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable` unless the connection is lost first: then raise
+        the connection-lost XenStoreError.  A watch callback never fires
+        again once xenstored is gone, so a wait for one must go through
+        here or it waits for good."""
+        task = asyncio.ensure_future(awaitable)
+        if not self.closed.done():
+            try:
+                await asyncio.wait({task, self.closed}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                task.cancel()
+                raise
+            if task.done():
+                return task.result()
+        task.cancel()
+        raise self._lost or _connection_lost_error()
 
     # ---- domains ---------------------------------------------------------
 

@@ -12,6 +12,8 @@ import os
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -171,13 +173,47 @@ def wait_until(predicate, timeout: float = 5.0, what="condition"):
         time.sleep(0.02)
 
 
-async def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    """Wait until predicate() is true, letting the loop run; bounded."""
+async def wait_for(predicate, timeout: float = 5.0, what="condition"):
+    """Wait until predicate() is true, letting the loop run; bounded.  `what`
+    may be a callable, evaluated only for the failure message."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.005)
+
+
+async def wait_node(xs, path: str, want, pids: tuple[int, ...] = (), timeout: float = 20.0) -> str:
+    """Wait until XenStore node `path` satisfies want(value), woken by a watch
+    (no polling); bounded; fails at once if one of `pids` (a guest, a device
+    model) dies meanwhile or the XenStore connection is lost."""
+    from pyxenfb.sim.dmprocess import process_exited
+    changed = asyncio.Event()
+    token = f"wait-node-{id(changed)}"
+    deaths = [process_exited(pid) for pid in pids]
+    for death in deaths:
+        death.add_done_callback(lambda _f: changed.set())
+    await xs.watch(path, token, lambda _p, _t: changed.set())
+    try:
+        async def watch_until_wanted():
+            while True:
+                changed.clear()
+                value = await xs.read_str(path)
+                if value is not None and want(value):
+                    return value
+                dead = [pid for pid, d in zip(pids, deaths) if d.done()]
+                assert not dead, f"pid {dead} died while waiting for {path} (value {value!r})"
+                await xs.until(changed.wait())
+        try:
+            return await asyncio.wait_for(watch_until_wanted(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"timed out after {timeout} s waiting for {path} "
+                                 f"(value {await xs.read_str(path)!r})") from None
+    finally:
+        for death in deaths:
+            death.cancel()
+        if not xs.closed.done():
+            await xs.unwatch(path, token)
 
 
 async def wait_connected(guest: ReferenceGuest, be: Backends, timeout: float = 5.0):
@@ -234,3 +270,67 @@ async def connected_domain(domid: int = 1, *, attach: bool = False, **guest_kw):
         finally:
             await be.close()
             await guest.stop()
+
+
+# ---- a VNC client for tests that watch a display ------------------------------
+
+RAW, DESKTOP_SIZE = 0, -223
+
+
+class RawVncClient:
+    """The smallest RFB 3.8 client: None auth, Raw + DesktopSize, keeps a picture."""
+
+    def __init__(self, name):
+        self.name = name
+        self.updates = 0
+        self.size = (0, 0)
+        self.picture = None
+
+    async def connect(self, port, rcvbuf=None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        self.r, self.w = await asyncio.open_connection(sock=sock)
+        assert (await self.r.readexactly(12)).startswith(b"RFB 003.")
+        self.w.write(b"RFB 003.008\n")
+        types = await self.r.readexactly((await self.r.readexactly(1))[0])
+        assert 1 in types
+        self.w.write(b"\x01")
+        assert await self.r.readexactly(4) == b"\0\0\0\0"
+        self.w.write(b"\x01")                                   # shared
+        width, height = struct.unpack(">HH", await self.r.readexactly(4))
+        await self.r.readexactly(16)
+        await self.r.readexactly(struct.unpack(">I", await self.r.readexactly(4))[0])
+        self._resize(width, height)
+        self.w.write(struct.pack(">BxHii", 2, 2, RAW, DESKTOP_SIZE))
+        self.request(incremental=False)
+
+    def _resize(self, width, height):
+        self.size = (width, height)
+        self.picture = np.zeros((height, width), np.uint32)
+
+    def request(self, incremental=True):
+        w, h = self.size
+        self.w.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, w, h))
+
+    async def read_updates(self):
+        while True:
+            kind, _, n = struct.unpack(">BBH", await self.r.readexactly(4))
+            assert kind == 0, kind
+            resized = False
+            rects = []
+            for _ in range(n):
+                x, y, w, h, enc = struct.unpack(">HHHHi", await self.r.readexactly(12))
+                if enc == DESKTOP_SIZE:
+                    self._resize(w, h)
+                    resized = True
+                    continue
+                assert enc == RAW, enc
+                rects.append((x, y, w, h))
+                data = await self.r.readexactly(w * h * 4)
+                self.picture[y:y + h, x:x + w] = np.frombuffer(data, "<u4").reshape(h, w) & 0xFFFFFF
+            self.last_rects = rects
+            self.updates += 1
+            self.request(incremental=not resized)

@@ -273,6 +273,15 @@ def test_readline_monitor_is_ignored_but_checked():
     (["-d", "1", "-chroot"], "requires an argument"),
     (["-d", "1", "-sandbox", "on"], "refusing"),
     (["-vnc", ":1"], "no domain id"),
+    # each malformed value is named in the one line
+    (["-d", "abc"], "-d: 'abc' is neither a domain id nor QEMU log items"),
+    (["-d", "1", "-d", "guest_errors,bogus"], "'bogus' is not one"),
+    (["-d", "1", "-vnc", ":x"], "-vnc: display must be a number, not 'x'"),
+    (["-d", "1", "-vnc", ":1,to=x"], "-vnc: to= must be a number, not 'x'"),
+    (["-d", "1", "-k", "nosuch"], "-k: unknown keymap 'nosuch' (available: ar bepo"),
+    (["-d", "-1"], "-d: domain id must be a number, not '-1'"),
+    (["-xen-domid", "abc"], "-xen-domid: domain id must be a number, not 'abc'"),
+    (["-d", "1", "-m", "12q"], "-m: bad memory size '12q'"),
 ])
 def test_bad_command_lines(argv, fragment):
     with pytest.raises(CliError, match=None) as info:
@@ -293,6 +302,30 @@ def fake_machine(monkeypatch):
     for handler in list(root.handlers):
         if getattr(handler, "_pyqemu_dm", False):
             root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["-d", "abc"], "pyqemu-dm: -d: 'abc' is neither a domain id nor QEMU log items "
+                    "('abc' is not one)\n"),
+    (["-d", "1", "-vnc", ":x"], "pyqemu-dm: -vnc: display must be a number, not 'x'\n"),
+])
+def test_main_names_the_bad_value(capsys, fake_machine, argv, line):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == line
+    assert fake_machine == []
+
+
+def test_main_unknown_keymap_is_one_line(capsys, fake_machine):
+    assert cli.main(["-d", "1", "-k", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyqemu-dm: -k: unknown keymap 'nosuch' (available: ")
+    assert err.count("\n") == 1 and " en-us " in err and fake_machine == []
+
+
+def test_qemu_log_items_after_d_are_still_ignored():
+    o = parse_args(["-xen-domid", "2", "-d", "guest_errors,unimp", "-d", "trace:xen_*"])
+    assert o.domid == 2
+    assert o.ignored == ["-d guest_errors,unimp", "-d trace:xen_*"]
 
 
 def test_main_bad_argv_exits_2_with_one_line(capsys, fake_machine):

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 
 from pyxenfb.sim.picture import XANIM_FRAMES, xanim_frames
-from pyxenfb.sim.toolstack import _guest_argv
+from pyxenfb.sim.dmprocess import guest_argv
 
 from simkit import connected_domain, surface_words, wait_for
 
@@ -54,9 +54,9 @@ def test_frames_match_xanim_formula_pixel_exact():
 
 
 def test_guest_argv_keeps_plain_animate_and_passes_full():
-    assert _guest_argv("/r", 1, "x86_64", None, None, True)[-1] == "--animate"
-    assert _guest_argv("/r", 1, "x86_64", None, None, "box")[-1] == "--animate"
-    assert _guest_argv("/r", 1, "x86_64", None, None, "full", 30.0)[-4:] == \
+    assert guest_argv("/r", 1, "x86_64", None, None, True)[-1] == "--animate"
+    assert guest_argv("/r", 1, "x86_64", None, None, "box")[-1] == "--animate"
+    assert guest_argv("/r", 1, "x86_64", None, None, "full", 30.0)[-4:] == \
         ["--animate", "full", "--fps", "30.0"]
 
 

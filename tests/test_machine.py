@@ -1,6 +1,7 @@
 """pyqemu-dm as a process: start-up errors, lifecycle, idle behaviour."""
 import asyncio
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
 import simkit
-from simkit import wait_until
+from simkit import wait_node, wait_until
 
 DM = [sys.executable, "-m", "pyxenfb.cli"]
 
@@ -39,17 +40,6 @@ def _wait_dead(pid: int, timeout: float) -> float:
     start = time.monotonic()
     wait_until(lambda: _dead(pid), timeout, f"pid {pid} to exit")
     return time.monotonic() - start
-
-
-async def _wait_node(xs, path, want, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await xs.read_str(path)
-        if want(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} = {value!r} after {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 def test_no_xen_no_sim_is_one_line_and_exit_1():
@@ -89,7 +79,7 @@ def test_create_destroy_create_same_domid(host):
                 assert await xs.read_str("/local/domain/0/device-model/4/state") == "running"
                 assert await xs.read_str("/local/domain/4/console/vnc-port") == str(res.vnc_port)
                 for dev in ("vfb", "vkbd"):
-                    await _wait_node(xs, f"/local/domain/0/backend/{dev}/4/0/state", lambda v: v == "4")
+                    await wait_node(xs, f"/local/domain/0/backend/{dev}/4/0/state", lambda v: v == "4")
                 dump = await asyncio.to_thread(fbdump_array, host, 4)
                 assert dump.shape == (240, 320, 3)
                 await toolstack.destroy_domain(host, 4)          # SIGKILL to the DM
@@ -115,7 +105,7 @@ def test_sigterm_exits_0_and_leaves_nothing(host):
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         proc = _start_dm(host, 2, "-vnc", "127.0.0.1:0,to=99")
         try:
-            await _wait_node(xs, "/local/domain/0/device-model/2/state", lambda v: v == "running")
+            await wait_node(xs, "/local/domain/0/device-model/2/state", lambda v: v == "running")
             assert os.path.exists(os.path.join(host, "qmp-test-2"))
             port = int(await xs.read_str("/local/domain/2/console/vnc-port"))
             proc.send_signal(signal.SIGTERM)
@@ -130,20 +120,22 @@ def test_sigterm_exits_0_and_leaves_nothing(host):
     asyncio.run(scenario())
 
 
-def test_release_domain_alone_exits_within_a_second(host):
+def test_release_domain_alone_makes_it_exit(host):
+    """@releaseDomain alone (no signal) ends the device model: exit 0, and it
+    says the domain is the reason.  (How fast: bench/, not a test assert.)"""
     async def scenario():
         await toolstack.create_domain(host, 3, "gone", vfb="vnc=1", dm=None, start_guest=False)
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         proc = _start_dm(host, 3, "-vnc", "127.0.0.1:0,to=99")
         try:
-            await _wait_node(xs, "/local/domain/0/device-model/3/state", lambda v: v == "running")
+            await wait_node(xs, "/local/domain/0/device-model/3/state", lambda v: v == "running")
             t0 = time.monotonic()
             await xs.release_domain(3)
-            code = await asyncio.to_thread(proc.wait, 5)
-            elapsed = time.monotonic() - t0
-            assert code == 0, proc.stderr.read()
-            print(f"exit {elapsed:.3f} s after @releaseDomain")
-            assert elapsed < 1.0, elapsed
+            code = await asyncio.to_thread(proc.wait, 10)
+            print(f"exit {time.monotonic() - t0:.3f} s after @releaseDomain")
+            stderr = proc.stderr.read()
+            assert code == 0, stderr
+            assert stderr.count("domain 3 is gone, exiting") == 1, stderr
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -151,16 +143,35 @@ def test_release_domain_alone_exits_within_a_second(host):
     asyncio.run(scenario())
 
 
-def _ctx_switches(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
+# x86_64 syscall numbers and which argument is the timeout (-1 / NULL: none).
+_WAITS_WITHOUT_TIMEOUT = {
+    232: (3, {0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}),     # epoll_wait(fd, events, max, timeout)
+    281: (3, {0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}),     # epoll_pwait
+    7: (2, {0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}),       # poll(fds, n, timeout)
+    202: (3, {0}),                                  # futex(uaddr, op, val, timeout)
+}
 
 
+def _threads_waiting_without_timeout(pid: int) -> dict[str, str]:
+    """Every thread of `pid` -> why it is not blocked without a timeout ('' if it is)."""
+    verdict = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/syscall") as f:
+            fields = f.read().split()
+        if fields[0] == "running" or int(fields[0]) not in _WAITS_WITHOUT_TIMEOUT:
+            verdict[task] = " ".join(fields[:6])
+            continue
+        arg, no_timeout = _WAITS_WITHOUT_TIMEOUT[int(fields[0])]
+        verdict[task] = "" if int(fields[1 + arg], 16) in no_timeout else " ".join(fields[:6])
+    return verdict
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 syscall numbers")
 def test_idle_guest_and_idle_vnc_client_cause_no_wakeups(host):
-    """No polling: with nothing changing, the device model sleeps in one wait."""
+    """No polling: with nothing changing, every thread of the device model
+    blocks without a timeout (the loop in epoll_wait(-1), the workers on a
+    futex with none), so nothing but an event can wake it.  Its wake-ups per
+    idle second are measured in bench/ (idle_wakeups)."""
     from vncdotool import api
 
     async def scenario():
@@ -168,7 +179,7 @@ def test_idle_guest_and_idle_vnc_client_cause_no_wakeups(host):
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         try:
             for dev in ("vfb", "vkbd"):
-                await _wait_node(xs, f"/local/domain/0/backend/{dev}/5/0/state", lambda v: v == "4")
+                await wait_node(xs, f"/local/domain/0/backend/{dev}/5/0/state", lambda v: v == "4")
             return res
         finally:
             xs.close()
@@ -177,14 +188,41 @@ def test_idle_guest_and_idle_vnc_client_cause_no_wakeups(host):
     try:
         img = np.asarray(client.refreshScreen().screen.convert("RGB"))
         assert img.shape == (600, 800, 3)
-        # The measured quiet second is the thing under test, not a wait for a condition.
-        before = _ctx_switches(res.dm_pid)
-        time.sleep(1.0)
-        after = _ctx_switches(res.dm_pid)
-        assert after - before <= 2, f"device model woke {after - before} times in an idle second"
+        wait_until(lambda: not any(_threads_waiting_without_timeout(res.dm_pid).values()), 10,
+                   lambda: f"every thread blocked without a timeout: "
+                           f"{_threads_waiting_without_timeout(res.dm_pid)}")
     finally:
         client.disconnect()
         asyncio.run(toolstack.destroy_domain(host, 5))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 syscall numbers")
+def test_the_idle_check_catches_a_polling_loop():
+    """The check above fails for a loop that wakes on a timer, and passes for
+    one that only waits for events."""
+    polling = "import asyncio\nasync def m():\n    while True: await asyncio.sleep(30)\nasyncio.run(m())"
+    waiting = "import asyncio\nasync def m():\n    await asyncio.Event().wait()\nasyncio.run(m())"
+    procs = {kind: subprocess.Popen([sys.executable, "-c", code])
+             for kind, code in (("polling", polling), ("waiting", waiting))}
+    try:
+        for kind, proc in procs.items():
+            wait_until(lambda: all(v.split()[0] in ("232", "281")
+                                   for v in _blocked_in(proc.pid)), 10, f"{kind} in epoll_wait")
+        assert any(_threads_waiting_without_timeout(procs["polling"].pid).values())
+        assert not any(_threads_waiting_without_timeout(procs["waiting"].pid).values())
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def _blocked_in(pid: int) -> list[str]:
+    """The syscall line of each thread of pid ('running' while it runs)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/syscall") as f:
+            out.append(f.read())
+    return out
 
 
 SLOW_NUMPY = '''
@@ -227,7 +265,7 @@ def test_qmp_and_running_do_not_wait_for_numpy(host, tmp_path, monkeypatch):
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         try:
             for dev in ("vfb", "vkbd"):
-                await _wait_node(xs, f"/local/domain/0/backend/{dev}/6/0/state",
+                await wait_node(xs, f"/local/domain/0/backend/{dev}/6/0/state",
                                  lambda v: v == "4", timeout=delay + 30)
         finally:
             xs.close()

@@ -5,7 +5,6 @@ directly, independent of the backend) pixel for pixel.
 """
 import asyncio
 import os
-import time
 
 import numpy as np
 import pytest
@@ -14,17 +13,16 @@ from PIL import Image
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
+from simkit import wait_node, wait_until
 
 
 async def _connected(host, domid, timeout=15.0):
     xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
     try:
-        deadline = time.monotonic() + timeout
         for dev in ("vfb", "vkbd"):
-            while await xs.read_str(f"/local/domain/0/backend/{dev}/{domid}/0/state") != "4" or \
-                    await xs.read_str(f"/local/domain/{domid}/device/{dev}/0/state") != "4":
-                assert time.monotonic() < deadline, f"{dev} of domain {domid} never connected"
-                await asyncio.sleep(0.05)
+            for path in (f"/local/domain/0/backend/{dev}/{domid}/0/state",
+                         f"/local/domain/{domid}/device/{dev}/0/state"):
+                await wait_node(xs, path, lambda v: v == "4", timeout=timeout)
     finally:
         xs.close()
 
@@ -50,12 +48,12 @@ def domains(host):
 
 
 def _input_events(host, domid, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        events = toolstack.read_input_log(host, domid)
-        if len(events) >= n or time.monotonic() > deadline:
-            return events
-        time.sleep(0.05)
+    """The guest's input log once it holds at least n events (bounded: fails,
+    never returns short)."""
+    wait_until(lambda: len(toolstack.read_input_log(host, domid)) >= n, timeout,
+               lambda: f"{n} input events in dom{domid} (got "
+                       f"{toolstack.read_input_log(host, domid)})")
+    return toolstack.read_input_log(host, domid)
 
 
 def test_vnc_password_capture_and_input(host, domains):

@@ -309,6 +309,35 @@ def test_set_desktop_size_is_prohibited():
         assert conn.width == 800
 
 
+def test_a_surface_wider_than_rfb_can_say_is_shown_clipped():
+    """A guest can make its surface 70000 pixels wide (one row, 8 bpp): RFB
+    sizes are u16, so the client is told 65535 and sees the top-left part."""
+    conn = rfb.ServerConnection(70000, 2, "wide")
+    conn.data_to_send()
+    conn.receive_data(b"RFB 003.008\n\x01\x01")
+    assert struct.unpack(">HH", conn.data_to_send()[2 + 4:2 + 4 + 4]) == (65535, 2)
+    conn.receive_data(set_encodings(0, -223))
+    assert conn.resize(1, 100_000) is True
+    conn.receive_data(fbur(1))
+    conn.send_update(make_picture(8, 8).rows, GUEST_32, [])
+    assert conn.data_to_send() == b"\0\0\0\x01" + enc.rect_header(0, 0, 1, 65535, -223)
+
+
+def test_changes_outside_a_clients_view_keep_its_request_outstanding():
+    """A client that can't follow a resize keeps its 800x600 view: a change
+    outside it must not use up its request (it would wait for good)."""
+    conn = to_normal()
+    assert conn.resize(1024, 768) is False
+    conn.receive_data(fbur(1))
+    picture = make_picture(1024, 768).rows
+    assert conn.send_update(picture, GUEST_32, [(900, 700, 10, 10)]) == 0
+    assert conn.data_to_send() == b"" and conn.pending_request == "incremental"
+    assert conn.send_update(picture, GUEST_32, [(10, 10, 2, 2)]) > 0
+    out = conn.data_to_send()
+    assert out[:16] == b"\0\0\0\x01" + enc.rect_header(10, 10, 2, 2, 0)
+    assert conn.pending_request is None
+
+
 def test_resize_goes_alone_and_unsupported_client_refuses():
     conn = to_normal()
     assert conn.resize(1024, 768) is False

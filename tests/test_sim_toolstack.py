@@ -36,7 +36,9 @@ HOST_START_TIMEOUT = 15.0
 
 # ---- the host process ---------------------------------------------------------
 
-from simkit import short_run_dir as _short_run_dir, start_host, stop_host, wait_until  # noqa: E402
+from simkit import (  # noqa: E402
+    short_run_dir as _short_run_dir, start_host, stop_host, wait_node, wait_until,
+)
 
 
 def test_host_ready_refuses_second_and_stops_cleanly():
@@ -323,6 +325,48 @@ def test_cli_create_list_destroy(host):
     assert r.returncode == 1 and "page-ref" in r.stderr
 
 
+@needs_dm
+def test_cli_create_without_vfb_boots_the_guest(host):
+    """As Linux with no vfb/vkbd in its config: the guest boots with no
+    frontends, no traceback, and stops cleanly on destroy."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pyxenfb.sim.cli", *args],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYXENFB_SIM=host))
+    r = cli("create", "--domid", "7", "--name", "novfb", "--memory", "16")
+    assert (r.returncode, r.stdout) == (0, "domain 7 (novfb) created; no VNC\n"), r.stderr
+    guest_log = Path(host, "dom7", "guest.log")
+    pid = int(Path(host, "dom7", "guest.pid").read_text())
+    wait_until(lambda: guest_log.exists() and "guest running" in guest_log.read_text(), 30,
+               lambda: guest_log.exists() and guest_log.read_text())
+    assert "devices: none" in guest_log.read_text() and not _dead(pid)
+    assert json.loads(Path(host, "dom7", "guest.json").read_text())["fb_page_ref"] is None
+    assert cli("destroy", "--domid", "7").returncode == 0
+    assert _dead(pid)
+
+
+def test_fbdump_reads_through_xenstore_and_names_what_is_wrong(host, tmp_path):
+    from pyxenfb.sim.fbdump import fbdump_array
+
+    async def write(path, value):
+        xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
+        try:
+            await xs.write(path, value)
+        finally:
+            xs.close()
+    fe = "/local/domain/9/device/vfb/0"
+    with pytest.raises(FbdumpError, match="has no .*page-ref"):
+        fbdump_array(host, 9)
+    asyncio.run(write(f"{fe}/page-ref", "12x"))
+    with pytest.raises(FbdumpError, match="not a frame number: '12x'"):
+        fbdump_array(host, 9)
+    asyncio.run(write(f"{fe}/page-ref", "12"))
+    with pytest.raises(FbdumpError, match="cannot open guest memory"):
+        fbdump_array(host, 9)
+    with pytest.raises(FbdumpError, match="cannot reach XenStore"):
+        fbdump_array(str(tmp_path), 9)              # no host on this run dir
+
+
 # ---- the device model sequence (a fake DM that records what libxl-sim does) ------
 
 FAKE_DM = r'''#!{python}
@@ -572,32 +616,6 @@ def test_read_input_log_skips_partial_lines(tmp_path):
 
 # ---- with the reference guest and the real device model -----------------------------
 
-async def _wait_node(xs: XenStore, path: str, want, pids: tuple[int, ...] = (),
-                     timeout: float = 20.0) -> str:
-    """Wait (watch-driven) until `path` satisfies want(value); fail at once if one
-    of `pids` (the guest, the DM) dies meanwhile."""
-    changed = asyncio.Event()
-    deaths = [toolstack._process_exited(pid) for pid in pids]
-    for death in deaths:
-        death.add_done_callback(lambda _f: changed.set())
-    await xs.watch(path, "wait", lambda _p, _t: changed.set())
-    try:
-        async def loop():
-            while True:
-                changed.clear()
-                value = await xs.read_str(path)
-                if value is not None and want(value):
-                    return value
-                dead = [pid for pid, d in zip(pids, deaths) if d.done()]
-                assert not dead, f"pid {dead} died while waiting for {path} (value {value!r})"
-                await changed.wait()
-        return await asyncio.wait_for(loop(), timeout)
-    finally:
-        for death in deaths:
-            death.cancel()
-        await xs.unwatch(path, "wait")
-
-
 @needs_guest
 def test_fbdump_of_the_reference_guest(host):
     from pyxenfb.sim.picture import test_picture
@@ -607,7 +625,7 @@ def test_fbdump_of_the_reference_guest(host):
                                                width=320, height=200)
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         try:
-            await _wait_node(xs, "/local/domain/1/device/vfb/0/state", lambda v: v in ("3", "4"),
+            await wait_node(xs, "/local/domain/1/device/vfb/0/state", lambda v: v in ("3", "4"),
                              pids=(result.guest_pid,))
             rgb = toolstack.fbdump_array(host, 1)
             want = test_picture(320, 200)
@@ -630,7 +648,7 @@ def test_create_with_guest_and_pyqemu_dm_connects(host):
             assert result.vnc_port is not None and result.vnc_port >= 5900 + 37
             assert await xs.read_str("/local/domain/1/console/vnc-port") == str(result.vnc_port)
             for dev in ("vfb", "vkbd"):
-                await _wait_node(xs, f"/local/domain/0/backend/{dev}/1/0/state", lambda v: v == "4",
+                await wait_node(xs, f"/local/domain/0/backend/{dev}/1/0/state", lambda v: v == "4",
                                  pids=(result.guest_pid, result.dm_pid))
         finally:
             xs.close()

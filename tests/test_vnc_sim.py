@@ -2,76 +2,13 @@
 three clients watch, one of which never reads."""
 import asyncio
 import resource
-import socket
-import struct
 
 import numpy as np
 
 from pyxenfb.vnc import VncServer
 from pyxenfb.sim.picture import test_picture as guest_picture
 
-from simkit import connected_domain, wait_for
-
-RAW, DESKTOP_SIZE = 0, -223
-
-
-class RawClient:
-    """The smallest RFB 3.8 client: None auth, Raw + DesktopSize, keeps a picture."""
-
-    def __init__(self, name):
-        self.name = name
-        self.updates = 0
-        self.size = (0, 0)
-        self.picture = None
-
-    async def connect(self, port, rcvbuf=None):
-        sock = socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        self.r, self.w = await asyncio.open_connection(sock=sock)
-        assert (await self.r.readexactly(12)).startswith(b"RFB 003.")
-        self.w.write(b"RFB 003.008\n")
-        types = await self.r.readexactly((await self.r.readexactly(1))[0])
-        assert 1 in types
-        self.w.write(b"\x01")
-        assert await self.r.readexactly(4) == b"\0\0\0\0"
-        self.w.write(b"\x01")                                   # shared
-        width, height = struct.unpack(">HH", await self.r.readexactly(4))
-        await self.r.readexactly(16)
-        await self.r.readexactly(struct.unpack(">I", await self.r.readexactly(4))[0])
-        self._resize(width, height)
-        self.w.write(struct.pack(">BxHii", 2, 2, RAW, DESKTOP_SIZE))
-        self.request(incremental=False)
-
-    def _resize(self, width, height):
-        self.size = (width, height)
-        self.picture = np.zeros((height, width), np.uint32)
-
-    def request(self, incremental=True):
-        w, h = self.size
-        self.w.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, w, h))
-
-    async def read_updates(self):
-        while True:
-            kind, _, n = struct.unpack(">BBH", await self.r.readexactly(4))
-            assert kind == 0, kind
-            resized = False
-            rects = []
-            for _ in range(n):
-                x, y, w, h, enc = struct.unpack(">HHHHi", await self.r.readexactly(12))
-                if enc == DESKTOP_SIZE:
-                    self._resize(w, h)
-                    resized = True
-                    continue
-                assert enc == RAW, enc
-                rects.append((x, y, w, h))
-                data = await self.r.readexactly(w * h * 4)
-                self.picture[y:y + h, x:x + w] = np.frombuffer(data, "<u4").reshape(h, w) & 0xFFFFFF
-            self.last_rects = rects
-            self.updates += 1
-            self.request(incremental=not resized)
+from simkit import RawVncClient as RawClient, connected_domain, wait_for
 
 
 def test_animation_three_clients_one_not_reading_then_resize():

@@ -17,8 +17,7 @@ from pyxenfb.rfb import server as rfb_server
 from pyxenfb.vnc import VncServer
 
 from rfb_harness import KEY_A, RawClient, ServerThread
-from simkit import connected_domain, wait_for, wait_until
-from test_vnc_sim import RawClient as AsyncRawClient
+from simkit import RawVncClient as AsyncRawClient, connected_domain, wait_for, wait_until
 
 W, H = 1920, 1080
 

@@ -3,15 +3,19 @@
 Hypothesis writes anything into the shared page, pd[] entries, directory
 pages, ring indexes and events.  Whatever it writes: no exception escapes,
 nothing is read outside a mapping, and a second domain served by the same
-process keeps working.  PYXENFB_FUZZ_EXAMPLES raises the example count.
+process keeps working.  PYXENFB_FUZZ_EXAMPLES raises the example count;
+PYXENFB_FUZZ_SEED repeats a run (each run prints the seed it used).
+The storm runs through the event loop with the console and a VNC client
+attached, so the display path sees every fuzzed event.
 """
 import asyncio
 import os
+import random
 import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from pyxenfb import xenfb_abi as abi
@@ -19,15 +23,31 @@ from pyxenfb.convert import GUEST_FORMATS, convert_rect
 from pyxenfb.foreignmem import ForeignMemoryError, SimForeignMemory
 from pyxenfb.sim.guestmem import GuestMemory
 from pyxenfb.sim.picture import test_picture as guest_picture
+from pyxenfb.vnc import VncServer
 from pyxenfb.xenfb import DeviceError, check_geometry, plan_framebuffer, read_page_directory
 
-from simkit import (RecordingListener, new_domain, short_run_dir, sim_host, start_backend_stack,
-                    surface_words, wait_connected, wait_for)
+from simkit import (RawVncClient, RecordingListener, new_domain, short_run_dir, sim_host,
+                    start_backend_stack, surface_words, wait_connected, wait_for)
 
 # 5000 + 5000 examples in the normal run; more with PYXENFB_FUZZ_EXAMPLES.
 EXAMPLES = int(os.environ.get("PYXENFB_FUZZ_EXAMPLES", "5000"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-                suppress_health_check=list(HealthCheck))
+SEED = int(os.environ.get("PYXENFB_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+# Health checks stay on.  deadline=None: an example's time depends on the
+# host's load (and on the loop's VNC work in the storm), not on the code.
+FUZZ = settings(max_examples=EXAMPLES, deadline=None)
+EXAMPLE_TIMEOUT = 30.0          # one storm example, run in the loop
+FLUSH_TURNS = 10
+
+
+def fuzz(test):
+    """The settings and the run's seed, printed so a failure can be replayed."""
+    return seed(SEED)(FUZZ(test))
+
+
+@pytest.fixture(autouse=True)
+def _print_seed():
+    print(f"hypothesis seed {SEED} ({EXAMPLES} examples; "
+          f"repeat with PYXENFB_FUZZ_SEED={SEED})")
 
 i32 = st.integers(-2**31, 2**31 - 1)
 u32 = st.integers(0, 2**32 - 1)
@@ -62,7 +82,7 @@ def header(width, height, line_length, mem_length, depth, pd, pd_offset, entry_f
     return bytes(page)
 
 
-@FUZZ
+@fuzz
 @given(width=st.one_of(i32, st.integers(0, 2000)), height=st.one_of(i32, st.integers(0, 2000)),
        line_length=st.one_of(u32, st.integers(0, 9000)),
        mem_length=st.one_of(u32, st.integers(0, 4 << 20)),
@@ -138,19 +158,26 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             await good.start()
             listener = RecordingListener()
             be_good.console.attach(listener)
-            be_bad.console.attach(RecordingListener())
+            seen = RecordingListener()
+            be_bad.console.attach(seen)
             await wait_connected(bad, be_bad)
             await wait_connected(good, be_good)
-            fb, kbd = be_bad.fb, be_bad.kbd
+            fb, kbd, console = be_bad.fb, be_bad.kbd, be_bad.console
             mapping_size = fb.fb_map.array.size
+            # A VNC client watches the fuzzed console the whole time.
+            vnc = VncServer(console, name="hostile")
+            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            watcher = RawVncClient("watcher")
+            await watcher.connect(port)
+            reading = asyncio.create_task(watcher.read_updates())
+            await wait_for(lambda: watcher.updates >= 1, what="the watcher's first frame")
+            loop = asyncio.get_running_loop()
 
-            @FUZZ
-            @given(out_prod=interesting_u32, out_cons=interesting_u32,
-                   events=st.lists(out_event, max_size=6),
-                   in_prod=interesting_u32, in_cons=interesting_u32,
-                   kbd_prod=interesting_u32, kbd_cons=interesting_u32,
-                   key=st.integers(-5, 0x400), pos=st.tuples(i32, i32))
-            def storm(out_prod, out_cons, events, in_prod, in_cons, kbd_prod, kbd_cons, key, pos):
+            examples = [0]
+
+            async def one_example(out_prod, out_cons, events, in_prod, in_cons, kbd_prod,
+                                  kbd_cons, key, pos):
+                examples[0] += 1
                 page = bad.fb.page
                 for i, ev in enumerate(events):
                     off = abi.ring_slot(abi.FB_OUT_RING_OFFS, out_cons + i, abi.FB_OUT_RING_LEN)
@@ -164,23 +191,55 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
                 fb.on_event()
                 kbd.on_event()
                 fb.displays_visible(bool(key & 1))
-                be_bad.console.key(key, True)
-                be_bad.console.pointer_abs(*pos)
-                s = be_bad.console.surface
+                console.key(key, True)
+                console.pointer_abs(*pos)
+                # Let the loop turn until the console's flush (call_soon) has
+                # handed this example's rectangles to the displays: a few
+                # turns at most (the guest's own callbacks may invalidate too).
+                for _ in range(FLUSH_TURNS):
+                    await asyncio.sleep(0)
+                    if not console._flush_scheduled:
+                        break
+                else:
+                    raise AssertionError(f"console not flushed within {FLUSH_TURNS} loop turns")
+                s = console.surface
                 if fb.geometry is not None:
                     g = fb.geometry
                     assert g.offset + g.height * g.stride <= fb.fb_len <= mapping_size
                     assert s.rows.shape == (g.height, g.stride)
                     assert g.width * (g.depth // 8) <= g.stride
+                assert not reading.done(), f"the VNC watcher was dropped: {reading.exception()!r}"
 
-            storm()
+            @fuzz
+            @given(out_prod=interesting_u32, out_cons=interesting_u32,
+                   events=st.lists(out_event, max_size=6),
+                   in_prod=interesting_u32, in_cons=interesting_u32,
+                   kbd_prod=interesting_u32, kbd_cons=interesting_u32,
+                   key=st.integers(-5, 0x400), pos=st.tuples(i32, i32))
+            def storm(**example):
+                # Hypothesis drives from a thread; each example runs in the loop.
+                asyncio.run_coroutine_threadsafe(one_example(**example), loop).result(EXAMPLE_TIMEOUT)
+
+            updates_before, batches_before = watcher.updates, len(seen.batches)
+            await loop.run_in_executor(None, storm)
+            print(f"storm: {examples[0]} examples through the loop, {watcher.updates - updates_before} "
+                  f"VNC updates, {len(seen.batches) - batches_before} console flushes")
+            assert len(seen.batches) > batches_before, "no fuzzed update reached the displays"
+            assert watcher.updates > updates_before, "the VNC watcher saw nothing of the storm"
             # The fuzzed device still works once the guest behaves again.
             for off in (abi.FB_OUT_PROD, abi.FB_OUT_CONS, abi.FB_IN_PROD, abi.FB_IN_CONS):
                 bad.fb.poke(off, "<I", 0)
+            fb.displays_visible(True)
             bad.fb.push_out_event(abi.pack_event(abi.FB_RESIZE, abi.XENFB_TYPE_RESIZE,
                                                  800, 600, 3200, 32, 0))
-            await wait_for(lambda: (be_bad.console.surface.width, be_bad.console.surface.height)
+            await wait_for(lambda: (console.surface.width, console.surface.height)
                            == (800, 600), what="sane resize after the storm")
+            # ... and the watcher gets it, picture and all.
+            await wait_for(lambda: watcher.size == (800, 600)
+                           and np.array_equal(watcher.picture, surface_words(console) & 0xFFFFFF),
+                           timeout=10, what=lambda: (
+                               f"the watcher's picture after the storm (its size "
+                               f"{watcher.size}, {watcher.updates} updates, reader {reading!r})"))
             # The other domain never noticed.
             assert np.array_equal(surface_words(be_good.console), guest_picture(800, 600))
             good.fb.refresh(*good.fb.draw_box(3))
@@ -190,11 +249,14 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             await wait_for(lambda: any(e.get("code") == 44 for e in good.kbd.events),
                            what="good domain still receives input")
             assert be_good.fb.connected and be_good.kbd.connected
+            reading.cancel()
+            watcher.w.close()
+            await vnc.close()
             for x in (be_bad, be_good):
                 await x.close()
             await bad.stop()
             await good.stop()
-    asyncio.run(asyncio.wait_for(body(), 600))
+    asyncio.run(asyncio.wait_for(body(), 3600))
 
 
 def test_bad_frontend_keys_leave_device_in_initwait():

@@ -233,6 +233,44 @@ def test_connection_loss_fails_pending_requests(run_dir):
     run(scenario)
 
 
+def test_connection_loss_ends_a_wait_on_a_watch(run_dir):
+    """A watch registered, its caller waiting for the event: when xenstored
+    goes (EOF), the wait ends with the connection-lost error, not never."""
+    async def serve(inbox, writer):
+        msg = await inbox.get()
+        assert msg.type == XsType.WATCH
+        writer.write(Message(XsType.WATCH, msg.req_id, 0, b"OK\0").encode())
+        await writer.drain()
+        await inbox.get()          # the read below: the daemon dies with it pending
+
+    async def scenario():
+        async with fake_daemon(run_dir, serve) as path:
+            xs = await XenStore.open(path)
+            fired = asyncio.Event()
+            await xs.watch("/w", "t", lambda p, t: fired.set())
+            waiting = asyncio.ensure_future(xs.until(fired.wait()))
+            pending = asyncio.ensure_future(xs.read("/a"))
+            for future in (waiting, pending):
+                with pytest.raises(XenStoreError) as info:
+                    await future
+                assert info.value.strerror == "ECONNRESET"
+            assert xs.closed.done() and not fired.is_set()
+            with pytest.raises(XenStoreError):       # a wait begun afterwards fails at once
+                await xs.until(fired.wait())
+    run(scenario)
+
+
+def test_until_returns_what_the_awaitable_returns(run_dir):
+    async def scenario():
+        async with sim(run_dir) as (_xsd, xs):
+            fired = asyncio.Event()
+            await xs.watch("/w", "t", lambda p, t: fired.set())
+            assert await xs.until(fired.wait()) is True      # the initial event
+            assert await xs.until(xs.read("/w", b"none")) == b"none"
+            assert not xs.closed.done()
+    run(scenario)
+
+
 def test_protocol_violation_by_daemon_closes_the_client(run_dir):
     async def serve(inbox, writer):
         msg = await inbox.get()

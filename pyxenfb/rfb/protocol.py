@@ -218,13 +218,19 @@ class UpdateJob:
         return self._conn._queue_update(self._chunks, self._count, self._full)
 
 
+# RFB sizes are u16: a larger surface (a guest may make one 70000 pixels wide
+# and one high) is shown as its top-left 65535x65535, as to a client that
+# cannot resize.
+RFB_MAX_DIMENSION = 65535
+
+
 class ServerConnection:
     """One client's RFB session, without I/O."""
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
                  password_expired: bool = False, blocked_reason: str | None = None,
                  lossy: bool = False, tls: str | None = None):
-        self.width, self.height = width, height
+        self.width, self.height = min(width, RFB_MAX_DIMENSION), min(height, RFB_MAX_DIMENSION)
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
@@ -650,6 +656,7 @@ class ServerConnection:
         """The framebuffer changed size.  False if this client cannot follow:
         it keeps the size it has and sees that much of the new picture (as
         with QEMU); updates are clipped to it."""
+        width, height = min(width, RFB_MAX_DIMENSION), min(height, RFB_MAX_DIMENSION)
         if self.state is not State.NORMAL:
             self.width, self.height = width, height      # ServerInit will say so
             return True
@@ -700,13 +707,17 @@ class ServerConnection:
         clipped_rects)` may provide that copy (a server shares one among
         clients that use the same format); it returns one private pixel array
         per rectangle."""
-        pseudo, self._pseudo = self._pseudo, []
-        self.resize_pending = False
-        full, self._request = self._request == "full", None
         # Never trust the caller's size bookkeeping further than the pixels go.
         width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
         height = min(self.height, rows.shape[0])
         clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
+        if self._request != "full" and not self._pseudo and not clipped:
+            # Nothing this client can see changed (all outside its view):
+            # its incremental request stays outstanding, or it waits forever.
+            return UpdateJob(self, [], [], False)
+        pseudo, self._pseudo = self._pseudo, []
+        self.resize_pending = False
+        full, self._request = self._request == "full", None
         if snapshot is not None:
             copies = snapshot(rows, src_fmt, self.pixel_format, clipped)
         else:

@@ -84,27 +84,19 @@ class BufferPool:
         self.allocations = 0
         self._free: list[np.ndarray] = []
 
+    # By index, never list.remove(): that compares arrays with ==, element
+    # by element (a ValueError for two free buffers of different sizes).
     def get(self, nbytes: int) -> np.ndarray:
-        fits = [b for b in self._free if b.size >= nbytes]
+        fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
         if fits:
-            buf = min(fits, key=lambda b: b.size)
-            self._drop(buf)
-            return buf
+            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
         self.allocations += 1
         return np.empty(max(nbytes, 1 << 16), np.uint8)
 
     def put(self, buf: np.ndarray) -> None:
         self._free.append(buf)
         if len(self._free) > self.keep:
-            self._drop(min(self._free, key=lambda b: b.size))
-
-    def _drop(self, buf: np.ndarray) -> None:
-        # By identity: list.remove compares arrays with ==, element-wise, which
-        # fails (or matches the wrong buffer) once buffers of two sizes are kept.
-        for i, b in enumerate(self._free):
-            if b is buf:
-                del self._free[i]
-                return
+            del self._free[min(range(len(self._free)), key=lambda i: self._free[i].size)]
 
 
 class Snapshot:

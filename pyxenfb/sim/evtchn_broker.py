@@ -38,10 +38,10 @@ from ..evtchn import (
     REPLY,
     REQUEST,
 )
+from ..xenconst import DOMID_FIRST_RESERVED
 
 log = logging.getLogger(__name__)
 
-DOMID_FIRST_RESERVED = 0x7FF0   # DOMID_SELF and friends: not real domains
 MAX_PORTS_PER_CONNECTION = 1024
 MAX_CONNECTIONS = 256
 # Requests handled per readiness callback, so one busy client can't starve others.

@@ -2,27 +2,28 @@
 
 Independent of the backend (pyxenfb/xenfb.py) on purpose: this is the
 ground truth tests compare a VNC or SDL picture against.  It reads the vfb
-frontend's `page-ref` and `protocol` from XenStore (a blocking one-shot
-client, so it works from sync code and from inside a running loop), the
-shared page from DIR/dom<N>/memory, walks pd[] for the guest's ABI, gathers
-the framebuffer frames and converts the picture to RGB.
+frontend's `page-ref` and `protocol` through the project's XenStore client
+(on a loop of its own, so it works from sync code and from inside a running
+loop), the shared page from DIR/dom<N>/memory, walks pd[] for the guest's
+ABI, gathers the framebuffer frames and converts the picture to RGB.
 
 Everything read from the guest is checked: this is a tool, so bad values
 raise `FbdumpError` with a readable reason rather than a wrong picture.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
-import socket
 import struct
 
 import numpy as np
 
 from ..convert import GUEST_FORMATS, to_rgb
 from ..xenfb_abi import FB_HEADER, PAGE_SIZE, abi_for_protocol
-from ..xs_wire import Message, MessageDecoder, XsType, errno_from_name, join_strings
+from ..xenstore import XenStore
 from .guestmem import GuestMemory
-from .toolstack import ToolstackError, resolve_run_dir
+from .rundir import ToolstackError, resolve_run_dir
 
 MAX_DIMENSION = 16384          # a guest claiming more is lying
 XS_TIMEOUT = 5.0
@@ -32,30 +33,32 @@ class FbdumpError(ToolstackError):
     """Why no picture could be read; str() is one line for the user."""
 
 
-def xenstore_read_sync(sock_path: str, path: str) -> str | None:
-    """One blocking XS_READ over a fresh connection; None if the node is missing."""
+async def read_frontend_keys(sock_path: str, fe: str) -> tuple[str | None, str | None]:
+    """(page-ref, protocol) of the vfb frontend at `fe`; None where a node is missing."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(XS_TIMEOUT)
-            sock.connect(sock_path)
-            sock.sendall(Message(XsType.READ, 1, 0, join_strings(path)).encode())
-            decoder = MessageDecoder()
-            while True:
-                data = sock.recv(8192)
-                if not data:
-                    raise FbdumpError(f"XenStore at {sock_path} closed the connection")
-                for msg in decoder.feed(data):
-                    if msg.req_id != 1 or msg.type == XsType.WATCH_EVENT:
-                        continue
-                    if msg.type == XsType.ERROR:
-                        name = msg.payload.rstrip(b"\0").decode("ascii", "replace")
-                        if name == "ENOENT":
-                            return None
-                        raise FbdumpError(f"XenStore read {path}: {name} "
-                                          f"(errno {errno_from_name(name)})")
-                    return msg.payload.decode("utf-8", "replace")
-    except OSError as exc:
-        raise FbdumpError(f"cannot read {path} from XenStore at {sock_path}: {exc}") from exc
+        xs = await asyncio.wait_for(XenStore.open(sock_path), XS_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise FbdumpError(f"cannot reach XenStore at {sock_path}: {exc}") from exc
+    try:
+        return await asyncio.wait_for(
+            asyncio.gather(xs.read_str(f"{fe}/page-ref"), xs.read_str(f"{fe}/protocol")),
+            XS_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise FbdumpError(f"cannot read {fe} from XenStore at {sock_path}: "
+                          f"{exc or 'timed out'}") from exc
+    finally:
+        xs.close()
+
+
+def _run_sync(coro_fn, *args):
+    """Run an async read to completion from sync code, also when called from
+    inside a running loop (a test's coroutine): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_fn(*args))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fbdump") as pool:
+        return pool.submit(asyncio.run, coro_fn(*args)).result()
 
 
 def fbdump_array(run_dir: str | os.PathLike | None, domid: int) -> np.ndarray:
@@ -63,8 +66,7 @@ def fbdump_array(run_dir: str | os.PathLike | None, domid: int) -> np.ndarray:
     run_dir = resolve_run_dir(run_dir)
     fe = f"/local/domain/{domid}/device/vfb/0"
     sock_path = os.path.join(run_dir, "xenstored.sock")
-    page_ref = xenstore_read_sync(sock_path, f"{fe}/page-ref")
-    protocol = xenstore_read_sync(sock_path, f"{fe}/protocol")
+    page_ref, protocol = _run_sync(read_frontend_keys, sock_path, fe)
     if page_ref is None:
         raise FbdumpError(f"domain {domid} has no {fe}/page-ref (frontend not initialised?)")
     if not page_ref.isdigit():

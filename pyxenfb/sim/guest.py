@@ -113,7 +113,10 @@ class Frontend:
 
     async def _follow_backend(self) -> None:
         while True:
-            await self._changed.wait()
+            try:
+                await self.xs.until(self._changed.wait())
+            except OSError:
+                return                # XenStore is gone: _run sees it and exits
             self._changed.clear()
             try:
                 await self.backend_changed(await self.backend_state())
@@ -160,7 +163,8 @@ class Frontend:
             token = f"{self.kind}-wait-{state}"
             await self.xs.watch(f"{self.be}/state", token, lambda p, t: waiter.set())
             try:
-                await asyncio.wait_for(waiter.wait(), max(0.01, deadline - time.monotonic()))
+                await asyncio.wait_for(self.xs.until(waiter.wait()),
+                                       max(0.01, deadline - time.monotonic()))
                 waiter.clear()
                 s = await self.backend_state()
                 if s >= state:
@@ -541,7 +545,8 @@ class ReferenceGuest:
         try:
             ports = self.evtchn.pending()
         except ConnectionError as e:
-            log.error("dom%d: %s", self.domid, e)
+            # the host is gone: _run reports it once, when XenStore goes too
+            log.debug("dom%d: %s", self.domid, e)
             asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
             return
         for port in ports:
@@ -557,12 +562,16 @@ class ReferenceGuest:
 
     # ---- kernel lifecycle ----------------------------------------------------
     async def boot(self) -> None:
-        self.fb = FbFront(self, self.width, self.height)
-        self.kbd = KbdFront(self)
-        await self.fb.probe()
-        await self.kbd.probe()
+        # As Linux's xenbus: only the devices the toolstack put under device/
+        # are probed; a domain without a vfb (or vkbd) simply has none.
+        has_devices = await self.xs.read("device", None) is not None
+        devices = await self.xs.directory("device") if has_devices else []
+        self.fb = FbFront(self, self.width, self.height) if "vfb" in devices else None
+        self.kbd = KbdFront(self) if "vkbd" in devices else None
+        for front in self._fronts():
+            await front.probe()
         self._write_info()
-        if self.animate and self._anim is None:
+        if self.animate and self._anim is None and self.fb is not None:
             body = self._animate_full() if self.animate == "full" else self._animate()
             self._anim = asyncio.create_task(body, name="guest-animate")
 
@@ -570,15 +579,18 @@ class ReferenceGuest:
         """Frontends re-initialise: after closing (module reload, reboot) or,
         with clean=False, straight from Connected (kexec, resume)."""
         log.info("dom%d: rebooting frontends%s", self.domid, "" if clean else " (no close)")
-        for front in (self.fb, self.kbd):
+        for front in self._fronts():
             await (front.close() if clean else front.release())
-        for front in (self.fb, self.kbd):
+        for front in self._fronts():
             await self.xs.write(f"{front.fe}/state", str(abi.INITIALISING))
         await self.boot()
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(asyncio.gather(self.fb.connected.wait(), self.kbd.connected.wait()),
+        await asyncio.wait_for(asyncio.gather(*(f.connected.wait() for f in self._fronts())),
                                timeout)
+
+    def _fronts(self) -> list[Frontend]:
+        return [front for front in (self.fb, self.kbd) if front is not None]
 
     async def _animate(self) -> None:
         while True:
@@ -621,9 +633,10 @@ class ReferenceGuest:
                 await asyncio.sleep(max(0.0, next_t - loop.time()))
 
     def _write_info(self) -> None:
+        fb, kbd = self.fb, self.kbd
         info = {"domid": self.domid, "pid": os.getpid(), "abi": self.abi.name,
-                "fb_page_ref": self.fb.page_frame, "kbd_page_ref": self.kbd.page_frame,
-                "width": self.fb.width, "height": self.fb.height}
+                "fb_page_ref": fb and fb.page_frame, "kbd_page_ref": kbd and kbd.page_frame,
+                "width": fb and fb.width, "height": fb and fb.height}
         tmp = self.dom_dir / "guest.json.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.dom_dir / "guest.json")
@@ -655,10 +668,26 @@ async def _run(args) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(guest.reboot()))
-    await guest.start()
-    log.info("dom%d: guest running (%s, %dx%d)", args.domid, guest.abi.name, args.width, args.height)
-    await stop.wait()
-    await guest.stop()
+    try:
+        await guest.start()
+    except OSError as e:
+        # A host dying during boot may break the event channel first: give
+        # the XenStore connection a moment to report the same.
+        xs = getattr(guest, "xs", None)
+        if xs is None or not (await asyncio.wait({xs.closed}, timeout=1.0))[0]:
+            log.error("dom%d: cannot boot: %s", args.domid, e)
+            return 1
+    else:
+        log.info("dom%d: guest running (%s, %dx%d, devices: %s)", args.domid, guest.abi.name,
+                 args.width, args.height, " ".join(f.kind for f in guest._fronts()) or "none")
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopping, guest.xs.closed}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            await guest.stop()
+            return 0
+    # The host (xenstored) went away under us: as a real domain would, this
+    # one dies with it.  Nothing to tear down that a dead host could see.
+    log.info("dom%d: XenStore connection lost: the host is gone, domain dead", args.domid)
     return 0
 
 

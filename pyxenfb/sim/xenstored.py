@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ..xenconst import DOMID_FIRST_RESERVED
 from ..xs_wire import (
     ABS_PATH_MAX, PAYLOAD_MAX, SPECIAL_WATCH_PATHS, InvalidPathError, Message,
     MessageDecoder, ProtocolError, XsType, error_name, is_at_or_below,
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 READ, WRITE, OWNER = 1, 2, 4
 _LETTER_ACCESS = {"n": 0, "r": READ, "w": WRITE, "b": READ | WRITE}
-DOMID_FIRST_RESERVED = 0x7FF0
 INTRODUCE_DOMAIN, RELEASE_DOMAIN = SPECIAL_WATCH_PATHS
 
 Perms = tuple[tuple[str, int], ...]     # (letter, domid); the first entry is the owner

@@ -1,0 +1,125 @@
+"""The import graph of pyxenfb/ has no cycles, and only the entry points
+import the machine and the command line.
+
+Read from the source with ast, function-level imports included: a cycle
+dodged by importing inside a function is still a cycle in the design.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pyxenfb
+
+PACKAGE_DIR = Path(pyxenfb.__file__).parent
+
+
+def module_files(package_dir: Path) -> dict[str, Path]:
+    root = package_dir.parent
+    mods = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        mods[".".join(parts)] = path
+    return mods
+
+
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports, anywhere in its body."""
+    top = package_dir.name
+    mods = module_files(package_dir)
+    graph = {}
+    for name, path in mods.items():
+        is_package = path.name == "__init__.py"
+        here = name.split(".") if is_package else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here[:len(here) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets.add(target)
+                # `from . import x` imports the submodule x
+                targets.update(f"{target}.{alias.name}" for alias in node.names)
+        graph[name] = {t for t in targets
+                       if t.split(".")[0] == top and t in mods and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (iterative DFS)."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = dict.fromkeys(graph, WHITE)
+    for start in sorted(graph):
+        if colour[start] != WHITE:
+            continue
+        path = [start]
+        stack = [iter(sorted(graph[start]))]
+        colour[start] = GREY
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                colour[path.pop()] = BLACK
+                stack.pop()
+            elif colour[nxt] == GREY:
+                return path[path.index(nxt):] + [nxt]
+            elif colour[nxt] == WHITE:
+                colour[nxt] = GREY
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_pyxenfb_has_no_import_cycle():
+    cycle = find_cycle(import_graph(PACKAGE_DIR))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_only_entry_points_import_the_machine_and_the_cli():
+    graph = import_graph(PACKAGE_DIR)
+    importers = {t: sorted(m for m, deps in graph.items() if t in deps)
+                 for t in ("pyxenfb.cli", "pyxenfb.machine_pv", "pyxenfb.sim.cli")}
+    assert importers == {"pyxenfb.cli": ["pyxenfb.__main__"],
+                         "pyxenfb.machine_pv": ["pyxenfb.cli"],
+                         "pyxenfb.sim.cli": []}
+
+
+def _toy_package(tmp_path: Path, files: dict[str, str]) -> Path:
+    pkg = tmp_path / "toy"
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    return pkg
+
+
+def test_a_function_level_import_cycle_is_found(tmp_path):
+    pkg = _toy_package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from .b import thing\n",
+        "b.py": "thing = 1\n\ndef later():\n    from .sub.c import other\n    return other\n",
+        "sub/__init__.py": "",
+        "sub/c.py": "other = 2\n\ndef back():\n    import toy.a\n",
+    })
+    cycle = find_cycle(import_graph(pkg))
+    assert cycle is not None
+    assert set(cycle) == {"toy.a", "toy.b", "toy.sub.c"}
+    assert cycle[0] == cycle[-1]
+
+
+def test_from_dot_import_module_counts_and_acyclic_toy_passes(tmp_path):
+    pkg = _toy_package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from . import b\n",
+        "b.py": "import os\nfrom .c import x\n",
+        "c.py": "x = 1\n",
+    })
+    graph = import_graph(pkg)
+    assert graph["toy.a"] == {"toy", "toy.b"}
+    assert find_cycle(graph) is None
+    (pkg / "c.py").write_text("def f():\n    from . import a\n")
+    assert find_cycle(import_graph(pkg)) is not None
