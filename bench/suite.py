@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -23,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .procs import Procs, SimHost, context_switches, cpu_seconds, memory_kib
+from .procs import SimHost, context_switches, cpu_seconds, memory_kib
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("BENCH_ANCHORS", REPO.parent / "shared" / "bench"))
@@ -56,116 +55,25 @@ def missing_anchor(name: str) -> str:
     return f"{ANCHORS / name} not found (the shared anchor tools; set BENCH_ANCHORS)"
 
 
-# ---- conversion vs pixman and memcpy ----------------------------------------------
-PIXMAN_TARGETS = {  # pixbench name -> pyxenfb PixelFormat args (bpp, depth, be, maxes, shifts)
-    "x8r8g8b8(copy)": (32, 24, False, 255, 255, 255, 16, 8, 0),
-    "r5g6b5": (16, 16, False, 31, 63, 31, 11, 5, 0),
-    "x8b8g8r8": (32, 24, False, 255, 255, 255, 0, 8, 16),
-    "x1r5g5b5": (16, 15, False, 31, 31, 31, 10, 5, 0),
-    "b2g3r3": (8, 8, False, 7, 7, 3, 0, 3, 6),
-}
-
-
-def pixbench(procs: Procs, w: int, h: int, reps: int) -> tuple[dict, str | None]:
-    src = anchor("pixbench.c")
-    if src is None:
-        return {}, missing_anchor("pixbench.c")
-    if not shutil.which("gcc") or subprocess.run(["pkg-config", "--exists", "pixman-1"]).returncode:
-        return {}, "gcc or libpixman-1-dev missing (apt-get install gcc libpixman-1-dev)"
-    tmp = procs.tempdir("pxb-pix-")
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "pixman-1"], capture_output=True,
-                           text=True).stdout.split()
-    exe = os.path.join(tmp, "pixbench")
-    r = subprocess.run(["gcc", "-O2", "-o", exe, str(src), *flags], capture_output=True, text=True)
-    if r.returncode:
-        return {}, f"pixbench.c did not build: {r.stderr.strip()[-200:]}"
-    out = subprocess.run([exe, str(w), str(h), str(reps)], capture_output=True, text=True,
-                         timeout=120).stdout
-    return {d["what"]: d for d in map(json.loads, out.split("\n")[:-1])}, None
-
-
-def convert_inline(procs: Procs, quick: bool) -> list[dict]:
-    import numpy as np
-
-    from pyxenfb.convert import GUEST_32, PixelFormat, convert_rect
-    w, h, reps = 1920, 1080, (5 if quick else 20)
-    base, why = pixbench(procs, w, h, reps)
-    src = np.random.default_rng(1).integers(0, 256, (h, w * 4), dtype=np.uint8)
-
-    def best(fn):
-        fn()
-        t = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
-    out = []
-    for name, args in PIXMAN_TARGETS.items():
-        dst = PixelFormat(*args)
-        buf = np.empty((h, w * dst.bytes_per_pixel), np.uint8)
-        mpix = w * h / 1e6 / best(lambda: convert_rect(src, GUEST_32, dst, 0, 0, w, h, out=buf))
-        b = base.get(f"pixman {name}", {}).get("mpix_s")
-        out.append(metric(f"convert_{name}_{w}x{h}", round(mpix), "MPix/s", "pixman",
-                          b, cost_ratio_rate(mpix, b), **({"skipped": why} if why else {})))
-    ours_copy = w * h / 1e6 / best(lambda: src.copy())
-    m = base.get("memcpy", {}).get("mpix_s")
-    out.append(metric(f"convert_numpy_copy_{w}x{h}", round(ours_copy), "MPix/s", "memcpy (C)", m,
-                      cost_ratio_rate(ours_copy, m), **({"skipped": why} if why else {})))
-    return out
-
-
-def delegated(module: str, quick: bool):
-    """bench.<module>.run(quick) when that branch has it, else None."""
-    try:
-        mod = importlib.import_module(f"bench.{module}")
-    except Exception as exc:                  # a half-rewritten module must not stop the suite
-        return None, f"import bench.{module} failed: {exc}"
-    run = getattr(mod, "run", None)
-    if not callable(run):
-        return None, None
+# ---- conversion vs pixman and memcpy; whole updates vs libvncserver ----------------
+def delegated(module: str, quick: bool) -> list[dict]:
+    """bench.<module>.run(quick): its rows, each with every field a metric has."""
+    run = importlib.import_module(f"bench.{module}").run
     # stdout carries only our JSON lines: whatever run() prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
         rows = [d for d in run(quick) if isinstance(d, dict)]
-    return rows, None
-
-
-def fill(d: dict) -> dict:
-    for k in ("name", "value", "unit", "baseline", "baseline_value", "ratio"):
-        d.setdefault(k, None)
-    return d
+    for d in rows:
+        for k in ("name", "value", "unit", "baseline", "baseline_value", "ratio"):
+            d.setdefault(k, None)
+    return rows
 
 
 def bench_convert(ctx) -> list[dict]:
-    got, err = delegated("bench_convert", ctx.quick)
-    if got is not None:
-        return [fill(d) for d in got]
-    return convert_inline(ctx.procs, ctx.quick)
-
-
-LVS_ROW = re.compile(r"^(Raw|Hextile|Zlib|ZRLE|Tight)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+    return delegated("bench_convert", ctx.quick)
 
 
 def bench_libvncserver(ctx) -> list[dict]:
-    got, err = delegated("bench_vs_libvncserver", ctx.quick)
-    if got is not None:
-        return [fill(d) for d in got]
-    # No run() on this branch: the script's own table, parsed.
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_vs_libvncserver.py"),
-                        "--updates", "5" if ctx.quick else "20"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
-    rows = [LVS_ROW.match(line) for line in r.stdout.splitlines()]
-    rows = [m for m in rows if m]
-    if r.returncode or not rows:
-        why = (r.stdout + r.stderr).strip().splitlines()[-1:] or ["no output"]
-        return [metric("full_update_800x600", None, "ms", "libvncserver", None, None,
-                       skipped=f"bench_vs_libvncserver.py: {why[0]}")]
-    out = []
-    for m in rows:
-        enc, lvs, py = m.group(1), float(m.group(2)), float(m.group(4))
-        out.append(metric(f"full_update_{enc}_800x600", py, "ms/update", "libvncserver", lvs,
-                          cost_ratio_time(py, lvs)))
-    return out
+    return delegated("bench_vs_libvncserver", ctx.quick)
 
 
 # ---- frames/s and request->update latency per encoding vs x11vnc -----------------------

@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     if exec_argv:
         # Before any heavy import: a warm zygote forks this domain's device
         # model and this process stands in for it (docs/zygote.md).
-        from .zygote import try_zygote
+        from .standin import try_zygote
         code = try_zygote(argv, PROG if options.domid is None else f"{PROG}[{options.domid}]")
         if code is not None:
             return code

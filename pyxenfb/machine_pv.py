@@ -239,7 +239,7 @@ class XenPvMachine:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        from .zygote import watch_stand_in
+        from .standin import watch_stand_in
         watch_stand_in(loop, lambda: log.info("stand-in process gone (SIGKILLed?): exiting at once"))
         try:
             await self.start()

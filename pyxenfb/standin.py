@@ -1,0 +1,296 @@
+"""pyqemu-dm's side of the warm fork-server (pyxenfb-zygote, docs/zygote.md).
+
+`try_zygote` runs at the very top of cli.main: it hands this process's argv,
+environment and fds to a zygote, then stays as the thin stand-in whose pid
+the toolstack knows.  `watch_stand_in` is the device model's hook in a
+zygote child: its control socket closing (the stand-in SIGKILLed) ends it.
+The wire format and its bounds are defined here, for both sides.
+
+This module imports only the standard library: the stand-in must stay small
+and start fast; the zygote itself (zygote.py) imports the whole device model.
+"""
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+PROTOCOL = 1
+ENV = "PYXENFB_ZYGOTE"                  # a socket path, or "off"
+DEFAULT_SOCKET = "/var/run/xen/pyxenfb-zygote.sock"
+ANSWER_TIMEOUT = 2.0                    # the stand-in's bound on the zygote's answer
+REQUEST_TIMEOUT = 2.0                   # the zygote's bound on a peer's request
+MAX_REQUEST = 128 * 1024                # argv + environment as JSON
+MAX_MESSAGE = 4096                      # every other message
+MAX_FDS = 16
+MAX_FD_NUMBER = 1023
+MAX_ARGS = 4096
+MAX_PENDING = 64                        # connections accepted but not yet served
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NAMESPACES = ("mnt", "ipc")             # what libxl's dm_restrict unshares
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+RLIMITS = ("AS", "CORE", "CPU", "DATA", "FSIZE", "LOCKS", "MEMLOCK", "MSGQUEUE", "NICE",
+           "NOFILE", "NPROC", "RSS", "RTPRIO", "RTTIME", "SIGPENDING", "STACK")
+RLIMIT_NUMBERS = {"LOCKS": 10}          # Linux's number; Python has no name for it
+
+
+class Unavailable(Exception):
+    """No zygote to use: the reason (one line), and whether to say it."""
+
+    def __init__(self, reason: str, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
+
+
+# ---- shared helpers ------------------------------------------------------------
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(obj).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict | None:
+    """One message as a dict; None at EOF; ValueError if malformed."""
+    data, _anc, flags, _addr = sock.recvmsg(limit + 1)
+    if not data:
+        return None
+    if flags & socket.MSG_TRUNC or len(data) > limit:
+        raise ValueError(f"message longer than {limit} bytes")
+    try:
+        obj = json.loads(data)
+    except RecursionError:                  # "[[[[...": not a ValueError of its own
+        raise ValueError("message nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError("message is not a JSON object")
+    return obj
+
+
+def _rlimit_number(name: str) -> int | None:
+    import resource
+    return getattr(resource, f"RLIMIT_{name}", RLIMIT_NUMBERS.get(name))
+
+
+def _ns_inode(pid: int | str, ns: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+
+
+# ---- the stand-in (the process the toolstack exec'd) ---------------------------------
+
+def _fds_to_pass(argv: list[str]) -> list[int]:
+    """0, 1, 2 where open, and every `fd=N` of a -chardev/-add-fd in argv."""
+    wanted = [0, 1, 2]
+    for arg in argv:
+        for part in arg.split(","):
+            if part.startswith("fd=") and part[3:].isdigit():
+                wanted.append(int(part[3:]))
+    out = []
+    for fd in dict.fromkeys(wanted):
+        if fd <= MAX_FD_NUMBER and len(out) < MAX_FDS:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue                  # closed here: the child has it closed too
+            out.append(fd)
+    return out
+
+
+def _rlimits() -> dict[str, list[int]]:
+    import resource
+    out = {}
+    for name in RLIMITS:
+        number = _rlimit_number(name)
+        if number is not None:
+            try:
+                out[name] = list(resource.getrlimit(number))
+            except (ValueError, OSError):
+                continue
+    return out
+
+
+def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socket, int, list[int]]:
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            # No zygote installed at the default path: a plain cold start, silently.
+            raise Unavailable(f"no zygote at {path}", quiet=not explicit) from None
+        except socket.timeout:
+            raise Unavailable(f"{path} did not accept within {ANSWER_TIMEOUT:g} s") from None
+        except OSError as e:
+            raise Unavailable(f"cannot connect to {path}: {e.strerror or e}") from None
+        fds = _fds_to_pass(argv)
+        request = {"v": PROTOCOL, "argv": [sys.argv[0] if sys.argv else "pyqemu-dm", *argv],
+                   "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask(),
+                   "rlimits": _rlimits(), "fds": fds}
+        data = json.dumps(request).encode()
+        if len(data) > MAX_REQUEST:
+            raise Unavailable(f"request of {len(data)} bytes exceeds {MAX_REQUEST}")
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            reply = _recv(sock)
+        except socket.timeout:
+            raise Unavailable(f"{path} did not answer within {ANSWER_TIMEOUT:g} s") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(f"{path}: bad answer: {e}") from None
+        if reply is None:
+            raise Unavailable(f"{path} closed the connection without an answer")
+        if "error" in reply:
+            raise Unavailable(f"{path} refused: {str(reply['error'])[:200]}")
+        pid = reply.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise Unavailable(f"{path}: bad answer {str(reply)[:100]}")
+        try:
+            _send(sock, {"go": True})     # from here on the child is this domain's DM
+        except OSError as e:
+            raise Unavailable(f"{path}: child {pid} went away: {e.strerror or e}") from None
+        sock.settimeout(None)
+        return sock, pid, fds
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def try_zygote(argv: list[str], prefix: str) -> int | None:
+    """In the exec'd pyqemu-dm: have the zygote fork this domain's device model
+    and stand in for it (returns its exit status); None = start cold."""
+    setting = os.environ.get(ENV, "")
+    if setting == "off":
+        return None
+    path = setting or DEFAULT_SOCKET
+    started = time.monotonic()
+    try:
+        sock, pid, fds = _handshake(path, argv, explicit=bool(setting))
+    except Unavailable as e:
+        if not e.quiet:
+            print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
+        return None
+    print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
+          f"{(time.monotonic() - started) * 1000:.0f} ms; pid {os.getpid()} stands in for it",
+          file=sys.stderr, flush=True)
+    return _stand_in(sock, pid, fds, prefix)
+
+
+# The stand-in, once committed, re-execs itself as a bare interpreter (no
+# site, no cli module, no logging): the same pid for the toolstack, about half
+# the memory (docs/zygote.md).  Its argv keeps the original one for `ps`.
+_SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from pyxenfb.standin import _slim_main; sys.exit(_slim_main(sys.argv[2:]))")
+
+
+def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
+    """Returns only if the exec failed (the stand-in then carries on as it is)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Blocked across exec, the forwarded signals stay pending until the new
+    # image has its handlers in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        os.set_inheritable(sock.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", _SLIM, root,
+                                  str(sock.fileno()), str(pid), prefix, "--", *sys.argv])
+    except OSError:
+        os.set_inheritable(sock.fileno(), False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+def _slim_main(args: list[str]) -> int:
+    """The re-exec'd stand-in: args are FD PID PREFIX -- ORIGINAL-ARGV."""
+    sock = socket.socket(fileno=int(args[0]))
+    return _stand_in(sock, int(args[1]), [], args[2], slim=False)
+
+
+def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: bool = True) -> int:
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)                   # the child's QMP socket: not ours to hold open
+    if slim:
+        _reexec_slim(sock, pid, prefix)
+
+    def forward(signum, _frame):
+        try:
+            _send(sock, {"signal": signum})
+        except OSError:
+            pass                           # the child is gone: the EOF below says so
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    while True:
+        try:
+            msg = _recv(sock)
+        except ValueError as e:
+            print(f"{prefix}: zygote child {pid}: bad message ({e}); ignored",
+                  file=sys.stderr, flush=True)
+            continue
+        except OSError:
+            msg = None
+        if msg is None:
+            print(f"{prefix}: device model pid {pid} died without an exit status "
+                  "(killed by a signal?)", file=sys.stderr, flush=True)
+            return 1
+        code = msg.get("exit")
+        if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255:
+            return code
+
+
+# ---- in a zygote child: the machine's hook ----------------------------------------------
+
+_control: socket.socket | None = None      # the connection to our stand-in, in a child only
+
+
+def watch_stand_in(loop, on_lost=None) -> None:
+    """Called by the machine once its loop runs.  A forwarded signal is raised
+    here; the stand-in's death (xl destroy SIGKILLs it) ends this process at
+    once, as the SIGKILL would have ended a cold device model: a graceful
+    shutdown would still write to XenStore while the toolstack removes the
+    domain's nodes."""
+    if _control is None:
+        return
+    sock = _control
+    sock.setblocking(False)
+
+    def readable() -> None:
+        try:
+            msg = _recv(sock)
+        except BlockingIOError:
+            return
+        except ValueError:
+            return                          # garbage from our own stand-in: ignored
+        except OSError:
+            msg = None
+        if msg is None:
+            if on_lost is not None:
+                on_lost()
+            _exit_now(1)
+        sig = msg.get("signal")
+        if sig in FORWARDED:
+            signal.raise_signal(sig)
+    loop.add_reader(sock.fileno(), readable)
+
+
+def _exit_now(code: int) -> None:
+    import logging
+    logging.shutdown()                      # flush the log lines written so far
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
