@@ -179,3 +179,16 @@ def test_wildcard_listen_connects_to_loopback():
     assert connect_host("0.0.0.0") == "127.0.0.1"
     assert connect_host("::") == "::1"
     assert connect_host("192.0.2.7") == "192.0.2.7"
+
+
+def test_program_of_names_the_device_model(tmp_path):
+    from pyxenfb.hostconsole.domains import program_of
+    cases = {1: b"/usr/bin/python3\0/usr/local/bin/pyqemu-dm\0-xen-domid\0003\0",
+             2: b"python3\0-m\0pyxenfb.cli\0-xen-domid\0003\0",
+             3: b"/usr/libexec/xen-qemu-system-i386\0-xen-domid\0003\0"}
+    for pid, cmdline in cases.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(cmdline)
+    assert [program_of(p, str(tmp_path)) for p in (1, 2, 3)] == \
+        ["pyqemu-dm", "pyxenfb.cli", "xen-qemu-system-i386"]
+    assert program_of(4, str(tmp_path)) is None and program_of(0, str(tmp_path)) is None

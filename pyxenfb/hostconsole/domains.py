@@ -53,9 +53,12 @@ def program_of(pid: int | None, proc: str = "/proc") -> str | None:
             argv = f.read(4096).split(b"\0")
     except OSError:
         return None
-    for word in argv:
-        base = os.path.basename(word.decode("utf-8", "replace"))
-        if base and not base.startswith("python"):
+    words = [w.decode("utf-8", "replace") for w in argv]
+    for i, word in enumerate(words):
+        base = os.path.basename(word)
+        if word == "-m" and i + 1 < len(words):      # `python3 -m pyxenfb.cli`
+            return words[i + 1][:64]
+        if base and not base.startswith("python") and not base.startswith("-"):
             return base[:64]
     return None
 

@@ -457,3 +457,19 @@ def test_zygote_child_goes_with_xl_destroy(lab):
     require_ready(lab, "pyz")
     assert lab.need("pyz.destroy_rc") == 0
     assert lab.need("pyz.child_left_running") is False
+
+
+# ---- the host console -----------------------------------------------------------------------
+
+def test_host_console_lists_and_relays_both_kinds_of_console(lab):
+    """pyxenfb-console in dom0 lists a QEMU-served and a pyqemu-dm-served guest
+    from real XenStore and relays a full frame of each through its WebSocket, exact."""
+    assert lab.need("hc.both_ready") is True, f"the two guests never became ready ({lab.where()})"
+    assert lab.need("hc.check_rc") == 0, f"console check failed ({lab.out}/console-*.json, console.log)"
+    import json
+    listed = {d["name"]: d for d in json.loads((lab.out / "console-domains.txt").read_text())}
+    assert {"hcq", "hcp"} <= set(listed), listed
+    assert listed["hcp"]["served_by"] in ("pyqemu-dm", "pyxenfb.cli"), listed["hcp"]   # the lab runs -m
+    assert "qemu" in (listed["hcq"]["served_by"] or ""), listed["hcq"]
+    assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm("console-hcq.ppm"), "QEMU's console via the relay")
+    assert_same_picture(lab.picture("picture-b.ppm"), lab.ppm("console-hcp.ppm"), "pyqemu-dm's console via the relay")

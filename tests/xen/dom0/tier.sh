@@ -305,6 +305,25 @@ if [ -n "${child:-}" ] && [ -d /proc/$child ]; then rec pyz.child_left_running t
 rec pyz.scenario_s "$(since "$T0")"
 kill $ZPID 2>/dev/null
 
+# --- the host console (pyxenfb-console) over a QEMU- and a pyqemu-dm-served guest ---------
+T0=$(now)
+hc_ok=true
+boot hcq hcq qemu --vncdisplay 1 --picture $X/picture-a.ppm || hc_ok=false
+boot hcp hcp "$PYDM" --vncdisplay 2 --picture $X/picture-b.ppm "${PYENV[@]}" || hc_ok=false
+step "console: pyxenfb-console, then one relayed frame of each domain"
+PYTHONPATH=$D/src:$D/site PYTHONDONTWRITEBYTECODE=1 python3 -m pyxenfb.hostconsole.cli --port 8080 \
+  > "$O/console.log" 2>&1 &
+CPID=$!
+end=$(( $(date +%s) + READY_S ))
+until python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8080/api/domains", timeout=5)' \
+      2>/dev/null || [ "$(date +%s)" -ge $end ] || ! kill -0 $CPID 2>/dev/null; do sleep 1; done
+rec hc.both_ready $hc_ok
+timeout 300 python3 $X/consolecheck.py 8080 "$O"; rec hc.check_rc $?
+kill $CPID 2>/dev/null
+finish hcq_end hcq
+finish hcp_end hcp
+rec hc.scenario_s "$(since "$T0")"
+
 recs end.xl_list "$(xl list 2>&1)"
 # any dom0 process killed by a fault: our DM, or the lab corrupting xl/bash/python
 recs end.dom0_faults "$(dmesg | grep -E 'segfault at|general protection|traps: ' )"
