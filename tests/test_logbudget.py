@@ -21,7 +21,7 @@ from pyxenfb import xenfb_abi as abi
 from pyxenfb.cli import _PrefixFormatter
 from pyxenfb.logbudget import LogBudget
 from rfb_harness import ServerThread
-from simkit import connected_domain, wait_for
+from simkit import connected_domain, wait_for, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOG_TARGET = 64 * 1024
@@ -148,7 +148,7 @@ def test_100000_hostile_connections_leave_a_small_log_that_says_what_happened():
                             str(count), "4"], capture_output=True, text=True, timeout=180)
         elapsed = time.monotonic() - t0
         assert r.stdout.strip() == f"done {count}", r.stderr[-2000:]
-        wait_for_sync(lambda: srv.call(lambda: len(srv.server.clients)) == 0, 10, "clients gone")
+        wait_until(lambda: srv.call(lambda: len(srv.server.clients)) == 0, 10, "clients gone")
         srv.call(srv.server.budget.flush)         # what the window holds, as at exit
     finally:
         text = done()
@@ -164,14 +164,6 @@ def test_100000_hostile_connections_leave_a_small_log_that_says_what_happened():
                   for line in summaries if "VNC connections closed before ClientInit" in line)
     logged = sum(1 for line in text.splitlines() if "disconnected: " in line and " more " not in line)
     assert counted + logged == count, (counted, logged)
-
-
-def wait_for_sync(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_hostile_guest_storm_leaves_a_small_log():
