@@ -25,7 +25,7 @@ from PIL import Image
 
 from consolekit import ConsoleProcess, api_domains, get, wait_api
 from novnc_driver import Chromium, DevToolsError, missing_requirement
-from simkit import short_run_dir, start_host, stop_host
+from simkit import short_run_dir, start_host, stop_host, wait_until
 from pyxenfb.hostconsole.thumbnails import downscale
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.echo import STRIP_H, render_strip, strip_text
@@ -278,26 +278,19 @@ def test_typed_keys_reach_the_guest_and_it_draws_them(sim):
     type_text(c, "hello xen")
     # input.log: the key codes of h e l l o space x e n, pressed and released.
     want = [35, 18, 38, 38, 24, 57, 45, 18, 49]
-    deadline = time.monotonic() + 10
-    while True:
-        pressed = [e["code"] for e in toolstack.read_input_log(sim.run_dir, 2)
-                   if e["type"] == "key" and e["pressed"]]
-        if pressed[-len(want):] == want:
-            break
-        assert time.monotonic() < deadline, f"guest received {pressed}"
-        time.sleep(0.05)
+    def pressed():
+        return [e["code"] for e in toolstack.read_input_log(sim.run_dir, 2)
+                if e["type"] == "key" and e["pressed"]]
+    wait_until(lambda: pressed()[-len(want):] == want, 10, lambda: f"guest received {pressed()}")
     # The guest's own picture (fbdump, not the backend) shows the text ...
     w, h = SIZES[2]
     strip = render_strip(w, strip_text("hello xen", 0))
-    deadline = time.monotonic() + 10
-    while True:
+    def strip_shown():
         dump = sim.fbdump(2)
         words = (dump[h - STRIP_H:, :, 0].astype(np.uint32) << 16) | \
                 (dump[h - STRIP_H:, :, 1].astype(np.uint32) << 8) | dump[h - STRIP_H:, :, 2]
-        if np.array_equal(words, strip):
-            break
-        assert time.monotonic() < deadline, "typed text never appeared in the guest's picture"
-        time.sleep(0.05)
+        return np.array_equal(words, strip)
+    wait_until(strip_shown, 10, "the typed text in the guest's picture")
     # ... and the round trip reaches the browser, exactly.
     wait_canvas_is_guest(sim, 2)
     # A click at framebuffer (100, 60): the guest counts it and puts its crosshair there.
@@ -309,14 +302,12 @@ def test_typed_keys_reach_the_guest_and_it_draws_them(sim):
     for kind in ("mousePressed", "mouseReleased"):
         c.call("Input.dispatchMouseEvent", {"type": kind, "x": px, "y": py, "button": "left",
                                              "clickCount": 1})
-    deadline = time.monotonic() + 10
-    while True:
-        log = toolstack.read_input_log(sim.run_dir, 2)
-        released = [e for e in log if e["type"] == "key" and e["code"] == 0x110 and not e["pressed"]]
-        if released:
-            break
-        assert time.monotonic() < deadline, f"no click in {log[-5:]}"
-        time.sleep(0.05)
+    def released():
+        return [e for e in toolstack.read_input_log(sim.run_dir, 2)
+                if e["type"] == "key" and e["code"] == 0x110 and not e["pressed"]]
+    wait_until(lambda: bool(released()), 10,
+               lambda: f"no click in {toolstack.read_input_log(sim.run_dir, 2)[-5:]}")
+    log = toolstack.read_input_log(sim.run_dir, 2)
     x, y = [(e["x"], e["y"]) for e in log if e["type"] == "pos"][-1]
     assert abs(x - 100) <= 1 and abs(y - 60) <= 1, (x, y)
     strip = render_strip(w, strip_text("hello xen", 1))
