@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import select
 import shutil
 import signal
@@ -30,6 +31,7 @@ from pyxenfb.sim.guest import ReferenceGuest
 from pyxenfb.sim.toolstack import create_domain
 from pyxenfb.sim.xenstored import XenStored
 from pyxenfb.xenfb import BackendContext, PortDispatcher, start_backends
+from pyxenfb.xenstore import XenStore
 
 
 HOST_START_TIMEOUT = 15.0
@@ -334,3 +336,34 @@ class RawVncClient:
             self.last_rects = rects
             self.updates += 1
             self.request(incremental=not resized)
+
+
+async def wait_frontends_connected(run_dir: str, domid: int, timeout: float = 15.0) -> None:
+    """Both sides of the domain's vfb and vkbd in XenBus state Connected (4)."""
+    xs = await XenStore.open(os.path.join(run_dir, "xenstored.sock"))
+    try:
+        for dev in ("vfb", "vkbd"):
+            for path in (f"/local/domain/0/backend/{dev}/{domid}/0/state",
+                         f"/local/domain/{domid}/device/{dev}/0/state"):
+                await wait_node(xs, path, lambda v: v == "4", timeout=timeout)
+    finally:
+        xs.close()
+
+
+def start_demo(*args: str) -> tuple[subprocess.Popen, str]:
+    """`pyxenfb-sim demo ARGS` in a session of its own; returns it and what it
+    printed up to its "running" line (bounded: 60 s between lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "demo", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    # A thread reads stdout: the demo prints several lines at once.
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [out.put(x) for x in proc.stdout], daemon=True).start()
+    lines: list[str] = []
+    while not lines or "running; Ctrl-C to stop" not in lines[-1]:
+        try:
+            lines.append(out.get(timeout=60))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"demo printed {lines} then nothing for 60 s") from None
+    return proc, "".join(lines)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from consolekit import ConsoleProcess, api_domains, get, wait_api
 from novnc_driver import Chromium, DevToolsError, missing_requirement
-from simkit import short_run_dir, start_host, stop_host, wait_until
+from simkit import short_run_dir, start_demo, start_host, stop_host, wait_until
 from pyxenfb.hostconsole.thumbnails import downscale
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.echo import STRIP_H, render_strip, strip_text
@@ -701,21 +701,9 @@ def test_nobody_looking_means_no_connection(host):
 
 
 def test_demo_starts_the_console_and_prints_its_url():
-    import queue
-    import threading
-    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "demo", "--vnc", ":19",
-                             "--console-port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc, text = start_demo("--vnc", ":19", "--console-port", "0")
     try:
-        out: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [out.put(x) for x in proc.stdout], daemon=True).start()
-        lines = []
-        while not lines or "running; Ctrl-C to stop" not in lines[-1]:
-            try:
-                lines.append(out.get(timeout=60))
-            except queue.Empty:
-                raise AssertionError(f"demo printed {lines} then nothing for 60 s") from None
-        url = re.search(r"web console: (http://\S+)", "".join(lines)).group(1).rstrip("/")
+        url = re.search(r"web console: (http://\S+)", text).group(1).rstrip("/")
         domains = api_domains(url)
         assert [(d["domid"], d["name"]) for d in domains] == [(1, "demo")]
         proc.send_signal(2)

@@ -13,18 +13,7 @@ from PIL import Image
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
-from simkit import wait_node, wait_until
-
-
-async def _connected(host, domid, timeout=15.0):
-    xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
-    try:
-        for dev in ("vfb", "vkbd"):
-            for path in (f"/local/domain/0/backend/{dev}/{domid}/0/state",
-                         f"/local/domain/{domid}/device/{dev}/0/state"):
-                await wait_node(xs, path, lambda v: v == "4", timeout=timeout)
-    finally:
-        xs.close()
+from simkit import wait_frontends_connected, wait_until
 
 
 @pytest.fixture
@@ -36,7 +25,7 @@ def domains(host):
         async def go():
             created.append(domid)
             res = await toolstack.create_domain(host, domid, f"d{domid}", vfb=vfb, **kw)
-            await _connected(host, domid)
+            await wait_frontends_connected(host, domid)
             return res
         return asyncio.run(go())
     yield create

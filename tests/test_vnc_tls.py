@@ -35,8 +35,8 @@ def pki(tmp_path_factory):
 class VencryptClient(RawClient):
     """A minimal VeNCrypt client on Python's ssl (RFB 3.8)."""
 
-    def negotiate(self, subtype: int, *, ca: str | None = None, cert: str | None = None,
-                  key: str | None = None) -> None:
+    def choose(self, subtype: int) -> None:
+        """VeNCrypt up to the server's ack of `subtype`: TLS comes next."""
         assert self.recv_exact(12) == b"RFB 003.008\n"
         self.send(b"RFB 003.008\n")
         types = self.recv_exact(self.recv_exact(1)[0])
@@ -49,6 +49,10 @@ class VencryptClient(RawClient):
         self.offered = subtypes
         self.send(struct.pack(">I", subtype))
         assert self.recv_exact(1) == b"\x01"
+
+    def negotiate(self, subtype: int, *, ca: str | None = None, cert: str | None = None,
+                  key: str | None = None) -> None:
+        self.choose(subtype)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         if ca is None:                                  # anonymous
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -239,15 +243,7 @@ def _failing(kind: str, srv, pki):
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             c.finish_auth()
     elif kind == "garbage":
-        c.recv_exact(12)
-        c.send(b"RFB 003.008\n")
-        c.recv_exact(2)
-        c.send(b"\x13")
-        c.recv_exact(2)
-        c.send(b"\x00\x02")
-        c.recv_exact(6)
-        c.send(struct.pack(">I", X509_NONE))
-        c.recv_exact(1)
+        c.choose(X509_NONE)
         c.send(b"GET / HTTP/1.1\r\n\r\n" * 4)           # not a ClientHello
         assert c.closed()
     return c
@@ -287,17 +283,9 @@ def test_expired_server_certificate_is_refused_by_the_client(tls_server, pki):
 def test_stalled_tls_handshake_is_closed(tls_server, pki):
     srv = tls_server(TlsCredentials("x509", pki.dir, False))
     srv.call(setattr, srv.server, "handshake_timeout", 0.5)
-    c = RawClient(srv.port)
+    c = VencryptClient(srv.port)
     try:
-        c.recv_exact(12)
-        c.send(b"RFB 003.008\n")
-        c.recv_exact(2)
-        c.send(b"\x13")
-        c.recv_exact(2)
-        c.send(b"\x00\x02")
-        c.recv_exact(6)
-        c.send(struct.pack(">I", X509_NONE))
-        c.recv_exact(1)
+        c.choose(X509_NONE)
         c.send(b"\x16\x03\x01")                          # a ClientHello that never finishes
         started = time.monotonic()
         assert c.closed(timeout=10)

@@ -25,7 +25,7 @@ from pyxenfb import zygote
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
-from simkit import read_line, short_run_dir, stop_host, wait_node, wait_until
+from simkit import read_line, short_run_dir, stop_host, wait_frontends_connected, wait_node, wait_until
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
@@ -93,17 +93,6 @@ def _zygote_pid(path: str) -> int:
         return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
 
 
-async def _connected(run_dir: str, domid: int, timeout: float = 15.0) -> None:
-    xs = await XenStore.open(os.path.join(run_dir, "xenstored.sock"))
-    try:
-        for dev in ("vfb", "vkbd"):
-            for path in (f"/local/domain/0/backend/{dev}/{domid}/0/state",
-                         f"/local/domain/{domid}/device/{dev}/0/state"):
-                await wait_node(xs, path, lambda v: v == "4", timeout=timeout)
-    finally:
-        xs.close()
-
-
 async def _qmp(run_dir: str, domid: int, command: str, args: dict | None = None):
     qmp = await toolstack.QmpClient.connect(toolstack.qmp_paths(run_dir, domid)[0], command)
     try:
@@ -118,7 +107,7 @@ def _create(run_dir: str, domid: int, **kw) -> toolstack.CreateResult:
         res = await toolstack.create_domain(run_dir, domid, f"z{domid}",
                                             vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1",
                                             width=320, height=200, **kw)
-        await _connected(run_dir, domid)
+        await wait_frontends_connected(run_dir, domid)
         return res
     return asyncio.run(go())
 
@@ -199,7 +188,7 @@ def test_kill_9_of_a_child_leaves_the_zygote_and_other_domains_serving(zhost):
             zhost, d, f"z{d}", vfb=f"vnc=1,vncdisplay={60 + d},vncunused=1", width=320, height=200)
             for d in (3, 4, 5)))
         for d in (3, 4, 5):
-            await _connected(zhost, d)
+            await wait_frontends_connected(zhost, d)
         return results
     r3, r4, r5 = asyncio.run(create_three())
     children = [_child_of(r.dm_log) for r in (r3, r4, r5)]
