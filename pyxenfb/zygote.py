@@ -339,8 +339,13 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.default_int_handler)   # as a fresh interpreter has it
         os.close(self.wake_r)
         os.close(self.wake_w)
+        # The epoll instance is shared with the zygote across fork: unregistering
+        # here would take the zygote's other pending requests out of its own
+        # wait set (it then never read them, and closing them later reset the
+        # stand-ins: seen with three domains created at once).  Closing this
+        # process's copies of the fds leaves the zygote's registrations alone.
         for other in list(self.pending):
-            self._drop(other).close()
+            self.pending.pop(other)[0].close()
         self.selector.close()
         self.listener.close()
         for kind, fd in ns.items():       # before the fds move: a passed fd may take their numbers
