@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 
 M_ARENA_MAX = -8            # mallopt parameter (malloc.h)
 
@@ -39,3 +40,30 @@ def trim() -> None:
     malloc_trim = getattr(libc, "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+class PeriodicTrim:
+    """`trim()` at most once per `interval` seconds while updates flow.
+
+    An update's temporaries (pixel bytes, deflate output: tens to hundreds
+    of KiB each, sizes varying with the picture) fragment the heap: freed
+    but resident memory grew by ~2 MB/s to ~12 MB in a DM serving one
+    animating Tight client.  Trimming once a second returns it; what the
+    next updates need is faulted back in, which costs far less than the
+    per-allocation mmap/munmap a low M_MMAP_THRESHOLD would mean (Hextile
+    3 -> 11 ms per 1024x768 update measured that way)."""
+
+    def __init__(self, interval: float = 1.0, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.trims = 0
+        self._last = clock()
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        trim()
+        self.trims += 1
+        return True

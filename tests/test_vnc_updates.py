@@ -236,3 +236,37 @@ def test_frame_buffers_let_go_when_the_last_client_leaves():
                    5, "the pool emptied once nobody watches")
     finally:
         srv.close()
+
+
+def test_periodic_trim_runs_at_most_once_per_interval(monkeypatch):
+    from pyxenfb import malloc
+    calls = []
+    monkeypatch.setattr(malloc, "trim", lambda: calls.append(1))
+    now = [100.0]
+    trim = malloc.PeriodicTrim(1.0, clock=lambda: now[0])
+    assert trim() is False                        # not a whole interval since it was made
+    now[0] += 0.5
+    assert trim() is False
+    now[0] += 0.6
+    assert trim() is True and calls == [1]
+    assert trim() is False                        # the interval starts again
+    now[0] += 1.0
+    assert trim() is True and calls == [1, 1] and trim.trims == 2
+
+
+def test_the_heap_is_trimmed_while_updates_flow(monkeypatch):
+    """Every update is followed by the server's periodic trim (here with no
+    interval): fragmented memory is not left resident until the client goes."""
+    from pyxenfb import malloc
+    srv = ServerThread(noisy_surface(800, 600))
+    srv.call(lambda: setattr(srv.server, "_trim", malloc.PeriodicTrim(0.0)))
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        for _ in range(3):
+            full_request(c, w=800, h=600)
+            read_update(c)
+        wait_until(lambda: srv.call(lambda: srv.server._trim.trims) >= 3, 5, "three trims")
+    finally:
+        c.close()
+        srv.close()

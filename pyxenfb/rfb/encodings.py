@@ -52,6 +52,11 @@ def rect_header(x: int, y: int, w: int, h: int, encoding: int) -> bytes:
     return struct.pack(">HHHHi", x, y, w, h, encoding)
 
 
+def _contiguous(pixels: np.ndarray):
+    """pixels' bytes without a copy where they are one C-contiguous block."""
+    return memoryview(pixels).cast("B") if pixels.flags.c_contiguous else pixels.tobytes()
+
+
 def _values(pixels: np.ndarray, fmt: PixelFormat, w: int, h: int) -> np.ndarray:
     """(h, w) integer view of the pixels (bytes unchanged)."""
     return pixels.reshape(h, w * fmt.bytes_per_pixel).view(_DTYPES[fmt.bytes_per_pixel]).reshape(h, w)
@@ -369,16 +374,21 @@ def tight_pixel24(fmt: PixelFormat) -> bool:
             and all(s % 8 == 0 for s in (fmt.red_shift, fmt.green_shift, fmt.blue_shift)))
 
 
-def _tpixels(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+def _tpixels(vals: np.ndarray, fmt: PixelFormat, scratch: np.ndarray | None = None):
+    """Tight's pixel bytes for vals: a memoryview into scratch (a reused
+    uint8 buffer large enough) when one is given, else bytes."""
     if tight_pixel24(fmt):
         # Each channel is one whole byte of the pixel: copy the three bytes
         # (three strided copies beat a fancy-index gather or shifting ~2x).
         raw = np.ascontiguousarray(vals).view(np.uint8).reshape(vals.shape + (4,))
-        out = np.empty(vals.shape + (3,), np.uint8)
+        n = vals.size * 3
+        out = (np.empty(vals.shape + (3,), np.uint8) if scratch is None
+               else scratch[:n].reshape(vals.shape + (3,)))
         for i, shift in enumerate((fmt.red_shift, fmt.green_shift, fmt.blue_shift)):
             out[..., i] = raw[..., 3 - shift // 8 if fmt.big_endian else shift // 8]
-        return out.tobytes()
-    return np.ascontiguousarray(vals).tobytes()
+        return out.tobytes() if scratch is None else memoryview(scratch[:n])
+    return np.ascontiguousarray(vals).tobytes() if scratch is None else memoryview(
+        np.ascontiguousarray(vals)).cast("B")
 
 
 def _few_colours(vals: np.ndarray, limit: int):
@@ -435,23 +445,30 @@ class _Stream:
     of the same stream (the adler32 trailer never comes: VNC streams never
     end).  It is primed with the last 32 KiB of input, which the client's
     inflater has in its window, so references back into it stay valid and
-    the ratio does not drop.
+    the ratio does not drop.  Tight resets a stream instead (its control
+    byte can), so its streams keep no tail (continues=False).
     """
 
-    def __init__(self, level: int):
+    def __init__(self, level: int, continues: bool = True):
         self.level = level
         self._z = zlib.compressobj(level, memLevel=_MEM_LEVEL)
+        self._continues = continues
         self._tail = b""
 
-    def deflate(self, data: bytes, level: int) -> bytes:
+    def deflate(self, data, level: int) -> list[bytes]:
+        """data (bytes-like) compressed and sync-flushed, as one or two pieces."""
         if level != self.level:
+            if not self._continues:
+                raise ValueError("a stream without a tail cannot change level")
             self.level = level
             self._z = zlib.compressobj(level, zlib.DEFLATED, -15, _MEM_LEVEL,
                                        **({"zdict": self._tail} if self._tail else {}))
-        out = self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
-        # What the client's inflater window now holds (the last 32 KiB).
-        self._tail = data[-_WINDOW:] if len(data) >= _WINDOW else (self._tail + data)[-_WINDOW:]
-        return out
+        out = [self._z.compress(data), self._z.flush(zlib.Z_SYNC_FLUSH)]
+        if self._continues:
+            # What the client's inflater window now holds (the last 32 KiB).
+            tail = data[-_WINDOW:]
+            self._tail = bytes(tail) if len(tail) == _WINDOW else (self._tail + bytes(tail))[-_WINDOW:]
+        return [piece for piece in out if piece]
 
 
 class Encoder:
@@ -464,6 +481,7 @@ class Encoder:
         self._zlib: _Stream | None = None
         self._zrle: _Stream | None = None
         self._tight: list = [None] * 4
+        self._scratch = np.empty(0, np.uint8)     # Tight's full-colour pixel bytes
 
     def set_compress_level(self, level: int | None) -> None:
         """The client's CompressLevel (0..9; None = server default).  Takes
@@ -493,8 +511,7 @@ class Encoder:
         """`encode` as a list of byte strings to send in order: a server
         writes them as they are instead of copying megabytes into one."""
         if encoding in (TIGHT, TIGHT_PNG):
-            count, data = self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
-            return count, [data]
+            return self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
         if encoding not in (RRE, HEXTILE, ZLIB, ZRLE):
             return 1, [rect_header(x, y, w, h, RAW), encode_raw(pixels)]
         vals = _values(pixels, fmt, w, h)
@@ -507,40 +524,42 @@ class Encoder:
             if encoding == ZLIB:
                 if self._zlib is None:
                     self._zlib = _Stream(level)
-                z = self._zlib.deflate(pixels.tobytes(), level)
+                z = self._zlib.deflate(_contiguous(pixels), level)
             else:
                 if self._zrle is None:
                     self._zrle = _Stream(level)
                 z = self._zrle.deflate(zrle_tiles(vals, fmt), level)
-            return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", len(z)), z]
+            size = sum(map(len, z))
+            return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", size), *z]
         return 1, [rect_header(x, y, w, h, encoding), data]
 
     # Tight -----------------------------------------------------------
     def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality):
         vals = _values(pixels, fmt, w, h)
-        out, count = bytearray(), 0
+        chunks, count = [], 0
         for cx in range(0, w, TIGHT_MAX_WIDTH):
             cw = min(TIGHT_MAX_WIDTH, w - cx)
             rows = max(1, TIGHT_MAX_AREA // cw)
             for cy in range(0, h, rows):
                 ch = min(rows, h - cy)
                 sub = vals[cy:cy + ch, cx:cx + cw]
-                out += rect_header(x + cx, y + cy, cw, ch, encoding)
-                out += self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality)
+                head, *data = self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality)
+                chunks += [rect_header(x + cx, y + cy, cw, ch, encoding) + head, *data]
                 count += 1
-        return count, bytes(out)
+        return count, chunks
 
-    def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality) -> bytes:
+    def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality) -> list[bytes]:
+        """One Tight rectangle after its header: [control and lengths, data...]."""
         palette = _few_colours(vals, 256)
         if palette is not None and len(palette) == 1:
-            return b"\x80" + _tpixels(palette, fmt)
+            return [b"\x80" + _tpixels(palette, fmt)]
         jpeg_ok = jpeg_quality is not None and fmt.bpp == 32
         if jpeg_ok and (palette is None or len(palette) > 16):
             data = _image_bytes(vals, fmt, "JPEG", jpeg_quality)
-            return b"\x90" + compact_length(len(data)) + data
+            return [b"\x90" + compact_length(len(data)), data]
         if png:
             data = _image_bytes(vals, fmt, "PNG")
-            return b"\xa0" + compact_length(len(data)) + data
+            return [b"\xa0" + compact_length(len(data)), data]
         if palette is not None and len(palette) * 2 < vals.size:
             idx = np.searchsorted(palette, vals)
             if len(palette) == 2:
@@ -549,9 +568,13 @@ class Encoder:
                 stream, data = 2, idx.astype(np.uint8).tobytes()
             head = bytearray([0x40 | stream << 4, 1, len(palette) - 1]) + _tpixels(palette, fmt)
         else:
-            stream, data, head = 0, _tpixels(vals, fmt), bytearray(b"\x00")
+            # Full colour: the pixel bytes go to deflate from a buffer reused
+            # for every rectangle (no per-rectangle copies to allocate).
+            if self._scratch.size < vals.size * 4:
+                self._scratch = np.empty(vals.size * 4, np.uint8)
+            stream, data, head = 0, _tpixels(vals, fmt, self._scratch), bytearray(b"\x00")
         if len(data) < TIGHT_MIN_TO_COMPRESS:
-            return bytes(head + data)
+            return [bytes(head + data)]
         client_level = _TIGHT_DEFAULT if self._level is None else self._level
         level = _TIGHT_ZLIB[client_level][_TIGHT_STREAM_KIND[stream]]
         st = self._tight[stream]
@@ -560,6 +583,6 @@ class Encoder:
             # fresh inflater, so a new zlib stream at the new level is exact.
             if st is not None:
                 head[0] |= 1 << stream
-            st = self._tight[stream] = _Stream(level)
+            st = self._tight[stream] = _Stream(level, continues=False)
         z = st.deflate(data, level)
-        return bytes(head + compact_length(len(z)) + z)
+        return [bytes(head + compact_length(sum(map(len, z)))), *z]

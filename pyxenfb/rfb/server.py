@@ -414,6 +414,7 @@ class RfbClient(asyncio.Protocol):
                 snap.release()
         if sent:
             self.updates_sent += 1
+        self.server.trim_heap()
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
 
@@ -525,6 +526,7 @@ class RfbServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool = BufferPool()
+        self._trim = malloc.PeriodicTrim()
         self._pass_snapshots: dict[tuple, Snapshot] = {}
 
     @property
@@ -568,6 +570,10 @@ class RfbServer:
     def leds_changed(self, leds: int) -> None:
         for client in self.attached_clients():
             client.set_leds(leds)
+
+    def trim_heap(self) -> None:
+        """After an update: give fragmented heap memory back, once a second."""
+        self._trim()
 
     def all_clients_gone(self) -> None:
         """Nobody watches: let the frame buffers and zlib streams go back to
