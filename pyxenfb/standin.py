@@ -19,6 +19,9 @@ import socket
 import sys
 import time
 
+from . import forwarder
+from .forwarder import FORWARDED
+
 PROTOCOL = 1
 ENV = "PYXENFB_ZYGOTE"                  # a socket path, or "off"
 DEFAULT_SOCKET = "/var/run/xen/pyxenfb-zygote.sock"
@@ -30,7 +33,6 @@ MAX_FDS = 16
 MAX_FD_NUMBER = 1023
 MAX_ARGS = 4096
 MAX_PENDING = 64                        # connections accepted but not yet served
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 NAMESPACES = ("mnt", "ipc")             # what libxl's dm_restrict unshares
 CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 RLIMITS = ("AS", "CORE", "CPU", "DATA", "FSIZE", "LOCKS", "MEMLOCK", "MSGQUEUE", "NICE",
@@ -187,11 +189,12 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
     return _stand_in(sock, pid, fds, prefix)
 
 
-# The stand-in, once committed, re-execs itself as a bare interpreter (no
-# site, no cli module, no logging): the same pid for the toolstack, about half
-# the memory (docs/zygote.md).  Its argv keeps the original one for `ps`.
+# The stand-in, once committed, re-execs itself as a bare interpreter running
+# only forwarder.py (no site, no socket, no json): the same pid for the
+# toolstack, about half the memory (docs/zygote.md).  Its argv keeps the
+# original one for `ps`.
 _SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from pyxenfb.standin import _slim_main; sys.exit(_slim_main(sys.argv[2:]))")
+         "from pyxenfb.forwarder import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
@@ -208,13 +211,6 @@ def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
                                   str(sock.fileno()), str(pid), prefix, "--", *sys.argv])
     except OSError:
         os.set_inheritable(sock.fileno(), False)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-
-
-def _slim_main(args: list[str]) -> int:
-    """The re-exec'd stand-in: args are FD PID PREFIX -- ORIGINAL-ARGV."""
-    sock = socket.socket(fileno=int(args[0]))
-    return _stand_in(sock, int(args[1]), [], args[2], slim=False)
 
 
 def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: bool = True) -> int:
@@ -223,31 +219,7 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: 
             os.close(fd)                   # the child's QMP socket: not ours to hold open
     if slim:
         _reexec_slim(sock, pid, prefix)
-
-    def forward(signum, _frame):
-        try:
-            _send(sock, {"signal": signum})
-        except OSError:
-            pass                           # the child is gone: the EOF below says so
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    while True:
-        try:
-            msg = _recv(sock)
-        except ValueError as e:
-            print(f"{prefix}: zygote child {pid}: bad message ({e}); ignored",
-                  file=sys.stderr, flush=True)
-            continue
-        except OSError:
-            msg = None
-        if msg is None:
-            print(f"{prefix}: device model pid {pid} died without an exit status "
-                  "(killed by a signal?)", file=sys.stderr, flush=True)
-            return 1
-        code = msg.get("exit")
-        if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255:
-            return code
+    return forwarder.forward(sock.fileno(), pid, prefix)
 
 
 # ---- in a zygote child: the machine's hook ----------------------------------------------

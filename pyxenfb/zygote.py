@@ -459,8 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         zygote.log(f"cannot load the device model: {e}")
         return 1
+    from . import malloc, rehearsal
+    from .cli import parse_args
+    try:
+        rehearsal.rehearse(parse_args)    # what every child runs first, run here: its pages stay shared
+    except Exception as e:      # costs the children memory, not the zygote its service
+        zygote.log(f"rehearsal failed (children will copy more of the shared heap): "
+                   f"{type(e).__name__}: {e}")
     import gc
     gc.collect()
+    malloc.trim()               # the warm-up's freed memory: not kept resident for every child
     gc.freeze()                 # the warm heap stays out of every child's collections: shared pages
     try:
         zygote.bind()

@@ -1,0 +1,94 @@
+"""The zygote's rehearsal (pyxenfb/rehearsal.py) and the slim stand-in's
+message parsing (pyxenfb/forwarder.py)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pyxenfb import forwarder, rehearsal
+from pyxenfb.rfb import encodings
+
+
+def test_rehearsal_serves_every_encoding_and_format_without_a_thread(monkeypatch):
+    seen = []
+    real = encodings.Encoder.encode_chunks
+
+    def spy(self, encoding, fmt, *args, **kwargs):
+        seen.append((encoding, fmt.bpp))
+        return real(self, encoding, fmt, *args, **kwargs)
+    monkeypatch.setattr(encodings.Encoder, "encode_chunks", spy)
+    threads = set(os.listdir("/proc/self/task"))
+    parsed = []
+    rehearsal.rehearse(parse_args=lambda argv: parsed.append(argv))
+    assert set(os.listdir("/proc/self/task")) == threads       # a zygote must stay single-threaded
+    for encoding in rehearsal._ENCODINGS:
+        for bpp in (32, 16, 8):
+            assert seen.count((encoding, bpp)) == 2, (encoding, bpp)   # full, then incremental
+    assert parsed == [rehearsal.LIBXL_ARGV]
+
+
+def test_a_failing_step_raises_instead_of_hanging(monkeypatch):
+    """A server that never answers ends the rehearsal with an error (the
+    zygote logs it and serves on), within STEP_LIMIT loop turns."""
+    monkeypatch.setattr(rehearsal, "STEP_LIMIT", 50)
+    monkeypatch.setattr(rehearsal._Session, "send", lambda self, data: None)
+    with pytest.raises(TimeoutError):
+        rehearsal.rehearse()
+
+
+@pytest.mark.parametrize("message, code", [
+    (b'{"exit": 0}', 0), (b'{"exit": 255}', 255), (b'{"exit":3}', 3),
+    (b'{"exit": 256}', None), (b'{"exit": -1}', None), (b'{"exit": "1"}', None),
+    (b'{"exit": 1.5}', None), (b'{"signal": 15}', None), (b'', None),
+    (b'{"exit": 00000000001}', None), (b'\xff\xfe', None), (b'{"exit": 1}junk', None),
+])
+def test_forwarder_reads_only_an_exit_status(message, code):
+    assert forwarder.exit_code(message) == code
+
+
+def test_forwarder_forwards_signals_and_returns_the_status():
+    """The slim stand-in as exec'd (a bare `python -S -I` importing only the
+    forwarder): SIGTERM goes over the socket as {"signal": 15}; garbage is
+    logged and ignored; {"exit": 7} ends it with status 7."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__)))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import signal; "
+            "signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM,)); "
+            "from pyxenfb.forwarder import main; "
+            "print(sorted({'json', 'socket', 're', 'array'} & set(sys.modules)), flush=True); "
+            "sys.exit(main(sys.argv[2:]))")
+    proc = subprocess.Popen([sys.executable, "-S", "-I", "-c", code, root, str(theirs.fileno()),
+                             "42", "pyqemu-dm", "--"], pass_fds=(theirs.fileno(),),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    try:
+        assert proc.stdout.readline().strip() == "[]"           # no socket, json, re or array loaded
+        proc.send_signal(15)
+        ours.settimeout(10)
+        assert ours.recv(4096) == b'{"signal": 15}'
+        ours.send(b"nonsense")
+        ours.send(b'{"exit": 7}')
+        assert proc.wait(10) == 7
+        assert "bad message b'nonsense'; ignored" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        ours.close()
+
+
+def test_forwarder_without_a_status_exits_1_when_the_child_goes():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__)))
+    proc = subprocess.Popen([sys.executable, "-S", "-I", "-c",
+                             "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "from pyxenfb.forwarder import main; sys.exit(main(sys.argv[2:]))",
+                             root, str(theirs.fileno()), "42", "pyqemu-dm", "--"],
+                            pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    ours.close()
+    assert proc.wait(10) == 1
+    assert "device model pid 42 died without an exit status" in proc.stderr.read()
