@@ -88,10 +88,15 @@ class XenPvMachine:
         if early:
             await self._announce_running()
         restrict = self.opts.restrict
+        preload = restrict.chroot is not None or restrict.user is not None
         try:
-            # Under a chroot or another user the installed files may be out of reach later.
-            await asyncio.get_running_loop().run_in_executor(
-                None, _import_display_stack, restrict.chroot is not None or restrict.user is not None)
+            if _display_stack_loaded():
+                # A zygote child: all there already.  No thread started for
+                # nothing (it would stay, idle, with its stack and state).
+                _import_display_stack(preload)
+            else:
+                # Under a chroot or another user the installed files may be out of reach later.
+                await asyncio.get_running_loop().run_in_executor(None, _import_display_stack, preload)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
         from .console import Console
@@ -368,6 +373,13 @@ class XenPvMachine:
             where = f"unix:{c.path}" if c.path else f"fd:{c.fd}"
             out.append({"label": c.id, "filename": f"{where},server=on", "frontend-open": True})
         return out
+
+
+_DISPLAY_STACK = ("numpy", "pyxenfb.console", "pyxenfb.convert", "pyxenfb.vnc", "pyxenfb.xenfb")
+
+
+def _display_stack_loaded() -> bool:
+    return all(name in sys.modules for name in _DISPLAY_STACK)
 
 
 def _import_display_stack(preload: bool = False) -> None:

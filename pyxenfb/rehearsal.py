@@ -6,25 +6,33 @@ use.  Done in a zygote child, each such write copies a page the zygote
 shares with every other child.  Measured: the same VNC work right after
 fork() dirtied 6.9 MiB cold and 2.7 MiB once the zygote had rehearsed it.
 
-The rehearsal is a VNC session on a socketpair in a private event loop: a
-64x64 console picture (flat, two-colour, few-colour and gradient areas)
-served in every encoding and three pixel formats, with keys, pointer and
-incremental updates; then libxl's argv through the option parser.  Updates
-this small are encoded on the loop, so no thread starts (a zygote must not
-have one when it forks).  A rehearsal that fails costs memory, never the
-zygote: the caller logs it and serves on.
+The rehearsal, in a private event loop with the device model's log
+handler writing to nowhere: a XenStore session (the sim's xenstored on a
+temporary socket: the real wire protocol) with reads, writes, a
+transaction and a watch; the resolver's first lookup (glibc loads its NSS
+modules then); a VNC session on a socketpair: a 64x64 console picture
+(flat, two-colour, few-colour and gradient areas) served in every encoding
+and three pixel formats, with keys, pointer and incremental updates; and
+libxl's argv through the option parser.  Updates this small are encoded on
+the loop, so no thread starts (a zygote must not have one when it forks).
+A rehearsal that fails costs memory, never the zygote: the caller logs it
+and serves on.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import signal
 import socket
 import struct
+import tempfile
 
 import numpy as np
 
 SIZE = 64
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STEP_LIMIT = 2000               # loop iterations to wait for one reply (no clocks: nothing sleeps)
 
 # Encodings a client asks for (RFB numbers): each one in turn, with the
@@ -146,20 +154,73 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
         ours.close()
 
 
-def rehearse(parse_args=None) -> None:
-    """Run the rehearsal (raises what went wrong; the zygote logs it).
-    parse_args: cli.parse_args, given by the zygote (an entry point may
-    import the cli; this module may not)."""
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)        # its connects and disconnects are nobody's news
-    try:
-        loop = asyncio.new_event_loop()
+async def _xenstore_session() -> None:
+    from .sim.xenstored import XenStored
+    from .xenstore import XenStore
+
+    with tempfile.TemporaryDirectory(prefix="pyxenfb-rehearsal-") as run_dir:
+        daemon = XenStored(run_dir)
+        await daemon.start()
         try:
-            loop.run_until_complete(_vnc_session(loop))
+            xs = await XenStore.open(daemon.socket_path)
+            try:
+                seen: list[str] = []
+                await xs.watch("/rehearsal", "token", lambda path, token: seen.append(path))
+                await xs.write("/rehearsal/state", "1")
+                await xs.read_str("/rehearsal/state")
+                await xs.read_int("/rehearsal/state")
+                await xs.read("/rehearsal/missing", None)
+                await xs.mkdir("/rehearsal/dir")
+                await xs.directory("/rehearsal")
+                await xs.get_perms("/rehearsal")
+                await xs.transaction(lambda tx: xs.write("/rehearsal/tx", "2", tx=tx))
+                await xs.rm("/rehearsal/dir")
+                for _ in range(STEP_LIMIT):
+                    if len(seen) >= 2:
+                        break
+                    await asyncio.sleep(0)
+                await xs.unwatch("/rehearsal", "token")
+            finally:
+                xs.close()
         finally:
-            loop.close()
-        if parse_args is not None:
-            parse_args(list(LIBXL_ARGV))
+            await daemon.close()
+
+
+def _resolve() -> None:
+    for host in ("127.0.0.1", "localhost", None):
+        with contextlib.suppress(OSError):
+            socket.getaddrinfo(host, 5900, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+
+
+async def _sessions() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:                # as the machine's loop has them
+        loop.add_signal_handler(sig, lambda: None)
+    try:
+        await _xenstore_session()
+        _resolve()
+        await _vnc_session(loop)
     finally:
-        quiet.setLevel(level)
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def rehearse(cli=None) -> None:
+    """Run the rehearsal (raises what went wrong; the zygote logs it).
+    cli: pyxenfb.cli, given by the zygote (an entry point may import the
+    cli; this module may not): its log handler and option parser."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    if cli is not None:
+        cli.setup_logging(0, stream=io.StringIO())
+    else:
+        root.setLevel(logging.CRITICAL)     # its connects and disconnects are nobody's news
+    try:
+        asyncio.run(_sessions())
+        if cli is not None:
+            cli.parse_args(list(LIBXL_ARGV))
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)

@@ -43,7 +43,15 @@ class RestrictError(Exception):
     """A restriction step failed; str() is one line."""
 
 
+_preloaded = False
+
+
 def preload() -> None:
+    """Once per process image: a zygote's children find it done (and the
+    pages it touched stay shared)."""
+    global _preloaded
+    if _preloaded:
+        return
     for name in PRELOAD:
         importlib.import_module(name)
     import numpy as np
@@ -60,6 +68,7 @@ def preload() -> None:
     stream = WebSocketStream()
     stream.receive(_WS_REQUEST)
     stream.send(b"x")
+    _preloaded = True
 
 
 def apply(opts, domid: int, evtchn, foreignmem) -> str:

@@ -24,8 +24,10 @@ stay small and start fast.
 from __future__ import annotations
 
 import array
+import fcntl
 import json
 import os
+import resource     # a child applies its stand-in's rlimits: loaded here, shared
 import signal
 import socket
 import struct
@@ -352,7 +354,6 @@ class Zygote:
             _setns(fd, CLONE_NEWNS if kind == "mnt" else CLONE_NEWIPC)
             os.close(fd)
         conn = self._place_fds(conn, request.fds)
-        import resource
         for name, (soft, hard) in request.rlimits.items():
             number = _rlimit_number(name)
             limits = tuple(resource.RLIM_INFINITY if v == -1 else v for v in (soft, hard))
@@ -423,14 +424,14 @@ class Zygote:
 
 
 def _dup_at_least(fd: int, low: int) -> int:
-    import fcntl
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
 
 
 def _set_comm(name: str) -> None:
-    import ctypes
-    PR_SET_NAME = 15
-    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(errors="replace")[:15], 0, 0, 0)
+    # prctl(PR_SET_NAME) through its file: no ctypes in the child (a CDLL
+    # object and its function classes, built there, would copy pages).
+    with open("/proc/self/comm", "wb") as comm:
+        comm.write(name.encode(errors="replace")[:15])
 
 
 def _setns(fd: int, nstype: int) -> None:
@@ -453,16 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     zygote = Zygote(args.socket)
     started = time.monotonic()
+    from .malloc import limit_arenas
+    limit_arenas()              # as cli.main does: the children inherit it done
 
     try:
         zygote.warm()
     except Exception as e:
         zygote.log(f"cannot load the device model: {e}")
         return 1
-    from . import malloc, rehearsal
-    from .cli import parse_args
+    from . import cli, malloc, rehearsal
     try:
-        rehearsal.rehearse(parse_args)    # what every child runs first, run here: its pages stay shared
+        rehearsal.rehearse(cli)    # what every child runs first, run here: its pages stay shared
     except Exception as e:      # costs the children memory, not the zygote its service
         zygote.log(f"rehearsal failed (children will copy more of the shared heap): "
                    f"{type(e).__name__}: {e}")

@@ -2,6 +2,7 @@
 message parsing (pyxenfb/forwarder.py)."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -21,10 +22,15 @@ def test_rehearsal_serves_every_encoding_and_format_without_a_thread(monkeypatch
         seen.append((encoding, fmt.bpp))
         return real(self, encoding, fmt, *args, **kwargs)
     monkeypatch.setattr(encodings.Encoder, "encode_chunks", spy)
-    threads = set(os.listdir("/proc/self/task"))
+    from pyxenfb import cli
     parsed = []
-    rehearsal.rehearse(parse_args=lambda argv: parsed.append(argv))
+    monkeypatch.setattr(cli, "parse_args", lambda argv: parsed.append(argv))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    threads = set(os.listdir("/proc/self/task"))
+    rehearsal.rehearse(cli)
     assert set(os.listdir("/proc/self/task")) == threads       # a zygote must stay single-threaded
+    assert (root.handlers, root.level) == (handlers, level)    # its log handler gone again
     for encoding in rehearsal._ENCODINGS:
         for bpp in (32, 16, 8):
             assert seen.count((encoding, bpp)) == 2, (encoding, bpp)   # full, then incremental
@@ -38,6 +44,25 @@ def test_a_failing_step_raises_instead_of_hanging(monkeypatch):
     monkeypatch.setattr(rehearsal._Session, "send", lambda self, data: None)
     with pytest.raises(TimeoutError):
         rehearsal.rehearse()
+
+
+def test_rehearsal_exercises_xenstore_and_the_resolver(monkeypatch):
+    from pyxenfb.xenstore import XenStore
+    calls = []
+    for name in ("write", "read", "watch", "transaction_start", "transaction_end", "unwatch"):
+        real = getattr(XenStore, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(XenStore, name, spy)
+    looked_up = []
+    real_gai = rehearsal.socket.getaddrinfo
+    monkeypatch.setattr(rehearsal.socket, "getaddrinfo",
+                        lambda host, *a, **k: looked_up.append(host) or real_gai(host, *a, **k))
+    rehearsal.rehearse()
+    assert {"write", "read", "watch", "transaction_start", "transaction_end", "unwatch"} <= set(calls)
+    assert "127.0.0.1" in looked_up
 
 
 @pytest.mark.parametrize("message, code", [
