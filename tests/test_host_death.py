@@ -21,7 +21,7 @@ import pytest
 
 from pyxenfb.sim.dmprocess import alive
 from pyxenfb.sim.toolstack import create_domain
-from simkit import HOST_START_TIMEOUT, read_line, short_run_dir, wait_until
+from simkit import HOST_START_TIMEOUT, read_line, short_run_dir, wait_frontends_connected, wait_until
 
 GONE_WITHIN = 5.0               # the bound, from the SIGKILL
 BOOT_TIMEOUT = 60.0             # 16 Python guests booting on 2 busy cores
@@ -73,6 +73,12 @@ def _kill_host_and_measure(count: int, sigterm_first: bool) -> float:
         wait_until(lambda: all("guest running" in _guest_log(run_dir, r.domid) for r in results),
                    BOOT_TIMEOUT, lambda: [r.domid for r in results
                                           if "guest running" not in _guest_log(run_dir, r.domid)])
+        # ... and every device model past its start-up: it announces `running`
+        # before its display stack loads (libxl's 60 s), so a guest can be up
+        # while its DM still opens the event channels; killed then, a DM
+        # reports that failure instead of the lost XenStore connection.
+        for r in results[:WITH_DM]:
+            asyncio.run(wait_frontends_connected(run_dir, r.domid, BOOT_TIMEOUT))
         if sigterm_first:
             os.killpg(host.pid, signal.SIGTERM)
             time.sleep(0.5)
