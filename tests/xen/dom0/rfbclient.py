@@ -60,6 +60,7 @@ class Client:
         self.zlib_stream = zlib.decompressobj()     # Zlib encoding: one stream per connection
         self.zrle_stream = zlib.decompressobj()     # ZRLE: its own stream
         self.tight_streams = [zlib.decompressobj() for _ in range(4)]   # Tight: four
+        self.tight_palettes = []    # decoded Tight palette rectangles: x, y, w, h, colours, first, last
         self.area = 0                               # pixels covered by the last update's rectangles
         self.width = self.height = 0
         self.fb = bytearray()                       # BGRX, 4 bytes a pixel
@@ -389,6 +390,7 @@ def decode_tight(c, x, y, w, h):
         c.put(x, y, w, h, _rgb_to_bgrx(rgb, w * h))
         return
     n = len(palette) // 3
+    c.tight_palettes.append([x, y, w, h, n, palette[:3].hex(), palette[-3:].hex()])
     if n == 2:                               # 1 bit a pixel, each row padded to a byte
         stride = (w + 7) // 8
         data = b"".join(b"".join(map(_BITS.__getitem__, data[j * stride:(j + 1) * stride]))[:w]
@@ -438,6 +440,7 @@ def hold(client, seconds, ppm_path, result):
             break
         client.request(0, 0, client.width, client.height, incremental=True)
     info["first_frame_s"] = round(time.monotonic() - t0, 3)
+    info["tight_palettes"] = client.tight_palettes[:]
     info["size"] = [client.width, client.height]
     with open(ppm_path + ".tmp", "wb") as f:
         f.write(client.ppm())
@@ -496,7 +499,8 @@ def run(client, actions, result):
 
 
 def decode(result_path):
-    """Host side: turn the captures of one connection (in order) into PPM files."""
+    """Host side: turn the captures of one connection (in order) into PPM files.
+    Returns the result with each grab's Tight palette rectangles added."""
     with open(result_path) as f:
         result = json.load(f)
     state = None
@@ -509,8 +513,9 @@ def decode(result_path):
             state = Client(data=data)
             state.width, state.height = grab["size"]
             state.fb = bytearray(state.width * state.height * 4)
-        state.replay, state.pos = data, 0
+        state.replay, state.pos, state.tight_palettes = data, 0, []
         state.read_update()
+        grab["tight_palettes"] = state.tight_palettes     # in the returned result only
         if state.pos != len(data):
             raise ValueError("%s: %d bytes left over after the update" % (path, len(data) - state.pos))
         with open(path, "wb") as f:

@@ -38,21 +38,23 @@ dm_exec_uptime() {
   local f; f=$(ls -t /run/xenlab/dm-$1-*.txt 2>/dev/null | head -1)
   [ -n "$f" ] && sed -n 's/^=== dm-wrapper .*uptime=\([0-9.]*\) .*/\1/p' "$f"
 }
-proc_mem() {     # JSON {"pid", "rss_kb", "pss_kb", "hwm_kb", "cpu_s"} of a pid; with a 2nd
-  # argument also "exe_rss_kb"/"exe_pss_kb": the mappings of its own executable (pages of the
-  # python3 binary it shares with another python3 process count half in its PSS)
+proc_mem() {     # JSON {"pid", "rss_kb", "pss_kb", "uss_kb", "hwm_kb", "cpu_s"} of a pid (USS:
+  # its private pages, what it costs beyond what it shares); with a 2nd argument also
+  # "exe_rss_kb"/"exe_pss_kb": the mappings of its own executable (pages of the python3
+  # binary it shares with another python3 process count half in its PSS)
   local pid=$1
   [ -n "$pid" ] && [ -r /proc/$pid/status ] || { echo null; return; }
-  local rss pss hwm ticks exe=""
+  local rss pss uss hwm ticks exe=""
   rss=$(awk '/^VmRSS/{print $2}' /proc/$pid/status); hwm=$(awk '/^VmHWM/{print $2}' /proc/$pid/status)
-  pss=$(awk '/^Pss:/{print $2}' /proc/$pid/smaps_rollup 2>/dev/null)
+  read -r pss uss < <(awk '/^Pss:/{p = $2} /^Private_(Clean|Dirty):/{u += $2}
+    END{if (p != "") print p, u}' /proc/$pid/smaps_rollup 2>/dev/null)
   ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
   if [ $# -ge 2 ]; then
     exe=$(awk -v exe="$(readlink /proc/$pid/exe)" '/^[0-9a-f]+-[0-9a-f]+ /{m = ($6 == exe)}
       m && /^Rss:/{r += $2} m && /^Pss:/{p += $2} END{printf ", \"exe_rss_kb\": %d, \"exe_pss_kb\": %d", r, p}' \
       /proc/$pid/smaps 2>/dev/null)
   fi
-  echo "{\"pid\": $pid, \"rss_kb\": ${rss:-0}, \"pss_kb\": ${pss:-null}, \"hwm_kb\": ${hwm:-0}, \"cpu_s\": $(awk "BEGIN{print $ticks / $(getconf CLK_TCK)}")$exe}"
+  echo "{\"pid\": $pid, \"rss_kb\": ${rss:-0}, \"pss_kb\": ${pss:-null}, \"uss_kb\": ${uss:-null}, \"hwm_kb\": ${hwm:-0}, \"cpu_s\": $(awk "BEGIN{print $ticks / $(getconf CLK_TCK)}")$exe}"
 }
 
 # Background watcher: dom0 uptime at which a new domain's device model writes
