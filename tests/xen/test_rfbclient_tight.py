@@ -8,8 +8,11 @@ by another server, short uncompressed data, JPEG).
 """
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -19,8 +22,10 @@ import pytest
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
 
-sys.path.insert(0, str(Path(__file__).parent / "dom0"))
+RFBCLIENT = Path(__file__).parent / "dom0" / "rfbclient.py"
+sys.path.insert(0, str(RFBCLIENT.parent))
 import rfbclient  # noqa: E402
+from rfb_harness import ServerThread, expected_rgb, make_picture  # noqa: E402
 
 
 def bgrx(rgb: np.ndarray) -> np.ndarray:
@@ -197,3 +202,47 @@ def test_what_it_refuses(body, message):
     c = replay_client(8, 8)
     with pytest.raises(ValueError, match=message):
         decode(c, update(1, rect(0, 0, 2, 2, body)))
+
+
+def read_ppm_rgb(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    head = b"P6\n800 600\n255\n"
+    assert data.startswith(head)
+    return np.frombuffer(data[len(head):], np.uint8).reshape(600, 800, 3)
+
+
+def wait_for(cond, seconds: float = 20) -> None:
+    end = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_hold_is_a_live_tight_client(tmp_path):
+    """`hold`, as the tier runs it in dom0, against pyxenfb's VNC server: the first
+    frame is exact when OUT.ppm appears, later updates are decoded, the stop file
+    ends it, and OUT.ppm is then the last frame."""
+    srv = ServerThread(make_picture())
+    ppm, out = tmp_path / "hold.ppm", tmp_path / "hold.json"
+    proc = subprocess.Popen([sys.executable, str(RFBCLIENT), "127.0.0.1", str(srv.port), str(out),
+                             f"hold:60:{ppm}"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(ppm.exists)
+        assert np.array_equal(read_ppm_rgb(ppm), expected_rgb(make_picture()))
+        changed = make_picture(seed=1)
+        srv.draw(changed.rows, 100, 50, 300, 200)
+        time.sleep(1.0)
+        (tmp_path / "hold.ppm.stop").touch()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.close()
+    hold = json.loads(out.read_text())
+    assert hold["error"] is None, hold
+    info = hold["hold"]
+    assert info["stopped_by"] == "stop file" and info["encodings_used"] == [rfbclient.TIGHT], info
+    assert info["updates"] >= 2 and info["rects_area"] > 0, info
+    want = expected_rgb(make_picture())
+    want[50:250, 100:400] = expected_rgb(changed)[50:250, 100:400]
+    assert np.array_equal(read_ppm_rgb(ppm), want)

@@ -16,7 +16,9 @@ Actions, run in order on one connection:
                      enough in dom0: zlib and byte-string slicing), writes it as
                      OUT.ppm (renamed into place: its appearance tells a waiting
                      script "the client has a full frame"), then keeps asking
-                     for incremental updates and decoding them for S seconds.
+                     for incremental updates and decoding them until the file
+                     OUT.ppm.stop exists, at most S seconds (OUT.ppm is then
+                     rewritten if any update came meanwhile).
   key:KS[,KS...]     press + release of each X keysym (hex or decimal)
   down:KS / up:KS    press / release only (modifiers)
   ptr:X,Y,MASK       pointer event (mask bit 0 left, 1 middle, 2 right, 3/4 wheel)
@@ -423,7 +425,7 @@ def keysyms(text):
 
 def hold(client, seconds, ppm_path, result):
     """A live Tight client: one full frame, decoded and written to ppm_path, then
-    incremental updates decoded for `seconds` more."""
+    incremental updates decoded until ppm_path + ".stop" exists, at most `seconds`."""
     client.skim = False
     client.set_encodings([TIGHT, DESKTOP_SIZE])
     info = {"seconds": seconds, "updates": 0, "rects_area": 0, "encodings_used": []}
@@ -446,20 +448,29 @@ def hold(client, seconds, ppm_path, result):
         f.write(client.ppm())
     os.replace(ppm_path + ".tmp", ppm_path)
     deadline = time.monotonic() + seconds
+    stop = ppm_path + ".stop"
+    info["stopped_by"] = "time"
+    client.request(0, 0, client.width, client.height, incremental=True)
     while True:
         info["encodings_used"] = sorted(used)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        client.request(0, 0, client.width, client.height, incremental=True)
+        if os.path.exists(stop):
+            info["stopped_by"] = "stop file"
+            break
         # the reply to an update is read whole, so nothing waits in the buffer:
         # the socket says whether the server has sent another one
-        if not select.select([client.sock], [], [], remaining)[0]:
-            break
-        used.update(client.read_update())
-        info["updates"] += 1
-        info["rects_area"] += client.area
+        if select.select([client.sock], [], [], min(remaining, 0.25))[0]:
+            used.update(client.read_update())
+            info["updates"] += 1
+            info["rects_area"] += client.area
+            client.request(0, 0, client.width, client.height, incremental=True)
     info["held_s"] = round(time.monotonic() - t0, 3)
+    if info["rects_area"]:            # the picture changed meanwhile: OUT.ppm is the last frame
+        with open(ppm_path + ".tmp", "wb") as f:
+            f.write(client.ppm())
+        os.replace(ppm_path + ".tmp", ppm_path)
 
 
 def run(client, actions, result):

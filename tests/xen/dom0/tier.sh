@@ -46,8 +46,10 @@ proc_mem() {     # JSON {"pid", "rss_kb", "pss_kb", "uss_kb", "hwm_kb", "cpu_s"}
   [ -n "$pid" ] && [ -r /proc/$pid/status ] || { echo null; return; }
   local rss pss uss hwm ticks exe=""
   rss=$(awk '/^VmRSS/{print $2}' /proc/$pid/status); hwm=$(awk '/^VmHWM/{print $2}' /proc/$pid/status)
-  read -r pss uss < <(awk '/^Pss:/{p = $2} /^Private_(Clean|Dirty):/{u += $2}
-    END{if (p != "") print p, u}' /proc/$pid/smaps_rollup 2>/dev/null)
+  # (no process substitution: dom0's initramfs has no /dev/fd)
+  pss=$(awk '/^Pss:/{p = $2} /^Private_(Clean|Dirty):/{u += $2} END{if (p != "") print p, u}' \
+        /proc/$pid/smaps_rollup 2>/dev/null)
+  uss=${pss#* }; pss=${pss% *}
   ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
   if [ $# -ge 2 ]; then
     exe=$(awk -v exe="$(readlink /proc/$pid/exe)" '/^[0-9a-f]+-[0-9a-f]+ /{m = ($6 == exe)}
@@ -133,13 +135,13 @@ wait_event() {   # wait_event KEY NAME REGEX COUNT: the guest logged COUNT event
 }
 
 # tight_hold KEY PORT COMMAND...: a live Tight client (rfbclient.py hold: one full frame
-# decoded in dom0, then incremental updates for HOLD_S s); once it has the frame (its
-# picture appears as $O/KEY-tight-hold.ppm) and the server has had 2 s to settle,
-# COMMAND... runs (the memory measurement) while the client is still connected.
-HOLD_S=${TIER_HOLD_S:-6}
+# decoded in dom0, then incremental updates until told to stop, at most HOLD_S s); once
+# it has the frame (its picture appears as $O/KEY-tight-hold.ppm) and the server has had
+# 2 s to settle, COMMAND... runs (the memory measurement) while the client is connected.
+HOLD_S=${TIER_HOLD_S:-90}
 tight_hold() {
   local key=$1 port=$2 ppm=$O/$1-tight-hold.ppm cpid end t0; shift 2
-  rm -f "$ppm"
+  rm -f "$ppm" "$ppm.stop"
   step "$key: one Tight client connected; memory once it has a full frame"
   t0=$(now)
   timeout 200 python3 $X/rfbclient.py 127.0.0.1 "$port" "$O/$key-tight-hold.json" "hold:$HOLD_S:$ppm" &
@@ -152,6 +154,7 @@ tight_hold() {
     "$@"
     if kill -0 $cpid 2>/dev/null; then rec "$key.tight_connected" true; else rec "$key.tight_connected" false; fi
   fi
+  touch "$ppm.stop"
   wait $cpid; rec "$key.vnc_tight_hold.rc" $?
 }
 measure_dm() {   # KEY PID: one device model process
