@@ -144,6 +144,6 @@ def pointer_actions() -> list[str]:
     return ["sync"] + [f"ptr:{x},{y},{m}" for x, y, m in POINTER_ACTIONS] + ["sync"]
 
 
-ENCODINGS = ["raw", "rre", "hextile", "zlib", "zrle"]
+ENCODINGS = ["raw", "rre", "hextile", "zlib", "zrle", "tight"]
 VNC_PASSWORD = "s3cretpw"      # VNC uses at most 8 bytes
 WRONG_PASSWORD = "wrongpw1"

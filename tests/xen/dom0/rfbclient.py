@@ -6,11 +6,19 @@
 
 Actions, run in order on one connection:
   grab:ENC:OUT       full, non-incremental update in encoding ENC (raw, rre,
-                     hextile, zlib, zrle). Dom0 runs under TCG, where decoding
-                     in Python is slow, so the update is only parsed for its
-                     length and its wire bytes saved as OUT.rfb; `decode`
-                     (same decoders, full speed on the host) writes OUT.ppm.
-                     The encodings the server really used are recorded.
+                     hextile, zlib, zrle, tight). Dom0 runs under TCG, where
+                     decoding in Python is slow, so the update is only parsed
+                     for its length and its wire bytes saved as OUT.rfb;
+                     `decode` (same decoders, full speed on the host) writes
+                     OUT.ppm. The encodings the server really used are recorded.
+  hold:S:OUT.ppm     a live Tight client: asks for Tight (+ DesktopSize), takes
+                     a full frame and decodes it here (Tight's decoder is cheap
+                     enough in dom0: zlib and byte-string slicing), writes it as
+                     OUT.ppm (renamed into place: its appearance tells a waiting
+                     script "the client has a full frame"), then keeps asking
+                     for incremental updates and decoding them until the file
+                     OUT.ppm.stop exists, at most S seconds (OUT.ppm is then
+                     rewritten if any update came meanwhile).
   key:KS[,KS...]     press + release of each X keysym (hex or decimal)
   down:KS / up:KS    press / release only (modifiers)
   ptr:X,Y,MASK       pointer event (mask bit 0 left, 1 middle, 2 right, 3/4 wheel)
@@ -23,13 +31,16 @@ VNC authentication (type 2) uses DES from pycryptodome (on PYTHONPATH).
 """
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import sys
+import time
 import zlib
 
-ENCODINGS = {"raw": 0, "rre": 2, "hextile": 5, "zlib": 6, "zrle": 16}
+TIGHT = 7
+ENCODINGS = {"raw": 0, "rre": 2, "hextile": 5, "zlib": 6, "zrle": 16, "tight": TIGHT}
 DESKTOP_SIZE = -223
 TIMEOUT_S = 30
 
@@ -50,6 +61,9 @@ class Client:
         self.capture = None                         # bytearray while a grab is captured
         self.zlib_stream = zlib.decompressobj()     # Zlib encoding: one stream per connection
         self.zrle_stream = zlib.decompressobj()     # ZRLE: its own stream
+        self.tight_streams = [zlib.decompressobj() for _ in range(4)]   # Tight: four
+        self.tight_palettes = []    # decoded Tight palette rectangles: x, y, w, h, colours, first, last
+        self.area = 0                               # pixels covered by the last update's rectangles
         self.width = self.height = 0
         self.fb = bytearray()                       # BGRX, 4 bytes a pixel
         self.info = {}
@@ -144,6 +158,7 @@ class Client:
                 raise ValueError("unexpected server message type %d" % t)
         self.rx(1)
         used = []
+        self.area = 0
         for _ in range(self.u16()):
             x, y, w, h, enc = struct.unpack(">HHHHi", self.rx(12))
             used.append(enc)
@@ -157,6 +172,7 @@ class Client:
             if decode is None:
                 raise ValueError("encoding %d was not asked for" % enc)
             decode(self, x, y, w, h)
+            self.area += w * h
         return used
 
     def put(self, x, y, w, h, data):
@@ -287,7 +303,112 @@ def decode_zrle(c, x, y, w, h):
                 raise ValueError("bad ZRLE subencoding %d" % sub)
 
 
-DECODERS = {0: decode_raw, 2: decode_rre, 5: decode_hextile, 6: decode_zlib, 16: decode_zrle}
+# ---- Tight (RFB spec, "Tight Encoding") --------------------------------------
+# The pixel format set in handshake() is 32 bpp, depth 24, true colour, 8-bit
+# channels: Tight's TPIXEL is then 3 bytes R, G, B (not the 4-byte PIXEL).
+TIGHT_MIN_TO_COMPRESS = 12          # smaller filtered data is sent as it is, no zlib
+# one byte of a 1-bit palette row -> its 8 palette indices, leftmost pixel first
+_BITS = [bytes((b >> (7 - i)) & 1 for i in range(8)) for b in range(256)]
+
+
+def _compact_length(c):
+    """1-3 bytes: 7 bits, 7 bits (each with a 'more' flag in bit 7), then 8 bits."""
+    b = c.u8()
+    n = b & 0x7F
+    if b & 0x80:
+        b = c.u8()
+        n |= (b & 0x7F) << 7
+        if b & 0x80:
+            n |= c.u8() << 14
+    return n
+
+
+def _rgb_to_bgrx(rgb, npix):
+    """TPIXELs (R, G, B) -> the framebuffer's B, G, R, X bytes."""
+    out = bytearray(npix * 4)
+    out[0::4] = rgb[2::3]
+    out[1::4] = rgb[1::3]
+    out[2::4] = rgb[0::3]
+    return out
+
+
+def _ungradient(data, w, h):
+    """Undo the gradient filter: each component V = D + clamp(left + up - upleft) mod 256,
+    the neighbours outside the rectangle being 0."""
+    out = bytearray(w * h * 3)
+    row = 3 * w
+    for j in range(h):
+        base = j * row
+        for i in range(row):
+            left = out[base + i - 3] if i >= 3 else 0
+            up = out[base - row + i] if j else 0
+            upleft = out[base - row + i - 3] if j and i >= 3 else 0
+            p = left + up - upleft
+            p = 0 if p < 0 else 255 if p > 255 else p
+            out[base + i] = (data[base + i] + p) & 0xFF
+    return out
+
+
+def decode_tight(c, x, y, w, h):
+    ctl = c.u8()
+    for stream in range(4):                  # bits 0-3: reset these streams first
+        if ctl & (1 << stream):
+            c.tight_streams[stream] = zlib.decompressobj()
+    kind = ctl >> 4
+    if kind == 0x8:                          # FillCompression: one TPIXEL for the whole rectangle
+        r, g, b = c.rx(3)
+        c.fill(x, y, w, h, bytes((b, g, r, 0)))
+        return
+    if kind == 0x9:
+        raise ValueError("Tight JPEG rectangle (control 0x%02x) at %r: this client sends no "
+                         "JPEG quality level, so the server must stay lossless" % (ctl, (x, y, w, h)))
+    if kind & 0x8:                           # 0xA0/0xE0 (without zlib, or TightPNG), others invalid
+        raise ValueError("Tight control byte 0x%02x at %r: neither fill nor basic compression "
+                         "(nothing else was asked for)" % (ctl, (x, y, w, h)))
+    stream = kind & 0x3
+    filter_id = c.u8() if kind & 0x4 else 0
+    palette = None
+    if filter_id in (0, 2):                  # copy, gradient: one TPIXEL per pixel
+        size = w * h * 3
+    elif filter_id == 1:
+        palette = c.rx(3 * (c.u8() + 1))
+        size = (w + 7) // 8 * h if len(palette) == 6 else w * h
+    else:
+        raise ValueError("Tight filter id %d at %r" % (filter_id, (x, y, w, h)))
+    if size < TIGHT_MIN_TO_COMPRESS:
+        data = c.rx(size)
+    else:
+        compressed = c.rx(_compact_length(c))
+        if c.skim:
+            return
+        data = c.tight_streams[stream].decompress(compressed)
+    if c.skim:
+        return
+    if len(data) != size:
+        raise ValueError("Tight rectangle %r: %d bytes after zlib stream %d, expected %d"
+                         % ((x, y, w, h), len(data), stream, size))
+    if palette is None:
+        rgb = _ungradient(data, w, h) if filter_id == 2 else data
+        c.put(x, y, w, h, _rgb_to_bgrx(rgb, w * h))
+        return
+    n = len(palette) // 3
+    c.tight_palettes.append([x, y, w, h, n, palette[:3].hex(), palette[-3:].hex()])
+    if n == 2:                               # 1 bit a pixel, each row padded to a byte
+        stride = (w + 7) // 8
+        data = b"".join(b"".join(map(_BITS.__getitem__, data[j * stride:(j + 1) * stride]))[:w]
+                        for j in range(h))
+    elif data and max(data) >= n:
+        raise ValueError("Tight rectangle %r: palette index %d of %d colours" % ((x, y, w, h), max(data), n))
+    table = [bytes(palette[k::3]).ljust(256, b"\0") for k in range(3)]   # index -> R, G, B
+    out = bytearray(w * h * 4)
+    out[0::4] = data.translate(table[2])
+    out[1::4] = data.translate(table[1])
+    out[2::4] = data.translate(table[0])
+    c.put(x, y, w, h, out)
+
+
+DECODERS = {0: decode_raw, 2: decode_rre, 5: decode_hextile, 6: decode_zlib, 16: decode_zrle,
+            TIGHT: decode_tight}
 
 
 def vnc_auth_response(password, challenge):
@@ -300,6 +421,56 @@ def vnc_auth_response(password, challenge):
 
 def keysyms(text):
     return [int(k, 0) for k in text.split(",") if k]
+
+
+def hold(client, seconds, ppm_path, result):
+    """A live Tight client: one full frame, decoded and written to ppm_path, then
+    incremental updates decoded until ppm_path + ".stop" exists, at most `seconds`."""
+    client.skim = False
+    client.set_encodings([TIGHT, DESKTOP_SIZE])
+    info = {"seconds": seconds, "updates": 0, "rects_area": 0, "encodings_used": []}
+    result["hold"] = info
+    used = set()
+    t0 = time.monotonic()
+    client.request(0, 0, client.width, client.height)
+    covered = 0
+    while True:                       # a server may split the first frame over updates
+        used.update(client.read_update())
+        info["updates"] += 1
+        covered += client.area
+        if covered >= client.width * client.height:
+            break
+        client.request(0, 0, client.width, client.height, incremental=True)
+    info["first_frame_s"] = round(time.monotonic() - t0, 3)
+    info["tight_palettes"] = client.tight_palettes[:]
+    info["size"] = [client.width, client.height]
+    with open(ppm_path + ".tmp", "wb") as f:
+        f.write(client.ppm())
+    os.replace(ppm_path + ".tmp", ppm_path)
+    deadline = time.monotonic() + seconds
+    stop = ppm_path + ".stop"
+    info["stopped_by"] = "time"
+    client.request(0, 0, client.width, client.height, incremental=True)
+    while True:
+        info["encodings_used"] = sorted(used)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if os.path.exists(stop):
+            info["stopped_by"] = "stop file"
+            break
+        # the reply to an update is read whole, so nothing waits in the buffer:
+        # the socket says whether the server has sent another one
+        if select.select([client.sock], [], [], min(remaining, 0.25))[0]:
+            used.update(client.read_update())
+            info["updates"] += 1
+            info["rects_area"] += client.area
+            client.request(0, 0, client.width, client.height, incremental=True)
+    info["held_s"] = round(time.monotonic() - t0, 3)
+    if info["rects_area"]:            # the picture changed meanwhile: OUT.ppm is the last frame
+        with open(ppm_path + ".tmp", "wb") as f:
+            f.write(client.ppm())
+        os.replace(ppm_path + ".tmp", ppm_path)
 
 
 def run(client, actions, result):
@@ -326,6 +497,9 @@ def run(client, actions, result):
         elif kind == "ptr":
             px, py, mask = (int(v) for v in arg.split(","))
             client.sock.sendall(struct.pack(">BBHH", 5, mask, px, py))
+        elif kind == "hold":
+            seconds, _, path = arg.partition(":")
+            hold(client, float(seconds), path, result)
         elif kind == "sync":
             client.set_encodings([0, DESKTOP_SIZE])
             client.request(0, 0, 1, 1)
@@ -336,7 +510,8 @@ def run(client, actions, result):
 
 
 def decode(result_path):
-    """Host side: turn the captures of one connection (in order) into PPM files."""
+    """Host side: turn the captures of one connection (in order) into PPM files.
+    Returns the result with each grab's Tight palette rectangles added."""
     with open(result_path) as f:
         result = json.load(f)
     state = None
@@ -349,8 +524,9 @@ def decode(result_path):
             state = Client(data=data)
             state.width, state.height = grab["size"]
             state.fb = bytearray(state.width * state.height * 4)
-        state.replay, state.pos = data, 0
+        state.replay, state.pos, state.tight_palettes = data, 0, []
         state.read_update()
+        grab["tight_palettes"] = state.tight_palettes     # in the returned result only
         if state.pos != len(data):
             raise ValueError("%s: %d bytes left over after the update" % (path, len(data) - state.pos))
         with open(path, "wb") as f:

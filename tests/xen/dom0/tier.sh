@@ -38,13 +38,25 @@ dm_exec_uptime() {
   local f; f=$(ls -t /run/xenlab/dm-$1-*.txt 2>/dev/null | head -1)
   [ -n "$f" ] && sed -n 's/^=== dm-wrapper .*uptime=\([0-9.]*\) .*/\1/p' "$f"
 }
-proc_mem() {     # JSON {"rss_kb", "hwm_kb", "cpu_s"} of a pid
+proc_mem() {     # JSON {"pid", "rss_kb", "pss_kb", "uss_kb", "hwm_kb", "cpu_s"} of a pid (USS:
+  # its private pages, what it costs beyond what it shares); with a 2nd argument also
+  # "exe_rss_kb"/"exe_pss_kb": the mappings of its own executable (pages of the python3
+  # binary it shares with another python3 process count half in its PSS)
   local pid=$1
   [ -n "$pid" ] && [ -r /proc/$pid/status ] || { echo null; return; }
-  local rss hwm ticks
+  local rss pss uss hwm ticks exe=""
   rss=$(awk '/^VmRSS/{print $2}' /proc/$pid/status); hwm=$(awk '/^VmHWM/{print $2}' /proc/$pid/status)
+  # (no process substitution: dom0's initramfs has no /dev/fd)
+  pss=$(awk '/^Pss:/{p = $2} /^Private_(Clean|Dirty):/{u += $2} END{if (p != "") print p, u}' \
+        /proc/$pid/smaps_rollup 2>/dev/null)
+  uss=${pss#* }; pss=${pss% *}
   ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
-  echo "{\"pid\": $pid, \"rss_kb\": ${rss:-0}, \"hwm_kb\": ${hwm:-0}, \"cpu_s\": $(awk "BEGIN{print $ticks / $(getconf CLK_TCK)}")}"
+  if [ $# -ge 2 ]; then
+    exe=$(awk -v exe="$(readlink /proc/$pid/exe)" '/^[0-9a-f]+-[0-9a-f]+ /{m = ($6 == exe)}
+      m && /^Rss:/{r += $2} m && /^Pss:/{p += $2} END{printf ", \"exe_rss_kb\": %d, \"exe_pss_kb\": %d", r, p}' \
+      /proc/$pid/smaps 2>/dev/null)
+  fi
+  echo "{\"pid\": $pid, \"rss_kb\": ${rss:-0}, \"pss_kb\": ${pss:-null}, \"uss_kb\": ${uss:-null}, \"hwm_kb\": ${hwm:-0}, \"cpu_s\": $(awk "BEGIN{print $ticks / $(getconf CLK_TCK)}")$exe}"
 }
 
 # Background watcher: dom0 uptime at which a new domain's device model writes
@@ -122,6 +134,33 @@ wait_event() {   # wait_event KEY NAME REGEX COUNT: the guest logged COUNT event
   rec "$key.events_wait_s" null; return 1
 }
 
+# tight_hold KEY PORT COMMAND...: a live Tight client (rfbclient.py hold: one full frame
+# decoded in dom0, then incremental updates until told to stop, at most HOLD_S s); once
+# it has the frame (its picture appears as $O/KEY-tight-hold.ppm) and the server has had
+# 2 s to settle, COMMAND... runs (the memory measurement) while the client is connected.
+HOLD_S=${TIER_HOLD_S:-90}
+tight_hold() {
+  local key=$1 port=$2 ppm=$O/$1-tight-hold.ppm cpid end t0; shift 2
+  rm -f "$ppm" "$ppm.stop"
+  step "$key: one Tight client connected; memory once it has a full frame"
+  t0=$(now)
+  timeout 200 python3 $X/rfbclient.py 127.0.0.1 "$port" "$O/$key-tight-hold.json" "hold:$HOLD_S:$ppm" &
+  cpid=$!
+  end=$(( $(date +%s) + 150 ))
+  until [ -e "$ppm" ] || [ "$(date +%s)" -ge $end ] || ! kill -0 $cpid 2>/dev/null; do sleep 0.2; done
+  if [ -e "$ppm" ]; then
+    rec "$key.tight_frame_s" "$(since "$t0")"
+    sleep 2
+    "$@"
+    if kill -0 $cpid 2>/dev/null; then rec "$key.tight_connected" true; else rec "$key.tight_connected" false; fi
+  fi
+  touch "$ppm.stop"
+  wait $cpid; rec "$key.vnc_tight_hold.rc" $?
+}
+measure_dm() {   # KEY PID: one device model process
+  rec "$1.tight_mem" "$(proc_mem "$2" exe)"
+}
+
 pictures_and_screendump() {   # KEY NAME PORT [ENCODING...]: grabs (default: all) + QMP screendump
   local key=$1 name=$2 port=$3 actions=() e encs
   shift 3; encs=${*:-$(cat $X/encodings.txt)}
@@ -165,6 +204,7 @@ scenario() {     # KEY NAME DM KEYFILE [create options]: the full check list on 
   local key=$1 name=$2 dm=$3 keys=$4; shift 4
   if boot "$name" "$key" "$dm" --vncdisplay 0 "$@"; then
     local port; port=$(xenlab_vnc_port "$name")
+    tight_hold "$key" "${port:-5900}" measure_dm "$key" "$(dm_pid "$name")"
     pictures_and_screendump "$key" "$name" "${port:-5900}"
     input_checks "$key" "$name" "${port:-5900}" "$keys"
   fi
@@ -288,14 +328,23 @@ until grep -q "ready on" "$O/zygote.log" 2>/dev/null || [ "$(date +%s)" -ge $end
       || ! kill -0 $ZPID 2>/dev/null; do sleep 0.5; done
 rec zygote.warmup_s "$(since "$T0")"
 recs zygote.ready_line "$(grep -m1 'ready on' "$O/zygote.log")"
+measure_pyz() {  # STAND-IN CHILD ZYGOTE: ours through the zygote is three processes
+  local si ch zy
+  si=$(proc_mem "$1" exe); ch=$(proc_mem "$2" exe); zy=$(proc_mem "$3" exe)
+  rec pyz.tight_stand_in_mem "$si"; rec pyz.tight_child_mem "$ch"; rec pyz.tight_zygote_mem "$zy"
+  rec pyz.tight_pss_kb "{\"stand_in\": $(pss_of "$1"), \"child\": $(pss_of "$2"), \"zygote\": $(pss_of "$3")}"
+}
+pss_of() { local v; v=$(awk '/^Pss:/{print $2}' /proc/$1/smaps_rollup 2>/dev/null); echo "${v:-null}"; }
 T0=$(now)
 if boot pyzg pyz "$PYDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
      --dm-env PYXENFB_ZYGOTE=$ZSOCK; then
   port=$(xenlab_vnc_port pyzg)
-  vnc pyz grab "${port:-5900}" "grab:raw:$O/pyz-vnc-raw.ppm" "grab:zrle:$O/pyz-vnc-zrle.ppm"
   stand_in=$(dm_pid pyzg)
   child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyzg.log | awk '{print $NF}' | tail -1)
   rec pyz.stand_in_pid "${stand_in:-null}"; rec pyz.child_pid "${child:-null}"
+  tight_hold pyz "${port:-5900}" measure_pyz "$stand_in" "$child" "$ZPID"
+  vnc pyz grab "${port:-5900}" "grab:raw:$O/pyz-vnc-raw.ppm" "grab:zrle:$O/pyz-vnc-zrle.ppm" \
+    "grab:tight:$O/pyz-vnc-tight.ppm"
   rec pyz.stand_in_mem "$(proc_mem "$stand_in")"
   rec pyz.child_mem "$(proc_mem "$child")"
   recs pyz.pss_kb "$(awk '/^Pss:/{print $2}' /proc/$stand_in/smaps_rollup) $(awk '/^Pss:/{print $2}' /proc/$child/smaps_rollup) $(awk '/^Pss:/{print $2}' /proc/$ZPID/smaps_rollup)"
