@@ -1,6 +1,6 @@
 """`python -m pyxenfb` is `pyqemu-dm`."""
 import sys
 
-from .cli import main
+from .launch import main
 
 sys.exit(main())

@@ -703,7 +703,8 @@ def setup_logging(domid: int | None, stream=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    exec_argv = argv is None          # run as the program (not called by a test or a zygote child)
+    """The device model, started cold (launch.main, when no zygote answers),
+    in a zygote's child, or by a test."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # numpy's OpenBLAS starts a thread per core at import, which costs CPU
     # (a quarter of the import here, more in an emulated dom0) and memory;
@@ -719,13 +720,6 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    if exec_argv:
-        # Before any heavy import: a warm zygote forks this domain's device
-        # model and this process stands in for it (docs/zygote.md).
-        from .standin import try_zygote
-        code = try_zygote(argv, PROG if options.domid is None else f"{PROG}[{options.domid}]")
-        if code is not None:
-            return code
     setup_logging(options.domid)
     log = logging.getLogger("pyxenfb.cli")
     if options.ignored:
@@ -738,4 +732,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A cold start, always: `pyqemu-dm` / `python -m pyxenfb` ask a zygote first.
     sys.exit(main())

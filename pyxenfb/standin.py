@@ -1,6 +1,6 @@
 """pyqemu-dm's side of the warm fork-server (pyxenfb-zygote, docs/zygote.md).
 
-`try_zygote` runs at the very top of cli.main: it hands this process's argv,
+`try_zygote` is the first thing pyqemu-dm does (launch.py): it hands this process's argv,
 environment and fds to a zygote, then stays as the thin stand-in whose pid
 the toolstack knows.  `watch_stand_in` is the device model's hook in a
 zygote child: its control socket closing (the stand-in SIGKILLed) ends it.

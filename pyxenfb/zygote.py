@@ -2,8 +2,8 @@
 
 `pyxenfb-zygote` imports everything a device model needs once, freezes its
 heap and, single-threaded, listens on a unix socket.  `pyqemu-dm`, as the
-toolstack execs it, asks the zygote first (`standin.try_zygote`, at the very
-top of cli.main): it sends its argv, environment, cwd, umask and rlimits with its
+toolstack execs it, asks the zygote first (`standin.try_zygote`, from
+launch.py, before anything heavy is imported): it sends its argv, environment, cwd, umask and rlimits with its
 fds 0-2 and any `fd=N` QMP socket (SCM_RIGHTS).  The zygote forks (twice: no
 zombie, no tie to the zygote) a child that puts those fds back at the same
 numbers, joins the exec'd process's mount and IPC namespaces, takes its

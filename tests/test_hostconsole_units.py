@@ -185,10 +185,12 @@ def test_program_of_names_the_device_model(tmp_path):
     from pyxenfb.hostconsole.domains import program_of
     cases = {1: b"/usr/bin/python3\0/usr/local/bin/pyqemu-dm\0-xen-domid\0003\0",
              2: b"python3\0-m\0pyxenfb.cli\0-xen-domid\0003\0",
-             3: b"/usr/libexec/xen-qemu-system-i386\0-xen-domid\0003\0"}
+             3: b"/usr/libexec/xen-qemu-system-i386\0-xen-domid\0003\0",
+             4: b"python3\0-m\0pyxenfb\0-d\0001\0",
+             5: b"python3\0-m\0some.other_dm\0"}
     for pid, cmdline in cases.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cmdline").write_bytes(cmdline)
-    assert [program_of(p, str(tmp_path)) for p in (1, 2, 3)] == \
-        ["pyqemu-dm", "pyxenfb.cli", "xen-qemu-system-i386"]
-    assert program_of(4, str(tmp_path)) is None and program_of(0, str(tmp_path)) is None
+    assert [program_of(p, str(tmp_path)) for p in (1, 2, 3, 4, 5)] == \
+        ["pyqemu-dm", "pyqemu-dm", "xen-qemu-system-i386", "pyqemu-dm", "some.other_dm"]
+    assert program_of(6, str(tmp_path)) is None and program_of(0, str(tmp_path)) is None

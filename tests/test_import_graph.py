@@ -85,7 +85,7 @@ def test_only_entry_points_import_the_machine_and_the_cli():
     importers = {t: sorted(m for m, deps in graph.items() if t in deps)
                  for t in ("pyxenfb.cli", "pyxenfb.machine_pv", "pyxenfb.sim.cli")}
     # pyxenfb-zygote is an entry point too: its children run cli.main.
-    assert importers == {"pyxenfb.cli": ["pyxenfb.__main__", "pyxenfb.zygote"],
+    assert importers == {"pyxenfb.cli": ["pyxenfb.launch", "pyxenfb.zygote"],
                          "pyxenfb.machine_pv": ["pyxenfb.cli", "pyxenfb.zygote"],
                          "pyxenfb.sim.cli": []}
 

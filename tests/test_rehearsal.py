@@ -117,3 +117,25 @@ def test_forwarder_without_a_status_exits_1_when_the_child_goes():
     ours.close()
     assert proc.wait(10) == 1
     assert "device model pid 42 died without an exit status" in proc.stderr.read()
+
+
+def test_the_launcher_imports_nothing_heavy_before_the_zygote_answers(tmp_path):
+    """`pyqemu-dm` (launch.py) asks the zygote with the standard library
+    only; the cli, logging and dataclasses load only for a cold start."""
+    code = ("import sys; from pyxenfb import launch, standin; "
+            "standin.try_zygote = lambda argv, prefix: print(prefix, sorted("
+            "{'pyxenfb.cli', 'logging', 'dataclasses', 'numpy'} & set(sys.modules))) or 0; "
+            "sys.argv = ['pyqemu-dm', '-xen-domid', '7', '-vnc', ':1']; sys.exit(launch.main())")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(forwarder.__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pyqemu-dm[7] []"
+
+
+@pytest.mark.parametrize("argv, prefix", [
+    (["-xen-domid", "12", "-vnc", ":0"], "pyqemu-dm[12]"), (["-d", "3"], "pyqemu-dm[3]"),
+    (["-d", "x"], "pyqemu-dm"), (["-M", "none"], "pyqemu-dm"), (["-d"], "pyqemu-dm"),
+])
+def test_launcher_log_prefix(argv, prefix):
+    from pyxenfb.launch import log_prefix
+    assert log_prefix(argv) == prefix

@@ -29,7 +29,7 @@ from simkit import read_line, short_run_dir, stop_host, wait_frontends_connected
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
-DM = [sys.executable, "-m", "pyxenfb.cli"]
+DM = [sys.executable, "-m", "pyxenfb"]             # pyqemu-dm: asks the zygote first
 
 
 def _start_host_with_zygote(run_dir: str) -> subprocess.Popen:

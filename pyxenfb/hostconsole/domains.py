@@ -44,6 +44,9 @@ def connect_host(listen: str) -> str:
     return listen
 
 
+_PYQEMU_DM_MODULES = ("pyxenfb", "pyxenfb.launch", "pyxenfb.cli")
+
+
 def program_of(pid: int | None, proc: str = "/proc") -> str | None:
     """The device model's program name: the first argv word that isn't an interpreter."""
     if not pid or pid <= 0:
@@ -56,8 +59,9 @@ def program_of(pid: int | None, proc: str = "/proc") -> str | None:
     words = [w.decode("utf-8", "replace") for w in argv]
     for i, word in enumerate(words):
         base = os.path.basename(word)
-        if word == "-m" and i + 1 < len(words):      # `python3 -m pyxenfb.cli`
-            return words[i + 1][:64]
+        if word == "-m" and i + 1 < len(words):      # `python3 -m pyxenfb`: pyqemu-dm
+            module = words[i + 1]
+            return "pyqemu-dm" if module in _PYQEMU_DM_MODULES else module[:64]
         if base and not base.startswith("python") and not base.startswith("-"):
             return base[:64]
     return None

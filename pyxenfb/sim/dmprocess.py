@@ -38,11 +38,11 @@ CLONE_NEWIPC = 0x08000000
 
 
 def default_dm_program() -> list[str]:
-    """`pyqemu-dm` next to this Python, else `python -m pyxenfb.cli`."""
+    """`pyqemu-dm` next to this Python, else `python -m pyxenfb` (the same launcher)."""
     candidate = os.path.join(os.path.dirname(sys.executable), "pyqemu-dm")
     if os.access(candidate, os.X_OK):
         return [candidate]
-    return [sys.executable, "-m", "pyxenfb.cli"]
+    return [sys.executable, "-m", "pyxenfb"]
 
 
 def vnc_arg(vfb: VfbConfig) -> str:

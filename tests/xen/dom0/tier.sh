@@ -17,7 +17,7 @@ RES=$O/results.tsv
 : > "$RES"
 D=/host
 export PYTHONPATH=$D/site             # rfbclient.py needs DES (pycryptodome) for VNC auth
-PYDM="python3 -m pyxenfb.cli"          # the console script pyqemu-dm, without installing
+PYDM="python3 -m pyxenfb"              # the console script pyqemu-dm, without installing
 PYENV=(--dm-env PYTHONPATH=$D/src:$D/site --dm-env PYTHONDONTWRITEBYTECODE=1)
 READY_S=${TIER_READY_TIMEOUT:-180}
 
