@@ -218,7 +218,9 @@ class XenPvMachine:
 
     async def _announce_running(self) -> None:
         await self.xs.write(f"/local/domain/0/device-model/{self.domid}/state", "running")
-        log.info("running")
+        from .standin import exec_pid, seconds_since_exec
+        since_exec = seconds_since_exec(exec_pid())
+        log.info("running" if since_exec is None else f"running ({since_exec:.2f} s after exec)")
 
     # ---- lifecycle ----------------------------------------------------------
     def _domain_maybe_gone(self, path: str, token: str) -> None:

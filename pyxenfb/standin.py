@@ -163,6 +163,18 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         raise
 
 
+def seconds_since_exec(pid: int | str = "self") -> float | None:
+    """How long ago pid was started (its exec, for one the toolstack
+    started): /proc's start time against the uptime, 10 ms resolution."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return max(0.0, float(f.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -183,9 +195,11 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
         if not e.quiet:
             print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
         return None
+    since_exec = seconds_since_exec()
     print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
-          f"{(time.monotonic() - started) * 1000:.0f} ms; pid {os.getpid()} stands in for it",
-          file=sys.stderr, flush=True)
+          f"{(time.monotonic() - started) * 1000:.0f} ms"
+          + ("" if since_exec is None else f" ({since_exec * 1000:.0f} ms after exec)")
+          + f"; pid {os.getpid()} stands in for it", file=sys.stderr, flush=True)
     return _stand_in(sock, pid, fds, prefix)
 
 
@@ -225,6 +239,13 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: 
 # ---- in a zygote child: the machine's hook ----------------------------------------------
 
 _control: socket.socket | None = None      # the connection to our stand-in, in a child only
+_stand_in_pid: int | None = None           # its pid (the process the toolstack exec'd)
+
+
+def exec_pid() -> int | str:
+    """The process the toolstack exec'd for this device model: the stand-in
+    in a zygote child, else this one."""
+    return _stand_in_pid or "self"
 
 
 def watch_stand_in(loop, on_lost=None) -> None:

@@ -78,6 +78,7 @@ class Request:
                 or len(set(targets)) != len(targets)):
             raise RequestError(f"fds must name 0..{MAX_FD_NUMBER} once each, one per passed fd")
         self.argv, self.env, self.cwd, self.umask = argv, env, cwd, umask
+        self.peer: int | None = None          # the stand-in's pid (SO_PEERCRED)
         self.rlimits = rlimits
         self.fds = dict(zip(targets, fds))     # target number -> fd received here
 
@@ -278,6 +279,7 @@ class Zygote:
             if not isinstance(obj, dict):
                 raise RequestError("request is not a JSON object")
             request = Request(obj, fds)
+            request.peer = peer
             ns = self._open_namespaces(peer)
         except RequestError as e:
             for f in fds:
@@ -382,6 +384,7 @@ class Zygote:
             os._exit(0)                     # the stand-in gave up and starts cold: not ours
         conn.settimeout(None)
         standin._control = conn             # for watch_stand_in, in the machine
+        standin._stand_in_pid = request.peer    # exec -> running is timed from its exec
         code = 1
         try:
             from .cli import main

@@ -146,6 +146,13 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
         held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
         assert not any("zygote" in h for h in held), held   # nothing of the zygote's
         assert "numpy" not in Path(f"/proc/{res.dm_pid}/maps").read_text()   # a thin stand-in
+        # Both lines time the start from the toolstack's exec (the stand-in's):
+        # the hand-over, then `running` (the child's own start is much later).
+        log = Path(res.dm_log).read_text()
+        handed = re.search(r"forked the device model as pid \d+ in \d+ ms \((\d+) ms after exec\)", log)
+        running = re.search(r": running \((\d+\.\d+) s after exec\)", log)
+        assert handed and running, log
+        assert int(handed.group(1)) / 1000 <= float(running.group(1)) + 0.011 < 30
 
         expected = fbdump_array(zhost, 1)
         client = api.connect(f"127.0.0.1::{res.vnc_port}", timeout=10)
@@ -169,6 +176,19 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
         wait_until(lambda: _dead(child), 1.0, "the zygote child to follow its stand-in")
         assert "stand-in process gone" in Path(res.dm_log).read_text()
     assert not _dead(zpid)
+
+
+def test_seconds_since_exec_reads_a_process_start():
+    from pyxenfb.standin import seconds_since_exec
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        young = seconds_since_exec(proc.pid)
+        assert young is not None and 0 <= young < 5
+        assert seconds_since_exec() >= young              # the test process is older
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seconds_since_exec(proc.pid) is None          # gone: no figure, no error
 
 
 def test_kill_9_of_the_stand_in_takes_the_child_down_within_1s(zhost):
