@@ -6,21 +6,25 @@ the toolstack knows.  `watch_stand_in` is the device model's hook in a
 zygote child: its control socket closing (the stand-in SIGKILLed) ends it.
 The wire format and its bounds are defined here, for both sides.
 
-This module imports only the standard library: the stand-in must stay small
-and start fast; the zygote itself (zygote.py) imports the whole device model.
+This module imports only the standard library, and on the stand-in's path
+to the hand-over only C modules (_socket, _json) besides os, sys and time:
+socket.py, json and signal.py would pull in enum and re, ~10 ms here and a
+good part of a second in an emulated dom0, before every domain's start;
+the zygote itself (zygote.py) imports the whole device model.
 """
 from __future__ import annotations
 
-import array
-import json
 import os
-import signal
-import socket
 import sys
 import time
 
-from . import forwarder
-from .forwarder import FORWARDED
+import _socket
+
+try:
+    from _json import encode_basestring_ascii as _json_str, scanstring as _scan_str
+except ImportError:                     # not CPython: the pure-Python ones
+    from json.decoder import scanstring as _scan_str
+    from json.encoder import py_encode_basestring_ascii as _json_str
 
 PROTOCOL = 1
 ENV = "PYXENFB_ZYGOTE"                  # a socket path, or "off"
@@ -50,28 +54,91 @@ class Unavailable(Exception):
 
 # ---- shared helpers ------------------------------------------------------------
 
-def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
-    data = json.dumps(obj).encode()
+def _dumps(obj) -> str:
+    """JSON for what this wire carries (objects, lists, strings, ints,
+    booleans, null), ASCII-only as json.dumps writes it by default."""
+    if isinstance(obj, str):
+        return _json_str(obj)
+    if obj is None or isinstance(obj, bool):
+        return {None: "null", True: "true", False: "false"}[obj]
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(map(_dumps, obj)) + "]"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{_json_str(str(k))}: {_dumps(v)}" for k, v in obj.items()) + "}"
+    raise TypeError(f"{type(obj).__name__} is not carried on this wire")
+
+
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+def _loads_flat(text: str) -> dict:
+    """A JSON object whose values are strings, integers, booleans or null:
+    every message but the request (which only the zygote reads, with json).
+    ValueError for anything else."""
+    try:
+        text = text.strip()
+        if not (text.startswith("{") and text.endswith("}")):
+            raise ValueError("not a JSON object")
+        out, at, end = {}, 1, len(text) - 1
+        while True:
+            while at < end and text[at] in " \t\r\n":
+                at += 1
+            if at == end and not out:
+                return out
+            if text[at] != '"':
+                raise ValueError("expected a name")
+            key, at = _scan_str(text, at + 1, True)
+            at = text.index(":", at) + 1
+            while text[at] in " \t\r\n":
+                at += 1
+            if text[at] == '"':
+                value, at = _scan_str(text, at + 1, True)
+            else:
+                stop = min((i for i in (text.find(",", at), end) if i >= 0))
+                word = text[at:stop].strip()
+                if word in _LITERALS:
+                    value = _LITERALS[word]
+                elif word.lstrip("-").isdigit() and len(word) <= 20:
+                    value = int(word)
+                else:
+                    raise ValueError(f"unsupported value {word[:20]!r}")
+                at = stop
+            out[key] = value
+            while at < end and text[at] in " \t\r\n":
+                at += 1
+            if at == end:
+                return out
+            if text[at] != ",":
+                raise ValueError("expected , or }")
+            at += 1
+    except ValueError:
+        raise
+    except Exception as e:                  # IndexError and the like: malformed
+        raise ValueError(f"malformed message ({type(e).__name__})") from None
+
+
+def _fd_bytes(fds: list[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+
+
+def _send(sock, obj: dict, fds: list[int] = ()) -> None:
+    data = _dumps(obj).encode()
     if fds:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fd_bytes(fds))])
     else:
         sock.send(data)
 
 
-def _recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict | None:
+def _recv(sock, limit: int = MAX_MESSAGE) -> dict | None:
     """One message as a dict; None at EOF; ValueError if malformed."""
     data, _anc, flags, _addr = sock.recvmsg(limit + 1)
     if not data:
         return None
-    if flags & socket.MSG_TRUNC or len(data) > limit:
+    if flags & _socket.MSG_TRUNC or len(data) > limit:
         raise ValueError(f"message longer than {limit} bytes")
-    try:
-        obj = json.loads(data)
-    except RecursionError:                  # "[[[[...": not a ValueError of its own
-        raise ValueError("message nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise ValueError("message is not a JSON object")
-    return obj
+    return _loads_flat(data.decode("utf-8", "replace"))
 
 
 def _rlimit_number(name: str) -> int | None:
@@ -118,7 +185,7 @@ def _rlimits() -> dict[str, list[int]]:
 
 def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socket, int, list[int]]:
     deadline = time.monotonic() + ANSWER_TIMEOUT
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(ANSWER_TIMEOUT)
         try:
@@ -126,7 +193,7 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         except FileNotFoundError:
             # No zygote installed at the default path: a plain cold start, silently.
             raise Unavailable(f"no zygote at {path}", quiet=not explicit) from None
-        except socket.timeout:
+        except TimeoutError:
             raise Unavailable(f"{path} did not accept within {ANSWER_TIMEOUT:g} s") from None
         except OSError as e:
             raise Unavailable(f"cannot connect to {path}: {e.strerror or e}") from None
@@ -134,14 +201,14 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         request = {"v": PROTOCOL, "argv": [sys.argv[0] if sys.argv else "pyqemu-dm", *argv],
                    "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask(),
                    "rlimits": _rlimits(), "fds": fds}
-        data = json.dumps(request).encode()
+        data = _dumps(request).encode()
         if len(data) > MAX_REQUEST:
             raise Unavailable(f"request of {len(data)} bytes exceeds {MAX_REQUEST}")
         try:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fd_bytes(fds))])
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             reply = _recv(sock)
-        except socket.timeout:
+        except TimeoutError:
             raise Unavailable(f"{path} did not answer within {ANSWER_TIMEOUT:g} s") from None
         except (OSError, ValueError) as e:
             raise Unavailable(f"{path}: bad answer: {e}") from None
@@ -213,6 +280,8 @@ _SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
 
 def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
     """Returns only if the exec failed (the stand-in then carries on as it is)."""
+    import signal
+    from .forwarder import FORWARDED
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Blocked across exec, the forwarded signals stay pending until the new
     # image has its handlers in place.
@@ -233,6 +302,7 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: 
             os.close(fd)                   # the child's QMP socket: not ours to hold open
     if slim:
         _reexec_slim(sock, pid, prefix)
+    from . import forwarder
     return forwarder.forward(sock.fileno(), pid, prefix)
 
 
@@ -254,6 +324,9 @@ def watch_stand_in(loop, on_lost=None) -> None:
     once, as the SIGKILL would have ended a cold device model: a graceful
     shutdown would still write to XenStore while the toolstack removes the
     domain's nodes."""
+    import signal
+
+    from .forwarder import FORWARDED
     if _control is None:
         return
     sock = _control

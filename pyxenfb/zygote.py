@@ -35,7 +35,8 @@ import sys
 import time
 
 from . import standin
-from .standin import (ANSWER_TIMEOUT, CLONE_NEWIPC, CLONE_NEWNS, DEFAULT_SOCKET, FORWARDED, MAX_ARGS, MAX_FD_NUMBER,
+from .forwarder import FORWARDED
+from .standin import (ANSWER_TIMEOUT, CLONE_NEWIPC, CLONE_NEWNS, DEFAULT_SOCKET, MAX_ARGS, MAX_FD_NUMBER,
                       MAX_FDS, MAX_PENDING, MAX_REQUEST, NAMESPACES, PROTOCOL, REQUEST_TIMEOUT,
                       RLIMITS, _exit_now, _ns_inode, _recv, _rlimit_number, _send)
 

@@ -1,5 +1,6 @@
-"""The zygote's rehearsal (pyxenfb/rehearsal.py) and the slim stand-in's
-message parsing (pyxenfb/forwarder.py)."""
+"""The zygote's rehearsal (pyxenfb/rehearsal.py), the launcher
+(pyxenfb/launch.py), the stand-in's wire codec (pyxenfb/standin.py) and
+its last form (pyxenfb/forwarder.py)."""
 from __future__ import annotations
 
 import logging
@@ -124,7 +125,8 @@ def test_the_launcher_imports_nothing_heavy_before_the_zygote_answers(tmp_path):
     only; the cli, logging and dataclasses load only for a cold start."""
     code = ("import sys; from pyxenfb import launch, standin; "
             "standin.try_zygote = lambda argv, prefix: print(prefix, sorted("
-            "{'pyxenfb.cli', 'logging', 'dataclasses', 'numpy'} & set(sys.modules))) or 0; "
+            "{'pyxenfb.cli', 'logging', 'dataclasses', 'numpy', 'json', 're', 'enum', "
+            "'socket', 'signal'} & set(sys.modules))) or 0; "
             "sys.argv = ['pyqemu-dm', '-xen-domid', '7', '-vnc', ':1']; sys.exit(launch.main())")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=os.path.dirname(os.path.dirname(forwarder.__file__)))
@@ -139,3 +141,50 @@ def test_the_launcher_imports_nothing_heavy_before_the_zygote_answers(tmp_path):
 def test_launcher_log_prefix(argv, prefix):
     from pyxenfb.launch import log_prefix
     assert log_prefix(argv) == prefix
+
+
+def test_the_stand_in_writes_json_as_json_dumps_does():
+    import json
+    from pyxenfb.standin import _dumps
+    request = {"v": 1, "argv": ["pyqemu-dm", "-name", "gu\u00e9st \"q\" \\ \n\t\x01", "\U0001f600"],
+               "env": {"K": "v", "UNDECODABLE": "\udcff\udcfe"}, "cwd": "/", "umask": 18,
+               "rlimits": {"AS": [-1, 2 ** 64 - 1]}, "fds": [0, 1, 2], "flag": True, "none": None}
+    assert _dumps(request) == json.dumps(request)
+    with pytest.raises(TypeError):
+        _dumps({"x": 1.5})
+
+
+@pytest.mark.parametrize("text, obj", [
+    ('{"pid": 123}', {"pid": 123}), ('{"go": true}', {"go": True}), ('{}', {}),
+    ('{"error": "uid 5 \\"x\\" \\u00e9"}', {"error": 'uid 5 "x" \u00e9'}),
+    ('{ "exit" : 0 , "a": null, "b": -7 }', {"exit": 0, "a": None, "b": -7}),
+])
+def test_the_stand_in_reads_flat_json_objects(text, obj):
+    from pyxenfb.standin import _loads_flat
+    assert _loads_flat(text) == obj
+
+
+@pytest.mark.parametrize("text", [
+    "", "{", "}", "[1]", '{"a": [1]}', '{"a": {"b": 1}}', '{"a": 1.5}', '{"a" 1}', '{"a": 1,}',
+    "{a: 1}", '{"a": "x}', '{"a": 1} x', '{"a": 1 2}', '{"a": tru}', '{"a": ' + "9" * 30 + "}",
+    '{"a": 1,, "b": 2}', '{"a"', "\x00" * 10, '{"\ud800": 1', "{" * 1000,
+])
+def test_the_stand_in_refuses_anything_else_with_a_value_error(text):
+    from pyxenfb.standin import _loads_flat
+    with pytest.raises(ValueError):
+        _loads_flat(text)
+
+
+def test_the_stand_in_parser_never_fails_otherwise():
+    from hypothesis import given, settings, strategies as st
+
+    from pyxenfb.standin import _loads_flat
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet=st.sampled_from('{}[]":,- \t\\0123456789aeflnrstu\u00e9'), max_size=60))
+    def check(text):
+        try:
+            assert isinstance(_loads_flat(text), dict)
+        except ValueError:
+            pass
+    check()
