@@ -10,6 +10,7 @@ whatever a killed predecessor left (stale QMP sockets, backend states).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -388,8 +389,8 @@ def _import_display_stack(preload: bool = False) -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
     worker thread so that the event loop keeps serving QMP meanwhile; before
     a chroot or a user switch, also every lazy path (restrict.preload)."""
-    import numpy  # noqa: F401
-    from . import console, convert, vnc, xenfb  # noqa: F401
+    for name in _DISPLAY_STACK:
+        importlib.import_module(name)
     if preload:
         from . import restrict
         restrict.preload()
