@@ -57,12 +57,13 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
 THROUGH_ZYGOTE = os.environ.get("PYXENFB_TEST_ZYGOTE") == "1"
 
 
-def start_host(run_dir: str) -> subprocess.Popen:
-    """`pyxenfb-sim host` as a process; returns once it printed its ready line."""
-    extra = ["--zygote"] if THROUGH_ZYGOTE else []
+def start_host(run_dir: str, zygote: bool = THROUGH_ZYGOTE) -> subprocess.Popen:
+    """`pyxenfb-sim host [--zygote]` as a process; returns once it printed its
+    ready line (a zygote first loads numpy & co.: 4x the time)."""
+    extra = ["--zygote"] if zygote else []
     proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir,
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = read_line(proc, HOST_START_TIMEOUT * (4 if THROUGH_ZYGOTE else 1))
+    line = read_line(proc, HOST_START_TIMEOUT * (4 if zygote else 1))
     assert line == (f"pyxenfb-sim: host ready, run dir {run_dir} "
                     f"(export PYXENFB_SIM={run_dir})\n"), (line, proc.stderr)
     return proc

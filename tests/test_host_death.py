@@ -81,7 +81,10 @@ def _kill_host_and_measure(count: int, sigterm_first: bool) -> float:
             asyncio.run(wait_frontends_connected(run_dir, r.domid, BOOT_TIMEOUT))
         if sigterm_first:
             os.killpg(host.pid, signal.SIGTERM)
-            time.sleep(0.5)
+            try:
+                host.wait(0.5)          # half a second for a clean end, then the SIGKILL
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(host.pid, signal.SIGKILL)
         except ProcessLookupError:

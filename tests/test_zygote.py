@@ -25,25 +25,17 @@ from pyxenfb import zygote
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
-from simkit import read_line, short_run_dir, stop_host, wait_frontends_connected, wait_node, wait_until
+from simkit import read_line, short_run_dir, start_host, stop_host, wait_frontends_connected, wait_node, wait_until
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
 DM = [sys.executable, "-m", "pyxenfb"]             # pyqemu-dm: asks the zygote first
 
 
-def _start_host_with_zygote(run_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.sim.cli", "host", "--run-dir", run_dir,
-                             "--zygote"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = read_line(proc, ZYGOTE_START_TIMEOUT)
-    assert "host ready" in line, (line, proc.stderr)
-    return proc
-
-
 @pytest.fixture
 def zhost():
     run_dir = short_run_dir()
-    proc = _start_host_with_zygote(run_dir)
+    proc = start_host(run_dir, zygote=True)
     yield run_dir
     stop_host(proc)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -12,7 +12,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -26,6 +25,7 @@ RFBCLIENT = Path(__file__).parent / "dom0" / "rfbclient.py"
 sys.path.insert(0, str(RFBCLIENT.parent))
 import rfbclient  # noqa: E402
 from rfb_harness import ServerThread, expected_rgb, make_picture  # noqa: E402
+from simkit import wait_until  # noqa: E402
 
 
 def bgrx(rgb: np.ndarray) -> np.ndarray:
@@ -211,13 +211,6 @@ def read_ppm_rgb(path: Path) -> np.ndarray:
     return np.frombuffer(data[len(head):], np.uint8).reshape(600, 800, 3)
 
 
-def wait_for(cond, seconds: float = 20) -> None:
-    end = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
-
-
 def test_hold_is_a_live_tight_client(tmp_path):
     """`hold`, as the tier runs it in dom0, against pyxenfb's VNC server: the first
     frame is exact when OUT.ppm appears, later updates are decoded, the stop file
@@ -227,11 +220,17 @@ def test_hold_is_a_live_tight_client(tmp_path):
     proc = subprocess.Popen([sys.executable, str(RFBCLIENT), "127.0.0.1", str(srv.port), str(out),
                              f"hold:60:{ppm}"], stdout=subprocess.DEVNULL)
     try:
-        wait_for(ppm.exists)
+        wait_until(ppm.exists, 20, "the first frame's PPM")
         assert np.array_equal(read_ppm_rgb(ppm), expected_rgb(make_picture()))
         changed = make_picture(seed=1)
+        client = srv.call(lambda: srv.server.clients[0])
+        sent = srv.call(lambda: client.updates_sent)
         srv.draw(changed.rows, 100, 50, 300, 200)
-        time.sleep(1.0)
+        # The client asks again only once it has read and decoded an update:
+        # a later update sent and a new request pending = the change is in.
+        wait_until(lambda: srv.call(lambda: client.updates_sent > sent
+                                    and client.conn.pending_request is not None), 20,
+                   "the changed rectangle decoded by the client")
         (tmp_path / "hold.ppm.stop").touch()
         assert proc.wait(20) == 0
     finally:
