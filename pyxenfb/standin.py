@@ -270,10 +270,12 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
     return _stand_in(sock, pid, fds, prefix)
 
 
-# The stand-in, once committed, re-execs itself as a bare interpreter running
-# only forwarder.py (no site, no socket, no json): the same pid for the
-# toolstack, about half the memory (docs/zygote.md).  Its argv keeps the
-# original one for `ps`.
+# The stand-in, once committed, re-execs itself into its last form, same pid
+# for the toolstack: the C stand-in (pyxenfb/bin/pyqemu-dm --forward, built
+# from standin.c; ~0.2 MiB) where it was built, else a bare interpreter
+# running only forwarder.py (no site, no socket, no json; ~3.5 MiB).  Either
+# keeps the original argv for `ps`.  docs/zygote.md has the figures.
+C_STAND_IN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "pyqemu-dm")
 _SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
          "from pyxenfb.forwarder import main; sys.exit(main(sys.argv[2:]))")
 
@@ -286,12 +288,17 @@ def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
     # Blocked across exec, the forwarded signals stay pending until the new
     # image has its handlers in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    tail = [str(sock.fileno()), str(pid), prefix, "--", *sys.argv]
     try:
         os.set_inheritable(sock.fileno(), True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", _SLIM, root,
-                                  str(sock.fileno()), str(pid), prefix, "--", *sys.argv])
+        if os.access(C_STAND_IN, os.X_OK):
+            try:
+                os.execv(C_STAND_IN, [C_STAND_IN, "--forward", *tail])
+            except OSError:
+                pass                        # not runnable here: the Python one below
+        os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", _SLIM, root, *tail])
     except OSError:
         os.set_inheritable(sock.fileno(), False)
 

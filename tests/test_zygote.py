@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyxenfb import zygote
+from pyxenfb import standin, zygote
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.xenstore import XenStore
@@ -30,6 +30,14 @@ from simkit import read_line, short_run_dir, start_host, stop_host, wait_fronten
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
 DM = [sys.executable, "-m", "pyxenfb"]             # pyqemu-dm: asks the zygote first
+# The two ways in: the Python launcher (which then re-execs into the C
+# forwarder) and pyqemu-dm in C (pyxenfb/bin/pyqemu-dm, scripts/setup builds it).
+LAUNCHERS = {"python": DM, "c": [standin.C_STAND_IN]}
+
+
+@pytest.fixture(params=sorted(LAUNCHERS))
+def launcher(request) -> list[str]:
+    return LAUNCHERS[request.param]
 
 
 @pytest.fixture
@@ -119,12 +127,12 @@ def _vnc_handshake(port: int) -> tuple[int, int]:
 
 # ---- a domain through the zygote is a domain like any other --------------------------
 
-def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
+def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, launcher):
     from vncdotool import api
     sock = os.path.join(zhost, "zygote.sock")
     zpid = _zygote_pid(sock)
     for round_ in range(2):                             # the second round is a reboot
-        res = _create(zhost, 1)
+        res = _create(zhost, 1, dm=launcher)
         child = _child_of(res.dm_log)
         # really a zygote child: not the stand-in's, not a fresh interpreter
         assert child != res.dm_pid and _ppid(child) != res.dm_pid
@@ -138,6 +146,10 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path):
         held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
         assert not any("zygote" in h for h in held), held   # nothing of the zygote's
         assert "numpy" not in Path(f"/proc/{res.dm_pid}/maps").read_text()   # a thin stand-in
+        # either launcher ends as the C stand-in (the Python one re-execs into it)
+        wait_until(lambda: os.readlink(f"/proc/{res.dm_pid}/exe") == standin.C_STAND_IN, 5,
+                   "the stand-in to be the C one")
+        assert _mem(res.dm_pid)["Pss"] < 1024, _mem(res.dm_pid)
         # Both lines time the start from the toolstack's exec (the stand-in's):
         # the hand-over, then `running` (the child's own start is much later).
         log = Path(res.dm_log).read_text()
@@ -183,8 +195,8 @@ def test_seconds_since_exec_reads_a_process_start():
     assert seconds_since_exec(proc.pid) is None          # gone: no figure, no error
 
 
-def test_kill_9_of_the_stand_in_takes_the_child_down_within_1s(zhost):
-    res = _create(zhost, 2)
+def test_kill_9_of_the_stand_in_takes_the_child_down_within_1s(zhost, launcher):
+    res = _create(zhost, 2, dm=launcher)
     child = _child_of(res.dm_log)
     os.kill(res.dm_pid, signal.SIGKILL)
     start = time.monotonic()
@@ -240,11 +252,11 @@ def test_zygote_restart_leaves_running_domains_alone(zhost):
         new.wait(10)
 
 
-def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost):
+def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost, launcher):
     asyncio.run(toolstack.create_domain(zhost, 9, "term", vfb="vnc=1", dm=None, start_guest=False))
     qmp = os.path.join(zhost, "qmp-test-9")
     env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
-    proc = subprocess.Popen(DM + ["-xen-domid", "9", "-chardev",
+    proc = subprocess.Popen(launcher + ["-xen-domid", "9", "-chardev",
                                   f"socket,id=c,path={qmp},server=on,wait=off",
                                   "-mon", "chardev=c,mode=control", "-vnc", "127.0.0.1:0,to=99"],
                             env=env, stderr=subprocess.PIPE, text=True)
@@ -266,7 +278,7 @@ def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost):
     blocker.listen()
     try:
         display = blocker.getsockname()[1] - 5900
-        r = subprocess.run(DM + ["-xen-domid", "9", "-vnc", f"127.0.0.1:{display}"], env=env,
+        r = subprocess.run(launcher + ["-xen-domid", "9", "-vnc", f"127.0.0.1:{display}"], env=env,
                            capture_output=True, text=True, timeout=30)
     finally:
         blocker.close()
@@ -302,7 +314,7 @@ def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user
     wait_until(lambda: _dead(child), 1.0, "the restricted child to exit")
 
 
-def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost):
+def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost, launcher):
     """Target: exec -> `running` <= 300 ms on the sim (best of 3)."""
     env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
     times = []
@@ -312,7 +324,7 @@ def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost):
                                       start_guest=False)
         xs = await XenStore.open(os.path.join(zhost, "xenstored.sock"))
         start = time.monotonic()
-        proc = subprocess.Popen(DM + ["-xen-domid", str(domid), "-vnc", "127.0.0.1:0,to=99"],
+        proc = subprocess.Popen(launcher + ["-xen-domid", str(domid), "-vnc", "127.0.0.1:0,to=99"],
                                 env=env, stderr=subprocess.DEVNULL)
         try:
             await wait_node(xs, f"/local/domain/0/device-model/{domid}/state",
@@ -334,9 +346,9 @@ def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost):
 
 # ---- no zygote: a cold start, with one line saying why ------------------------------
 
-def test_no_zygote_or_a_silent_one_is_a_cold_start_with_one_line(host, monkeypatch):
+def test_no_zygote_or_a_silent_one_is_a_cold_start_with_one_line(host, monkeypatch, launcher):
     monkeypatch.setenv("PYXENFB_ZYGOTE", os.path.join(host, "nowhere.sock"))
-    res = _create(host, 14)
+    res = _create(host, 14, dm=launcher)
     log = Path(res.dm_log).read_text()
     assert f"zygote: no zygote at {host}/nowhere.sock; cold start" in log
     assert not FORKED.search(log)
@@ -348,7 +360,7 @@ def test_no_zygote_or_a_silent_one_is_a_cold_start_with_one_line(host, monkeypat
     silent.listen(4)
     monkeypatch.setenv("PYXENFB_ZYGOTE", os.path.join(host, "silent.sock"))
     try:
-        res = _create(host, 15)
+        res = _create(host, 15, dm=launcher)
     finally:
         silent.close()
     log = Path(res.dm_log).read_text()
@@ -356,7 +368,7 @@ def test_no_zygote_or_a_silent_one_is_a_cold_start_with_one_line(host, monkeypat
     asyncio.run(toolstack.destroy_domain(host, 15))
 
     monkeypatch.setenv("PYXENFB_ZYGOTE", "off")
-    res = _create(host, 16)
+    res = _create(host, 16, dm=launcher)
     assert "zygote" not in Path(res.dm_log).read_text()
     asyncio.run(toolstack.destroy_domain(host, 16))
 

@@ -1,0 +1,65 @@
+"""Builds pyqemu-dm's stand-in in C: pyxenfb/standin.c -> pyxenfb/bin/pyqemu-dm.
+
+Run by hatchling for wheels and editable installs (pyproject.toml), and by
+scripts/setup as `python3 hatch_build.py [PYTHON]`, which also names the
+interpreter the stand-in execs for a cold start.  Without a C compiler the
+package still works: the Python launcher and forwarder stand in (docs/zygote.md).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+SOURCE = os.path.join("pyxenfb", "standin.c")
+TARGET = os.path.join("pyxenfb", "bin", "pyqemu-dm")
+
+
+def build(root: str, python: str | None = None) -> str | None:
+    """Compile the stand-in under root; None when built, else why not (one line)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return "no C compiler (cc)"
+    target = os.path.join(root, TARGET)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".partial"
+    command = [cc, "-O2", "-Wall", "-o", partial, os.path.join(root, SOURCE)]
+    if python:
+        command[1:1] = [f'-DPYTHON="{python}"']
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    os.replace(partial, target)
+    return None
+
+
+try:
+    from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+except ImportError:                         # run by scripts/setup, outside a build
+    BuildHookInterface = object
+
+
+class StandInBuildHook(BuildHookInterface):
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict) -> None:
+        if self.target_name != "wheel":
+            return
+        why = build(self.root)
+        if why:
+            self.app.display_warning(f"pyqemu-dm's C stand-in not built ({why}); "
+                                     "the Python stand-in serves instead")
+            return
+        build_data["artifacts"].append(TARGET)
+        if version != "editable":           # a compiled program inside: not a pure wheel
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True
+
+
+if __name__ == "__main__":
+    root = os.path.dirname(os.path.abspath(__file__))
+    why = build(root, sys.argv[1] if len(sys.argv) > 1 else None)
+    if why:
+        print(f"hatch_build: pyqemu-dm's C stand-in not built: {why}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,712 @@
+/* pyqemu-dm's stand-in in C: the process the toolstack execs, when a
+ * pyxenfb-zygote runs (docs/zygote.md).
+ *
+ * Built as pyxenfb/bin/pyqemu-dm (hatch_build.py).  Two ways in:
+ *   pyqemu-dm ARGV...                 the whole launcher: hand argv, environment,
+ *                                     cwd, umask, rlimits and fds to the zygote,
+ *                                     then stand in for its child; no zygote ->
+ *                                     exec `python3 -m pyxenfb.cli ARGV` (cold)
+ *   pyqemu-dm --forward FD PID PREFIX -- ARGV...
+ *                                     the last form of the Python launcher's
+ *                                     stand-in (standin.py re-execs into it)
+ *
+ * Why C: a stand-in lives as long as its domain, one per domain.  A bare
+ * CPython is ~3.5 MiB private and, in an emulated dom0, most of a second to
+ * start before it can even ask the zygote; this is ~0.2 MiB and a few ms.
+ *
+ * The wire is standin.py's (one JSON object per SOCK_SEQPACKET message):
+ * this file writes the request exactly as json.dumps writes the Python
+ * stand-in's, reads {"pid": N} / {"error": "..."} and {"exit": N}, writes
+ * {"go": true} and {"signal": N}.  The constants below are checked against
+ * standin.py by the tests.  Everything read from the socket is bounded and
+ * validated: a bad answer is a cold start, a bad message later is logged
+ * and ignored.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROTOCOL 1
+#define ENV_SOCKET "PYXENFB_ZYGOTE"
+#define ENV_PYTHON "PYXENFB_PYTHON"
+#define DEFAULT_SOCKET "/var/run/xen/pyxenfb-zygote.sock"
+#define ANSWER_TIMEOUT_MS 2000
+#define MAX_REQUEST (128 * 1024)
+#define MAX_MESSAGE 4096
+#define MAX_FDS 16
+#define MAX_FD_NUMBER 1023
+#define PROG "pyqemu-dm"
+
+#ifndef PYTHON
+#define PYTHON "python3"        /* the cold start's interpreter, unless PYXENFB_PYTHON says */
+#endif
+
+extern char **environ;
+
+static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP};
+static char prefix[64] = PROG;
+
+static void say(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    int n = snprintf(line, sizeof line, "%s: ", prefix);
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof line - n - 1, fmt, ap);
+    va_end(ap);
+    strcat(line, "\n");
+    if (write(2, line, strlen(line)) < 0) {
+        /* nowhere left to say it */
+    }
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- a bounded text buffer ---------------------------------------------------- */
+
+struct buf { char *data; size_t len, cap; int full; };
+
+static void put(struct buf *b, const char *s, size_t n)
+{
+    if (b->full || b->len + n + 1 > b->cap) {
+        b->full = 1;
+        return;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+static void putf(struct buf *b, const char *fmt, ...)
+{
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+/* Length of the well-formed UTF-8 sequence at s (RFC 3629: no overlongs, no
+ * surrogates, nothing above U+10FFFF) and its code point; 0 if none starts here. */
+static int utf8_sequence(const unsigned char *s, size_t left, uint32_t *cp)
+{
+    unsigned char c = s[0];
+    int n;
+    uint32_t min;
+    if (c < 0x80) { *cp = c; return 1; }
+    if (c >= 0xC2 && c <= 0xDF) { n = 2; *cp = c & 0x1F; min = 0x80; }
+    else if (c >= 0xE0 && c <= 0xEF) { n = 3; *cp = c & 0x0F; min = 0x800; }
+    else if (c >= 0xF0 && c <= 0xF4) { n = 4; *cp = c & 0x07; min = 0x10000; }
+    else return 0;
+    if ((size_t)n > left)
+        return 0;
+    for (int i = 1; i < n; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        *cp = (*cp << 6) | (s[i] & 0x3F);
+    }
+    if (*cp < min || *cp > 0x10FFFF || (*cp >= 0xD800 && *cp <= 0xDFFF))
+        return 0;
+    return n;
+}
+
+/* A C string as a JSON string, as Python's json.dumps writes the str that
+ * os.environ / sys.argv make of these bytes (UTF-8 with surrogateescape):
+ * ASCII only, a byte that is not part of well-formed UTF-8 as \udcXX. */
+static void put_json_bytes(struct buf *b, const char *str, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)str, *end = s + len;
+    put(b, "\"", 1);
+    while (s < end) {
+        uint32_t cp;
+        int n = utf8_sequence(s, (size_t)(end - s), &cp);
+        if (n == 0) {
+            cp = 0xDC00 + *s;
+            n = 1;
+        }
+        s += n;
+        switch (cp) {
+        case '"': put(b, "\\\"", 2); continue;
+        case '\\': put(b, "\\\\", 2); continue;
+        case '\n': put(b, "\\n", 2); continue;
+        case '\r': put(b, "\\r", 2); continue;
+        case '\t': put(b, "\\t", 2); continue;
+        case '\b': put(b, "\\b", 2); continue;
+        case '\f': put(b, "\\f", 2); continue;
+        }
+        if (cp >= 0x20 && cp < 0x7F) {
+            char c = (char)cp;
+            put(b, &c, 1);
+        } else if (cp < 0x10000) {
+            putf(b, "\\u%04x", cp);
+        } else {
+            cp -= 0x10000;
+            putf(b, "\\u%04x\\u%04x", 0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF));
+        }
+    }
+    put(b, "\"", 1);
+}
+
+static void put_json_string(struct buf *b, const char *s)
+{
+    put_json_bytes(b, s, strlen(s));
+}
+
+/* ---- reading the zygote's and the child's flat JSON objects --------------------- */
+
+/* What a flat JSON object (strings, integers, booleans, null: standin._dumps
+ * writes them) holds under `name`: VALUE_INT with *number, VALUE_STRING with
+ * its text in str (ASCII; any other character as '?'), VALUE_OTHER, or
+ * VALUE_ABSENT; VALUE_MALFORMED if the text is not such an object. */
+enum { VALUE_MALFORMED = -1, VALUE_ABSENT, VALUE_INT, VALUE_STRING, VALUE_OTHER };
+
+static const char *skip_string(const char *p, char *out, size_t cap)
+{
+    size_t n = 0;
+    while (*p && *p != '"') {
+        char c = *p++;
+        if (c == '\\') {
+            c = *p++;
+            switch (c) {
+            case 'n': c = '\n'; break;
+            case 't': c = '\t'; break;
+            case 'r': c = '\r'; break;
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case '"': case '\\': case '/': break;
+            case 'u':
+                for (int i = 0; i < 4; i++, p++)
+                    if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f') || (*p >= 'A' && *p <= 'F')))
+                        return NULL;
+                c = '?';
+                break;
+            default: return NULL;
+            }
+        } else if ((unsigned char)c < 0x20) {
+            return NULL;
+        }
+        if (out && n + 1 < cap) out[n++] = ((unsigned char)c < 0x20 || (unsigned char)c > 0x7E) ? '?' : c;
+    }
+    if (out && cap) out[n] = 0;
+    return *p == '"' ? p + 1 : NULL;
+}
+
+static int flat_value(const char *text, const char *name, long long *number, char *str, size_t cap)
+{
+    const char *p = text;
+    int kind = VALUE_ABSENT;
+    while (*p == ' ') p++;
+    if (*p++ != '{') return VALUE_MALFORMED;
+    while (*p == ' ') p++;
+    if (*p == '}') return p[1] == 0 ? kind : VALUE_MALFORMED;
+    for (;;) {
+        char key[32];
+        while (*p == ' ') p++;
+        if (*p++ != '"' || !(p = skip_string(p, key, sizeof key))) return VALUE_MALFORMED;
+        int is_name = !strcmp(key, name);
+        while (*p == ' ') p++;
+        if (*p++ != ':') return VALUE_MALFORMED;
+        while (*p == ' ') p++;
+        if (*p == '"') {
+            if (!(p = skip_string(p + 1, is_name ? str : NULL, cap))) return VALUE_MALFORMED;
+            if (is_name) kind = VALUE_STRING;
+        } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
+            int negative = *p == '-', digits = 0;
+            long long v = 0;
+            if (negative) p++;
+            while (*p >= '0' && *p <= '9') {
+                if (++digits > 18) return VALUE_MALFORMED;
+                v = v * 10 + (*p++ - '0');
+            }
+            if (digits == 0) return VALUE_MALFORMED;
+            if (is_name) { *number = negative ? -v : v; kind = VALUE_INT; }
+        } else {
+            static const char *literals[] = {"true", "false", "null"};
+            size_t i = 0;
+            while (i < 3 && strncmp(p, literals[i], strlen(literals[i]))) i++;
+            if (i == 3) return VALUE_MALFORMED;
+            p += strlen(literals[i]);
+            if (is_name) kind = VALUE_OTHER;
+        }
+        while (*p == ' ') p++;
+        if (*p == ',') { p++; continue; }
+        if (*p == '}') return p[1] == 0 ? kind : VALUE_MALFORMED;
+        return VALUE_MALFORMED;
+    }
+}
+
+/* {"exit": N} with N in 0..255 (spaces anywhere ignored), as forwarder.exit_code. */
+static int exit_code(const char *message, size_t len)
+{
+    char text[32];
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (message[i] == ' ') continue;
+        if (n + 1 >= sizeof text) return -1;
+        text[n++] = message[i];
+    }
+    text[n] = 0;
+    if (n < 10 || strncmp(text, "{\"exit\":", 8) || text[n - 1] != '}') return -1;
+    size_t digits = n - 9;
+    if (digits < 1 || digits > 3) return -1;
+    int code = 0;
+    for (size_t i = 8; i < n - 1; i++) {
+        if (text[i] < '0' || text[i] > '9') return -1;
+        code = code * 10 + text[i] - '0';
+    }
+    return code <= 255 ? code : -1;
+}
+
+/* Up to 40 bytes as Python writes a bytes object: b'...' */
+static void bytes_repr(const char *data, size_t len, char *out, size_t outlen)
+{
+    size_t o = 0;
+    out[o++] = 'b';
+    out[o++] = '\'';
+    for (size_t i = 0; i < len && i < 40 && o + 6 < outlen; i++) {
+        unsigned char c = (unsigned char)data[i];
+        if (c == '\\' || c == '\'') { out[o++] = '\\'; out[o++] = (char)c; }
+        else if (c == '\n') { out[o++] = '\\'; out[o++] = 'n'; }
+        else if (c == '\r') { out[o++] = '\\'; out[o++] = 'r'; }
+        else if (c == '\t') { out[o++] = '\\'; out[o++] = 't'; }
+        else if (c >= 0x20 && c < 0x7F) out[o++] = (char)c;
+        else o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", c);
+    }
+    out[o++] = '\'';
+    out[o] = 0;
+}
+
+/* ---- the stand-in's last form: forward signals, wait for the exit status ----------- */
+
+static int forward(int fd, long pid)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
+        sigaddset(&mask, forwarded[i]);
+    sigprocmask(SIG_BLOCK, &mask, NULL);  /* delivered through sfd from here on */
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC);
+    if (sfd < 0) {
+        say("signalfd: %s", strerror(errno));
+        return 1;
+    }
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = fd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            say("poll: %s", strerror(errno));
+            return 1;
+        }
+        if (fds[1].revents & POLLIN) {
+            struct signalfd_siginfo info;
+            if (read(sfd, &info, sizeof info) == sizeof info) {
+                char message[32];
+                int n = snprintf(message, sizeof message, "{\"signal\": %u}", info.ssi_signo);
+                if (send(fd, message, (size_t)n, MSG_NOSIGNAL) < 0) {
+                    /* the child is gone: the end of its socket says so below */
+                }
+            }
+        }
+        if (fds[0].revents) {
+            char message[MAX_MESSAGE + 1];
+            ssize_t n = recv(fd, message, sizeof message, MSG_TRUNC | MSG_DONTWAIT);
+            if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                continue;
+            if (n <= 0) {
+                say("device model pid %ld died without an exit status (killed by a signal?)", pid);
+                return 1;
+            }
+            size_t got = (size_t)n < sizeof message ? (size_t)n : sizeof message;
+            int code = (size_t)n <= MAX_MESSAGE ? exit_code(message, got) : -1;
+            if (code >= 0)
+                return code;
+            char shown[256];
+            bytes_repr(message, got, shown, sizeof shown);
+            say("zygote child %ld: bad message %s; ignored", pid, shown);
+        }
+    }
+}
+
+/* ---- the launcher -------------------------------------------------------------- */
+
+/* "pyqemu-dm[N]" for -d N / -xen-domid N, as launch.log_prefix. */
+static void set_prefix(int argc, char **argv)
+{
+    static const char *flags[] = {"-d", "-xen-domid"};
+    for (int f = 0; f < 2; f++) {
+        for (int i = 1; i < argc - 1; i++) {
+            if (strcmp(argv[i], flags[f]))
+                continue;
+            const char *v = argv[i + 1];
+            if (!*v || strspn(v, "0123456789") != strlen(v))
+                break;                    /* as Python: only the first such flag counts */
+            while (v[0] == '0' && v[1]) v++;
+            snprintf(prefix, sizeof prefix, "%s[%.40s]", PROG, v);
+            return;
+        }
+    }
+}
+
+/* 0, 1, 2 where open and every `fd=N` in a comma-separated argument, each
+ * once, as standin._fds_to_pass: whether a number is passed depends on the
+ * number alone, so checking it again when it recurs gives the same answer. */
+static int consider_fd(long fd, int *out, int n)
+{
+    struct stat st;
+    if (n >= MAX_FDS || fd > MAX_FD_NUMBER || fstat((int)fd, &st) < 0)
+        return n;
+    for (int j = 0; j < n; j++)
+        if (out[j] == fd)
+            return n;
+    out[n] = (int)fd;
+    return n + 1;
+}
+
+static int fds_to_pass(int argc, char **argv, int *out)
+{
+    int n = 0;
+    for (long fd = 0; fd < 3; fd++)
+        n = consider_fd(fd, out, n);
+    for (int i = 1; i < argc; i++) {
+        for (const char *part = argv[i]; part; ) {
+            const char *end = strchr(part, ',');
+            size_t len = end ? (size_t)(end - part) : strlen(part);
+            if (len > 3 && !strncmp(part, "fd=", 3) && strspn(part + 3, "0123456789") >= len - 3) {
+                long v = 0;
+                for (size_t d = 3; d < len && v <= MAX_FD_NUMBER; d++)
+                    v = v * 10 + (part[d] - '0');
+                n = consider_fd(v, out, n);
+            }
+            part = end ? end + 1 : NULL;
+        }
+    }
+    return n;
+}
+
+static const struct { const char *name; int resource; } rlimits[] = {
+    {"AS", RLIMIT_AS}, {"CORE", RLIMIT_CORE}, {"CPU", RLIMIT_CPU}, {"DATA", RLIMIT_DATA},
+    {"FSIZE", RLIMIT_FSIZE}, {"LOCKS", RLIMIT_LOCKS}, {"MEMLOCK", RLIMIT_MEMLOCK},
+    {"MSGQUEUE", RLIMIT_MSGQUEUE}, {"NICE", RLIMIT_NICE}, {"NOFILE", RLIMIT_NOFILE},
+    {"NPROC", RLIMIT_NPROC}, {"RSS", RLIMIT_RSS}, {"RTPRIO", RLIMIT_RTPRIO},
+    {"RTTIME", RLIMIT_RTTIME}, {"SIGPENDING", RLIMIT_SIGPENDING}, {"STACK", RLIMIT_STACK},
+};
+
+static void put_limit(struct buf *b, rlim_t v)
+{
+    if (v == RLIM_INFINITY) put(b, "-1", 2);
+    else putf(b, "%llu", (unsigned long long)v);
+}
+
+/* The request, as standin._handshake builds it; NULL with *why if it can't be. */
+static struct buf *build_request(int argc, char **argv, const int *fds, int nfds, const char **why)
+{
+    static char data[MAX_REQUEST + 1];
+    static struct buf b = {data, 0, sizeof data, 0};
+    static char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) {
+        *why = "cannot read the working directory";
+        return NULL;
+    }
+    put(&b, "{\"v\": 1, \"argv\": [", 18);
+    for (int i = 0; i < argc; i++) {
+        if (i) put(&b, ", ", 2);
+        put_json_string(&b, argv[i]);
+    }
+    put(&b, "], \"env\": {", 11);
+    int first = 1;
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (!eq || eq == *e)
+            continue;                     /* os.environ skips these too */
+        size_t keylen = (size_t)(eq - *e);
+        int duplicate = 0;                /* the first of a name wins, as in os.environ */
+        for (char **f = environ; f < e && !duplicate; f++)
+            duplicate = !strncmp(*f, *e, keylen + 1);
+        if (duplicate)
+            continue;
+        if (!first) put(&b, ", ", 2);
+        first = 0;
+        put_json_bytes(&b, *e, keylen);
+        put(&b, ": ", 2);
+        put_json_string(&b, eq + 1);
+        if (b.full) break;
+    }
+    put(&b, "}, \"cwd\": ", 10);
+    put_json_string(&b, cwd);
+    mode_t mask = umask(022);
+    umask(mask);
+    putf(&b, ", \"umask\": %u, \"rlimits\": {", (unsigned)mask);
+    first = 1;
+    for (size_t i = 0; i < sizeof rlimits / sizeof *rlimits; i++) {
+        struct rlimit rl;
+        if (getrlimit(rlimits[i].resource, &rl) < 0)
+            continue;
+        putf(&b, "%s\"%s\": [", first ? "" : ", ", rlimits[i].name);
+        first = 0;
+        put_limit(&b, rl.rlim_cur);
+        put(&b, ", ", 2);
+        put_limit(&b, rl.rlim_max);
+        put(&b, "]", 1);
+    }
+    put(&b, "}, \"fds\": [", 11);
+    for (int i = 0; i < nfds; i++)
+        putf(&b, "%s%d", i ? ", " : "", fds[i]);
+    put(&b, "]}", 2);
+    if (b.full) {
+        *why = "request exceeds " "131072" " bytes";
+        return NULL;
+    }
+    return &b;
+}
+
+static double seconds_since_exec(void)
+{
+    char stat[1024], up[64];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, stat, sizeof stat - 1);
+    if (fd >= 0) close(fd);
+    fd = open("/proc/uptime", O_RDONLY | O_CLOEXEC);
+    ssize_t m = fd < 0 ? -1 : read(fd, up, sizeof up - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0 || m <= 0)
+        return -1;
+    stat[n] = up[m] = 0;
+    char *p = strrchr(stat, ')');
+    if (!p) return -1;
+    unsigned long long start = 0;
+    /* after ")": state is field 3; starttime is field 22 */
+    for (int field = 3; field <= 22 && p; field++) {
+        p = strchr(p + 1, ' ');
+        if (p && field == 22) start = strtoull(p + 1, NULL, 10);
+    }
+    double since = strtod(up, NULL) - (double)start / sysconf(_SC_CLK_TCK);
+    return since > 0 ? since : 0;
+}
+
+enum { COLD_QUIET = -2, COLD = -1 };
+
+/* Connect, send the request with the fds, read the child's pid, commit.
+ * Returns the connected socket (*pid set), or COLD / COLD_QUIET with a line said. */
+static int handshake(const char *path, int explicit_path, int argc, char **argv, long *pid)
+{
+    double deadline = now() + ANSWER_TIMEOUT_MS / 1000.0;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) {
+        say("zygote: socket path %.60s... too long; cold start", path);
+        return COLD;
+    }
+    strcpy(addr.sun_path, path);
+    int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (sock < 0) {
+        say("zygote: socket: %s; cold start", strerror(errno));
+        return COLD;
+    }
+    /* Both bound connect() (a full backlog) and the answer. */
+    struct timeval tv = {ANSWER_TIMEOUT_MS / 1000, (ANSWER_TIMEOUT_MS % 1000) * 1000};
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int e = errno;
+        close(sock);
+        if (e == ENOENT) {
+            if (!explicit_path) return COLD_QUIET;       /* no zygote installed: silently cold */
+            say("zygote: no zygote at %s; cold start", path);
+        } else if (e == EAGAIN || e == ETIMEDOUT) {
+            say("zygote: %s did not accept within 2 s; cold start", path);
+        } else {
+            say("zygote: cannot connect to %s: %s; cold start", path, strerror(e));
+        }
+        return COLD;
+    }
+    int fds[MAX_FDS];
+    int nfds = fds_to_pass(argc, argv, fds);
+    const char *why = NULL;
+    struct buf *request = build_request(argc, argv, fds, nfds, &why);
+    if (!request) {
+        say("zygote: %s; cold start", why);
+        close(sock);
+        return COLD;
+    }
+    char control[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+    memset(control, 0, sizeof control);
+    struct iovec iov = {request->data, request->len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds) {
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0) {
+        say("zygote: %s: bad answer: %s; cold start", path, strerror(errno));
+        close(sock);
+        return COLD;
+    }
+    double left = deadline - now();
+    if (left < 0.01) left = 0.01;
+    tv.tv_sec = (time_t)left;
+    tv.tv_usec = (suseconds_t)((left - (double)tv.tv_sec) * 1e6);
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char reply[MAX_MESSAGE + 1];
+    ssize_t n;
+    do {
+        n = recv(sock, reply, sizeof reply, MSG_TRUNC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            say("zygote: %s did not answer within 2 s; cold start", path);
+        else
+            say("zygote: %s: bad answer: %s; cold start", path, strerror(errno));
+        close(sock);
+        return COLD;
+    }
+    if (n == 0) {
+        say("zygote: %s closed the connection without an answer; cold start", path);
+        close(sock);
+        return COLD;
+    }
+    if (n > MAX_MESSAGE) {
+        say("zygote: %s: bad answer: message longer than %d bytes; cold start", path, MAX_MESSAGE);
+        close(sock);
+        return COLD;
+    }
+    reply[n] = 0;
+    long long value = 0;
+    char error[201];
+    if (flat_value(reply, "error", &value, error, sizeof error) == VALUE_STRING) {
+        say("zygote: %s refused: %s; cold start", path, error);
+        close(sock);
+        return COLD;
+    }
+    if (flat_value(reply, "pid", &value, NULL, 0) != VALUE_INT || value <= 1 || value > INT_MAX) {
+        char shown[256];
+        bytes_repr(reply, (size_t)n, shown, sizeof shown);
+        say("zygote: %s: bad answer %s; cold start", path, shown);
+        close(sock);
+        return COLD;
+    }
+    if (send(sock, "{\"go\": true}", 12, MSG_NOSIGNAL) < 0) {
+        say("zygote: %s: child %lld went away: %s; cold start", path, value, strerror(errno));
+        close(sock);
+        return COLD;
+    }
+    struct timeval none = {0, 0};
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    *pid = (long)value;
+    return sock;
+}
+
+static int cold_start(int argc, char **argv, const sigset_t *original)
+{
+    sigprocmask(SIG_SETMASK, original, NULL);
+    const char *python = getenv(ENV_PYTHON);
+    if (!python || !*python)
+        python = PYTHON;
+    /* `python3 -m pyxenfb.cli` runs the package this binary was built into:
+     * its parent directory goes first on PYTHONPATH, unless it is an
+     * interpreter's own site directory (there already, and above the stdlib
+     * it must not be). */
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = 0;
+        for (int up = 0; up < 2; up++) {          /* .../ROOT/pyxenfb/bin/pyqemu-dm -> .../ROOT */
+            char *slash = strrchr(self, '/');
+            if (slash) *slash = 0;
+        }
+        char *slash = strrchr(self, '/');
+        if (slash && slash != self) {
+            *slash = 0;
+            const char *base = strrchr(self, '/') ? strrchr(self, '/') + 1 : self;
+            if (strcmp(base, "site-packages") && strcmp(base, "dist-packages")) {
+                const char *old = getenv("PYTHONPATH");
+                char path[2 * PATH_MAX + 2];
+                snprintf(path, sizeof path, "%s%s%s", self, old && *old ? ":" : "", old ? old : "");
+                setenv("PYTHONPATH", path, 1);
+            }
+        }
+    }
+    char **args = calloc((size_t)argc + 4, sizeof *args);
+    if (!args) {
+        say("out of memory");
+        return 1;
+    }
+    args[0] = (char *)python;
+    args[1] = "-m";
+    args[2] = "pyxenfb.cli";
+    for (int i = 1; i < argc; i++)
+        args[i + 2] = argv[i];
+    execvp(python, args);
+    say("cannot start %s for a cold start: %s", python, strerror(errno));
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 5 && !strcmp(argv[1], "--forward")) {
+        /* FD PID PREFIX -- ARGV: the Python stand-in's re-exec */
+        snprintf(prefix, sizeof prefix, "%s", argv[4]);
+        char *end;
+        long fd = strtol(argv[2], &end, 10);
+        if (*end || fd < 0 || fd > INT_MAX) {
+            say("--forward: bad fd %s", argv[2]);
+            return 2;
+        }
+        fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+        return forward((int)fd, strtol(argv[3], NULL, 10));
+    }
+    set_prefix(argc, argv);
+    /* Held from the start: a SIGTERM during the hand-over is forwarded once
+     * the child is committed, or reaches the cold start as it would have. */
+    sigset_t mask, original;
+    sigemptyset(&mask);
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
+        sigaddset(&mask, forwarded[i]);
+    sigprocmask(SIG_BLOCK, &mask, &original);
+
+    const char *setting = getenv(ENV_SOCKET);
+    if (setting && !strcmp(setting, "off"))
+        return cold_start(argc, argv, &original);
+    const char *path = setting && *setting ? setting : DEFAULT_SOCKET;
+    double started = now();
+    long pid = 0;
+    int sock = handshake(path, setting && *setting, argc, argv, &pid);
+    if (sock < 0)
+        return cold_start(argc, argv, &original);
+    double since = seconds_since_exec();
+    char after[64] = "";
+    if (since >= 0)
+        snprintf(after, sizeof after, " (%.0f ms after exec)", since * 1000);
+    say("zygote %s forked the device model as pid %ld in %.0f ms%s; pid %d stands in for it",
+        path, pid, (now() - started) * 1000, after, (int)getpid());
+    int fds[MAX_FDS];
+    int nfds = fds_to_pass(argc, argv, fds);
+    for (int i = 0; i < nfds; i++)
+        if (fds[i] > 2)
+            close(fds[i]);                /* the child's QMP socket: not ours to hold open */
+    return forward(sock, pid);
+}
