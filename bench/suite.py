@@ -418,19 +418,22 @@ def bench_multi(ctx) -> list[dict]:
 
 
 # ---- the zygote: memory shared across domains, start-up -----------------------------
-async def _exec_to_running(sim: SimHost, domid: int, zygote: bool) -> tuple[float, float, dict]:
+async def _exec_to_running(sim: SimHost, domid: int, way: str) -> tuple[float, float, dict]:
     """Seconds from exec of pyqemu-dm (as the sim's create runs it) to `running`
     and to a VNC ServerInit, and the pyqemu-dm process's memory then (through
-    a zygote: the stand-in's)."""
+    a zygote: the stand-in's).  way: "cold", "zygote" (the Python launcher)
+    or "zygote_c" (pyqemu-dm in C, pyxenfb/bin/pyqemu-dm)."""
+    from pyxenfb import standin
     from pyxenfb.sim import toolstack
     from pyxenfb.xenstore import XenStore
     await toolstack.create_domain(sim.run_dir, domid, f"start{domid}", vfb="vnc=1", dm=None,
                                   start_guest=False)
     xs = await XenStore.open(os.path.join(sim.run_dir, "xenstored.sock"))
     env = dict(toolstack.dm_environment(sim.run_dir, None),
-               PYXENFB_ZYGOTE=os.path.join(sim.run_dir, "zygote.sock") if zygote else "off")
+               PYXENFB_ZYGOTE="off" if way == "cold" else os.path.join(sim.run_dir, "zygote.sock"))
+    program = [standin.C_STAND_IN] if way == "zygote_c" else toolstack.default_dm_program()
     start = time.monotonic()
-    proc = subprocess.Popen([*toolstack.default_dm_program(), "-xen-domid", str(domid),
+    proc = subprocess.Popen([*program, "-xen-domid", str(domid),
                              "-vnc", "127.0.0.1:0,to=99"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -474,25 +477,29 @@ def bench_zygote(ctx) -> list[dict]:
     secs = 3 if ctx.quick else 6
     tool = anchor("vnc-rate")
     out = []
-    # exec -> running: both ways on one host, alternating, so both see the same load
+    # exec -> running: every way on one host, alternating, so all see the same load
+    from pyxenfb import standin
+    ways = ["cold", "zygote"] + (["zygote_c"] if os.access(standin.C_STAND_IN, os.X_OK) else [])
     sim = SimHost(ctx.procs, zygote=True)
-    runs = {False: [], True: []}
+    runs = {way: [] for way in ways}
     for i in range(3 if ctx.quick else 6):
-        for zygote in (False, True):
-            runs[zygote].append(asyncio.run(_exec_to_running(sim, 900 + 2 * i + zygote, zygote)))
+        for k, way in enumerate(ways):
+            runs[way].append(asyncio.run(_exec_to_running(sim, 900 + len(ways) * i + k, way)))
     sim.kill_domains()
-    for zygote, starts in runs.items():
-        way = "zygote" if zygote else "cold"
+    for way, starts in runs.items():
         for what, index in (("running", 0), ("vnc_ready", 1)):
             times = sorted(r[index] for r in starts)
             out.append(metric(f"zygote_exec_to_{what}_{way}_ms",
                               round(1000 * statistics.median(times)), "ms", None, None, None,
                               min_ms=round(1000 * times[0]), max_ms=round(1000 * times[-1]),
                               runs=len(times),
-                              target_ms=300 if zygote and what == "running" else None))
-    stand_in = runs[True][-1][2]
-    out.append(metric("zygote_stand_in_rss", stand_in["rss"], "KiB", None, None, None,
-                      pss=stand_in["pss"]))
+                              target_ms=300 if way != "cold" and what == "running" else None))
+    forwarder = "C" if "zygote_c" in ways else "Python"     # what the Python launcher re-execs as
+    for way in ways[1:]:
+        stand_in = runs[way][-1][2]
+        out.append(metric(f"zygote_stand_in_rss{'_c' if way == 'zygote_c' else ''}", stand_in["rss"],
+                          "KiB", None, None, None, pss=stand_in["pss"],
+                          launcher="C" if way == "zygote_c" else f"Python, then the {forwarder} forwarder"))
     for zygote in (False, True):
         way = "zygote" if zygote else "cold"
         for n in counts:

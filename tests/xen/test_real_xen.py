@@ -456,6 +456,10 @@ def test_performance_numbers_beside_qemu(lab):
     if q[2] and p[2]:
         table.append(f"ratio pyqemu-dm/QEMU: exec->running {p[2] / q[2]:.2f}, "
                      f"RSS {p[5] / q[5]:.2f}, CPU {p[7] / max(q[7], 0.01):.2f}")
+    z = lab.get("pyz.dm_exec_to_running_s")
+    if q[2] and z:
+        table.append(f"through the zygote ({lab.get('pyz.launcher')} launcher): exec->running {z} s, "
+                     f"{z / q[2]:.2f} of QEMU's")
     (lab.out / "perf.txt").write_text("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
     assert all(v is not None for v in p[1:]), table
@@ -563,6 +567,11 @@ def test_zygote_serves_a_guest(lab):
     child, stand_in = lab.need("pyz.child_pid"), lab.need("pyz.stand_in_pid")
     assert child and child != stand_in, "the DM is the zygote's child, not the exec'd stand-in"
     assert lab.need("pyz.dm_exec_to_running_s") < LIBXL_SPAWN_TIMEOUT_S
+    # scripts/setup builds pyqemu-dm in C: libxl execs that one (pyxenfb/standin.c)
+    assert lab.need("pyz.launcher") == "c"
+    print(f"\nexec -> running, same boot: through the zygote (launcher in C) "
+          f"{lab.need('pyz.dm_exec_to_running_s')} s, QEMU 7.2 {lab.get('qemu.dm_exec_to_running_s')} s, "
+          f"cold pyqemu-dm {lab.get('py.dm_exec_to_running_s')} s")
 
 
 def test_zygote_child_goes_with_xl_destroy(lab):

@@ -335,9 +335,14 @@ measure_pyz() {  # STAND-IN CHILD ZYGOTE: ours through the zygote is three proce
   rec pyz.tight_pss_kb "{\"stand_in\": $(pss_of "$1"), \"child\": $(pss_of "$2"), \"zygote\": $(pss_of "$3")}"
 }
 pss_of() { local v; v=$(awk '/^Pss:/{print $2}' /proc/$1/smaps_rollup 2>/dev/null); echo "${v:-null}"; }
+# libxl execs pyqemu-dm in C (pyxenfb/bin/pyqemu-dm, built on the host with the
+# source) where it was built, else the Python launcher; its cold start is python3's.
+PYZDM=$PYDM; PYZ_LAUNCHER=python
+[ -x $D/src/pyxenfb/bin/pyqemu-dm ] && { PYZDM=$D/src/pyxenfb/bin/pyqemu-dm; PYZ_LAUNCHER=c; }
+recs pyz.launcher "$PYZ_LAUNCHER"
 T0=$(now)
-if boot pyzg pyz "$PYDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
-     --dm-env PYXENFB_ZYGOTE=$ZSOCK; then
+if boot pyzg pyz "$PYZDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
+     --dm-env PYXENFB_ZYGOTE=$ZSOCK --dm-env PYXENFB_PYTHON=python3; then
   port=$(xenlab_vnc_port pyzg)
   stand_in=$(dm_pid pyzg)
   child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyzg.log | awk '{print $NF}' | tail -1)
