@@ -667,6 +667,9 @@ static int cold_start(int argc, char **argv, const sigset_t *original)
 
 int main(int argc, char **argv)
 {
+    /* As Python has it (and hands on to the cold start): a reader of the log
+     * gone must not kill the stand-in, and with it the domain's DM. */
+    signal(SIGPIPE, SIG_IGN);
     if (argc >= 5 && !strcmp(argv[1], "--forward")) {
         /* FD PID PREFIX -- ARGV: the Python stand-in's re-exec */
         snprintf(prefix, sizeof prefix, "%s", argv[4]);

@@ -198,8 +198,12 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         except OSError as e:
             raise Unavailable(f"cannot connect to {path}: {e.strerror or e}") from None
         fds = _fds_to_pass(argv)
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            raise Unavailable("cannot read the working directory") from None
         request = {"v": PROTOCOL, "argv": [sys.argv[0] if sys.argv else "pyqemu-dm", *argv],
-                   "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask(),
+                   "env": dict(os.environ), "cwd": cwd, "umask": _umask(),
                    "rlimits": _rlimits(), "fds": fds}
         data = _dumps(request).encode()
         if len(data) > MAX_REQUEST:

@@ -249,3 +249,24 @@ def test_forward_mode_exits_1_when_the_child_goes_without_a_status():
 def test_forward_mode_refuses_a_bad_fd():
     done = _run([C_STAND_IN, "--forward", "x", "42", "p", "--"], {}, text=True)
     assert done.returncode == 2 and done.stderr == "p: --forward: bad fd x\n"
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_a_vanished_working_directory_is_a_cold_start_with_one_line(tmp_path, which):
+    """Both launchers: getcwd() fails (the directory was removed under it)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    fake = FakeZygote(None)          # connected to, then left without a request
+    program = [C_STAND_IN] if which == "c" else [sys.executable, "-m", "pyxenfb"]
+    env = {"PYXENFB_ZYGOTE": fake.path, "PYXENFB_PYTHON": _cold_start_script(tmp_path),
+           "PYTHONPATH": str(Path(standin.__file__).parents[1]), "PATH": os.environ["PATH"]}
+    try:
+        done = subprocess.run(program + ["-version"], env=env, cwd=gone, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: os.rmdir(os.getcwd()))
+    finally:
+        fake.close()
+    assert fake.request == b""
+    assert "pyqemu-dm: zygote: cannot read the working directory; cold start\n" in done.stderr
+    assert done.stderr.count("zygote:") == 1, done.stderr
+    assert "Traceback" not in done.stderr

@@ -357,6 +357,37 @@ fi
 finish pyz pyzg    # KEY != NAME: finish moves the logs from NAME to KEY
 if [ -n "${child:-}" ] && [ -d /proc/$child ]; then rec pyz.child_left_running true; else rec pyz.child_left_running false; fi
 rec pyz.scenario_s "$(since "$T0")"
+
+# --- three domains through one zygote: a domain's cost with the zygote counted -----------
+# (issue 16's measure, PSS with the zygote included: every process of ours, while
+# each domain has one Tight client with a full frame)
+z3_measure() {   # PID...: the zygote and each domain's stand-in and child
+  local total=0 n=0 p v list=""
+  for p in "$ZPID" "$@"; do
+    v=$(pss_of "$p"); [ "$v" = null ] && continue
+    total=$((total + v)); n=$((n + 1)); list="$list $p:$v"
+  done
+  rec z3.pss_total_kb $total; rec z3.processes $n; recs z3.pss_by_pid "${list# }"
+}
+T0=$(now)
+z3_pids=(); z3_ports=(); z3_ok=true
+for i in 1 2 3; do
+  if boot z3d$i z3$i "$PYZDM" --vncdisplay $((2 + i)) --picture $X/picture-a.ppm "${PYENV[@]}" \
+       --dm-env PYXENFB_ZYGOTE=$ZSOCK --dm-env PYXENFB_PYTHON=python3; then
+    z3_ports+=("$(xenlab_vnc_port z3d$i)")
+    z3_pids+=("$(dm_pid z3d$i)" "$(grep -o 'forked the device model as pid [0-9]*' \
+      /var/log/xen/qemu-dm-z3d$i.log | awk '{print $NF}' | tail -1)")
+  else
+    z3_ok=false
+  fi
+done
+rec z3.ready $z3_ok
+if $z3_ok; then       # each tight_hold runs the next once its client has a full frame
+  tight_hold z31 "${z3_ports[0]}" tight_hold z32 "${z3_ports[1]}" \
+    tight_hold z33 "${z3_ports[2]}" z3_measure "${z3_pids[@]}"
+fi
+for i in 1 2 3; do finish z3$i z3d$i; done
+rec z3.scenario_s "$(since "$T0")"
 kill $ZPID 2>/dev/null
 
 # --- the host console (pyxenfb-console) over a QEMU- and a pyqemu-dm-served guest ---------
