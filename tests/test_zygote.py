@@ -293,8 +293,8 @@ def read_line_err(proc: subprocess.Popen, timeout: float) -> str:
 
 
 @pytest.mark.parametrize("user", [None, "nobody"])
-def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user):
-    res = _create(zhost, 10, dm_restrict=True, dm_user=user)
+def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user, launcher):
+    res = _create(zhost, 10, dm_restrict=True, dm_user=user, dm=launcher)
     child = _child_of(res.dm_log)
     if user is not None:                                 # -runas: the child drops, as cold
         import pwd

@@ -508,6 +508,11 @@ def test_memory_with_one_tight_client_beside_qemu(lab):
                  f"QEMU {qemu['uss_kb']} kB ({ours_uss / qemu['uss_kb']:.2f})")
     table.append(f"cold pyqemu-dm: PSS/QEMU's PSS {cold['pss_kb'] / qemu['pss_kb']:.2f}, "
                  f"RSS/QEMU's RSS {cold['rss_kb'] / qemu['rss_kb']:.2f}")
+    ours_cpu = stand_in["cpu_s"] + child["cpu_s"]
+    table.append(f"CPU from exec to here (s): QEMU {qemu['cpu_s']}, cold {cold['cpu_s']} "
+                 f"({cold['cpu_s'] / max(qemu['cpu_s'], 0.01):.2f}x), through the zygote "
+                 f"{ours_cpu:.2f} ({ours_cpu / max(qemu['cpu_s'], 0.01):.2f}x; the zygote's "
+                 f"{zygote['cpu_s']} s warm-up is paid once per host)")
     table.append("first Tight frame after connect (s, dom0 client start included): " + ", ".join(
         f"{k} {lab.get(f'{k}.tight_frame_s')}" for k in ("qemu", "py", "pyz")))
     (lab.out / "tight-mem.txt").write_text("\n".join(table) + "\n")

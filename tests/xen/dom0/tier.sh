@@ -61,18 +61,26 @@ proc_mem() {     # JSON {"pid", "rss_kb", "pss_kb", "uss_kb", "hwm_kb", "cpu_s"}
 
 # Background watcher: dom0 uptime at which a new domain's device model writes
 # device-model/<domid>/state = running (an external process, polled with a deadline).
-watch_running() {
-  local out=$1 d known end=$(( $(date +%s) + READY_S ))
+watch_running() {  # OUT: "DOMID UPTIME" once a new device model's state node says running
+  # Event-driven: one xenstore-watch, the clock read with bash builtins when its event
+  # arrives.  (It polled before: 2-3 programs forked per round, ~0.2 s a round under
+  # TCG, on the CPUs the device model being timed needs.)
+  local out=$1 d known path up _ wpid fifo=/tmp/watch-running.$BASHPID
   known=" $(xenstore-list /local/domain/0/device-model 2>/dev/null | tr '\n' ' ') "
-  while [ "$(date +%s)" -lt $end ]; do
-    for d in $(xenstore-list /local/domain/0/device-model 2>/dev/null); do
-      case "$known" in *" $d "*) continue ;; esac
-      if [ "$(xenstore-read /local/domain/0/device-model/$d/state 2>/dev/null)" = running ]; then
-        echo "$d $(now)" > "$out"; return 0
-      fi
-    done
-    sleep 0.05
-  done
+  rm -f "$fifo"; mkfifo "$fifo" || return 1
+  timeout "$READY_S" xenstore-watch /local/domain/0/device-model > "$fifo" 2>/dev/null &
+  wpid=$!
+  trap 'kill $wpid 2>/dev/null; rm -f "$fifo"; exit' TERM
+  while read -r path; do
+    read -r up _ < /proc/uptime
+    case "$path" in */state) ;; *) continue ;; esac
+    d=${path%/state}; d=${d##*/}
+    case "$known" in *" $d "*) continue ;; esac
+    if [ "$(xenstore-read "$path" 2>/dev/null)" = running ]; then
+      echo "$d $up" > "$out"; break
+    fi
+  done < "$fifo"
+  kill $wpid 2>/dev/null; rm -f "$fifo"
 }
 
 xenstore_dump() {  # NAME DOMID -> $O/NAME-xenstore.txt (the device's nodes, with perms)
