@@ -4,8 +4,8 @@
 heap and, single-threaded, listens on a unix socket.  `pyqemu-dm`, as the
 toolstack execs it, asks the zygote first (`standin.try_zygote`, from
 launch.py, before anything heavy is imported): it sends its argv, environment, cwd, umask and rlimits with its
-fds 0-2 and any `fd=N` QMP socket (SCM_RIGHTS).  The zygote forks (twice: no
-zombie, no tie to the zygote) a child that puts those fds back at the same
+fds 0-2 and any `fd=N` QMP socket (SCM_RIGHTS).  The zygote forks (once; it
+reaps its children on SIGCHLD) a child that puts those fds back at the same
 numbers, joins the exec'd process's mount and IPC namespaces, takes its
 rlimits and runs `cli.main(argv)` as a cold start would.  The exec'd process
 stays as a thin stand-in whose pid the toolstack knows: it forwards
@@ -160,6 +160,8 @@ class Zygote:
         signal.set_wakeup_fd(self.wake_w)
         for sig in FORWARDED:
             signal.signal(sig, self._stop)
+        # A handler (doing nothing) so that a child's exit writes to the wake-up pipe.
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
@@ -175,6 +177,7 @@ class Zygote:
                         os.read(self.wake_r, 64)
                     except BlockingIOError:
                         pass
+                    self._reap()
                 elif key.fd in self.pending:
                     try:
                         self._request(key.fd)
@@ -320,12 +323,13 @@ class Zygote:
     def _fork(self, conn: socket.socket, request: Request, ns: dict[str, int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()                  # or the child would write our buffer again
+        # One fork: under an emulated dom0 each fork of this ~45 MB process costs
+        # tens of ms on the way to `running`.  The zygote reaps its children
+        # (SIGCHLD, _reap); when it stops they are reparented and run on.
         pid = os.fork()
         if pid == 0:
             try:
                 os.setsid()                 # not in the zygote's session or process group
-                if os.fork():
-                    os._exit(0)             # the grandchild is reparented: nobody's zombie
                 self._become(conn, request, ns)
             except BaseException as e:
                 try:
@@ -333,13 +337,22 @@ class Zygote:
                 finally:
                     os._exit(127)
             os._exit(127)
-        os.waitpid(pid, 0)                  # the intermediate exits at once
         self.served += 1
 
-    # -- in the grandchild --
+    def _reap(self) -> None:
+        """Collect every child that has exited (their status went to their stand-ins)."""
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    # -- in the child --
     def _become(self, conn: socket.socket, request: Request, ns: dict[str, int]) -> None:
         signal.set_wakeup_fd(-1)
-        for sig in FORWARDED:
+        for sig in (*FORWARDED, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)   # as a fresh interpreter has it
         os.close(self.wake_r)

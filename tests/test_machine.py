@@ -33,9 +33,12 @@ def _dead(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    # A zombie of ours counts as dead.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1].startswith("Z")
+    # A zombie of ours counts as dead; so does one reaped while we read.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _wait_dead(pid: int, timeout: float) -> float:
