@@ -12,7 +12,7 @@
  *
  * Why C: a stand-in lives as long as its domain, one per domain.  A bare
  * CPython is ~3.5 MiB private and, in an emulated dom0, most of a second to
- * start before it can even ask the zygote; this is ~0.2 MiB and a few ms.
+ * start before it can even ask the zygote; this is ~0.3 MiB and a few ms.
  *
  * The wire is standin.py's (one JSON object per SOCK_SEQPACKET message):
  * this file writes the request exactly as json.dumps writes the Python
@@ -474,7 +474,9 @@ static struct buf *build_request(int argc, char **argv, const int *fds, int nfds
         putf(&b, "%s%d", i ? ", " : "", fds[i]);
     put(&b, "]}", 2);
     if (b.full) {
-        *why = "request exceeds " "131072" " bytes";
+        static char too_long[64];
+        snprintf(too_long, sizeof too_long, "request exceeds %d bytes", MAX_REQUEST);
+        *why = too_long;
         return NULL;
     }
     return &b;

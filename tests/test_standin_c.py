@@ -270,3 +270,15 @@ def test_a_vanished_working_directory_is_a_cold_start_with_one_line(tmp_path, wh
     assert "pyqemu-dm: zygote: cannot read the working directory; cold start\n" in done.stderr
     assert done.stderr.count("zygote:") == 1, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_environment_too_big_for_one_request_is_a_cold_start(tmp_path):
+    fake = FakeZygote(None)
+    env = {"PYXENFB_ZYGOTE": fake.path, "PYXENFB_PYTHON": _cold_start_script(tmp_path),
+           **{f"BIG{i}": "x" * 60_000 for i in range(3)}}     # one string may not pass 128 KiB
+    try:
+        done = _run([C_STAND_IN, "-version"], env, text=True)
+    finally:
+        fake.close()
+    assert done.stderr == "pyqemu-dm: zygote: request exceeds 131072 bytes; cold start\n"
+    assert done.stdout.startswith("cold: -m pyxenfb.cli -version\n")
