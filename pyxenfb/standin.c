@@ -508,9 +508,11 @@ static double seconds_since_exec(void)
 
 enum { COLD_QUIET = -2, COLD = -1 };
 
-/* Connect, send the request with the fds, read the child's pid, commit.
- * Returns the connected socket (*pid set), or COLD / COLD_QUIET with a line said. */
-static int handshake(const char *path, int explicit_path, int argc, char **argv, long *pid)
+/* Connect, send the request with the fds (fds/nfds: those passed), read the
+ * child's pid, commit.  Returns the connected socket (*pid set), or COLD /
+ * COLD_QUIET with a line said. */
+static int handshake(const char *path, int explicit_path, int argc, char **argv, long *pid,
+                     int *fds, int *nfds_out)
 {
     double deadline = now() + ANSWER_TIMEOUT_MS / 1000.0;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -541,8 +543,7 @@ static int handshake(const char *path, int explicit_path, int argc, char **argv,
         }
         return COLD;
     }
-    int fds[MAX_FDS];
-    int nfds = fds_to_pass(argc, argv, fds);
+    int nfds = *nfds_out = fds_to_pass(argc, argv, fds);
     const char *why = NULL;
     struct buf *request = build_request(argc, argv, fds, nfds, &why);
     if (!request) {
@@ -699,7 +700,8 @@ int main(int argc, char **argv)
     const char *path = setting && *setting ? setting : DEFAULT_SOCKET;
     double started = now();
     long pid = 0;
-    int sock = handshake(path, setting && *setting, argc, argv, &pid);
+    int fds[MAX_FDS], nfds = 0;
+    int sock = handshake(path, setting && *setting, argc, argv, &pid, fds, &nfds);
     if (sock < 0)
         return cold_start(argc, argv, &original);
     double since = seconds_since_exec();
@@ -708,8 +710,6 @@ int main(int argc, char **argv)
         snprintf(after, sizeof after, " (%.0f ms after exec)", since * 1000);
     say("zygote %s forked the device model as pid %ld in %.0f ms%s; pid %d stands in for it",
         path, pid, (now() - started) * 1000, after, (int)getpid());
-    int fds[MAX_FDS];
-    int nfds = fds_to_pass(argc, argv, fds);
     for (int i = 0; i < nfds; i++)
         if (fds[i] > 2)
             close(fds[i]);                /* the child's QMP socket: not ours to hold open */

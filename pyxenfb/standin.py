@@ -276,7 +276,7 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
 
 # The stand-in, once committed, re-execs itself into its last form, same pid
 # for the toolstack: the C stand-in (pyxenfb/bin/pyqemu-dm --forward, built
-# from standin.c; ~0.2 MiB) where it was built, else a bare interpreter
+# from standin.c; ~0.3 MiB) where it was built, else a bare interpreter
 # running only forwarder.py (no site, no socket, no json; ~3.5 MiB).  Either
 # keeps the original argv for `ps`.  docs/zygote.md has the figures.
 C_STAND_IN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "pyqemu-dm")
@@ -307,12 +307,11 @@ def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
         os.set_inheritable(sock.fileno(), False)
 
 
-def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str, slim: bool = True) -> int:
+def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str) -> int:
     for fd in fds:
         if fd > 2:
             os.close(fd)                   # the child's QMP socket: not ours to hold open
-    if slim:
-        _reexec_slim(sock, pid, prefix)
+    _reexec_slim(sock, pid, prefix)
     from . import forwarder
     return forwarder.forward(sock.fileno(), pid, prefix)
 

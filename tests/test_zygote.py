@@ -184,14 +184,16 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, 
 
 def test_seconds_since_exec_reads_a_process_start():
     from pyxenfb.standin import seconds_since_exec
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # A process that lives until its stdin closes: no sleep, no race with its end.
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
     try:
         young = seconds_since_exec(proc.pid)
         assert young is not None and 0 <= young < 5
         assert seconds_since_exec() >= young              # the test process is older
     finally:
-        proc.kill()
-        proc.wait()
+        proc.stdin.close()
+        proc.wait(30)
     assert seconds_since_exec(proc.pid) is None          # gone: no figure, no error
 
 
