@@ -256,6 +256,107 @@ def test_wrong_security_type(vnc_server_password, caplog, choice):
     closed_with_log(caplog, c, "security type")
 
 
+def _wrong_security_type(port: int, source: str | None = None) -> None:
+    c = RawClient(port, source=source)
+    try:
+        c.recv_exact(12)
+        c.send(b"RFB 003.008\n")
+        offered = c.recv_exact(2)[1]
+        c.send(bytes([offered ^ 3]))                   # 1 -> 2, 2 -> 1: never the offered one
+        assert c.recv_exact(4) == b"\0\0\0\x01"
+        assert c.closed()
+    finally:
+        c.close()
+
+
+def _wrong_password(port: int, source: str | None = None) -> bytes:
+    """One wrong guess; returns the SecurityResult (b"" if refused before it)."""
+    c = RawClient(port, source=source)
+    try:
+        c.recv_exact(12)
+        c.send(b"RFB 003.008\n")
+        if c.recv_exact(1) == b"\0":                    # blocked: no security types
+            return b""
+        c.recv_exact(1)
+        c.send(b"\x02")
+        c.recv_exact(16)
+        c.send(b"\0" * 16)
+        return c.recv_exact(4)
+    finally:
+        c.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("password", [None, "s3cret", ""])
+def test_protocol_errors_never_block_a_legitimate_client(password):
+    """Wrong security types (and, with password=on but none set yet, any
+    answer at all) from 127.0.0.1, twenty times: nothing could be guessed,
+    so they are closed but count for nothing, and the host's own clients
+    (all 127.0.0.1) still get in."""
+    srv = ServerThread(password=password)
+    try:
+        for _ in range(20):
+            _wrong_security_type(srv.port)
+        if password == "":
+            for _ in range(20):
+                assert _wrong_password(srv.port) == b"\0\0\0\x01"
+            srv.call(srv.server.set_password, "now-set")
+        c = RawClient(srv.port)
+        c.handshake(password="now-set" if password == "" else password)
+        c.close()
+    finally:
+        srv.close()
+
+
+def test_wrong_passwords_from_one_address_never_block_another(vnc_server_password, caplog):
+    srv = vnc_server_password
+    for _ in range(12):
+        _wrong_password(srv.port, source="127.0.0.2")
+    assert _wrong_password(srv.port, source="127.0.0.2") == b""     # that one is blocked
+    c = RawClient(srv.port, source="127.0.0.1")
+    c.handshake(password="s3cret")
+    c.close()
+    assert any("127.0.0.2 blocked for" in r.getMessage() for r in caplog.records)
+
+
+def test_brute_force_block_is_capped_and_ends(vnc_server_password):
+    """Burst after burst of wrong passwords, each as soon as the block ends:
+    the block grows to 60 s and no further (it used to double for ever), and
+    after it the right password gets in."""
+    srv = vnc_server_password
+    clock = FakeClock()
+    srv.call(setattr, srv.server.blacklist, "clock", clock)
+    blocked_for = lambda: srv.call(srv.server.blacklist.blocked_for, "127.0.0.2")  # noqa: E731
+    blocks = []
+    for _ in range(10):
+        for _ in range(5):
+            if _wrong_password(srv.port, source="127.0.0.2") == b"":
+                break
+        blocks.append(blocked_for())
+        assert _wrong_password(srv.port, source="127.0.0.2") == b"", "not blocked"
+        clock.now += blocks[-1]
+    assert blocks[:4] == [10, 20, 40, 60] and max(blocks) == 60
+    # Blocked: even the right password is refused (that is what stops guessing).
+    _wrong_password(srv.port, source="127.0.0.2")
+    c = RawClient(srv.port, source="127.0.0.2")
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(1) == b"\0"
+    c.close()
+    clock.now += 60
+    c = RawClient(srv.port, source="127.0.0.2")
+    c.handshake(password="s3cret")
+    c.close()
+    assert blocked_for() == 0
+
+
 # 19 --------------------------------------------------------------------------
 @pytest.mark.parametrize("w,h,screens", [(0, 0, 0), (1024, 768, 1), (1, 1, 2), (65535, 65535, 255)])
 def test_set_desktop_size_variants(vnc_server, w, h, screens):

@@ -263,7 +263,10 @@ class RfbClient(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except rfb.AuthenticationFailed as exc:
-            self.server.blacklist.failure(self.host)
+            block = self.server.blacklist.failure(self.host)
+            if block:
+                self.server.budget.warning("blocked", "VNC: address %s blocked for %g s after repeated wrong "
+                                           "passwords", self.host, block, what="VNC address blocks")
             self._flush()
             self.disconnect(str(exc))
             return
