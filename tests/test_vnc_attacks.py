@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -415,17 +416,111 @@ def test_slowloris_handshake_deadline(vnc_server, caplog):
     assert_healthy(vnc_server)
 
 
-def test_unauthenticated_connection_cap(vnc_server, caplog):
-    idle = [RawClient(vnc_server.port) for _ in range(rfb_server.MAX_UNAUTHENTICATED)]
+def _pending(srv) -> dict[str, int]:
+    return srv.call(lambda: {h: len(cs) for h, cs in srv.server.pending_handshakes().items()})
+
+
+def test_one_address_holds_at_most_its_share_of_handshakes(vnc_server, caplog):
+    per = rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    idle = []
+    for _ in range(per + 4):
+        idle.append(RawClient(vnc_server.port, source="127.0.0.2"))
+        idle[-1].recv_exact(12)          # every newcomer gets its banner...
+    for c in idle[:4]:                   # ...and the address's oldest ones go
+        closed_with_log(caplog, c, f"evicted: more than {per} connections from 127.0.0.2")
+    assert _pending(vnc_server) == {"127.0.0.2": per}
+    for c in idle[4:]:
+        assert not c.closed(timeout=0.05)
+    assert_healthy(vnc_server)
     for c in idle:
-        c.recv_exact(12)
+        c.close()
+
+
+def test_full_handshake_slots_evict_from_the_greediest_address(vnc_server, caplog):
+    total, per = rfb_server.MAX_UNAUTHENTICATED, rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    idle = []
+    for i in range(total):
+        idle.append(RawClient(vnc_server.port, source=f"127.0.0.{2 + i // per}"))
+        idle[-1].recv_exact(12)
+    assert sum(_pending(vnc_server).values()) == total
     extra = RawClient(vnc_server.port)
-    closed_with_log(caplog, extra, "too many connections still in the handshake")
+    extra.recv_exact(12)
+    # A tie (8 and 8): the oldest of all goes, 127.0.0.2's first.
+    closed_with_log(caplog, idle[0], f"evicted: {total} connections in the handshake")
+    assert _pending(vnc_server) == {"127.0.0.2": per - 1, "127.0.0.3": per, "127.0.0.1": 1}
+    extra.close()
     for c in idle:
         c.close()
     wait_until(lambda: not vnc_server.call(lambda: len(vnc_server.server.clients)), 5,
                "the idle connections to go")
     assert_healthy(vnc_server)
+
+
+class SilentAttacker:
+    """Silent connections from some loopback addresses, each address holding
+    up to `hold` of them and re-opening one for every one the server drops
+    or that it closes itself; stops after `budget` connections or on stop()."""
+
+    def __init__(self, port: int, sources: list[str], hold: int, budget: int):
+        self.port, self.sources, self.hold, self.budget = port, sources, hold, budget
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def _run(self) -> None:
+        held: dict[str, list[socket.socket]] = {s: [] for s in self.sources}
+        try:
+            while self.opened < self.budget and not self._stop.is_set():
+                for source, socks in held.items():
+                    if len(socks) >= self.hold:
+                        old = socks.pop(0)          # re-open: drop the oldest, reset
+                        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        old.close()
+                    try:
+                        socks.append(socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                                              source_address=(source, 0)))
+                    except OSError:
+                        pass
+                    self.opened += 1
+                # Pace the storm a little: the attacker shares two cores with the server.
+                self._stop.wait(0.002)
+        finally:
+            for socks in held.values():
+                for s in socks:
+                    s.close()
+
+
+def test_silent_connections_from_elsewhere_never_keep_a_client_out(vnc_server, caplog):
+    """Attackers on 127.0.0.2-4 keep more silent handshakes open than the
+    server allows (re-opening as they go); a client from 127.0.0.1 connects
+    30 times meanwhile and gets in every time.  The log stays small."""
+    srv = vnc_server
+    caplog.clear()
+    total, per = rfb_server.MAX_UNAUTHENTICATED, rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    with SilentAttacker(srv.port, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], hold=per + 4,
+                        budget=3000) as attack:
+        wait_until(lambda: sum(_pending(srv).values()) >= total, 10, "the attack to fill the slots")
+        for _ in range(30):
+            c = RawClient(srv.port)
+            try:
+                assert c.handshake() == (800, 600)
+            finally:
+                c.close()
+            pending = _pending(srv)
+            assert sum(pending.values()) <= total and max(pending.values()) <= per
+        assert attack.opened > 100, "the attack hardly ran"
+    lines = [r for r in caplog.records if r.name.startswith("pyxenfb.rfb")]
+    assert len(lines) <= 60, f"{len(lines)} log lines for one attack"
+    assert sum(len(r.getMessage()) for r in lines) < 12_000
 
 
 # 23 --------------------------------------------------------------------------
