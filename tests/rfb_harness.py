@@ -147,8 +147,11 @@ def vnc_server_password():
 class RawClient:
     """A minimal blocking RFB client for protocol-level tests."""
 
-    def __init__(self, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None):
+        # source: another loopback address (all of 127.0.0.0/8 is local on
+        # Linux) for a client the server must tell apart from 127.0.0.1.
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray()

@@ -90,3 +90,66 @@ def test_blacklist_blocks_at_the_threshold_and_success_forgets(threshold):
     assert bl.blocked_for("x") == pytest.approx(0.5)
     bl.success("x")
     assert bl.blocked_for("x") == 0
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_blacklist_block_is_capped_after_many_bursts():
+    """Bursts of wrong passwords, each as soon as the block ends: the block
+    doubles 10, 20, 40 and then stays at 60 s (it used to reach 30 days)."""
+    clock = FakeClock()
+    bl = Blacklist(clock=clock)
+    blocks = []
+    for _ in range(50):
+        while bl.blocked_for("x") == 0:
+            bl.failure("x")
+        blocks.append(bl.blocked_for("x"))
+        clock.now += blocks[-1]
+    assert blocks[:4] == [10, 20, 40, 60] and set(blocks[3:]) == {60}
+
+
+def test_blacklist_forgets_an_address_after_a_quiet_period():
+    clock = FakeClock()
+    bl = Blacklist(clock=clock)
+    for _ in range(4):
+        bl.failure("x")
+        clock.now += 100                   # spaced out, but never quiet for 10 minutes
+    assert bl.failure("x") == 10           # the fifth blocks
+    for _ in range(3):
+        clock.now += 61
+        bl.failure("x")
+    assert bl.blocked_for("x") == 60
+    clock.now += 599
+    assert bl.blocked_for("x") == 0 and len(bl) == 1
+    clock.now += 1                         # 10 minutes without a failure: forgotten
+    assert bl.blocked_for("x") == 0 and len(bl) == 0
+    for _ in range(4):
+        assert bl.failure("x") == 0        # a fresh count: four may fail again
+    assert bl.failure("x") == 10           # and the block starts at 10 s again
+
+
+def test_blacklist_memory_stays_bounded_and_keeps_the_recent_attacker():
+    clock = FakeClock()
+    bl = Blacklist(max_entries=100, clock=clock)
+    for _ in range(5):
+        bl.failure("attacker")
+    for i in range(10_000):                # a spray from many addresses
+        bl.failure(f"10.0.{i // 256}.{i % 256}")
+        if i % 50 == 0:
+            bl.failure("attacker")         # still failing: stays among the recent
+        assert len(bl) <= 100
+    assert bl.blocked_for("attacker") > 0
+
+
+def test_blacklist_failures_of_one_address_never_block_another():
+    clock = FakeClock()
+    bl = Blacklist(clock=clock)
+    for _ in range(100):
+        bl.failure("127.0.0.2")
+    assert bl.blocked_for("127.0.0.2") == 60 and bl.blocked_for("127.0.0.1") == 0

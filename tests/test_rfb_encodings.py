@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pyxenfb.convert import GUEST_32, PixelFormat, convert_rect
@@ -403,3 +405,48 @@ def test_hextile_two_colour_tiles_with_many_runs(fmt_name, pattern):
     count, data = enc.Encoder().encode(enc.HEXTILE, fmt, np.ascontiguousarray(pixels), 0, 0, w, h)
     dec.update(data, count)
     assert np.array_equal(dec.fb, pixels)
+
+
+# RRE never sends more than Raw (issue 21 item 8) ------------------------------
+def _rre_and_raw_sizes(fmt, pixels, w, h):
+    count, data = enc.Encoder().encode(enc.RRE, fmt, pixels, 3, 5, w, h)
+    raw = 12 + w * h * fmt.bytes_per_pixel            # Raw's header and pixels
+    return count, data, raw
+
+
+def test_rre_gradient_is_not_bigger_than_raw():
+    """A gradient (every pixel a new run) at 32 bpp was 2.7x Raw's bytes."""
+    fmt = GUEST_32
+    w, h = 256, 64
+    xs = np.arange(w, dtype=np.uint32)
+    words = np.tile((xs << 16) | (xs << 8) | xs, (h, 1)) + np.arange(h, dtype=np.uint32)[:, None]
+    pixels = np.ascontiguousarray(words.astype("<u4").view(np.uint8).reshape(h, w * 4))
+    count, data, raw = _rre_and_raw_sizes(fmt, pixels, w, h)
+    assert len(data) <= raw
+    dec = Decoder(fmt, w + 3, h + 5)
+    dec.update(data, count)
+    assert np.array_equal(dec.fb[5:, 12:], pixels)
+
+
+def test_rre_still_used_where_it_wins():
+    fmt = GUEST_32
+    pixels = np.zeros((40, 40 * 4), np.uint8)
+    pixels[10:12, 40:80] = 0xFF
+    _, data, raw = _rre_and_raw_sizes(fmt, pixels, 40, 40)
+    assert struct.unpack(">i", data[8:12])[0] == enc.RRE and len(data) < raw // 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 40), h=st.integers(1, 12),
+       colours=st.integers(1, 6), data=st.data())
+def test_rre_never_exceeds_raw_and_decodes_exactly(fmt_name, w, h, colours, data):
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    palette = data.draw(st.lists(st.binary(min_size=bpp, max_size=bpp), min_size=colours, max_size=colours))
+    picks = data.draw(st.lists(st.integers(0, colours - 1), min_size=w * h, max_size=w * h))
+    pixels = np.frombuffer(b"".join(palette[i] for i in picks), np.uint8).reshape(h, w * bpp).copy()
+    count, encoded, raw = _rre_and_raw_sizes(fmt, pixels, w, h)
+    assert len(encoded) <= raw
+    dec = Decoder(fmt, w + 3, h + 5)
+    dec.update(encoded, count)
+    assert np.array_equal(dec.fb[5:, 3 * bpp:], pixels)

@@ -142,8 +142,10 @@ def test_wrong_security_type(choice):
     conn = new(password="pw")
     conn.receive_data(b"RFB 003.008\n")
     conn.data_to_send()
-    with pytest.raises(rfb.AuthenticationFailed):
+    with pytest.raises(rfb.ProtocolError) as caught:
         conn.receive_data(choice)
+    # Nothing was guessed: not a blacklist failure.
+    assert not isinstance(caught.value, rfb.AuthenticationFailed)
     out = conn.data_to_send()
     assert out[:4] == b"\0\0\0\x01" and b"security type" in out
 
@@ -152,8 +154,20 @@ def test_expired_password_always_fails():
     conn = new(password="pw", password_expired=True)
     conn.receive_data(b"RFB 003.008\n\x02")
     challenge = conn.data_to_send()[2:]
-    with pytest.raises(rfb.AuthenticationFailed):
+    with pytest.raises(rfb.ProtocolError, match="expired") as caught:
         conn.receive_data(vnc_response("pw", challenge))
+    assert not isinstance(caught.value, rfb.AuthenticationFailed)
+
+
+@pytest.mark.parametrize("guess", ["", "pw"])
+def test_empty_password_lets_nobody_in_and_is_no_guess(guess):
+    conn = new(password="")
+    conn.receive_data(b"RFB 003.008\n\x02")
+    challenge = conn.data_to_send()[2:]
+    with pytest.raises(rfb.ProtocolError, match="no VNC password set") as caught:
+        conn.receive_data(vnc_response(guess, challenge))
+    assert not isinstance(caught.value, rfb.AuthenticationFailed)
+    assert conn.data_to_send() == b"\0\0\0\x01" + struct.pack(">I", 21) + b"Authentication failed"
 
 
 @pytest.mark.parametrize("version,prefix", [(b"RFB 003.008\n", b"\x00"), (b"RFB 003.003\n", b"\0\0\0\0")])

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -256,6 +257,107 @@ def test_wrong_security_type(vnc_server_password, caplog, choice):
     closed_with_log(caplog, c, "security type")
 
 
+def _wrong_security_type(port: int, source: str | None = None) -> None:
+    c = RawClient(port, source=source)
+    try:
+        c.recv_exact(12)
+        c.send(b"RFB 003.008\n")
+        offered = c.recv_exact(2)[1]
+        c.send(bytes([offered ^ 3]))                   # 1 -> 2, 2 -> 1: never the offered one
+        assert c.recv_exact(4) == b"\0\0\0\x01"
+        assert c.closed()
+    finally:
+        c.close()
+
+
+def _wrong_password(port: int, source: str | None = None) -> bytes:
+    """One wrong guess; returns the SecurityResult (b"" if refused before it)."""
+    c = RawClient(port, source=source)
+    try:
+        c.recv_exact(12)
+        c.send(b"RFB 003.008\n")
+        if c.recv_exact(1) == b"\0":                    # blocked: no security types
+            return b""
+        c.recv_exact(1)
+        c.send(b"\x02")
+        c.recv_exact(16)
+        c.send(b"\0" * 16)
+        return c.recv_exact(4)
+    finally:
+        c.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("password", [None, "s3cret", ""])
+def test_protocol_errors_never_block_a_legitimate_client(password):
+    """Wrong security types (and, with password=on but none set yet, any
+    answer at all) from 127.0.0.1, twenty times: nothing could be guessed,
+    so they are closed but count for nothing, and the host's own clients
+    (all 127.0.0.1) still get in."""
+    srv = ServerThread(password=password)
+    try:
+        for _ in range(20):
+            _wrong_security_type(srv.port)
+        if password == "":
+            for _ in range(20):
+                assert _wrong_password(srv.port) == b"\0\0\0\x01"
+            srv.call(srv.server.set_password, "now-set")
+        c = RawClient(srv.port)
+        c.handshake(password="now-set" if password == "" else password)
+        c.close()
+    finally:
+        srv.close()
+
+
+def test_wrong_passwords_from_one_address_never_block_another(vnc_server_password, caplog):
+    srv = vnc_server_password
+    for _ in range(12):
+        _wrong_password(srv.port, source="127.0.0.2")
+    assert _wrong_password(srv.port, source="127.0.0.2") == b""     # that one is blocked
+    c = RawClient(srv.port, source="127.0.0.1")
+    c.handshake(password="s3cret")
+    c.close()
+    assert any("127.0.0.2 blocked for" in r.getMessage() for r in caplog.records)
+
+
+def test_brute_force_block_is_capped_and_ends(vnc_server_password):
+    """Burst after burst of wrong passwords, each as soon as the block ends:
+    the block grows to 60 s and no further (it used to double for ever), and
+    after it the right password gets in."""
+    srv = vnc_server_password
+    clock = FakeClock()
+    srv.call(setattr, srv.server.blacklist, "clock", clock)
+    blocked_for = lambda: srv.call(srv.server.blacklist.blocked_for, "127.0.0.2")  # noqa: E731
+    blocks = []
+    for _ in range(10):
+        for _ in range(5):
+            if _wrong_password(srv.port, source="127.0.0.2") == b"":
+                break
+        blocks.append(blocked_for())
+        assert _wrong_password(srv.port, source="127.0.0.2") == b"", "not blocked"
+        clock.now += blocks[-1]
+    assert blocks[:4] == [10, 20, 40, 60] and max(blocks) == 60
+    # Blocked: even the right password is refused (that is what stops guessing).
+    _wrong_password(srv.port, source="127.0.0.2")
+    c = RawClient(srv.port, source="127.0.0.2")
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    assert c.recv_exact(1) == b"\0"
+    c.close()
+    clock.now += 60
+    c = RawClient(srv.port, source="127.0.0.2")
+    c.handshake(password="s3cret")
+    c.close()
+    assert blocked_for() == 0
+
+
 # 19 --------------------------------------------------------------------------
 @pytest.mark.parametrize("w,h,screens", [(0, 0, 0), (1024, 768, 1), (1, 1, 2), (65535, 65535, 255)])
 def test_set_desktop_size_variants(vnc_server, w, h, screens):
@@ -314,17 +416,111 @@ def test_slowloris_handshake_deadline(vnc_server, caplog):
     assert_healthy(vnc_server)
 
 
-def test_unauthenticated_connection_cap(vnc_server, caplog):
-    idle = [RawClient(vnc_server.port) for _ in range(rfb_server.MAX_UNAUTHENTICATED)]
+def _pending(srv) -> dict[str, int]:
+    return srv.call(lambda: {h: len(cs) for h, cs in srv.server.pending_handshakes().items()})
+
+
+def test_one_address_holds_at_most_its_share_of_handshakes(vnc_server, caplog):
+    per = rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    idle = []
+    for _ in range(per + 4):
+        idle.append(RawClient(vnc_server.port, source="127.0.0.2"))
+        idle[-1].recv_exact(12)          # every newcomer gets its banner...
+    for c in idle[:4]:                   # ...and the address's oldest ones go
+        closed_with_log(caplog, c, f"evicted: more than {per} connections from 127.0.0.2")
+    assert _pending(vnc_server) == {"127.0.0.2": per}
+    for c in idle[4:]:
+        assert not c.closed(timeout=0.05)
+    assert_healthy(vnc_server)
     for c in idle:
-        c.recv_exact(12)
+        c.close()
+
+
+def test_full_handshake_slots_evict_from_the_greediest_address(vnc_server, caplog):
+    total, per = rfb_server.MAX_UNAUTHENTICATED, rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    idle = []
+    for i in range(total):
+        idle.append(RawClient(vnc_server.port, source=f"127.0.0.{2 + i // per}"))
+        idle[-1].recv_exact(12)
+    assert sum(_pending(vnc_server).values()) == total
     extra = RawClient(vnc_server.port)
-    closed_with_log(caplog, extra, "too many connections still in the handshake")
+    extra.recv_exact(12)
+    # A tie (8 and 8): the oldest of all goes, 127.0.0.2's first.
+    closed_with_log(caplog, idle[0], f"evicted: {total} connections in the handshake")
+    assert _pending(vnc_server) == {"127.0.0.2": per - 1, "127.0.0.3": per, "127.0.0.1": 1}
+    extra.close()
     for c in idle:
         c.close()
     wait_until(lambda: not vnc_server.call(lambda: len(vnc_server.server.clients)), 5,
                "the idle connections to go")
     assert_healthy(vnc_server)
+
+
+class SilentAttacker:
+    """Silent connections from some loopback addresses, each address holding
+    up to `hold` of them and re-opening one for every one the server drops
+    or that it closes itself; stops after `budget` connections or on stop()."""
+
+    def __init__(self, port: int, sources: list[str], hold: int, budget: int):
+        self.port, self.sources, self.hold, self.budget = port, sources, hold, budget
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def _run(self) -> None:
+        held: dict[str, list[socket.socket]] = {s: [] for s in self.sources}
+        try:
+            while self.opened < self.budget and not self._stop.is_set():
+                for source, socks in held.items():
+                    if len(socks) >= self.hold:
+                        old = socks.pop(0)          # re-open: drop the oldest, reset
+                        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        old.close()
+                    try:
+                        socks.append(socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                                              source_address=(source, 0)))
+                    except OSError:
+                        pass
+                    self.opened += 1
+                # Pace the storm a little: the attacker shares two cores with the server.
+                self._stop.wait(0.002)
+        finally:
+            for socks in held.values():
+                for s in socks:
+                    s.close()
+
+
+def test_silent_connections_from_elsewhere_never_keep_a_client_out(vnc_server, caplog):
+    """Attackers on 127.0.0.2-4 keep more silent handshakes open than the
+    server allows (re-opening as they go); a client from 127.0.0.1 connects
+    30 times meanwhile and gets in every time.  The log stays small."""
+    srv = vnc_server
+    caplog.clear()
+    total, per = rfb_server.MAX_UNAUTHENTICATED, rfb_server.MAX_UNAUTHENTICATED_PER_ADDRESS
+    with SilentAttacker(srv.port, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], hold=per + 4,
+                        budget=3000) as attack:
+        wait_until(lambda: sum(_pending(srv).values()) >= total, 10, "the attack to fill the slots")
+        for _ in range(30):
+            c = RawClient(srv.port)
+            try:
+                assert c.handshake() == (800, 600)
+            finally:
+                c.close()
+            pending = _pending(srv)
+            assert sum(pending.values()) <= total and max(pending.values()) <= per
+        assert attack.opened > 100, "the attack hardly ran"
+    lines = [r for r in caplog.records if r.name.startswith("pyxenfb.rfb")]
+    assert len(lines) <= 60, f"{len(lines)} log lines for one attack"
+    assert sum(len(r.getMessage()) for r in lines) < 12_000
 
 
 # 23 --------------------------------------------------------------------------

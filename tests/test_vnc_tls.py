@@ -130,8 +130,9 @@ def test_vencrypt_negotiation_bytes():
 def test_vencrypt_refusals(bad, reason):
     conn = rfb.ServerConnection(64, 48, "t", tls="anon")
     conn.receive_data(b"RFB 003.008\n")
-    with pytest.raises(rfb.AuthenticationFailed, match=reason):
+    with pytest.raises(rfb.ProtocolError, match=reason) as caught:
         conn.receive_data(bad)
+    assert not isinstance(caught.value, rfb.AuthenticationFailed)     # nothing guessed
 
 
 def test_rfb_33_client_refused_when_tls_is_required():
@@ -210,6 +211,44 @@ def test_anonymous_tls(tls_server, password):
         c.negotiate(TLS_VNC if password else TLS_NONE)
         w, h = c.finish_auth(password)
         assert np.array_equal(c.raw_frame(w, h), words(make_picture()))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("password", [None, "s3cret"])
+def test_vencrypt_refusals_never_block_the_address(tls_server, password):
+    """Bad VeNCrypt versions, subtypes and security types, many times from
+    127.0.0.1: nothing was guessed, so a right client from there still gets in."""
+    srv = tls_server(TlsCredentials("anon"), password=password)
+    offered = TLS_VNC if password else TLS_NONE
+    for i in range(12):
+        c = RawClient(srv.port)
+        try:
+            c.recv_exact(12)
+            c.send(b"RFB 003.008\n")
+            assert c.recv_exact(2) == b"\x01\x13"
+            if i % 3 == 0:
+                c.send(b"\x02")                                # not offered
+                assert struct.unpack(">I", c.recv_exact(4))[0] == 1
+            else:
+                c.send(b"\x13")
+                c.recv_exact(2)
+                if i % 3 == 1:
+                    c.send(b"\x00\x01")                        # VeNCrypt 0.1
+                    assert c.recv_exact(1) != b"\x00"
+                else:
+                    c.send(b"\x00\x02")
+                    c.recv_exact(6)
+                    c.send(struct.pack(">I", 256))             # a subtype not offered
+                    assert c.recv_exact(1) == b"\x00"
+            assert c.closed()
+        finally:
+            c.close()
+    assert srv.call(lambda: srv.server.blacklist.blocked_for("127.0.0.1")) == 0
+    c = VencryptClient(srv.port)
+    try:
+        c.negotiate(offered)
+        assert c.finish_auth(password) == (800, 600)
     finally:
         c.close()
 

@@ -42,47 +42,81 @@ def check_response(password: str, challenge: bytes, response: bytes) -> bool:
     return hmac.compare_digest(vnc_response(password, challenge), response)
 
 
+# Brute force (docs/vnc.md, "Threat model"): 5 wrong passwords from an
+# address block it for 10 s, each further one doubles that up to 60 s; an
+# address quiet for 10 minutes starts afresh.
+THRESHOLD = 5
+INITIAL_BLOCK = 10.0
+MAX_BLOCK = 60.0
+FORGET_AFTER = 600.0
+MAX_ENTRIES = 4096
+
+
 @dataclass
 class _Entry:
     failures: int = 0
     blocked_until: float = 0.0
     timeout: float = 0.0
+    last_failure: float = 0.0
 
 
 class Blacklist:
-    """Refuse an address for a while after repeated authentication failures.
+    """Refuse an address for a while after repeated wrong passwords.
 
-    After `threshold` failures the address is blocked for `timeout` seconds;
-    each failure after a block doubles the timeout (as TigerVNC does).
-    A success forgets the address.
+    Only failures where there is a secret to guess count (the caller's
+    business: protocol.AuthenticationFailed).  After `threshold` failures
+    the address is blocked for `timeout` seconds; each failure after that
+    doubles the block, up to `max_timeout`.  An address with no failure for
+    `forget_after` seconds is forgotten (its next failure is a first one),
+    as is one that authenticates.  At most `max_entries` addresses are
+    remembered: the least recently failing goes first.
     """
 
-    def __init__(self, threshold: int = 5, timeout: float = 10.0, max_entries: int = 4096,
-                 clock=time.monotonic):
+    def __init__(self, threshold: int = THRESHOLD, timeout: float = INITIAL_BLOCK,
+                 max_entries: int = MAX_ENTRIES, clock=time.monotonic, *,
+                 max_timeout: float = MAX_BLOCK, forget_after: float = FORGET_AFTER):
         self.threshold = threshold
         self.initial_timeout = timeout
+        self.max_timeout = max(timeout, max_timeout)
+        self.forget_after = max(forget_after, self.max_timeout)
         self.max_entries = max_entries
-        self._clock = clock
-        self._entries: dict[str, _Entry] = {}
+        self.clock = clock
+        self._entries: dict[str, _Entry] = {}    # least recently failing first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _current(self, address: str, now: float) -> _Entry | None:
+        entry = self._entries.get(address)
+        if entry is not None and now - entry.last_failure >= self.forget_after:
+            del self._entries[address]
+            return None
+        return entry
 
     def blocked_for(self, address: str) -> float:
         """Seconds the address is still blocked (0 if it may try)."""
-        entry = self._entries.get(address)
+        now = self.clock()
+        entry = self._current(address, now)
         if entry is None:
             return 0.0
-        return max(0.0, entry.blocked_until - self._clock())
+        return max(0.0, entry.blocked_until - now)
 
-    def failure(self, address: str) -> None:
-        entry = self._entries.get(address)
-        if entry is None:
-            if len(self._entries) >= self.max_entries:
-                # Bounded memory: forget the oldest address.
+    def failure(self, address: str) -> float:
+        """Count a wrong password; returns the block it starts (0 if none)."""
+        now = self.clock()
+        entry = self._entries.pop(address, None)
+        if entry is None or now - entry.last_failure >= self.forget_after:
+            entry = _Entry()
+            while len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))
-            entry = self._entries[address] = _Entry()
+        self._entries[address] = entry          # now the most recent
         entry.failures += 1
-        if entry.failures >= self.threshold:
-            entry.timeout = entry.timeout * 2 if entry.timeout else self.initial_timeout
-            entry.blocked_until = self._clock() + entry.timeout
+        entry.last_failure = now
+        if entry.failures < self.threshold:
+            return 0.0
+        entry.timeout = min(self.max_timeout, entry.timeout * 2 if entry.timeout else self.initial_timeout)
+        entry.blocked_until = now + entry.timeout
+        return entry.timeout
 
     def success(self, address: str) -> None:
         self._entries.pop(address, None)

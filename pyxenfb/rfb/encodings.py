@@ -96,13 +96,19 @@ def encode_raw(pixels: np.ndarray) -> bytes:
     return pixels.tobytes()
 
 
-def encode_rre(vals: np.ndarray, fmt: PixelFormat) -> bytes:
-    """Background = most frequent colour; one subrectangle per run of another colour."""
+def encode_rre(vals: np.ndarray, fmt: PixelFormat, limit: int | None = None) -> bytes | None:
+    """Background = most frequent colour; one subrectangle per run of another colour.
+
+    None when the encoding would take more than `limit` bytes (the caller
+    sends Raw instead: each subrectangle costs a pixel plus 8 bytes, so a
+    picture of short runs, a gradient say, is several times Raw's size)."""
     colours, counts = np.unique(vals, return_counts=True)
     bg = colours[np.argmax(counts)]
     ys, xs, lengths, cols = _row_runs(vals)
     keep = cols != bg
     n = int(keep.sum())
+    if limit is not None and 4 + (n + 1) * fmt.bytes_per_pixel + 8 * n > limit:
+        return None
     sub = np.empty(n, dtype=[("pix", _DTYPES[fmt.bytes_per_pixel]), ("x", ">u2"), ("y", ">u2"),
                              ("w", ">u2"), ("h", ">u2")])
     sub["pix"], sub["x"], sub["y"] = cols[keep], xs[keep], ys[keep]
@@ -516,7 +522,9 @@ class Encoder:
             return 1, [rect_header(x, y, w, h, RAW), encode_raw(pixels)]
         vals = _values(pixels, fmt, w, h)
         if encoding == RRE:
-            data = encode_rre(vals, fmt)
+            data = encode_rre(vals, fmt, limit=w * h * fmt.bytes_per_pixel)
+            if data is None:        # RRE never sends more than Raw would
+                return 1, [rect_header(x, y, w, h, RAW), encode_raw(pixels)]
         elif encoding == HEXTILE:
             data = encode_hextile(vals, fmt)
         elif encoding in (ZLIB, ZRLE):

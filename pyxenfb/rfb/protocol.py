@@ -42,7 +42,12 @@ class ProtocolError(Exception):
 
 
 class AuthenticationFailed(ProtocolError):
-    """Wrong password (or wrong security type): counts for the blacklist."""
+    """A wrong answer to the VNC challenge of a set, unexpired, non-empty
+    password: a guess at a secret, which counts for the blacklist.  Every
+    other refusal (a security type or VeNCrypt version or subtype not
+    offered, an expired or empty password) is a plain ProtocolError: there
+    was nothing to guess, and counting it would let anyone lock out an
+    address (docs/vnc.md, "Threat model")."""
 
 
 # ---------------------------------------------------------------- events
@@ -397,11 +402,11 @@ class ServerConnection:
             self.state = State.CLIENT_INIT
             events.append(Authenticated())
 
-    def _security_failed(self, reason: str, log_reason: str):
+    def _security_failed(self, reason: str, log_reason: str, exc=ProtocolError):
         self._out += struct.pack(">I", 1)
         if self.version == 8:
             self._out += _string(reason)
-        self._fail(log_reason, AuthenticationFailed)
+        self._fail(log_reason, exc)
 
     def _parse_security(self, buf, p, events) -> int:
         if len(buf) - p < 1:
@@ -419,8 +424,7 @@ class ServerConnection:
         version = (buf[p], buf[p + 1])
         if version != VENCRYPT_VERSION:
             self._out.append(1)                      # non-zero: unsupported, closing
-            self._fail(f"VeNCrypt version {version[0]}.{version[1]} not supported (only 0.2)",
-                       AuthenticationFailed)
+            self._fail(f"VeNCrypt version {version[0]}.{version[1]} not supported (only 0.2)")
         self._out += bytes([0, 1]) + struct.pack(">I", self._offered_subtype())
         self.state = State.VENCRYPT_SUBTYPE
         return 2
@@ -433,7 +437,7 @@ class ServerConnection:
         if chosen != offered:
             self._out.append(0)                      # 0 here means refused
             self._fail(f"client chose VeNCrypt subtype {chosen}, offered {offered.value} "
-                       f"({offered.name})", AuthenticationFailed)
+                       f"({offered.name})")
         self._out.append(1)
         self.subtype = offered
         self.state = State.TLS_HANDSHAKE
@@ -462,8 +466,11 @@ class ServerConnection:
         response = bytes(buf[p:p + auth.CHALLENGE_SIZE])
         if self.password_expired:
             self._security_failed("Password expired", "VNC password has expired")
-        if not auth.check_response(self.password or "", self._challenge, response):
-            self._security_failed("Authentication failed", "VNC authentication failed")
+        if not self.password:       # password=on with none set yet: nobody gets in
+            self._security_failed("Authentication failed", "no VNC password set: nobody can log in")
+        if not auth.check_response(self.password, self._challenge, response):
+            self._security_failed("Authentication failed", "VNC authentication failed",
+                                  AuthenticationFailed)
         self._out += struct.pack(">I", 0)
         self.state = State.CLIENT_INIT
         events.append(Authenticated())

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0        # seconds from connect to ClientInit (QEMU, TigerVNC: 10 s or less)
 STALL_TIMEOUT = 30.0            # a client with a full output queue must read within this
-MAX_UNAUTHENTICATED = 16        # connections still in the handshake
+MAX_UNAUTHENTICATED = 16        # connections still in the handshake, in all
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8   # ... and from one address (docs/vnc.md, "Threat model")
 WEBSOCKET_SNIFF = 0.1           # how long a silent client may be a browser
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
@@ -157,9 +158,7 @@ class RfbClient(asyncio.Protocol):
         server.clients.append(self)
         loop = asyncio.get_running_loop()
         self.server.budget.info("connect", "VNC: client %s connected", self.peer, what="VNC connections")
-        if server.unauthenticated_count() > MAX_UNAUTHENTICATED:
-            self.disconnect("too many connections still in the handshake")
-            return
+        server.make_handshake_room(self)
         self.conn = self._new_connection(tls=server.tls.kind if server.tls else None)
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
         if self.mode == "websocket":
@@ -263,7 +262,10 @@ class RfbClient(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except rfb.AuthenticationFailed as exc:
-            self.server.blacklist.failure(self.host)
+            block = self.server.blacklist.failure(self.host)
+            if block:
+                self.server.budget.warning("blocked", "VNC: address %s blocked for %g s after repeated wrong "
+                                           "passwords", self.host, block, what="VNC address blocks")
             self._flush()
             self.disconnect(str(exc))
             return
@@ -520,6 +522,8 @@ class RfbServer:
         self.clients: list[RfbClient] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.max_handshakes = MAX_UNAUTHENTICATED
+        self.max_handshakes_per_address = MAX_UNAUTHENTICATED_PER_ADDRESS
         self.stall_timeout = STALL_TIMEOUT
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self.websocket_sniff = WEBSOCKET_SNIFF
@@ -622,6 +626,36 @@ class RfbServer:
 
     def unauthenticated_count(self) -> int:
         return sum(1 for c in self.clients if not c.attached and not c.closing)
+
+    def pending_handshakes(self) -> dict[str, list[RfbClient]]:
+        """Connections still in the handshake by address, oldest first."""
+        pending: dict[str, list[RfbClient]] = {}
+        for c in self.clients:              # in connection order
+            if not c.attached and not c.closing:
+                pending.setdefault(c.host, []).append(c)
+        return pending
+
+    def make_handshake_room(self, newcomer: RfbClient) -> None:
+        """Bound the handshakes in progress, per address and in all, so that
+        one source holding silent connections cannot keep others out: over
+        an address's share, its own oldest handshake goes; over the total,
+        the oldest of the address holding the most (on a tie, the oldest of
+        all).  The newcomer always gets its banner."""
+        pending = self.pending_handshakes()
+        mine = pending.get(newcomer.host, [])
+        if len(mine) > self.max_handshakes_per_address:
+            mine[0].disconnect(f"evicted: more than {self.max_handshakes_per_address} connections "
+                               f"from {newcomer.host} in the handshake")
+            mine.pop(0)
+        while sum(map(len, pending.values())) > self.max_handshakes:
+            greediest = max(pending.values(), key=lambda cs: (len(cs), -self.clients.index(cs[0])))
+            victim = greediest.pop(0)
+            if victim is newcomer:          # only one connection in all: nothing to do
+                break
+            victim.disconnect(f"evicted: {self.max_handshakes} connections in the handshake, "
+                              f"{len(greediest) + 1} of them from {victim.host}")
+            if not greediest:
+                del pending[victim.host]
 
     async def listen(self, host: str, display: int, *, to_display: int | None = None,
                      websocket: bool = True, websocket_port: int | None = None) -> int:
