@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -40,21 +41,84 @@ SCANCODE_F, SCANCODE_G = 9, 10
 MOUSE_BUTTONS = {1: "left", 2: "middle", 3: "right"}
 
 
-def x11_connection_fd(display_capsule) -> int | None:
-    """fd of the Xlib Display* that SDL uses (from pygame.display.get_wm_info())."""
+SDL_SYSWM_X11 = 2               # SDL_SYSWM_TYPE
+MAX_WINDOW_ID = 64              # SDL window ids looked at for pygame's window
+
+
+class _SdlVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint8), ("minor", ctypes.c_uint8), ("patch", ctypes.c_uint8)]
+
+
+class _SdlX11Info(ctypes.Structure):
+    _fields_ = [("display", ctypes.c_void_p), ("window", ctypes.c_ulong)]
+
+
+class _SdlWmInfoUnion(ctypes.Union):
+    _fields_ = [("x11", _SdlX11Info), ("dummy", ctypes.c_uint8 * 64)]
+
+
+class _SdlSysWmInfo(ctypes.Structure):
+    _fields_ = [("version", _SdlVersion), ("subsystem", ctypes.c_int), ("info", _SdlWmInfoUnion)]
+
+
+def _loaded_sdl() -> ctypes.CDLL | None:
+    """The SDL 2 library pygame loaded (its wheel bundles one), by path from
+    /proc/self/maps: a second copy of SDL would know none of pygame's windows."""
     try:
-        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-        get_pointer.restype = ctypes.c_void_p
-        get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        dpy = get_pointer(display_capsule, b"display")
+        with open("/proc/self/maps") as maps:
+            fields = [line.split(None, 5) for line in maps]
+        paths = {f[5].strip() for f in fields if len(f) == 6}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if re.search(r"/libSDL2-2[.-][^/]*$", path):
+            return ctypes.CDLL(path)
+    return None
+
+
+def _pygame_window(sdl: ctypes.CDLL) -> int | None:
+    """pygame's one window.  SDL numbers windows from 1 each time its video
+    subsystem starts, and pygame opens one; asking pygame._sdl2 instead would
+    leave SDL holding a pointer to a Python object that dies with it."""
+    for window_id in range(1, MAX_WINDOW_ID + 1):
+        window = sdl.SDL_GetWindowFromID(window_id)
+        if window:
+            return window
+    return None
+
+
+def x11_window_info() -> tuple[int, int] | None:
+    """(X11 window id, fd of SDL's Xlib connection) of pygame's window.
+
+    Not pygame.display.get_wm_info(): pygame 2.6 fills its dict from every
+    window system compiled in, so on X11 it reads the Wayland members of the
+    union too, one of them uninitialised stack; when that happens to be NULL
+    it stores a NULL capsule and the interpreter crashes (seen with Debian's
+    Python 3.11.2 when a display is initialised twice in one process).  We
+    ask SDL ourselves with a zeroed struct and read only the X11 members."""
+    try:
+        sdl = _loaded_sdl()
+        if sdl is None:
+            raise OSError("SDL 2 is not loaded")
+        sdl.SDL_GetWindowFromID.restype = ctypes.c_void_p
+        sdl.SDL_GetWindowFromID.argtypes = [ctypes.c_uint32]
+        sdl.SDL_GetWindowWMInfo.restype = ctypes.c_int
+        sdl.SDL_GetWindowWMInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(_SdlSysWmInfo)]
+        sdl.SDL_GetVersion.argtypes = [ctypes.POINTER(_SdlVersion)]
+        window = _pygame_window(sdl)
+        info = _SdlSysWmInfo()
+        sdl.SDL_GetVersion(ctypes.byref(info.version))
+        if not window or not sdl.SDL_GetWindowWMInfo(window, ctypes.byref(info)) \
+                or info.subsystem != SDL_SYSWM_X11 or not info.info.x11.display:
+            raise OSError("SDL gives no X11 window information")
         libx11 = ctypes.CDLL(ctypes.util.find_library("X11") or "libX11.so.6")
         libx11.XConnectionNumber.restype = ctypes.c_int
         libx11.XConnectionNumber.argtypes = [ctypes.c_void_p]
-        fd = libx11.XConnectionNumber(dpy)
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        fd = libx11.XConnectionNumber(info.info.x11.display)
+    except (OSError, ValueError, AttributeError, TypeError, ImportError) as exc:
         log.warning("sdl: cannot find the X11 connection fd: %s", exc)
         return None
-    return fd if fd >= 0 else None
+    return (info.info.x11.window, fd) if fd >= 0 else None
 
 
 class SdlDisplay:
@@ -119,10 +183,9 @@ class SdlDisplay:
         pg = self._pg
         driver = pg.display.get_driver()
         if driver == "x11":
-            info = pg.display.get_wm_info()
-            self.window_id = info.get("window")
-            self._fd = x11_connection_fd(info.get("display"))
-            if self._fd is not None:
+            found = x11_window_info()
+            if found is not None:
+                self.window_id, self._fd = found
                 self._loop.add_reader(self._fd, self.pump_events)
                 return
         if driver in ("dummy", "offscreen"):

@@ -322,3 +322,28 @@ def test_xvfb_window_shows_exact_picture_and_keys(xvfb):
         assert codes == {29, 56}                 # KEY_LEFTCTRL, KEY_LEFTALT only
         disp.close()
     asyncio.run(main())
+
+
+def test_x11_display_started_twice_finds_its_window_without_get_wm_info(xvfb, monkeypatch):
+    """--sdl on X11, the display initialised twice in one process: each time the
+    window's X id and SDL's X connection fd are found, and pygame's
+    get_wm_info() is never called (pygame 2.6 reads uninitialised Wayland
+    members there and crashed Debian's Python 3.11.2 on the second start)."""
+    import pygame
+
+    def refuse():
+        raise AssertionError("pygame.display.get_wm_info() called")
+    monkeypatch.setattr(pygame.display, "get_wm_info", refuse)
+
+    async def main():
+        for round_ in range(2):
+            console = Console("t")
+            console.set_surface(picture(64, 48, seed=round_))
+            console.input = RecordingSink()
+            disp = make_display(console, name=f"twice{round_}")
+            disp.start()
+            assert disp._fd is not None and disp._poll_handle is None
+            # The id SDL gave us is an X window with our title.
+            assert await run("xdotool", "getwindowname", str(disp.window_id)) == f"QEMU (twice{round_})"
+            disp.close()
+    asyncio.run(main())

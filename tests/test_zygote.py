@@ -296,6 +296,7 @@ def read_line_err(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stderr.readline()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dm_restrict (chroot, namespaces, -runas) needs root")
 @pytest.mark.parametrize("user", [None, "nobody"])
 def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user, launcher):
     res = _create(zhost, 10, dm_restrict=True, dm_user=user, dm=launcher)

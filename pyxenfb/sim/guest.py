@@ -120,7 +120,10 @@ class Frontend:
             self._changed.clear()
             try:
                 await self.backend_changed(await self.backend_state())
-            except Exception:     # a guest bug must be loud in tests, not silent
+            except Exception as exc:
+                if self.xs.closed.done() or isinstance(exc, ConnectionError):
+                    return            # the host died under the reply: as above
+                # a guest bug must be loud in tests, not silent
                 log.exception("dom%d %s: backend_changed failed", self.guest.domid, self.kind)
 
     async def backend_changed(self, be_state: int) -> None:
