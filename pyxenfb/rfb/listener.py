@@ -64,9 +64,11 @@ def _listen(host: str, port: int) -> list[socket.socket]:
 
 
 def bind_vnc(host: str, display: int, *, to_display: int | None = None,
-             websocket_port: int | None = None) -> VncListeners:
+             websocket_port: int | None = None, websocket_follows: bool = False) -> VncListeners:
     """Bind 5900+display (or the first free one up to to_display) for RFB,
-    and websocket_port (if given) for WebSocket clients only."""
+    and websocket_port (if given) for WebSocket clients only.  With
+    websocket_follows (websocket=on), the WebSocket port moves with the
+    display found: 5700+D for display D."""
     last = max(display, to_display if to_display is not None else display)
     where = host or "all addresses"
     for d in range(display, last + 1):
@@ -86,6 +88,12 @@ def bind_vnc(host: str, display: int, *, to_display: int | None = None,
         raise VncBindError(f"VNC: ports {VNC_BASE_PORT + display}-{VNC_BASE_PORT + last} "
                            f"on {where} are all in use")
     if websocket_port is not None:
+        if websocket_follows:
+            websocket_port += listeners.display - display
+        if websocket_port > 65535:
+            listeners.close()
+            raise VncBindError(f"VNC: WebSocket port {websocket_port} (display :{listeners.display}) "
+                               "out of range")
         try:
             listeners.sockets += [(s, Transport.WEBSOCKET) for s in _listen(host, websocket_port)]
         except OSError as exc:
