@@ -22,7 +22,7 @@ def test_demo_serves_the_guest_and_cleans_up():
         # A browser is sent to the web console (its own relay), not to a
         # WebSocket on pyqemu-dm's VNC port.
         assert "noVNC" not in text and "WebSocket" not in text and f"port={port}" not in text, text
-        console = re.search(r"in a browser: (http://127\.0\.0\.1:\d+/) .*?(http://\S+/domain/1/)", text)
+        console = re.search(r"web console: (http://127\.0\.0\.1:\d+/) \(for a browser.*?(http://\S+/domain/1/)", text)
         assert console, text
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with no_proxy.open(console.group(2), timeout=10) as page:

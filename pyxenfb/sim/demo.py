@@ -98,7 +98,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
         if console_port >= 0:
             console, url = _start_console(run_dir, console_port)
             if url:
-                print(f"pyxenfb-sim demo:   in a browser: {url} (the web console; the guest's "
+                print(f"pyxenfb-sim demo:   web console: {url} (for a browser; the guest's "
                       f"page is {url.rstrip('/')}/domain/{DOMID}/ - type into it: the guest "
                       f"draws what it receives)", flush=True)
             else:
