@@ -130,7 +130,7 @@ class RfbClient(asyncio.Protocol):
 
     def __init__(self, server: "RfbServer", mode: Transport):
         self.server = server
-        self.mode = mode
+        self.mode = Transport(mode)       # a stray string is an error, never a WebSocket
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
         self.ws: WebSocketStream | None = None
