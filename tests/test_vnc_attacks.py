@@ -669,3 +669,46 @@ def test_banner_is_written_inside_connection_made():
         return written
 
     assert asyncio.run(scenario()) == [b"RFB 003.008\n"]
+
+
+def test_websocket_on_follows_the_display_found():
+    """websocket=on with a display search (to=, -vncunused): the WebSocket
+    port is 5700+D for the display D actually bound, so two domains asking
+    for the same display get a port each; a fixed PORT stays fixed."""
+    from pyxenfb.rfb.listener import Transport, VncBindError, bind_vnc
+    for _ in range(20):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        display = busy.getsockname()[1] - 5900
+        if display >= 0 and _port_free(5700 + display + 1) and _port_free(5900 + display + 1):
+            break
+        busy.close()
+    else:
+        pytest.skip("no suitable free ports")
+    try:
+        listeners = bind_vnc("127.0.0.1", display, to_display=display + 1,
+                             websocket_port=5700 + display, websocket_follows=True)
+        try:
+            assert listeners.display == display + 1
+            assert listeners.websocket_port == 5700 + display + 1
+            assert sorted(m.value for _, m in listeners.sockets) == ["rfb", "websocket"]
+            assert all(isinstance(m, Transport) for _, m in listeners.sockets)
+        finally:
+            listeners.close()
+        with pytest.raises(VncBindError, match="out of range"):
+            bind_vnc("127.0.0.1", display, to_display=display + 1,
+                     websocket_port=65535, websocket_follows=True)
+    finally:
+        busy.close()
+
+
+def _port_free(port: int) -> bool:
+    if not 1024 <= port <= 65535:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
