@@ -386,8 +386,7 @@ def serve_pyxenfb(port: int, picture: str, width: int, height: int) -> None:
         console = Console("bench", asyncio.get_running_loop())
         console.set_surface(Surface(width, height, width * BPP, GUEST_32, rows))
         server = VncServer(console, name="bench")
-        # websocket=False: no WebSocket sniffing delay before the banner.
-        await server.listen("127.0.0.1", port - 5900, websocket=False)
+        await server.listen("127.0.0.1", port - 5900)
         print("READY", flush=True)
         await asyncio.Event().wait()
 

@@ -251,6 +251,19 @@ def parse_websocket(value: str | None, display: int) -> int | None:
     return port
 
 
+def parse_origin(value: str | None) -> str:
+    """websocket-origin=URL: a browser page's origin allowed to use the
+    WebSocket port, normalised as browsers send it."""
+    from .rfb.websocket import normalise_origin
+    if not value:
+        raise CliError("-vnc: websocket-origin= needs an origin, e.g. https://console.example")
+    try:
+        return normalise_origin(value)
+    except ValueError as e:
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        raise CliError(f"-vnc: websocket-origin={shown!r}: {e}") from None
+
+
 def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
     """-vnc value: 'none' or '[host]:D[,to=N][,password[=on|off]][,websocket=..]'."""
     if text == "none":
@@ -270,6 +283,9 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
             vnc.password = parse_bool("-vnc", key, value)
         elif key == "websocket":
             vnc.websocket = parse_websocket(value, display)
+            vnc.websocket_on = vnc.websocket is not None and value in (None, "on")
+        elif key == "websocket-origin":
+            vnc.websocket_origins.append(parse_origin(value))
         elif key == "lossy":
             vnc.lossy = parse_bool("-vnc", key, value)
         elif key == "tls-creds":
@@ -290,6 +306,8 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
             ignored.append(f"-vnc {key}{'=' + value if value is not None else ''}")
         else:
             raise CliError(f"-vnc: unknown option '{key}'")
+    if vnc.websocket_origins and vnc.websocket is None:
+        raise CliError("-vnc: websocket-origin= needs websocket=on|PORT (the WebSocket is off)")
     if old_tls:
         from .rfb.tls import TlsCredentials     # here: it imports ssl, which a zygote stand-in never needs
         if vnc.tls_creds_id is not None:
@@ -640,6 +658,14 @@ Display:
   -vnc [HOST]:D[,to=N][,password=on][,websocket=on|PORT][,lossy=on]
                                VNC on port 5900+D; HOST defaults to 127.0.0.1;
                                [::1]:D for IPv6; to=N tries displays D..N
+       ...,websocket=on|[HOST:]PORT   also serve noVNC (WebSocket) on its own
+                               port: on = 5700+D; off by default; with TLS
+                               (tls-creds=, tls, x509=) it takes wss:// only
+       ...,websocket-origin=URL   a web page origin (https://console.example,
+                               http://127.0.0.1:8000) allowed to open that
+                               WebSocket; repeatable; none by default: every
+                               browser page is refused until listed (clients
+                               that send no Origin, like websockify, are let in)
   -vnc none                    no VNC (also the default)
   -vnclisten ADDR              (xend) listen address, overrides HOST
   -vncunused                   (xend) try displays D..D+{VNCUNUSED_SPAN} for a free port

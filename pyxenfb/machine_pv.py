@@ -171,7 +171,8 @@ class XenPvMachine:
         try:
             self.vnc_listeners = bind_vnc(vnc_opts.host, vnc_opts.display,
                                           to_display=vnc_opts.to_display,
-                                          websocket_port=vnc_opts.websocket)
+                                          websocket_port=vnc_opts.websocket,
+                                          websocket_follows=vnc_opts.websocket_on)
         except VncBindError as e:
             raise MachineError(str(e)) from None
         port = self.vnc_listeners.port
@@ -189,7 +190,8 @@ class XenPvMachine:
             if vnc_opts.password and password is None:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
             self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
-                                 lossy=vnc_opts.lossy, tls=vnc_opts.tls)
+                                 lossy=vnc_opts.lossy, tls=vnc_opts.tls,
+                                 websocket_origins=tuple(vnc_opts.websocket_origins))
 
     async def _start_displays(self, name: str) -> None:
         if self.vnc is not None:

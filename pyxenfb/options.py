@@ -28,6 +28,7 @@ COMMAND_LINE_OPTIONS: list[dict] = [
         {"name": "to", "type": "number"},
         {"name": "password", "type": "boolean"},
         {"name": "websocket", "type": "string"},
+        {"name": "websocket-origin", "type": "string"},
         {"name": "tls-creds", "type": "string"}]},
     {"option": "chardev", "parameters": [
         {"name": "backend", "type": "string"}, {"name": "id", "type": "string"},
@@ -50,6 +51,10 @@ class VncOptions:
     lossy: bool = False      # lossy=on: JPEG for clients that ask for a quality level
     tls: TlsCredentials | None = None   # VeNCrypt (and wss://) with these credentials
     tls_creds_id: str | None = None     # tls-creds=ID, resolved against -object at the end
+    # websocket-origin=URL (repeatable): the browser pages, normalised
+    # scheme://host[:port], that may use the WebSocket; none by default.
+    websocket_origins: list[str] = field(default_factory=list)
+    websocket_on: bool = False          # websocket=on: the port follows the display bound (5700+D)
 
     @property
     def port(self) -> int:

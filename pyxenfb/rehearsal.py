@@ -114,6 +114,7 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
     from .console import Console, Surface
     from .convert import GUEST_32
     from .keymap import Keymap
+    from .rfb.listener import Transport
     from .rfb.server import RfbClient
     from .vnc import VncServer
 
@@ -124,7 +125,7 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
     ours, theirs = socket.socketpair()
     try:
         theirs.setblocking(False)
-        await loop.connect_accepted_socket(lambda: RfbClient(server, "rfb"), ours)
+        await loop.connect_accepted_socket(lambda: RfbClient(server, Transport.RFB), ours)
         session = _Session(server, theirs)
         await session.reply(lambda: bool(server.clients))
         session.send(b"RFB 003.008\n")

@@ -16,6 +16,7 @@ from .console import Console, Surface
 from .region import Rect
 from .rfb import encodings as enc
 from .rfb import protocol as rfb
+from .rfb.listener import Transport
 from .rfb.server import RfbClient, RfbServer
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class VncServer(RfbServer):
     """The VNC display of one console."""
 
     def __init__(self, console: Console, *, keymap=None, password: str | None = None,
-                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False, tls=None):
+                 name: str = "QEMU", max_clients: int = 32, lossy: bool = False, tls=None,
+                 websocket_origins: tuple[str, ...] = ()):
         super().__init__(password=password, name=name, max_clients=max_clients, lossy=lossy,
-                         tls=tls)
+                         tls=tls, websocket_origins=websocket_origins)
         self.console = console
         self.keymap = keymap
         self._listening = False
@@ -148,6 +150,6 @@ class VncServer(RfbServer):
     def query_clients(self) -> list[dict]:
         """The `clients` of QMP query-vnc."""
         return [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
-                 "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode == "websocket"}
+                 "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode is not Transport.RFB}
                 for c in self.attached_clients()]
 

@@ -95,6 +95,63 @@ class NovncHttp:
         self.httpd.server_close()
 
 
+ATTACK_HTML = b"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>another site</title></head><body></body></html>
+"""
+# What a hostile page does: open a WebSocket to the VNC server and report
+# whether it opened and what it read.  Resolves on close or on RFB bytes.
+ATTACK_JS = """new Promise((resolve) => {
+    const seen = { events: [], text: '' };
+    const ws = new WebSocket(%s, ['binary']);
+    ws.binaryType = 'arraybuffer';
+    ws.onopen = () => seen.events.push('open');
+    ws.onerror = () => seen.events.push('error');
+    ws.onmessage = (e) => {
+        seen.text += String.fromCharCode(...new Uint8Array(e.data).slice(0, 64));
+        if (seen.text.length >= 12) { ws.close(); resolve(seen); }
+    };
+    ws.onclose = (e) => { seen.events.push('close'); seen.code = e.code; resolve(seen); };
+    setTimeout(() => { seen.events.push('timeout'); resolve(seen); }, %d);
+})"""
+
+
+class _AttackHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(ATTACK_HTML)))
+        self.end_headers()
+        self.wfile.write(ATTACK_HTML)
+
+    def log_message(self, format, *args):
+        pass
+
+
+class AttackerSite:
+    """Another web site on loopback (127.0.0.2, its own port): the origin of
+    a page that tries to reach a VNC server it was never allowed to."""
+
+    def __init__(self, host: str = "127.0.0.2"):
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), _AttackHandler)
+        self.origin = f"http://{host}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def attack(self, chromium: "Chromium", url: str, timeout: float = 10.0) -> dict:
+        """Load the page in `chromium`, let it open `url`; returns what it saw:
+        events (open, error, close, timeout), text (the first bytes read)."""
+        chromium.navigate(f"{self.origin}/")
+        try:
+            return chromium.evaluate(ATTACK_JS % (json.dumps(url), int(timeout * 1000)),
+                                     timeout=timeout + 10)
+        finally:
+            chromium.navigate("about:blank")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class DevToolsError(RuntimeError):
     pass
 
@@ -216,6 +273,12 @@ class NovncBrowser:
         except BaseException:
             self.http.close()
             raise
+
+    @property
+    def origin(self) -> str:
+        """The Origin header the pages send (an http://127.0.0.1:PORT server):
+        the one to allow with websocket-origin=."""
+        return self.http.base
 
     def run_client(self, vnc_port: int, width: int, height: int, *, encodings=None,
                    lossless: bool = False, raw_alpha_fix: bool = False,

@@ -71,9 +71,10 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """A VncServer on 127.0.0.1 running in its own event-loop thread."""
+    """A VncServer on 127.0.0.1 running in its own event-loop thread; with
+    websocket=True also a WebSocket port (`ws_port`, as -vnc ...,websocket=)."""
 
-    def __init__(self, surface: Surface | None = None, **server_kwargs):
+    def __init__(self, surface: Surface | None = None, websocket: bool = False, **server_kwargs):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -83,13 +84,13 @@ class ServerThread:
         self.call(self.console.set_surface, surface or make_picture())
         server_kwargs.setdefault("keymap", StubKeymap())
         self.server: VncServer = self.call(VncServer, self.console, **server_kwargs)
-        # Plain clients wait this long for the banner (WebSocket sniffing); keep tests quick.
-        self.server.websocket_sniff = 0.02
-        self.port = self.run(self._listen())
+        self.port = self.run(self._listen(websocket))
+        self.ws_port = self.server.websocket_port
 
-    async def _listen(self):
+    async def _listen(self, websocket: bool):
         port = free_port()
-        return await self.server.listen("127.0.0.1", port - 5900)
+        return await self.server.listen("127.0.0.1", port - 5900,
+                                        websocket_port=free_port() if websocket else None)
 
     def call(self, fn, *args, **kwargs):
         """Run a plain function in the loop thread and return its result."""
@@ -124,6 +125,14 @@ class ServerThread:
 @pytest.fixture
 def vnc_server():
     srv = ServerThread()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def vnc_server_ws():
+    """With a WebSocket port (ws_port), no browser origin allowed."""
+    srv = ServerThread(websocket=True)
     yield srv
     srv.close()
 

@@ -149,7 +149,8 @@ def test_design_card_double_dash_forms():
     ("[::1]:4,to=10", VncOptions("::1", 4, 10, False, None)),
     ("127.0.0.1:1,password", VncOptions("127.0.0.1", 1, None, True, None)),
     ("127.0.0.1:1,password=off", VncOptions("127.0.0.1", 1, None, False, None)),
-    (":2,websocket=on", VncOptions("127.0.0.1", 2, None, False, 5702)),
+    (":2,websocket=on", VncOptions("127.0.0.1", 2, None, False, 5702, websocket_on=True)),
+    (":2,websocket", VncOptions("127.0.0.1", 2, None, False, 5702, websocket_on=True)),
     (":2,websocket=5800", VncOptions("127.0.0.1", 2, None, False, 5800)),
     (":2,websocket=0.0.0.0:5801", VncOptions("127.0.0.1", 2, None, False, 5801)),
     (":2,websocket=off", VncOptions("127.0.0.1", 2, None, False, None)),
@@ -157,6 +158,71 @@ def test_design_card_double_dash_forms():
 ])
 def test_vnc_values(value, expected):
     assert parse_args(["-d", "1", "-vnc", value]).vnc == expected
+
+
+@pytest.mark.parametrize("given, normalised", [
+    ("https://console.example", "https://console.example"),
+    ("HTTPS://Console.Example:443", "https://console.example"),
+    ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+    ("http://127.0.0.1:80", "http://127.0.0.1"),
+    ("https://console.example:8443", "https://console.example:8443"),
+    ("http://[::1]:8080", "http://[::1]:8080"),
+    ("http://[0:0::1]", "http://[::1]"),
+    ("http://xn--bcher-kva.example", "http://xn--bcher-kva.example"),
+])
+def test_websocket_origin_values(given, normalised):
+    o = parse_args(["-d", "1", "-vnc", f":1,websocket=on,websocket-origin={given}"])
+    assert o.vnc.websocket_origins == [normalised]
+
+
+def test_websocket_origin_is_repeatable():
+    o = parse_args(["-d", "1", "-vnc", ":1,websocket=on,websocket-origin=https://console.example,"
+                    "websocket-origin=http://127.0.0.1:8000"])
+    assert o.vnc.websocket == 5701 and o.vnc.websocket_on
+    assert o.vnc.websocket_origins == ["https://console.example", "http://127.0.0.1:8000"]
+    assert parse_args(["-d", "1", "-vnc", ":1"]).vnc.websocket_origins == []
+
+
+@pytest.mark.parametrize("hostile", [
+    "javascript:alert(1)", "console.example", "//console.example", "null", "file://",
+    "https://console.example/", "https://console.example/vnc.html", "https://console.example?x=1",
+    "https://console.example#x", "https://user@console.example", "https://user:pw@console.example",
+    "ftp://console.example", "ws://console.example", "https://", "https://:443",
+    "https://console.example:0", "https://console.example:65536", "https://console.example:8o",
+    "https://console.example:-1", "https://-bad.example", "https://bad_host.example",
+    "https://büch.example", "https://console.example\u0000", "https://console.example\n",
+    "https://con sole.example", "http://[::1", "http://[not-v6]", "http://[::1]x",
+    "http://" + "a" * 300 + ".example", "https://" + "a." * 5000 + "example",
+])
+def test_websocket_origin_hostile_values_are_one_line_errors(hostile):
+    with pytest.raises(CliError) as err:
+        parse_args(["-d", "1", "-vnc", f":1,websocket=on,websocket-origin={hostile}"])
+    text = str(err.value)
+    assert text.startswith("-vnc: websocket-origin=") and "\n" not in text and len(text) < 250, text
+
+
+def test_xend_style_takes_websocket_and_origins():
+    """qemu-dm's argv (-vnc ADDR:D -vncunused -vnclisten, or --vnc as the
+    README shows) takes the same keys."""
+    for argv in (["-M", "xenpv", "-d", "3", "-domain-name", "web",
+                  "-vnc", "127.0.0.1:1,websocket=on,websocket-origin=https://console.example",
+                  "-vncunused", "-vnclisten", "0.0.0.0"],
+                 ["-d", "3", "--vnc", ":1,websocket=on,websocket-origin=https://console.example",
+                  "--vncunused", "--vnclisten", "0.0.0.0"]):
+        o = parse_args(argv)
+        assert (o.vnc.host, o.vnc.display, o.vnc.to_display) == ("0.0.0.0", 1, 100)
+        assert (o.vnc.websocket, o.vnc.websocket_on) == (5701, True)
+        assert o.vnc.websocket_origins == ["https://console.example"]
+    o = parse_args(["-d", "3", "--vnc", "127.0.0.1:1,websocket=5999", "-vncunused"])
+    assert (o.vnc.websocket, o.vnc.websocket_on, o.vnc.websocket_origins) == (5999, False, [])
+    with pytest.raises(CliError, match="needs websocket="):
+        parse_args(["-d", "3", "--vnc", ":1,websocket-origin=https://console.example", "-vncunused"])
+
+
+def test_help_lists_websocket_origin():
+    with pytest.raises(EarlyExit) as out:
+        parse_args(["--help"])
+    assert "websocket-origin=URL" in out.value.text and "websocket=on|[HOST:]PORT" in out.value.text
 
 
 def test_vnc_tuning_options_are_ignored_with_a_note():
@@ -236,6 +302,10 @@ def test_readline_monitor_is_ignored_but_checked():
     (["-d", "1", "-vnc", "unix:/tmp/v"], "unix socket"),
     (["-d", "1", "-vnc", "[::1:0"], "bad address"),
     (["-d", "1", "-vnc", ":1,websocket=70000"], "out of range"),
+    (["-d", "1", "-vnc", ":1,websocket-origin=https://a.example"], "needs websocket=on|PORT"),
+    (["-d", "1", "-vnc", ":1,websocket=off,websocket-origin=https://a.example"], "needs websocket="),
+    (["-d", "1", "-vnc", ":1,websocket=on,websocket-origin="], "needs an origin"),
+    (["-d", "1", "-vnc", ":1,websocket=on,websocket-origin"], "needs an origin"),
     (["-d", "1", "-m", "lots"], "bad memory size"),
     (["-d", "1", "-m", "0"], "out of range"),
     (["-d", "1", "-chardev", "socket,path=/tmp/x,server=on"], "no id="),

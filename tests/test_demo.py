@@ -3,6 +3,7 @@ VNC, the picture is the guest's, and everything is gone after it stops."""
 import os
 import re
 import signal
+import urllib.request
 
 import numpy as np
 
@@ -18,6 +19,14 @@ def test_demo_serves_the_guest_and_cleans_up():
         run_dir = re.search(r"simulated host in (\S+)", text).group(1)
         port = int(re.search(r"on VNC 127\.0\.0\.1:(\d+)", text).group(1))
         assert port >= 5917
+        # A browser is sent to the web console (its own relay), not to a
+        # WebSocket on pyqemu-dm's VNC port.
+        assert "noVNC" not in text and "WebSocket" not in text and f"port={port}" not in text, text
+        console = re.search(r"web console: (http://127\.0\.0\.1:\d+/) \(for a browser.*?(http://\S+/domain/1/)", text)
+        assert console, text
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with no_proxy.open(console.group(2), timeout=10) as page:
+            assert page.status == 200 and b"<title>Console" in page.read()
         def framebuffer_set_up():     # the guest boots once its device model runs
             try:
                 return fbdump_array(run_dir, 1) is not None

@@ -306,3 +306,116 @@ def test_qmp_and_running_do_not_wait_for_numpy(host, tmp_path, monkeypatch):
     wait_until(positions, 10, lambda: f"an absolute position in {toolstack.read_input_log(host, 6)}")
     last = positions()[-1]
     assert (last["x"], last["y"]) == (100, 150)
+
+
+def _free_display_pair() -> tuple[int, int]:
+    """A display D whose VNC port (5900+D) and websocket=on port (5700+D) are free."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port - 5900 < 0 or port - 200 < 1024:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port - 200))
+        except OSError:
+            continue
+        return port - 5900, port - 200
+    raise AssertionError("no free VNC/WebSocket port pair")
+
+
+def _ws_rfb_banner(url: str, origin: str | None) -> bytes:
+    from websockets.sync.client import connect
+    with connect(url, origin=origin, open_timeout=10, proxy=None) as ws:
+        return ws.recv(timeout=10)
+
+
+@pytest.mark.parametrize("style", ["libxl", "xend"])
+def test_websocket_port_and_origin_through_the_command_line(host, style):
+    """-vnc ...,websocket=,websocket-origin= through the real command line
+    (libxl's argv, and xend's -vnc -vncunused -vnclisten): the VNC port speaks
+    RFB at once and takes no WebSocket; the WebSocket port serves clients
+    without an Origin and the listed page, refuses another page with 403 and
+    one log line; query-vnc marks the WebSocket client."""
+    from websockets.exceptions import InvalidStatus
+
+    from pyxenfb.sim.qmpclient import QmpClient
+    from rfb_harness import RawClient
+    domid = 6 if style == "libxl" else 7
+    display, ws_port = _free_display_pair()
+    allowed = "https://console.example"
+
+    async def scenario():
+        await toolstack.create_domain(host, domid, f"ws{domid}", vfb="vnc=1", dm=None, start_guest=False)
+        xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
+        qmp_path = os.path.join(host, f"qmp-test-{domid}")
+        if style == "libxl":
+            proc = _start_dm(host, domid, "-vnc", f"127.0.0.1:{display},websocket={ws_port},"
+                             f"websocket-origin={allowed.upper()}")
+        else:
+            proc = subprocess.Popen(
+                DM + ["-M", "xenpv", "-d", str(domid), "-domain-name", f"ws{domid}",
+                      "--vnc", f"0.0.0.0:{display},websocket=on,websocket-origin={allowed}",
+                      "-vncunused", "-vnclisten", "127.0.0.1",
+                      "-chardev", f"socket,id=c,path={qmp_path},server=on,wait=off",
+                      "-mon", "chardev=c,mode=control"],
+                env=_env(PYXENFB_SIM=host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            await wait_node(xs, f"/local/domain/0/device-model/{domid}/state", lambda v: v == "running",
+                            pids=(proc.pid,))
+            port = int(await xs.read_str(f"/local/domain/{domid}/console/vnc-port"))
+            assert port == 5900 + display
+            return proc, port, qmp_path
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            xs.close()
+
+    proc, port, qmp_path = asyncio.run(scenario())
+    try:
+        rfb = RawClient(port)                       # the banner at once, as any RFB server
+        assert rfb.recv_exact(12) == b"RFB 003.008\n"
+        rfb.close()
+        with pytest.raises(Exception):              # no WebSocket on the VNC port
+            _ws_rfb_banner(f"ws://127.0.0.1:{port}/", None)
+        url = f"ws://127.0.0.1:{ws_port}/"
+        assert _ws_rfb_banner(url, None) == b"RFB 003.008\n"          # websockify, scripts
+        assert _ws_rfb_banner(url, allowed) == b"RFB 003.008\n"
+        with pytest.raises(InvalidStatus) as refused:
+            _ws_rfb_banner(url, "http://127.0.0.2:8000")
+        assert refused.value.response.status_code == 403
+
+        from websockets.sync.client import connect
+        with connect(url, open_timeout=10, proxy=None) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+            ws.send(b"RFB 003.008\n")
+            assert ws.recv(timeout=10) == b"\x01\x01"
+            ws.send(b"\x01")
+            ws.send(b"\x01")                        # shared
+            got = b""
+            while len(got) < 4 + 4 + 24:            # SecurityResult + ServerInit head
+                got += ws.recv(timeout=10)
+
+            async def query():
+                qmp = await QmpClient.connect(qmp_path, "query-vnc")
+                try:
+                    await qmp.execute("qmp_capabilities")
+                    return await qmp.execute("query-vnc")
+                finally:
+                    qmp.close()
+            info = asyncio.run(query())
+        assert [c["websocket"] for c in info["clients"]] == [True], info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    refusals = [line for line in stderr.splitlines() if "WebSocket refused" in line]
+    assert len(refusals) == 1, stderr
+    assert "Origin 'http://127.0.0.2:8000' is not allowed" in refusals[0]
+    assert "websocket-origin=http://127.0.0.2:8000" in refusals[0]
+    assert "port" in stderr and f"WebSocket (ws://) on port {ws_port}" in stderr, stderr

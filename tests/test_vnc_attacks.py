@@ -7,13 +7,15 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from pyxenfb.rfb import server as rfb_server
 from simkit import wait_until
-from rfb_harness import RawClient, ServerThread, make_picture, vnc_server, vnc_server_password  # noqa: F401
+from rfb_harness import (RawClient, ServerThread, make_picture, vnc_server,  # noqa: F401
+                         vnc_server_password, vnc_server_ws)
 
 FULL = struct.pack(">BBHHHH", 3, 0, 0, 0, 800, 600)
 
@@ -509,12 +511,16 @@ def test_silent_connections_from_elsewhere_never_keep_a_client_out(vnc_server, c
     with SilentAttacker(srv.port, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], hold=per + 4,
                         budget=3000) as attack:
         wait_until(lambda: sum(_pending(srv).values()) >= total, 10, "the attack to fill the slots")
-        for _ in range(30):
+        # At least 30 tries, and on until the attackers have re-opened 100
+        # connections (the banner comes at once, so 30 tries can be quick).
+        tries, deadline = 0, time.monotonic() + 20
+        while tries < 30 or (attack.opened <= 100 and time.monotonic() < deadline):
             c = RawClient(srv.port)
             try:
                 assert c.handshake() == (800, 600)
             finally:
                 c.close()
+            tries += 1
             pending = _pending(srv)
             assert sum(pending.values()) <= total and max(pending.values()) <= per
         assert attack.opened > 100, "the attack hardly ran"
@@ -598,8 +604,9 @@ def test_resize_leaves_clients_that_cannot_follow_at_their_size(vnc_server, capl
     assert read_update(follower) == [(0, 0, 1024, 768, 0)]
 
 
-# 16: WebSocket ---------------------------------------------------------------
-def _ws_handshake(port: int, extra: bytes = b"") -> socket.socket:
+# 16: WebSocket (only on its own port, -vnc ...,websocket=) -------------------
+def _ws_request(port: int, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    """Send an upgrade request; returns the socket and the reply's head + rest."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -609,8 +616,84 @@ def _ws_handshake(port: int, extra: bytes = b"") -> socket.socket:
         chunk = s.recv(4096)
         assert chunk, head
         head += chunk
+    return s, head
+
+
+def _ws_handshake(port: int, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    s, head = _ws_request(port, extra)
     assert head.startswith(b"HTTP/1.1 101") and b"Sec-WebSocket-Protocol: binary" in head
     return s, head.split(b"\r\n\r\n", 1)[1]
+
+
+def _log_lines(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_rfb_port_speaks_first_and_takes_no_websocket(vnc_server, caplog):
+    """The VNC port is RFB only: the banner is there before the client says
+    anything, and a browser's upgrade request is a bad RFB version (closed,
+    one line), never a WebSocket."""
+    c = RawClient(vnc_server.port)
+    assert c.recv_exact(12) == b"RFB 003.008\n"
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Origin: http://evil.example\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    c.sock.settimeout(5)
+    rest = b""
+    while chunk := c.sock.recv(4096):
+        rest += chunk
+    assert b"HTTP" not in rest
+    closed_with_log(caplog, c, "protocol version b'GET / HTTP/1'")
+    assert len(_log_lines(caplog, "disconnected")) == 1
+    assert vnc_server.server.websocket_port is None
+    assert_healthy(vnc_server)
+
+
+def test_websocket_port_refuses_unlisted_origin(vnc_server_ws, caplog):
+    """A page from another site: 403, closed, one line telling how to allow it."""
+    s, head = _ws_request(vnc_server_ws.ws_port, b"Origin: http://evil.example:8000\r\n")
+    assert head.startswith(b"HTTP/1.1 403"), head
+    c = RawClient.__new__(RawClient)
+    c.sock = s
+    closed_with_log(caplog, c, "websocket-origin=http://evil.example:8000")
+    lines = _log_lines(caplog, "disconnected")
+    assert len(lines) == 1 and "Origin 'http://evil.example:8000' is not allowed" in lines[0], lines
+    assert vnc_server_ws.call(lambda: vnc_server_ws.server.clients) == []
+    assert_healthy(vnc_server_ws)
+
+
+@pytest.mark.parametrize("origin", [
+    b"null", b"file://", b"javascript:alert(1)", b"http://good.example/path",
+    b"http://good.example.evil.example", b"http://good.example:8443", b"https://good.example",
+    b"http://good.example\r\nOrigin: http://good.example", b"x" * 3000,
+])
+def test_websocket_origin_must_match_exactly(origin, caplog):
+    srv = ServerThread(websocket=True, websocket_origins=("http://good.example",))
+    try:
+        s, head = _ws_request(srv.ws_port, b"Origin: " + origin + b"\r\n")
+        assert head.startswith(b"HTTP/1.1 403"), head
+        c = RawClient.__new__(RawClient)
+        c.sock = s
+        closed_with_log(caplog, c, "WebSocket refused")
+        # Hostile text reaches the log quoted and cut short.
+        assert all(len(line) < 400 and "\n" not in line for line in _log_lines(caplog, "refused"))
+    finally:
+        srv.close()
+
+
+def test_websocket_listed_origin_and_no_origin_connect():
+    """Compared after normalising (case, default port); a program without
+    an Origin header (websockify, python websockets) is not a page."""
+    srv = ServerThread(websocket=True, websocket_origins=("http://good.example",))
+    try:
+        for extra in (b"Origin: HTTP://Good.Example:80\r\n", b"Origin: http://good.example\r\n", b""):
+            s, data = _ws_handshake(srv.ws_port, extra)
+            while len(data) < 2 + 12:
+                data += s.recv(4096)
+            assert data[:14] == b"\x82\x0cRFB 003.008\n"
+            s.close()
+    finally:
+        srv.close()
 
 
 def _frame(payload: bytes, opcode=2, fin=True, mask=True) -> bytes:
@@ -629,9 +712,9 @@ def _frame(payload: bytes, opcode=2, fin=True, mask=True) -> bytes:
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def test_websocket_rfb_with_every_split(vnc_server):
+def test_websocket_rfb_with_every_split(vnc_server_ws):
     from websockets.sync.client import connect
-    with connect(f"ws://127.0.0.1:{vnc_server.port}/", subprotocols=["binary"]) as ws:
+    with connect(f"ws://127.0.0.1:{vnc_server_ws.ws_port}/", subprotocols=["binary"]) as ws:
         assert ws.subprotocol == "binary"
         assert ws.recv(timeout=5) == b"RFB 003.008\n"
         ws.send(b"RFB 003.008\n")
@@ -651,8 +734,8 @@ def test_websocket_rfb_with_every_split(vnc_server):
         assert data[:16] == b"\0\0\0\x01" + struct.pack(">HHHHi", 0, 0, 2, 1, 0)
 
 
-def test_websocket_fragmented_frames(vnc_server):
-    s, data = _ws_handshake(vnc_server.port)
+def test_websocket_fragmented_frames(vnc_server_ws):
+    s, data = _ws_handshake(vnc_server_ws.ws_port)
     msg = b"RFB 003.008\n"
     s.sendall(_frame(msg[:5], fin=False) + _frame(msg[5:9], opcode=0, fin=False) + _frame(msg[9:], opcode=0))
     while len(data) < 2 + 12 + 2:
@@ -665,17 +748,17 @@ def test_websocket_fragmented_frames(vnc_server):
     (lambda s: s.sendall(b"\x82\xff" + struct.pack(">Q", 2 << 20) + b"abcd"), "WebSocket error"),
     (lambda s: s.sendall(_frame(b"RFB 003.008\n", mask=False)), "WebSocket error"),
 ])
-def test_websocket_bad_frames(vnc_server, caplog, attack, text):
-    s, _ = _ws_handshake(vnc_server.port)
+def test_websocket_bad_frames(vnc_server_ws, caplog, attack, text):
+    s, _ = _ws_handshake(vnc_server_ws.ws_port)
     attack(s)
     c = RawClient.__new__(RawClient)
     c.sock = s
     closed_with_log(caplog, c, text)
-    assert_healthy(vnc_server)
+    assert_healthy(vnc_server_ws)
 
 
-def test_websocket_huge_handshake(vnc_server, caplog):
-    s = socket.create_connection(("127.0.0.1", vnc_server.port), timeout=5)
+def test_websocket_huge_handshake(vnc_server_ws, caplog):
+    s = socket.create_connection(("127.0.0.1", vnc_server_ws.ws_port), timeout=5)
     try:
         s.sendall(b"GET / HTTP/1.1\r\nX-Junk: " + b"a" * (1 << 20))
     except (BrokenPipeError, ConnectionResetError):
@@ -683,7 +766,7 @@ def test_websocket_huge_handshake(vnc_server, caplog):
     c = RawClient.__new__(RawClient)
     c.sock = s
     closed_with_log(caplog, c, "WebSocket handshake over")
-    assert_healthy(vnc_server)
+    assert_healthy(vnc_server_ws)
 
 
 # 13 --------------------------------------------------------------------------
@@ -740,3 +823,93 @@ def test_client_not_reading_a_full_queue_is_closed(vnc_server, caplog):
     assert c.closed()
     assert sum("not reading its output" in r.getMessage() for r in caplog.records) == 1
     assert_healthy(vnc_server)
+
+
+# The server speaks first, at once ---------------------------------------------
+class _RecordingTransport:
+    """Just enough of an asyncio transport to see what is written, and when."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_banner_is_written_inside_connection_made():
+    """No sniffing delay: the RFB banner is written before connection_made
+    returns, with no turn of the loop in between."""
+    import asyncio
+
+    from pyxenfb.console import Console
+    from pyxenfb.rfb.listener import Transport
+    from pyxenfb.vnc import VncServer
+
+    async def scenario():
+        console = Console("test", asyncio.get_running_loop())
+        console.set_surface(make_picture(64, 48))
+        server = VncServer(console)
+        client = rfb_server.RfbClient(server, Transport.RFB)
+        transport = _RecordingTransport()
+        client.connection_made(transport)
+        written = list(transport.writes)
+        client.disconnect("test over")
+        return written
+
+    assert asyncio.run(scenario()) == [b"RFB 003.008\n"]
+
+
+def test_websocket_on_follows_the_display_found():
+    """websocket=on with a display search (to=, -vncunused): the WebSocket
+    port is 5700+D for the display D actually bound, so two domains asking
+    for the same display get a port each; a fixed PORT stays fixed."""
+    from pyxenfb.rfb.listener import Transport, VncBindError, bind_vnc
+    for _ in range(20):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        display = busy.getsockname()[1] - 5900
+        if display >= 0 and _port_free(5700 + display + 1) and _port_free(5900 + display + 1):
+            break
+        busy.close()
+    else:
+        pytest.skip("no suitable free ports")
+    try:
+        listeners = bind_vnc("127.0.0.1", display, to_display=display + 1,
+                             websocket_port=5700 + display, websocket_follows=True)
+        try:
+            assert listeners.display == display + 1
+            assert listeners.websocket_port == 5700 + display + 1
+            assert sorted(m.value for _, m in listeners.sockets) == ["rfb", "websocket"]
+            assert all(isinstance(m, Transport) for _, m in listeners.sockets)
+        finally:
+            listeners.close()
+        with pytest.raises(VncBindError, match="out of range"):
+            bind_vnc("127.0.0.1", display, to_display=display + 1,
+                     websocket_port=65535, websocket_follows=True)
+    finally:
+        busy.close()
+
+
+def _port_free(port: int) -> bool:
+    if not 1024 <= port <= 65535:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -351,7 +351,7 @@ def test_listen_range_and_bind_error():
         taken = srv.port
         other = srv.call(lambda: type(srv.server)(srv.console))
         with pytest.raises(VncBindError) as err:
-            srv.run(other.listen("127.0.0.1", taken - 5900, websocket=False))
+            srv.run(other.listen("127.0.0.1", taken - 5900))
         assert str(err.value) == f"VNC: port {taken} on 127.0.0.1 is in use"
         # With a range it moves on to the next free port.
         blocker = socketlib.socket()

@@ -15,7 +15,7 @@ def test_animation_three_clients_one_not_reading_then_resize():
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
             vnc = VncServer(be.console, name="sim")
-            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            port = await vnc.listen("127.0.0.1", 0, to_display=99)
             readers = [RawClient("a"), RawClient("b")]
             for c in readers:
                 await c.connect(port)

@@ -334,13 +334,19 @@ def test_stalled_tls_handshake_is_closed(tls_server, pki):
         c.close()
 
 
-def test_plain_websocket_refused_when_tls_is_configured(tls_server, pki):
-    srv = tls_server(TlsCredentials("x509", pki.dir, False))
-    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+def test_plain_websocket_refused_when_tls_is_configured(tls_server, pki, caplog):
+    """With TLS configured the WebSocket port takes wss:// only: a plain
+    ws:// upgrade is closed unanswered, with one line."""
+    srv = tls_server(TlsCredentials("x509", pki.dir, False), websocket=True)
+    s = socket.create_connection(("127.0.0.1", srv.ws_port), timeout=5)
     try:
-        s.sendall(b"GET /websockify HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        assert s.recv(100) == b""
+        with caplog.at_level(logging.INFO, logger="pyxenfb.rfb"):
+            s.sendall(b"GET /websockify HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert s.recv(100) == b""
+            wait_until(lambda: any("plain ws:// refused" in r.getMessage() for r in caplog.records),
+                       5, "the refusal line")
+        assert sum("disconnected" in r.getMessage() for r in caplog.records) == 1
     finally:
         s.close()
 
@@ -349,12 +355,38 @@ def test_wss_websocket_inside_tls_gets_plain_security(tls_server, pki):
     """A browser's wss://: TLS first, then the WebSocket upgrade, then RFB with
     the plain security types (the TLS around it protects it, as in QEMU)."""
     from websockets.sync.client import connect
-    srv = tls_server(TlsCredentials("x509", pki.dir, False))
+    srv = tls_server(TlsCredentials("x509", pki.dir, False), websocket=True)
     ctx = ssl.create_default_context(cafile=pki.ca)
-    with connect(f"wss://127.0.0.1:{srv.port}/websockify", ssl=ctx, open_timeout=10) as ws:
+    with connect(f"wss://127.0.0.1:{srv.ws_port}/websockify", ssl=ctx, open_timeout=10) as ws:
         assert ws.recv(timeout=10) == b"RFB 003.008\n"
         ws.send(b"RFB 003.008\n")
         assert ws.recv(timeout=10) == b"\x01\x01"
+
+
+def test_wss_origin_checked_inside_tls(tls_server, pki):
+    """The Origin check applies inside wss:// too."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+    srv = tls_server(TlsCredentials("x509", pki.dir, False), websocket=True,
+                     websocket_origins=("https://console.example",))
+    ctx = ssl.create_default_context(cafile=pki.ca)
+    url = f"wss://127.0.0.1:{srv.ws_port}/"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, ssl=ctx, open_timeout=10, origin="https://evil.example")
+    assert refused.value.response.status_code == 403
+    with connect(url, ssl=ctx, open_timeout=10, origin="https://console.example") as ws:
+        assert ws.recv(timeout=10) == b"RFB 003.008\n"
+
+
+def test_rfb_port_takes_no_wss(tls_server, pki):
+    """TLS from the first byte on the VNC port is not a wss:// client: the
+    port speaks RFB (VeNCrypt) only, so the banner came first and a
+    ClientHello is a bad version."""
+    srv = tls_server(TlsCredentials("x509", pki.dir, False), websocket=True)
+    ctx = ssl.create_default_context(cafile=pki.ca)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 # ---------------------------------------------------------------- real viewers
@@ -385,10 +417,12 @@ def test_novnc_over_wss_is_pixel_exact(tls_server, pki, password):
     if (missing := missing_requirement()) is not None:
         pytest.skip(missing)
     from pyxenfb.rfb import encodings as enc
-    srv = tls_server(TlsCredentials("x509", pki.dir, False), password=password)
     browser = NovncBrowser()
     try:
-        result = browser.run_client(srv.port, 800, 600, encodings=[enc.TIGHT], lossless=True,
+        # The page's origin (the test's HTTP server) is the one allowed.
+        srv = tls_server(TlsCredentials("x509", pki.dir, False), password=password,
+                         websocket=True, websocket_origins=(browser.origin,))
+        result = browser.run_client(srv.ws_port, 800, 600, encodings=[enc.TIGHT], lossless=True,
                                     password=password, scheme="wss")
     finally:
         browser.close()

@@ -61,7 +61,7 @@ def test_one_guest_batch_is_one_framebuffer_update():
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
             vnc = VncServer(be.console, name="sim")
-            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            port = await vnc.listen("127.0.0.1", 0, to_display=99)
             client = AsyncRawClient("c")
             await client.connect(port)
             reader = asyncio.create_task(client.read_updates())

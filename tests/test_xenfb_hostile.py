@@ -166,7 +166,7 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             mapping_size = fb.fb_map.array.size
             # A VNC client watches the fuzzed console the whole time.
             vnc = VncServer(console, name="hostile")
-            port = await vnc.listen("127.0.0.1", 0, to_display=99, websocket=False)
+            port = await vnc.listen("127.0.0.1", 0, to_display=99)
             watcher = RawVncClient("watcher")
             await watcher.connect(port)
             reading = asyncio.create_task(watcher.read_updates())

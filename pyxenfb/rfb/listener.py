@@ -6,11 +6,20 @@ libxl's query-vnc) before it loads numpy and the encoders.
 """
 from __future__ import annotations
 
+import enum
 import errno
 import socket
 from dataclasses import dataclass, field
 
 VNC_BASE_PORT = 5900
+
+
+class Transport(enum.Enum):
+    """What a connection speaks under RFB.  The VNC port is RFB only (as in
+    QEMU); a WebSocket is served only on its own port, when asked for."""
+    RFB = "rfb"                 # the VNC port: the server speaks first
+    WEBSOCKET = "websocket"     # the WebSocket port, ws://
+    WSS = "wss"                 # the WebSocket port with TLS configured: wss:// only
 
 
 class VncBindError(Exception):
@@ -22,7 +31,7 @@ class VncListeners:
     host: str
     port: int
     display: int
-    sockets: list[tuple[socket.socket, str]] = field(default_factory=list)  # (socket, mode)
+    sockets: list[tuple[socket.socket, Transport]] = field(default_factory=list)
     websocket_port: int | None = None
 
     def close(self) -> None:
@@ -54,9 +63,12 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def bind_vnc(host: str, display: int, *, to_display: int | None = None, websocket: bool = True,
-             websocket_port: int | None = None) -> VncListeners:
-    """Bind 5900+display (or the first free one up to to_display)."""
+def bind_vnc(host: str, display: int, *, to_display: int | None = None,
+             websocket_port: int | None = None, websocket_follows: bool = False) -> VncListeners:
+    """Bind 5900+display (or the first free one up to to_display) for RFB,
+    and websocket_port (if given) for WebSocket clients only.  With
+    websocket_follows (websocket=on), the WebSocket port moves with the
+    display found: 5700+D for display D."""
     last = max(display, to_display if to_display is not None else display)
     where = host or "all addresses"
     for d in range(display, last + 1):
@@ -68,8 +80,7 @@ def bind_vnc(host: str, display: int, *, to_display: int | None = None, websocke
                 continue
             raise VncBindError(f"VNC: cannot listen on port {port} on {where}: "
                                f"{exc.strerror or exc}") from None
-        mode = "detect" if websocket else "rfb"
-        listeners = VncListeners(host, port, d, [(s, mode) for s in socks])
+        listeners = VncListeners(host, port, d, [(s, Transport.RFB) for s in socks])
         break
     else:
         if last == display:
@@ -77,8 +88,14 @@ def bind_vnc(host: str, display: int, *, to_display: int | None = None, websocke
         raise VncBindError(f"VNC: ports {VNC_BASE_PORT + display}-{VNC_BASE_PORT + last} "
                            f"on {where} are all in use")
     if websocket_port is not None:
+        if websocket_follows:
+            websocket_port += listeners.display - display
+        if websocket_port > 65535:
+            listeners.close()
+            raise VncBindError(f"VNC: WebSocket port {websocket_port} (display :{listeners.display}) "
+                               "out of range")
         try:
-            listeners.sockets += [(s, "websocket") for s in _listen(host, websocket_port)]
+            listeners.sockets += [(s, Transport.WEBSOCKET) for s in _listen(host, websocket_port)]
         except OSError as exc:
             listeners.close()
             raise VncBindError(f"VNC: WebSocket port {websocket_port} on {where}: "

@@ -4,7 +4,9 @@ One `RfbClient` (an asyncio Protocol) per connection feeds the socket's bytes
 to its `ServerConnection`, hands input events to its server's display side,
 and sends FramebufferUpdates when the client has asked for one (or enabled
 continuous updates) and its output queue is short.  Nothing runs on a timer
-except the handshake deadline and the WebSocket sniffing delay.
+except the handshake deadline.  The VNC port speaks RFB only, and the
+server speaks first: its banner goes out as the connection is made.  A
+WebSocket (noVNC) is served only on a port of its own, when asked for.
 
 Updates are encoded beside the loop, as QEMU's VNC worker does: when an
 update begins, the dirty rectangles are copied in the client's pixel format
@@ -37,10 +39,10 @@ from ..region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
-from .listener import VncListeners, bind_vnc
+from .listener import Transport, VncListeners, bind_vnc
 from .states import State
 from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
-from .websocket import WebSocketError, WebSocketStream, looks_like_websocket
+from .websocket import WebSocketError, WebSocketStream
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ HANDSHAKE_TIMEOUT = 10.0        # seconds from connect to ClientInit (QEMU, Tige
 STALL_TIMEOUT = 30.0            # a client with a full output queue must read within this
 MAX_UNAUTHENTICATED = 16        # connections still in the handshake, in all
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8   # ... and from one address (docs/vnc.md, "Threat model")
-WEBSOCKET_SNIFF = 0.1           # how long a silent client may be a browser
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
 # Updates this small are encoded on the loop: a thread hand-off costs more
@@ -128,9 +129,9 @@ class Snapshot:
 class RfbClient(asyncio.Protocol):
     """One connection: transport, handshake, throttling and its updates."""
 
-    def __init__(self, server: "RfbServer", mode: str):
+    def __init__(self, server: "RfbServer", mode: Transport):
         self.server = server
-        self.mode = mode                  # "detect", "rfb" or "websocket"
+        self.mode = Transport(mode)       # a stray string is an error, never a WebSocket
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
         self.ws: WebSocketStream | None = None
@@ -147,7 +148,6 @@ class RfbClient(asyncio.Protocol):
         self._format_logged = False
         self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
         self._timers: list[asyncio.TimerHandle] = []
-        self._sniff: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ connection
@@ -159,14 +159,17 @@ class RfbClient(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.server.budget.info("connect", "VNC: client %s connected", self.peer, what="VNC connections")
         server.make_handshake_room(self)
-        self.conn = self._new_connection(tls=server.tls.kind if server.tls else None)
+        if self.mode is not Transport.RFB and server.tls is not None:
+            self.mode = Transport.WSS    # TLS first, the WebSocket inside it
+        # VeNCrypt on the VNC port; inside wss:// the TLS around the
+        # WebSocket protects it: the plain security types, as in QEMU.
+        self.conn = self._new_connection(
+            tls=server.tls.kind if server.tls and self.mode is Transport.RFB else None)
         self._timers.append(loop.call_later(server.handshake_timeout, self._handshake_expired))
-        if self.mode == "websocket":
-            self.ws = WebSocketStream()
-        elif self.mode == "detect":
-            self._sniff = loop.call_later(server.websocket_sniff, self._start_rfb)
+        if self.mode is Transport.RFB:
+            self._flush()               # the banner, at once: RFB's server speaks first
         else:
-            self._start_rfb()
+            self.ws = WebSocketStream(server.websocket_origins)
 
     def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
         server = self.server
@@ -182,11 +185,6 @@ class RfbClient(asyncio.Protocol):
         server.prepare_connection(conn)
         return conn
 
-    def _start_rfb(self) -> None:
-        self._sniff = None
-        self.mode = "rfb"
-        self._flush()
-
     def _handshake_expired(self) -> None:
         if not self.attached:
             self.disconnect(f"no handshake within {self.server.handshake_timeout:g} s")
@@ -194,30 +192,15 @@ class RfbClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.conn is None:
             return
-        if self.mode == "detect":
-            self._sniff.cancel()
-            if self.server.tls_context is not None and data[:1] == bytes([TLS_RECORD]):
-                # A browser's wss://: TLS first, the WebSocket inside it.
-                self.mode, self.tls = "detect-tls", TlsStream(self.server.tls_context)
-            elif looks_like_websocket(data):
-                if self.server.tls is not None:
-                    self.disconnect("WebSocket without TLS refused (TLS is configured: use wss://)")
-                    return
-                self.mode, self.ws = "websocket", WebSocketStream()
-            else:
-                self._start_rfb()
+        if self.mode is Transport.WSS and self.tls is None:
+            if data[:1] != bytes([TLS_RECORD]):
+                self.disconnect("plain ws:// refused: TLS is configured, connect with wss://")
+                return
+            self.tls = TlsStream(self.server.tls_context)
         if self.tls is not None:
             data = self._tls_receive(data)
             if not data or self.closing:
                 return
-            if self.mode == "detect-tls":
-                if not looks_like_websocket(data):
-                    self.disconnect("TLS from the start is for wss:// only; RFB clients use VeNCrypt")
-                    return
-                # The TLS around the WebSocket protects it: inside, the plain
-                # security types, as QEMU's WebSocket does.
-                self.mode, self.ws = "websocket", WebSocketStream()
-                self.conn = self._new_connection(tls=None)
         if self.ws is not None:
             try:
                 data, reply = self.ws.receive(data)
@@ -319,8 +302,6 @@ class RfbClient(asyncio.Protocol):
                     else "VNC connections closed before ClientInit")
         for timer in self._timers:
             timer.cancel()
-        if self._sniff is not None:
-            self._sniff.cancel()
         if self.attached:
             self.attached = False
             self.server.client_detached(self)
@@ -337,7 +318,7 @@ class RfbClient(asyncio.Protocol):
 
     # ------------------------------------------------------------ output
     def _flush(self) -> None:
-        if self.closing or self.conn is None or self.mode.startswith("detect"):
+        if self.closing or self.conn is None:
             return
         if self.ws is not None and not self.ws.open:
             return
@@ -505,7 +486,8 @@ class RfbServer:
     `mark_dirty`, `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
 
     def __init__(self, *, password: str | None = None, name: str = "QEMU",
-                 max_clients: int = 32, lossy: bool = False, tls: TlsCredentials | None = None):
+                 max_clients: int = 32, lossy: bool = False, tls: TlsCredentials | None = None,
+                 websocket_origins: tuple[str, ...] = ()):
         self.password = password
         self.password_expired = False
         self.name = name
@@ -515,6 +497,9 @@ class RfbServer:
         # server_context raises TlsConfigError (one line) for bad credentials.
         self.tls = tls
         self.tls_context = server_context(tls) if tls is not None else None
+        # Browser pages (their Origin, normalised) that may use the WebSocket
+        # port; none by default.  Clients sending no Origin are not pages.
+        self.websocket_origins = frozenset(websocket_origins)
         self.host = ""
         self.port = 0
         self.display = 0
@@ -526,7 +511,6 @@ class RfbServer:
         self.max_handshakes_per_address = MAX_UNAUTHENTICATED_PER_ADDRESS
         self.stall_timeout = STALL_TIMEOUT
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
-        self.websocket_sniff = WEBSOCKET_SNIFF
         self._servers: list[asyncio.AbstractServer] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool = BufferPool()
@@ -658,10 +642,10 @@ class RfbServer:
                 del pending[victim.host]
 
     async def listen(self, host: str, display: int, *, to_display: int | None = None,
-                     websocket: bool = True, websocket_port: int | None = None) -> int:
-        """Bind 5900+display (searching up to to_display) and serve; returns the port."""
-        listeners = bind_vnc(host, display, to_display=to_display, websocket=websocket,
-                             websocket_port=websocket_port)
+                     websocket_port: int | None = None) -> int:
+        """Bind 5900+display (searching up to to_display) and serve; returns
+        the port.  websocket_port: also serve WebSocket clients there."""
+        listeners = bind_vnc(host, display, to_display=to_display, websocket_port=websocket_port)
         await self.serve(listeners)
         return self.port
 
@@ -675,6 +659,10 @@ class RfbServer:
         self.websocket_port = listeners.websocket_port
         log.info("VNC: listening on %s port %d (display :%d)", listeners.host or "all addresses",
                  self.port, self.display)
+        if self.websocket_port is not None:
+            log.info("VNC: WebSocket (%s) on port %d; browser pages allowed: %s",
+                     "wss://" if self.tls is not None else "ws://", self.websocket_port,
+                     " ".join(sorted(self.websocket_origins)) or "none (websocket-origin=)")
 
     async def close(self) -> None:
         for server in self._servers:

@@ -6,6 +6,10 @@ as libxl would (through `create`), starts the web console
 (`pyxenfb-console`), prints where to point a browser or a VNC viewer, and
 tears everything down on Ctrl-C / SIGTERM (or after --seconds, for scripted
 runs).
+
+A browser reaches the guest through the web console (its own relay, with
+its own origin check and login off loopback), never through a WebSocket on
+pyqemu-dm's VNC port: that port speaks RFB only.
 """
 from __future__ import annotations
 
@@ -23,8 +27,6 @@ from . import toolstack
 
 HOST_READY_TIMEOUT = 15.0
 DOMID = 1
-NOVNC_DIR = "/usr/share/novnc"      # Debian's novnc package
-NOVNC_BASE_PORT = 6080              # + VNC display, as websockify's usual 6080
 CONSOLE_READY_TIMEOUT = 30.0
 
 
@@ -46,15 +48,6 @@ def _start_host(run_dir: str) -> subprocess.Popen:
         host.kill()
         raise toolstack.ToolstackError("the simulated host did not start")
     return host
-
-
-def _serve_novnc(host: str, port: int) -> tuple[subprocess.Popen, int]:
-    """noVNC's pages over HTTP (browsers refuse its modules from file://);
-    it then talks WebSocket straight to pyqemu-dm's VNC port."""
-    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", host, "--directory",
-                            NOVNC_DIR, str(port)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    return web, port
 
 
 def _start_console(run_dir: str, port: int) -> tuple[subprocess.Popen | None, str | None]:
@@ -92,7 +85,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
     vnc_host, display = _parse_vnc(vnc or ":1")
     vfb = f"vnc=1,vncdisplay={display},vnclisten={vnc_host},vncunused=1,sdl={1 if sdl else 0}"
     host = _start_host(run_dir)
-    viewer = web = console = None
+    viewer = console = None
     try:
         result = asyncio.run(toolstack.create_domain(run_dir, DOMID, "demo", memory=32, vfb=vfb,
                                                      animate=True, echo_input=True))
@@ -102,18 +95,15 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
               f"pyqemu-dm serves it on VNC {result.vnc_host}:{port} "
               f"(display :{port - 5900})", flush=True)
         print(f"pyxenfb-sim demo:   vncviewer {result.vnc_host}::{port}", flush=True)
-        if os.path.exists(f"{NOVNC_DIR}/vnc.html"):
-            web = _serve_novnc(result.vnc_host, port - 5900 + NOVNC_BASE_PORT)
-            print(f"pyxenfb-sim demo:   noVNC: http://{result.vnc_host}:{web[1]}/vnc.html?host="
-                  f"{result.vnc_host}&port={port}&autoconnect=1 (WebSocket on the VNC port)",
-                  flush=True)
         if console_port >= 0:
             console, url = _start_console(run_dir, console_port)
             if url:
-                print(f"pyxenfb-sim demo:   web console: {url} (type into the guest's page: "
-                      f"it draws what it receives)", flush=True)
+                print(f"pyxenfb-sim demo:   web console: {url} (for a browser; the guest's "
+                      f"page is {url.rstrip('/')}/domain/{DOMID}/ - type into it: the guest "
+                      f"draws what it receives)", flush=True)
             else:
-                print("pyxenfb-sim demo:   web console did not start", flush=True)
+                print("pyxenfb-sim demo:   web console did not start (browsers reach a guest "
+                      "only through it; use a VNC viewer)", flush=True)
         print(f"pyxenfb-sim demo:   input it receives: pyxenfb-sim input-log --run-dir {run_dir} "
               f"--domid {DOMID} --follow", flush=True)
         if open_viewer:
@@ -123,7 +113,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
         return 0
     finally:
         print("pyxenfb-sim demo: stopping", flush=True)
-        for child in (viewer, web and web[0], console):
+        for child in (viewer, console):
             if child is not None:
                 child.terminate()
         try:
