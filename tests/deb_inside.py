@@ -6,7 +6,8 @@ what it saw; the test on the host side asserts on it.
 It exercises the installed files only: `pyxenfb-sim host`, a domain whose
 device model is /usr/bin/pyqemu-dm (a cold start), the zygote started as its
 socket unit would start it (systemd-socket-activate with the unit's
-ExecStart) and a domain forked through it, then `apt-get remove pyxenfb`
+ExecStart) and a domain forked through it, the console started as its unit
+would start it, then `apt-get remove pyxenfb`
 with both device models running.  The processes it starts are left for the
 host side to kill (it finds them by their root directory), after removal
 there is no pyxenfb-sim to destroy domains with.
@@ -226,7 +227,24 @@ def main() -> None:
     d2["picture"] = same_picture(2, d2["port"])
     result["zygote"] = d2
 
-    # 3. removal with both device models running
+    # 3. the console as its unit starts it (options from /etc/default), on the sim
+    unit = open(os.path.join(UNIT_DIR, "pyxenfb-console.service")).read()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+    defaults = re.search(r"^EnvironmentFile=-?(.*)$", unit, re.M).group(1)
+    console = subprocess.Popen(["sh", "-c", f". {defaults}; exec {exec_start} --port 0 --sim {RUN_DIR}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line(console, 60).strip()
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
+        import urllib.request
+        with urllib.request.urlopen(url.group(1) + "api/domains", timeout=10) as answer:
+            domains = json.load(answer)
+        result["console"] = {"line": line, "domains": sorted(d.get("name") for d in domains)}
+    finally:
+        console.terminate()
+        result.setdefault("console", {})["exit"] = console.wait(10)
+
+    # 4. removal with both device models running
     pids = {"cold": d1["pid"], "standin": d2["standin"], "child": d2["child"]}
     before = {1: vnc_capture(d1["port"]), 2: vnc_capture(d2["port"])}
     done = run("apt-get", "remove", "-y", "pyxenfb",

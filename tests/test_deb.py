@@ -7,7 +7,8 @@ installed there with apt from Debian's archive only, and tests/deb_inside.py
 runs there with the package's own interpreter: `pyqemu-dm --help`, a
 simulated host whose domain's device model is the installed pyqemu-dm (cold),
 the zygote started as its socket unit starts it and a domain forked through
-it (pictures compared: the guest's framebuffer against what VNC serves), then
+it (pictures compared: the guest's framebuffer against what VNC serves), the
+console as its unit starts it, then
 `apt-get remove pyxenfb` with both device models running.
 """
 from __future__ import annotations
@@ -147,6 +148,11 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert forked["child"] and forked["child_ppid"] == report["zygote_pid"], forked["log"]
     assert forked["standin_cmdline"][0] == "/usr/bin/pyqemu-dm"
     assert forked["picture"]["equal"] and forked["picture"]["colours"] > 16, forked["picture"]
+
+    console = report["console"]                 # ExecStart with /etc/default's options
+    assert console["line"].startswith("pyxenfb-console: serving http://127.0.0.1:"), console
+    assert "(2 domains with VNC, sim XenStore)" in console["line"], console
+    assert console["domains"] == ["g1", "g2"] and console["exit"] == 0, console
 
     removed = report["remove"]
     assert removed["rc"] == 0, removed["output"]
