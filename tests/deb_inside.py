@@ -7,7 +7,8 @@ It exercises the installed files only: `pyxenfb-sim host`, a domain whose
 device model is /usr/bin/pyqemu-dm (a cold start), the zygote started as its
 socket unit would start it (systemd-socket-activate with the unit's
 ExecStart) and a domain forked through it, the console started as its unit
-would start it, then `apt-get remove pyxenfb`
+would start it, then an upgrade (`dpkg -i` of the same .deb) and
+`apt-get remove pyxenfb`
 with both device models running.  The processes it starts are left for the
 host side to kill (it finds them by their root directory), after removal
 there is no pyxenfb-sim to destroy domains with.
@@ -244,9 +245,18 @@ def main() -> None:
         console.terminate()
         result.setdefault("console", {})["exit"] = console.wait(10)
 
-    # 4. removal with both device models running
+    # 4. an upgrade (the same .deb again: dpkg runs prerm upgrade, unpacks
+    # over the running files, postinst configure OLD-VERSION), then removal,
+    # both with both device models running
     pids = {"cold": d1["pid"], "standin": d2["standin"], "child": d2["child"]}
     before = {1: vnc_capture(d1["port"]), 2: vnc_capture(d2["port"])}
+    done = run("dpkg", "-i", sys.argv[1], timeout=300)
+    result["upgrade"] = {
+        "rc": done.returncode,
+        "output": done.stdout[-2000:] + done.stderr[-2000:],
+        "alive": {k: alive(p) for k, p in pids.items()},
+        "serving": {d: vnc_capture(p) == before[d] for d, p in ((1, d1["port"]), (2, d2["port"]))},
+    }
     done = run("apt-get", "remove", "-y", "pyxenfb",
                env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=300)
     result["remove"] = {

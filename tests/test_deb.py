@@ -8,8 +8,8 @@ runs there with the package's own interpreter: `pyqemu-dm --help`, a
 simulated host whose domain's device model is the installed pyqemu-dm (cold),
 the zygote started as its socket unit starts it and a domain forked through
 it (pictures compared: the guest's framebuffer against what VNC serves), the
-console as its unit starts it, then
-`apt-get remove pyxenfb` with both device models running.
+console as its unit starts it, then an upgrade (the same .deb again) and
+`apt-get remove pyxenfb`, with both device models running.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
         assert glob.glob(os.path.join(root, "etc/systemd/system/*.target.wants", unit)), unit
     assert not glob.glob(os.path.join(root, "etc/systemd/system/*/pyxenfb-console.service"))
 
-    done = run(VENV_PYTHON, "/tmp/deb_inside.py", timeout=900)
+    done = run(VENV_PYTHON, "/tmp/deb_inside.py", f"/tmp/{deb.name}", timeout=900)
     report = json.loads(done.stdout)
     assert "error" not in report, report["error"]
     assert report["help"] == {"rc": 0, "first": ["usage: pyqemu-dm [options]"]}
@@ -153,6 +153,12 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert console["line"].startswith("pyxenfb-console: serving http://127.0.0.1:"), console
     assert "(2 domains with VNC, sim XenStore)" in console["line"], console
     assert console["domains"] == ["g1", "g2"] and console["exit"] == 0, console
+
+    upgraded = report["upgrade"]
+    assert upgraded["rc"] == 0, upgraded["output"]
+    assert "Preparing to unpack" in upgraded["output"] and "Setting up pyxenfb" in upgraded["output"]
+    assert upgraded["alive"] == {"cold": True, "standin": True, "child": True}
+    assert upgraded["serving"] == {"1": True, "2": True}
 
     removed = report["remove"]
     assert removed["rc"] == 0, removed["output"]
