@@ -7,11 +7,10 @@ It exercises the installed files only: `pyxenfb-sim host`, a domain whose
 device model is /usr/bin/pyqemu-dm (a cold start), the zygote started as its
 socket unit would start it (systemd-socket-activate with the unit's
 ExecStart) and a domain forked through it, the console started as its unit
-would start it, then an upgrade (`dpkg -i` of the same .deb) and
-`apt-get remove pyxenfb`
-with both device models running.  The processes it starts are left for the
-host side to kill (it finds them by their root directory), after removal
-there is no pyxenfb-sim to destroy domains with.
+would start it, then an upgrade (`dpkg -i` of the same .deb) and `apt-get
+remove pyxenfb` with both device models running.  The processes it starts are
+left for the host side to kill (it finds them by their root directory):
+after removal there is no pyxenfb-sim to destroy domains with.
 """
 from __future__ import annotations
 
@@ -219,7 +218,11 @@ def main() -> None:
         probe.connect(listen)                               # activates the service
         result["zygote_ready"] = read_line(zygote, 120).strip()
     result["zygote_pid"] = zygote.pid
-    d2 = create(2, dict(os.environ, PYXENFB_ZYGOTE=listen))
+    # The launcher's default socket (/var/run/xen/..., /run/xen/... on Debian)
+    # is the unit's; the sim's create turns the zygote off unless told.
+    from pyxenfb.standin import DEFAULT_SOCKET
+    result["default_socket"] = [DEFAULT_SOCKET, os.path.realpath(DEFAULT_SOCKET)]
+    d2 = create(2, dict(os.environ, PYXENFB_ZYGOTE=DEFAULT_SOCKET))
     d2["standin"] = asyncio.run(_dm_pid(2))
     m = FORKED.search(d2["log"])
     d2["child"] = int(m.group(2)) if m else None

@@ -145,6 +145,9 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert report["zygote_ready"].startswith(
         "pyxenfb-zygote: ready on /run/xen/pyxenfb-zygote.sock (socket from systemd)")
     forked = report["zygote"]
+    default, resolved = report["default_socket"]     # the launcher's default is the unit's socket
+    assert resolved == report["zygote_listen"], report["default_socket"]
+    assert f"zygote {default} forked" in forked["log"], forked["log"]
     assert forked["child"] and forked["child_ppid"] == report["zygote_pid"], forked["log"]
     assert forked["standin_cmdline"][0] == "/usr/bin/pyqemu-dm"
     assert forked["picture"]["equal"] and forked["picture"]["colours"] > 16, forked["picture"]
