@@ -157,6 +157,8 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert "(2 domains with VNC, sim XenStore)" in console["line"], console
     assert console["domains"] == ["g1", "g2"] and console["exit"] == 0, console
 
+    assert report["written"] == [], report["written"]     # no .pyc written at run time
+
     upgraded = report["upgrade"]
     assert upgraded["rc"] == 0, upgraded["output"]
     assert "Preparing to unpack" in upgraded["output"] and "Setting up pyxenfb" in upgraded["output"]
