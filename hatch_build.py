@@ -24,7 +24,10 @@ def build(root: str, python: str | None = None) -> str | None:
     target = os.path.join(root, TARGET)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".partial"
-    command = [cc, "-O2", "-Wall", "-o", partial, os.path.join(root, SOURCE)]
+    # $CFLAGS / $LDFLAGS as a C build takes them (debian/rules passes
+    # dpkg-buildflags' hardening flags this way)
+    flags = os.environ.get("CFLAGS", "").split() + os.environ.get("LDFLAGS", "").split()
+    command = [cc, "-O2", "-Wall", *flags, "-o", partial, os.path.join(root, SOURCE)]
     if python:
         command[1:1] = [f'-DPYTHON="{python}"']
     done = subprocess.run(command, capture_output=True, text=True)

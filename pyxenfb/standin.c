@@ -52,8 +52,15 @@
 #define MAX_FD_NUMBER 1023
 #define PROG "pyqemu-dm"
 
-#ifndef PYTHON
-#define PYTHON "python3"        /* the cold start's interpreter, unless PYXENFB_PYTHON says */
+/* The cold start's interpreter: $PYXENFB_PYTHON, else -DPYTHON=... given at
+ * build time (scripts/setup, the Debian package), else the interpreter of the
+ * venv this binary is installed in (a wheel's build can't know it: pipx),
+ * else python3 from PATH. */
+#ifdef PYTHON
+#define PYTHON_BUILT_IN 1
+#else
+#define PYTHON_BUILT_IN 0
+#define PYTHON "python3"
 #endif
 
 extern char **environ;
@@ -623,10 +630,42 @@ static int handshake(const char *path, int explicit_path, int argc, char **argv,
     return sock;
 }
 
+/* VENV/bin/python when this binary is VENV/lib[64]/pythonX.Y/site-packages/
+ * pyxenfb/bin/pyqemu-dm and VENV/pyvenv.cfg exists; else 0. */
+static int own_venv_python(char *out, size_t size)
+{
+    char path[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
+    if (n <= 0)
+        return 0;
+    path[n] = 0;
+    static const char *const expect[] = {"pyqemu-dm", "bin", "pyxenfb", "site-packages", "python", "lib"};
+    for (size_t i = 0; i < sizeof expect / sizeof *expect; i++) {
+        char *slash = strrchr(path, '/');
+        if (!slash || slash == path)
+            return 0;
+        const char *base = slash + 1;
+        int ok = i == 4 ? !strncmp(base, "python", 6)
+                 : i == 5 ? !strcmp(base, "lib") || !strcmp(base, "lib64")
+                 : !strcmp(base, expect[i]);
+        if (!ok)
+            return 0;
+        *slash = 0;
+    }
+    char cfg[PATH_MAX + 16];
+    snprintf(cfg, sizeof cfg, "%s/pyvenv.cfg", path);
+    if ((size_t)snprintf(out, size, "%s/bin/python", path) >= size)
+        return 0;
+    return access(cfg, R_OK) == 0 && access(out, X_OK) == 0;
+}
+
 static int cold_start(int argc, char **argv, const sigset_t *original)
 {
     sigprocmask(SIG_SETMASK, original, NULL);
     const char *python = getenv(ENV_PYTHON);
+    static char own[PATH_MAX];
+    if ((!python || !*python) && !PYTHON_BUILT_IN && own_venv_python(own, sizeof own))
+        python = own;
     if (!python || !*python)
         python = PYTHON;
     /* `python3 -m pyxenfb.cli` runs the package this binary was built into:

@@ -99,6 +99,7 @@ class Zygote:
         self.wake_r = self.wake_w = -1
         self.stopping = False
         self.served = 0
+        self.inherited = False          # the socket came from systemd: its path is not ours to remove
 
     # -- start-up --
     @staticmethod
@@ -121,6 +122,22 @@ class Zygote:
         try:
             from .sim import guestmem  # noqa: F401  (the sim platform's memory)
         except ImportError:
+            pass
+
+    def adopt(self, fd: int) -> None:
+        """Listen on a socket passed by systemd (socket activation) instead of binding."""
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            sock.detach()
+            raise OSError(f"fd {fd} from systemd is not a unix SOCK_SEQPACKET socket "
+                          "(ListenSequentialPacket= in the .socket unit)")
+        os.set_inheritable(fd, False)       # the children's execs must not keep it
+        sock.setblocking(False)
+        self.listener = sock
+        self.inherited = True
+        try:
+            self.path = sock.getsockname() or self.path
+        except OSError:
             pass
 
     def bind(self) -> None:
@@ -204,10 +221,11 @@ class Zygote:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            if not self.inherited:          # systemd's socket stays for the next activation
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
 
     # -- connections --
     def _accept(self) -> None:
@@ -459,6 +477,23 @@ def _setns(fd: int, nstype: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds() -> list[int]:
+    """The sockets systemd passed (sd_listen_fds(3): LISTEN_PID, LISTEN_FDS from fd 3).
+
+    The variables are removed either way, so that nothing this process starts
+    takes them for its own."""
+    pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or not pid.isdigit() or int(pid) != os.getpid():
+        return []
+    if not count.isdigit():
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`pyxenfb-zygote [--socket PATH]`: warm up, then serve until SIGTERM."""
     # Before numpy: OpenBLAS would start threads at import, and a process
@@ -467,9 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="pyxenfb-zygote", description=main.__doc__.split(":")[0])
     ap.add_argument("--socket", default=DEFAULT_SOCKET,
-                    help=f"unix socket to listen on (default {DEFAULT_SOCKET})")
+                    help=f"unix socket to listen on (default {DEFAULT_SOCKET}); a socket "
+                         "passed by systemd (LISTEN_FDS, a .socket unit) is used instead")
     args = ap.parse_args(argv)
+    passed = listen_fds()
     zygote = Zygote(args.socket)
+    if len(passed) > 1:
+        zygote.log(f"systemd passed {len(passed)} sockets; expected one")
+        return 1
     started = time.monotonic()
     from .malloc import limit_arenas
     limit_arenas()              # as cli.main does: the children inherit it done
@@ -490,12 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     malloc.trim()               # the warm-up's freed memory: not kept resident for every child
     gc.freeze()                 # the warm heap stays out of every child's collections: shared pages
     try:
-        zygote.bind()
+        if passed:
+            zygote.adopt(passed[0])
+        else:
+            zygote.bind()
     except OSError as e:
         zygote.log(f"cannot listen on {args.socket}: {e.strerror or e}")
         return 1
+    how = " (socket from systemd)" if zygote.inherited else ""
     # On stdout (problems go to stderr): whoever started us waits for this line.
-    print(f"pyxenfb-zygote: ready on {args.socket} (warmed up in "
+    print(f"pyxenfb-zygote: ready on {zygote.path}{how} (warmed up in "
           f"{time.monotonic() - started:.2f} s, pid {os.getpid()})", flush=True)
     code = zygote.serve()
     print(f"pyxenfb-zygote: stopped after serving {zygote.served} device models; "

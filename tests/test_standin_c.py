@@ -282,3 +282,50 @@ def test_an_environment_too_big_for_one_request_is_a_cold_start(tmp_path):
         fake.close()
     assert done.stderr == "pyqemu-dm: zygote: request exceeds 131072 bytes; cold start\n"
     assert done.stdout.startswith("cold: -m pyxenfb.cli -version\n")
+
+
+# ---- which interpreter a cold start runs -------------------------------------------------
+
+def _fake_python(path: Path, record: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$0 $*" > {record}\n')
+    path.chmod(0o755)
+
+
+def _cold_start(launcher: Path, record: Path, **env: str) -> str:
+    record.unlink(missing_ok=True)
+    base = {"PATH": os.environ["PATH"], "PYXENFB_ZYGOTE": "off"}
+    done = subprocess.run([str(launcher), "-d", "5"], env={**base, **env}, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return record.read_text().strip()
+
+
+def test_a_cold_start_runs_the_interpreter_of_the_venv_it_is_installed_in():
+    """A wheel's launcher (pipx) can't have its interpreter compiled in: it
+    finds VENV/bin/python from its own path; -DPYTHON and $PYXENFB_PYTHON
+    still come first, and outside a venv it is python3 from PATH."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pyxfb-venv-") as tmp:
+        tmp = Path(tmp)
+        venv, record = tmp / "venv", tmp / "ran"
+        launcher = venv / "lib" / "python3.11" / "site-packages" / "pyxenfb" / "bin" / "pyqemu-dm"
+        launcher.parent.mkdir(parents=True)
+        (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        _fake_python(venv / "bin" / "python", record)
+        _fake_python(tmp / "path" / "python3", record)
+        _fake_python(tmp / "other" / "python", record)
+        path = f"{tmp / 'path'}:{os.environ['PATH']}"
+
+        def build(*defines: str) -> None:
+            subprocess.run(["cc", "-O2", *defines, "-o", str(launcher), str(SOURCE)], check=True)
+
+        build()
+        assert _cold_start(launcher, record, PATH=path) == f"{venv}/bin/python -m pyxenfb.cli -d 5"
+        assert _cold_start(launcher, record, PATH=path, PYXENFB_PYTHON=str(tmp / "other" / "python")) \
+            == f"{tmp}/other/python -m pyxenfb.cli -d 5"
+        (venv / "pyvenv.cfg").unlink()              # not a venv: python3 from PATH, as before
+        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/path/python3 -m pyxenfb.cli -d 5"
+        (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        build(f'-DPYTHON="{tmp}/other/python"')     # scripts/setup's and the package's way
+        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/other/python -m pyxenfb.cli -d 5"

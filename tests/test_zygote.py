@@ -471,3 +471,48 @@ def test_malformed_requests_are_refused_and_the_zygote_keeps_serving(lone_zygote
         assert "no request within" in json.loads(idle.recv(4096))["error"]
     assert len(os.listdir(f"/proc/{proc.pid}/fd")) <= 8        # nothing leaked
     assert len(os.listdir(f"/proc/{proc.pid}/task")) == 1
+
+
+# ---- socket activation (the pyxenfb-zygote.socket unit) ----------------------------------
+
+def test_listen_fds_takes_only_sockets_meant_for_this_process(monkeypatch):
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_PID", str(os.getppid()))     # another process's (inherited) sockets
+    assert zygote.listen_fds() == []
+    assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDNAMES", "a:b")
+    assert zygote.listen_fds() == [3, 4]
+    assert not {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"} & set(os.environ)
+    assert zygote.listen_fds() == []
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="needs systemd-socket-activate")
+def test_socket_activated_zygote_serves_a_domain_and_leaves_systemds_socket(host):
+    sock = os.path.join(host, "zygote.sock")        # where the sim's create looks for a zygote
+    proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-l", sock, "--",
+                             sys.executable, "-m", "pyxenfb.zygote"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: os.path.exists(sock), 10, "systemd-socket-activate to listen")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            probe.connect(sock)                     # the first connection starts the zygote
+            line = read_line(proc, ZYGOTE_START_TIMEOUT)
+        assert line.startswith(f"pyxenfb-zygote: ready on {sock} (socket from systemd)"), line
+        assert _zygote_pid(sock) == proc.pid        # exec'd in place, on the passed socket
+        res = _create(host, 21)
+        child = _child_of(res.dm_log)
+        assert _ppid(child) == proc.pid
+        assert _vnc_handshake(res.vnc_port) == (320, 200)
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert os.path.exists(sock)                 # systemd's, kept for the next activation
+        assert not _dead(child) and not _dead(res.dm_pid)
+        assert asyncio.run(_qmp(host, 21, "query-status"))["status"] == "running"
+        asyncio.run(toolstack.destroy_domain(host, 21))
+        wait_until(lambda: _dead(child), 10, "the device model to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

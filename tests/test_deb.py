@@ -1,0 +1,173 @@
+"""The Debian package (issue 23, docs/install.md) in a fresh Debian 12 root.
+
+Not run by default (`-m deb`; scripts/deb-tier runs it).  Uses the .deb named
+by $PYXENFB_DEB, else builds one with scripts/build-deb.  The root comes
+from ../shared/tools/fresh-debian-root (mmdebstrap; needs root), the .deb is
+installed there with apt from Debian's archive only, and tests/deb_inside.py
+runs there with the package's own interpreter: `pyqemu-dm --help`, a
+simulated host whose domain's device model is the installed pyqemu-dm (cold),
+the zygote started as its socket unit starts it and a domain forked through
+it (pictures compared: the guest's framebuffer against what VNC serves), the
+console as its unit starts it, then an upgrade (the same .deb again) and
+`apt-get remove pyxenfb`, with both device models running.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.deb, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = "/usr/lib/pyxenfb/venv/bin/python"
+UNITS = ["pyxenfb-zygote.socket", "pyxenfb-zygote.service", "pyxenfb-console.service"]
+
+
+def _fresh_root_tool() -> str:
+    for candidate in (os.environ.get("FRESH_DEBIAN_ROOT"), "/work/shared/tools/fresh-debian-root",
+                      str(ROOT.parent / "shared" / "tools" / "fresh-debian-root")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("no fresh-debian-root (../shared/tools)")
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    named = os.environ.get("PYXENFB_DEB")
+    if named:
+        return Path(named).resolve()
+    subprocess.run([str(ROOT / "scripts" / "build-deb")], check=True, timeout=1500)
+    version = subprocess.run(["dpkg-parsechangelog", "-S", "Version"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    return ROOT / "dist" / f"pyxenfb_{version}_amd64.deb"
+
+
+def _processes_in(root: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                where = os.readlink(f"/proc/{entry}/root")
+            except OSError:
+                continue
+            if where == root or where.startswith(root + "/"):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def debian_root():
+    if os.geteuid() != 0:
+        pytest.skip("fresh-debian-root needs root")
+    tool = _fresh_root_tool()
+    base = tempfile.mkdtemp(prefix="pyxenfb-deb-", dir="/var/tmp")
+    root = os.path.join(base, "root")
+    subprocess.run([tool, "make", root], check=True, stdout=subprocess.DEVNULL, timeout=600)
+
+    def run(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([tool, "run", root, *argv], capture_output=True, text=True,
+                              timeout=timeout)
+    try:
+        yield root, run
+    finally:
+        for pid in _processes_in(root):         # what the test started in there
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        while _processes_in(root) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftover = _processes_in(root)
+        subprocess.run([tool, "rm", root], timeout=300)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not leftover, f"processes left in the root: {leftover}"
+
+
+def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, debian_root):
+    root, run = debian_root
+    assert deb.is_file(), deb
+    shutil.copy(deb, os.path.join(root, "tmp", deb.name))
+    shutil.copy(ROOT / "tests" / "deb_inside.py", os.path.join(root, "tmp", "deb_inside.py"))
+
+    # Installs from Debian's archive alone: every new package but ours has a
+    # Debian candidate, and nothing is fetched from PyPI (no pip in the root).
+    installed = ["dpkg-query", "-W", "-f", "${Package}\\n"]
+    before = set(run(*installed).stdout.split())
+    done = run("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+               f"apt-get install -y --no-install-recommends /tmp/{deb.name}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(set(run(*installed).stdout.split()) - before - {"pyxenfb"})
+    assert "python3" in names and "libxenevtchn1" in names, names
+    madison = run("apt-cache", "madison", *names).stdout
+    from_debian = {line.split("|")[0].strip() for line in madison.splitlines()
+                   if "debian" in line.split("|")[2]}
+    assert set(names) <= from_debian, set(names) - from_debian
+    assert run("sh", "-c", "command -v pip pip3").stdout == ""
+    imports = run(VENV_PYTHON, "-c", "import numpy, PIL, pygame, zlib_ng, aiohttp, websockets, "
+                  "Crypto, cffi, pyxs, pyxenfb.cli, pyxenfb.zygote, pyxenfb.hostconsole.cli")
+    assert imports.returncode == 0, imports.stderr
+
+    # The man page, and the units as systemd reads them (systemd for
+    # systemd-analyze and systemd-socket-activate, after our install).
+    assert os.path.exists(os.path.join(root, "usr/share/man/man1/pyqemu-dm.1.gz"))
+    done = run("sh", "-c", "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+               "--no-install-recommends systemd >/dev/null")
+    assert done.returncode == 0, done.stderr[-3000:]
+    verify = run("systemd-analyze", "verify", *[f"/lib/systemd/system/{u}" for u in UNITS])
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+    for unit in ("pyxenfb-zygote.socket", "pyxenfb-zygote.service"):     # enabled on install
+        assert glob.glob(os.path.join(root, "etc/systemd/system/*.target.wants", unit)), unit
+    assert not glob.glob(os.path.join(root, "etc/systemd/system/*/pyxenfb-console.service"))
+
+    done = run(VENV_PYTHON, "/tmp/deb_inside.py", f"/tmp/{deb.name}", timeout=900)
+    report = json.loads(done.stdout)
+    assert "error" not in report, report["error"]
+    assert report["help"] == {"rc": 0, "first": ["usage: pyqemu-dm [options]"]}
+    assert report["pyqemu_dm"].startswith("/usr/lib/pyxenfb/venv/lib/python3.11/site-packages/")
+
+    cold = report["cold"]                       # the C launcher's cold start: the package's Python
+    assert cold["cmdline"][:3] == [VENV_PYTHON, "-m", "pyxenfb.cli"], cold["cmdline"]
+    assert "zygote" not in cold["log"]
+    assert cold["picture"]["equal"] and cold["picture"]["size"] == [800, 600]
+    assert cold["picture"]["colours"] > 16, cold["picture"]
+
+    assert report["zygote_listen"] == "/run/xen/pyxenfb-zygote.sock"
+    assert report["zygote_ready"].startswith(
+        "pyxenfb-zygote: ready on /run/xen/pyxenfb-zygote.sock (socket from systemd)")
+    forked = report["zygote"]
+    default, resolved = report["default_socket"]     # the launcher's default is the unit's socket
+    assert resolved == report["zygote_listen"], report["default_socket"]
+    assert f"zygote {default} forked" in forked["log"], forked["log"]
+    assert forked["child"] and forked["child_ppid"] == report["zygote_pid"], forked["log"]
+    assert forked["standin_cmdline"][0] == "/usr/bin/pyqemu-dm"
+    assert forked["picture"]["equal"] and forked["picture"]["colours"] > 16, forked["picture"]
+
+    console = report["console"]                 # ExecStart with /etc/default's options
+    assert console["line"].startswith("pyxenfb-console: serving http://127.0.0.1:"), console
+    assert "(2 domains with VNC, sim XenStore)" in console["line"], console
+    assert console["domains"] == ["g1", "g2"] and console["exit"] == 0, console
+
+    assert report["written"] == [], report["written"]     # no .pyc written at run time
+
+    upgraded = report["upgrade"]
+    assert upgraded["rc"] == 0, upgraded["output"]
+    assert "Preparing to unpack" in upgraded["output"] and "Setting up pyxenfb" in upgraded["output"]
+    assert upgraded["alive"] == {"cold": True, "standin": True, "child": True}
+    assert upgraded["serving"] == {"1": True, "2": True}
+
+    removed = report["remove"]
+    assert removed["rc"] == 0, removed["output"]
+    assert "Removing pyxenfb" in removed["output"]
+    assert not removed["venv_left"] and not removed["bin_left"]
+    assert removed["alive"] == {"cold": True, "standin": True, "child": True}
+    assert removed["serving"] == {"1": True, "2": True}     # the same picture over VNC as before
