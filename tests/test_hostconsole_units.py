@@ -139,19 +139,33 @@ def test_password_file_roundtrip_and_garbage():
             auth.PasswordHash.parse(bad)
 
 
-def test_rate_limit_doubles_after_the_free_failures():
-    rl = auth.RateLimit(free=3, base=1.0, cap=8.0)
+def test_login_throttle_counts_attempts_in_flight_then_doubles_to_a_low_cap():
+    now = [100.0]
+    rl = auth.LoginThrottle(free=3, base=1.0, cap=8.0, clock=lambda: now[0])
+    # Parallel: three admitted before any finished, the fourth must wait.
+    assert [rl.begin("a") for _ in range(3)] == [0, 0, 0]
+    assert rl.begin("a") >= 1
     for _ in range(3):
-        rl.failed("a")
-        assert rl.retry_after("a") == 0
-    waits = []
+        rl.end("a", False)
+    waits = [round(rl.retry_after("a"))]
     for _ in range(5):
-        rl.failed("a")
+        now[0] += rl.retry_after("a")
+        assert rl.begin("a") == 0
+        assert rl.begin("a") >= 1               # one at a time past the free ones
+        rl.end("a", False)
         waits.append(round(rl.retry_after("a")))
-    assert waits == [1, 2, 4, 8, 8]
-    assert rl.retry_after("b") == 0
-    rl.succeeded("a")
+    assert waits == [1, 2, 4, 8, 8, 8]
+    assert rl.retry_after("b") == 0             # other addresses are not affected
+    # The delay decays: one failure forgiven per `cap` seconds of quiet ...
+    now[0] += 8 * 5
     assert rl.retry_after("a") == 0
+    assert rl.begin("a") == 0
+    rl.end("a", True)                           # ... and a success forgets the address
+    assert rl._entries == {}
+    assert [rl.begin("a") for _ in range(3)] == [0, 0, 0]
+    for _ in range(3):
+        rl.end("a", None)                       # no verdict: nothing counted
+    assert rl._entries == {}
 
 
 def test_sessions_expire_and_are_random(monkeypatch):
