@@ -463,10 +463,10 @@ def test_refuses_other_addresses_without_tls_in_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "without TLS and a login" in r.stderr, r.stderr
 
 
-def _login_opener(ca: str):
+def _login_opener(ca: str | None):
     import http.cookiejar
     import ssl
-    ctx = ssl.create_default_context(cafile=ca)
+    ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
     jar = http.cookiejar.CookieJar()
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -711,3 +711,98 @@ def test_demo_starts_the_console_and_prints_its_url():
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+
+
+# ---- sessions end their consoles (issue 21 item 7) ------------------------------------
+
+def _login_cookie(base: str, password: str) -> str:
+    """POST /login as the login form does; returns 'pyxenfb_console=TOKEN'."""
+    opener, _ = _login_opener(None)
+    status, headers = _post(opener, f"{base}/login", {"password": password, "next": "/"}, base)
+    assert status == 302 and headers["Location"] == "/", (status, dict(headers))
+    return headers["Set-Cookie"].split(";", 1)[0]
+
+
+def _relay_ws(base: str, cookie: str, domid: int):
+    """A WebSocket to the relay with the session cookie (a context manager)."""
+    from websockets.sync.client import connect
+    return connect(base.replace("http://", "ws://") + f"/domain/{domid}/websockify", origin=base,
+                   additional_headers={"Cookie": cookie}, proxy=None, open_timeout=10)
+
+
+def _rfb_handshake(ws) -> tuple[int, int]:
+    """RFB 3.8 with security None through the relay, up to ServerInit: (width, height)."""
+    got = b""
+
+    def take(n: int) -> bytes:
+        nonlocal got
+        while len(got) < n:
+            got += ws.recv(timeout=10)
+        out, got = got[:n], got[n:]
+        return out
+    assert take(12) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    count = take(1)[0]
+    assert 1 in take(count)
+    ws.send(b"\x01")
+    assert take(4) == b"\0\0\0\0"
+    ws.send(b"\x01")                                    # shared
+    width, height, _, name_len = struct.unpack(">HH16sI", take(24))
+    take(name_len)
+    return width, height
+
+
+def _closed_within(ws, seconds: float) -> float:
+    """Seconds until the server closed the WebSocket (fails after `seconds`)."""
+    from websockets.exceptions import ConnectionClosed
+    t0 = time.monotonic()
+    while True:
+        left = seconds - (time.monotonic() - t0)
+        assert left > 0, f"relay still open after {seconds} s"
+        try:
+            ws.recv(timeout=left)                       # updates nobody asked for: none come
+        except ConnectionClosed:
+            return time.monotonic() - t0
+        except TimeoutError:
+            raise AssertionError(f"relay still open after {seconds} s") from None
+
+
+def test_logout_and_expiry_close_the_sessions_relays(sim, tmp_path):
+    from pyxenfb.hostconsole.auth import hash_password
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("open sesame") + "\n")
+    ttl = 4.0
+    console = ConsoleProcess(sim.run_dir, "--password-file", str(pw_file), "--session-ttl", str(ttl))
+    try:
+        base = console.url
+        # Logout: the relay opened before is closed, the token refused.
+        cookie = _login_cookie(base, "open sesame")
+        with _relay_ws(base, cookie, 1) as ws:
+            assert _rfb_handshake(ws) == SIZES[1]
+            opener, _ = _login_opener(None)
+            req = urllib.request.Request(f"{base}/logout", data=b"", method="POST",
+                                         headers={"Cookie": cookie, "Origin": base})
+            try:
+                opener.open(req, timeout=10)
+            except urllib.error.HTTPError as e:
+                assert e.code == 302
+            took = _closed_within(ws, 5.0)
+            assert ws.close_code == 1008, ws.close_code
+        assert get(f"{base}/api/domains", headers={"Cookie": cookie})[0] == 401
+        # Expiry: a fresh session's relay ends when the session does.
+        cookie = _login_cookie(base, "open sesame")
+        t_login = time.monotonic()
+        with _relay_ws(base, cookie, 2) as ws:
+            _rfb_handshake(ws)
+            _closed_within(ws, ttl + 5.0)
+            lived = time.monotonic() - t_login
+        print(f"relay closed {took * 1000:.0f} ms after logout; a {ttl:.0f} s session's relay "
+              f"closed {lived:.1f} s after login")
+        assert ttl - 1 <= lived <= ttl + 3
+        assert get(f"{base}/api/domains", headers={"Cookie": cookie})[0] == 401
+        # The legitimate path still works: log in again, relay again.
+        with _relay_ws(base, _login_cookie(base, "open sesame"), 1) as ws:
+            assert _rfb_handshake(ws) == SIZES[1]
+    finally:
+        log = console.close()
+    assert "session ended" in log

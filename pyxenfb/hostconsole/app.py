@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web, web_response
 
 from ..logbudget import LogBudget
-from .auth import COOKIE, LoginThrottle, PasswordHash, Sessions
+from .auth import COOKIE, SESSION_TTL, LoginThrottle, PasswordHash, Sessions
 from .domains import Domain, DomainDirectory
 from .relay import relay
 from .thumbnails import ThumbnailService
@@ -104,7 +105,8 @@ class ConsoleApp:
         self.settings = settings
         self.thumbs = ThumbnailService(settings.thumb_interval, settings.thumb_idle)
         directory.subscribe(lambda domid: self.thumbs.domain_changed(domid, directory.domains.get(domid)))
-        self.sessions = Sessions(session_ttl) if session_ttl else Sessions()
+        self.sessions = Sessions(session_ttl or SESSION_TTL, on_end=self._session_ended)
+        self.session_relays: dict[str, set[asyncio.Event]] = {}   # token -> its relays' stop
         self.limits = LoginThrottle()
         self.budget = LogBudget(log)
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="console-scrypt")
@@ -252,12 +254,32 @@ class ConsoleApp:
         await ws.prepare(request)
         label = f"{request.remote} -> domain {domain.domid} ({domain.name})"
         log.info("console: %s: relaying to VNC %s:%d", label, domain.vnc_host, domain.vnc_port)
+        # A relay lives no longer than the session that opened it: logout, eviction
+        # (_session_ended) and expiry (the timer) stop it.
+        stop, expiry_timer = asyncio.Event(), None
+        token = request.cookies.get(COOKIE) if self.settings.password is not None else None
+        if token:
+            self.session_relays.setdefault(token, set()).add(stop)
+            expiry = self.sessions.expiry(token)
+            left = 0.0 if expiry is None else max(0.0, expiry - time.monotonic())
+            expiry_timer = asyncio.get_running_loop().call_later(left, stop.set)
         self.relays += 1
         try:
-            await relay(ws, domain.vnc_host, domain.vnc_port, label)
+            await relay(ws, domain.vnc_host, domain.vnc_port, label, stop)
         finally:
             self.relays -= 1
+            if expiry_timer is not None:
+                expiry_timer.cancel()
+            if token:
+                stops = self.session_relays.get(token, set())
+                stops.discard(stop)
+                if not stops:
+                    self.session_relays.pop(token, None)
         return ws
+
+    def _session_ended(self, token: str) -> None:
+        for stop in self.session_relays.pop(token, ()):
+            stop.set()
 
     # ---- login ----------------------------------------------------------
     async def login_page(self, request: web.Request) -> web.StreamResponse:

@@ -86,15 +86,19 @@ class PasswordHash:
 
 
 class Sessions:
-    def __init__(self, ttl: float = SESSION_TTL):
+    """`on_end(token)` is called when a session is dropped (logout) or evicted, so
+    what it opened (relays) can end with it; expiry is `expiry(token)`."""
+
+    def __init__(self, ttl: float = SESSION_TTL, on_end=None):
         self.ttl = ttl
+        self.on_end = on_end
         self._tokens: dict[str, float] = {}     # token -> expiry (monotonic)
 
     def new(self) -> str:
         now = time.monotonic()
         self._tokens = {t: e for t, e in self._tokens.items() if e > now}
         while len(self._tokens) >= MAX_SESSIONS:            # oldest out
-            self._tokens.pop(min(self._tokens, key=self._tokens.get))
+            self._end(min(self._tokens, key=self._tokens.get))
         token = secrets.token_urlsafe(32)
         self._tokens[token] = now + self.ttl
         return token
@@ -103,8 +107,18 @@ class Sessions:
         expiry = self._tokens.get(token or "")
         return expiry is not None and expiry > time.monotonic()
 
+    def expiry(self, token: str | None) -> float | None:
+        """When the session ends (time.monotonic()), None if it is not valid."""
+        return self._tokens.get(token or "") if self.valid(token) else None
+
     def drop(self, token: str | None) -> None:
-        self._tokens.pop(token or "", None)
+        if token and token in self._tokens:
+            self._end(token)
+
+    def _end(self, token: str) -> None:
+        del self._tokens[token]
+        if self.on_end is not None:
+            self.on_end(token)
 
 
 @dataclass

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", metavar="DIR", help="use the simulated host in DIR (= PYXENFB_SIM=DIR)")
     p.add_argument("--thumb-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument("--thumb-idle", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--session-ttl", type=float, default=None, help=argparse.SUPPRESS)   # tests
     p.add_argument("--hash-password", action="store_true",
                    help="read a password (twice) and print its salted scrypt hash")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -77,7 +78,7 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
     except OSError as e:
         xs.close()
         return _fail(f"cannot read the domains from XenStore: {e}", 1)
-    console = ConsoleApp(directory, settings)
+    console = ConsoleApp(directory, settings, session_ttl=args.session_ttl)
     runner = web.AppRunner(console.app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.listen, args.port, ssl_context=tls, shutdown_timeout=2.0)
