@@ -768,6 +768,7 @@ def _closed_within(ws, seconds: float) -> float:
 
 
 def test_logout_and_expiry_close_the_sessions_relays(sim, tmp_path):
+    """Domain 2: it lives through the whole module (1 is destroyed by an earlier test)."""
     from pyxenfb.hostconsole.auth import hash_password
     pw_file = tmp_path / "console.pw"
     pw_file.write_text(hash_password("open sesame") + "\n")
@@ -777,8 +778,8 @@ def test_logout_and_expiry_close_the_sessions_relays(sim, tmp_path):
         base = console.url
         # Logout: the relay opened before is closed, the token refused.
         cookie = _login_cookie(base, "open sesame")
-        with _relay_ws(base, cookie, 1) as ws:
-            assert _rfb_handshake(ws) == SIZES[1]
+        with _relay_ws(base, cookie, 2) as ws:
+            assert _rfb_handshake(ws) == SIZES[2]
             opener, _ = _login_opener(None)
             req = urllib.request.Request(f"{base}/logout", data=b"", method="POST",
                                          headers={"Cookie": cookie, "Origin": base})
@@ -801,8 +802,98 @@ def test_logout_and_expiry_close_the_sessions_relays(sim, tmp_path):
         assert ttl - 1 <= lived <= ttl + 3
         assert get(f"{base}/api/domains", headers={"Cookie": cookie})[0] == 401
         # The legitimate path still works: log in again, relay again.
-        with _relay_ws(base, _login_cookie(base, "open sesame"), 1) as ws:
-            assert _rfb_handshake(ws) == SIZES[1]
+        with _relay_ws(base, _login_cookie(base, "open sesame"), 2) as ws:
+            assert _rfb_handshake(ws) == SIZES[2]
     finally:
         log = console.close()
     assert "session ended" in log
+
+
+# ---- connections that never finish (issue 21 item 5) --------------------------------------
+
+def _partial_header_connections(url: str, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    hostport = url.split("//", 1)[1]
+    ip, port = hostport.rsplit(":", 1)
+    held = []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(5)                     # a console that stopped accepting: fail, don't hang
+        s.bind((source, 0))
+        s.connect((ip, int(port)))
+        s.sendall(f"GET /api/domains HTTP/1.1\r\nHost: {hostport}\r\nX-Slow: ".encode())
+        held.append(s)
+    return held
+
+
+def _is_closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_unfinished_headers_are_closed_within_the_deadline(host):
+    deadline = 1.5
+    console = ConsoleProcess(host, "--header-timeout", str(deadline))
+    try:
+        t0 = time.monotonic()
+        held = _partial_header_connections(console.url, 20)
+        # Meanwhile a complete request is answered.
+        assert get(f"{console.url}/api/domains")[0] == 200
+        wait_until(lambda: all(_is_closed(s) for s in held), deadline + 3,
+                   lambda: f"{sum(not _is_closed(s) for s in held)} of 20 still open")
+        took = time.monotonic() - t0
+        print(f"20 unfinished requests closed {took:.1f} s after they connected (deadline {deadline} s)")
+        assert took >= deadline - 0.2
+        for s in held:
+            s.close()
+        assert get(f"{console.url}/api/domains")[0] == 200
+    finally:
+        log = console.close()
+    assert "Traceback" not in log
+
+
+def test_held_connections_from_one_address_do_not_lock_out_another(host, tmp_path):
+    """With a low descriptor limit (256), one address opens 400 connections that
+    never finish their headers.  It gets its share and no more, so a login from
+    another loopback address (127.0.0.2) goes through at once; the console logs a
+    few lines, not one (or a traceback) per refused connection."""
+    import http.client
+    from pyxenfb.hostconsole.auth import hash_password
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("open sesame") + "\n")
+    console = ConsoleProcess(host, "--password-file", str(pw_file), nofile=256)
+    held = []
+    try:
+        log_before = len(console.log_text())
+        hostport = console.url.split("//", 1)[1]
+        ip, port = hostport.rsplit(":", 1)
+        t_attack = time.monotonic()
+        held = _partial_header_connections(console.url, 400)
+        attack_s = time.monotonic() - t_attack
+        wait_until(lambda: sum(not _is_closed(s) for s in held) <= 64, 10,
+                   lambda: f"{sum(not _is_closed(s) for s in held)} connections still held")
+        still_held = sum(not _is_closed(s) for s in held)
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection(ip, int(port), timeout=10, source_address=("127.0.0.2", 0))
+        body = urllib.parse.urlencode({"password": "open sesame", "next": "/domain/1/"})
+        conn.request("POST", "/login", body=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Origin": console.url})
+        r = conn.getresponse()
+        r.read()
+        login_s = time.monotonic() - t0
+        conn.close()
+        print(f"400 held from 127.0.0.1 ({attack_s:.1f} s to open): {still_held} kept, the rest "
+              f"closed; a login from 127.0.0.2 took {login_s:.2f} s")
+        assert r.status == 302 and r.getheader("Location") == "/domain/1/", r.status
+        assert still_held <= 64
+        log = console.log_text()[log_before:]
+        assert "Traceback" not in log
+        assert len(log) < 4096, log
+    finally:
+        for s in held:
+            s.close()
+        console.close()

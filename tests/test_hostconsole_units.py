@@ -208,3 +208,43 @@ def test_program_of_names_the_device_model(tmp_path):
     assert [program_of(p, str(tmp_path)) for p in (1, 2, 3, 4, 5)] == \
         ["pyqemu-dm", "pyqemu-dm", "xen-qemu-system-i386", "pyqemu-dm", "some.other_dm"]
     assert program_of(6, str(tmp_path)) is None and program_of(0, str(tmp_path)) is None
+
+
+def test_accept_errors_are_budgeted_one_liners():
+    """asyncio reports each accept() that failed for want of descriptors through the
+    loop's exception handler, with a traceback; the console makes it a budgeted line."""
+    import logging
+
+    from pyxenfb.hostconsole.server import budget_accept_errors
+    from pyxenfb.logbudget import LogBudget
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    logger = logging.getLogger("test.console.accept")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    loop = asyncio.new_event_loop()
+    try:
+        budget_accept_errors(loop, LogBudget(logger))
+        for _ in range(10000):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+    finally:
+        loop.close()
+    assert 1 <= len(records) <= 10
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
+    assert "Too many open files" in records[0].getMessage()
+
+
+def test_connection_limits_keep_headroom_below_the_descriptor_limit():
+    from pyxenfb.hostconsole.server import FD_RESERVE, connection_limits
+    for nofile in (128, 256, 1024, 4096, 1 << 20):
+        total, per_address = connection_limits(nofile)
+        assert 2 * total + FD_RESERVE <= max(nofile, 2 * 4 + FD_RESERVE)
+        assert 8 <= per_address <= total or per_address == total
+        assert total <= 1024
+    assert connection_limits(256) == (96, 24)
