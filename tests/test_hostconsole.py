@@ -897,3 +897,48 @@ def test_held_connections_from_one_address_do_not_lock_out_another(host, tmp_pat
         for s in held:
             s.close()
         console.close()
+
+
+# ---- other sites' pages (issue 21 item 8) ---------------------------------------------------
+
+@needs_browser
+def test_another_sites_page_cannot_load_thumbnails(sim):
+    """A page from another loopback origin (127.0.0.2) with <img> pointing at the
+    console's thumbnail: Chromium sends Sec-Fetch-Site: cross-site and the console
+    refuses, so the image fails (which would otherwise tell the page that domain 2
+    exists, and open a VNC connection to it).  The console's own index still shows it."""
+    import http.server
+    import threading
+    thumb = f"{sim.url}/domain/2/thumbnail.png"
+    page = (f"<!DOCTYPE html><title>attacker</title><img id=t src='{thumb}' "
+            "onload=\"document.title='loaded'\" onerror=\"document.title='refused'\">").encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        assert get(thumb)[0] == 200                     # a picture exists to be leaked
+        c = sim.chromium
+        c.navigate(f"http://127.0.0.2:{attacker.server_address[1]}/attack.html")
+        title = evaluate_until(c, "document.title", lambda v: v in ("loaded", "refused"), 15,
+                               "the attacker's image settled")
+        assert title == "refused"
+        # Our own page: same-origin requests, thumbnails shown.
+        c.navigate(sim.url + "/")
+        evaluate_until(c, """(() => { const img = document.querySelector('#domain-2 img');
+                              return !!img && img.complete && img.naturalWidth > 0; })()""",
+                       bool, 15, "the index's own thumbnail of domain 2")
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    status, _, _ = get(thumb, headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
