@@ -942,3 +942,44 @@ def test_another_sites_page_cannot_load_thumbnails(sim):
         attacker.server_close()
     status, _, _ = get(thumb, headers={"Sec-Fetch-Site": "cross-site"})
     assert status == 403
+
+
+def test_tls_handshake_and_headers_have_deadlines(host, tmp_path):
+    """With TLS: a connection that never starts its handshake, and one that
+    completes it but never finishes its headers, are both closed on time; a
+    real request still works."""
+    import ssl
+    from tlscerts import make_pki
+    pki = make_pki(str(tmp_path))
+    deadline = 1.5
+    console = ConsoleProcess(host, "--cert", f"{pki.dir}/server-cert.pem", "--key",
+                             f"{pki.dir}/server-key.pem", "--header-timeout", str(deadline))
+    try:
+        ip, port = console.url.split("//", 1)[1].rsplit(":", 1)
+        t0 = time.monotonic()
+        silent = socket.create_connection((ip, int(port)), timeout=5)
+        ctx = ssl.create_default_context(cafile=pki.ca)
+        slow = ctx.wrap_socket(socket.create_connection((ip, int(port)), timeout=5),
+                               server_hostname="localhost")
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        opener, _ = _login_opener(pki.ca)
+        base = console.url.replace("127.0.0.1", "localhost")
+        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+
+        def tls_closed() -> bool:
+            slow.settimeout(0.05)
+            try:
+                return slow.recv(4096) == b""
+            except (TimeoutError, socket.timeout, ssl.SSLWantReadError):
+                return False
+            except (ConnectionError, ssl.SSLError):
+                return True
+        wait_until(lambda: _is_closed(silent), 2 * deadline + 3, "the silent TCP connection closed")
+        wait_until(tls_closed, 2 * deadline + 3, "the TLS connection without headers closed")
+        print(f"TLS: silent and header-less connections closed within {time.monotonic() - t0:.1f} s")
+        silent.close()
+        slow.close()
+        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+    finally:
+        log = console.close()
+    assert "Traceback" not in log

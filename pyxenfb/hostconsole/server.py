@@ -116,7 +116,7 @@ class _Admission(asyncio.Protocol):
         try:
             tls_transport = await loop.start_tls(transport, handler, self.site.tls, server_side=True,
                                                  ssl_handshake_timeout=self.site.header_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+        except Exception as e:          # OSError/SSLError, the handshake timeout, a closed loop
             transport.abort()
             self.site.budget.info("tls-failed", "console: %s: TLS handshake failed: %s", addr,
                                   e or type(e).__name__, what="failed TLS handshakes")
