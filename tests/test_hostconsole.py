@@ -514,7 +514,10 @@ def test_tls_login_cookie_and_rate_limit(tmp_path, host):
         cookie = headers["Set-Cookie"]
         for flag in ("HttpOnly", "Secure", "SameSite=Strict"):
             assert flag in cookie, cookie
-        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+        status, headers, _ = get(f"{base}/api/domains", opener=opener)
+        assert status == 200
+        assert headers["Strict-Transport-Security"] == "max-age=31536000"
+        assert "aiohttp" not in headers.get("Server", "") and "Python" not in headers.get("Server", "")
         # Wrong passwords: three answered, then refused with Retry-After, even the right one.
         fresh, _ = _login_opener(pki.ca)
         for _ in range(3):

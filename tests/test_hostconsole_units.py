@@ -180,6 +180,20 @@ def test_sessions_expire_and_are_random(monkeypatch):
     assert not s.valid(b)
 
 
+def test_sessions_report_their_end_on_logout_and_eviction(monkeypatch):
+    ended = []
+    monkeypatch.setattr(auth, "MAX_SESSIONS", 2)
+    s = auth.Sessions(ttl=60, on_end=ended.append)
+    a, b = s.new(), s.new()
+    assert s.expiry(a) is not None and s.expiry("guess") is None
+    s.drop(a)
+    s.drop(a)                                   # once only
+    assert ended == [a]
+    c = s.new()
+    d = s.new()                                 # room for two: the oldest (b) goes
+    assert ended == [a, b] and s.valid(c) and s.valid(d)
+
+
 def test_downscale_keeps_aspect_and_box_averages():
     rgb = np.zeros((600, 800, 3), np.uint8)
     rgb[:, 1::2] = 200                      # alternate columns: a box filter averages them
