@@ -168,11 +168,14 @@ class ConsoleApp:
         allowed_hosts = {urlsplit(o).hostname for o in self.settings.allowed_origins}
         if self.settings.loopback_only and host not in LOOPBACK_NAMES and host not in allowed_hosts:
             # A loopback console answers loopback names only: a DNS-rebinding page can't reach it.
-            log.warning("console: %s: Host %r refused", request.remote, request.host[:80])
+            self.budget.warning("host", "console: %s: Host %r refused", request.remote,
+                                request.host[:80], what="requests for other Host names refused")
             raise web.HTTPForbidden(text="this console answers on localhost only\n")
         if SAME_ORIGIN_ONLY.fullmatch(request.path) and not self._same_site_fetch(request):
-            log.warning("console: %s: %s requested by another site (Sec-Fetch-Site %r); refused",
-                        request.remote, request.path[:80], request.headers.get("Sec-Fetch-Site"))
+            self.budget.warning("cross-site", "console: %s: %s requested by another site "
+                                "(Sec-Fetch-Site %r); refused", request.remote, request.path[:80],
+                                request.headers.get("Sec-Fetch-Site"),
+                                what="requests from other sites' pages refused")
             raise web.HTTPForbidden(text="not for other sites' pages\n")
         public = request.path in ("/login", "/logout") or request.path.startswith("/static/")
         if not public and not self._logged_in(request):
@@ -209,7 +212,8 @@ class ConsoleApp:
         except ValueError:
             raise web.HTTPBadRequest(text="since must be a number\n") from None
         if self.waiters >= MAX_WAITERS:
-            log.warning("console: %s: %d long polls already held; refused", request.remote, self.waiters)
+            self.budget.warning("waiters", "console: %s: %d long polls already held; refused",
+                                request.remote, self.waiters, what="long polls refused (limit)")
             raise web.HTTPServiceUnavailable(text="too many waiting requests\n")
         self.waiters += 1
         try:
@@ -243,11 +247,14 @@ class ConsoleApp:
     async def websockify(self, request: web.Request) -> web.StreamResponse:
         domain = self._domain(request)
         if not self._same_origin(request):
-            log.warning("console: %s: WebSocket for domain %d from Origin %r refused",
-                        request.remote, domain.domid, request.headers.get("Origin", "")[:120])
+            self.budget.warning("ws-origin", "console: %s: WebSocket for domain %d from Origin %r "
+                                "refused", request.remote, domain.domid,
+                                request.headers.get("Origin", "")[:120],
+                                what="cross-origin WebSockets refused")
             raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
         if self.relays >= MAX_RELAYS:
-            log.warning("console: %s: %d consoles already open; refused", request.remote, self.relays)
+            self.budget.warning("relays", "console: %s: %d consoles already open; refused",
+                                request.remote, self.relays, what="consoles refused (limit)")
             raise web.HTTPServiceUnavailable(text="too many open consoles\n")
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=MAX_WS_MESSAGE,
                                    heartbeat=30.0)
@@ -291,8 +298,9 @@ class ConsoleApp:
         if self.settings.password is None:
             raise web.HTTPNotFound()
         if not self._same_origin(request):
-            log.warning("console: %s: login from Origin %r refused", request.remote,
-                        request.headers.get("Origin", "")[:120])
+            self.budget.warning("login-origin", "console: %s: login from Origin %r refused",
+                                request.remote, request.headers.get("Origin", "")[:120],
+                                what="cross-origin logins refused")
             raise web.HTTPForbidden(text="cross-origin login refused\n")
         addr = request.remote or "?"
         # Counted before anything is read or hashed: parallel guesses count as they arrive.
