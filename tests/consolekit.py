@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,17 +21,25 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class ConsoleProcess:
     """`pyxenfb-console --sim DIR --port 0 ...`; .url once it printed its ready line."""
 
-    def __init__(self, run_dir: str, *extra: str, env: dict | None = None):
+    def __init__(self, run_dir: str, *extra: str, env: dict | None = None, nofile: int | None = None):
+        """nofile: RLIMIT_NOFILE for the console (soft and hard)."""
         # The log goes to a file: a pipe nobody reads would stop the console once full.
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyxenfb.hostconsole.cli", "--sim", run_dir, "--port", "0", *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=None if nofile is None else
+            (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))))
         line = read_line(self.proc, START_TIMEOUT)
         if "serving " not in line:
             raise AssertionError(f"console did not start: {line!r} {self.close()}")
         self.url = line.split("serving ", 1)[1].split()[0].rstrip("/")
+
+    def log_text(self) -> str:
+        """The log so far (the console keeps running)."""
+        self.log.flush()
+        with open(f"/proc/self/fd/{self.log.fileno()}") as f:
+            return f.read()
 
     def close(self) -> str:
         """Stop it; returns its log (stderr)."""

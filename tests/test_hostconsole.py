@@ -463,10 +463,10 @@ def test_refuses_other_addresses_without_tls_in_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "without TLS and a login" in r.stderr, r.stderr
 
 
-def _login_opener(ca: str):
+def _login_opener(ca: str | None):
     import http.cookiejar
     import ssl
-    ctx = ssl.create_default_context(cafile=ca)
+    ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
     jar = http.cookiejar.CookieJar()
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -514,10 +514,13 @@ def test_tls_login_cookie_and_rate_limit(tmp_path, host):
         cookie = headers["Set-Cookie"]
         for flag in ("HttpOnly", "Secure", "SameSite=Strict"):
             assert flag in cookie, cookie
-        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+        status, headers, _ = get(f"{base}/api/domains", opener=opener)
+        assert status == 200
+        assert headers["Strict-Transport-Security"] == "max-age=31536000"
+        assert "aiohttp" not in headers.get("Server", "") and "Python" not in headers.get("Server", "")
         # Wrong passwords: three answered, then refused with Retry-After, even the right one.
         fresh, _ = _login_opener(pki.ca)
-        for _ in range(4):
+        for _ in range(3):
             status, headers = _post(fresh, f"{base}/login", {"password": "wrong"}, base)
             assert status == 302 and headers["Location"] == "/login?failed=1"
         status, headers = _post(fresh, f"{base}/login", {"password": "right horse"}, base)
@@ -711,3 +714,275 @@ def test_demo_starts_the_console_and_prints_its_url():
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+
+
+# ---- sessions end their consoles (issue 21 item 7) ------------------------------------
+
+def _login_cookie(base: str, password: str) -> str:
+    """POST /login as the login form does; returns 'pyxenfb_console=TOKEN'."""
+    opener, _ = _login_opener(None)
+    status, headers = _post(opener, f"{base}/login", {"password": password, "next": "/"}, base)
+    assert status == 302 and headers["Location"] == "/", (status, dict(headers))
+    return headers["Set-Cookie"].split(";", 1)[0]
+
+
+def _relay_ws(base: str, cookie: str, domid: int):
+    """A WebSocket to the relay with the session cookie (a context manager)."""
+    from websockets.sync.client import connect
+    return connect(base.replace("http://", "ws://") + f"/domain/{domid}/websockify", origin=base,
+                   additional_headers={"Cookie": cookie}, proxy=None, open_timeout=10)
+
+
+def _rfb_handshake(ws) -> tuple[int, int]:
+    """RFB 3.8 with security None through the relay, up to ServerInit: (width, height)."""
+    got = b""
+
+    def take(n: int) -> bytes:
+        nonlocal got
+        while len(got) < n:
+            got += ws.recv(timeout=10)
+        out, got = got[:n], got[n:]
+        return out
+    assert take(12) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    count = take(1)[0]
+    assert 1 in take(count)
+    ws.send(b"\x01")
+    assert take(4) == b"\0\0\0\0"
+    ws.send(b"\x01")                                    # shared
+    width, height, _, name_len = struct.unpack(">HH16sI", take(24))
+    take(name_len)
+    return width, height
+
+
+def _closed_within(ws, seconds: float) -> float:
+    """Seconds until the server closed the WebSocket (fails after `seconds`)."""
+    from websockets.exceptions import ConnectionClosed
+    t0 = time.monotonic()
+    while True:
+        left = seconds - (time.monotonic() - t0)
+        assert left > 0, f"relay still open after {seconds} s"
+        try:
+            ws.recv(timeout=left)                       # updates nobody asked for: none come
+        except ConnectionClosed:
+            return time.monotonic() - t0
+        except TimeoutError:
+            raise AssertionError(f"relay still open after {seconds} s") from None
+
+
+def test_logout_and_expiry_close_the_sessions_relays(sim, tmp_path):
+    """Domain 2: it lives through the whole module (1 is destroyed by an earlier test)."""
+    from pyxenfb.hostconsole.auth import hash_password
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("open sesame") + "\n")
+    ttl = 4.0
+    console = ConsoleProcess(sim.run_dir, "--password-file", str(pw_file), "--session-ttl", str(ttl))
+    try:
+        base = console.url
+        # Logout: the relay opened before is closed, the token refused.
+        cookie = _login_cookie(base, "open sesame")
+        with _relay_ws(base, cookie, 2) as ws:
+            assert _rfb_handshake(ws) == SIZES[2]
+            opener, _ = _login_opener(None)
+            req = urllib.request.Request(f"{base}/logout", data=b"", method="POST",
+                                         headers={"Cookie": cookie, "Origin": base})
+            try:
+                opener.open(req, timeout=10)
+            except urllib.error.HTTPError as e:
+                assert e.code == 302
+            took = _closed_within(ws, 5.0)
+            assert ws.close_code == 1008, ws.close_code
+        assert get(f"{base}/api/domains", headers={"Cookie": cookie})[0] == 401
+        # Expiry: a fresh session's relay ends when the session does.
+        cookie = _login_cookie(base, "open sesame")
+        t_login = time.monotonic()
+        with _relay_ws(base, cookie, 2) as ws:
+            _rfb_handshake(ws)
+            _closed_within(ws, ttl + 5.0)
+            lived = time.monotonic() - t_login
+        print(f"relay closed {took * 1000:.0f} ms after logout; a {ttl:.0f} s session's relay "
+              f"closed {lived:.1f} s after login")
+        assert ttl - 1 <= lived <= ttl + 3
+        assert get(f"{base}/api/domains", headers={"Cookie": cookie})[0] == 401
+        # The legitimate path still works: log in again, relay again.
+        with _relay_ws(base, _login_cookie(base, "open sesame"), 2) as ws:
+            assert _rfb_handshake(ws) == SIZES[2]
+    finally:
+        log = console.close()
+    assert "session ended" in log
+
+
+# ---- connections that never finish (issue 21 item 5) --------------------------------------
+
+def _partial_header_connections(url: str, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    hostport = url.split("//", 1)[1]
+    ip, port = hostport.rsplit(":", 1)
+    held = []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(5)                     # a console that stopped accepting: fail, don't hang
+        s.bind((source, 0))
+        s.connect((ip, int(port)))
+        s.sendall(f"GET /api/domains HTTP/1.1\r\nHost: {hostport}\r\nX-Slow: ".encode())
+        held.append(s)
+    return held
+
+
+def _is_closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_unfinished_headers_are_closed_within_the_deadline(host):
+    deadline = 1.5
+    console = ConsoleProcess(host, "--header-timeout", str(deadline))
+    try:
+        t0 = time.monotonic()
+        held = _partial_header_connections(console.url, 20)
+        # Meanwhile a complete request is answered.
+        assert get(f"{console.url}/api/domains")[0] == 200
+        wait_until(lambda: all(_is_closed(s) for s in held), deadline + 3,
+                   lambda: f"{sum(not _is_closed(s) for s in held)} of 20 still open")
+        took = time.monotonic() - t0
+        print(f"20 unfinished requests closed {took:.1f} s after they connected (deadline {deadline} s)")
+        assert took >= deadline - 0.2
+        for s in held:
+            s.close()
+        assert get(f"{console.url}/api/domains")[0] == 200
+    finally:
+        log = console.close()
+    assert "Traceback" not in log
+
+
+def test_held_connections_from_one_address_do_not_lock_out_another(host, tmp_path):
+    """With a low descriptor limit (256), one address opens 400 connections that
+    never finish their headers.  It gets its share and no more, so a login from
+    another loopback address (127.0.0.2) goes through at once; the console logs a
+    few lines, not one (or a traceback) per refused connection."""
+    import http.client
+    from pyxenfb.hostconsole.auth import hash_password
+    pw_file = tmp_path / "console.pw"
+    pw_file.write_text(hash_password("open sesame") + "\n")
+    console = ConsoleProcess(host, "--password-file", str(pw_file), nofile=256)
+    held = []
+    try:
+        log_before = len(console.log_text())
+        hostport = console.url.split("//", 1)[1]
+        ip, port = hostport.rsplit(":", 1)
+        t_attack = time.monotonic()
+        held = _partial_header_connections(console.url, 400)
+        attack_s = time.monotonic() - t_attack
+        wait_until(lambda: sum(not _is_closed(s) for s in held) <= 64, 10,
+                   lambda: f"{sum(not _is_closed(s) for s in held)} connections still held")
+        still_held = sum(not _is_closed(s) for s in held)
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection(ip, int(port), timeout=10, source_address=("127.0.0.2", 0))
+        body = urllib.parse.urlencode({"password": "open sesame", "next": "/domain/1/"})
+        conn.request("POST", "/login", body=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Origin": console.url})
+        r = conn.getresponse()
+        r.read()
+        login_s = time.monotonic() - t0
+        conn.close()
+        print(f"400 held from 127.0.0.1 ({attack_s:.1f} s to open): {still_held} kept, the rest "
+              f"closed; a login from 127.0.0.2 took {login_s:.2f} s")
+        assert r.status == 302 and r.getheader("Location") == "/domain/1/", r.status
+        assert still_held <= 64
+        log = console.log_text()[log_before:]
+        assert "Traceback" not in log
+        assert len(log) < 4096, log
+    finally:
+        for s in held:
+            s.close()
+        console.close()
+
+
+# ---- other sites' pages (issue 21 item 8) ---------------------------------------------------
+
+@needs_browser
+def test_another_sites_page_cannot_load_thumbnails(sim):
+    """A page from another loopback origin (127.0.0.2) with <img> pointing at the
+    console's thumbnail: Chromium sends Sec-Fetch-Site: cross-site and the console
+    refuses, so the image fails (which would otherwise tell the page that domain 2
+    exists, and open a VNC connection to it).  The console's own index still shows it."""
+    import http.server
+    import threading
+    thumb = f"{sim.url}/domain/2/thumbnail.png"
+    page = (f"<!DOCTYPE html><title>attacker</title><img id=t src='{thumb}' "
+            "onload=\"document.title='loaded'\" onerror=\"document.title='refused'\">").encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        assert get(thumb)[0] == 200                     # a picture exists to be leaked
+        c = sim.chromium
+        c.navigate(f"http://127.0.0.2:{attacker.server_address[1]}/attack.html")
+        title = evaluate_until(c, "document.title", lambda v: v in ("loaded", "refused"), 15,
+                               "the attacker's image settled")
+        assert title == "refused"
+        # Our own page: same-origin requests, thumbnails shown.
+        c.navigate(sim.url + "/")
+        evaluate_until(c, """(() => { const img = document.querySelector('#domain-2 img');
+                              return !!img && img.complete && img.naturalWidth > 0; })()""",
+                       bool, 15, "the index's own thumbnail of domain 2")
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    status, _, _ = get(thumb, headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+
+
+def test_tls_handshake_and_headers_have_deadlines(host, tmp_path):
+    """With TLS: a connection that never starts its handshake, and one that
+    completes it but never finishes its headers, are both closed on time; a
+    real request still works."""
+    import ssl
+    from tlscerts import make_pki
+    pki = make_pki(str(tmp_path))
+    deadline = 1.5
+    console = ConsoleProcess(host, "--cert", f"{pki.dir}/server-cert.pem", "--key",
+                             f"{pki.dir}/server-key.pem", "--header-timeout", str(deadline))
+    try:
+        ip, port = console.url.split("//", 1)[1].rsplit(":", 1)
+        t0 = time.monotonic()
+        silent = socket.create_connection((ip, int(port)), timeout=5)
+        ctx = ssl.create_default_context(cafile=pki.ca)
+        slow = ctx.wrap_socket(socket.create_connection((ip, int(port)), timeout=5),
+                               server_hostname="localhost")
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        opener, _ = _login_opener(pki.ca)
+        base = console.url.replace("127.0.0.1", "localhost")
+        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+
+        def tls_closed() -> bool:
+            slow.settimeout(0.05)
+            try:
+                return slow.recv(4096) == b""
+            except (TimeoutError, socket.timeout, ssl.SSLWantReadError):
+                return False
+            except (ConnectionError, ssl.SSLError):
+                return True
+        wait_until(lambda: _is_closed(silent), 2 * deadline + 3, "the silent TCP connection closed")
+        wait_until(tls_closed, 2 * deadline + 3, "the TLS connection without headers closed")
+        print(f"TLS: silent and header-less connections closed within {time.monotonic() - t0:.1f} s")
+        silent.close()
+        slow.close()
+        assert get(f"{base}/api/domains", opener=opener)[0] == 200
+    finally:
+        log = console.close()
+    assert "Traceback" not in log

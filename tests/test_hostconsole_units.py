@@ -139,19 +139,33 @@ def test_password_file_roundtrip_and_garbage():
             auth.PasswordHash.parse(bad)
 
 
-def test_rate_limit_doubles_after_the_free_failures():
-    rl = auth.RateLimit(free=3, base=1.0, cap=8.0)
+def test_login_throttle_counts_attempts_in_flight_then_doubles_to_a_low_cap():
+    now = [100.0]
+    rl = auth.LoginThrottle(free=3, base=1.0, cap=8.0, clock=lambda: now[0])
+    # Parallel: three admitted before any finished, the fourth must wait.
+    assert [rl.begin("a") for _ in range(3)] == [0, 0, 0]
+    assert rl.begin("a") >= 1
     for _ in range(3):
-        rl.failed("a")
-        assert rl.retry_after("a") == 0
-    waits = []
+        rl.end("a", False)
+    waits = [round(rl.retry_after("a"))]
     for _ in range(5):
-        rl.failed("a")
+        now[0] += rl.retry_after("a")
+        assert rl.begin("a") == 0
+        assert rl.begin("a") >= 1               # one at a time past the free ones
+        rl.end("a", False)
         waits.append(round(rl.retry_after("a")))
-    assert waits == [1, 2, 4, 8, 8]
-    assert rl.retry_after("b") == 0
-    rl.succeeded("a")
+    assert waits == [1, 2, 4, 8, 8, 8]
+    assert rl.retry_after("b") == 0             # other addresses are not affected
+    # The delay decays: one failure forgiven per `cap` seconds of quiet ...
+    now[0] += 8 * 5
     assert rl.retry_after("a") == 0
+    assert rl.begin("a") == 0
+    rl.end("a", True)                           # ... and a success forgets the address
+    assert rl._entries == {}
+    assert [rl.begin("a") for _ in range(3)] == [0, 0, 0]
+    for _ in range(3):
+        rl.end("a", None)                       # no verdict: nothing counted
+    assert rl._entries == {}
 
 
 def test_sessions_expire_and_are_random(monkeypatch):
@@ -164,6 +178,20 @@ def test_sessions_expire_and_are_random(monkeypatch):
     assert not s.valid(a)
     s.drop(b)
     assert not s.valid(b)
+
+
+def test_sessions_report_their_end_on_logout_and_eviction(monkeypatch):
+    ended = []
+    monkeypatch.setattr(auth, "MAX_SESSIONS", 2)
+    s = auth.Sessions(ttl=60, on_end=ended.append)
+    a, b = s.new(), s.new()
+    assert s.expiry(a) is not None and s.expiry("guess") is None
+    s.drop(a)
+    s.drop(a)                                   # once only
+    assert ended == [a]
+    c = s.new()
+    d = s.new()                                 # room for two: the oldest (b) goes
+    assert ended == [a, b] and s.valid(c) and s.valid(d)
 
 
 def test_downscale_keeps_aspect_and_box_averages():
@@ -194,3 +222,43 @@ def test_program_of_names_the_device_model(tmp_path):
     assert [program_of(p, str(tmp_path)) for p in (1, 2, 3, 4, 5)] == \
         ["pyqemu-dm", "pyqemu-dm", "xen-qemu-system-i386", "pyqemu-dm", "some.other_dm"]
     assert program_of(6, str(tmp_path)) is None and program_of(0, str(tmp_path)) is None
+
+
+def test_accept_errors_are_budgeted_one_liners():
+    """asyncio reports each accept() that failed for want of descriptors through the
+    loop's exception handler, with a traceback; the console makes it a budgeted line."""
+    import logging
+
+    from pyxenfb.hostconsole.server import budget_accept_errors
+    from pyxenfb.logbudget import LogBudget
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    logger = logging.getLogger("test.console.accept")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    loop = asyncio.new_event_loop()
+    try:
+        budget_accept_errors(loop, LogBudget(logger))
+        for _ in range(10000):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+    finally:
+        loop.close()
+    assert 1 <= len(records) <= 10
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
+    assert "Too many open files" in records[0].getMessage()
+
+
+def test_connection_limits_keep_headroom_below_the_descriptor_limit():
+    from pyxenfb.hostconsole.server import FD_RESERVE, connection_limits
+    for nofile in (128, 256, 1024, 4096, 1 << 20):
+        total, per_address = connection_limits(nofile)
+        assert 2 * total + FD_RESERVE <= max(nofile, 2 * 4 + FD_RESERVE)
+        assert 8 <= per_address <= total or per_address == total
+        assert total <= 1024
+    assert connection_limits(256) == (96, 24)

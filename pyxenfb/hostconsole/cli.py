@@ -14,6 +14,7 @@ import asyncio
 import getpass
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -22,6 +23,7 @@ from ..platform import PlatformUnavailable, detect
 from .app import ConsoleApp, Settings, is_loopback, novnc_available
 from .auth import PasswordFileError, PasswordHash, hash_password
 from .domains import DomainDirectory
+from .server import HEADER_TIMEOUT, ConnectionGate, GuardedSite, budget_accept_errors, connection_limits
 
 log = logging.getLogger("pyxenfb.console")
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", metavar="DIR", help="use the simulated host in DIR (= PYXENFB_SIM=DIR)")
     p.add_argument("--thumb-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument("--thumb-idle", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--session-ttl", type=float, default=None, help=argparse.SUPPRESS)   # tests
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, help=argparse.SUPPRESS)
     p.add_argument("--hash-password", action="store_true",
                    help="read a password (twice) and print its salted scrypt hash")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -77,10 +81,18 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
     except OSError as e:
         xs.close()
         return _fail(f"cannot read the domains from XenStore: {e}", 1)
-    console = ConsoleApp(directory, settings)
-    runner = web.AppRunner(console.app, access_log=None, handle_signals=False)
+    console = ConsoleApp(directory, settings, session_ttl=args.session_ttl)
+    loop = asyncio.get_running_loop()
+    budget_accept_errors(loop, console.budget)
+    # aiohttp's keep-alive timer runs from the connection's start: it is the deadline
+    # for complete request headers (server.py).
+    runner = web.AppRunner(console.app, access_log=None, handle_signals=False,
+                           keepalive_timeout=args.header_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, args.listen, args.port, ssl_context=tls, shutdown_timeout=2.0)
+    total, per_address = connection_limits()
+    gate = ConnectionGate(total, per_address, console.budget)
+    site = GuardedSite(runner, args.listen, args.port, tls=tls, gate=gate, budget=console.budget,
+                       header_timeout=args.header_timeout)
     try:
         await site.start()
     except OSError as e:
@@ -91,10 +103,12 @@ async def serve(args, settings: Settings, tls: ssl.SSLContext | None) -> int:
     if not novnc_available(settings.novnc_dir):
         log.warning("noVNC not found in %s: console pages will say so (apt install novnc, "
                     "or --novnc DIR)", settings.novnc_dir)
+    log.info("at most %d connections (%d per client address; descriptor limit %d); "
+             "%.0f s for TLS and for request headers", total, per_address,
+             resource.getrlimit(resource.RLIMIT_NOFILE)[0], args.header_timeout)
     print(f"pyxenfb-console: serving {'https' if tls else 'http'}://{shown}:{port}/ "
           f"({len(directory.domains)} domains with VNC, {platform.kind} XenStore)", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     lost = asyncio.ensure_future(xs.closed)

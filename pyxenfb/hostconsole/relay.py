@@ -20,7 +20,10 @@ CHUNK = 64 * 1024
 CONNECT_TIMEOUT = 10.0
 
 
-async def relay(ws: web.WebSocketResponse, host: str, port: int, label: str) -> None:
+async def relay(ws: web.WebSocketResponse, host: str, port: int, label: str,
+                stop: asyncio.Event | None = None) -> None:
+    """Until either side closes, or `stop` is set (the session that opened it
+    ended): then both sockets are closed."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as e:
@@ -46,15 +49,20 @@ async def relay(ws: web.WebSocketResponse, host: str, port: int, label: str) -> 
                 return
 
     tasks = [asyncio.create_task(vnc_to_browser()), asyncio.create_task(browser_to_vnc())]
+    stopper = asyncio.create_task((stop or asyncio.Event()).wait())
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if not t.cancelled() and t.exception() is not None:
+            if t is not stopper and not t.cancelled() and t.exception() is not None:
                 log.info("console: %s: relay ended: %s", label, t.exception())
     finally:
-        for t in tasks:
+        for t in (*tasks, stopper):
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)
         writer.close()
         if not ws.closed:
-            await ws.close()
+            if stop is not None and stop.is_set():
+                log.info("console: %s: session ended; console closed", label)
+                await ws.close(code=1008, message=b"session ended")
+            else:
+                await ws.close()
