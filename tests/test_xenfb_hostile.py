@@ -11,6 +11,7 @@ attached, so the display path sees every fuzzed event.
 import asyncio
 import os
 import random
+import shutil
 import struct
 
 import numpy as np
@@ -70,6 +71,7 @@ def hostile_memory():
     mem.array[8192:12288] = np.arange(100, 1124, dtype="<u4").clip(0, 1023).view(np.uint8)
     yield run_dir, SimForeignMemory(run_dir)
     mem.close()
+    shutil.rmtree(run_dir)
 
 
 def header(width, height, line_length, mem_length, depth, pd, pd_offset, entry_fmt):
