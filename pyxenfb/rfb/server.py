@@ -177,9 +177,9 @@ class RfbClient(asyncio.Protocol):
         fb = server.framebuffer()
         conn = rfb.ServerConnection(
             fb.width, fb.height, server.desktop_name,
-            password=server.password,
-            # An empty password (password=on, none set yet) lets nobody in.
-            password_expired=server.password_expired or server.password == "",
+            # An empty password (password=on, none set yet) lets nobody in:
+            # the protocol core refuses it without counting a guess.
+            password=server.password, password_expired=server.password_expired,
             blocked_reason="Too many security failures" if blocked else None,
             lossy=server.lossy, tls=tls)
         server.prepare_connection(conn)
@@ -608,9 +608,6 @@ class RfbServer:
     def expire_password(self) -> None:
         self.password_expired = True
 
-    def unauthenticated_count(self) -> int:
-        return sum(1 for c in self.clients if not c.attached and not c.closing)
-
     def pending_handshakes(self) -> dict[str, list[RfbClient]]:
         """Connections still in the handshake by address, oldest first."""
         pending: dict[str, list[RfbClient]] = {}
@@ -632,7 +629,9 @@ class RfbServer:
                                f"from {newcomer.host} in the handshake")
             mine.pop(0)
         while sum(map(len, pending.values())) > self.max_handshakes:
-            greediest = max(pending.values(), key=lambda cs: (len(cs), -self.clients.index(cs[0])))
+            # On a tie max() keeps the first: pending is ordered by each
+            # address's oldest handshake, so the oldest of all goes.
+            greediest = max(pending.values(), key=len)
             victim = greediest.pop(0)
             if victim is newcomer:          # only one connection in all: nothing to do
                 break
