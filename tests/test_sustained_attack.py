@@ -28,6 +28,7 @@ from consolekit import ConsoleProcess
 from pyxenfb.hostconsole.auth import hash_password
 from pyxenfb.rfb.auth import vnc_response
 from pyxenfb.sim import toolstack
+from rfb_harness import RawClient
 from simkit import short_run_dir, start_host, stop_host, wait_until
 
 VNC_PASSWORD = "s3cret"
@@ -49,25 +50,24 @@ def _connect(source: str, port: int, timeout: float = 5.0) -> socket.socket:
     return s
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+def _offered_security(c: RawClient) -> bytes:
+    """Banner and version exchanged: the security types offered (empty when
+    the server refuses the address, blocked, with a reason instead)."""
+    c.recv_exact(12)
+    c.send(b"RFB 003.008\n")
+    return c.recv_exact(c.recv_exact(1)[0])
 
 
-def _drain_and_reset(s: socket.socket) -> None:
+def _drain_and_reset(c: RawClient) -> None:
+    """Read until the server closes, then reset (no TIME_WAIT left behind)."""
     try:
-        while s.recv(4096):
+        while c.sock.recv(4096):
             pass
     except OSError:
         pass
     finally:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        s.close()
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        c.close()
 
 
 class Attack:
@@ -114,33 +114,25 @@ class Attack:
 # ---- attackers ----------------------------------------------------------------
 def bad_security_type(attack: Attack, port: int) -> None:
     """Chooses None where only VNC authentication is offered."""
-    s = _connect("127.0.0.3", port)
+    c = RawClient(port, source="127.0.0.3")
     try:
-        _recv_exact(s, 12)
-        s.sendall(b"RFB 003.008\n")
-        n = _recv_exact(s, 1)[0]
-        if n:
-            _recv_exact(s, n)
-            s.sendall(b"\x01")
+        if _offered_security(c):
+            c.send(b"\x01")
         attack.count("bad security type")
     finally:
-        _drain_and_reset(s)
+        _drain_and_reset(c)
 
 
 def wrong_vnc_password(attack: Attack, port: int) -> None:
-    s = _connect("127.0.0.2", port)
+    c = RawClient(port, source="127.0.0.2")
     try:
-        _recv_exact(s, 12)
-        s.sendall(b"RFB 003.008\n")
-        n = _recv_exact(s, 1)[0]
-        if n:                                   # 0: refused (blocked) with a reason
-            _recv_exact(s, n)
-            s.sendall(b"\x02")
-            s.sendall(vnc_response("guess" + str(attack.counts.get("wrong VNC password", 0)),
-                                   _recv_exact(s, 16)))
+        if _offered_security(c):
+            c.send(b"\x02")
+            guess = "guess" + str(attack.counts.get("wrong VNC password", 0))
+            c.send(vnc_response(guess, c.recv_exact(16)))
         attack.count("wrong VNC password")
     finally:
-        _drain_and_reset(s)
+        _drain_and_reset(c)
 
 
 def silent_connections(attack: Attack, port: int, source: str, hold: int, opening: bytes) -> None:
@@ -195,25 +187,13 @@ def legit_vnc_session(port: int) -> float:
     """Handshake with the right password and one full update of a corner;
     returns the seconds it took."""
     t0 = time.monotonic()
-    s = _connect(LEGIT, port, timeout=SERVED_WITHIN)
+    c = RawClient(port, timeout=SERVED_WITHIN, source=LEGIT)
     try:
-        assert _recv_exact(s, 12) == b"RFB 003.008\n"
-        s.sendall(b"RFB 003.008\n")
-        n = _recv_exact(s, 1)[0]
-        types = _recv_exact(s, n)
-        assert types == b"\x02", types
-        s.sendall(b"\x02")
-        s.sendall(vnc_response(VNC_PASSWORD, _recv_exact(s, 16)))
-        assert _recv_exact(s, 4) == b"\0\0\0\0"
-        s.sendall(b"\x01")
-        w, h = struct.unpack(">HH", _recv_exact(s, 4))
-        _recv_exact(s, 16)
-        (name_len,) = struct.unpack(">I", _recv_exact(s, 4))
-        _recv_exact(s, name_len)
-        s.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, min(w, 8), min(h, 8)))
-        assert _recv_exact(s, 1) == b"\x00"            # a FramebufferUpdate
+        w, h = c.handshake(password=VNC_PASSWORD)
+        c.send(struct.pack(">BBHHHH", 3, 0, 0, 0, min(w, 8), min(h, 8)))
+        assert c.recv_exact(1) == b"\x00"            # a FramebufferUpdate
     finally:
-        s.close()
+        c.close()
     return time.monotonic() - t0
 
 
