@@ -20,14 +20,15 @@ from dataclasses import dataclass
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1     # 128 MiB and ~0.3-0.7 s per hash
 
+SESSION_TTL = 12 * 3600
+MAX_SESSIONS = 1024
+COOKIE = "pyxenfb_console"
+
 
 def scrypt_maxmem(n: int, r: int, p: int) -> int:
     """hashlib.scrypt refuses to use more than `maxmem`; the work area is
     128*N*r bytes (plus 128*r*p), so give it that and a margin."""
     return 128 * n * r + 128 * r * p + (1 << 20)
-SESSION_TTL = 12 * 3600
-MAX_SESSIONS = 1024
-COOKIE = "pyxenfb_console"
 
 
 class PasswordFileError(Exception):
