@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+import _signal
 import _socket
 
 try:
@@ -260,9 +261,15 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
         return None
     path = setting or DEFAULT_SOCKET
     started = time.monotonic()
+    # The toolstack may signal us as soon as the child is running: held from
+    # before the hand-over until the forwarder's handlers are in place (as
+    # the C launcher does), or released to a cold start on failure.
+    forwarded = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP}
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, forwarded)
     try:
         sock, pid, fds = _handshake(path, argv, explicit=bool(setting))
     except Unavailable as e:
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, forwarded)
         if not e.quiet:
             print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
         return None
@@ -286,12 +293,9 @@ _SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
 
 def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
     """Returns only if the exec failed (the stand-in then carries on as it is)."""
-    import signal
-    from .forwarder import FORWARDED
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # Blocked across exec, the forwarded signals stay pending until the new
-    # image has its handlers in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    # The forwarded signals, blocked since try_zygote, stay blocked across
+    # exec and pending until the new image has its handlers in place.
     tail = [str(sock.fileno()), str(pid), prefix, "--", *sys.argv]
     try:
         os.set_inheritable(sock.fileno(), True)

@@ -290,6 +290,26 @@ def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost, launcher):
     assert FORKED.search(r.stderr) and "in use" in r.stderr and "Traceback" not in r.stderr
 
 
+
+def test_a_sigterm_as_soon_as_the_child_exists_is_not_lost(zhost, launcher):
+    """The toolstack may signal the moment the child runs, before the stand-in
+    has re-exec'd into its forwarder: the signal waits and is forwarded, and
+    the stand-in still exits with the child's status rather than dying of it."""
+    asyncio.run(toolstack.create_domain(zhost, 10, "early", vfb="vnc=1", dm=None, start_guest=False))
+    env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
+    for _ in range(5):
+        proc = subprocess.Popen(launcher + ["-xen-domid", "10", "-vnc", "127.0.0.1:0,to=99"],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            child = int(FORKED.search(read_line_err(proc, 10)).group(2))
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(10)
+            wait_until(lambda: _dead(child), 5, "the child to exit")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert status >= 0, f"the stand-in died of signal {-status} instead of forwarding it"
+
 def read_line_err(proc: subprocess.Popen, timeout: float) -> str:
     ready, _, _ = select.select([proc.stderr], [], [], timeout)
     assert ready, f"no line from pid {proc.pid} within {timeout} s"
