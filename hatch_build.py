@@ -1,4 +1,4 @@
-"""Builds pyqemu-dm's stand-in in C: pyxenfb/standin.c -> pyxenfb/bin/pyqemu-dm.
+"""Builds pyqemu-dm's stand-in in C: pyxenfb/zygote/standin.c -> pyxenfb/bin/pyqemu-dm.
 
 Run by hatchling for wheels and editable installs (pyproject.toml), and by
 scripts/setup as `python3 hatch_build.py [PYTHON]`, which also names the
@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-SOURCE = os.path.join("pyxenfb", "standin.c")
+SOURCE = os.path.join("pyxenfb", "zygote", "standin.c")
 TARGET = os.path.join("pyxenfb", "bin", "pyqemu-dm")
 
 

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from pyxenfb import pixman
+from pyxenfb.displays import pixman
 from pyxenfb.convert import GUEST_8, GUEST_16, GUEST_32, PixelFormat, conversion_path, convert_rect
 
 PIXBENCH = os.environ.get("PIXBENCH_C", "/work/shared/bench/pixbench.c")

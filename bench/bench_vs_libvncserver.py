@@ -376,7 +376,7 @@ def serve_pyxenfb(port: int, picture: str, width: int, height: int) -> None:
 
     import numpy as np
 
-    from pyxenfb.console import Console, Surface
+    from pyxenfb.console.core import Console, Surface
     from pyxenfb.convert import GUEST_32
     from pyxenfb.vnc import VncServer
 

@@ -340,7 +340,7 @@ def _until_dead(pids: list[int], t0: float, limit: float = 10.0) -> float | None
 def bench_lifecycle(ctx) -> list[dict]:
     """How fast processes follow a death: a device model its domain's
     (@releaseDomain), a domain's guest and DM their host's (SIGKILL)."""
-    from pyxenfb.xenstore import XenStore
+    from pyxenfb.platform.xenstore import XenStore
     sim = SimHost(ctx.procs)
     sim.create(1)
     sim.create(2)
@@ -423,9 +423,9 @@ async def _exec_to_running(sim: SimHost, domid: int, way: str) -> tuple[float, f
     and to a VNC ServerInit, and the pyqemu-dm process's memory then (through
     a zygote: the stand-in's).  way: "cold", "zygote" (the Python launcher)
     or "zygote_c" (pyqemu-dm in C, pyxenfb/bin/pyqemu-dm)."""
-    from pyxenfb import standin
+    from pyxenfb.zygote import standin
     from pyxenfb.sim import toolstack
-    from pyxenfb.xenstore import XenStore
+    from pyxenfb.platform.xenstore import XenStore
     await toolstack.create_domain(sim.run_dir, domid, f"start{domid}", vfb="vnc=1", dm=None,
                                   start_guest=False)
     xs = await XenStore.open(os.path.join(sim.run_dir, "xenstored.sock"))
@@ -478,7 +478,7 @@ def bench_zygote(ctx) -> list[dict]:
     tool = anchor("vnc-rate")
     out = []
     # exec -> running: every way on one host, alternating, so all see the same load
-    from pyxenfb import standin
+    from pyxenfb.zygote import standin
     ways = ["cold", "zygote"] + (["zygote_c"] if os.access(standin.C_STAND_IN, os.X_OK) else [])
     sim = SimHost(ctx.procs, zygote=True)
     runs = {way: [] for way in ways}

@@ -1,6 +1,6 @@
 """`python -m pyxenfb` is `pyqemu-dm`."""
 import sys
 
-from .launch import main
+from .zygote.launch import main
 
 sys.exit(main())

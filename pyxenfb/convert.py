@@ -6,7 +6,7 @@ formats map onto it.  `convert_rect` turns a rectangle of a source surface
 into a buffer in the target format; `conversion_path` says how:
 
 * "copy"   -- same layout: a plain copy of the rows (padding bits included);
-* "pixman" -- libpixman-1 (pyxenfb.pixman) when it loads, has an exact
+* "pixman" -- libpixman-1 (pyxenfb.displays.pixman) when it loads, has an exact
   format for both sides and is not slower than numpy for the pair
   (`_numpy_faster`);
 * "numpy"  -- otherwise, vectorised over the whole rectangle, planned once
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import pixman
+from .displays import pixman
 
 _NATIVE_BIG = sys.byteorder == "big"
 

@@ -302,7 +302,7 @@ def _load_libxenevtchn():
     """(ffi, lib) for libxenevtchn.so.1, loaded on first use."""
     global _evtchn_lib
     if _evtchn_lib is None:
-        from ._xen_ffi import ffi      # generated from xen_cdefs.EVTCHN
+        from .platform._xen_ffi import ffi      # generated from xen_cdefs.EVTCHN
         _evtchn_lib = (ffi, ffi.dlopen("libxenevtchn.so.1"))
     return _evtchn_lib
 

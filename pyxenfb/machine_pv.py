@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from .qmp import QmpError
+from .machine.qmp import QmpError
 
 log = logging.getLogger("pyxenfb.machine")
 
@@ -59,7 +59,7 @@ class XenPvMachine:
 
     # ---- start-up -----------------------------------------------------------
     async def start(self) -> None:
-        from .keymap import Keymap, UnknownKeymap
+        from .console.keymap import Keymap, UnknownKeymap
         try:
             self.keymap = Keymap.load(self.opts.keymap or "en-us")
         except UnknownKeymap as e:
@@ -100,14 +100,14 @@ class XenPvMachine:
                 await asyncio.get_running_loop().run_in_executor(None, _import_display_stack, preload)
         except ImportError as e:
             raise MachineError(f"cannot load the display stack: {e}") from None
-        from .console import Console
+        from .console.core import Console
         self.console = Console(name)
         self._open_handles()
         self._make_vnc(name)            # reads the TLS credentials: before any chroot
         if restrict.active:
             # Every handle is open and every socket listens: from here on the
             # process needs no path, no new device and no privilege.
-            from .restrict import RestrictError, apply
+            from .machine.restrict import RestrictError, apply
             try:
                 log.info("restricted: %s", apply(restrict, self.domid, self.evtchn, self.foreignmem))
             except RestrictError as e:
@@ -120,7 +120,7 @@ class XenPvMachine:
     async def _advertise_backend_features(self) -> None:
         """Before `running` (libxl unpauses the guest then): the frontends read
         some features only when they probe, long before the backends start."""
-        from .xenfb_abi import BACKEND_FEATURES
+        from .devices.xenfb_abi import BACKEND_FEATURES
         for devtype, features in BACKEND_FEATURES.items():
             be = f"/local/domain/0/backend/{devtype}/{self.domid}/0"
             if await self.xs.read(f"{be}/frontend", None) is None:
@@ -131,7 +131,7 @@ class XenPvMachine:
     async def _start_qmp(self) -> None:
         if not self.opts.monitors:
             return
-        from .qmp import QmpServer
+        from .machine.qmp import QmpServer
         self.qmp = QmpServer(self)
         for chardev in self.opts.monitors:
             try:
@@ -221,7 +221,7 @@ class XenPvMachine:
 
     async def _announce_running(self) -> None:
         await self.xs.write(f"/local/domain/0/device-model/{self.domid}/state", "running")
-        from .standin import exec_pid, seconds_since_exec
+        from .zygote.standin import exec_pid, seconds_since_exec
         since_exec = seconds_since_exec(exec_pid())
         log.info("running" if since_exec is None else f"running ({since_exec:.2f} s after exec)")
 
@@ -249,7 +249,7 @@ class XenPvMachine:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        from .standin import watch_stand_in
+        from .zygote.standin import watch_stand_in
         watch_stand_in(loop, lambda: log.info("stand-in process gone (SIGKILLed?): exiting at once"))
         try:
             await self.start()
@@ -310,7 +310,7 @@ class XenPvMachine:
             self.xs.close()
             self.xs = None
 
-    # ---- QMP (pyxenfb.qmp.QmpMachine) ----------------------------------------
+    # ---- QMP (pyxenfb.machine.qmp.QmpMachine) ----------------------------------------
     def qmp_status(self) -> str:
         return self.status
 
@@ -380,7 +380,7 @@ class XenPvMachine:
         return out
 
 
-_DISPLAY_STACK = ("numpy", "pyxenfb.console", "pyxenfb.convert", "pyxenfb.vnc", "pyxenfb.xenfb")
+_DISPLAY_STACK = ("numpy", "pyxenfb.console.core", "pyxenfb.convert", "pyxenfb.vnc", "pyxenfb.xenfb")
 
 
 def _display_stack_loaded() -> bool:
@@ -394,13 +394,13 @@ def _import_display_stack(preload: bool = False) -> None:
     for name in _DISPLAY_STACK:
         importlib.import_module(name)
     if preload:
-        from . import restrict
+        from .machine import restrict
         restrict.preload()
 
 
 def run(options) -> int:
     """Entry point from cli.main: one readable line and a non-zero code on failure."""
-    from .platform import PlatformUnavailable, detect
+    from .platform.host import PlatformUnavailable, detect
     try:
         platform = detect()
     except PlatformUnavailable as e:

@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from .console import Console, Surface
+from .console.core import Console, Surface
 from .convert import PixelFormat, conversion_path, convert_rect
-from .keymap import usb_hid_to_linux
+from .console.keymap import usb_hid_to_linux
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from .console import Console, Surface
-from .region import Rect
+from .console.core import Console, Surface
+from .console.region import Rect
 from .rfb import encodings as enc
 from .rfb import protocol as rfb
 from .rfb.listener import Transport
@@ -125,7 +125,7 @@ class VncServer(RfbServer):
     def _keymap(self):
         if self.keymap is None:
             try:
-                from .keymap import Keymap
+                from .console.keymap import Keymap
                 self.keymap = Keymap.load()
             except ValueError as exc:
                 log.warning("VNC: no keymap available (%s), keysym input dropped", exc)
@@ -134,7 +134,7 @@ class VncServer(RfbServer):
 
     def keysym_decoder(self):
         """QEMU's keysym rules for one client, when the keymap is one of ours."""
-        from .keymap import Keymap, KeysymDecoder
+        from .console.keymap import Keymap, KeysymDecoder
         km = self._keymap()
         return KeysymDecoder(km) if isinstance(km, Keymap) else None
 
@@ -143,7 +143,7 @@ class VncServer(RfbServer):
         return km.keysym_to_linux(keysym) if km is not None else None
 
     def qnum_to_linux(self, qnum: int) -> int | None:
-        from .keymap import qnum_to_linux
+        from .console.keymap import qnum_to_linux
         return qnum_to_linux(qnum)
 
     # ------------------------------------------------------------ QMP

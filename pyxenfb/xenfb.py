@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import xenfb_abi as abi
-from .console import Console, Surface
+from .devices import xenfb_abi as abi
+from .console.core import Console, Surface
 from .convert import GUEST_FORMATS
-from .logbudget import LogBudget
+from .util.logbudget import LogBudget
 
 log = logging.getLogger("pyxenfb.xenfb")
 
@@ -90,8 +90,8 @@ class PortDispatcher:
 @dataclass
 class BackendContext:
     """What the backends of one device model share."""
-    xs: object                  # pyxenfb.xenstore.XenStore
-    foreignmem: object          # pyxenfb.foreignmem.ForeignMemory
+    xs: object                  # pyxenfb.platform.xenstore.XenStore
+    foreignmem: object          # pyxenfb.platform.foreignmem.ForeignMemory
     ports: PortDispatcher
     console: Console
     # A guest can repeat anything at will: its lines go through a budget.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Regenerate the cffi modules (out-of-line ABI mode) from their declarations:
-pyxenfb/_xen_ffi.py from xen_cdefs.py and pyxenfb/_pixman_ffi.py from pixman_cdefs.py.
+pyxenfb/platform/_xen_ffi.py from xen_cdefs.py and pyxenfb/displays/_pixman_ffi.py from pixman_cdefs.py.
 
     uv run python scripts/gen_cffi.py [--pixman] [OUTPUT]
 
@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 def generate(out: Path, which: str = "xen") -> None:
     import cffi
 
-    from pyxenfb import pixman_cdefs, xen_cdefs
+    from pyxenfb.displays import pixman_cdefs
+    from pyxenfb.platform import xen_cdefs
     cdefs = {"xen": xen_cdefs, "pixman": pixman_cdefs}[which]
     ffi = cffi.FFI()
     ffi.cdef(cdefs.ALL)
@@ -35,6 +36,6 @@ if __name__ == "__main__":
         generate(Path(args[0]), which)
         print(f"wrote {args[0]}")
     else:
-        for which, name in (("xen", "_xen_ffi.py"), ("pixman", "_pixman_ffi.py")):
-            generate(ROOT / "pyxenfb" / name, which)
-            print(f"wrote pyxenfb/{name}")
+        for which, folder, name in (("xen", "platform", "_xen_ffi.py"), ("pixman", "displays", "_pixman_ffi.py")):
+            generate(ROOT / "pyxenfb" / folder / name, which)
+            print(f"wrote pyxenfb/{folder}/{name}")

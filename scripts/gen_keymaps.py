@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate pyxenfb/keymaps/ (keyboard tables) from installed source data.
+"""Generate pyxenfb/console/keymaps/ (keyboard tables) from installed source data.
 
 Nothing in the generated package is typed by hand; every table is read from:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 DEFAULT_QEMU_KEYMAPS = Path("/usr/share/qemu/keymaps")
 DEFAULT_X11_INCLUDE = Path("/usr/include/X11")
 DEFAULT_LINUX_INPUT_HEADER = Path("/usr/include/linux/input-event-codes.h")
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "pyxenfb" / "keymaps"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "pyxenfb" / "console" / "keymaps"
 
 KEYSYM_HEADERS = ("keysymdef.h", "XF86keysym.h", "Sunkeysym.h")
 

@@ -63,7 +63,7 @@ def ppid(pid: int) -> int:
 
 
 async def _frontends_connected(domid: int, timeout: float) -> None:
-    from pyxenfb.xenstore import XenStore
+    from pyxenfb.platform.xenstore import XenStore
     xs = await XenStore.open(os.path.join(RUN_DIR, "xenstored.sock"))
     try:
         changed = asyncio.Event()
@@ -173,7 +173,7 @@ def create(domid: int, env: dict | None = None) -> dict:
 
 
 async def _dm_pid(domid: int) -> int:
-    from pyxenfb.xenstore import XenStore
+    from pyxenfb.platform.xenstore import XenStore
     xs = await XenStore.open(os.path.join(RUN_DIR, "xenstored.sock"))
     try:
         return int(await xs.read_str(f"/local/domain/{domid}/image/device-model-pid"))
@@ -227,7 +227,7 @@ def main() -> None:
     result["zygote_pid"] = zygote.pid
     # The launcher's default socket (/var/run/xen/..., /run/xen/... on Debian)
     # is the unit's; the sim's create turns the zygote off unless told.
-    from pyxenfb.standin import DEFAULT_SOCKET
+    from pyxenfb.zygote.standin import DEFAULT_SOCKET
     result["default_socket"] = [DEFAULT_SOCKET, os.path.realpath(DEFAULT_SOCKET)]
     d2 = create(2, dict(os.environ, PYXENFB_ZYGOTE=DEFAULT_SOCKET))
     d2["standin"] = asyncio.run(_dm_pid(2))

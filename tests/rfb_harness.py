@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from pyxenfb.console import Console, Surface
+from pyxenfb.console.core import Console, Surface
 from pyxenfb.convert import GUEST_32, to_rgb
 from pyxenfb.vnc import VncServer
 from pyxenfb.rfb.auth import vnc_response

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pyxenfb.console import Console
-from pyxenfb.platform import detect
+from pyxenfb.console.core import Console
+from pyxenfb.platform.host import detect
 from pyxenfb.sim.evtchn_broker import EvtchnBroker
 from pyxenfb.sim.guest import ReferenceGuest
 from pyxenfb.sim.toolstack import create_domain
 from pyxenfb.sim.xenstored import XenStored
 from pyxenfb.xenfb import BackendContext, PortDispatcher, start_backends
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 
 
 HOST_START_TIMEOUT = 15.0

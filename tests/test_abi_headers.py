@@ -1,7 +1,7 @@
 """Our vfb/vkbd layouts against the real Xen headers (Debian libxen-dev).
 
 A small C program prints sizes and offsets from xen/io/fbif.h and kbdif.h;
-every number pyxenfb.xenfb_abi uses must match, for x86_64 and (where gcc
+every number pyxenfb.devices.xenfb_abi uses must match, for x86_64 and (where gcc
 can build -m32) i386.
 """
 import shutil
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pyxenfb import xenfb_abi as abi
+from pyxenfb.devices import xenfb_abi as abi
 
 HEADERS = "/usr/include/xen/io/fbif.h"
 
@@ -182,7 +182,7 @@ def _gcc(tmp_path, source: str, *flags: str) -> subprocess.CompletedProcess:
 def test_pixman_declarations_agree_with_the_header(tmp_path):
     """gcc rejects a prototype of ours that conflicts with pixman.h; the enums
     we declare as unsigned int have that ABI."""
-    from pyxenfb import pixman_cdefs
+    from pyxenfb.displays import pixman_cdefs
     source = ("#include <pixman.h>\n" + pixman_cdefs.FUNCTIONS +
               "_Static_assert(sizeof(pixman_op_t) == sizeof(unsigned int), \"op\");\n"
               "_Static_assert(sizeof(pixman_format_code_t) == sizeof(unsigned int), \"format\");\n"
@@ -196,7 +196,7 @@ def test_pixman_declarations_agree_with_the_header(tmp_path):
 
 @needs_pixman_h
 def test_pixman_format_codes_match_the_header(tmp_path):
-    from pyxenfb import pixman
+    from pyxenfb.displays import pixman
     body = "".join(f'    printf("{name} %u\\n", (unsigned)PIXMAN_{name});\n' for name in pixman.FORMATS)
     body += '    printf("OP_SRC %u\\n", (unsigned)PIXMAN_OP_SRC);\n'
     r = _gcc(tmp_path, "#include <stdio.h>\n#include <pixman.h>\nint main(void) {\n" + body + "    return 0;\n}\n")
@@ -215,7 +215,7 @@ def test_restrict_prototypes_match_xen_headers(tmp_path):
     redeclaration, so a wrong width in xen_cdefs fails here."""
     import re
 
-    from pyxenfb import xen_cdefs
+    from pyxenfb.platform import xen_cdefs
     decls = [line for line in (xen_cdefs.EVTCHN + xen_cdefs.FOREIGNMEMORY).splitlines()
              if re.search(r"\b(xenevtchn|xenforeignmemory)_restrict\(", line)]
     assert len(decls) == 2, decls

@@ -6,8 +6,8 @@ import types
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyxenfb import cli
-from pyxenfb.cli import ChardevSocket, CliError, EarlyExit, VncOptions, parse_args
+from pyxenfb.machine import cli
+from pyxenfb.machine.cli import ChardevSocket, CliError, EarlyExit, VncOptions, parse_args
 
 # argv[1:] exactly as libxl 4.17 (Debian Xen 4.17.7) started the device model
 # for a PV guest with vfb = ["vnc=1,vnclisten=127.0.0.1,vncdisplay=0"];

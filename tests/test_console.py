@@ -2,8 +2,8 @@
 every listener; input state (held keys, pointer mode) kept once."""
 import asyncio
 
-from pyxenfb.console import BTN_LEFT, Console, Surface
-from pyxenfb.region import MAX_RECTS, DirtyRegion, clip
+from pyxenfb.console.core import BTN_LEFT, Console, Surface
+from pyxenfb.console.region import MAX_RECTS, DirtyRegion, clip
 
 from rfb_harness import RecordingInput
 from simkit import RecordingListener

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import contextlib
 
-from pyxenfb import convert, pixman
+from pyxenfb import convert
+from pyxenfb.displays import pixman
 from pyxenfb.convert import (GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS, RGB888,
                              PixelFormat, _plan, check_format, conversion_path, convert_rect, to_rgb)
 
@@ -381,7 +382,7 @@ def test_env_var_hides_pixman_and_import_is_lazy():
     import subprocess
     import sys
     code = ("import sys; from pyxenfb import convert as c; "
-            "lazy = 'pyxenfb._pixman_ffi' not in sys.modules; "
+            "lazy = 'pyxenfb.displays._pixman_ffi' not in sys.modules; "
             "print(lazy, c.conversion_path(c.GUEST_32, c.GUEST_16))")
     env = dict(__import__("os").environ, PYXENFB_NO_PIXMAN="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -114,7 +114,7 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert set(names) <= from_debian, set(names) - from_debian
     assert run("sh", "-c", "command -v pip pip3").stdout == ""
     imports = run(VENV_PYTHON, "-c", "import numpy, PIL, pygame, zlib_ng, aiohttp, websockets, "
-                  "Crypto, cffi, pyxs, pyxenfb.cli, pyxenfb.zygote, pyxenfb.hostconsole.cli")
+                  "Crypto, cffi, pyxs, pyxenfb.machine.cli, pyxenfb.zygote.server, pyxenfb.hostconsole.cli")
     assert imports.returncode == 0, imports.stderr
 
     # The man page, and the units as systemd reads them (systemd for
@@ -136,7 +136,7 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert report["pyqemu_dm"].startswith("/usr/lib/pyxenfb/venv/lib/python3.11/site-packages/")
 
     cold = report["cold"]                       # the C launcher's cold start: the package's Python
-    assert cold["cmdline"][:3] == [VENV_PYTHON, "-m", "pyxenfb.cli"], cold["cmdline"]
+    assert cold["cmdline"][:3] == [VENV_PYTHON, "-m", "pyxenfb.machine.cli"], cold["cmdline"]
     assert "zygote" not in cold["log"]
     assert cold["picture"]["equal"] and cold["picture"]["size"] == [800, 600]
     assert cold["picture"]["colours"] > 16, cold["picture"]

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from pyxenfb import foreignmem
-from pyxenfb.foreignmem import (
+from pyxenfb.platform import foreignmem
+from pyxenfb.platform.foreignmem import (
     MAX_FRAMES_PER_MAP,
     ForeignMemoryError,
     RealForeignMemory,

@@ -212,7 +212,7 @@ def test_wildcard_listen_connects_to_loopback():
 def test_program_of_names_the_device_model(tmp_path):
     from pyxenfb.hostconsole.domains import program_of
     cases = {1: b"/usr/bin/python3\0/usr/local/bin/pyqemu-dm\0-xen-domid\0003\0",
-             2: b"python3\0-m\0pyxenfb.cli\0-xen-domid\0003\0",
+             2: b"python3\0-m\0pyxenfb.machine.cli\0-xen-domid\0003\0",
              3: b"/usr/libexec/xen-qemu-system-i386\0-xen-domid\0003\0",
              4: b"python3\0-m\0pyxenfb\0-d\0001\0",
              5: b"python3\0-m\0some.other_dm\0"}
@@ -230,7 +230,7 @@ def test_accept_errors_are_budgeted_one_liners():
     import logging
 
     from pyxenfb.hostconsole.server import budget_accept_errors
-    from pyxenfb.logbudget import LogBudget
+    from pyxenfb.util.logbudget import LogBudget
 
     records = []
 

@@ -83,10 +83,10 @@ def test_pyxenfb_has_no_import_cycle():
 def test_only_entry_points_import_the_machine_and_the_cli():
     graph = import_graph(PACKAGE_DIR)
     importers = {t: sorted(m for m, deps in graph.items() if t in deps)
-                 for t in ("pyxenfb.cli", "pyxenfb.machine_pv", "pyxenfb.sim.cli")}
+                 for t in ("pyxenfb.machine.cli", "pyxenfb.machine_pv", "pyxenfb.sim.cli")}
     # pyxenfb-zygote is an entry point too: its children run cli.main.
-    assert importers == {"pyxenfb.cli": ["pyxenfb.launch", "pyxenfb.zygote"],
-                         "pyxenfb.machine_pv": ["pyxenfb.cli", "pyxenfb.zygote"],
+    assert importers == {"pyxenfb.machine.cli": ["pyxenfb.zygote.launch", "pyxenfb.zygote.server"],
+                         "pyxenfb.machine_pv": ["pyxenfb.machine.cli", "pyxenfb.zygote.server"],
                          "pyxenfb.sim.cli": []}
 
 

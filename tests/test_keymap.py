@@ -16,12 +16,12 @@ import evdev.ecodes as ec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyxenfb.keymap import (
+from pyxenfb.console.keymap import (
     MOD_ALTGR, MOD_SHIFT, Keymap, KeysymDecoder, UnknownKeymap, available_layouts,
     linux_key_name, qnum_to_linux, usb_hid_to_linux,
 )
-from pyxenfb.keymaps import codes
-from pyxenfb.keymaps.index import LAYOUT_MODULES, SOURCES_SHA256
+from pyxenfb.console.keymaps import codes
+from pyxenfb.console.keymaps.index import LAYOUT_MODULES, SOURCES_SHA256
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "scripts" / "gen_keymaps.py"
@@ -213,7 +213,7 @@ def test_layouts_load_lazily_and_fast():
     code = (
         "import sys, time\n"
         "t = time.perf_counter()\n"
-        "from pyxenfb.keymap import Keymap\n"
+        "from pyxenfb.console.keymap import Keymap\n"
         "assert not [m for m in sys.modules if 'keymaps.layout_' in m], sys.modules\n"
         "Keymap.load('de')\n"
         "print(sorted(m for m in sys.modules if 'keymaps.layout_' in m))\n"
@@ -221,7 +221,7 @@ def test_layouts_load_lazily_and_fast():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, check=True, timeout=60).stdout.splitlines()
-    assert out[0] == "['pyxenfb.keymaps.layout_de', 'pyxenfb.keymaps.layout_en_us']"
+    assert out[0] == "['pyxenfb.console.keymaps.layout_de', 'pyxenfb.console.keymaps.layout_en_us']"
     assert float(out[1]) < 1.0
 
 
@@ -396,7 +396,7 @@ def test_generator_reproduces_committed_tables(tmp_path):
     if fresh_sha != SOURCES_SHA256:
         pytest.skip("installed keymap sources differ from those the committed tables "
                     "were generated from; run scripts/gen_keymaps.py to update them")
-    package = ROOT / "pyxenfb" / "keymaps"
+    package = ROOT / "pyxenfb" / "console" / "keymaps"
     committed = {p.name: p.read_text() for p in package.glob("*.py") if p.name != "__init__.py"}
     assert sorted(committed) == sorted(fresh)
     for name in fresh:

@@ -1,4 +1,4 @@
-"""The log budget (pyxenfb/logbudget.py): a log nobody can fill.
+"""The log budget (pyxenfb/util/logbudget.py): a log nobody can fill.
 
 Under dm_restrict a log past 256 KiB kills the device model (SIGXFSZ), so
 what clients and guests can make us write is bounded: unit tests on a fake
@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from pyxenfb import xenfb_abi as abi
-from pyxenfb.cli import _PrefixFormatter
-from pyxenfb.logbudget import LogBudget
+from pyxenfb.devices import xenfb_abi as abi
+from pyxenfb.machine.cli import _PrefixFormatter
+from pyxenfb.util.logbudget import LogBudget
 from rfb_harness import ServerThread
 from simkit import connected_domain, wait_for, wait_until
 

@@ -15,11 +15,11 @@ import pytest
 
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 import simkit
 from simkit import wait_node, wait_until
 
-DM = [sys.executable, "-m", "pyxenfb.cli"]
+DM = [sys.executable, "-m", "pyxenfb.machine.cli"]
 
 
 def _env(**extra):

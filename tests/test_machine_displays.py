@@ -12,7 +12,7 @@ from PIL import Image
 
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 from simkit import wait_frontends_connected, wait_until
 
 

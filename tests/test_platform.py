@@ -11,8 +11,8 @@ import tempfile
 import pytest
 
 from pyxenfb.evtchn import SimEventChannel
-from pyxenfb.foreignmem import SimForeignMemory
-from pyxenfb.platform import Platform, PlatformUnavailable, detect
+from pyxenfb.platform.foreignmem import SimForeignMemory
+from pyxenfb.platform.host import Platform, PlatformUnavailable, detect
 from pyxenfb.sim.evtchn_broker import BrokerThread
 
 
@@ -101,8 +101,8 @@ def fresh_python(code: str) -> str:
 
 
 def test_imports_stay_lazy():
-    assert fresh_python("import sys, pyxenfb.platform as p; print(sorted(m for m in "
-                        "('pyxenfb.xenstore', 'numpy', 'cffi') if m in sys.modules))") == "[]"
+    assert fresh_python("import sys, pyxenfb.platform.host as p; print(sorted(m for m in "
+                        "('pyxenfb.platform.xenstore', 'numpy', 'cffi') if m in sys.modules))") == "[]"
 
 
 def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
@@ -110,26 +110,26 @@ def test_libxenevtchn_is_loaded_only_when_a_real_handle_is_made():
                         "print(e._evtchn_lib is None and 'cffi' not in sys.modules)") == "True"
 
 
-# ---- the generated cffi module (pyxenfb/_xen_ffi.py) ------------------------------
+# ---- the generated cffi module (pyxenfb/platform/_xen_ffi.py) ------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("flags, name, cdefs", [([], "_xen_ffi.py", "xen_cdefs.py"),
-                                                 (["--pixman"], "_pixman_ffi.py", "pixman_cdefs.py")])
-def test_generated_ffi_module_matches_the_declarations(tmp_path, flags, name, cdefs):
+@pytest.mark.parametrize("flags, folder, name, cdefs", [([], "platform", "_xen_ffi.py", "xen_cdefs.py"),
+                                                         (["--pixman"], "displays", "_pixman_ffi.py", "pixman_cdefs.py")])
+def test_generated_ffi_module_matches_the_declarations(tmp_path, flags, folder, name, cdefs):
     out = tmp_path / name
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), *flags, str(out)],
                    check=True, capture_output=True, timeout=60)
-    with open(os.path.join(ROOT, "pyxenfb", name), "rb") as f:
+    with open(os.path.join(ROOT, "pyxenfb", folder, name), "rb") as f:
         committed = f.read()
     assert out.read_bytes() == committed, \
-        f"pyxenfb/{name} is stale: run scripts/gen_cffi.py after editing {cdefs}"
+        f"pyxenfb/{folder}/{name} is stale: run scripts/gen_cffi.py after editing {cdefs}"
 
 
 def test_libraries_load_without_cffis_parser():
     """A start loads _cffi_backend only: cffi's C parser cost seconds in a TCG dom0."""
-    code = ("import sys, pyxenfb.evtchn as e, pyxenfb.foreignmem as f; "
+    code = ("import sys, pyxenfb.evtchn as e, pyxenfb.platform.foreignmem as f; "
             "e._load_libxenevtchn(); f._load_libxenforeignmemory(); ffi, libc = f._load_libc(); "
             "p = libc.mmap(0, 4096, 3, 0x22, -1, 0); assert libc.munmap(ffi.cast('void *', p), 4096) == 0; "
             "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
@@ -137,7 +137,7 @@ def test_libraries_load_without_cffis_parser():
 
 
 def test_pixman_loads_without_cffis_parser():
-    code = ("import sys, numpy as np; from pyxenfb import convert as c, pixman; "
+    code = ("import sys, numpy as np; from pyxenfb import convert as c; from pyxenfb.displays import pixman; "
             "assert pixman._loaded is False; "
             "out = c.convert_rect(np.zeros((2, 8), np.uint8), c.GUEST_32, c.GUEST_16, 0, 0, 2, 2); "
             "print(c.conversion_path(c.GUEST_32, c.GUEST_16) if pixman.available() else 'pixman', "
@@ -147,7 +147,7 @@ def test_pixman_loads_without_cffis_parser():
 
 def test_declarations_agree_with_libxen_headers(tmp_path):
     """gcc rejects a prototype that conflicts with Debian's libxen-dev headers."""
-    from pyxenfb import xen_cdefs
+    from pyxenfb.platform import xen_cdefs
     # we pass NULL for the logger, so the cdef keeps it an opaque void *
     ours = (xen_cdefs.EVTCHN + xen_cdefs.FOREIGNMEMORY).replace(
         "void *logger", "struct xentoollog_logger *logger")

@@ -8,8 +8,8 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyxenfb.cli import COMMAND_LINE_OPTIONS, ChardevSocket
-from pyxenfb.qmp import (MAX_MESSAGE, MessageSplitter, MessageTooLong, QmpError,
+from pyxenfb.machine.cli import COMMAND_LINE_OPTIONS, ChardevSocket
+from pyxenfb.machine.qmp import (MAX_MESSAGE, MessageSplitter, MessageTooLong, QmpError,
                          QmpServer)
 
 TIMEOUT = 5

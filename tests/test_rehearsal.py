@@ -1,6 +1,6 @@
-"""The zygote's rehearsal (pyxenfb/rehearsal.py), the launcher
-(pyxenfb/launch.py), the stand-in's wire codec (pyxenfb/standin.py) and
-its last form (pyxenfb/forwarder.py)."""
+"""The zygote's rehearsal (pyxenfb/zygote/rehearsal.py), the launcher
+(pyxenfb/zygote/launch.py), the stand-in's wire codec (pyxenfb/zygote/standin.py) and
+its last form (pyxenfb/zygote/forwarder.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pyxenfb import forwarder, rehearsal
+from pyxenfb.zygote import forwarder, rehearsal
 from pyxenfb.rfb import encodings
 
 
@@ -23,7 +23,7 @@ def test_rehearsal_serves_every_encoding_and_format_without_a_thread(monkeypatch
         seen.append((encoding, fmt.bpp))
         return real(self, encoding, fmt, *args, **kwargs)
     monkeypatch.setattr(encodings.Encoder, "encode_chunks", spy)
-    from pyxenfb import cli
+    from pyxenfb.machine import cli
     parsed = []
     monkeypatch.setattr(cli, "parse_args", lambda argv: parsed.append(argv))
     root = logging.getLogger()
@@ -48,7 +48,7 @@ def test_a_failing_step_raises_instead_of_hanging(monkeypatch):
 
 
 def test_rehearsal_exercises_xenstore_and_the_resolver(monkeypatch):
-    from pyxenfb.xenstore import XenStore
+    from pyxenfb.platform.xenstore import XenStore
     calls = []
     for name in ("write", "read", "watch", "transaction_start", "transaction_end", "unwatch"):
         real = getattr(XenStore, name)
@@ -81,10 +81,10 @@ def test_forwarder_forwards_signals_and_returns_the_status():
     forwarder): SIGTERM goes over the socket as {"signal": 15}; garbage is
     logged and ignored; {"exit": 7} ends it with status 7."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__))))
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import signal; "
             "signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM,)); "
-            "from pyxenfb.forwarder import main; "
+            "from pyxenfb.zygote.forwarder import main; "
             "print(sorted({'json', 'socket', 're', 'array'} & set(sys.modules)), flush=True); "
             "sys.exit(main(sys.argv[2:]))")
     proc = subprocess.Popen([sys.executable, "-S", "-I", "-c", code, root, str(theirs.fileno()),
@@ -108,10 +108,10 @@ def test_forwarder_forwards_signals_and_returns_the_status():
 
 def test_forwarder_without_a_status_exits_1_when_the_child_goes():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(forwarder.__file__))))
     proc = subprocess.Popen([sys.executable, "-S", "-I", "-c",
                              "import sys; sys.path.insert(0, sys.argv[1]); "
-                             "from pyxenfb.forwarder import main; sys.exit(main(sys.argv[2:]))",
+                             "from pyxenfb.zygote.forwarder import main; sys.exit(main(sys.argv[2:]))",
                              root, str(theirs.fileno()), "42", "pyqemu-dm", "--"],
                             pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True)
     theirs.close()
@@ -123,13 +123,13 @@ def test_forwarder_without_a_status_exits_1_when_the_child_goes():
 def test_the_launcher_imports_nothing_heavy_before_the_zygote_answers(tmp_path):
     """`pyqemu-dm` (launch.py) asks the zygote with the standard library
     only; the cli, logging and dataclasses load only for a cold start."""
-    code = ("import sys; from pyxenfb import launch, standin; "
+    code = ("import sys; from pyxenfb.zygote import launch, standin; "
             "standin.try_zygote = lambda argv, prefix: print(prefix, sorted("
-            "{'pyxenfb.cli', 'logging', 'dataclasses', 'numpy', 'json', 're', 'enum', "
+            "{'pyxenfb.machine.cli', 'logging', 'dataclasses', 'numpy', 'json', 're', 'enum', "
             "'socket', 'signal'} & set(sys.modules))) or 0; "
             "sys.argv = ['pyqemu-dm', '-xen-domid', '7', '-vnc', ':1']; sys.exit(launch.main())")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
-                         timeout=60, cwd=os.path.dirname(os.path.dirname(forwarder.__file__)))
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.dirname(forwarder.__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "pyqemu-dm[7] []"
 
@@ -139,13 +139,13 @@ def test_the_launcher_imports_nothing_heavy_before_the_zygote_answers(tmp_path):
     (["-d", "x"], "pyqemu-dm"), (["-M", "none"], "pyqemu-dm"), (["-d"], "pyqemu-dm"),
 ])
 def test_launcher_log_prefix(argv, prefix):
-    from pyxenfb.launch import log_prefix
+    from pyxenfb.zygote.launch import log_prefix
     assert log_prefix(argv) == prefix
 
 
 def test_the_stand_in_writes_json_as_json_dumps_does():
     import json
-    from pyxenfb.standin import _dumps
+    from pyxenfb.zygote.standin import _dumps
     request = {"v": 1, "argv": ["pyqemu-dm", "-name", "gu\u00e9st \"q\" \\ \n\t\x01", "\U0001f600"],
                "env": {"K": "v", "UNDECODABLE": "\udcff\udcfe"}, "cwd": "/", "umask": 18,
                "rlimits": {"AS": [-1, 2 ** 64 - 1]}, "fds": [0, 1, 2], "flag": True, "none": None}
@@ -160,7 +160,7 @@ def test_the_stand_in_writes_json_as_json_dumps_does():
     ('{ "exit" : 0 , "a": null, "b": -7 }', {"exit": 0, "a": None, "b": -7}),
 ])
 def test_the_stand_in_reads_flat_json_objects(text, obj):
-    from pyxenfb.standin import _loads_flat
+    from pyxenfb.zygote.standin import _loads_flat
     assert _loads_flat(text) == obj
 
 
@@ -170,7 +170,7 @@ def test_the_stand_in_reads_flat_json_objects(text, obj):
     '{"a": 1,, "b": 2}', '{"a"', "\x00" * 10, '{"\ud800": 1', "{" * 1000,
 ])
 def test_the_stand_in_refuses_anything_else_with_a_value_error(text):
-    from pyxenfb.standin import _loads_flat
+    from pyxenfb.zygote.standin import _loads_flat
     with pytest.raises(ValueError):
         _loads_flat(text)
 
@@ -178,7 +178,7 @@ def test_the_stand_in_refuses_anything_else_with_a_value_error(text):
 def test_the_stand_in_parser_never_fails_otherwise():
     from hypothesis import given, settings, strategies as st
 
-    from pyxenfb.standin import _loads_flat
+    from pyxenfb.zygote.standin import _loads_flat
 
     @settings(max_examples=2000, deadline=None)
     @given(st.text(alphabet=st.sampled_from('{}[]":,- \t\\0123456789aeflnrstu\u00e9'), max_size=60))

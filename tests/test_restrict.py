@@ -29,7 +29,7 @@ from simkit import HostThread, short_run_dir, wait_until
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chroot, unshare and -runas need root")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DM = [sys.executable, "-m", "pyxenfb.cli"]
+DM = [sys.executable, "-m", "pyxenfb.machine.cli"]
 
 
 @pytest.fixture
@@ -268,7 +268,7 @@ def test_restrict_steps_refuse_without_privilege():
     import tempfile
     tmp_path = tempfile.mkdtemp(prefix="pyxfb-root-", dir="/tmp")
     os.chmod(tmp_path, 0o755)                 # visible to nobody; chroot still needs privilege
-    code = ("import os; from pyxenfb import restrict; from pyxenfb.cli import RestrictOptions\n"
+    code = ("import os; from pyxenfb.machine import restrict; from pyxenfb.machine.cli import RestrictOptions\n"
             f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
             "try:\n"
             f"    restrict.apply(RestrictOptions(chroot={str(tmp_path)!r}), 1, None, None)\n"
@@ -283,11 +283,11 @@ def test_restrict_steps_refuse_without_privilege():
 LAZY_AFTER_CHROOT = r'''
 import io, os, sys
 import numpy as np
-from pyxenfb import restrict
+from pyxenfb.machine import restrict
 from pyxenfb.convert import GUEST_32, GUEST_16, convert_rect
 from pyxenfb.rfb import auth, encodings
 from pyxenfb.rfb.websocket import WebSocketStream
-from pyxenfb import pixman
+from pyxenfb.displays import pixman
 restrict.preload()
 os.chroot(sys.argv[1]); os.chdir("/")
 sys.path[:] = []                      # nothing can be found any more: imports must be done
@@ -317,7 +317,7 @@ def test_everything_imported_lazily_works_after_the_chroot(tmp_path):
     r = subprocess.run([sys.executable, "-c", LAZY_AFTER_CHROOT, str(root)], capture_output=True,
                        text=True, timeout=120, cwd="/")
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
-    from pyxenfb import pixman
+    from pyxenfb.displays import pixman
     assert r.stdout.strip() == f"ok {pixman.available()}"
 
 

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from xvfb import Xvfb
 
-from pyxenfb.console import BTN_LEFT, BTN_RIGHT, Console, Surface
+from pyxenfb.console.core import BTN_LEFT, BTN_RIGHT, Console, Surface
 from pyxenfb.convert import GUEST_16, GUEST_32, PixelFormat, convert_rect, to_rgb
 
 pygame = pytest.importorskip("pygame")
 
 try:
-    from pyxenfb.keymap import usb_hid_to_linux
+    from pyxenfb.console.keymap import usb_hid_to_linux
 except ImportError:
     usb_hid_to_linux = None
 needs_keymap = pytest.mark.skipif(usb_hid_to_linux is None,
-                                  reason="pyxenfb.keymap.usb_hid_to_linux not available yet")
+                                  reason="pyxenfb.console.keymap.usb_hid_to_linux not available yet")
 KEY_A = 30
 SCAN_A, SCAN_G = 4, 10
 
@@ -307,7 +307,7 @@ def test_xvfb_window_shows_exact_picture_and_keys(xvfb):
         np.testing.assert_array_equal(shot & mask, expected2)
 
         if usb_hid_to_linux is None:
-            pytest.skip("pyxenfb.keymap.usb_hid_to_linux not available: key check skipped")
+            pytest.skip("pyxenfb.console.keymap.usb_hid_to_linux not available: key check skipped")
         await run("xdotool", "windowfocus", "--sync", str(wid))
         await run("xdotool", "key", "--delay", "0", "a")
         await sink.wait_for_keys(2)     # (the pointer over the window also reports motion)

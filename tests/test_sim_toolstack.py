@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyxenfb import xenfb_abi as abi
+from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import FbdumpError, read_framebuffer
 from pyxenfb.sim.guestmem import GuestMemory
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_GUEST = (REPO / "pyxenfb/sim/guest.py").exists()
@@ -371,7 +371,7 @@ def test_fbdump_reads_through_xenstore_and_names_what_is_wrong(host, tmp_path):
 
 FAKE_DM = r'''#!{python}
 import asyncio, json, os, signal, sys
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 TERMINATOR = {terminator!r}
 MODE = {mode!r}
 run_dir = os.environ["PYXENFB_SIM"]

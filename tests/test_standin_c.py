@@ -1,4 +1,4 @@
-"""pyqemu-dm's stand-in in C (pyxenfb/standin.c, built by scripts/setup into
+"""pyqemu-dm's stand-in in C (pyxenfb/zygote/standin.c, built by scripts/setup into
 pyxenfb/bin/pyqemu-dm): the same wire as the Python one (standin.py), byte
 for byte, and every answer it may get from a socket checked.  The domain-level
 checks (picture, keys, QMP, destroy, SIGTERM, kill -9) run through it in
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pyxenfb import standin, zygote
+from pyxenfb.zygote import server as zygote
+from pyxenfb.zygote import standin
 from simkit import short_run_dir
 
 C_STAND_IN = standin.C_STAND_IN
@@ -105,10 +106,10 @@ def test_its_request_is_the_python_stand_ins_byte_for_byte(tmp_path):
     requests, directory = [], short_run_dir()        # the same socket path for both
     for program in ([C_STAND_IN], [sys.executable, "-S", "-c",
                                    "import sys; sys.path.insert(0, sys.argv[1]); "
-                                   "from pyxenfb.standin import try_zygote; "
+                                   "from pyxenfb.zygote.standin import try_zygote; "
                                    "sys.argv = ['X', *sys.argv[2:]]; "
                                    "sys.exit(try_zygote(sys.argv[1:], 'pyqemu-dm[5]') or 3)",
-                                   str(Path(standin.__file__).parents[1])]):
+                                   str(Path(standin.__file__).parents[2])]):
         fake = FakeZygote(b'{"error": "test over"}', directory=directory)
         # LC_ALL set: no locale coercion (PEP 538) adding LC_CTYPE to Python's environment
         env = {**ODD_ENV, b"LC_ALL": b"C.UTF-8", b"PYXENFB_ZYGOTE": fake.path.encode(),
@@ -140,7 +141,7 @@ def test_its_request_is_the_python_stand_ins_byte_for_byte(tmp_path):
 
 
 def _cold_start_script(tmp_path) -> str:
-    """Stands in for `python3 -m pyxenfb.cli`: prints what it was given."""
+    """Stands in for `python3 -m pyxenfb.machine.cli`: prints what it was given."""
     script = tmp_path / "fake-python"
     script.write_text('#!/bin/sh\necho "cold: $*"\necho "path: $PYTHONPATH"\n')
     script.chmod(0o755)
@@ -179,8 +180,8 @@ def test_every_bad_answer_is_one_line_and_a_cold_start(tmp_path, answer, then, l
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("pyqemu-dm[7]: zygote: ")
     assert line in done.stderr and done.stderr.endswith("; cold start\n"), done.stderr
-    root = str(Path(standin.__file__).parents[1])
-    assert done.stdout == f"cold: -m pyxenfb.cli -d 007 -vnc :1\npath: {root}:/elsewhere\n"
+    root = str(Path(standin.__file__).parents[2])
+    assert done.stdout == f"cold: -m pyxenfb.machine.cli -d 007 -vnc :1\npath: {root}:/elsewhere\n"
 
 
 def test_no_zygote_is_a_cold_start_silent_only_at_the_default_path(tmp_path):
@@ -195,7 +196,7 @@ def test_no_zygote_is_a_cold_start_silent_only_at_the_default_path(tmp_path):
     assert off.stderr == ""
     assert missing.stderr == f"pyqemu-dm: zygote: no zygote at {tmp_path}/none.sock; cold start\n"
     for done in (quiet, off, missing):
-        assert done.returncode == 0 and done.stdout.startswith("cold: -m pyxenfb.cli -version\n")
+        assert done.returncode == 0 and done.stdout.startswith("cold: -m pyxenfb.machine.cli -version\n")
     gone = _run([C_STAND_IN, "-version"], {"PYXENFB_PYTHON": str(tmp_path / "no-python"),
                                            "PYXENFB_ZYGOTE": "off"}, text=True)
     assert gone.returncode == 1
@@ -259,7 +260,7 @@ def test_a_vanished_working_directory_is_a_cold_start_with_one_line(tmp_path, wh
     fake = FakeZygote(None)          # connected to, then left without a request
     program = [C_STAND_IN] if which == "c" else [sys.executable, "-m", "pyxenfb"]
     env = {"PYXENFB_ZYGOTE": fake.path, "PYXENFB_PYTHON": _cold_start_script(tmp_path),
-           "PYTHONPATH": str(Path(standin.__file__).parents[1]), "PATH": os.environ["PATH"]}
+           "PYTHONPATH": str(Path(standin.__file__).parents[2]), "PATH": os.environ["PATH"]}
     try:
         done = subprocess.run(program + ["-version"], env=env, cwd=gone, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=60,
@@ -281,7 +282,7 @@ def test_an_environment_too_big_for_one_request_is_a_cold_start(tmp_path):
     finally:
         fake.close()
     assert done.stderr == "pyqemu-dm: zygote: request exceeds 131072 bytes; cold start\n"
-    assert done.stdout.startswith("cold: -m pyxenfb.cli -version\n")
+    assert done.stdout.startswith("cold: -m pyxenfb.machine.cli -version\n")
 
 
 # ---- which interpreter a cold start runs -------------------------------------------------
@@ -321,11 +322,11 @@ def test_a_cold_start_runs_the_interpreter_of_the_venv_it_is_installed_in():
             subprocess.run(["cc", "-O2", *defines, "-o", str(launcher), str(SOURCE)], check=True)
 
         build()
-        assert _cold_start(launcher, record, PATH=path) == f"{venv}/bin/python -m pyxenfb.cli -d 5"
+        assert _cold_start(launcher, record, PATH=path) == f"{venv}/bin/python -m pyxenfb.machine.cli -d 5"
         assert _cold_start(launcher, record, PATH=path, PYXENFB_PYTHON=str(tmp / "other" / "python")) \
-            == f"{tmp}/other/python -m pyxenfb.cli -d 5"
+            == f"{tmp}/other/python -m pyxenfb.machine.cli -d 5"
         (venv / "pyvenv.cfg").unlink()              # not a venv: python3 from PATH, as before
-        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/path/python3 -m pyxenfb.cli -d 5"
+        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/path/python3 -m pyxenfb.machine.cli -d 5"
         (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
         build(f'-DPYTHON="{tmp}/other/python"')     # scripts/setup's and the package's way
-        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/other/python -m pyxenfb.cli -d 5"
+        assert _cold_start(launcher, record, PATH=path) == f"{tmp}/other/python -m pyxenfb.machine.cli -d 5"

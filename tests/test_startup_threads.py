@@ -5,7 +5,7 @@ import sys
 
 
 def test_cli_keeps_openblas_to_one_thread():
-    code = ("import os, pyxenfb.cli as c\n"
+    code = ("import os, pyxenfb.machine.cli as c\n"
             "try:\n    c.main(['-version'])\nexcept SystemExit:\n    pass\n"
             "import numpy\n"
             "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))")

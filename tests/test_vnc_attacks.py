@@ -854,7 +854,7 @@ def test_banner_is_written_inside_connection_made():
     returns, with no turn of the loop in between."""
     import asyncio
 
-    from pyxenfb.console import Console
+    from pyxenfb.console.core import Console
     from pyxenfb.rfb.listener import Transport
     from pyxenfb.vnc import VncServer
 

@@ -96,9 +96,9 @@ def test_extended_key_event_uses_scancodes(vnc_server):
     """QEMU Extended Key Event (vncdotool 1.4.2 asks for -258 but never sends
     one, so by hand): 'c' is unknown to the stub keysym map, so KEY_C can only
     come from the XT scancode 0x2e; Right (E0 4D -> 0xCD) is KEY_RIGHT."""
-    keymap = pytest.importorskip("pyxenfb.keymap")
+    keymap = pytest.importorskip("pyxenfb.console.keymap")
     if not hasattr(keymap, "qnum_to_linux"):
-        pytest.skip("pyxenfb.keymap.qnum_to_linux not available yet")
+        pytest.skip("pyxenfb.console.keymap.qnum_to_linux not available yet")
     c = RawClient(vnc_server.port)
     c.handshake()
     c.send(struct.pack(">BxHii", 2, 2, 0, -258) + struct.pack(">BBHHHH", 3, 1, 0, 0, 1, 1))

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from pyxenfb.cli import CliError, parse_args
+from pyxenfb.machine.cli import CliError, parse_args
 from pyxenfb.rfb import protocol as rfb
 from pyxenfb.rfb.auth import vnc_response
 from pyxenfb.rfb.states import VeNCryptSubtype

@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 
-from pyxenfb import xenfb_abi as abi
-from pyxenfb.console import Surface
+from pyxenfb.devices import xenfb_abi as abi
+from pyxenfb.console.core import Surface
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import server as rfb_server
@@ -204,7 +204,7 @@ def test_held_input_released_once_by_the_console_when_a_client_goes():
 
 
 def test_log_says_which_conversion_a_client_gets(caplog):
-    from pyxenfb import pixman
+    from pyxenfb.displays import pixman
     srv = ServerThread(noisy_surface(64, 48))
     c = RawClient(srv.port)
     try:
@@ -222,7 +222,7 @@ def test_log_says_which_conversion_a_client_gets(caplog):
 
 
 def test_frame_buffers_let_go_when_the_last_client_leaves():
-    from pyxenfb import malloc
+    from pyxenfb.util import malloc
     assert malloc.limit_arenas(1)                 # glibc: mallopt accepted
     srv = ServerThread(noisy_surface(800, 600))
     c = RawClient(srv.port)
@@ -239,7 +239,7 @@ def test_frame_buffers_let_go_when_the_last_client_leaves():
 
 
 def test_periodic_trim_runs_at_most_once_per_interval(monkeypatch):
-    from pyxenfb import malloc
+    from pyxenfb.util import malloc
     calls = []
     monkeypatch.setattr(malloc, "trim", lambda: calls.append(1))
     now = [100.0]
@@ -257,7 +257,7 @@ def test_periodic_trim_runs_at_most_once_per_interval(monkeypatch):
 def test_the_heap_is_trimmed_while_updates_flow(monkeypatch):
     """Every update is followed by the server's periodic trim (here with no
     interval): fragmented memory is not left resident until the client goes."""
-    from pyxenfb import malloc
+    from pyxenfb.util import malloc
     srv = ServerThread(noisy_surface(800, 600))
     srv.call(lambda: setattr(srv.server, "_trim", malloc.PeriodicTrim(0.0)))
     c = RawClient(srv.port)

@@ -4,7 +4,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from pyxenfb import xenfb_abi as abi
+from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.sim.picture import test_picture as guest_picture
 

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
-from pyxenfb import xenfb_abi as abi
+from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.convert import GUEST_FORMATS, convert_rect
-from pyxenfb.foreignmem import ForeignMemoryError, SimForeignMemory
+from pyxenfb.platform.foreignmem import ForeignMemoryError, SimForeignMemory
 from pyxenfb.sim.guestmem import GuestMemory
 from pyxenfb.sim.picture import test_picture as guest_picture
 from pyxenfb.vnc import VncServer

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from pyxenfb.sim.xenstored import XenStored
-from pyxenfb.xenstore import XenStore, XenStoreError, default_path
-from pyxenfb.xs_wire import HEADER, Message, MessageDecoder, XsType
+from pyxenfb.platform.xenstore import XenStore, XenStoreError, default_path
+from pyxenfb.platform.xs_wire import HEADER, Message, MessageDecoder, XsType
 
 TIMEOUT = 10
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyxenfb.sim.xenstored import Caller, Connection, Limits, XenStored
-from pyxenfb.xenstore import XenStore, XenStoreError
-from pyxenfb.xs_wire import HEADER, Message, MessageDecoder, XsType, join_strings
+from pyxenfb.platform.xenstore import XenStore, XenStoreError
+from pyxenfb.platform.xs_wire import HEADER, Message, MessageDecoder, XsType, join_strings
 
 TIMEOUT = 10
 

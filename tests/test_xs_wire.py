@@ -1,4 +1,4 @@
-"""Unit tests of the sans-IO XenStore codec (pyxenfb.xs_wire)."""
+"""Unit tests of the sans-IO XenStore codec (pyxenfb.platform.xs_wire)."""
 from __future__ import annotations
 
 import errno
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyxenfb import xs_wire
-from pyxenfb.xs_wire import (
+from pyxenfb.platform import xs_wire
+from pyxenfb.platform.xs_wire import (
     HEADER, PAYLOAD_MAX, InvalidPathError, Message, MessageDecoder, ProtocolError,
     XsType, is_at_or_below, join_strings, parse_perm, split_strings, validate_path,
 )

@@ -1,4 +1,4 @@
-"""pyxenfb-zygote and the pyqemu-dm stand-in (pyxenfb/zygote.py), on the sim:
+"""pyxenfb-zygote and the pyqemu-dm stand-in (pyxenfb/zygote/server.py), on the sim:
 `pyxenfb-sim host --zygote` and the sim's `create`, which execs pyqemu-dm
 with PYXENFB_ZYGOTE=RUN_DIR/zygote.sock as libxl would exec it."""
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyxenfb import standin, zygote
+from pyxenfb.zygote import server as zygote
+from pyxenfb.zygote import standin
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
-from pyxenfb.xenstore import XenStore
+from pyxenfb.platform.xenstore import XenStore
 from simkit import read_line, short_run_dir, start_host, stop_host, wait_frontends_connected, wait_node, wait_until
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
@@ -50,7 +51,7 @@ def zhost():
 
 
 def _start_zygote(path: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.zygote", "--socket", path],
+    proc = subprocess.Popen([sys.executable, "-m", "pyxenfb.zygote.server", "--socket", path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = read_line(proc, ZYGOTE_START_TIMEOUT)
     assert line.startswith("pyxenfb-zygote: ready on "), (line, proc.stderr)
@@ -183,7 +184,7 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, 
 
 
 def test_seconds_since_exec_reads_a_process_start():
-    from pyxenfb.standin import seconds_since_exec
+    from pyxenfb.zygote.standin import seconds_since_exec
     # A process that lives until its stdin closes: no sleep, no race with its end.
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)
@@ -512,7 +513,7 @@ def test_listen_fds_takes_only_sockets_meant_for_this_process(monkeypatch):
 def test_socket_activated_zygote_serves_a_domain_and_leaves_systemds_socket(host):
     sock = os.path.join(host, "zygote.sock")        # where the sim's create looks for a zygote
     proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-l", sock, "--",
-                             sys.executable, "-m", "pyxenfb.zygote"],
+                             sys.executable, "-m", "pyxenfb.zygote.server"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: os.path.exists(sock), 10, "systemd-socket-activate to listen")

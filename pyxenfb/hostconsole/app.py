@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web, web_response
 
-from ..logbudget import LogBudget
+from ..util.logbudget import LogBudget
 from .auth import COOKIE, SESSION_TTL, LoginThrottle, PasswordHash, Sessions
 from .domains import Domain, DomainDirectory
 from .relay import relay

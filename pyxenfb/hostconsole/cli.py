@@ -19,13 +19,13 @@ import signal
 import ssl
 import sys
 
-from ..platform import PlatformUnavailable, detect
+from ..platform.host import PlatformUnavailable, detect
 from .app import ConsoleApp, Settings, is_loopback, novnc_available
 from .auth import PasswordFileError, PasswordHash, hash_password
 from .domains import DomainDirectory
 from .server import HEADER_TIMEOUT, ConnectionGate, GuardedSite, budget_accept_errors, connection_limits
 
-log = logging.getLogger("pyxenfb.console")
+log = logging.getLogger("pyxenfb.console.core")
 
 
 def build_parser() -> argparse.ArgumentParser:

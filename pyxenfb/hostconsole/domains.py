@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..xenstore import XenStore, XenStoreError
+from ..platform.xenstore import XenStore, XenStoreError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def connect_host(listen: str) -> str:
     return listen
 
 
-_PYQEMU_DM_MODULES = ("pyxenfb", "pyxenfb.launch", "pyxenfb.cli")
+_PYQEMU_DM_MODULES = ("pyxenfb", "pyxenfb.zygote.launch", "pyxenfb.machine.cli")
 
 
 def program_of(pid: int | None, proc: str = "/proc") -> str | None:

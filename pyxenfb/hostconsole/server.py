@@ -24,9 +24,9 @@ import ssl
 
 from aiohttp import web
 
-from ..logbudget import LogBudget
+from ..util.logbudget import LogBudget
 
-log = logging.getLogger("pyxenfb.console")
+log = logging.getLogger("pyxenfb.console.core")
 
 HEADER_TIMEOUT = 10.0       # seconds for the TLS handshake, and again for request headers
 FD_RESERVE = 64             # descriptors kept for the console itself (XenStore, files, thumbnails)

@@ -32,10 +32,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .. import malloc
+from ..util import malloc
 from ..convert import PixelFormat, conversion_path, convert_rect
-from ..logbudget import LogBudget
-from ..region import DirtyRegion, Rect, clip
+from ..util.logbudget import LogBudget
+from ..console.region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist

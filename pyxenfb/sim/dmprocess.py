@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..xenstore import XenStore, XenStoreError
+from ..platform.xenstore import XenStore, XenStoreError
 from .libxl_tree import CONSOLE_LIMIT
 from .rundir import ToolstackError, qmp_paths, unlink_quietly
 from .vfbconfig import VfbConfig
@@ -116,7 +116,7 @@ def pre_open_qmp(path: str) -> socket.socket:
 def dm_restrict_preexec(unshare: bool):
     """The child's side of libxl__local_dm_preexec_restrict: new mount and
     IPC namespaces (root only), then the rlimits.  Runs between fork and exec."""
-    from ..foreignmem import _load_libc
+    from ..platform.foreignmem import _load_libc
     ffi, libc = _load_libc()           # loaded before the fork: nothing to open in the child
 
     def preexec() -> None:

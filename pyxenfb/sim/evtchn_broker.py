@@ -38,7 +38,7 @@ from ..evtchn import (
     REPLY,
     REQUEST,
 )
-from ..xenconst import DOMID_FIRST_RESERVED
+from ..platform.xenconst import DOMID_FIRST_RESERVED
 
 log = logging.getLogger(__name__)
 

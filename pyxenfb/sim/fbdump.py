@@ -20,8 +20,8 @@ import struct
 import numpy as np
 
 from ..convert import GUEST_FORMATS, to_rgb
-from ..xenfb_abi import FB_HEADER, PAGE_SIZE, abi_for_protocol
-from ..xenstore import XenStore
+from ..devices.xenfb_abi import FB_HEADER, PAGE_SIZE, abi_for_protocol
+from ..platform.xenstore import XenStore
 from .guestmem import GuestMemory
 from .rundir import ToolstackError, resolve_run_dir
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import xenfb_abi as abi
+from ..devices import xenfb_abi as abi
 from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
 
 log = logging.getLogger("pyxenfb.guest")
@@ -514,8 +514,8 @@ class ReferenceGuest:
     # ---- platform of the guest --------------------------------------------
     async def start(self) -> None:
         from ..evtchn import SimEventChannel
-        from ..foreignmem import SimForeignMemory
-        from ..xenstore import XenStore
+        from ..platform.foreignmem import SimForeignMemory
+        from ..platform.xenstore import XenStore
         from .guestmem import FrameAllocator, GuestMemory
 
         self.mem = GuestMemory.open(str(self.dom_dir / "memory"))

@@ -5,7 +5,7 @@ be on tmpfs so the "RAM" is really shared memory.  The toolstack creates it,
 the reference guest maps all of it (`GuestMemory`) and hands out frames with
 a `FrameAllocator` (shuffled, so a framebuffer is scattered like real guest
 memory), and backends map single frames of it through
-pyxenfb.foreignmem.SimForeignMemory.
+pyxenfb.platform.foreignmem.SimForeignMemory.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..xenfb_abi import PAGE_SIZE
+from ..devices.xenfb_abi import PAGE_SIZE
 
 # Frame numbers are offsets into a file; keep them below what fits in an off_t
 # page count with room to spare (16 TiB of "RAM").

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 
-from ..xenstore import XenStore
+from ..platform.xenstore import XenStore
 from .evtchn_broker import EvtchnBroker
 from .xenstored import XenStored
 
@@ -109,7 +109,7 @@ class SimHost:
         path = os.path.join(self.run_dir, "zygote.sock")
         with open(os.path.join(self.run_dir, "zygote.log"), "ab") as log_file:
             self.zygote = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyxenfb.zygote", "--socket", path,
+                sys.executable, "-m", "pyxenfb.zygote.server", "--socket", path,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 start_new_session=True)    # a Ctrl-C meant for the host is the host's to relay
         try:

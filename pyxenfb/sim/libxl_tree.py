@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 
-from ..xenconst import PAGE_SIZE
-from ..xenstore import XenStore
+from ..platform.xenconst import PAGE_SIZE
+from ..platform.xenstore import XenStore
 from .vfbconfig import VfbConfig
 
 MiB = 1 << 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from ..xenstore import XenStore
+from ..platform.xenstore import XenStore
 from .rundir import ToolstackError, qmp_paths
 from .vfbconfig import VfbConfig
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from ..xenconst import DOMID_FIRST_RESERVED
-from ..xenstore import XenStore
+from ..platform.xenconst import DOMID_FIRST_RESERVED
+from ..platform.xenstore import XenStore
 
 
 class ToolstackError(Exception):

@@ -26,8 +26,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..xenconst import DOMID_FIRST_RESERVED, PAGE_SIZE  # noqa: F401
-from ..xenstore import XenStore, XenStoreError
+from ..platform.xenconst import DOMID_FIRST_RESERVED, PAGE_SIZE  # noqa: F401
+from ..platform.xenstore import XenStore, XenStoreError
 from .dmprocess import (  # noqa: F401  (re-exported)
     CLONE_NEWIPC, CLONE_NEWNS, DM_RESTRICT_RLIMITS, DM_START_TIMEOUT, GUEST_STOP_TIMEOUT,
     KILL_WAIT_TIMEOUT, alive, default_dm_program, dm_argv, dm_environment, dm_restrict_preexec,

@@ -23,8 +23,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..xenconst import DOMID_FIRST_RESERVED
-from ..xs_wire import (
+from ..platform.xenconst import DOMID_FIRST_RESERVED
+from ..platform.xs_wire import (
     ABS_PATH_MAX, PAYLOAD_MAX, SPECIAL_WATCH_PATHS, InvalidPathError, Message,
     MessageDecoder, ProtocolError, XsType, error_name, is_at_or_below,
     join_strings, parse_perm, validate_path,

@@ -604,7 +604,7 @@ def test_zygote_serves_a_guest(lab):
     child, stand_in = lab.need("pyz.child_pid"), lab.need("pyz.stand_in_pid")
     assert child and child != stand_in, "the DM is the zygote's child, not the exec'd stand-in"
     assert lab.need("pyz.dm_exec_to_running_s") < LIBXL_SPAWN_TIMEOUT_S
-    # scripts/setup builds pyqemu-dm in C: libxl execs that one (pyxenfb/standin.c)
+    # scripts/setup builds pyqemu-dm in C: libxl execs that one (pyxenfb/zygote/standin.c)
     assert lab.need("pyz.launcher") == "c"
     print(f"\nexec -> running, same boot: through the zygote (launcher in C) "
           f"{lab.need('pyz.dm_exec_to_running_s')} s, QEMU 7.2 {lab.get('qemu.dm_exec_to_running_s')} s, "

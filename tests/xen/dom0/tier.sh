@@ -328,7 +328,7 @@ restricted pyr pyqr "$PYDM" "${PYENV[@]}"
 ZSOCK=/var/run/xen/pyxenfb-zygote.sock
 step "zygote: start"
 T0=$(now)
-PYTHONPATH=$D/src:$D/site PYTHONDONTWRITEBYTECODE=1 python3 -m pyxenfb.zygote --socket $ZSOCK \
+PYTHONPATH=$D/src:$D/site PYTHONDONTWRITEBYTECODE=1 python3 -m pyxenfb.zygote.server --socket $ZSOCK \
   > "$O/zygote.log" 2>&1 &
 ZPID=$!
 end=$(( $(date +%s) + READY_S ))

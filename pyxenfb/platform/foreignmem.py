@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .xenfb_abi import PAGE_SIZE
+from .xenconst import PAGE_SIZE
 
 # Bounds the work (and the VMAs) of one map call: 1 GiB of guest memory.
 MAX_FRAMES_PER_MAP = 262144

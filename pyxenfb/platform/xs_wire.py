@@ -2,7 +2,7 @@
 
 Bytes in -> `Message`s out (`MessageDecoder`), `Message` -> bytes
 (`Message.encode`), plus path validation and the error-name table.  No
-sockets here: the asyncio client (`pyxenfb.xenstore`) and the simulated
+sockets here: the asyncio client (`pyxenfb.platform.xenstore`) and the simulated
 daemon (`pyxenfb.sim.xenstored`) both sit on top of this module.
 
 Message numbers are taken from pyxs's `Op` table where pyxs has them, so two

@@ -1,6 +1,6 @@
 """The C declarations pyxenfb calls through cffi (ABI mode: no compiler).
 
-This is the source; `pyxenfb/_xen_ffi.py` is generated from it by
+This is the source; `pyxenfb/platform/_xen_ffi.py` is generated from it by
 scripts/gen_cffi.py (cffi's out-of-line ABI mode) so that a start of
 pyqemu-dm loads only `_cffi_backend`: parsing these declarations at run time
 imports cffi's C parser, which cost 4-6 s of the start-up in a TCG-emulated
@@ -44,4 +44,4 @@ int unshare(int flags);
 """
 
 ALL = EVTCHN + FOREIGNMEMORY + LIBC
-MODULE = "pyxenfb._xen_ffi"
+MODULE = "pyxenfb.platform._xen_ffi"

@@ -2,7 +2,7 @@
 answers (docs/zygote.md), else a cold start.
 
 Nothing but standin.py (the standard library) is imported before the
-zygote answers: pyxenfb.cli (logging, dataclasses, the option tables) takes
+zygote answers: pyxenfb.machine.cli (logging, dataclasses, the option tables) takes
 ~36 ms to import here and is paid again for every domain, many times over
 in an emulated or busy dom0, before the hand-over could even begin.  The
 arguments are not checked here: the zygote's child parses them exactly as
@@ -31,7 +31,7 @@ def main() -> int:
     code = try_zygote(argv, log_prefix(argv))
     if code is not None:
         return code
-    from .cli import main as cold_start
+    from ..machine.cli import main as cold_start
     return cold_start(argv)
 
 

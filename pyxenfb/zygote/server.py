@@ -106,21 +106,24 @@ class Zygote:
     def warm() -> None:
         """Everything a device model imports or loads lazily, once, here."""
         import numpy  # noqa: F401
-        from . import (cli, console, convert, evtchn, foreignmem, keymap, logbudget,  # noqa: F401
-                       machine_pv, platform, qmp, region, restrict, vnc, xenfb, xenfb_abi,
-                       xenstore, xs_wire)
-        from .rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
-        from .keymaps.index import LAYOUT_MODULES
+        from .. import convert, evtchn, machine_pv, vnc, xenfb  # noqa: F401
+        from ..console import core, keymap, region  # noqa: F401
+        from ..devices import xenfb_abi  # noqa: F401
+        from ..machine import cli, qmp, restrict  # noqa: F401
+        from ..platform import foreignmem, host, xenstore, xs_wire  # noqa: F401
+        from ..util import logbudget  # noqa: F401
+        from ..rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
+        from ..console.keymaps.index import LAYOUT_MODULES
         restrict.preload()                 # PIL plugins, pixman, JPEG/PNG, DES, websockets
         for name in LAYOUT_MODULES:
             keymap.Keymap.load(name)       # cached: every domain's -k is ready
         tls.server_context(tls.TlsCredentials("anon"))     # OpenSSL's lazy state
         try:
-            from . import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
+            from ..platform import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
         except ImportError:
             pass
         try:
-            from .sim import guestmem  # noqa: F401  (the sim platform's memory)
+            from ..sim import guestmem  # noqa: F401  (the sim platform's memory)
         except ImportError:
             pass
 
@@ -419,7 +422,7 @@ class Zygote:
         standin._stand_in_pid = request.peer    # exec -> running is timed from its exec
         code = 1
         try:
-            from .cli import main
+            from ..machine.cli import main
             code = main(request.argv[1:])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -511,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         zygote.log(f"systemd passed {len(passed)} sockets; expected one")
         return 1
     started = time.monotonic()
-    from .malloc import limit_arenas
+    from ..util.malloc import limit_arenas
     limit_arenas()              # as cli.main does: the children inherit it done
 
     try:
@@ -519,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         zygote.log(f"cannot load the device model: {e}")
         return 1
-    from . import cli, malloc, rehearsal
+    from ..machine import cli
+    from ..util import malloc
+    from . import rehearsal
     try:
         rehearsal.rehearse(cli)    # what every child runs first, run here: its pages stay shared
     except Exception as e:      # costs the children memory, not the zygote its service
@@ -549,6 +554,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the importable module, not this __main__ copy: a child's machine
-    # finds its control socket through `pyxenfb.zygote`.
-    from pyxenfb.zygote import main as _main
+    # finds its control socket through `pyxenfb.zygote.server`.
+    from pyxenfb.zygote.server import main as _main
     sys.exit(_main())

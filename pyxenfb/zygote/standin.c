@@ -5,7 +5,7 @@
  *   pyqemu-dm ARGV...                 the whole launcher: hand argv, environment,
  *                                     cwd, umask, rlimits and fds to the zygote,
  *                                     then stand in for its child; no zygote ->
- *                                     exec `python3 -m pyxenfb.cli ARGV` (cold)
+ *                                     exec `python3 -m pyxenfb.machine.cli ARGV` (cold)
  *   pyqemu-dm --forward FD PID PREFIX -- ARGV...
  *                                     the last form of the Python launcher's
  *                                     stand-in (standin.py re-execs into it)
@@ -668,7 +668,7 @@ static int cold_start(int argc, char **argv, const sigset_t *original)
         python = own;
     if (!python || !*python)
         python = PYTHON;
-    /* `python3 -m pyxenfb.cli` runs the package this binary was built into:
+    /* `python3 -m pyxenfb.machine.cli` runs the package this binary was built into:
      * its parent directory goes first on PYTHONPATH, unless it is an
      * interpreter's own site directory (there already, and above the stdlib
      * it must not be). */
@@ -699,7 +699,7 @@ static int cold_start(int argc, char **argv, const sigset_t *original)
     }
     args[0] = (char *)python;
     args[1] = "-m";
-    args[2] = "pyxenfb.cli";
+    args[2] = "pyxenfb.machine.cli";
     for (int i = 1; i < argc; i++)
         args[i + 2] = argv[i];
     execvp(python, args);

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 from .options import (  # noqa: F401
     COMMAND_LINE_OPTIONS, ChardevSocket, Options, RestrictOptions, RunAs, VncOptions,
 )
-from .rfb.listener import VNC_BASE_PORT
-from .xenconst import DOMID_FIRST_RESERVED
+from ..rfb.listener import VNC_BASE_PORT
+from ..platform.xenconst import DOMID_FIRST_RESERVED
 
 if TYPE_CHECKING:
-    from .rfb.tls import TlsCredentials     # imported where used: it loads ssl
+    from ..rfb.tls import TlsCredentials     # imported where used: it loads ssl
 
 PROG = "pyqemu-dm"
 
@@ -219,7 +219,7 @@ def parse_name(text: str, ignored: list[str]) -> str:
 def parse_keymap(text: str) -> str:
     if not KEYMAP_RE.fullmatch(text):
         raise CliError(f"-k: bad keymap name '{text}' (e.g. en-us, de, fr-ch)")
-    from .keymap import available_layouts       # the generated index: no tables loaded
+    from ..console.keymap import available_layouts       # the generated index: no tables loaded
     if text not in available_layouts():
         raise CliError(f"-k: unknown keymap '{text}' (available: {' '.join(available_layouts())})")
     return text
@@ -254,7 +254,7 @@ def parse_websocket(value: str | None, display: int) -> int | None:
 def parse_origin(value: str | None) -> str:
     """websocket-origin=URL: a browser page's origin allowed to use the
     WebSocket port, normalised as browsers send it."""
-    from .rfb.websocket import normalise_origin
+    from ..rfb.websocket import normalise_origin
     if not value:
         raise CliError("-vnc: websocket-origin= needs an origin, e.g. https://console.example")
     try:
@@ -309,7 +309,7 @@ def parse_vnc(text: str, ignored: list[str]) -> VncOptions | None:
     if vnc.websocket_origins and vnc.websocket is None:
         raise CliError("-vnc: websocket-origin= needs websocket=on|PORT (the WebSocket is off)")
     if old_tls:
-        from .rfb.tls import TlsCredentials     # here: it imports ssl, which a zygote stand-in never needs
+        from ..rfb.tls import TlsCredentials     # here: it imports ssl, which a zygote stand-in never needs
         if vnc.tls_creds_id is not None:
             raise CliError("-vnc: give either tls-creds= or tls/x509=, not both")
         vnc.tls = (TlsCredentials("x509", x509_dir, x509_verify) if x509_dir
@@ -325,7 +325,7 @@ def parse_tls_object(text: str) -> tuple[str, TlsCredentials] | None:
     kind = parts[0].removeprefix("qom-type=")
     if kind not in ("tls-creds-x509", "tls-creds-anon"):
         return None
-    from .rfb.tls import TlsCredentials
+    from ..rfb.tls import TlsCredentials
     props = dict(keyvals(parts[1:]))
     obj_id = props.get("id")
     if not obj_id:
@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     # (a quarter of the import here, more in an emulated dom0) and memory;
     # nothing here does linear algebra.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .malloc import limit_arenas
+    from ..util.malloc import limit_arenas
     limit_arenas()
     try:
         options = parse_args(argv)
@@ -747,10 +747,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     setup_logging(options.domid)
-    log = logging.getLogger("pyxenfb.cli")
+    log = logging.getLogger("pyxenfb.machine.cli")
     if options.ignored:
         log.warning("ignoring unsupported options: %s", " ".join(options.ignored))
-    from .machine_pv import run
+    from ..machine_pv import run
     try:
         return run(options)
     except KeyboardInterrupt:

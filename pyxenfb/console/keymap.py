@@ -1,7 +1,7 @@
 """Keyboard input translation: VNC keysyms, QEMU key numbers and USB HID
 usages to Linux input codes (the KEY_* values a XENKBD KEY event carries).
 
-The tables live in the generated package ``pyxenfb.keymaps`` (built by
+The tables live in the generated package ``pyxenfb.console.keymaps`` (built by
 scripts/gen_keymaps.py from QEMU's keymaps, keycodemapdb and X11/Linux
 headers).  Semantics follow QEMU's ``-k`` keysym path: a keysym maps to the
 key that produces it on the layout; modifier keysyms map to their keys; a
@@ -15,8 +15,8 @@ import importlib
 import logging
 from functools import cache
 
-from pyxenfb.keymaps import codes
-from pyxenfb.keymaps.index import LAYOUT_MODULES
+from pyxenfb.console.keymaps import codes
+from pyxenfb.console.keymaps.index import LAYOUT_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Keymap:
 
 @cache
 def _load(name: str) -> Keymap:
-    module = importlib.import_module(f"pyxenfb.keymaps.{LAYOUT_MODULES[name]}")
+    module = importlib.import_module(f"pyxenfb.console.keymaps.{LAYOUT_MODULES[name]}")
     fallback = None if name == DEFAULT_LAYOUT else _load(DEFAULT_LAYOUT)
     return Keymap(name, module.KEYSYM_TO_SCANCODES, fallback)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .evtchn import EventChannel
+    from ..evtchn import EventChannel
     from .foreignmem import ForeignMemory
     from .xenstore import XenStore
 
@@ -40,9 +40,9 @@ class Platform:
         sim: the handle acts as domain `domid`; real: the kernel knows which
         domain we are, so `domid` is ignored."""
         if self.kind == "sim":
-            from .evtchn import SimEventChannel
+            from ..evtchn import SimEventChannel
             return SimEventChannel(os.path.join(self.run_dir, "evtchn.sock"), domid)
-        from .evtchn import RealEventChannel
+        from ..evtchn import RealEventChannel
         return RealEventChannel()
 
     def foreign_memory(self) -> ForeignMemory:

@@ -286,14 +286,15 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
 # from standin.c; ~0.3 MiB) where it was built, else a bare interpreter
 # running only forwarder.py (no site, no socket, no json; ~3.5 MiB).  Either
 # keeps the original argv for `ps`.  docs/zygote.md has the figures.
-C_STAND_IN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "pyqemu-dm")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))       # .../pyxenfb
+C_STAND_IN = os.path.join(_PACKAGE, "bin", "pyqemu-dm")
 _SLIM = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from pyxenfb.forwarder import main; sys.exit(main(sys.argv[2:]))")
+         "from pyxenfb.zygote.forwarder import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _reexec_slim(sock: socket.socket, pid: int, prefix: str) -> None:
     """Returns only if the exec failed (the stand-in then carries on as it is)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(_PACKAGE)
     # The forwarded signals, blocked since try_zygote, stay blocked across
     # exec and pending until the new image has its handlers in place.
     tail = [str(sock.fileno()), str(pid), prefix, "--", *sys.argv]

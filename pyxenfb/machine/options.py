@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .rfb.listener import VNC_BASE_PORT
+from ..rfb.listener import VNC_BASE_PORT
 
 if TYPE_CHECKING:
-    from .rfb.tls import TlsCredentials     # loads ssl: a zygote stand-in must not pay for it
+    from ..rfb.tls import TlsCredentials     # loads ssl: a zygote stand-in must not pay for it
 
 # What `query-command-line-options` reports (QMP): the QemuOpts-style
 # options we understand and their parameters.  libxl only looks for

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .convert import GUEST_32, PixelFormat
+from ..convert import GUEST_32, PixelFormat
 from .region import DirtyRegion, Rect, clip
 
 log = logging.getLogger(__name__)

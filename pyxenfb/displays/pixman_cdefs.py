@@ -1,6 +1,6 @@
 """The libpixman-1 declarations pyxenfb calls through cffi (ABI mode: no compiler).
 
-The source of the generated `pyxenfb/_pixman_ffi.py` (scripts/gen_cffi.py), for
+The source of the generated `pyxenfb/displays/_pixman_ffi.py` (scripts/gen_cffi.py), for
 the same reason as xen_cdefs.py: loading must not import cffi's C parser.
 tests/test_platform.py checks the two agree and that FUNCTIONS agree with
 Debian's /usr/include/pixman-1/pixman.h (gcc).
@@ -27,4 +27,4 @@ void pixman_image_composite32(pixman_op_t op, pixman_image_t *src, pixman_image_
 """
 
 ALL = TYPES + FUNCTIONS
-MODULE = "pyxenfb._pixman_ffi"
+MODULE = "pyxenfb.displays._pixman_ffi"

@@ -111,12 +111,12 @@ class _Session:
 
 
 async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
-    from .console import Console, Surface
-    from .convert import GUEST_32
-    from .keymap import Keymap
-    from .rfb.listener import Transport
-    from .rfb.server import RfbClient
-    from .vnc import VncServer
+    from ..console.core import Console, Surface
+    from ..convert import GUEST_32
+    from ..console.keymap import Keymap
+    from ..rfb.listener import Transport
+    from ..rfb.server import RfbClient
+    from ..vnc import VncServer
 
     console = Console("rehearsal", loop)
     console.input = _NoInput()
@@ -156,8 +156,8 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _xenstore_session() -> None:
-    from .sim.xenstored import XenStored
-    from .xenstore import XenStore
+    from ..sim.xenstored import XenStored
+    from ..platform.xenstore import XenStore
 
     with tempfile.TemporaryDirectory(prefix="pyxenfb-rehearsal-") as run_dir:
         daemon = XenStored(run_dir)
@@ -208,7 +208,7 @@ async def _sessions() -> None:
 
 def rehearse(cli=None) -> None:
     """Run the rehearsal (raises what went wrong; the zygote logs it).
-    cli: pyxenfb.cli, given by the zygote (an entry point may import the
+    cli: pyxenfb.machine.cli, given by the zygote (an entry point may import the
     cli; this module may not): its log handler and option parser."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)

@@ -56,10 +56,10 @@ def preload() -> None:
         importlib.import_module(name)
     import numpy as np
 
-    from . import pixman
-    from .convert import GUEST_32
-    from .rfb import auth, encodings
-    from .rfb.websocket import WebSocketStream
+    from ..displays import pixman
+    from ..convert import GUEST_32
+    from ..rfb import auth, encodings
+    from ..rfb.websocket import WebSocketStream
     pixman.load()                  # dlopen-ed on the first conversion otherwise
     vals = np.zeros((8, 8), np.uint32)
     for kind in ("JPEG", "PNG"):   # Tight JPEG, TightPNG, PNG screendumps

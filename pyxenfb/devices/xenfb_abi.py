@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .xenconst import PAGE_SIZE  # noqa: F401  (abi.PAGE_SIZE for the guest)
+from ..platform.xenconst import PAGE_SIZE  # noqa: F401  (abi.PAGE_SIZE for the guest)
 
 # ---- XenBus states (xen/io/xenbus.h) ------------------------------------
 UNKNOWN, INITIALISING, INIT_WAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = range(7)

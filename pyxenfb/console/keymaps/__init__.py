@@ -8,6 +8,6 @@ Generated, committed modules (never edit them by hand, regenerate):
   to Linux input code, Linux code names, legacy keysym -> Unicode.
 * ``layout_<name>`` -- one per QEMU keymap: X11 keysym -> scancode entries.
 
-Only ``pyxenfb.keymap`` should import these; layout modules are imported
+Only ``pyxenfb.console.keymap`` should import these; layout modules are imported
 lazily, one per layout actually used.
 """

@@ -1,0 +1,2 @@
+"""Machine layer: the command line, QMP monitor and privilege drop around
+the xenpv machine (`pyxenfb/machine_pv.py`)."""

@@ -1,0 +1,1 @@
+"""Small utilities any layer may use: a log-line budget, malloc arenas."""
