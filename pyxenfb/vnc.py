@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from .console.core import Console, Surface
-from .console.region import Rect
+from .util.region import Rect
 from .rfb import encodings as enc
 from .rfb import protocol as rfb
 from .rfb.listener import Transport

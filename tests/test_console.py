@@ -3,7 +3,7 @@ every listener; input state (held keys, pointer mode) kept once."""
 import asyncio
 
 from pyxenfb.console.core import BTN_LEFT, Console, Surface
-from pyxenfb.console.region import MAX_RECTS, DirtyRegion, clip
+from pyxenfb.util.region import MAX_RECTS, DirtyRegion, clip
 
 from rfb_harness import RecordingInput
 from simkit import RecordingListener

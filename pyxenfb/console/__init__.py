@@ -1,3 +1,3 @@
 """Console layer, between the devices and the displays: the surface and its
-dirty region (`core`), rectangles (`region`), key codes and layouts
+dirty region (`core`), key codes and layouts
 (`keymap`, `keymaps/`)."""

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from ..convert import GUEST_32, PixelFormat
-from .region import DirtyRegion, Rect, clip
+from ..util.region import DirtyRegion, Rect, clip
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import numpy as np
 from ..util import malloc
 from ..convert import PixelFormat, conversion_path, convert_rect
 from ..util.logbudget import LogBudget
-from ..console.region import DirtyRegion, Rect, clip
+from ..util.region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist

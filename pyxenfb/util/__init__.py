@@ -1,1 +1,2 @@
-"""Small utilities any layer may use: a log-line budget, malloc arenas."""
+"""Small utilities any layer may use: rectangles and dirty regions, a log-line
+budget, malloc arenas."""

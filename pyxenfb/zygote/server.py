@@ -107,11 +107,11 @@ class Zygote:
         """Everything a device model imports or loads lazily, once, here."""
         import numpy  # noqa: F401
         from .. import convert, evtchn, machine_pv, vnc, xenfb  # noqa: F401
-        from ..console import core, keymap, region  # noqa: F401
+        from ..console import core, keymap  # noqa: F401
         from ..devices import xenfb_abi  # noqa: F401
         from ..machine import cli, qmp, restrict  # noqa: F401
         from ..platform import foreignmem, host, xenstore, xs_wire  # noqa: F401
-        from ..util import logbudget  # noqa: F401
+        from ..util import logbudget, region  # noqa: F401
         from ..rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
         from ..console.keymaps.index import LAYOUT_MODULES
         restrict.preload()                 # PIL plugins, pixman, JPEG/PNG, DES, websockets
