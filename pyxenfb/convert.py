@@ -1,6 +1,6 @@
 """Rectangle conversion between pixel formats (pixman, numpy, a plain copy on a format match).
 
-A `PixelFormat` (pyxenfb/displays/pixelformat.py, re-exported here) describes a true-colour format the way RFB's PIXEL_FORMAT does
+A `PixelFormat` (pyxenfb/util/pixelformat.py, re-exported here) describes a true-colour format the way RFB's PIXEL_FORMAT does
 (bits per pixel, depth, byte order, per-channel max and shift); guest and SDL
 formats map onto it.  `convert_rect` turns a rectangle of a source surface
 into a buffer in the target format; `conversion_path` says how:
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .displays import pixman
-from .displays.pixelformat import (NATIVE_BIG_ENDIAN, GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS,  # noqa: F401
+from .util.pixelformat import (NATIVE_BIG_ENDIAN, GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS,  # noqa: F401
                                    RGB888, PixelFormat, check_format)
 
 

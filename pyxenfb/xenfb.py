@@ -22,7 +22,7 @@ import numpy as np
 
 from .devices import xenfb_abi as abi
 from .console.core import Console, Surface
-from .convert import GUEST_FORMATS
+from .util.pixelformat import GUEST_FORMATS
 from .util.logbudget import LogBudget
 
 log = logging.getLogger("pyxenfb.xenfb")

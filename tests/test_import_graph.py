@@ -124,3 +124,31 @@ def test_from_dot_import_module_counts_and_acyclic_toy_passes(tmp_path):
     assert find_cycle(graph) is None
     (pkg / "c.py").write_text("def f():\n    from . import a\n")
     assert find_cycle(import_graph(pkg)) is not None
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    """Read as platform -> devices -> console -> displays -> machine, but the
+    console is the API both sides use (QEMU's ui/console.c): devices push
+    into it, displays listen to it.  So by what may import what: util <
+    platform < console < devices, displays < machine; devices and displays
+    know nothing of each other."""
+    layer = {"pyxenfb.util": 0, "pyxenfb.platform": 1, "pyxenfb.evtchn": 1,
+             "pyxenfb.console": 2,
+             "pyxenfb.devices": 3, "pyxenfb.xenfb": 3,
+             "pyxenfb.displays": 3, "pyxenfb.convert": 3, "pyxenfb.rfb": 3, "pyxenfb.vnc": 3,
+             "pyxenfb.sdl": 3,
+             "pyxenfb.machine": 4, "pyxenfb.machine_pv": 4}
+    side = {"pyxenfb.devices": "devices", "pyxenfb.xenfb": "devices",
+            "pyxenfb.displays": "displays", "pyxenfb.convert": "displays", "pyxenfb.rfb": "displays",
+            "pyxenfb.vnc": "displays", "pyxenfb.sdl": "displays"}
+
+    def lookup(table: dict, mod: str):
+        best = max((p for p in table if mod == p or mod.startswith(p + ".")), key=len, default=None)
+        return None if best is None else table[best]
+
+    graph = import_graph(PACKAGE_DIR)
+    wrong = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                   if lookup(layer, m) is not None and lookup(layer, d) is not None
+                   and (lookup(layer, d) > lookup(layer, m)
+                        or {lookup(side, m), lookup(side, d)} == {"devices", "displays"}))
+    assert wrong == []

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..convert import GUEST_32, PixelFormat
+from ..util.pixelformat import GUEST_32, PixelFormat
 from ..util.region import DirtyRegion, Rect, clip
 
 log = logging.getLogger(__name__)

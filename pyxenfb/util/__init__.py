@@ -1,2 +1,2 @@
-"""Small utilities any layer may use: rectangles and dirty regions, a log-line
-budget, malloc arenas."""
+"""The vocabulary and small utilities every layer may use: pixel formats,
+rectangles and dirty regions, a log-line budget, malloc arenas."""
