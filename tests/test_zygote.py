@@ -183,8 +183,32 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, 
     assert not _dead(zpid)
 
 
+def test_a_cold_start_has_no_supervisor_and_the_machine_never_imports_the_zygote():
+    import ast
+    from pyxenfb.machine import supervisor
+    cold = supervisor.Supervisor()
+    assert cold.exec_pid() == "self"
+    assert cold.watch(None, None) is None          # no reader added, nothing touched
+    # The zygote registers its hook; nothing in the package reaches into
+    # pyxenfb.zygote but the entry point (and the zygote itself).
+    root = Path(supervisor.__file__).parents[1]
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("zygote/") or rel == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+                names += [names[0].rstrip(".") + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("zygote" in name.split(".") for name in names), f"{rel} imports {names}"
+
+
 def test_seconds_since_exec_reads_a_process_start():
-    from pyxenfb.zygote.standin import seconds_since_exec
+    from pyxenfb.machine.supervisor import seconds_since_exec
     # A process that lives until its stdin closes: no sleep, no race with its end.
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)

@@ -34,11 +34,12 @@ import struct
 import sys
 import time
 
-from . import standin
+
 from .forwarder import FORWARDED
 from .standin import (ANSWER_TIMEOUT, CLONE_NEWIPC, CLONE_NEWNS, DEFAULT_SOCKET, MAX_ARGS, MAX_FD_NUMBER,
                       MAX_FDS, MAX_PENDING, MAX_REQUEST, NAMESPACES, PROTOCOL, REQUEST_TIMEOUT,
-                      RLIMITS, _exit_now, _ns_inode, _recv, _rlimit_number, _send)
+                      RLIMITS, _ns_inode, _recv, _rlimit_number, _send)
+from ..machine import supervisor
 
 
 # ---- the zygote ------------------------------------------------------------------------
@@ -418,8 +419,7 @@ class Zygote:
         if not go or go.get("go") is not True:
             os._exit(0)                     # the stand-in gave up and starts cold: not ours
         conn.settimeout(None)
-        standin._control = conn             # for watch_stand_in, in the machine
-        standin._stand_in_pid = request.peer    # exec -> running is timed from its exec
+        supervisor.register(StandInLink(conn, request.peer))    # the machine's hook
         code = 1
         try:
             from ..machine.cli import main
@@ -459,6 +459,55 @@ class Zygote:
             os.dup2(fd, target, inheritable=True)
             os.close(fd)
         return control
+
+
+class StandInLink(supervisor.Supervisor):
+    """In a zygote child: the connection to its stand-in, the process the
+    toolstack exec'd (exec -> running is timed from its exec)."""
+
+    def __init__(self, control: socket.socket, stand_in_pid: int | None):
+        self.control = control
+        self.stand_in_pid = stand_in_pid
+
+    def exec_pid(self) -> int | str:
+        return self.stand_in_pid or "self"
+
+    def watch(self, loop, on_lost=None) -> None:
+        """A forwarded signal is raised here; the stand-in's death (xl destroy
+        SIGKILLs it) ends this process at once, as the SIGKILL would have
+        ended a cold device model: a graceful shutdown would still write to
+        XenStore while the toolstack removes the domain's nodes."""
+        sock = self.control
+        sock.setblocking(False)
+
+        def readable() -> None:
+            try:
+                msg = _recv(sock)
+            except BlockingIOError:
+                return
+            except ValueError:
+                return                      # garbage from our own stand-in: ignored
+            except OSError:
+                msg = None
+            if msg is None:
+                if on_lost is not None:
+                    on_lost()
+                _exit_now(1)
+            sig = msg.get("signal")
+            if sig in FORWARDED:
+                signal.raise_signal(sig)
+        loop.add_reader(sock.fileno(), readable)
+
+
+def _exit_now(code: int) -> None:
+    import logging
+    logging.shutdown()                      # flush the log lines written so far
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _dup_at_least(fd: int, low: int) -> int:

@@ -2,15 +2,15 @@
 
 `try_zygote` is the first thing pyqemu-dm does (launch.py): it hands this process's argv,
 environment and fds to a zygote, then stays as the thin stand-in whose pid
-the toolstack knows.  `watch_stand_in` is the device model's hook in a
-zygote child: its control socket closing (the stand-in SIGKILLed) ends it.
+the toolstack knows.  (In a zygote child, server.StandInLink is the device
+model's hook: its control socket closing -- the stand-in SIGKILLed -- ends it.)
 The wire format and its bounds are defined here, for both sides.
 
 This module imports only the standard library, and on the stand-in's path
 to the hand-over only C modules (_socket, _json) besides os, sys and time:
 socket.py, json and signal.py would pull in enum and re, ~10 ms here and a
 good part of a second in an emulated dom0, before every domain's start;
-the zygote itself (zygote.py) imports the whole device model.
+the zygote itself (server.py) imports the whole device model.
 """
 from __future__ import annotations
 
@@ -235,18 +235,6 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         raise
 
 
-def seconds_since_exec(pid: int | str = "self") -> float | None:
-    """How long ago pid was started (its exec, for one the toolstack
-    started): /proc's start time against the uptime, 10 ms resolution."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
-            return max(0.0, float(f.read().split()[0]) - started)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -273,6 +261,7 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
         if not e.quiet:
             print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
         return None
+    from ..machine.supervisor import seconds_since_exec     # os only
     since_exec = seconds_since_exec()
     print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
           f"{(time.monotonic() - started) * 1000:.0f} ms"
@@ -319,59 +308,3 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str) -> int
     _reexec_slim(sock, pid, prefix)
     from . import forwarder
     return forwarder.forward(sock.fileno(), pid, prefix)
-
-
-# ---- in a zygote child: the machine's hook ----------------------------------------------
-
-_control: socket.socket | None = None      # the connection to our stand-in, in a child only
-_stand_in_pid: int | None = None           # its pid (the process the toolstack exec'd)
-
-
-def exec_pid() -> int | str:
-    """The process the toolstack exec'd for this device model: the stand-in
-    in a zygote child, else this one."""
-    return _stand_in_pid or "self"
-
-
-def watch_stand_in(loop, on_lost=None) -> None:
-    """Called by the machine once its loop runs.  A forwarded signal is raised
-    here; the stand-in's death (xl destroy SIGKILLs it) ends this process at
-    once, as the SIGKILL would have ended a cold device model: a graceful
-    shutdown would still write to XenStore while the toolstack removes the
-    domain's nodes."""
-    import signal
-
-    from .forwarder import FORWARDED
-    if _control is None:
-        return
-    sock = _control
-    sock.setblocking(False)
-
-    def readable() -> None:
-        try:
-            msg = _recv(sock)
-        except BlockingIOError:
-            return
-        except ValueError:
-            return                          # garbage from our own stand-in: ignored
-        except OSError:
-            msg = None
-        if msg is None:
-            if on_lost is not None:
-                on_lost()
-            _exit_now(1)
-        sig = msg.get("signal")
-        if sig in FORWARDED:
-            signal.raise_signal(sig)
-    loop.add_reader(sock.fileno(), readable)
-
-
-def _exit_now(code: int) -> None:
-    import logging
-    logging.shutdown()                      # flush the log lines written so far
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
