@@ -66,6 +66,48 @@ def test_rehearsal_exercises_xenstore_and_the_resolver(monkeypatch):
     assert "127.0.0.1" in looked_up
 
 
+def test_the_rehearsals_xenstore_answers_the_client_as_xenstored_would(tmp_path):
+    """xs_responder: the operations the rehearsal sends, with watch events
+    and errors, through the device model's own client."""
+    import asyncio
+    import errno
+    from pyxenfb.platform.xenstore import XenStore, XenStoreError
+    from pyxenfb.zygote.xs_responder import Responder
+
+    async def session():
+        daemon = Responder(str(tmp_path))
+        await daemon.start()
+        xs = await XenStore.open(daemon.socket_path)
+        try:
+            seen = []
+            await xs.watch("/a", "t", lambda path, token: seen.append(path))
+            await xs.write("/a/b/c", "1")
+            assert await xs.read("/a/b/c") == b"1"
+            assert await xs.read("/a/b") == b""                 # parents appear, empty
+            assert await xs.read("/a/missing", None) is None
+            await xs.mkdir("/a/d")
+            assert await xs.directory("/a") == ["b", "d"]
+            assert await xs.get_perms("/a") == ["n0"]
+            await xs.transaction(lambda tx: xs.write("/a/tx", "2", tx=tx))
+            assert await xs.read_int("/a/tx") == 2
+            await xs.rm("/a/b")
+            assert await xs.directory("/a") == ["d", "tx"]
+            with pytest.raises(XenStoreError) as err:
+                await xs.directory("/a/b")
+            assert err.value.errno == errno.ENOENT
+            with pytest.raises(XenStoreError) as err:
+                await xs.get_domain_path(1)                     # not the rehearsal's: ENOSYS
+            assert err.value.errno == errno.ENOSYS
+            await xs.unwatch("/a", "t")
+            await xs.write("/a/after", "x")
+            await xs.read("/a/after")                           # a round trip: events before it arrived
+            assert seen == ["/a", "/a/b/c", "/a/d", "/a/tx", "/a/b"]
+        finally:
+            xs.close()
+            await daemon.close()
+    asyncio.run(session())
+
+
 @pytest.mark.parametrize("message, code", [
     (b'{"exit": 0}', 0), (b'{"exit": 255}', 255), (b'{"exit":3}', 3),
     (b'{"exit": 256}', None), (b'{"exit": -1}', None), (b'{"exit": "1"}', None),

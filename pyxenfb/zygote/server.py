@@ -123,10 +123,6 @@ class Zygote:
             from ..platform import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
         except ImportError:
             pass
-        try:
-            from ..sim import guestmem  # noqa: F401  (the sim platform's memory)
-        except ImportError:
-            pass
 
     def adopt(self, fd: int) -> None:
         """Listen on a socket passed by systemd (socket activation) instead of binding."""
