@@ -350,7 +350,7 @@ static struct buf *build_request(int argc, char **argv, const int *fds, int nfds
     put_u32(&b, present);
     put_u32(&b, strings > UINT32_MAX ? UINT32_MAX : (uint32_t)strings);
     for (size_t i = 0; i < sizeof rlimits / sizeof *rlimits; i++) {
-        int on = present & (1u << i);
+        uint32_t on = present & (1u << i);
         put_i64(&b, on ? limit_value(limits[i].rlim_cur) : 0);
         put_i64(&b, on ? limit_value(limits[i].rlim_max) : 0);
     }
