@@ -221,8 +221,8 @@ class XenPvMachine:
 
     async def _announce_running(self) -> None:
         await self.xs.write(f"/local/domain/0/device-model/{self.domid}/state", "running")
-        from .zygote.standin import exec_pid, seconds_since_exec
-        since_exec = seconds_since_exec(exec_pid())
+        from .machine.supervisor import current, seconds_since_exec
+        since_exec = seconds_since_exec(current().exec_pid())
         log.info("running" if since_exec is None else f"running ({since_exec:.2f} s after exec)")
 
     # ---- lifecycle ----------------------------------------------------------
@@ -249,8 +249,8 @@ class XenPvMachine:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        from .zygote.standin import watch_stand_in
-        watch_stand_in(loop, lambda: log.info("stand-in process gone (SIGKILLed?): exiting at once"))
+        from .machine.supervisor import current
+        current().watch(loop, lambda: log.info("stand-in process gone (SIGKILLed?): exiting at once"))
         try:
             await self.start()
         except MachineError as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyxenfb.zygote import server as zygote
-from pyxenfb.zygote import standin
+from pyxenfb.zygote import standin, wire
 from simkit import short_run_dir
 
 C_STAND_IN = standin.C_STAND_IN
@@ -31,17 +31,25 @@ def test_the_c_stand_in_is_built_from_its_source():
     assert os.stat(C_STAND_IN).st_mtime >= SOURCE.stat().st_mtime, "stale: run scripts/setup"
 
 
-def test_its_constants_are_standin_pys():
+def test_its_constants_are_wire_pys_and_standin_pys():
     defines = dict(re.findall(r"^#define (\w+) (.+?)\s*$", SOURCE.read_text(), re.M))
-    assert int(defines["PROTOCOL"]) == standin.PROTOCOL
+    assert int(defines["PROTOCOL"]) == wire.PROTOCOL
+    assert json.loads(defines["WIRE_MAGIC"]).encode() == wire.MAGIC
+    for kind, name in wire.KIND_NAMES.items():
+        assert int(defines[f"KIND_{name.upper()}"]) == kind, name
+    assert int(defines["HEADER_SIZE"]) == wire.HEADER.size
+    assert int(defines["REQUEST_FIXED_SIZE"]) == wire.REQUEST_FIXED.size
+    assert int(defines["RLIMIT_SIZE"]) == wire.RLIMIT.size
+    assert int(defines["SMALL_SIZE"]) == wire.HEADER.size + wire.NUMBER.size == \
+        wire.HEADER.size + wire.COUNT.size
     assert json.loads(defines["DEFAULT_SOCKET"]) == standin.DEFAULT_SOCKET
     assert json.loads(defines["ENV_SOCKET"]) == standin.ENV
     assert int(defines["ANSWER_TIMEOUT_MS"]) == standin.ANSWER_TIMEOUT * 1000
-    assert eval(defines["MAX_REQUEST"]) == standin.MAX_REQUEST
-    for name in ("MAX_MESSAGE", "MAX_FDS", "MAX_FD_NUMBER"):
-        assert int(defines[name]) == getattr(standin, name), name
+    assert eval(defines["MAX_REQUEST"]) == wire.MAX_REQUEST
+    for name in ("MAX_MESSAGE", "MAX_FDS", "MAX_FD_NUMBER", "MAX_ARGS"):
+        assert int(defines[name]) == getattr(wire, name), name
     names = re.findall(r'\{"(\w+)", RLIMIT_\1\}', SOURCE.read_text())
-    assert tuple(names) == standin.RLIMITS
+    assert tuple(names) == wire.RLIMITS
 
 
 class FakeZygote:
@@ -64,7 +72,7 @@ class FakeZygote:
         self.listener.settimeout(20)
         conn, _ = self.listener.accept()
         with conn:
-            data, anc, _flags, _ = conn.recvmsg(standin.MAX_REQUEST + 1, socket.CMSG_SPACE(64 * 4))
+            data, anc, _flags, _ = conn.recvmsg(wire.MAX_REQUEST + 1, socket.CMSG_SPACE(64 * 4))
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
@@ -110,7 +118,7 @@ def test_its_request_is_the_python_stand_ins_byte_for_byte(tmp_path):
                                    "sys.argv = ['X', *sys.argv[2:]]; "
                                    "sys.exit(try_zygote(sys.argv[1:], 'pyqemu-dm[5]') or 3)",
                                    str(Path(standin.__file__).parents[2])]):
-        fake = FakeZygote(b'{"error": "test over"}', directory=directory)
+        fake = FakeZygote(wire.encode_error("test over"), directory=directory)
         # LC_ALL set: no locale coercion (PEP 538) adding LC_CTYPE to Python's environment
         env = {**ODD_ENV, b"LC_ALL": b"C.UTF-8", b"PYXENFB_ZYGOTE": fake.path.encode(),
                b"PYXENFB_PYTHON": b"/bin/true"}
@@ -125,19 +133,86 @@ def test_its_request_is_the_python_stand_ins_byte_for_byte(tmp_path):
     os.close(qmp_r)
     os.close(qmp_w)
     os.rmdir(directory)
-    c_request, py_request = (json.loads(r) for r in requests)
-    assert c_request["argv"][0] == C_STAND_IN
-    c_request["argv"][0] = py_request["argv"][0]
-    assert c_request == py_request
-    assert requests[0].replace(json.dumps(C_STAND_IN).encode(), json.dumps("X").encode()) == requests[1]
-    assert c_request["fds"] == [0, 1, 2, qmp_w]
-    assert c_request["cwd"] == str(tmp_path)
-    # the zygote reads it as these bytes' own environment (surrogateescape)
-    assert {os.fsencode(k): os.fsencode(v) for k, v in c_request["env"].items()} == {
-        **ODD_ENV, b"LC_ALL": b"C.UTF-8",
-        b"PYXENFB_ZYGOTE": os.fsencode(c_request["env"]["PYXENFB_ZYGOTE"]),
-        b"PYXENFB_PYTHON": b"/bin/true"}
-    zygote.Request(c_request, [0, 1, 2, 3])        # raises RequestError if the zygote would refuse
+    c_request, py_request = (wire.decode_request(r, 4) for r in requests)
+    assert c_request.argv[0] == os.fsencode(C_STAND_IN)
+    assert py_request.argv[0] == b"X"
+    # byte for byte, once the program's name is the same
+    assert _encode(c_request, argv0=b"X") == requests[1]
+    assert _encode(c_request) == requests[0]
+    assert c_request.argv[1:] == [a.encode() for a in argv]
+    assert c_request.fds == [0, 1, 2, qmp_w]
+    assert c_request.cwd == os.fsencode(tmp_path)
+    # the zygote gets these bytes' own environment
+    assert c_request.env == {**ODD_ENV, b"LC_ALL": b"C.UTF-8",
+                             b"PYXENFB_ZYGOTE": c_request.env[b"PYXENFB_ZYGOTE"],
+                             b"PYXENFB_PYTHON": b"/bin/true"}
+    zygote.Request(c_request, [0, 1, 2, 3])
+
+
+def _encode(request: wire.Request, argv0: bytes | None = None) -> bytes:
+    argv = [argv0, *request.argv[1:]] if argv0 is not None else request.argv
+    return wire.encode_request(argv, [k + b"=" + v for k, v in request.env.items()], request.cwd,
+                               request.umask, request.rlimits, request.fds)
+
+
+# The Python launcher with the C one's argv[0]: then the two requests are the same bytes.
+PY_LAUNCHER = [sys.executable, "-S", "-c",
+               "import sys; sys.path.insert(0, sys.argv[1]); "
+               "from pyxenfb.zygote.standin import try_zygote; "
+               "sys.argv = sys.argv[2:]; "
+               "sys.exit(try_zygote(sys.argv[1:], 'pyqemu-dm') or 3)",
+               str(Path(standin.__file__).parents[2]), C_STAND_IN]
+
+HOSTILE = {
+    "empty strings": ([b"", b"-name", b""], {b"EMPTY": b"", b"E2": b""}),
+    "non-UTF-8": ([b"\xff\xfe", b"\xc3(", b"\xed\xa0\x80"], {b"K\xff": b"\x80\x81", b"V": b"\xf4\x90"}),
+    "'=' in values": ([b"a=b", b"=", b"=="], {b"EQ": b"=", b"EQ2": b"a=b=c", b"EQ3": b"=="}),
+    "long values": ([b"x" * 30_000], {b"LONG": b"y" * 60_000}),
+    "many entries": ([b"-a"] * 2000, {b"E%d" % i: b"%d" % i for i in range(3000)}),
+    "too many args": ([b"a"] * wire.MAX_ARGS, {}),
+    "too long": ([b"z" * 70_000], {b"BIG": b"w" * 70_000}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_both_launchers_encode_hostile_argv_and_env_alike(tmp_path, case):
+    """The same bytes from C and Python for a hostile argv and environment,
+    and the zygote's decoder takes or refuses both with the same reason."""
+    args, extra = HOSTILE[case]
+    requests, lines, directory = [], [], short_run_dir()
+    for program in ([C_STAND_IN], PY_LAUNCHER):
+        fake = FakeZygote(None if case == "too long" else wire.encode_error("test over"),
+                          directory=directory)
+        env = {b"LC_ALL": b"C.UTF-8", b"PYXENFB_ZYGOTE": fake.path.encode(),
+               b"PYXENFB_PYTHON": b"/bin/true", **extra}
+        try:
+            done = _run([*program, *args], env, cwd=tmp_path)
+        finally:
+            fake.close()
+        requests.append(fake.request)
+        lines.append(done.stderr.decode(errors="replace"))
+    os.rmdir(directory)
+    if case == "too long":
+        for line in lines:              # neither sends it: one line each, a cold start
+            assert re.fullmatch(r"pyqemu-dm: zygote: request (of \d+ bytes )?exceeds 131072( bytes)?; "
+                                r"cold start\n", line), line
+        assert requests == [b"", b""]
+        return
+    assert all("pyqemu-dm: zygote: " in line and "refused: test over; cold start" in line
+               for line in lines), lines
+    assert requests[0] == requests[1]               # byte for byte
+    try:
+        request = wire.decode_request(requests[0], 3)
+    except wire.WireError as e:
+        assert case == "too many args"
+        assert str(e) == f"argv must have 1..{wire.MAX_ARGS} entries, not {wire.MAX_ARGS + 1}"
+        return
+    assert case != "too many args"
+    assert request.argv == [os.fsencode(C_STAND_IN), *args]
+    assert request.cwd == os.fsencode(tmp_path)
+    for name, value in extra.items():
+        assert request.env[name] == value
+    assert _encode(request) == requests[0]
 
 
 def _cold_start_script(tmp_path) -> str:
@@ -152,19 +227,24 @@ def _slow(conn):
     conn.recv(100)          # never answers: the stand-in's 2 s bound ends it
 
 
+_GOOD_PID = wire.encode_pid(12)
+
+
 @pytest.mark.parametrize("answer, then, line", [
-    (b'{"error": "fork failed: no memory"}', None, "refused: fork failed: no memory"),
-    (b'{"error": "caf\\u00e9 \\"x\\"\\n"}', None, 'refused: caf? "x"?'),
-    (b"not json at all", None, "bad answer b'not json at all'"),
-    (b'{"pid": 1}', None, "bad answer b'{\"pid\": 1}'"),
-    (b'{"pid": -5}', None, "bad answer"),
-    (b'{"pid": "12"}', None, "bad answer"),
-    (b'{"pid": 99999999999999999999}', None, "bad answer"),
-    (b'{"pid": 12} trailing', None, "bad answer"),
-    (b'{"pid": 12, }', None, "bad answer"),
-    (b'{"pid": tru}', None, "bad answer"),
-    (b'{"pid": 12', None, "bad answer"),
-    (b'{"' + b"\\" * 3000 + b'": 12}', None, "bad answer"),
+    (wire.encode_error("fork failed: no memory"), None, "refused: fork failed: no memory"),
+    (wire.encode_error('caf\u00e9 "x"\n'), None, 'refused: caf? "x"?'),
+    (b"not a message at all", None, "bad answer b'not a message at all'"),
+    (wire.encode_pid(1), None, "bad answer b'PXZG"),
+    (wire.encode_pid(-5), None, "bad answer"),
+    (wire.encode_exit(12), None, "bad answer"),                      # the wrong kind
+    (wire.encode_go(), None, "bad answer"),
+    (_GOOD_PID + b"x", None, "bad answer"),                         # trailing
+    (_GOOD_PID[:-1], None, "bad answer"),                           # short
+    (b"XXXX" + _GOOD_PID[4:], None, "bad answer b'XXXX"),            # magic
+    (_GOOD_PID[:4] + b"\x01\x00" + _GOOD_PID[6:], None, "bad answer"),  # protocol 1
+    (_GOOD_PID[:6] + b"\x63\x00" + _GOOD_PID[8:], None, "bad answer"),  # no such kind
+    (wire.encode_error("x")[:-1], None, "bad answer"),               # text shorter than its count
+    (wire.encode_error("x") + b"y", None, "bad answer"),
     (b"x" * 5000, None, "message longer than 4096 bytes"),
     (None, None, "closed the connection without an answer"),
     (None, _slow, "did not answer within 2 s"),
@@ -222,11 +302,11 @@ def test_forward_mode_forwards_signals_ignores_garbage_and_returns_the_status():
         ours.settimeout(10)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             proc.send_signal(sig)
-            assert json.loads(ours.recv(4096)) == {"signal": sig}
-        for bad in (b"nonsense", b'{"exit": 256}', b'{"exit": -1}', b'{"exit": "1"}', b"\x00\xff'\\",
-                    b"z" * 5000):
+            assert ours.recv(4096) == wire.encode_signal(sig)
+        for bad in (b"nonsense", wire.encode_exit(256), wire.encode_exit(-1), wire.encode_pid(7),
+                    b"\x00\xff'\\", b"z" * 5000):
             ours.send(bad)
-        ours.send(b'{"exit" : 7 }')
+        ours.send(wire.encode_exit(7))
         assert proc.wait(10) == 7
         err = proc.stderr.read()
         assert "pyqemu-dm[3]: zygote child 42: bad message b'nonsense'; ignored" in err

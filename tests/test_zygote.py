@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import json
 import os
 import re
 import select
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from pyxenfb.zygote import server as zygote
-from pyxenfb.zygote import standin
+from pyxenfb.zygote import standin, wire
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.platform.xenstore import XenStore
@@ -183,8 +182,24 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, 
     assert not _dead(zpid)
 
 
+def test_a_cold_start_has_no_supervisor_and_the_machine_never_imports_the_zygote():
+    from pyxenfb.machine import supervisor
+    from test_import_graph import PACKAGE_DIR, import_graph
+    cold = supervisor.Supervisor()
+    assert cold.exec_pid() == "self"
+    assert cold.watch(None, None) is None          # no reader added, nothing touched
+    # The zygote registers its hook: nothing in the package reaches into
+    # pyxenfb.zygote but the entry point (and the zygote itself), and nothing
+    # outside the simulator imports it (the rehearsal has its own XenStore).
+    graph = import_graph(PACKAGE_DIR)
+    for layer, allowed in (("pyxenfb.zygote", {"pyxenfb.__main__"}), ("pyxenfb.sim", set())):
+        importers = {m for m, deps in graph.items() if not (m + ".").startswith(layer + ".")
+                     and any((d + ".").startswith(layer + ".") for d in deps)}
+        assert importers <= allowed, f"{sorted(importers - allowed)} import {layer}"
+
+
 def test_seconds_since_exec_reads_a_process_start():
-    from pyxenfb.zygote.standin import seconds_since_exec
+    from pyxenfb.machine.supervisor import seconds_since_exec
     # A process that lives until its stdin closes: no sleep, no race with its end.
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)
@@ -426,7 +441,7 @@ def _as_nobody(path: str) -> str:
             s.settimeout(5)
             try:
                 s.connect(path)
-                out = s.recv(4096).decode() or "EOF"       # refused at accept: no request needed
+                out = s.recv(4096).hex() or "EOF"          # refused at accept: no request needed
             except PermissionError:
                 out = "EACCES"
             except OSError as e:
@@ -448,48 +463,56 @@ def test_a_non_root_peer_is_refused(lone_zygote):
     assert _as_nobody(path) == "EACCES"                  # the socket's mode keeps it out
     os.chmod(os.path.dirname(path), 0o711)
     os.chmod(path, 0o666)                               # and without it, SO_PEERCRED does
-    reply = json.loads(_as_nobody(path))
-    assert "uid 65534" in reply["error"] and "root only" in reply["error"]
+    kind, reply = wire.decode(bytes.fromhex(_as_nobody(path)))
+    assert kind == wire.ERROR and "uid 65534" in reply and "root only" in reply
     os.chmod(path, 0o600)
     assert _zygote_pid(path) == proc.pid                 # still serving
 
 
-def _raw_request(path: str, data: bytes, fds: list[int] = ()) -> dict | None:
+def _raw_request(path: str, data: bytes, fds: list[int] = ()) -> str | None:
+    """The zygote's refusal (its text), or None if it closed without one."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.settimeout(5)
         s.connect(path)
         s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                   if fds else [])
         reply = s.recv(4096)
-        return json.loads(reply) if reply else None
+        if not reply:
+            return None
+        kind, text = wire.decode(reply)
+        assert kind == wire.ERROR
+        return text
 
 
 def test_malformed_requests_are_refused_and_the_zygote_keeps_serving(lone_zygote):
     path, proc = lone_zygote
-    good = {"v": 1, "argv": ["pyqemu-dm", "-version"], "env": {}, "cwd": "/", "umask": 0o22,
-            "rlimits": {}, "fds": []}
+    good = dict(argv=[b"pyqemu-dm", b"-version"], env=[], cwd=b"/", umask=0o22, rlimits={}, fds=[])
+
+    def request(**change) -> bytes:
+        return wire.encode_request(**{**good, **change})
     cases = [
-        (b"not json", [], "not JSON"),
-        (b"[1]", [], "not a JSON object"),
-        (b"[" * 100_000, [], "not JSON"),
-        (json.dumps({**good, "v": 2}).encode(), [], "protocol version"),
-        (json.dumps({**good, "argv": []}).encode(), [], "argv"),
-        (json.dumps({**good, "env": {"A=B": "x"}}).encode(), [], "env"),
-        (json.dumps({**good, "cwd": "relative"}).encode(), [], "cwd"),
-        (json.dumps({**good, "rlimits": {"BOGUS": [1, 1]}}).encode(), [], "rlimit"),
-        (json.dumps({**good, "fds": [0]}).encode(), [], "fds"),        # names one, passes none
+        (b"not a request", [], "not a zygote message"),
+        (b"[1]", [], "shorter than a header"),
+        (b"[" * 100_000, [], "not a zygote message"),
+        (request()[:4] + b"\x01\x00" + request()[6:], [], "protocol version"),
+        (wire.encode_pid(5), [], "where a request belongs"),
+        (request(argv=[]), [], "argv"),
+        (request(env=[b"A"]), [], "env"),
+        (request(cwd=b"relative"), [], "cwd"),
+        (request(rlimits={"CPU": (-5, 1)}), [], "rlimit"),
+        (request(fds=[0]), [], "fds"),        # names one, passes none
         (b"x" * (zygote.MAX_REQUEST + 10), [], "longer than"),
-        (json.dumps({**good, "fds": list(range(20))}).encode(), [0] * 20, "file descriptors"),
+        (request(fds=list(range(20))), [0] * 20, "file descriptors"),
     ]
     for data, fds, why in cases:
         reply = _raw_request(path, data, fds)
-        assert reply is not None and why in reply["error"], (why, reply)
+        assert reply is not None and why in reply, (why, reply)
     # a silent peer is dropped after the bound, and others are served meanwhile
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as idle:
         idle.connect(path)
         assert _zygote_pid(path) == proc.pid
         idle.settimeout(zygote.REQUEST_TIMEOUT + 5)
-        assert "no request within" in json.loads(idle.recv(4096))["error"]
+        assert "no request within" in wire.decode(idle.recv(4096))[1]
     assert len(os.listdir(f"/proc/{proc.pid}/fd")) <= 8        # nothing leaked
     assert len(os.listdir(f"/proc/{proc.pid}/task")) == 1
 

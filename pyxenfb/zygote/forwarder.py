@@ -4,9 +4,9 @@ Once the zygote's child is committed (standin.py), the pyqemu-dm the
 toolstack exec'd re-execs itself, same pid, as `python -S -I` running only
 this loop.  It imports nothing but os, signal and sys: a bare interpreter
 is ~3.5 MiB private, and socket + json would add ~0.8 MiB to each of the
-stand-ins a dom0 keeps (measured with smaps_rollup).  Of standin.py's JSON
-wire format this side needs two messages: it writes {"signal": N} and reads
-{"exit": N}, one per SOCK_SEQPACKET datagram.
+stand-ins a dom0 keeps (measured with smaps_rollup).  Of the wire format
+(wire.py, which imports only _struct) this side needs two messages: it
+writes SIGNAL and reads EXIT, one per SOCK_SEQPACKET datagram.
 """
 from __future__ import annotations
 
@@ -14,19 +14,9 @@ import os
 import signal
 import sys
 
+from .wire import MAX_MESSAGE, encode_signal, exit_code
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-MAX_MESSAGE = 4096
-
-
-def exit_code(message: bytes) -> int | None:
-    """N (0..255) from an {"exit": N} message, else None."""
-    text = message.decode("ascii", "replace").replace(" ", "")
-    if not (text.startswith('{"exit":') and text.endswith("}")):
-        return None
-    number = text[len('{"exit":'):-1]
-    if not (number.isdigit() and len(number) <= 3):
-        return None
-    return int(number) if int(number) <= 255 else None
 
 
 def forward(fd: int, pid: int, prefix: str) -> int:
@@ -34,7 +24,7 @@ def forward(fd: int, pid: int, prefix: str) -> int:
     child reports its exit status (returned) or the socket closes (1)."""
     def on_signal(signum, _frame):
         try:
-            os.write(fd, b'{"signal": %d}' % signum)
+            os.write(fd, encode_signal(signum))
         except OSError:
             pass                            # the child is gone: the EOF below says so
     for sig in FORWARDED:
@@ -42,7 +32,7 @@ def forward(fd: int, pid: int, prefix: str) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     while True:
         try:
-            message = os.read(fd, MAX_MESSAGE)     # a handler runs, then the read resumes
+            message = os.read(fd, MAX_MESSAGE + 1)     # a handler runs, then the read resumes
         except OSError:
             message = b""
         if not message:

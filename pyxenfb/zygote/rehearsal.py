@@ -7,8 +7,8 @@ shares with every other child.  Measured: the same VNC work right after
 fork() dirtied 6.9 MiB cold and 2.7 MiB once the zygote had rehearsed it.
 
 The rehearsal, in a private event loop with the device model's log
-handler writing to nowhere: a XenStore session (the sim's xenstored on a
-temporary socket: the real wire protocol) with reads, writes, a
+handler writing to nowhere: a XenStore session (a minimal responder,
+xs_responder.py, on a temporary socket: the real wire protocol) with reads, writes, a
 transaction and a watch; the resolver's first lookup (glibc loads its NSS
 modules then); a VNC session on a socketpair: a 64x64 console picture
 (flat, two-colour, few-colour and gradient areas) served in every encoding
@@ -31,15 +31,20 @@ import tempfile
 
 import numpy as np
 
+from ..rfb import encodings as enc
+from ..rfb.listener import VNC_BASE_PORT
+from ..rfb.states import ClientMsg, SecurityType
+
 SIZE = 64
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STEP_LIMIT = 2000               # loop iterations to wait for one reply (no clocks: nothing sleeps)
 
-# Encodings a client asks for (RFB numbers): each one in turn, with the
-# pseudo-encodings real clients add (DesktopSize, LED state, QEMU pointer
-# motion change, QEMU extended keys, CompressLevel 6).
-_ENCODINGS = (7, 16, 5, 6, 2, 0, -260)
-_PSEUDO = (-223, -261, -257, -258, -250)
+# Encodings a client asks for: each one in turn, with the pseudo-encodings
+# real clients add (DesktopSize, LED state, QEMU pointer motion change, QEMU
+# extended keys, CompressLevel 6).
+_ENCODINGS = (enc.TIGHT, enc.ZRLE, enc.HEXTILE, enc.ZLIB, enc.RRE, enc.RAW, enc.TIGHT_PNG)
+_PSEUDO = (enc.DESKTOP_SIZE, enc.QEMU_LED_STATE, enc.POINTER_TYPE_CHANGE, enc.QEMU_EXT_KEY,
+           enc.COMPRESS_LEVEL_MIN + 6)
 # SetPixelFormat bodies: 32bpp true colour, RGB565, BGR233.
 _FORMATS = (
     struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0),
@@ -106,7 +111,8 @@ class _Session:
     async def update(self, incremental: bool) -> None:
         client = self.server.clients[0]
         sent = client.updates_sent
-        self.send(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, SIZE, SIZE))
+        self.send(struct.pack(">BBHHHH", ClientMsg.FRAMEBUFFER_UPDATE_REQUEST, int(incremental),
+                              0, 0, SIZE, SIZE))
         await self.reply(lambda: client.updates_sent > sent)
 
 
@@ -130,23 +136,23 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
         await session.reply(lambda: bool(server.clients))
         session.send(b"RFB 003.008\n")
         await session.reply()
-        session.send(b"\x01")                           # security type None
+        session.send(bytes([SecurityType.NONE]))
         await session.reply()
         session.send(b"\x01")                           # ClientInit: shared
         await session.reply(lambda: server.clients[0].attached)
         for n, fmt in enumerate(_FORMATS):
-            session.send(b"\x00\x00\x00\x00" + fmt)
+            session.send(bytes([ClientMsg.SET_PIXEL_FORMAT, 0, 0, 0]) + fmt)
             for i, encoding in enumerate(_ENCODINGS):
                 codes = (encoding, *_PSEUDO)
-                session.send(struct.pack(f">BxH{len(codes)}i", 2, len(codes), *codes))
+                session.send(struct.pack(f">BxH{len(codes)}i", ClientMsg.SET_ENCODINGS, len(codes), *codes))
                 await session.update(incremental=False)
                 console.surface.rows[:] = picture(seed=8 * n + i + 1)
                 console.invalidate(0, 0, SIZE, SIZE)
                 await session.update(incremental=True)
         for down in (1, 0):
-            session.send(struct.pack(">BBxxI", 4, down, 0x61))           # 'a'
-            session.send(struct.pack(">BBHH", 5, down, SIZE // 2, SIZE // 3))
-        session.send(struct.pack(">BxxxI", 6, 4) + b"text")              # ClientCutText
+            session.send(struct.pack(">BBxxI", ClientMsg.KEY_EVENT, down, 0x61))      # 'a'
+            session.send(struct.pack(">BBHH", ClientMsg.POINTER_EVENT, down, SIZE // 2, SIZE // 3))
+        session.send(struct.pack(">BxxxI", ClientMsg.CLIENT_CUT_TEXT, 4) + b"text")
         await session.reply()
     finally:
         theirs.close()
@@ -156,11 +162,11 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _xenstore_session() -> None:
-    from ..sim.xenstored import XenStored
     from ..platform.xenstore import XenStore
+    from .xs_responder import Responder
 
     with tempfile.TemporaryDirectory(prefix="pyxenfb-rehearsal-") as run_dir:
-        daemon = XenStored(run_dir)
+        daemon = Responder(run_dir)
         await daemon.start()
         try:
             xs = await XenStore.open(daemon.socket_path)
@@ -190,7 +196,7 @@ async def _xenstore_session() -> None:
 def _resolve() -> None:
     for host in ("127.0.0.1", "localhost", None):
         with contextlib.suppress(OSError):
-            socket.getaddrinfo(host, 5900, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            socket.getaddrinfo(host, VNC_BASE_PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
 
 
 async def _sessions() -> None:

@@ -12,11 +12,11 @@ stays as a thin stand-in whose pid the toolstack knows: it forwards
 SIGTERM/SIGINT/SIGHUP, exits with the child's status, and when it is
 SIGKILLed the child sees the control socket close and exits at once.
 
-Wire (SOCK_SEQPACKET, one JSON object per message, each bounded):
-  stand-in -> zygote  {"v": 1, "argv", "env", "cwd", "umask", "rlimits", "fds"} + SCM_RIGHTS
-  zygote   -> stand-in {"error": "..."}   (refused; the stand-in starts cold)
-  child    -> stand-in {"pid": N}          stand-in -> child {"go": true}
-  stand-in -> child   {"signal": N}       child -> stand-in {"exit": N}
+Wire (wire.py: SOCK_SEQPACKET, one fixed binary layout per message, each bounded):
+  stand-in -> zygote   REQUEST (argv, env, cwd, umask, rlimits, fd numbers) + SCM_RIGHTS
+  zygote   -> stand-in ERROR (refused; the stand-in starts cold)
+  child    -> stand-in PID                stand-in -> child GO
+  stand-in -> child    SIGNAL             child -> stand-in EXIT
 
 This module imports only the standard library at the top: the stand-in must
 stay small and start fast.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import json
 import os
 import resource     # a child applies its stand-in's rlimits: loaded here, shared
 import signal
@@ -34,11 +33,13 @@ import struct
 import sys
 import time
 
-from . import standin
+
 from .forwarder import FORWARDED
-from .standin import (ANSWER_TIMEOUT, CLONE_NEWIPC, CLONE_NEWNS, DEFAULT_SOCKET, MAX_ARGS, MAX_FD_NUMBER,
-                      MAX_FDS, MAX_PENDING, MAX_REQUEST, NAMESPACES, PROTOCOL, REQUEST_TIMEOUT,
-                      RLIMITS, _exit_now, _ns_inode, _recv, _rlimit_number, _send)
+from . import wire
+from .standin import (ANSWER_TIMEOUT, CLONE_NEWIPC, CLONE_NEWNS, DEFAULT_SOCKET, MAX_PENDING, NAMESPACES,
+                      REQUEST_TIMEOUT, _ns_inode, _recv, _rlimit_number)
+from .wire import MAX_FDS, MAX_REQUEST, WireError
+from ..machine import supervisor
 
 
 # ---- the zygote ------------------------------------------------------------------------
@@ -48,40 +49,15 @@ class RequestError(Exception):
 
 
 class Request:
-    def __init__(self, obj: dict, fds: list[int]):
-        if obj.get("v") != PROTOCOL:
-            raise RequestError(f"protocol version {obj.get('v')!r}, expected {PROTOCOL}")
-        argv, env, cwd = obj.get("argv"), obj.get("env"), obj.get("cwd")
-        if (not isinstance(argv, list) or not 1 <= len(argv) <= MAX_ARGS
-                or not all(isinstance(a, str) and "\0" not in a for a in argv)):
-            raise RequestError("argv must be a list of 1..4096 strings")
-        if not isinstance(env, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-                and "\0" not in k + v for k, v in env.items()):
-            raise RequestError("env must map names to strings")
-        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
-            raise RequestError("cwd must be an absolute path")
-        umask = obj.get("umask")
-        if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
-            raise RequestError("umask out of range")
-        rlimits = obj.get("rlimits")
-        if not isinstance(rlimits, dict):
-            raise RequestError("rlimits must be an object")
-        for name, pair in rlimits.items():
-            if (name not in RLIMITS or not isinstance(pair, list) or len(pair) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool)
-                               and -1 <= v < 1 << 64 for v in pair)):
-                raise RequestError(f"bad rlimit {str(name)[:20]}")
-        targets = obj.get("fds")
-        if (not isinstance(targets, list) or len(targets) != len(fds)
-                or not all(isinstance(t, int) and not isinstance(t, bool)
-                           and 0 <= t <= MAX_FD_NUMBER for t in targets)
-                or len(set(targets)) != len(targets)):
-            raise RequestError(f"fds must name 0..{MAX_FD_NUMBER} once each, one per passed fd")
-        self.argv, self.env, self.cwd, self.umask = argv, env, cwd, umask
+    """A request the zygote accepted: wire.decode_request's, with the fds
+    received here and the peer's pid."""
+
+    def __init__(self, decoded: wire.Request, fds: list[int]):
+        self.argv = [os.fsdecode(a) for a in decoded.argv]     # as sys.argv has them
+        self.env, self.cwd, self.umask = decoded.env, decoded.cwd, decoded.umask
         self.peer: int | None = None          # the stand-in's pid (SO_PEERCRED)
-        self.rlimits = rlimits
-        self.fds = dict(zip(targets, fds))     # target number -> fd received here
+        self.rlimits = decoded.rlimits
+        self.fds = dict(zip(decoded.fds, fds))     # target number -> fd received here
 
 
 def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
@@ -120,10 +96,6 @@ class Zygote:
         tls.server_context(tls.TlsCredentials("anon"))     # OpenSSL's lazy state
         try:
             from ..platform import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
-        except ImportError:
-            pass
-        try:
-            from ..sim import guestmem  # noqa: F401  (the sim platform's memory)
         except ImportError:
             pass
 
@@ -245,14 +217,14 @@ class Zygote:
             if uid not in (0, os.geteuid()):
                 self.log(f"refused pid {pid}: uid {uid} is not root")
                 try:
-                    _send(conn, {"error": f"uid {uid} may not use this zygote (root only)"})
+                    conn.send(wire.encode_error(f"uid {uid} may not use this zygote (root only)"))
                 except OSError:
                     pass
                 conn.close()
                 continue
             if len(self.pending) >= MAX_PENDING:
                 try:
-                    _send(conn, {"error": "too many pending requests"})
+                    conn.send(wire.encode_error("too many pending requests"))
                 except OSError:
                     pass
                 conn.close()
@@ -270,7 +242,7 @@ class Zygote:
         conn = self._drop(fd)
         self.log(f"refused a request: {reason}")
         try:
-            _send(conn, {"error": reason})
+            conn.send(wire.encode_error(reason))
         except OSError:
             pass
         conn.close()
@@ -298,12 +270,9 @@ class Zygote:
             if flags & socket.MSG_TRUNC or len(data) > MAX_REQUEST:
                 raise RequestError(f"request longer than {MAX_REQUEST} bytes")
             try:
-                obj = json.loads(data)
-            except (ValueError, RecursionError):
-                raise RequestError("request is not JSON") from None
-            if not isinstance(obj, dict):
-                raise RequestError("request is not a JSON object")
-            request = Request(obj, fds)
+                request = Request(wire.decode_request(data, len(fds)), fds)
+            except WireError as e:
+                raise RequestError(str(e)) from None
             request.peer = peer
             ns = self._open_namespaces(peer)
         except RequestError as e:
@@ -317,7 +286,7 @@ class Zygote:
         except OSError as e:                # EAGAIN, ENOMEM: this request fails, the zygote serves on
             self.log(f"fork failed: {e.strerror or e}")
             try:
-                _send(conn, {"error": f"fork failed: {e.strerror or e}"})
+                conn.send(wire.encode_error(f"fork failed: {e.strerror or e}"))
             except OSError:
                 pass
         finally:
@@ -402,24 +371,23 @@ class Zygote:
         os.umask(request.umask)
         os.chdir(request.cwd)
         os.environ.clear()
-        os.environ.update(request.env)
+        os.environb.update(request.env)     # the stand-in's bytes, as its exec had them
         sys.argv = list(request.argv)
         import logging
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)     # the zygote's; the DM sets up its own
         root.setLevel(logging.WARNING)
-        _send(conn, {"pid": os.getpid()})
+        conn.send(wire.encode_pid(os.getpid()))
         conn.settimeout(ANSWER_TIMEOUT)
         try:
             go = _recv(conn)
-        except (OSError, ValueError):
+        except (OSError, WireError):
             go = None
-        if not go or go.get("go") is not True:
+        if go is None or go[0] != wire.GO:
             os._exit(0)                     # the stand-in gave up and starts cold: not ours
         conn.settimeout(None)
-        standin._control = conn             # for watch_stand_in, in the machine
-        standin._stand_in_pid = request.peer    # exec -> running is timed from its exec
+        supervisor.register(StandInLink(conn, request.peer))    # the machine's hook
         code = 1
         try:
             from ..machine.cli import main
@@ -432,7 +400,7 @@ class Zygote:
         finally:
             code = code if isinstance(code, int) and 0 <= code <= 255 else 1
             try:
-                _send(conn, {"exit": code})
+                conn.send(wire.encode_exit(code))
             except OSError:
                 pass
             _exit_now(code)
@@ -459,6 +427,55 @@ class Zygote:
             os.dup2(fd, target, inheritable=True)
             os.close(fd)
         return control
+
+
+class StandInLink(supervisor.Supervisor):
+    """In a zygote child: the connection to its stand-in, the process the
+    toolstack exec'd (exec -> running is timed from its exec)."""
+
+    def __init__(self, control: socket.socket, stand_in_pid: int | None):
+        self.control = control
+        self.stand_in_pid = stand_in_pid
+
+    def exec_pid(self) -> int | str:
+        return self.stand_in_pid or "self"
+
+    def watch(self, loop, on_lost=None) -> None:
+        """A forwarded signal is raised here; the stand-in's death (xl destroy
+        SIGKILLs it) ends this process at once, as the SIGKILL would have
+        ended a cold device model: a graceful shutdown would still write to
+        XenStore while the toolstack removes the domain's nodes."""
+        sock = self.control
+        sock.setblocking(False)
+
+        def readable() -> None:
+            try:
+                msg = _recv(sock)
+            except BlockingIOError:
+                return
+            except WireError:
+                return                      # garbage from our own stand-in: ignored
+            except OSError:
+                msg = None
+            if msg is None:
+                if on_lost is not None:
+                    on_lost()
+                _exit_now(1)
+            kind, sig = msg
+            if kind == wire.SIGNAL and sig in FORWARDED:
+                signal.raise_signal(sig)
+        loop.add_reader(sock.fileno(), readable)
+
+
+def _exit_now(code: int) -> None:
+    import logging
+    logging.shutdown()                      # flush the log lines written so far
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _dup_at_least(fd: int, low: int) -> int:

@@ -14,13 +14,13 @@
  * CPython is ~3.5 MiB private and, in an emulated dom0, most of a second to
  * start before it can even ask the zygote; this is ~0.3 MiB and a few ms.
  *
- * The wire is standin.py's (one JSON object per SOCK_SEQPACKET message):
- * this file writes the request exactly as json.dumps writes the Python
- * stand-in's, reads {"pid": N} / {"error": "..."} and {"exit": N}, writes
- * {"go": true} and {"signal": N}.  The constants below are checked against
- * standin.py by the tests.  Everything read from the socket is bounded and
- * validated: a bad answer is a cold start, a bad message later is logged
- * and ignored.
+ * The wire is wire.py's (one fixed binary layout per SOCK_SEQPACKET
+ * message, host byte order, strings as raw NUL-terminated bytes): this file
+ * writes the REQUEST byte for byte as the Python stand-in does, reads PID /
+ * ERROR and EXIT, writes GO and SIGNAL.  The constants below are checked
+ * against wire.py and standin.py by the tests.  Everything read from the
+ * socket is bounded and validated: a bad answer is a cold start, a bad
+ * message later is logged and ignored.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,7 +41,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PROTOCOL 1
+/* wire.py */
+#define WIRE_MAGIC "PXZG"
+#define PROTOCOL 2
+#define KIND_REQUEST 1
+#define KIND_ERROR 2
+#define KIND_PID 3
+#define KIND_GO 4
+#define KIND_SIGNAL 5
+#define KIND_EXIT 6
+#define HEADER_SIZE 8
+#define REQUEST_FIXED_SIZE 24
+#define RLIMIT_SIZE 16
+#define SMALL_SIZE 12
 #define ENV_SOCKET "PYXENFB_ZYGOTE"
 #define ENV_PYTHON "PYXENFB_PYTHON"
 #define DEFAULT_SOCKET "/var/run/xen/pyxenfb-zygote.sock"
@@ -50,6 +62,7 @@
 #define MAX_MESSAGE 4096
 #define MAX_FDS 16
 #define MAX_FD_NUMBER 1023
+#define MAX_ARGS 4096
 #define PROG "pyqemu-dm"
 
 /* The cold start's interpreter: $PYXENFB_PYTHON, else -DPYTHON=... given at
@@ -89,204 +102,70 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* ---- a bounded text buffer ---------------------------------------------------- */
+/* ---- the wire (wire.py) --------------------------------------------------------- */
 
-struct buf { char *data; size_t len, cap; int full; };
+/* A bounded byte buffer: `full` once anything did not fit. */
+struct buf { unsigned char *data; size_t len, cap; int full; };
 
-static void put(struct buf *b, const char *s, size_t n)
+static void put(struct buf *b, const void *s, size_t n)
 {
-    if (b->full || b->len + n + 1 > b->cap) {
+    if (b->full || n > b->cap - b->len) {
         b->full = 1;
         return;
     }
     memcpy(b->data + b->len, s, n);
     b->len += n;
-    b->data[b->len] = 0;
 }
 
-static void putf(struct buf *b, const char *fmt, ...)
+static void put_u32(struct buf *b, uint32_t v) { put(b, &v, sizeof v); }
+static void put_i32(struct buf *b, int32_t v) { put(b, &v, sizeof v); }
+static void put_i64(struct buf *b, int64_t v) { put(b, &v, sizeof v); }
+static void put_header(struct buf *b, uint16_t kind)
 {
-    char tmp[64];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+    uint16_t version = PROTOCOL;
+    put(b, WIRE_MAGIC, 4);
+    put(b, &version, sizeof version);
+    put(b, &kind, sizeof kind);
 }
 
-/* Length of the well-formed UTF-8 sequence at s (RFC 3629: no overlongs, no
- * surrogates, nothing above U+10FFFF) and its code point; 0 if none starts here. */
-static int utf8_sequence(const unsigned char *s, size_t left, uint32_t *cp)
+/* A whole message of one 32-bit number (PID, SIGNAL, EXIT). */
+static size_t small_message(unsigned char *out, uint16_t kind, int32_t value)
 {
-    unsigned char c = s[0];
-    int n;
-    uint32_t min;
-    if (c < 0x80) { *cp = c; return 1; }
-    if (c >= 0xC2 && c <= 0xDF) { n = 2; *cp = c & 0x1F; min = 0x80; }
-    else if (c >= 0xE0 && c <= 0xEF) { n = 3; *cp = c & 0x0F; min = 0x800; }
-    else if (c >= 0xF0 && c <= 0xF4) { n = 4; *cp = c & 0x07; min = 0x10000; }
-    else return 0;
-    if ((size_t)n > left)
+    struct buf b = {out, 0, SMALL_SIZE, 0};
+    put_header(&b, kind);
+    put_i32(&b, value);
+    return b.len;
+}
+
+/* The kind of a message with this format's header, else -1. */
+static int message_kind(const unsigned char *m, size_t n)
+{
+    uint16_t version, kind;
+    if (n < HEADER_SIZE || memcmp(m, WIRE_MAGIC, 4))
+        return -1;
+    memcpy(&version, m + 4, 2);
+    memcpy(&kind, m + 6, 2);
+    return version == PROTOCOL ? kind : -1;
+}
+
+/* The number of a PID / SIGNAL / EXIT message of `kind`, if it is one. */
+static int small_value(const unsigned char *m, size_t n, int kind, int32_t *value)
+{
+    if (n != SMALL_SIZE || message_kind(m, n) != kind)
         return 0;
-    for (int i = 1; i < n; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        *cp = (*cp << 6) | (s[i] & 0x3F);
-    }
-    if (*cp < min || *cp > 0x10FFFF || (*cp >= 0xD800 && *cp <= 0xDFFF))
-        return 0;
-    return n;
+    memcpy(value, m + HEADER_SIZE, sizeof *value);
+    return 1;
 }
 
-/* A C string as a JSON string, as Python's json.dumps writes the str that
- * os.environ / sys.argv make of these bytes (UTF-8 with surrogateescape):
- * ASCII only, a byte that is not part of well-formed UTF-8 as \udcXX. */
-static void put_json_bytes(struct buf *b, const char *str, size_t len)
+/* EXIT's status (0..255), as wire.exit_code; else -1. */
+static int exit_code(const unsigned char *m, size_t n)
 {
-    const unsigned char *s = (const unsigned char *)str, *end = s + len;
-    put(b, "\"", 1);
-    while (s < end) {
-        uint32_t cp;
-        int n = utf8_sequence(s, (size_t)(end - s), &cp);
-        if (n == 0) {
-            cp = 0xDC00 + *s;
-            n = 1;
-        }
-        s += n;
-        switch (cp) {
-        case '"': put(b, "\\\"", 2); continue;
-        case '\\': put(b, "\\\\", 2); continue;
-        case '\n': put(b, "\\n", 2); continue;
-        case '\r': put(b, "\\r", 2); continue;
-        case '\t': put(b, "\\t", 2); continue;
-        case '\b': put(b, "\\b", 2); continue;
-        case '\f': put(b, "\\f", 2); continue;
-        }
-        if (cp >= 0x20 && cp < 0x7F) {
-            char c = (char)cp;
-            put(b, &c, 1);
-        } else if (cp < 0x10000) {
-            putf(b, "\\u%04x", cp);
-        } else {
-            cp -= 0x10000;
-            putf(b, "\\u%04x\\u%04x", 0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF));
-        }
-    }
-    put(b, "\"", 1);
-}
-
-static void put_json_string(struct buf *b, const char *s)
-{
-    put_json_bytes(b, s, strlen(s));
-}
-
-/* ---- reading the zygote's and the child's flat JSON objects --------------------- */
-
-/* What a flat JSON object (strings, integers, booleans, null: standin._dumps
- * writes them) holds under `name`: VALUE_INT with *number, VALUE_STRING with
- * its text in str (ASCII; any other character as '?'), VALUE_OTHER, or
- * VALUE_ABSENT; VALUE_MALFORMED if the text is not such an object. */
-enum { VALUE_MALFORMED = -1, VALUE_ABSENT, VALUE_INT, VALUE_STRING, VALUE_OTHER };
-
-static const char *skip_string(const char *p, char *out, size_t cap)
-{
-    size_t n = 0;
-    while (*p && *p != '"') {
-        char c = *p++;
-        if (c == '\\') {
-            c = *p++;
-            switch (c) {
-            case 'n': c = '\n'; break;
-            case 't': c = '\t'; break;
-            case 'r': c = '\r'; break;
-            case 'b': c = '\b'; break;
-            case 'f': c = '\f'; break;
-            case '"': case '\\': case '/': break;
-            case 'u':
-                for (int i = 0; i < 4; i++, p++)
-                    if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f') || (*p >= 'A' && *p <= 'F')))
-                        return NULL;
-                c = '?';
-                break;
-            default: return NULL;
-            }
-        } else if ((unsigned char)c < 0x20) {
-            return NULL;
-        }
-        if (out && n + 1 < cap) out[n++] = ((unsigned char)c < 0x20 || (unsigned char)c > 0x7E) ? '?' : c;
-    }
-    if (out && cap) out[n] = 0;
-    return *p == '"' ? p + 1 : NULL;
-}
-
-static int flat_value(const char *text, const char *name, long long *number, char *str, size_t cap)
-{
-    const char *p = text;
-    int kind = VALUE_ABSENT;
-    while (*p == ' ') p++;
-    if (*p++ != '{') return VALUE_MALFORMED;
-    while (*p == ' ') p++;
-    if (*p == '}') return p[1] == 0 ? kind : VALUE_MALFORMED;
-    for (;;) {
-        char key[32];
-        while (*p == ' ') p++;
-        if (*p++ != '"' || !(p = skip_string(p, key, sizeof key))) return VALUE_MALFORMED;
-        int is_name = !strcmp(key, name);
-        while (*p == ' ') p++;
-        if (*p++ != ':') return VALUE_MALFORMED;
-        while (*p == ' ') p++;
-        if (*p == '"') {
-            if (!(p = skip_string(p + 1, is_name ? str : NULL, cap))) return VALUE_MALFORMED;
-            if (is_name) kind = VALUE_STRING;
-        } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
-            int negative = *p == '-', digits = 0;
-            long long v = 0;
-            if (negative) p++;
-            while (*p >= '0' && *p <= '9') {
-                if (++digits > 18) return VALUE_MALFORMED;
-                v = v * 10 + (*p++ - '0');
-            }
-            if (digits == 0) return VALUE_MALFORMED;
-            if (is_name) { *number = negative ? -v : v; kind = VALUE_INT; }
-        } else {
-            static const char *literals[] = {"true", "false", "null"};
-            size_t i = 0;
-            while (i < 3 && strncmp(p, literals[i], strlen(literals[i]))) i++;
-            if (i == 3) return VALUE_MALFORMED;
-            p += strlen(literals[i]);
-            if (is_name) kind = VALUE_OTHER;
-        }
-        while (*p == ' ') p++;
-        if (*p == ',') { p++; continue; }
-        if (*p == '}') return p[1] == 0 ? kind : VALUE_MALFORMED;
-        return VALUE_MALFORMED;
-    }
-}
-
-/* {"exit": N} with N in 0..255 (spaces anywhere ignored), as forwarder.exit_code. */
-static int exit_code(const char *message, size_t len)
-{
-    char text[32];
-    size_t n = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (message[i] == ' ') continue;
-        if (n + 1 >= sizeof text) return -1;
-        text[n++] = message[i];
-    }
-    text[n] = 0;
-    if (n < 10 || strncmp(text, "{\"exit\":", 8) || text[n - 1] != '}') return -1;
-    size_t digits = n - 9;
-    if (digits < 1 || digits > 3) return -1;
-    int code = 0;
-    for (size_t i = 8; i < n - 1; i++) {
-        if (text[i] < '0' || text[i] > '9') return -1;
-        code = code * 10 + text[i] - '0';
-    }
-    return code <= 255 ? code : -1;
+    int32_t code;
+    return small_value(m, n, KIND_EXIT, &code) && code >= 0 && code <= 255 ? code : -1;
 }
 
 /* Up to 40 bytes as Python writes a bytes object: b'...' */
-static void bytes_repr(const char *data, size_t len, char *out, size_t outlen)
+static void bytes_repr(const unsigned char *data, size_t len, char *out, size_t outlen)
 {
     size_t o = 0;
     out[o++] = 'b';
@@ -328,15 +207,15 @@ static int forward(int fd, long pid)
         if (fds[1].revents & POLLIN) {
             struct signalfd_siginfo info;
             if (read(sfd, &info, sizeof info) == sizeof info) {
-                char message[32];
-                int n = snprintf(message, sizeof message, "{\"signal\": %u}", info.ssi_signo);
-                if (send(fd, message, (size_t)n, MSG_NOSIGNAL) < 0) {
+                unsigned char message[SMALL_SIZE];
+                size_t n = small_message(message, KIND_SIGNAL, (int32_t)info.ssi_signo);
+                if (send(fd, message, n, MSG_NOSIGNAL) < 0) {
                     /* the child is gone: the end of its socket says so below */
                 }
             }
         }
         if (fds[0].revents) {
-            char message[MAX_MESSAGE + 1];
+            unsigned char message[MAX_MESSAGE + 1];
             ssize_t n = recv(fd, message, sizeof message, MSG_TRUNC | MSG_DONTWAIT);
             if (n < 0 && (errno == EAGAIN || errno == EINTR))
                 continue;
@@ -419,67 +298,69 @@ static const struct { const char *name; int resource; } rlimits[] = {
     {"RTTIME", RLIMIT_RTTIME}, {"SIGPENDING", RLIMIT_SIGPENDING}, {"STACK", RLIMIT_STACK},
 };
 
-static void put_limit(struct buf *b, rlim_t v)
+static int64_t limit_value(rlim_t v)
 {
-    if (v == RLIM_INFINITY) put(b, "-1", 2);
-    else putf(b, "%llu", (unsigned long long)v);
+    return v == RLIM_INFINITY ? -1 : (int64_t)v;
 }
 
-/* The request, as standin._handshake builds it; NULL with *why if it can't be. */
+/* The request, as standin._handshake builds it (wire.encode_request); NULL
+ * with *why if it can't be. */
 static struct buf *build_request(int argc, char **argv, const int *fds, int nfds, const char **why)
 {
-    static char data[MAX_REQUEST + 1];
+    static unsigned char data[MAX_REQUEST];
     static struct buf b = {data, 0, sizeof data, 0};
     static char cwd[PATH_MAX];
     if (!getcwd(cwd, sizeof cwd)) {
         *why = "cannot read the working directory";
         return NULL;
     }
-    put(&b, "{\"v\": 1, \"argv\": [", 18);
-    for (int i = 0; i < argc; i++) {
-        if (i) put(&b, ", ", 2);
-        put_json_string(&b, argv[i]);
-    }
-    put(&b, "], \"env\": {", 11);
-    int first = 1;
-    for (char **e = environ; *e; e++) {
+    /* The environment as os.environb has it: entries with a name and '=',
+     * the first of a name winning; counted before the fixed part is written. */
+    static char *env[MAX_REQUEST / 2];
+    uint32_t envc = 0;
+    for (char **e = environ; *e && envc < sizeof env / sizeof *env; e++) {
         const char *eq = strchr(*e, '=');
         if (!eq || eq == *e)
-            continue;                     /* os.environ skips these too */
-        size_t keylen = (size_t)(eq - *e);
-        int duplicate = 0;                /* the first of a name wins, as in os.environ */
-        for (char **f = environ; f < e && !duplicate; f++)
-            duplicate = !strncmp(*f, *e, keylen + 1);
-        if (duplicate)
             continue;
-        if (!first) put(&b, ", ", 2);
-        first = 0;
-        put_json_bytes(&b, *e, keylen);
-        put(&b, ": ", 2);
-        put_json_string(&b, eq + 1);
-        if (b.full) break;
+        size_t keylen = (size_t)(eq - *e);
+        int duplicate = 0;
+        for (uint32_t f = 0; f < envc && !duplicate; f++)
+            duplicate = !strncmp(env[f], *e, keylen + 1);
+        if (!duplicate)
+            env[envc++] = *e;
     }
-    put(&b, "}, \"cwd\": ", 10);
-    put_json_string(&b, cwd);
+    size_t strings = strlen(cwd) + 1;
+    for (int i = 0; i < argc; i++)
+        strings += strlen(argv[i]) + 1;
+    for (uint32_t i = 0; i < envc; i++)
+        strings += strlen(env[i]) + 1;
     mode_t mask = umask(022);
     umask(mask);
-    putf(&b, ", \"umask\": %u, \"rlimits\": {", (unsigned)mask);
-    first = 1;
+    struct rlimit limits[sizeof rlimits / sizeof *rlimits];
+    uint32_t present = 0;
     for (size_t i = 0; i < sizeof rlimits / sizeof *rlimits; i++) {
-        struct rlimit rl;
-        if (getrlimit(rlimits[i].resource, &rl) < 0)
-            continue;
-        putf(&b, "%s\"%s\": [", first ? "" : ", ", rlimits[i].name);
-        first = 0;
-        put_limit(&b, rl.rlim_cur);
-        put(&b, ", ", 2);
-        put_limit(&b, rl.rlim_max);
-        put(&b, "]", 1);
+        if (getrlimit(rlimits[i].resource, &limits[i]) == 0)
+            present |= 1u << i;
     }
-    put(&b, "}, \"fds\": [", 11);
+    put_header(&b, KIND_REQUEST);
+    put_u32(&b, (uint32_t)argc);
+    put_u32(&b, envc);
+    put_u32(&b, (uint32_t)nfds);
+    put_u32(&b, (uint32_t)mask);
+    put_u32(&b, present);
+    put_u32(&b, strings > UINT32_MAX ? UINT32_MAX : (uint32_t)strings);
+    for (size_t i = 0; i < sizeof rlimits / sizeof *rlimits; i++) {
+        uint32_t on = present & (1u << i);
+        put_i64(&b, on ? limit_value(limits[i].rlim_cur) : 0);
+        put_i64(&b, on ? limit_value(limits[i].rlim_max) : 0);
+    }
     for (int i = 0; i < nfds; i++)
-        putf(&b, "%s%d", i ? ", " : "", fds[i]);
-    put(&b, "]}", 2);
+        put_i32(&b, fds[i]);
+    put(&b, cwd, strlen(cwd) + 1);
+    for (int i = 0; i < argc; i++)
+        put(&b, argv[i], strlen(argv[i]) + 1);
+    for (uint32_t i = 0; i < envc; i++)
+        put(&b, env[i], strlen(env[i]) + 1);
     if (b.full) {
         static char too_long[64];
         snprintf(too_long, sizeof too_long, "request exceeds %d bytes", MAX_REQUEST);
@@ -581,7 +462,7 @@ static int handshake(const char *path, int explicit_path, int argc, char **argv,
     tv.tv_sec = (time_t)left;
     tv.tv_usec = (suseconds_t)((left - (double)tv.tv_sec) * 1e6);
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    char reply[MAX_MESSAGE + 1];
+    unsigned char reply[MAX_MESSAGE + 1];
     ssize_t n;
     do {
         n = recv(sock, reply, sizeof reply, MSG_TRUNC);
@@ -604,23 +485,37 @@ static int handshake(const char *path, int explicit_path, int argc, char **argv,
         close(sock);
         return COLD;
     }
-    reply[n] = 0;
-    long long value = 0;
-    char error[201];
-    if (flat_value(reply, "error", &value, error, sizeof error) == VALUE_STRING) {
+    uint32_t length;
+    if (message_kind(reply, (size_t)n) == KIND_ERROR && n >= SMALL_SIZE
+            && (memcpy(&length, reply + HEADER_SIZE, 4), length == (size_t)n - SMALL_SIZE)) {
+        /* one line of at most 200 characters: printable ASCII kept, any other
+         * character (a UTF-8 sequence: its lead byte) as '?' */
+        char error[201];
+        size_t o = 0;
+        for (size_t i = SMALL_SIZE; i < (size_t)n && o < sizeof error - 1; i++) {
+            unsigned char c = reply[i];
+            if (c >= 0x80 && c < 0xC0)
+                continue;
+            error[o++] = c >= 0x20 && c < 0x7F ? (char)c : '?';
+        }
+        error[o] = 0;
         say("zygote: %s refused: %s; cold start", path, error);
         close(sock);
         return COLD;
     }
-    if (flat_value(reply, "pid", &value, NULL, 0) != VALUE_INT || value <= 1 || value > INT_MAX) {
+    int32_t value;
+    if (!small_value(reply, (size_t)n, KIND_PID, &value) || value <= 1) {
         char shown[256];
         bytes_repr(reply, (size_t)n, shown, sizeof shown);
         say("zygote: %s: bad answer %s; cold start", path, shown);
         close(sock);
         return COLD;
     }
-    if (send(sock, "{\"go\": true}", 12, MSG_NOSIGNAL) < 0) {
-        say("zygote: %s: child %lld went away: %s; cold start", path, value, strerror(errno));
+    unsigned char go[HEADER_SIZE];
+    struct buf gob = {go, 0, sizeof go, 0};
+    put_header(&gob, KIND_GO);
+    if (send(sock, go, gob.len, MSG_NOSIGNAL) < 0) {
+        say("zygote: %s: child %d went away: %s; cold start", path, (int)value, strerror(errno));
         close(sock);
         return COLD;
     }

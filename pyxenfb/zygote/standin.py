@@ -2,15 +2,15 @@
 
 `try_zygote` is the first thing pyqemu-dm does (launch.py): it hands this process's argv,
 environment and fds to a zygote, then stays as the thin stand-in whose pid
-the toolstack knows.  `watch_stand_in` is the device model's hook in a
-zygote child: its control socket closing (the stand-in SIGKILLed) ends it.
-The wire format and its bounds are defined here, for both sides.
+the toolstack knows.  (In a zygote child, server.StandInLink is the device
+model's hook: its control socket closing -- the stand-in SIGKILLed -- ends it.)
+The wire format and its bounds are wire.py's.
 
 This module imports only the standard library, and on the stand-in's path
-to the hand-over only C modules (_socket, _json) besides os, sys and time:
-socket.py, json and signal.py would pull in enum and re, ~10 ms here and a
+to the hand-over only C modules (_socket, _signal, _struct) besides os, sys and
+time: socket.py and signal.py would pull in enum and re, ~10 ms here and a
 good part of a second in an emulated dom0, before every domain's start;
-the zygote itself (zygote.py) imports the whole device model.
+the zygote itself (server.py) imports the whole device model.
 """
 from __future__ import annotations
 
@@ -21,27 +21,16 @@ import time
 import _signal
 import _socket
 
-try:
-    from _json import encode_basestring_ascii as _json_str, scanstring as _scan_str
-except ImportError:                     # not CPython: the pure-Python ones
-    from json.decoder import scanstring as _scan_str
-    from json.encoder import py_encode_basestring_ascii as _json_str
+from . import wire
+from .wire import MAX_FD_NUMBER, MAX_FDS, MAX_MESSAGE, RLIMITS, WireError
 
-PROTOCOL = 1
 ENV = "PYXENFB_ZYGOTE"                  # a socket path, or "off"
 DEFAULT_SOCKET = "/var/run/xen/pyxenfb-zygote.sock"
 ANSWER_TIMEOUT = 2.0                    # the stand-in's bound on the zygote's answer
 REQUEST_TIMEOUT = 2.0                   # the zygote's bound on a peer's request
-MAX_REQUEST = 128 * 1024                # argv + environment as JSON
-MAX_MESSAGE = 4096                      # every other message
-MAX_FDS = 16
-MAX_FD_NUMBER = 1023
-MAX_ARGS = 4096
 MAX_PENDING = 64                        # connections accepted but not yet served
 NAMESPACES = ("mnt", "ipc")             # what libxl's dm_restrict unshares
 CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
-RLIMITS = ("AS", "CORE", "CPU", "DATA", "FSIZE", "LOCKS", "MEMLOCK", "MSGQUEUE", "NICE",
-           "NOFILE", "NPROC", "RSS", "RTPRIO", "RTTIME", "SIGPENDING", "STACK")
 RLIMIT_NUMBERS = {"LOCKS": 10}          # Linux's number; Python has no name for it
 
 
@@ -55,91 +44,18 @@ class Unavailable(Exception):
 
 # ---- shared helpers ------------------------------------------------------------
 
-def _dumps(obj) -> str:
-    """JSON for what this wire carries (objects, lists, strings, ints,
-    booleans, null), ASCII-only as json.dumps writes it by default."""
-    if isinstance(obj, str):
-        return _json_str(obj)
-    if obj is None or isinstance(obj, bool):
-        return {None: "null", True: "true", False: "false"}[obj]
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, (list, tuple)):
-        return "[" + ", ".join(map(_dumps, obj)) + "]"
-    if isinstance(obj, dict):
-        return "{" + ", ".join(f"{_json_str(str(k))}: {_dumps(v)}" for k, v in obj.items()) + "}"
-    raise TypeError(f"{type(obj).__name__} is not carried on this wire")
-
-
-_LITERALS = {"true": True, "false": False, "null": None}
-
-
-def _loads_flat(text: str) -> dict:
-    """A JSON object whose values are strings, integers, booleans or null:
-    every message but the request (which only the zygote reads, with json).
-    ValueError for anything else."""
-    try:
-        text = text.strip()
-        if not (text.startswith("{") and text.endswith("}")):
-            raise ValueError("not a JSON object")
-        out, at, end = {}, 1, len(text) - 1
-        while True:
-            while at < end and text[at] in " \t\r\n":
-                at += 1
-            if at == end and not out:
-                return out
-            if text[at] != '"':
-                raise ValueError("expected a name")
-            key, at = _scan_str(text, at + 1, True)
-            at = text.index(":", at) + 1
-            while text[at] in " \t\r\n":
-                at += 1
-            if text[at] == '"':
-                value, at = _scan_str(text, at + 1, True)
-            else:
-                stop = min((i for i in (text.find(",", at), end) if i >= 0))
-                word = text[at:stop].strip()
-                if word in _LITERALS:
-                    value = _LITERALS[word]
-                elif word.lstrip("-").isdigit() and len(word) <= 20:
-                    value = int(word)
-                else:
-                    raise ValueError(f"unsupported value {word[:20]!r}")
-                at = stop
-            out[key] = value
-            while at < end and text[at] in " \t\r\n":
-                at += 1
-            if at == end:
-                return out
-            if text[at] != ",":
-                raise ValueError("expected , or }")
-            at += 1
-    except ValueError:
-        raise
-    except Exception as e:                  # IndexError and the like: malformed
-        raise ValueError(f"malformed message ({type(e).__name__})") from None
-
-
 def _fd_bytes(fds: list[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
 
 
-def _send(sock, obj: dict, fds: list[int] = ()) -> None:
-    data = _dumps(obj).encode()
-    if fds:
-        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fd_bytes(fds))])
-    else:
-        sock.send(data)
-
-
-def _recv(sock, limit: int = MAX_MESSAGE) -> dict | None:
-    """One message as a dict; None at EOF; ValueError if malformed."""
+def _recv(sock, limit: int = MAX_MESSAGE) -> tuple[int, int | str | None] | None:
+    """One message (wire.decode's (kind, value)); None at EOF; WireError if malformed."""
     data, _anc, flags, _addr = sock.recvmsg(limit + 1)
     if not data:
         return None
     if flags & _socket.MSG_TRUNC or len(data) > limit:
-        raise ValueError(f"message longer than {limit} bytes")
-    return _loads_flat(data.decode("utf-8", "replace"))
+        raise WireError(f"message longer than {limit} bytes")
+    return wire.decode(data)
 
 
 def _rlimit_number(name: str) -> int | None:
@@ -171,14 +87,14 @@ def _fds_to_pass(argv: list[str]) -> list[int]:
     return out
 
 
-def _rlimits() -> dict[str, list[int]]:
+def _rlimits() -> dict[str, tuple[int, int]]:
     import resource
     out = {}
     for name in RLIMITS:
         number = _rlimit_number(name)
         if number is not None:
             try:
-                out[name] = list(resource.getrlimit(number))
+                out[name] = resource.getrlimit(number)
             except (ValueError, OSError):
                 continue
     return out
@@ -200,32 +116,35 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
             raise Unavailable(f"cannot connect to {path}: {e.strerror or e}") from None
         fds = _fds_to_pass(argv)
         try:
-            cwd = os.getcwd()
+            cwd = os.getcwdb()
         except OSError:
             raise Unavailable("cannot read the working directory") from None
-        request = {"v": PROTOCOL, "argv": [sys.argv[0] if sys.argv else "pyqemu-dm", *argv],
-                   "env": dict(os.environ), "cwd": cwd, "umask": _umask(),
-                   "rlimits": _rlimits(), "fds": fds}
-        data = _dumps(request).encode()
-        if len(data) > MAX_REQUEST:
-            raise Unavailable(f"request of {len(data)} bytes exceeds {MAX_REQUEST}")
+        argv0 = sys.argv[0] if sys.argv else "pyqemu-dm"
+        try:
+            # The bytes the kernel gave this process, as the C launcher sends them.
+            data = wire.encode_request([os.fsencode(a) for a in (argv0, *argv)],
+                                       [k + b"=" + v for k, v in os.environb.items() if k],
+                                       cwd, _umask(), _rlimits(), fds)
+        except WireError as e:
+            raise Unavailable(str(e)) from None
         try:
             sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fd_bytes(fds))])
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             reply = _recv(sock)
         except TimeoutError:
             raise Unavailable(f"{path} did not answer within {ANSWER_TIMEOUT:g} s") from None
-        except (OSError, ValueError) as e:
+        except (OSError, WireError) as e:
             raise Unavailable(f"{path}: bad answer: {e}") from None
         if reply is None:
             raise Unavailable(f"{path} closed the connection without an answer")
-        if "error" in reply:
-            raise Unavailable(f"{path} refused: {str(reply['error'])[:200]}")
-        pid = reply.get("pid")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
-            raise Unavailable(f"{path}: bad answer {str(reply)[:100]}")
+        kind, value = reply
+        if kind == wire.ERROR:
+            raise Unavailable(f"{path} refused: {value[:200]}")
+        if kind != wire.PID:
+            raise Unavailable(f"{path}: bad answer: a {wire.KIND_NAMES[kind]} message")
+        pid = value
         try:
-            _send(sock, {"go": True})     # from here on the child is this domain's DM
+            sock.send(wire.encode_go())     # from here on the child is this domain's DM
         except OSError as e:
             raise Unavailable(f"{path}: child {pid} went away: {e.strerror or e}") from None
         sock.settimeout(None)
@@ -233,18 +152,6 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
     except BaseException:
         sock.close()
         raise
-
-
-def seconds_since_exec(pid: int | str = "self") -> float | None:
-    """How long ago pid was started (its exec, for one the toolstack
-    started): /proc's start time against the uptime, 10 ms resolution."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
-            return max(0.0, float(f.read().split()[0]) - started)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _umask() -> int:
@@ -273,6 +180,7 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
         if not e.quiet:
             print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
         return None
+    from ..machine.supervisor import seconds_since_exec     # os only
     since_exec = seconds_since_exec()
     print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
           f"{(time.monotonic() - started) * 1000:.0f} ms"
@@ -319,59 +227,3 @@ def _stand_in(sock: socket.socket, pid: int, fds: list[int], prefix: str) -> int
     _reexec_slim(sock, pid, prefix)
     from . import forwarder
     return forwarder.forward(sock.fileno(), pid, prefix)
-
-
-# ---- in a zygote child: the machine's hook ----------------------------------------------
-
-_control: socket.socket | None = None      # the connection to our stand-in, in a child only
-_stand_in_pid: int | None = None           # its pid (the process the toolstack exec'd)
-
-
-def exec_pid() -> int | str:
-    """The process the toolstack exec'd for this device model: the stand-in
-    in a zygote child, else this one."""
-    return _stand_in_pid or "self"
-
-
-def watch_stand_in(loop, on_lost=None) -> None:
-    """Called by the machine once its loop runs.  A forwarded signal is raised
-    here; the stand-in's death (xl destroy SIGKILLs it) ends this process at
-    once, as the SIGKILL would have ended a cold device model: a graceful
-    shutdown would still write to XenStore while the toolstack removes the
-    domain's nodes."""
-    import signal
-
-    from .forwarder import FORWARDED
-    if _control is None:
-        return
-    sock = _control
-    sock.setblocking(False)
-
-    def readable() -> None:
-        try:
-            msg = _recv(sock)
-        except BlockingIOError:
-            return
-        except ValueError:
-            return                          # garbage from our own stand-in: ignored
-        except OSError:
-            msg = None
-        if msg is None:
-            if on_lost is not None:
-                on_lost()
-            _exit_now(1)
-        sig = msg.get("signal")
-        if sig in FORWARDED:
-            signal.raise_signal(sig)
-    loop.add_reader(sock.fileno(), readable)
-
-
-def _exit_now(code: int) -> None:
-    import logging
-    logging.shutdown()                      # flush the log lines written so far
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
