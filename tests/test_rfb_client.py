@@ -142,14 +142,17 @@ def test_any_picture_round_trips(w, h, colours, encoding, seed):
     assert np.array_equal(fb_array(conn), pix)
 
 
+@pytest.mark.parametrize("step", [1, 7, 1000, None])
 @pytest.mark.parametrize("encoding", [enc.RAW, enc.RRE, enc.HEXTILE, enc.ZLIB, enc.ZRLE, enc.TIGHT])
-def test_walking_consumes_exactly_the_update(encoding):
+def test_walking_consumes_exactly_the_update(encoding, step):
+    # a mixed picture: Hextile's raw, solid and subrectangle tiles
     pix = picture(90, 50, seed=1, colours=None if encoding != enc.RRE else 4)
+    pix[:, 200:] = picture(40, 50, seed=2, colours=3)
     count, data = enc.Encoder().encode(encoding, GUEST_32, pix, 0, 0, 90, 50)
     conn = Connection(established=(90, 50), decode=False)
     conn.record = bytearray()
     msg = update([data], count)
-    events = feed(conn, msg + b"\x02", step=1000)                      # and a Bell after it
+    events = feed(conn, msg + b"\x02", step=step)                      # and a Bell after it
     assert [type(e) for e in events] == [FramebufferUpdate, Bell]
     assert conn.record == msg + b"\x02" and not any(conn.fb)
 
