@@ -321,3 +321,13 @@ def test_the_client_imports_only_the_standard_library():
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+@pytest.mark.parametrize("encoding", [enc.ZLIB, enc.ZRLE, enc.TIGHT])
+def test_noise_at_every_compress_level_fits_the_bounds(encoding, level):
+    # incompressible data comes out larger than it went in: the client's bounds allow it
+    encoder = enc.Encoder(compress_level=level)
+    pix = picture(800, 120, seed=level)
+    conn, _ = roundtrip(encoding, pix, encoder=encoder)
+    assert np.array_equal(fb_array(conn), pix)

@@ -118,8 +118,9 @@ _BITS = [bytes((b >> (7 - i)) & 1 for i in range(8)) for b in range(256)]
 
 
 def _zlib_bound(n: int) -> int:
-    """The most a deflate stream can take to say n bytes (stored blocks, flush marks)."""
-    return n + (n >> 6) + 1024
+    """A generous most a deflate stream may take to say n bytes: zlib falls back to
+    stored blocks (+0.03%), but zlib-ng's fastest level sends noise 5-6% larger."""
+    return n + (n >> 2) + 1024
 
 
 class Connection:
@@ -739,8 +740,8 @@ def _decode_tight(c: Connection, r: Rectangle):
         c._put(x, y, w, h, _rgb_to_bgrx(rgb, w * h))
         return
     if kind & 0x8 and (c.decode or kind not in (0xA, 0xE)):
-        raise RfbError(f"Tight control byte {ctl:#04x} at {(x, y, w, h)}: neither fill, JPEG "
-                       "nor basic compression")
+        raise RfbError(f"Tight control byte {ctl:#04x} at {(x, y, w, h)}: neither fill nor basic "
+                       "compression (nor JPEG)")
     stream = kind & 0x3
     filter_id = (yield 1)[0] if kind & 0x4 else 0
     palette = None
