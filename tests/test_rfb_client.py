@@ -291,6 +291,8 @@ def test_hostile_input_is_a_clear_error(case):
     assert str(info.value)
     with pytest.raises(RfbError):             # and stays an error
         conn.next_event()
+    conn.receive_data(bytes(1 << 20))         # what comes after it is not kept
+    assert not conn._buf and conn.wanted == 0
 
 
 def test_truncated_data_is_connection_closed_not_a_hang():

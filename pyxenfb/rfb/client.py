@@ -179,6 +179,8 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         """What the server sent (any bytes-like object, not kept); b"" when it
         closed the connection."""
+        if self._error is not None:             # the connection is over: nothing more is kept
+            return
         if not data:
             self._eof = True
             self._run(self._buf)
@@ -280,7 +282,10 @@ class Connection:
                 self._advance(data)
             else:
                 break
-        if buf is self._buf:
+        if self._error is not None:
+            view.release()
+            self._buf = bytearray()
+        elif buf is self._buf:
             view.release()
             del buf[:pos]
         else:
