@@ -42,7 +42,6 @@ updates; else also 1920x1080, 20 updates).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import selectors
 import shlex
@@ -56,17 +55,15 @@ import tempfile
 import time
 from pathlib import Path
 
-BPP = 4
-TPIXEL = 3              # Tight pixels are R,G,B bytes at 32 bpp depth 24
-TIMEOUT = 30.0          # seconds, for every socket read and server start
+from pyxenfb.rfb.client import NEED_DATA, Connection, FramebufferUpdate, RfbError, ServerInit
+from pyxenfb.rfb.states import HEXTILE, RAW, TIGHT, ZLIB, ZRLE
 
-RAW, HEXTILE, ZLIB, TIGHT, ZRLE = 0, 5, 6, 7, 16
-DESKTOP_SIZE, LAST_RECT = -223, -224
+BPP = 4
+TIMEOUT = 30.0          # seconds, for every socket read and server start
+CHUNK = 1 << 20         # one recv_into at most
+
 ENCODINGS = {"Raw": RAW, "Hextile": HEXTILE, "Zlib": ZLIB, "ZRLE": ZRLE, "Tight": TIGHT}
 NAMES = {v: k for k, v in ENCODINGS.items()}
-
-# Client -> server messages, in the format both servers use natively.
-SET_PIXEL_FORMAT = struct.pack(">B3xBBBBHHHBBB3x", 0, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
 
 
 class ProtocolFailure(Exception):
@@ -74,158 +71,18 @@ class ProtocolFailure(Exception):
 
 
 # ------------------------------------------------------------------ client
-class Reader:
-    """Buffered reads from a socket (or, to time the parser alone, from memory).
-
-    Only `consumed` matters for accounting; big payloads are skipped into a
-    scratch buffer so Raw frames cost no Python-level copying.
-    """
-
-    def __init__(self, recv_into):
-        self._recv_into = recv_into
-        self._buf = bytearray()
-        self._pos = 0
-        self._scratch = memoryview(bytearray(1 << 20))
-        self.consumed = 0
-        self.record: bytearray | None = None      # set to capture raw bytes
-
-    def _more(self) -> None:
-        n = self._recv_into(self._scratch, len(self._scratch))
-        if not n:
-            raise ProtocolFailure(f"server closed the connection after {self.consumed} bytes")
-        if self.record is not None:
-            self.record += self._scratch[:n]
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += self._scratch[:n]
-
-    def take(self, n: int) -> bytes:
-        while len(self._buf) - self._pos < n:
-            self._more()
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        self.consumed += n
-        return out
-
-    def u8(self) -> int:
-        if self._pos >= len(self._buf):
-            self._more()
-        self._pos += 1
-        self.consumed += 1
-        return self._buf[self._pos - 1]
-
-    def u16(self) -> int:
-        return struct.unpack(">H", self.take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
-
-    def skip(self, n: int) -> None:
-        self.consumed += n
-        have = len(self._buf) - self._pos
-        if n <= have:
-            self._pos += n
-            return
-        n -= have
-        self._buf.clear()
-        self._pos = 0
-        while n:
-            got = self._recv_into(self._scratch, min(n, len(self._scratch)))
-            if not got:
-                raise ProtocolFailure("server closed the connection inside a rectangle")
-            if self.record is not None:
-                self.record += self._scratch[:got]
-            n -= got
-
-    # ---- rectangle walkers: consume one rectangle's payload, decode nothing
-    def walk_raw(self, w: int, h: int) -> None:
-        self.skip(w * h * BPP)
-
-    def walk_zlib(self, w: int, h: int) -> None:       # Zlib and ZRLE alike
-        self.skip(self.u32())
-
-    def walk_hextile(self, w: int, h: int) -> None:
-        for ty in range(0, h, 16):
-            th = min(16, h - ty)
-            for tx in range(0, w, 16):
-                mask = self.u8()
-                if mask & 1:                            # Raw tile
-                    self.skip(min(16, w - tx) * th * BPP)
-                    continue
-                if mask > 31:
-                    raise ProtocolFailure(f"Hextile: bad subencoding mask {mask:#x}")
-                colours = (BPP if mask & 2 else 0) + (BPP if mask & 4 else 0)
-                if mask & 8:                            # AnySubrects
-                    self.skip(colours)
-                    self.skip(self.u8() * (BPP + 2 if mask & 16 else 2))
-                else:
-                    self.skip(colours)
-
-    def compact_length(self) -> int:
-        b = self.u8()
-        n = b & 0x7F
-        if b & 0x80:
-            b = self.u8()
-            n |= (b & 0x7F) << 7
-            if b & 0x80:
-                n |= self.u8() << 14
-        return n
-
-    def walk_tight(self, w: int, h: int) -> None:
-        kind = self.u8() >> 4                           # low nibble: zlib resets
-        if kind == 0x8:                                 # Fill
-            self.skip(TPIXEL)
-        elif kind == 0x9:                               # JPEG
-            self.skip(self.compact_length())
-        elif kind < 0x8 or kind in (0xA, 0xE):          # Basic (0xA/0xE: without zlib)
-            filter_id = self.u8() if kind & 0x4 else 0
-            if filter_id == 1:                          # Palette
-                colours = self.u8() + 1
-                self.skip(colours * TPIXEL)
-                size = (w + 7) // 8 * h if colours == 2 else w * h
-            elif filter_id in (0, 2):                   # Copy, Gradient
-                size = w * h * TPIXEL
-            else:
-                raise ProtocolFailure(f"Tight: unknown filter id {filter_id}")
-            # Short data goes uncompressed and without a length.
-            self.skip(size if size < 12 else self.compact_length())
-        else:
-            raise ProtocolFailure(f"Tight: bad compression control {kind:#x}")
-
-    WALKERS = {RAW: walk_raw, HEXTILE: walk_hextile, ZLIB: walk_zlib, ZRLE: walk_zlib,
-               TIGHT: walk_tight}
-
-    def read_update(self, width: int, height: int) -> tuple[int, set[int]]:
-        """Walk one FramebufferUpdate; returns (rectangles, encodings seen)."""
-        msg = self.u8()
-        if msg != 0:
-            raise ProtocolFailure(f"server message type {msg} where a FramebufferUpdate was due")
-        self.skip(1)
-        count = self.u16()
-        rects, area, seen = 0, 0, set()
-        # 0xFFFF: the count is unknown and a LastRect rectangle ends the update.
-        while count == 0xFFFF or rects < count:
-            x, y, w, h, encoding = struct.unpack(">HHHHi", self.take(12))
-            if encoding == LAST_RECT:
-                break
-            rects += 1
-            if encoding == DESKTOP_SIZE:
-                continue
-            walker = self.WALKERS.get(encoding)
-            if walker is None:
-                raise ProtocolFailure(f"unexpected encoding {encoding} in rectangle "
-                                      f"{w}x{h}+{x}+{y} (asked only for real encodings)")
-            walker(self, w, h)
-            seen.add(encoding)
-            area += w * h
-        if area != width * height:
-            raise ProtocolFailure(f"update covered {area} pixels, not {width * height}")
-        return rects, seen
+def _walked(conn: Connection, ev, width: int, height: int) -> tuple[int, set[int]]:
+    """(rectangles, encodings seen) of one FramebufferUpdate that covers the screen."""
+    if not isinstance(ev, FramebufferUpdate):
+        raise ProtocolFailure(f"server message {type(ev).__name__} where a FramebufferUpdate was due")
+    if ev.area != width * height:
+        raise ProtocolFailure(f"update covered {ev.area} pixels, not {width * height}")
+    return len(ev.rects), {r.encoding for r in ev.rects if r.encoding >= 0}
 
 
 class Client:
-    """One RFB 3.8 connection: security None, shared, one encoding."""
+    """One RFB 3.8 connection: security None, shared, one encoding, walked by
+    the sans-IO client without decoding (it finds where each rectangle ends)."""
 
     def __init__(self, port: int, encoding: int, width: int, height: int):
         self.width, self.height = width, height
@@ -233,37 +90,37 @@ class Client:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         self.sock.settimeout(TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rd = Reader(self.sock.recv_into)
-        self._handshake(encoding)
+        self.conn = Connection(encodings=[encoding], decode=False)
+        self.consumed = 0               # bytes received: the server sends nothing unasked
+        self._scratch = memoryview(bytearray(CHUNK))
+        ev = self._next()
+        if not isinstance(ev, ServerInit):
+            raise ProtocolFailure(f"{type(ev).__name__} before ServerInit")
+        if (ev.width, ev.height) != (width, height):
+            raise ProtocolFailure(f"desktop is {ev.width}x{ev.height}, expected {width}x{height}")
+        self.sock.sendall(self.conn.data_to_send())
 
-    def _handshake(self, encoding: int) -> None:
-        rd = self.rd
-        version = rd.take(12)
-        if not version.startswith(b"RFB 003."):
-            raise ProtocolFailure(f"not an RFB server: {version!r}")
-        self.sock.sendall(b"RFB 003.008\n")
-        types = rd.take(rd.u8())
-        if 1 not in types:
-            reason = rd.take(rd.u32()) if not types else types
-            raise ProtocolFailure(f"security type None not offered: {reason!r}")
-        self.sock.sendall(b"\x01")
-        if rd.u32() != 0:
-            raise ProtocolFailure(f"security failed: {rd.take(rd.u32())!r}")
-        self.sock.sendall(b"\x01")                      # ClientInit: shared
-        w, h = rd.u16(), rd.u16()
-        rd.take(16)                                     # server pixel format
-        rd.take(rd.u32())                               # desktop name
-        if (w, h) != (self.width, self.height):
-            raise ProtocolFailure(f"desktop is {w}x{h}, expected {self.width}x{self.height}")
-        self.sock.sendall(SET_PIXEL_FORMAT + struct.pack(">BxHi", 2, 1, encoding))
+    def _next(self):
+        conn = self.conn
+        try:
+            while (ev := conn.next_event()) is NEED_DATA:
+                out = conn.data_to_send()
+                if out:
+                    self.sock.sendall(out)
+                n = self.sock.recv_into(self._scratch, CHUNK)
+                self.consumed += n
+                conn.receive_data(self._scratch[:n])
+        except RfbError as exc:
+            raise ProtocolFailure(str(exc)) from None
+        return ev
 
     def update(self) -> tuple[float, int, int, set[int]]:
         """One full update: (seconds, bytes, rectangles, encodings seen)."""
-        start = self.rd.consumed
+        start = self.consumed
         t0 = time.perf_counter()
         self.sock.sendall(self.request)
-        rects, seen = self.rd.read_update(self.width, self.height)
-        return time.perf_counter() - t0, self.rd.consumed - start, rects, seen
+        rects, seen = _walked(self.conn, self._next(), self.width, self.height)
+        return time.perf_counter() - t0, self.consumed - start, rects, seen
 
     def close(self) -> None:
         self.sock.close()
@@ -272,11 +129,16 @@ class Client:
 def parse_cost(update: bytes, width: int, height: int, repeat: int = 5) -> float:
     """Best time for this client to walk a recorded update from memory."""
     best = float("inf")
+    view = memoryview(update)
     for _ in range(repeat):
-        src = io.BytesIO(update)
-        rd = Reader(lambda buf, n: src.readinto(buf[:n]))
+        conn = Connection(established=(width, height), decode=False)
         t0 = time.perf_counter()
-        rd.read_update(width, height)
+        for i in range(0, len(view), CHUNK):
+            conn.receive_data(view[i:i + CHUNK])
+        try:
+            _walked(conn, conn.next_event(), width, height)
+        except RfbError as exc:
+            raise ProtocolFailure(str(exc)) from None
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -290,11 +152,11 @@ def measure(servers: dict[str, int], encoding: str, width: int, height: int,
         for server, port in servers.items():
             try:
                 clients[server] = Client(port, ENCODINGS[encoding], width, height)
-                clients[server].rd.record = bytearray()      # the warm-up update, kept
+                clients[server].conn.record = bytearray()    # the warm-up update, kept
                 clients[server].update()
             except (ProtocolFailure, OSError) as exc:
                 raise ProtocolFailure(f"{server}, {encoding}: {exc}") from None
-            recorded[server], clients[server].rd.record = bytes(clients[server].rd.record), None
+            recorded[server], clients[server].conn.record = bytes(clients[server].conn.record), None
         runs = {server: [] for server in servers}
         for _ in range(updates):
             for server, client in clients.items():

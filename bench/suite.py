@@ -16,11 +16,13 @@ import os
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pyxenfb.rfb.client import NEED_DATA, Connection, FramebufferUpdate, ServerInit
+from pyxenfb.rfb.states import RAW
 
 from .procs import SimHost, context_switches, cpu_seconds, memory_kib
 
@@ -171,60 +173,40 @@ def bench_vnc_rate(ctx) -> list[dict]:
 
 # ---- guest UPDATE -> client has the pixels, 64x64 -------------------------------
 class RawClient:
-    """Minimal RFB 3.8 client: None auth, native 32 bpp, Raw only."""
+    """Blocking socket wrapper over the sans-IO client: RFB 3.8, None auth,
+    native 32 bpp, Raw only."""
 
     def __init__(self, port: int):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = Connection(encodings=[RAW])
 
-    def read(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buf += chunk
-        return bytes(buf)
+    def _until(self, kind: type):
+        """Feed the connection until an event of `kind` (others, a Bell, are dropped)."""
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                self.sock.sendall(out)
+            if ev is NEED_DATA:
+                conn.receive_data(self.sock.recv(1 << 17))
+            elif isinstance(ev, kind):
+                return ev
 
     def handshake(self) -> tuple[int, int]:
-        assert self.read(12).startswith(b"RFB 003.")
-        self.sock.sendall(b"RFB 003.008\n")
-        types = self.read(self.read(1)[0])
-        if 1 not in types:
-            raise RuntimeError(f"no None security type in {list(types)}")
-        self.sock.sendall(b"\x01")
-        if self.read(4) != b"\0\0\0\0":
-            raise RuntimeError("security handshake failed")
-        self.sock.sendall(b"\x01")
-        w, h = struct.unpack(">HH", self.read(4))
-        self.read(16)
-        self.read(struct.unpack(">I", self.read(4))[0])
-        self.sock.sendall(b"\0\0\0\0" + struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255,
-                                                     16, 8, 0))
-        self.sock.sendall(struct.pack(">BxHi", 2, 1, 0))
-        self.w, self.h = w, h
-        return w, h
+        ev = self._until(ServerInit)
+        self.w, self.h = ev.width, ev.height
+        return ev.width, ev.height
 
     def request(self, incremental: bool = True) -> None:
-        self.sock.sendall(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, self.w, self.h))
+        self.conn.request(incremental)
+        self.sock.sendall(self.conn.data_to_send())
 
     def update(self) -> list[tuple[int, int, int, int, bytes]]:
         """One FramebufferUpdate: [(x, y, w, h, raw pixels)]."""
-        while True:
-            kind = self.read(1)[0]
-            if kind == 0:
-                break
-            if kind == 2:                       # Bell
-                continue
-            raise RuntimeError(f"unexpected server message {kind}")
-        n = struct.unpack(">xH", self.read(3))[0]
-        rects = []
-        for _ in range(n):
-            x, y, w, h, enc = struct.unpack(">HHHHi", self.read(12))
-            if enc != 0:
-                raise RuntimeError(f"unexpected encoding {enc}")
-            rects.append((x, y, w, h, self.read(w * h * 4)))
-        return rects
+        ev = self._until(FramebufferUpdate)
+        return [(r.x, r.y, r.w, r.h, self.conn.pixels(r.x, r.y, r.w, r.h)) for r in ev.rects]
 
     def close(self):
         self.sock.close()
@@ -458,14 +440,11 @@ async def _exec_to_running(sim: SimHost, domid: int, way: str) -> tuple[float, f
 
 def _rfb_server_init(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        f = sock.makefile("rb")
-        f.read(12)
-        sock.sendall(b"RFB 003.008\n")
-        f.read(f.read(1)[0])
-        sock.sendall(b"\x01")
-        f.read(4)
-        sock.sendall(b"\x01")
-        if len(f.read(24)) != 24:
+        conn = Connection()
+        while (ev := conn.next_event()) is NEED_DATA:
+            sock.sendall(conn.data_to_send())
+            conn.receive_data(sock.recv(4096))
+        if not isinstance(ev, ServerInit):
             raise RuntimeError(f"no RFB ServerInit on port {port}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import threading
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from pyxenfb.console.core import Console, Surface
 from pyxenfb.convert import GUEST_32, to_rgb
 from pyxenfb.vnc import VncServer
-from pyxenfb.rfb.auth import vnc_response
+from pyxenfb.rfb.client import NEED_DATA, Connection, ServerInit
 
 KEY_A, KEY_B, KEY_ENTER = 30, 48, 28
 STUB_KEYSYMS = {0x61: KEY_A, 0x62: KEY_B, 0xFF0D: KEY_ENTER}
@@ -175,26 +174,21 @@ class RawClient:
         self.sock.sendall(data)
 
     def handshake(self, password: str | None = None, shared: bool = True, version=b"RFB 003.008\n"):
-        assert self.recv_exact(12) == b"RFB 003.008\n"
-        self.send(version)
-        n = self.recv_exact(1)[0]
-        types = self.recv_exact(n)
-        if password is None:
-            assert types == b"\x01"
-            self.send(b"\x01")
-        else:
-            assert types == b"\x02"
-            self.send(b"\x02")
-            challenge = self.recv_exact(16)
-            self.send(vnc_response(password, challenge))
-        assert self.recv_exact(4) == b"\0\0\0\0"
-        self.send(bytes([int(shared)]))
-        w, h = struct.unpack(">HH", self.recv_exact(4))
-        self.pixel_format = self.recv_exact(16)
-        (n,) = struct.unpack(">I", self.recv_exact(4))
-        self.name = self.recv_exact(n).decode()
-        self.width, self.height = w, h
-        return w, h
+        """Up to ServerInit through the sans-IO client, reading exactly what it
+        needs (the test reads the wire itself from there); the server's pixel
+        format is kept."""
+        conn = Connection(password, shared=shared, require_auth=password is not None,
+                          send_pixel_format=False, version=version)
+        while (event := conn.next_event()) is NEED_DATA:
+            self.send(conn.data_to_send())
+            conn.receive_data(self.recv_exact(conn.wanted))
+        self.send(conn.data_to_send())
+        assert isinstance(event, ServerInit)
+        assert conn.server_version == "RFB 003.008"
+        assert conn.security_types == ([1] if password is None else [2])
+        self.pixel_format, self.name = event.pixel_format, event.name
+        self.width, self.height = event.width, event.height
+        return event.width, event.height
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (reads and drops data)."""

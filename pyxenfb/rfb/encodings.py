@@ -23,19 +23,11 @@ import numpy as np
 
 from ..convert import PixelFormat
 
-# Real encodings.
-RAW, COPYRECT, RRE, HEXTILE, ZLIB, TIGHT, ZRLE = 0, 1, 2, 5, 6, 7, 16
-TIGHT_PNG = -260
-# Pseudo-encodings.
-DESKTOP_SIZE = -223
-POINTER_TYPE_CHANGE = -257
-QEMU_EXT_KEY = -258
-QEMU_LED_STATE = -261
-EXT_DESKTOP_SIZE = -308
-FENCE = -312
-CONTINUOUS_UPDATES = -313
-JPEG_QUALITY_MIN, JPEG_QUALITY_MAX = -32, -23      # -32 worst .. -23 best
-COMPRESS_LEVEL_MIN, COMPRESS_LEVEL_MAX = -256, -247  # -256 = 0 .. -247 = 9
+# The encoding numbers live in states.py (the client shares them); re-exported.
+from .states import (COMPRESS_LEVEL_MAX, COMPRESS_LEVEL_MIN, CONTINUOUS_UPDATES, COPYRECT,  # noqa: F401
+                     DESKTOP_SIZE, EXT_DESKTOP_SIZE, FENCE, HEXTILE, JPEG_QUALITY_MAX, JPEG_QUALITY_MIN,
+                     POINTER_TYPE_CHANGE, QEMU_EXT_KEY, QEMU_LED_STATE, RAW, RRE, TIGHT, TIGHT_PNG,
+                     ZLIB, ZRLE)
 
 SUPPORTED = (RAW, RRE, HEXTILE, ZLIB, TIGHT, ZRLE, TIGHT_PNG)
 NAMES = {RAW: "Raw", RRE: "RRE", HEXTILE: "Hextile", ZLIB: "Zlib", TIGHT: "Tight",

@@ -41,6 +41,8 @@ class ServerMsg(enum.IntEnum):
     """Server-to-client message types."""
     FRAMEBUFFER_UPDATE = 0
     SET_COLOUR_MAP_ENTRIES = 1
+    BELL = 2
+    SERVER_CUT_TEXT = 3
     END_OF_CONTINUOUS_UPDATES = 150
     SERVER_FENCE = 248
 
@@ -60,3 +62,21 @@ class VeNCryptSubtype(enum.IntEnum):
 
 
 QEMU_EXTENDED_KEY_EVENT = 0         # the only QEMU message subtype a client may send us
+
+
+# Encoding numbers (RFC 6143 section 7.7), named once for the server's
+# encoders (encodings.py re-exports them) and the client (client.py).
+# Real encodings.
+RAW, COPYRECT, RRE, HEXTILE, ZLIB, TIGHT, ZRLE = 0, 1, 2, 5, 6, 7, 16
+TIGHT_PNG = -260
+# Pseudo-encodings.
+DESKTOP_SIZE = -223
+LAST_RECT = -224
+POINTER_TYPE_CHANGE = -257
+QEMU_EXT_KEY = -258
+QEMU_LED_STATE = -261
+EXT_DESKTOP_SIZE = -308
+FENCE = -312
+CONTINUOUS_UPDATES = -313
+JPEG_QUALITY_MIN, JPEG_QUALITY_MAX = -32, -23      # -32 worst .. -23 best
+COMPRESS_LEVEL_MIN, COMPRESS_LEVEL_MAX = -256, -247  # -256 = 0 .. -247 = 9
