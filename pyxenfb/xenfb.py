@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .devices import xenfb_abi as abi
+from .devices import ring, xenfb_abi as abi
 from .console.core import Console, Surface
 from .util.pixelformat import GUEST_FORMATS
 from .util.logbudget import LogBudget
@@ -247,28 +247,14 @@ class BackendDevice:
     def bind_port(self, remote_port: int) -> None:
         self.port = self.ctx.ports.bind(self.domid, remote_port, self.on_event)
 
-    def u32(self, off: int) -> int:
-        """One read of a shared u32 (a ring index): callers use the value, never re-read."""
-        return int(self.page[off:off + 4].view("<u4")[0])
-
-    def set_u32(self, off: int, value: int) -> None:
-        self.page[off:off + 4].view("<u4")[0] = value & 0xFFFFFFFF
-
     def notify(self) -> None:
         if self.port is not None:
             self.ctx.ports.notify(self.port)
 
-    def push_in_event(self, ring_offs: int, ring_len: int, prod_off: int, cons_off: int,
-                      event: bytes) -> bool:
+    def push_in_event(self, in_ring: ring.Ring, event: bytes) -> bool:
         """Producer side of an in ring: False (event dropped) when full."""
-        if self.page is None:
+        if self.page is None or not ring.produce(self.page, in_ring, event):
             return False
-        prod, cons = self.u32(prod_off), self.u32(cons_off)
-        if (prod - cons) & 0xFFFFFFFF >= ring_len:
-            return False
-        off = abi.ring_slot(ring_offs, prod, ring_len)
-        self.page[off:off + abi.EVENT_SIZE] = np.frombuffer(event, np.uint8)
-        self.set_u32(prod_off, prod + 1)
         self.notify()
         return True
 
@@ -430,17 +416,12 @@ class FramebufferBackend(BackendDevice):
     def on_event(self) -> None:
         if self.page is None:
             return
-        prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.FB_OUT_RING_LEN:
-            self.refuse(f"out ring indexes prod={prod} cons={cons} are inconsistent; batch ignored",
+        try:
+            ring.consume(self.page, ring.FB_OUT, self._handle_out_event)
+        except ring.RingIndexError as e:
+            self.refuse(f"out ring indexes prod={e.prod} cons={e.cons} are inconsistent; batch ignored",
                         "out-ring-indexes")
             return
-        while cons != prod:
-            off = abi.ring_slot(abi.FB_OUT_RING_OFFS, cons, abi.FB_OUT_RING_LEN)
-            event = bytes(self.page[off:off + abi.EVENT_SIZE])     # copy once, then parse
-            self._handle_out_event(event)
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.FB_OUT_CONS, cons)
         self.notify()            # the frontend flushes anything it stashed
         if not self.feature_update:
             self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
@@ -478,8 +459,7 @@ class FramebufferBackend(BackendDevice):
             return
         period = REFRESH_PERIOD_MS if visible else abi.XENFB_NO_REFRESH
         event = abi.pack_event(abi.FB_REFRESH, abi.XENFB_TYPE_REFRESH_PERIOD, period)
-        self.push_in_event(abi.FB_IN_RING_OFFS, abi.FB_IN_RING_LEN, abi.FB_IN_PROD,
-                           abi.FB_IN_CONS, event)
+        self.push_in_event(ring.FB_IN, event)
 
     def _arm_legacy_refresh(self) -> None:
         """A frontend without feature-update sends no UPDATE events: rescan while watched."""
@@ -551,11 +531,10 @@ class KeyboardBackend(BackendDevice):
     def on_event(self) -> None:
         if self.page is not None:
             # No frontend->backend events are defined: consume whatever is there.
-            self.set_u32(abi.KBD_OUT_CONS, self.u32(abi.KBD_OUT_PROD))
+            ring.discard(self.page, ring.KBD_OUT)
 
     def _send(self, event: bytes) -> None:
-        if not self.push_in_event(abi.KBD_IN_RING_OFFS, abi.KBD_IN_RING_LEN, abi.KBD_IN_PROD,
-                                  abi.KBD_IN_CONS, event):
+        if not self.push_in_event(ring.KBD_IN, event):
             self.dropped += 1
             if self.page is not None:
                 self.refuse("input ring full: guest is not consuming, events dropped", "in-ring-full")

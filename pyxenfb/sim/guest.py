@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices import xenfb_abi as abi
+from ..devices import ring, xenfb_abi as abi
 from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
 
 log = logging.getLogger("pyxenfb.guest")
@@ -71,10 +71,15 @@ class Frontend:
 
     # ---- helpers --------------------------------------------------------
     def u32(self, off: int) -> int:
-        return int(self.page[off:off + 4].view("<u4")[0])
+        return ring.read_u32(self.page, off)
 
-    def set_u32(self, off: int, value: int) -> None:
-        self.page[off:off + 4].view("<u4")[0] = value & 0xFFFFFFFF
+    def drain(self, in_ring: ring.Ring, handle) -> None:
+        """Consume the in ring; corrupt indexes are skipped over, as Linux's fronts do."""
+        try:
+            ring.consume(self.page, in_ring, handle)
+        except ring.RingIndexError as e:
+            log.warning("dom%d %s: in ring indexes corrupt, resynchronising", self.guest.domid, self.kind)
+            ring.skip_to(self.page, in_ring, e.prod)
 
     async def switch_state(self, state: int) -> None:
         if self.state == state:
@@ -351,19 +356,17 @@ class FbFront(Frontend):
         if not self.update_wanted or self.refresh_period == abi.XENFB_NO_REFRESH or self.page is None:
             self.pending_dirty = (x, y, w, h)
             return
-        prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
-        if (prod - cons) & 0xFFFFFFFF >= abi.FB_OUT_RING_LEN:
+        if not ring.produce(self.page, ring.FB_OUT,
+                            abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h)):
             self.pending_dirty = (x, y, w, h)     # ring full: flushed on the next notification
             return
         self.pending_dirty = None
-        self.push_out_event(abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h))
+        self.notify()
         self.updates_sent += 1
 
     def push_out_event(self, event: bytes, *, notify: bool = True) -> None:
-        prod = self.u32(abi.FB_OUT_PROD)
-        off = abi.ring_slot(abi.FB_OUT_RING_OFFS, prod, abi.FB_OUT_RING_LEN)
-        self.page[off:off + abi.EVENT_SIZE] = np.frombuffer(event, np.uint8)
-        self.set_u32(abi.FB_OUT_PROD, prod + 1)
+        """Unchecked, as a guest may: tests use it to inject raw events."""
+        ring.put(self.page, ring.FB_OUT, event)
         if notify:
             self.notify()
 
@@ -383,25 +386,19 @@ class FbFront(Frontend):
 
     def handle_event(self) -> None:
         """The backend notified: drain the in ring, then flush a stashed rect."""
-        prod, cons = self.u32(abi.FB_IN_PROD), self.u32(abi.FB_IN_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.FB_IN_RING_LEN:
-            log.warning("dom%d vfb: in ring indexes corrupt, resynchronising", self.guest.domid)
-            cons = prod
-        while cons != prod:
-            off = abi.ring_slot(abi.FB_IN_RING_OFFS, cons, abi.FB_IN_RING_LEN)
-            event = bytes(self.page[off:off + abi.EVENT_SIZE])
-            if event[0] == abi.XENFB_TYPE_REFRESH_PERIOD:
-                _, period = abi.FB_REFRESH.unpack_from(event)
-                was = self.refresh_period
-                self.refresh_period = period
-                log.info("dom%d vfb: refresh period %d ms", self.guest.domid, period)
-                if was == abi.XENFB_NO_REFRESH and period != abi.XENFB_NO_REFRESH:
-                    self.pending_dirty = (0, 0, self.width, self.height)
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.FB_IN_CONS, cons)
+        self.drain(ring.FB_IN, self._in_event)
         if self.pending_dirty is not None:
             self.refresh(*self.pending_dirty)
         self.backend_kicked.set()
+
+    def _in_event(self, event: bytes) -> None:
+        if event[0] == abi.XENFB_TYPE_REFRESH_PERIOD:
+            _, period = abi.FB_REFRESH.unpack_from(event)
+            was = self.refresh_period
+            self.refresh_period = period
+            log.info("dom%d vfb: refresh period %d ms", self.guest.domid, period)
+            if was == abi.XENFB_NO_REFRESH and period != abi.XENFB_NO_REFRESH:
+                self.pending_dirty = (0, 0, self.width, self.height)
 
 
 # Linux input code ranges that xen-kbdfront routes (pvfb.md section 4).
@@ -440,17 +437,9 @@ class KbdFront(Frontend):
                 ("event-channel", str(self.port))]
 
     def handle_event(self) -> None:
-        prod, cons = self.u32(abi.KBD_IN_PROD), self.u32(abi.KBD_IN_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.KBD_IN_RING_LEN:
-            log.warning("dom%d vkbd: in ring indexes corrupt, resynchronising", self.guest.domid)
-            cons = prod
-        while cons != prod:
-            off = abi.ring_slot(abi.KBD_IN_RING_OFFS, cons, abi.KBD_IN_RING_LEN)
-            self._log_input(bytes(self.page[off:off + abi.EVENT_SIZE]))
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.KBD_IN_CONS, cons)
+        self.drain(ring.KBD_IN, self._log_input)
         # No out events are defined: just consume whatever is there.
-        self.set_u32(abi.KBD_OUT_CONS, self.u32(abi.KBD_OUT_PROD))
+        ring.discard(self.page, ring.KBD_OUT)
 
     def _log_input(self, ev: bytes) -> None:
         kind = ev[0]
