@@ -23,6 +23,7 @@ import numpy as np
 from .devices import ring, xenfb_abi as abi
 from .console.core import Console, Surface
 from .util.pixelformat import GUEST_FORMATS
+from .util.region import clip
 from .util.logbudget import LogBudget
 
 log = logging.getLogger("pyxenfb.xenfb")
@@ -430,13 +431,11 @@ class FramebufferBackend(BackendDevice):
         kind = event[0]
         if kind == abi.XENFB_TYPE_UPDATE:
             _, x, y, w, h = abi.FB_UPDATE.unpack_from(event)
-            g = self.geometry
-            x, y = max(x, 0), max(y, 0)
-            w, h = min(w, g.width - x), min(h, g.height - y)
-            if w < 0 or h < 0:
+            rect = clip(x, y, w, h, self.geometry.width, self.geometry.height)
+            if rect is None:          # nothing of it on the framebuffer
                 return
             self.updates += 1
-            self.ctx.console.invalidate(x, y, w, h)
+            self.ctx.console.invalidate(*rect)
         elif kind == abi.XENFB_TYPE_RESIZE:
             _, width, height, stride, depth, offset = abi.FB_RESIZE.unpack_from(event)
             try:

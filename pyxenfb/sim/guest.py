@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..util.region import bounding_box, clip
 from ..devices import ring, xenfb_abi as abi
 from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
 
@@ -308,9 +309,7 @@ class FbFront(Frontend):
         nx, ny = box_position(frame, self.width, self.height)
         self.fb[oy:oy + BOX, ox:ox + BOX] = pic[oy:oy + BOX, ox:ox + BOX]
         self.fb[ny:ny + BOX, nx:nx + BOX] = box_colour(frame)
-        x0, y0 = min(ox, nx), min(oy, ny)
-        x1, y1 = min(self.width, max(ox, nx) + BOX), min(self.height, max(oy, ny) + BOX)
-        return x0, y0, x1 - x0, y1 - y0
+        return clip(*bounding_box([(ox, oy, BOX, BOX), (nx, ny, BOX, BOX)]), self.width, self.height)
 
     def draw_echo(self, echo, strip: bool, marker: bool) -> None:
         """--echo-input: the strip goes into the background too (the animated
@@ -349,10 +348,7 @@ class FbFront(Frontend):
     def refresh(self, x: int, y: int, w: int, h: int) -> None:
         """Linux xenfb_refresh: send an UPDATE, or stash the rect if we can't yet."""
         if self.pending_dirty is not None:
-            px, py, pw, ph = self.pending_dirty
-            x0, y0 = min(px, x), min(py, y)
-            x1, y1 = max(px + pw, x + w), max(py + ph, y + h)
-            x, y, w, h = x0, y0, x1 - x0, y1 - y0
+            x, y, w, h = bounding_box([self.pending_dirty, (x, y, w, h)])
         if not self.update_wanted or self.refresh_period == abi.XENFB_NO_REFRESH or self.page is None:
             self.pending_dirty = (x, y, w, h)
             return
