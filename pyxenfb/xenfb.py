@@ -22,6 +22,7 @@ import numpy as np
 
 from .devices import ring, xenfb_abi as abi
 from .console.core import Console, Surface
+from .console.input_codes import KEY_MAX
 from .util.pixelformat import GUEST_FORMATS
 from .util.region import clip
 from .util.logbudget import LogBudget
@@ -30,7 +31,6 @@ log = logging.getLogger("pyxenfb.xenfb")
 
 REFRESH_PERIOD_MS = 30      # the display refresh interval we advertise while watched
 LEGACY_REFRESH_S = 0.05     # full-screen rescans for a frontend without feature-update
-MAX_KEYCODE = 0x2FF         # KEY_MAX
 
 
 class DeviceError(Exception):
@@ -540,7 +540,7 @@ class KeyboardBackend(BackendDevice):
 
     # ---- InputSink (called by displays through the console) -----------------
     def key(self, code: int, down: bool) -> None:
-        if not 0 < code <= MAX_KEYCODE:
+        if not 0 < code <= KEY_MAX:
             return
         self._send(abi.pack_event(abi.KBD_KEY, abi.XENKBD_TYPE_KEY, 1 if down else 0, code))
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console.input_codes import kbdfront_device
 from ..util.region import bounding_box, clip
 from ..devices import ring, xenfb_abi as abi
 from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
@@ -397,9 +398,6 @@ class FbFront(Frontend):
                 self.pending_dirty = (0, 0, self.width, self.height)
 
 
-# Linux input code ranges that xen-kbdfront routes (pvfb.md section 4).
-BTN_LEFT, BTN_TASK = 0x110, 0x117
-KEY_ESC, KEY_UNKNOWN, KEY_OK, KEY_MAX = 1, 240, 0x160, 0x2FF
 XENFB_WIDTH, XENFB_HEIGHT = 800, 600
 
 
@@ -441,12 +439,7 @@ class KbdFront(Frontend):
         kind = ev[0]
         if kind == abi.XENKBD_TYPE_KEY:
             _, pressed, code = abi.KBD_KEY.unpack_from(ev)
-            if BTN_LEFT <= code <= BTN_TASK:
-                device = "pointer"
-            elif KEY_ESC <= code < KEY_UNKNOWN or KEY_OK <= code < KEY_MAX:
-                device = "keyboard"
-            else:
-                device = None
+            device = kbdfront_device(code)
             entry = {"dev": "vkbd", "type": "key", "code": code, "pressed": bool(pressed),
                      "device": device}
         elif kind == abi.XENKBD_TYPE_MOTION:
