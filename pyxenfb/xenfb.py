@@ -37,6 +37,28 @@ class DeviceError(Exception):
     """A frontend description we refuse; the message says why."""
 
 
+class XenBusStateError(RuntimeError):
+    """A backend state change that BACKEND_TRANSITIONS does not allow (a bug here)."""
+
+
+# --------------------------------------------------------------------------
+# The XenBus state machine in one table (as h11's _state.py): the states the
+# backend may move to from each state, and the frontend states that drive it.
+# Writing the same state again is always allowed (a re-announcement).
+# --------------------------------------------------------------------------
+FE_CLOSING = frozenset({abi.CLOSING, abi.CLOSED})           # mirror it, release everything
+FE_FRESH = frozenset({abi.INITIALISING, abi.INITIALISED})   # a new frontend instance: start over
+FE_READY = frozenset({abi.INITIALISED, abi.CONNECTED})      # its keys are there: connect
+BACKEND_TRANSITIONS: dict[int, frozenset[int]] = {
+    abi.UNKNOWN: frozenset({abi.INITIALISING}) | FE_CLOSING,    # take the device over
+    abi.INITIALISING: frozenset({abi.INIT_WAIT}) | FE_CLOSING,  # once the toolstack sets online=1
+    abi.INIT_WAIT: frozenset({abi.CONNECTED}) | FE_CLOSING,     # frontend ready, mapped and bound
+    abi.CONNECTED: frozenset({abi.INITIALISING}) | FE_CLOSING,  # frontend restarted, or closing
+    abi.CLOSING: frozenset({abi.CLOSED}),
+    abi.CLOSED: frozenset({abi.INITIALISING, abi.CLOSING}),  # reconnect in the same process
+}
+
+
 # --------------------------------------------------------------------------
 # Event channel ports -> device callbacks
 # --------------------------------------------------------------------------
@@ -168,6 +190,10 @@ class BackendDevice:
 
     async def _set_state(self, state: int) -> None:
         changed = state != self.be_state
+        if changed and state not in BACKEND_TRANSITIONS[self.be_state]:
+            names = abi.STATE_NAMES
+            raise XenBusStateError(f"{self.name}: backend {names[self.be_state]} -> "
+                                   f"{names.get(state, state)} is not a XenBus transition")
         self.be_state = state
         await self.xs.write(f"{self.be}/state", str(state))
         if changed:
@@ -194,7 +220,7 @@ class BackendDevice:
         """One transition of the XenBus state machine; True if another may follow."""
         self.fe_state = await self.xs.read_int(f"{self.fe}/state", abi.UNKNOWN)
         fe_state = self.fe_state
-        if fe_state in (abi.CLOSING, abi.CLOSED) or (fe_state == abi.UNKNOWN and self.connected):
+        if fe_state in FE_CLOSING or (fe_state == abi.UNKNOWN and self.connected):
             if self.connected:
                 self.disconnect()
             target = fe_state if fe_state != abi.UNKNOWN else abi.CLOSED
@@ -203,8 +229,7 @@ class BackendDevice:
             return False
         # A new frontend instance (module reload, kexec, resume): start over.
         # It may already be Initialised by the time we look, so accept both.
-        fresh_frontend = fe_state in (abi.INITIALISING, abi.INITIALISED)
-        if fresh_frontend and (self.be_state == abi.CLOSED or self.fe_seen_connected):
+        if fe_state in FE_FRESH and (self.be_state == abi.CLOSED or self.fe_seen_connected):
             self.note("state", "%s: frontend re-initialising, reconnecting", self.name)
             if self.connected:
                 self.disconnect()
@@ -218,7 +243,7 @@ class BackendDevice:
             await self.xs.write(f"{self.be}/hotplug-status", "connected")
             await self._set_state(abi.INIT_WAIT)
             return True
-        if self.be_state == abi.INIT_WAIT and fe_state in (abi.INITIALISED, abi.CONNECTED):
+        if self.be_state == abi.INIT_WAIT and fe_state in FE_READY:
             try:
                 await self.connect()
             except (DeviceError, OSError, ValueError) as e:
