@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from pyxenfb.rfb.client import NEED_DATA, Connection, FramebufferUpdate, RfbError, ServerInit
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 from pyxenfb.rfb.states import HEXTILE, RAW, TIGHT, ZLIB, ZRLE
 
 BPP = 4
@@ -185,7 +186,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port >= 5900:
+        if port >= VNC_BASE_PORT:
             return port
 
 
@@ -248,7 +249,7 @@ def serve_pyxenfb(port: int, picture: str, width: int, height: int) -> None:
         console = Console("bench", asyncio.get_running_loop())
         console.set_surface(Surface(width, height, width * BPP, GUEST_32, rows))
         server = VncServer(console, name="bench")
-        await server.listen("127.0.0.1", port - 5900)
+        await server.listen("127.0.0.1", port - VNC_BASE_PORT)
         print("READY", flush=True)
         await asyncio.Event().wait()
 

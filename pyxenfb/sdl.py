@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .console.core import Console, Surface
+from .util.region import clip
 from .convert import PixelFormat, conversion_path, convert_rect
 from .console.keymap import usb_hid_to_linux
 
@@ -238,9 +239,10 @@ class SdlDisplay:
         s = self.console.surface
         target = self._shadow if self._shadow is not None else self._window
         tw, th = target.get_size()
-        w, h = min(x + w, s.width, tw) - x, min(y + h, s.height, th) - y
-        if w <= 0 or h <= 0 or x < 0 or y < 0:
+        rect = clip(x, y, w, h, min(s.width, tw), min(s.height, th))
+        if rect is None:
             return None
+        x, y, w, h = rect
         fmt = self.window_format
         db = fmt.bytes_per_pixel
         proxy = target.get_buffer()      # locks the surface until the proxy is gone

@@ -20,20 +20,43 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .devices import xenfb_abi as abi
+from .devices import ring, xenfb_abi as abi
 from .console.core import Console, Surface
+from .console.input_codes import KEY_MAX
 from .util.pixelformat import GUEST_FORMATS
+from .util.region import clip
 from .util.logbudget import LogBudget
 
 log = logging.getLogger("pyxenfb.xenfb")
 
 REFRESH_PERIOD_MS = 30      # the display refresh interval we advertise while watched
 LEGACY_REFRESH_S = 0.05     # full-screen rescans for a frontend without feature-update
-MAX_KEYCODE = 0x2FF         # KEY_MAX
 
 
 class DeviceError(Exception):
     """A frontend description we refuse; the message says why."""
+
+
+class XenBusStateError(RuntimeError):
+    """A backend state change that BACKEND_TRANSITIONS does not allow (a bug here)."""
+
+
+# --------------------------------------------------------------------------
+# The XenBus state machine in one table (as h11's _state.py): the states the
+# backend may move to from each state, and the frontend states that drive it.
+# Writing the same state again is always allowed (a re-announcement).
+# --------------------------------------------------------------------------
+FE_CLOSING = frozenset({abi.CLOSING, abi.CLOSED})           # mirror it, release everything
+FE_FRESH = frozenset({abi.INITIALISING, abi.INITIALISED})   # a new frontend instance: start over
+FE_READY = frozenset({abi.INITIALISED, abi.CONNECTED})      # its keys are there: connect
+BACKEND_TRANSITIONS: dict[int, frozenset[int]] = {
+    abi.UNKNOWN: frozenset({abi.INITIALISING}) | FE_CLOSING,    # take the device over
+    abi.INITIALISING: frozenset({abi.INIT_WAIT}) | FE_CLOSING,  # once the toolstack sets online=1
+    abi.INIT_WAIT: frozenset({abi.CONNECTED}) | FE_CLOSING,     # frontend ready, mapped and bound
+    abi.CONNECTED: frozenset({abi.INITIALISING}) | FE_CLOSING,  # frontend restarted, or closing
+    abi.CLOSING: frozenset({abi.CLOSED}),
+    abi.CLOSED: frozenset({abi.INITIALISING, abi.CLOSING}),  # reconnect in the same process
+}
 
 
 # --------------------------------------------------------------------------
@@ -167,6 +190,10 @@ class BackendDevice:
 
     async def _set_state(self, state: int) -> None:
         changed = state != self.be_state
+        if changed and state not in BACKEND_TRANSITIONS[self.be_state]:
+            names = abi.STATE_NAMES
+            raise XenBusStateError(f"{self.name}: backend {names[self.be_state]} -> "
+                                   f"{names.get(state, state)} is not a XenBus transition")
         self.be_state = state
         await self.xs.write(f"{self.be}/state", str(state))
         if changed:
@@ -193,7 +220,7 @@ class BackendDevice:
         """One transition of the XenBus state machine; True if another may follow."""
         self.fe_state = await self.xs.read_int(f"{self.fe}/state", abi.UNKNOWN)
         fe_state = self.fe_state
-        if fe_state in (abi.CLOSING, abi.CLOSED) or (fe_state == abi.UNKNOWN and self.connected):
+        if fe_state in FE_CLOSING or (fe_state == abi.UNKNOWN and self.connected):
             if self.connected:
                 self.disconnect()
             target = fe_state if fe_state != abi.UNKNOWN else abi.CLOSED
@@ -202,8 +229,7 @@ class BackendDevice:
             return False
         # A new frontend instance (module reload, kexec, resume): start over.
         # It may already be Initialised by the time we look, so accept both.
-        fresh_frontend = fe_state in (abi.INITIALISING, abi.INITIALISED)
-        if fresh_frontend and (self.be_state == abi.CLOSED or self.fe_seen_connected):
+        if fe_state in FE_FRESH and (self.be_state == abi.CLOSED or self.fe_seen_connected):
             self.note("state", "%s: frontend re-initialising, reconnecting", self.name)
             if self.connected:
                 self.disconnect()
@@ -217,7 +243,7 @@ class BackendDevice:
             await self.xs.write(f"{self.be}/hotplug-status", "connected")
             await self._set_state(abi.INIT_WAIT)
             return True
-        if self.be_state == abi.INIT_WAIT and fe_state in (abi.INITIALISED, abi.CONNECTED):
+        if self.be_state == abi.INIT_WAIT and fe_state in FE_READY:
             try:
                 await self.connect()
             except (DeviceError, OSError, ValueError) as e:
@@ -247,28 +273,14 @@ class BackendDevice:
     def bind_port(self, remote_port: int) -> None:
         self.port = self.ctx.ports.bind(self.domid, remote_port, self.on_event)
 
-    def u32(self, off: int) -> int:
-        """One read of a shared u32 (a ring index): callers use the value, never re-read."""
-        return int(self.page[off:off + 4].view("<u4")[0])
-
-    def set_u32(self, off: int, value: int) -> None:
-        self.page[off:off + 4].view("<u4")[0] = value & 0xFFFFFFFF
-
     def notify(self) -> None:
         if self.port is not None:
             self.ctx.ports.notify(self.port)
 
-    def push_in_event(self, ring_offs: int, ring_len: int, prod_off: int, cons_off: int,
-                      event: bytes) -> bool:
+    def push_in_event(self, in_ring: ring.Ring, event: bytes) -> bool:
         """Producer side of an in ring: False (event dropped) when full."""
-        if self.page is None:
+        if self.page is None or not ring.produce(self.page, in_ring, event):
             return False
-        prod, cons = self.u32(prod_off), self.u32(cons_off)
-        if (prod - cons) & 0xFFFFFFFF >= ring_len:
-            return False
-        off = abi.ring_slot(ring_offs, prod, ring_len)
-        self.page[off:off + abi.EVENT_SIZE] = np.frombuffer(event, np.uint8)
-        self.set_u32(prod_off, prod + 1)
         self.notify()
         return True
 
@@ -430,17 +442,12 @@ class FramebufferBackend(BackendDevice):
     def on_event(self) -> None:
         if self.page is None:
             return
-        prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.FB_OUT_RING_LEN:
-            self.refuse(f"out ring indexes prod={prod} cons={cons} are inconsistent; batch ignored",
+        try:
+            ring.consume(self.page, ring.FB_OUT, self._handle_out_event)
+        except ring.RingIndexError as e:
+            self.refuse(f"out ring indexes prod={e.prod} cons={e.cons} are inconsistent; batch ignored",
                         "out-ring-indexes")
             return
-        while cons != prod:
-            off = abi.ring_slot(abi.FB_OUT_RING_OFFS, cons, abi.FB_OUT_RING_LEN)
-            event = bytes(self.page[off:off + abi.EVENT_SIZE])     # copy once, then parse
-            self._handle_out_event(event)
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.FB_OUT_CONS, cons)
         self.notify()            # the frontend flushes anything it stashed
         if not self.feature_update:
             self.ctx.console.invalidate(0, 0, self.geometry.width, self.geometry.height)
@@ -449,13 +456,11 @@ class FramebufferBackend(BackendDevice):
         kind = event[0]
         if kind == abi.XENFB_TYPE_UPDATE:
             _, x, y, w, h = abi.FB_UPDATE.unpack_from(event)
-            g = self.geometry
-            x, y = max(x, 0), max(y, 0)
-            w, h = min(w, g.width - x), min(h, g.height - y)
-            if w < 0 or h < 0:
+            rect = clip(x, y, w, h, self.geometry.width, self.geometry.height)
+            if rect is None:          # nothing of it on the framebuffer
                 return
             self.updates += 1
-            self.ctx.console.invalidate(x, y, w, h)
+            self.ctx.console.invalidate(*rect)
         elif kind == abi.XENFB_TYPE_RESIZE:
             _, width, height, stride, depth, offset = abi.FB_RESIZE.unpack_from(event)
             try:
@@ -478,8 +483,7 @@ class FramebufferBackend(BackendDevice):
             return
         period = REFRESH_PERIOD_MS if visible else abi.XENFB_NO_REFRESH
         event = abi.pack_event(abi.FB_REFRESH, abi.XENFB_TYPE_REFRESH_PERIOD, period)
-        self.push_in_event(abi.FB_IN_RING_OFFS, abi.FB_IN_RING_LEN, abi.FB_IN_PROD,
-                           abi.FB_IN_CONS, event)
+        self.push_in_event(ring.FB_IN, event)
 
     def _arm_legacy_refresh(self) -> None:
         """A frontend without feature-update sends no UPDATE events: rescan while watched."""
@@ -551,18 +555,17 @@ class KeyboardBackend(BackendDevice):
     def on_event(self) -> None:
         if self.page is not None:
             # No frontend->backend events are defined: consume whatever is there.
-            self.set_u32(abi.KBD_OUT_CONS, self.u32(abi.KBD_OUT_PROD))
+            ring.discard(self.page, ring.KBD_OUT)
 
     def _send(self, event: bytes) -> None:
-        if not self.push_in_event(abi.KBD_IN_RING_OFFS, abi.KBD_IN_RING_LEN, abi.KBD_IN_PROD,
-                                  abi.KBD_IN_CONS, event):
+        if not self.push_in_event(ring.KBD_IN, event):
             self.dropped += 1
             if self.page is not None:
                 self.refuse("input ring full: guest is not consuming, events dropped", "in-ring-full")
 
     # ---- InputSink (called by displays through the console) -----------------
     def key(self, code: int, down: bool) -> None:
-        if not 0 < code <= MAX_KEYCODE:
+        if not 0 < code <= KEY_MAX:
             return
         self._send(abi.pack_event(abi.KBD_KEY, abi.XENKBD_TYPE_KEY, 1 if down else 0, code))
 

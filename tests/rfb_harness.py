@@ -13,6 +13,7 @@ from pyxenfb.console.core import Console, Surface
 from pyxenfb.convert import GUEST_32, to_rgb
 from pyxenfb.vnc import VncServer
 from pyxenfb.rfb.client import NEED_DATA, Connection, ServerInit
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 
 KEY_A, KEY_B, KEY_ENTER = 30, 48, 28
 STUB_KEYSYMS = {0x61: KEY_A, 0x62: KEY_B, 0xFF0D: KEY_ENTER}
@@ -88,7 +89,7 @@ class ServerThread:
 
     async def _listen(self, websocket: bool):
         port = free_port()
-        return await self.server.listen("127.0.0.1", port - 5900,
+        return await self.server.listen("127.0.0.1", port - VNC_BASE_PORT,
                                         websocket_port=free_port() if websocket else None)
 
     def call(self, fn, *args, **kwargs):

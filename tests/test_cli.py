@@ -1,5 +1,6 @@
 """pyqemu-dm command line: xend and libxl argv styles, errors, --help."""
 import logging
+import re
 import sys
 import types
 
@@ -498,3 +499,20 @@ def test_bad_restrict_option_is_one_line_exit_2(capsys):
     assert cli.main(["-d", "1", "-runas", "no-such-user-here"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pyqemu-dm: -runas:")
+
+
+def test_option_table_is_the_one_source():
+    """--help, the options that take a value and the dispatch all come from
+    cli.OPTION_TABLE: every option --help shows is a row with an action."""
+    shown = set()
+    for line in cli.HELP.splitlines():
+        for word in re.findall(r"(?:^|\s|\|\s)-([A-Za-z][\w-]*)", line.split("   ")[0]):
+            shown.add(word)
+    assert {"machine", "xen-domid", "vnc", "chardev", "runas", "run-with", "no-user-config"} <= shown
+    for name in shown:
+        assert cli.OPTIONS_BY_NAME[name].action is not None, name
+    names = [n for row in cli.OPTION_TABLE for n in row.names]
+    assert len(names) == len(set(names)), "an option in two rows"
+    assert {"vnc", "chardev", "serial", "d", "xen-domid"} <= cli.OPTIONS_WITH_VALUE
+    assert not {"sdl", "S", "nographic", "xen-attach", "help"} & cli.OPTIONS_WITH_VALUE
+    assert cli.HELP.startswith(f"usage: {cli.PROG} [options]\n") and cli.HELP.endswith("--sdl\n")

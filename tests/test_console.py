@@ -89,3 +89,21 @@ def test_lock_keys_reach_listeners_as_leds():
     console.key(58, False, source=1)
     console.key(69, True, source=1)            # KEY_NUMLOCK
     assert a.leds == [4, 6] and b.leds == [4, 6]
+
+
+def test_clip_is_the_intersection_with_the_surface():
+    """region.clip is the one clip (backends, SDL, the simulated guest use it):
+    exactly the pixels of the rectangle that lie on the surface."""
+    from hypothesis import given, strategies as st
+    coord = st.integers(-2**31, 2**31 - 1)
+
+    @given(coord, coord, coord, coord, st.integers(0, 70), st.integers(0, 70))
+    def check(x, y, w, h, width, height):
+        r = clip(x, y, w, h, width, height)
+        xs = set(range(max(x, 0), min(x + w, width)))
+        ys = set(range(max(y, 0), min(y + h, height)))
+        if not xs or not ys:
+            assert r is None
+        else:
+            assert r == (min(xs), min(ys), len(xs), len(ys))
+    check()

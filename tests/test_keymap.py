@@ -401,3 +401,14 @@ def test_generator_reproduces_committed_tables(tmp_path):
     assert sorted(committed) == sorted(fresh)
     for name in fresh:
         assert _without_source_lines(committed[name]) == _without_source_lines(fresh[name]), name
+
+
+def test_input_codes_match_linux():
+    """console/input_codes.py, the one home of the Linux codes pyxenfb names."""
+    from pyxenfb.console import input_codes as ic
+    for name in ("KEY_ESC", "KEY_UNKNOWN", "BTN_LEFT", "BTN_RIGHT", "BTN_MIDDLE", "BTN_TASK",
+                 "KEY_OK", "KEY_MAX"):
+        assert getattr(ic, name) == getattr(ec, name), name
+    assert ic.kbdfront_device(ec.BTN_LEFT) == ic.kbdfront_device(ec.BTN_TASK) == "pointer"
+    assert ic.kbdfront_device(ec.KEY_A) == ic.kbdfront_device(ec.KEY_OK) == "keyboard"
+    assert ic.kbdfront_device(ec.KEY_UNKNOWN) is None and ic.kbdfront_device(ec.KEY_MAX) is None

@@ -16,6 +16,7 @@ import pytest
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.platform.xenstore import XenStore
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 import simkit
 from simkit import wait_node, wait_until
 
@@ -62,7 +63,7 @@ def test_busy_vnc_port_is_one_line_and_exit_1(host):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
-    display = blocker.getsockname()[1] - 5900
+    display = blocker.getsockname()[1] - VNC_BASE_PORT
     try:
         r = subprocess.run(DM + ["-M", "xenpv", "-d", "1", "-vnc", f"127.0.0.1:{display}"],
                            env=_env(PYXENFB_SIM=host), capture_output=True, text=True, timeout=60)
@@ -314,14 +315,14 @@ def _free_display_pair() -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port - 5900 < 0 or port - 200 < 1024:
+        if port - VNC_BASE_PORT < 0 or port - 200 < 1024:
             continue
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port - 200))
         except OSError:
             continue
-        return port - 5900, port - 200
+        return port - VNC_BASE_PORT, port - 200
     raise AssertionError("no free VNC/WebSocket port pair")
 
 

@@ -22,6 +22,7 @@ from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import FbdumpError, read_framebuffer
 from pyxenfb.sim.guestmem import GuestMemory
 from pyxenfb.platform.xenstore import XenStore
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_GUEST = (REPO / "pyxenfb/sim/guest.py").exists()
@@ -645,7 +646,7 @@ def test_create_with_guest_and_pyqemu_dm_connects(host):
                                                dm="default", width=320, height=200)
         xs = await XenStore.open(os.path.join(host, "xenstored.sock"))
         try:
-            assert result.vnc_port is not None and result.vnc_port >= 5900 + 37
+            assert result.vnc_port is not None and result.vnc_port >= VNC_BASE_PORT + 37
             assert await xs.read_str("/local/domain/1/console/vnc-port") == str(result.vnc_port)
             for dev in ("vfb", "vkbd"):
                 await wait_node(xs, f"/local/domain/0/backend/{dev}/1/0/state", lambda v: v == "4",

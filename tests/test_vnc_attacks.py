@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pyxenfb.rfb import server as rfb_server
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 from simkit import wait_until
 from rfb_harness import (RawClient, ServerThread, make_picture, vnc_server,  # noqa: F401
                          vnc_server_password, vnc_server_ws)
@@ -881,8 +882,8 @@ def test_websocket_on_follows_the_display_found():
         busy = socket.socket()
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        display = busy.getsockname()[1] - 5900
-        if display >= 0 and _port_free(5700 + display + 1) and _port_free(5900 + display + 1):
+        display = busy.getsockname()[1] - VNC_BASE_PORT
+        if display >= 0 and _port_free(5700 + display + 1) and _port_free(VNC_BASE_PORT + display + 1):
             break
         busy.close()
     else:

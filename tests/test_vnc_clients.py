@@ -17,6 +17,7 @@ from xvfb import Xvfb
 from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 from rfb_harness import (KEY_A, RawClient, ServerThread, _factory_for, capture,  # noqa: F401
                          expected_rgb, make_picture, vnc_server, vnc_server_lossy,
                          vnc_server_password)
@@ -276,7 +277,7 @@ def test_gvnccapture(vnc_server, tmp_path):
     if not shutil.which("gvnccapture"):
         pytest.skip("gvnccapture not installed")
     out = tmp_path / "shot.png"
-    res = subprocess.run(["gvnccapture", "-q", f"127.0.0.1:{vnc_server.port - 5900}", str(out)],
+    res = subprocess.run(["gvnccapture", "-q", f"127.0.0.1:{vnc_server.port - VNC_BASE_PORT}", str(out)],
                          capture_output=True, timeout=30)
     assert res.returncode == 0, res.stderr
     got = np.asarray(Image.open(out).convert("RGB"))
@@ -351,7 +352,7 @@ def test_listen_range_and_bind_error():
         taken = srv.port
         other = srv.call(lambda: type(srv.server)(srv.console))
         with pytest.raises(VncBindError) as err:
-            srv.run(other.listen("127.0.0.1", taken - 5900))
+            srv.run(other.listen("127.0.0.1", taken - VNC_BASE_PORT))
         assert str(err.value) == f"VNC: port {taken} on 127.0.0.1 is in use"
         # With a range it moves on to the next free port.
         blocker = socketlib.socket()
@@ -359,8 +360,8 @@ def test_listen_range_and_bind_error():
         blocker.listen()
         base = blocker.getsockname()[1]
         try:
-            port = srv.run(other.listen("127.0.0.1", base - 5900, to_display=base - 5900 + 20))
-            assert base < port <= base + 20 and other.display == port - 5900
+            port = srv.run(other.listen("127.0.0.1", base - VNC_BASE_PORT, to_display=base - VNC_BASE_PORT + 20))
+            assert base < port <= base + 20 and other.display == port - VNC_BASE_PORT
         finally:
             blocker.close()
             srv.run(other.close())

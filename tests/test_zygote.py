@@ -25,6 +25,7 @@ from pyxenfb.zygote import standin, wire
 from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.platform.xenstore import XenStore
+from pyxenfb.rfb.listener import VNC_BASE_PORT
 from simkit import read_line, short_run_dir, start_host, stop_host, wait_frontends_connected, wait_node, wait_until
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
@@ -297,7 +298,7 @@ def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost, launcher):
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     try:
-        display = blocker.getsockname()[1] - 5900
+        display = blocker.getsockname()[1] - VNC_BASE_PORT
         r = subprocess.run(launcher + ["-xen-domid", "9", "-vnc", f"127.0.0.1:{display}"], env=env,
                            capture_output=True, text=True, timeout=30)
     finally:

@@ -24,11 +24,10 @@ import numpy as np
 
 from ..util.pixelformat import GUEST_32, PixelFormat
 from ..util.region import DirtyRegion, Rect, clip
+from .input_codes import BTN_LEFT, BTN_MIDDLE, BTN_RIGHT
 
 log = logging.getLogger(__name__)
 
-# Linux input codes for pointer buttons (linux/input-event-codes.h).
-BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
 BUTTON_CODES = {"left": BTN_LEFT, "middle": BTN_MIDDLE, "right": BTN_RIGHT}
 
 # Lock keys and their bit in the lock-LED state (QEMU's LED-state bits).

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 # The option types live in options.py (qmp.py reads them too); re-exported here.
 from .options import (  # noqa: F401
@@ -54,32 +54,6 @@ QEMU_LOG_ITEMS = frozenset("""
 """.split())
 
 KEYMAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-
-# QEMU (and qemu-dm) options that take a value: needed so that the value of
-# an option we ignore is not read as an option or a disk image.
-OPTIONS_WITH_VALUE = frozenset("""
-    M machine cpu accel smp numa add-fd set global boot m mem-path k audiodev
-    audio soundhw device name uuid fda fdb hda hdb hdc hdd cdrom blockdev drive
-    mtdblock sd pflash fsdev virtfs iscsi usbdevice display vga g vnc spice
-    monitor qmp qmp-pretty mon debugcon pidfile gdb d D dfilter seed L bios
-    kernel initrd append dtb fw_cfg serial parallel virtioconsole chardev
-    netdev nic net tpmdev bt object incoming chroot runas run-with sandbox
-    readconfig writeconfig option-rom rtc icount watchdog watchdog-action echr
-    trace plugin msg semihosting-config acpitable smbios xen-domid tb-size
-    overcommit action compat loadvm rotate alt-grab-key device-tree
-    smp-threads mem-prealloc-threads
-    domain-name vnclisten videoram vcpus vcpu_avail pciemulation direct-pci
-    vncpasswd keymap-file gfx_passthru-mode
-""".split())
-
-# Flags that libxl or xend always pass and whose meaning needs no action from
-# a xenpv backend process: accepted without a warning.
-NOOP_FLAGS = frozenset({
-    "no-shutdown",      # we never act on guest shutdown anyway
-    "nodefaults",       # we create no default devices
-    "no-user-config",   # we read no config files
-    "xen-attach",       # the domain exists already: always the case for xenpv
-})
 
 # -run-with keys of QEMU (8.1+) that have nothing to do in a xenpv backend.
 RUN_WITH_IGNORED = frozenset({"async-teardown", "exit-with-parent"})
@@ -426,7 +400,8 @@ def parse_chroot(option: str, text: str) -> str:
 # ---------------------------------------------------------------------------
 
 class _Parser:
-    """Walks argv once; cross-option checks happen in finish()."""
+    """Walks argv once, doing what OPTION_TABLE says for each option;
+    cross-option checks happen in finish()."""
 
     def __init__(self) -> None:
         self.opts = Options()
@@ -460,65 +435,25 @@ class _Parser:
         return self.finish()
 
     def option(self, name: str, value: str | None) -> None:
-        o = self.opts
-        if name in ("h", "help"):
-            raise EarlyExit(HELP)
-        if name == "version":
-            raise EarlyExit(f"{PROG} (pyxenfb): QEMU 7.2 compatible xenpv device model")
-        if name in ("M", "machine"):
-            o.machine = parse_machine(value, o.ignored)
-        elif name in ("xen-domid", "d"):
-            self.domid(name, value)
-        elif name in ("name", "domain-name"):
-            o.name = parse_name(value, o.ignored) if name == "name" else value
-        elif name == "vnc":
-            o.vnc = parse_vnc(value, o.ignored)
-        elif name == "vnclisten":
-            self.vnclisten = value.strip("[]")
-            if not self.vnclisten:
-                raise CliError("-vnclisten: empty address")
-        elif name == "vncunused":
-            self.vncunused = True
-        elif name == "vncviewer":
-            o.vncviewer = True
-        elif name == "sdl":
-            o.sdl = True
-        elif name == "display":
-            self.display(value)
-        elif name == "nographic":
-            self.nographic = True
-        elif name == "k":
-            o.keymap = parse_keymap(value)
-        elif name == "S":
-            o.start_paused = True
-        elif name == "m":
-            o.memory_mb = parse_memory(value)
-        elif name == "chardev":
-            self.add_chardev(parse_chardev(value))
-        elif name == "object" and (tls := parse_tls_object(value)) is not None:
-            self.tls_objects[tls[0]] = tls[1]
-        elif name == "mon":
-            self.mon(value)
-        elif name == "qmp":
-            self.qmp(value)
-        elif name == "accel":
-            if "xen" not in split_opts(value)[0].split(":"):
-                raise CliError(f"-accel: '{value}' is not supported (only xen)")
-        elif name == "sandbox" and value.startswith("on"):
-            raise CliError("-sandbox on: seccomp sandboxing is not supported; "
-                           "refusing to run unrestricted")
-        elif name == "xen-domid-restrict":
-            o.restrict.domid_restrict = True
-        elif name == "chroot":
-            o.restrict.chroot = parse_chroot("-chroot", value)
-        elif name == "runas":
-            o.restrict.user = parse_runas("-runas", value)
-        elif name == "run-with":
-            self.run_with(value)
-        elif name in NOOP_FLAGS:
-            pass
-        else:
-            o.ignored.append(f"-{name}" if value is None else f"-{name} {value}")
+        row = OPTIONS_BY_NAME.get(name)
+        action = row.action if row is not None else None
+        (action or _Parser.ignore)(self, name, value)
+
+    # ---- actions (named by OPTION_TABLE): (name as given, value or None) ----
+    def ignore(self, name: str, value: str | None) -> None:
+        self.opts.ignored.append(f"-{name}" if value is None else f"-{name} {value}")
+
+    def nothing(self, name: str, value: str | None) -> None:
+        pass
+
+    def show_help(self, name: str, value: None) -> None:
+        raise EarlyExit(HELP)
+
+    def show_version(self, name: str, value: None) -> None:
+        raise EarlyExit(f"{PROG} (pyxenfb): QEMU 7.2 compatible xenpv device model")
+
+    def machine(self, name: str, value: str) -> None:
+        self.opts.machine = parse_machine(value, self.opts.ignored)
 
     def domid(self, name: str, value: str) -> None:
         if name == "d" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_,:*.-]*", value):
@@ -536,18 +471,30 @@ class _Parser:
                            f"{self.opts.domid}")
         self.opts.domid, self.domid_from = domid, name
 
-    def run_with(self, value: str) -> None:
-        for key, val in keyvals(split_opts(value)):
-            if key == "chroot":
-                self.opts.restrict.chroot = parse_chroot("-run-with chroot", val or "")
-            elif key == "user":
-                self.opts.restrict.user = parse_runas("-run-with user", val or "")
-            elif key in RUN_WITH_IGNORED:
-                self.opts.ignored.append(f"-run-with {key}{'=' + val if val is not None else ''}")
-            else:
-                raise CliError(f"-run-with: unknown option '{key}'")
+    def guest_name(self, name: str, value: str) -> None:
+        self.opts.name = parse_name(value, self.opts.ignored)
 
-    def display(self, value: str) -> None:
+    def domain_name(self, name: str, value: str) -> None:
+        self.opts.name = value
+
+    def vnc(self, name: str, value: str) -> None:
+        self.opts.vnc = parse_vnc(value, self.opts.ignored)
+
+    def set_vnclisten(self, name: str, value: str) -> None:
+        self.vnclisten = value.strip("[]")
+        if not self.vnclisten:
+            raise CliError("-vnclisten: empty address")
+
+    def set_vncunused(self, name: str, value: None) -> None:
+        self.vncunused = True
+
+    def vncviewer(self, name: str, value: None) -> None:
+        self.opts.vncviewer = True
+
+    def sdl(self, name: str, value: None) -> None:
+        self.opts.sdl = True
+
+    def display(self, name: str, value: str) -> None:
         parts = split_opts(value)
         kind = parts[0]
         if kind == "none":
@@ -561,12 +508,29 @@ class _Parser:
             raise CliError(f"-display: '{kind}' is not supported (sdl or none; "
                            "use -vnc for VNC)")
 
-    def add_chardev(self, chardev: _Chardev) -> None:
-        if chardev.id in self.chardevs:
-            raise CliError(f"-chardev: duplicate id '{chardev.id}'")
-        self.chardevs[chardev.id] = chardev
+    def set_nographic(self, name: str, value: None) -> None:
+        self.nographic = True
 
-    def mon(self, value: str) -> None:
+    def keymap(self, name: str, value: str) -> None:
+        self.opts.keymap = parse_keymap(value)
+
+    def paused(self, name: str, value: None) -> None:
+        self.opts.start_paused = True
+
+    def memory(self, name: str, value: str) -> None:
+        self.opts.memory_mb = parse_memory(value)
+
+    def chardev(self, name: str, value: str) -> None:
+        self.add_chardev(parse_chardev(value))
+
+    def tls_object(self, name: str, value: str) -> None:
+        tls = parse_tls_object(value)
+        if tls is None:
+            self.ignore(name, value)         # not a TLS credential: nothing we use
+        else:
+            self.tls_objects[tls[0]] = tls[1]
+
+    def mon(self, name: str, value: str) -> None:
         props = dict(keyvals(split_opts(value)))
         chardev_id = props.get("chardev")
         if not chardev_id:
@@ -583,7 +547,7 @@ class _Parser:
             return
         self.mon_chardev_ids.append(chardev_id)
 
-    def qmp(self, value: str) -> None:
+    def qmp(self, name: str, value: str) -> None:
         chardev = parse_qmp_shorthand(value, self.qmp_count)
         self.qmp_count += 1
         if chardev is None:
@@ -591,6 +555,42 @@ class _Parser:
             return
         self.add_chardev(chardev)
         self.mon_chardev_ids.append(chardev.id)
+
+    def accel(self, name: str, value: str) -> None:
+        if "xen" not in split_opts(value)[0].split(":"):
+            raise CliError(f"-accel: '{value}' is not supported (only xen)")
+
+    def sandbox(self, name: str, value: str) -> None:
+        if value.startswith("on"):
+            raise CliError("-sandbox on: seccomp sandboxing is not supported; "
+                           "refusing to run unrestricted")
+        self.ignore(name, value)
+
+    def domid_restrict(self, name: str, value: None) -> None:
+        self.opts.restrict.domid_restrict = True
+
+    def chroot(self, name: str, value: str) -> None:
+        self.opts.restrict.chroot = parse_chroot("-chroot", value)
+
+    def runas(self, name: str, value: str) -> None:
+        self.opts.restrict.user = parse_runas("-runas", value)
+
+    def run_with(self, name: str, value: str) -> None:
+        for key, val in keyvals(split_opts(value)):
+            if key == "chroot":
+                self.opts.restrict.chroot = parse_chroot("-run-with chroot", val or "")
+            elif key == "user":
+                self.opts.restrict.user = parse_runas("-run-with user", val or "")
+            elif key in RUN_WITH_IGNORED:
+                self.opts.ignored.append(f"-run-with {key}{'=' + val if val is not None else ''}")
+            else:
+                raise CliError(f"-run-with: unknown option '{key}'")
+
+    # ---- helpers ------------------------------------------------------------
+    def add_chardev(self, chardev: _Chardev) -> None:
+        if chardev.id in self.chardevs:
+            raise CliError(f"-chardev: duplicate id '{chardev.id}'")
+        self.chardevs[chardev.id] = chardev
 
     def finish(self) -> Options:
         o = self.opts
@@ -639,27 +639,69 @@ def parse_args(argv: list[str]) -> Options:
     return _Parser().parse(argv)
 
 
-HELP = f"""\
+# ---------------------------------------------------------------------------
+# The option table, as QEMU's qemu-options.hx: each row gives an option's
+# names, whether it takes a value, the _Parser action and its --help lines.
+# OPTIONS_WITH_VALUE, the parser's dispatch and HELP are all made from it.
+
+@dataclass(frozen=True)
+class Opt:
+    names: tuple[str, ...]
+    value: bool = False                   # takes the next argv word as its value
+    action: Callable[[_Parser, str, str | None], None] | None = None   # None: ignored, warned
+    help: str = ""                        # preformatted --help lines ("" for none)
+
+
+def _text(text: str) -> Opt:
+    """A --help text that belongs to no option (a section title, a note)."""
+    return Opt((), help=text)
+
+
+def _ignored_with_value(words: str) -> list[Opt]:
+    """QEMU and qemu-dm options that we ignore but that take a value: known,
+    so that the value is not read as an option or a disk image."""
+    return [Opt((w,), value=True) for w in words.split()]
+
+
+P = _Parser
+OPTION_TABLE: list[Opt] = [
+    _text(f"""\
 usage: {PROG} [options]
 
 A drop-in for `qemu-dm -M xenpv` / `qemu-system-i386 -machine xenpv`: the Xen
 PV framebuffer and keyboard backends with VNC and SDL displays.
 Every option may also be written with two dashes (--vnc, --sdl, --help).
+"""),
+    Opt(("h", "help"), action=P.show_help),
+    Opt(("version",), action=P.show_version),
 
-Machine:
+    _text("\nMachine:\n"),
+    Opt(("M", "machine"), True, P.machine, """\
   -machine xenpv[,accel=xen]   the PV backend machine (default); -M xenpv
   -machine none,accel=xen      libxl's command-line probe: QMP only
+"""),
+    Opt(("xen-domid", "d"), True, P.domid, """\
   -xen-domid N | -d N          the guest's domain id (required for xenpv)
+"""),
+    Opt(("name",), True, P.guest_name, """\
   -name NAME | -name guest=NAME,...  | -domain-name NAME   the guest's name
+"""),
+    Opt(("domain-name",), True, P.domain_name),
+    Opt(("m",), True, P.memory, """\
   -m MiB                       guest memory (accepted, informational)
+"""),
+    Opt(("S",), action=P.paused, help="""\
   -S                           start paused until QMP 'cont'
+"""),
+    Opt(("accel",), True, P.accel),
 
-Display:
+    _text("\nDisplay:\n"),
+    Opt(("vnc",), True, P.vnc, f"""\
   -vnc [HOST]:D[,to=N][,password=on][,websocket=on|PORT][,lossy=on]
-                               VNC on port 5900+D; HOST defaults to 127.0.0.1;
+                               VNC on port {VNC_BASE_PORT}+D; HOST defaults to 127.0.0.1;
                                [::1]:D for IPv6; to=N tries displays D..N
        ...,websocket=on|[HOST:]PORT   also serve noVNC (WebSocket) on its own
-                               port: on = 5700+D; off by default; with TLS
+                               port: on = {WEBSOCKET_BASE_PORT}+D; off by default; with TLS
                                (tls-creds=, tls, x509=) it takes wss:// only
        ...,websocket-origin=URL   a web page origin (https://console.example,
                                http://127.0.0.1:8000) allowed to open that
@@ -667,30 +709,68 @@ Display:
                                browser page is refused until listed (clients
                                that send no Origin, like websockify, are let in)
   -vnc none                    no VNC (also the default)
+"""),
+    Opt(("vnclisten",), True, P.set_vnclisten, """\
   -vnclisten ADDR              (xend) listen address, overrides HOST
+"""),
+    Opt(("vncunused",), action=P.set_vncunused, help=f"""\
   -vncunused                   (xend) try displays D..D+{VNCUNUSED_SPAN} for a free port
+"""),
+    Opt(("vncviewer",), action=P.vncviewer, help="""\
   -vncviewer                   (xend) start a VNC viewer on the display
+"""),
+    Opt(("sdl",), action=P.sdl, help="""\
   -sdl | -display sdl          an SDL window; -display none / -nographic: none
+"""),
+    Opt(("display",), True, P.display),
+    Opt(("nographic",), action=P.set_nographic),
+    Opt(("k",), True, P.keymap, """\
   -k MAP                       keymap for VNC key events (en-us, de, fr, ...)
+"""),
 
-Monitor (QMP, what libxl talks to):
+    _text("\nMonitor (QMP, what libxl talks to):\n"),
+    Opt(("chardev",), True, P.chardev, """\
   -chardev socket,id=ID,path=PATH,server=on,wait=off
   -chardev socket,id=ID,fd=N,server=on,wait=off    a listening fd libxl opened
+"""),
+    Opt(("mon",), True, P.mon, """\
   -mon chardev=ID,mode=control
+"""),
+    Opt(("qmp",), True, P.qmp, """\
   -qmp unix:PATH,server=on,wait=off
+"""),
+    Opt(("object",), True, P.tls_object),      # tls-creds-x509/anon for -vnc tls-creds=
 
-Compatibility:
+    _text("\nCompatibility:\n"),
+    # libxl and xend always pass these; a xenpv backend has nothing to do:
+    # -no-shutdown (we never act on guest shutdown), -nodefaults (we create
+    # no default devices), -no-user-config (we read no config files),
+    # -xen-attach (the domain exists already, always so for xenpv).
+    Opt(("no-shutdown", "nodefaults", "no-user-config", "xen-attach"), action=P.nothing, help="""\
   -no-shutdown -nodefaults -no-user-config -xen-attach  accepted (nothing to do)
+"""),
+    _text("""\
   any other QEMU option is accepted and ignored, with one warning line;
   VNC TLS/SASL and -sandbox on are refused rather than silently ignored.
+"""),
+    Opt(("sandbox",), True, P.sandbox),
 
-Restriction (libxl's dm_restrict), applied once every handle is open:
+    _text("\nRestriction (libxl's dm_restrict), applied once every handle is open:\n"),
+    Opt(("xen-domid-restrict",), action=P.domid_restrict, help="""\
   -xen-domid-restrict          event channels and foreign memory: this domain only
+"""),
+    Opt(("chroot",), True, P.chroot, """\
   -chroot DIR                  chroot into DIR (QMP screendump paths are inside it)
+"""),
+    Opt(("runas",), True, P.runas, """\
   -runas USER | -runas UID:GID drop to this user (supplementary groups dropped)
+"""),
+    Opt(("run-with",), True, P.run_with, """\
   -run-with chroot=DIR[,user=USER]   the same, QEMU 8.1+ spelling
-  Exit status 2 on a bad command line.
+"""),
+    _text("  Exit status 2 on a bad command line.\n"),
 
+    _text(f"""
 Examples:
   xend:   {PROG} -M xenpv -d 3 -domain-name web -vnc 127.0.0.1:0 -vncunused -k de
   libxl:  {PROG} -xen-domid 1 -no-shutdown
@@ -699,7 +779,27 @@ Examples:
             -xen-attach -name fbtest -vnc 127.0.0.1:0,to=99 -display none
             -machine xenpv -m 256
   demo:   PYXENFB_SIM=/dev/shm/xen {PROG} -d 1 --vnc :1 --sdl
-"""
+"""),
+
+    *_ignored_with_value("""
+        cpu smp numa add-fd set global boot mem-path audiodev audio soundhw
+        device uuid fda fdb hda hdb hdc hdd cdrom blockdev drive mtdblock sd
+        pflash fsdev virtfs iscsi usbdevice vga g spice monitor qmp-pretty
+        debugcon pidfile gdb D dfilter seed L bios kernel initrd append dtb
+        fw_cfg serial parallel virtioconsole netdev nic net tpmdev bt incoming
+        readconfig writeconfig option-rom rtc icount watchdog watchdog-action
+        echr trace plugin msg semihosting-config acpitable smbios tb-size
+        overcommit action compat loadvm rotate alt-grab-key device-tree
+        smp-threads mem-prealloc-threads
+        videoram vcpus vcpu_avail pciemulation direct-pci vncpasswd keymap-file
+        gfx_passthru-mode
+    """),
+]
+del P
+
+OPTIONS_BY_NAME: dict[str, Opt] = {n: row for row in OPTION_TABLE for n in row.names}
+OPTIONS_WITH_VALUE = frozenset(n for row in OPTION_TABLE if row.value for n in row.names)
+HELP = "".join(row.help for row in OPTION_TABLE)
 
 
 # ---------------------------------------------------------------------------

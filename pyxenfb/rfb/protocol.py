@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..convert import GUEST_32, PixelFormat, convert_rect
+from ..util.region import clip
 from . import auth
 from . import encodings as enc
 from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, SecurityType, ServerMsg, State, VeNCryptSubtype
@@ -165,12 +166,6 @@ def colour_map_entries() -> bytes:
         r, g, b = i & 7, (i >> 3) & 7, (i >> 6) & 3
         out += struct.pack(">HHH", r * 65535 // 7, g * 65535 // 7, b * 65535 // 3)
     return bytes(out)
-
-
-def _clip(x: int, y: int, w: int, h: int, width: int, height: int):
-    x0, y0 = min(x, width), min(y, height)
-    x1, y1 = min(x + w, width), min(y + h, height)
-    return x0, y0, x1 - x0, y1 - y0
 
 
 class UpdateJob:
@@ -717,7 +712,7 @@ class ServerConnection:
         # Never trust the caller's size bookkeeping further than the pixels go.
         width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
         height = min(self.height, rows.shape[0])
-        clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
+        clipped = [r for r in (clip(*rect, width, height) for rect in rects) if r is not None]
         if self._request != "full" and not self._pseudo and not clipped:
             # Nothing this client can see changed (all outside its view):
             # its incremental request stays outstanding, or it waits forever.

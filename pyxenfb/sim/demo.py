@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from . import toolstack
+from ..rfb.listener import VNC_BASE_PORT
 
 HOST_READY_TIMEOUT = 15.0
 DOMID = 1
@@ -69,7 +70,7 @@ def _open_viewer(host: str, port: int) -> subprocess.Popen | None:
     for viewer in ("vncviewer", "gvncviewer"):
         path = shutil.which(viewer)
         if path:
-            target = f"{host}::{port}" if viewer == "vncviewer" else f"{host}:{port - 5900}"
+            target = f"{host}::{port}" if viewer == "vncviewer" else f"{host}:{port - VNC_BASE_PORT}"
             print(f"pyxenfb-sim demo: starting {viewer} {target}", flush=True)
             return subprocess.Popen([path, target], start_new_session=True)
     print("pyxenfb-sim demo: no VNC viewer installed (try: apt install tigervnc-viewer)", flush=True)
@@ -93,7 +94,7 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
         print(f"pyxenfb-sim demo: simulated host in {run_dir}", flush=True)
         print(f"pyxenfb-sim demo: guest 'demo' (domain {DOMID}) is animating; "
               f"pyqemu-dm serves it on VNC {result.vnc_host}:{port} "
-              f"(display :{port - 5900})", flush=True)
+              f"(display :{port - VNC_BASE_PORT})", flush=True)
         print(f"pyxenfb-sim demo:   vncviewer {result.vnc_host}::{port}", flush=True)
         if console_port >= 0:
             console, url = _start_console(run_dir, console_port)

@@ -13,10 +13,11 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..console.input_codes import kbdfront_device
+
 STRIP_H = 24                    # rows at the bottom of the picture
 MAX_TEXT = 48                   # characters kept
 MARKER = 11                     # crosshair side, pixels (odd: centred)
-BTN_LEFT, BTN_TASK = 0x110, 0x117
 KEY_BACKSPACE, KEY_ENTER, KEY_LEFTSHIFT, KEY_RIGHTSHIFT = 14, 28, 42, 54
 
 _ROWS = {2: ("1234567890-=", "!@#$%^&*()_+"), 16: ("qwertyuiop[]", "QWERTYUIOP{}"),
@@ -43,7 +44,7 @@ class InputEcho:
         if entry.get("type") != "key":
             return False, False
         code, pressed = entry["code"], entry["pressed"]
-        if BTN_LEFT <= code <= BTN_TASK:
+        if kbdfront_device(code) == "pointer":
             (self.buttons.add if pressed else self.buttons.discard)(code)
             if pressed:
                 self.clicks += 1

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices import xenfb_abi as abi
+from ..console.input_codes import kbdfront_device
+from ..util.region import bounding_box, clip
+from ..devices import ring, xenfb_abi as abi
 from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
 
 log = logging.getLogger("pyxenfb.guest")
@@ -71,10 +73,15 @@ class Frontend:
 
     # ---- helpers --------------------------------------------------------
     def u32(self, off: int) -> int:
-        return int(self.page[off:off + 4].view("<u4")[0])
+        return ring.read_u32(self.page, off)
 
-    def set_u32(self, off: int, value: int) -> None:
-        self.page[off:off + 4].view("<u4")[0] = value & 0xFFFFFFFF
+    def drain(self, in_ring: ring.Ring, handle) -> None:
+        """Consume the in ring; corrupt indexes are skipped over, as Linux's fronts do."""
+        try:
+            ring.consume(self.page, in_ring, handle)
+        except ring.RingIndexError as e:
+            log.warning("dom%d %s: in ring indexes corrupt, resynchronising", self.guest.domid, self.kind)
+            ring.skip_to(self.page, in_ring, e.prod)
 
     async def switch_state(self, state: int) -> None:
         if self.state == state:
@@ -303,9 +310,7 @@ class FbFront(Frontend):
         nx, ny = box_position(frame, self.width, self.height)
         self.fb[oy:oy + BOX, ox:ox + BOX] = pic[oy:oy + BOX, ox:ox + BOX]
         self.fb[ny:ny + BOX, nx:nx + BOX] = box_colour(frame)
-        x0, y0 = min(ox, nx), min(oy, ny)
-        x1, y1 = min(self.width, max(ox, nx) + BOX), min(self.height, max(oy, ny) + BOX)
-        return x0, y0, x1 - x0, y1 - y0
+        return clip(*bounding_box([(ox, oy, BOX, BOX), (nx, ny, BOX, BOX)]), self.width, self.height)
 
     def draw_echo(self, echo, strip: bool, marker: bool) -> None:
         """--echo-input: the strip goes into the background too (the animated
@@ -344,26 +349,21 @@ class FbFront(Frontend):
     def refresh(self, x: int, y: int, w: int, h: int) -> None:
         """Linux xenfb_refresh: send an UPDATE, or stash the rect if we can't yet."""
         if self.pending_dirty is not None:
-            px, py, pw, ph = self.pending_dirty
-            x0, y0 = min(px, x), min(py, y)
-            x1, y1 = max(px + pw, x + w), max(py + ph, y + h)
-            x, y, w, h = x0, y0, x1 - x0, y1 - y0
+            x, y, w, h = bounding_box([self.pending_dirty, (x, y, w, h)])
         if not self.update_wanted or self.refresh_period == abi.XENFB_NO_REFRESH or self.page is None:
             self.pending_dirty = (x, y, w, h)
             return
-        prod, cons = self.u32(abi.FB_OUT_PROD), self.u32(abi.FB_OUT_CONS)
-        if (prod - cons) & 0xFFFFFFFF >= abi.FB_OUT_RING_LEN:
+        if not ring.produce(self.page, ring.FB_OUT,
+                            abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h)):
             self.pending_dirty = (x, y, w, h)     # ring full: flushed on the next notification
             return
         self.pending_dirty = None
-        self.push_out_event(abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h))
+        self.notify()
         self.updates_sent += 1
 
     def push_out_event(self, event: bytes, *, notify: bool = True) -> None:
-        prod = self.u32(abi.FB_OUT_PROD)
-        off = abi.ring_slot(abi.FB_OUT_RING_OFFS, prod, abi.FB_OUT_RING_LEN)
-        self.page[off:off + abi.EVENT_SIZE] = np.frombuffer(event, np.uint8)
-        self.set_u32(abi.FB_OUT_PROD, prod + 1)
+        """Unchecked, as a guest may: tests use it to inject raw events."""
+        ring.put(self.page, ring.FB_OUT, event)
         if notify:
             self.notify()
 
@@ -383,30 +383,21 @@ class FbFront(Frontend):
 
     def handle_event(self) -> None:
         """The backend notified: drain the in ring, then flush a stashed rect."""
-        prod, cons = self.u32(abi.FB_IN_PROD), self.u32(abi.FB_IN_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.FB_IN_RING_LEN:
-            log.warning("dom%d vfb: in ring indexes corrupt, resynchronising", self.guest.domid)
-            cons = prod
-        while cons != prod:
-            off = abi.ring_slot(abi.FB_IN_RING_OFFS, cons, abi.FB_IN_RING_LEN)
-            event = bytes(self.page[off:off + abi.EVENT_SIZE])
-            if event[0] == abi.XENFB_TYPE_REFRESH_PERIOD:
-                _, period = abi.FB_REFRESH.unpack_from(event)
-                was = self.refresh_period
-                self.refresh_period = period
-                log.info("dom%d vfb: refresh period %d ms", self.guest.domid, period)
-                if was == abi.XENFB_NO_REFRESH and period != abi.XENFB_NO_REFRESH:
-                    self.pending_dirty = (0, 0, self.width, self.height)
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.FB_IN_CONS, cons)
+        self.drain(ring.FB_IN, self._in_event)
         if self.pending_dirty is not None:
             self.refresh(*self.pending_dirty)
         self.backend_kicked.set()
 
+    def _in_event(self, event: bytes) -> None:
+        if event[0] == abi.XENFB_TYPE_REFRESH_PERIOD:
+            _, period = abi.FB_REFRESH.unpack_from(event)
+            was = self.refresh_period
+            self.refresh_period = period
+            log.info("dom%d vfb: refresh period %d ms", self.guest.domid, period)
+            if was == abi.XENFB_NO_REFRESH and period != abi.XENFB_NO_REFRESH:
+                self.pending_dirty = (0, 0, self.width, self.height)
 
-# Linux input code ranges that xen-kbdfront routes (pvfb.md section 4).
-BTN_LEFT, BTN_TASK = 0x110, 0x117
-KEY_ESC, KEY_UNKNOWN, KEY_OK, KEY_MAX = 1, 240, 0x160, 0x2FF
+
 XENFB_WIDTH, XENFB_HEIGHT = 800, 600
 
 
@@ -440,28 +431,15 @@ class KbdFront(Frontend):
                 ("event-channel", str(self.port))]
 
     def handle_event(self) -> None:
-        prod, cons = self.u32(abi.KBD_IN_PROD), self.u32(abi.KBD_IN_CONS)
-        if (prod - cons) & 0xFFFFFFFF > abi.KBD_IN_RING_LEN:
-            log.warning("dom%d vkbd: in ring indexes corrupt, resynchronising", self.guest.domid)
-            cons = prod
-        while cons != prod:
-            off = abi.ring_slot(abi.KBD_IN_RING_OFFS, cons, abi.KBD_IN_RING_LEN)
-            self._log_input(bytes(self.page[off:off + abi.EVENT_SIZE]))
-            cons = (cons + 1) & 0xFFFFFFFF
-        self.set_u32(abi.KBD_IN_CONS, cons)
+        self.drain(ring.KBD_IN, self._log_input)
         # No out events are defined: just consume whatever is there.
-        self.set_u32(abi.KBD_OUT_CONS, self.u32(abi.KBD_OUT_PROD))
+        ring.discard(self.page, ring.KBD_OUT)
 
     def _log_input(self, ev: bytes) -> None:
         kind = ev[0]
         if kind == abi.XENKBD_TYPE_KEY:
             _, pressed, code = abi.KBD_KEY.unpack_from(ev)
-            if BTN_LEFT <= code <= BTN_TASK:
-                device = "pointer"
-            elif KEY_ESC <= code < KEY_UNKNOWN or KEY_OK <= code < KEY_MAX:
-                device = "keyboard"
-            else:
-                device = None
+            device = kbdfront_device(code)
             entry = {"dev": "vkbd", "type": "key", "code": code, "pressed": bool(pressed),
                      "device": device}
         elif kind == abi.XENKBD_TYPE_MOTION:

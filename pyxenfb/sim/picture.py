@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..util.region import clip
+
 BOX = 48  # side of the animated square, pixels
 
 
@@ -78,10 +80,10 @@ def xanim_frames(width: int, height: int, n: int = XANIM_FRAMES) -> np.ndarray:
         out[f] = r | g | b
         for blk in blocks:
             bx, by, vx, vy, bw, bh, colour = blk
-            x0, x1 = max(bx, 0), min(bx + bw, width)
-            y0, y1 = max(by, 0), min(by + bh, height)
-            if x0 < x1 and y0 < y1:
-                out[f, y0:y1, x0:x1] = colour
+            rect = clip(bx, by, bw, bh, width, height)
+            if rect is not None:
+                x0, y0, w, h = rect
+                out[f, y0:y0 + h, x0:x0 + w] = colour
             blk[0] += vx * 3
             blk[1] += vy * 3
             if blk[0] < 0 or blk[0] + bw > width:
