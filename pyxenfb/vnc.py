@@ -1,6 +1,6 @@
 """The VNC display of a console, beside sdl.py.
 
-`VncServer` is the console listener: it passes each batch of dirty
+`VncDisplay` is the console listener: it passes each batch of dirty
 rectangles, size changes, pointer-mode and LED changes to its clients, and
 turns their input into the console's input API: keysyms through the keymap
 (QEMU's rules, per client modifier state) or QEMU extended key events (XT
@@ -17,7 +17,7 @@ from .console.region import Rect
 from .rfb import encodings as enc
 from .rfb import protocol as rfb
 from .rfb.listener import Transport
-from .rfb.server import RfbClient, RfbServer
+from .rfb.server import RfbSession, RfbServer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class VncSession:
         self.buttons = 0
 
 
-class VncServer(RfbServer):
+class VncDisplay(RfbServer):
     """The VNC display of one console."""
 
     def __init__(self, console: Console, *, keymap=None, password: str | None = None,
@@ -54,19 +54,19 @@ class VncServer(RfbServer):
         conn.absolute_pointer = self.console.absolute_pointer
         conn.leds = self.console.leds
 
-    def client_attached(self, client: RfbClient) -> None:
+    def client_attached(self, client: RfbSession) -> None:
         client.session = VncSession(self.keysym_decoder())
         if not self._listening:
             self._listening = True
             self.console.attach(self)
 
-    def client_detached(self, client: RfbClient) -> None:
+    def client_detached(self, client: RfbSession) -> None:
         self.console.release_input(client)
         if self._listening and not self.attached_clients():
             self._listening = False
             self.console.detach(self)
 
-    def client_input(self, client: RfbClient, event) -> None:
+    def client_input(self, client: RfbSession, event) -> None:
         if isinstance(event, rfb.PointerEvent):
             self._pointer(client, event)
         elif isinstance(event, rfb.KeyEvent):
@@ -91,18 +91,18 @@ class VncServer(RfbServer):
         self.leds_changed(leds)
 
     # ------------------------------------------------------------ input
-    def _keysym_code(self, client: RfbClient, keysym: int, down: bool) -> int | None:
+    def _keysym_code(self, client: RfbSession, keysym: int, down: bool) -> int | None:
         """The layout's key for a keysym, chosen with this client's held modifiers."""
         decoder = client.session.keysyms
         if decoder is None:
             return self.keysym_to_linux(keysym)
         return decoder.press(keysym) if down else decoder.release(keysym)
 
-    def _key(self, client: RfbClient, code: int | None, down: bool) -> None:
+    def _key(self, client: RfbSession, code: int | None, down: bool) -> None:
         if code:
             self.console.key(code, down, source=client)
 
-    def _pointer(self, client: RfbClient, event: rfb.PointerEvent) -> None:
+    def _pointer(self, client: RfbSession, event: rfb.PointerEvent) -> None:
         console = self.console
         if not console.absolute_pointer and enc.POINTER_TYPE_CHANGE in client.conn.encodings:
             # The client knows the pointer is relative: it sends offsets from an origin.

@@ -5,7 +5,7 @@ import resource
 
 import numpy as np
 
-from pyxenfb.vnc import VncServer
+from pyxenfb.vnc import VncDisplay
 from pyxenfb.sim.picture import test_picture as guest_picture
 
 from simkit import RawVncClient as RawClient, connected_domain, wait_for
@@ -14,7 +14,7 @@ from simkit import RawVncClient as RawClient, connected_domain, wait_for
 def test_animation_three_clients_one_not_reading_then_resize():
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
-            vnc = VncServer(be.console, name="sim")
+            vnc = VncDisplay(be.console, name="sim")
             port = await vnc.listen("127.0.0.1", 0, to_display=99)
             readers = [RawClient("a"), RawClient("b")]
             for c in readers:

@@ -14,7 +14,7 @@ from pyxenfb.console.core import Surface
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import server as rfb_server
-from pyxenfb.vnc import VncServer
+from pyxenfb.vnc import VncDisplay
 
 from rfb_harness import KEY_A, RawClient, ServerThread
 from simkit import RawVncClient as AsyncRawClient, connected_domain, wait_for, wait_until
@@ -60,7 +60,7 @@ def test_one_guest_batch_is_one_framebuffer_update():
 
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
-            vnc = VncServer(be.console, name="sim")
+            vnc = VncDisplay(be.console, name="sim")
             port = await vnc.listen("127.0.0.1", 0, to_display=99)
             client = AsyncRawClient("c")
             await client.connect(port)

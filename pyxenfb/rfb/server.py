@@ -1,6 +1,6 @@
 """asyncio transport around the sans-IO RFB core: sockets, throttling, encoding.
 
-One `RfbClient` (an asyncio Protocol) per connection feeds the socket's bytes
+One `RfbSession` (an asyncio Protocol) per connection feeds the socket's bytes
 to its `ServerConnection`, hands input events to its server's display side,
 and sends FramebufferUpdates when the client has asked for one (or enabled
 continuous updates) and its output queue is short.  Nothing runs on a timer
@@ -126,7 +126,7 @@ class Snapshot:
             self.buffer = None
 
 
-class RfbClient(asyncio.Protocol):
+class RfbSession(asyncio.Protocol):
     """One connection: transport, handshake, throttling and its updates."""
 
     def __init__(self, server: "RfbServer", mode: Transport):
@@ -504,7 +504,7 @@ class RfbServer:
         self.port = 0
         self.display = 0
         self.websocket_port: int | None = None
-        self.clients: list[RfbClient] = []
+        self.clients: list[RfbSession] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.max_handshakes = MAX_UNAUTHENTICATED
@@ -530,17 +530,17 @@ class RfbServer:
     def prepare_connection(self, conn: rfb.ServerConnection) -> None:
         """Set what ServerInit and the first pseudo-encodings report."""
 
-    def client_attached(self, client: RfbClient) -> None:
+    def client_attached(self, client: RfbSession) -> None:
         """ClientInit accepted: the client now gets updates and sends input."""
 
-    def client_input(self, client: RfbClient, event) -> None:
+    def client_input(self, client: RfbSession, event) -> None:
         """A key, pointer, cut-text or other input event from an attached client."""
 
-    def client_detached(self, client: RfbClient) -> None:
+    def client_detached(self, client: RfbSession) -> None:
         """An attached client is gone."""
 
     # ------------------------------------------------------------ display changes
-    def attached_clients(self) -> list[RfbClient]:
+    def attached_clients(self) -> list[RfbSession]:
         return [c for c in self.clients if c.attached and not c.closing]
 
     def mark_dirty(self, rects: list[Rect]) -> None:
@@ -608,15 +608,15 @@ class RfbServer:
     def expire_password(self) -> None:
         self.password_expired = True
 
-    def pending_handshakes(self) -> dict[str, list[RfbClient]]:
+    def pending_handshakes(self) -> dict[str, list[RfbSession]]:
         """Connections still in the handshake by address, oldest first."""
-        pending: dict[str, list[RfbClient]] = {}
+        pending: dict[str, list[RfbSession]] = {}
         for c in self.clients:              # in connection order
             if not c.attached and not c.closing:
                 pending.setdefault(c.host, []).append(c)
         return pending
 
-    def make_handshake_room(self, newcomer: RfbClient) -> None:
+    def make_handshake_room(self, newcomer: RfbSession) -> None:
         """Bound the handshakes in progress, per address and in all, so that
         one source holding silent connections cannot keep others out: over
         an address's share, its own oldest handshake goes; over the total,
@@ -653,7 +653,7 @@ class RfbServer:
         loop = asyncio.get_running_loop()
         for sock, mode in listeners.sockets:
             self._servers.append(await loop.create_server(
-                lambda mode=mode: RfbClient(self, mode), sock=sock))
+                lambda mode=mode: RfbSession(self, mode), sock=sock))
         self.host, self.port, self.display = listeners.host, listeners.port, listeners.display
         self.websocket_port = listeners.websocket_port
         log.info("VNC: listening on %s port %d (display :%d)", listeners.host or "all addresses",
