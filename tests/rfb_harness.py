@@ -83,7 +83,8 @@ class ServerThread:
         self.console.input = self.input
         self.call(self.console.set_surface, surface or make_picture())
         server_kwargs.setdefault("keymap", StubKeymap())
-        self.server: VncDisplay = self.call(VncDisplay, self.console, **server_kwargs)
+        self.display: VncDisplay = self.call(VncDisplay, self.console, **server_kwargs)
+        self.server = self.display.server           # its RfbServer: sessions, limits, blacklist
         self.port = self.run(self._listen(websocket))
         self.ws_port = self.server.websocket_port
 
@@ -116,7 +117,7 @@ class ServerThread:
         return self.call(lambda: sum(1 for c in self.server.clients if c.attached))
 
     def close(self) -> None:
-        self.run(self.server.close())
+        self.run(self.display.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()

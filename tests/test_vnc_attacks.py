@@ -862,7 +862,7 @@ def test_banner_is_written_inside_connection_made():
         console = Console("test", asyncio.get_running_loop())
         console.set_surface(make_picture(64, 48))
         server = VncDisplay(console)
-        client = rfb_server.RfbSession(server, Transport.RFB)
+        client = rfb_server.RfbSession(server.server, Transport.RFB)
         transport = _RecordingTransport()
         client.connection_made(transport)
         written = list(transport.writes)

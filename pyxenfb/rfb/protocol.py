@@ -16,9 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..convert import GUEST_32, PixelFormat, convert_rect
+from ..util.pixelformat import GUEST_32, PixelFormat
 from . import auth
 from . import encodings as enc
 from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, SecurityType, ServerMsg, State, VeNCryptSubtype
@@ -173,54 +171,18 @@ def _clip(x: int, y: int, w: int, h: int, width: int, height: int):
     return x0, y0, x1 - x0, y1 - y0
 
 
-class UpdateJob:
-    """One FramebufferUpdate: the pixels were copied (converted to the
-    client's format) when it began, so neither a guest rewriting its
-    framebuffer nor a surface going away afterwards can reach them.
-
-    `encode()` touches only the job and the client's encoder (its zlib
-    streams), so it may run in a worker thread while the loop goes on with
-    the connection; `finish()` queues the result, back on the loop.  One job
-    per connection at a time keeps the zlib streams in order.  The encoding,
-    pixel format and compression level are those in force when the job
-    began (later changes apply to the next update, as if this one had
-    already been on the wire)."""
-
-    def __init__(self, conn: "ServerConnection", pseudo: list[bytes], pieces: list, full: bool):
-        self._conn = conn
-        self._encoder = conn.encoder
-        self._pseudo = pseudo
-        self.pieces = pieces                   # (pixels, x, y, w, h) in the client's format
-        self._full = full
-        self._encoding, self._fmt = conn.encoding, conn.pixel_format
-        self._jpeg = conn.jpeg_quality if conn.lossy else None
-        self._level = conn.compress_level
-        self._chunks: list[bytes] | None = None
-        self._count = 0
-
-    @property
-    def pixel_count(self) -> int:
-        return sum(w * h for _, _, _, w, h in self.pieces)
-
-    def encode(self) -> None:
-        """Encode every rectangle (the slow part; safe off the loop)."""
-        chunks = list(self._pseudo)
-        count = len(self._pseudo)
-        if self._level is not None:
-            self._encoder.set_compress_level(self._level)
-        for pixels, x, y, w, h in self.pieces:
-            n, data = self._encoder.encode_chunks(self._encoding, self._fmt, pixels, x, y, w, h,
-                                                  jpeg_quality=self._jpeg)
-            chunks += data
-            count += n
-        self._chunks, self._count = chunks, count
-
-    def finish(self) -> int:
-        """Queue the whole FramebufferUpdate (encoding it first if nobody
-        has); the number of bytes queued."""
-        if self._chunks is None:
-            self.encode()
-        return self._conn._queue_update(self._chunks, self._count, self._full)
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What one FramebufferUpdate answers with, fixed when it begins: the
+    pseudo-rectangles queued so far, the rectangles to encode (clipped to
+    what the client sees), and the encoding, format and levels in force."""
+    pseudo: tuple[bytes, ...]
+    rects: tuple[tuple[int, int, int, int], ...]
+    full: bool                          # answers a non-incremental request
+    encoding: int
+    fmt: PixelFormat
+    jpeg_quality: int | None
+    compress_level: int | None
 
 
 # RFB sizes are u16: a larger surface (a guest may make one 70000 pixels wide
@@ -258,7 +220,6 @@ class ServerConnection:
         self.cu_seen = False
         self.absolute_pointer = True
         self.leds = 0                        # lock LEDs, QEMU bits: 1 scroll, 2 num, 4 caps
-        self.encoder = enc.Encoder()
         self.compress_level: int | None = None    # the client's CompressLevel, if it sent one
         self._request: str | None = None     # None, "incremental" or "full"
         # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
@@ -695,50 +656,39 @@ class ServerConnection:
             return "incremental"
         return self._request
 
-    def send_update(self, rows: np.ndarray, src_fmt: PixelFormat,
-                    rects: list[tuple[int, int, int, int]]) -> int:
-        """Encode `rects` of the surface `rows` into one FramebufferUpdate at once.
-
-        Rectangles are clipped to the framebuffer; pending pseudo-rectangles
-        go first; the outstanding request is answered.  While a size change
-        is pending the caller passes no rects: it goes out alone.  Returns
-        the number of bytes queued.  (`begin_update` splits the same into
-        copy now, encode anywhere, queue later.)
-        """
-        return self.begin_update(rows, src_fmt, rects).finish()
-
-    def begin_update(self, rows: np.ndarray, src_fmt: PixelFormat,
-                     rects: list[tuple[int, int, int, int]], *, snapshot=None) -> "UpdateJob":
-        """Start answering the outstanding request: the rectangles' pixels are
-        copied in the client's format now.  `snapshot(rows, src_fmt, dst_fmt,
-        clipped_rects)` may provide that copy (a server shares one among
-        clients that use the same format); it returns one private pixel array
-        per rectangle."""
-        # Never trust the caller's size bookkeeping further than the pixels go.
-        width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
-        height = min(self.height, rows.shape[0])
+    def begin_update(self, width: int, height: int,
+                     rects: list[tuple[int, int, int, int]]) -> UpdatePlan | None:
+        """Start answering the outstanding request with `rects` of a picture
+        `width` x `height`: they are clipped to it and to this client's view,
+        and pending pseudo-rectangles go first.  While a size change is
+        pending the caller passes no rects: it goes out alone.  None when
+        nothing this client can see changed (its request stays outstanding).
+        The owner encodes the plan's rectangles and hands them to
+        `finish_update`; updates.py does both."""
+        width, height = min(self.width, width), min(self.height, height)
         clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
         if self._request != "full" and not self._pseudo and not clipped:
             # Nothing this client can see changed (all outside its view):
             # its incremental request stays outstanding, or it waits forever.
-            return UpdateJob(self, [], [], False)
+            return None
         pseudo, self._pseudo = self._pseudo, []
         self.resize_pending = False
         full, self._request = self._request == "full", None
-        if snapshot is not None:
-            copies = snapshot(rows, src_fmt, self.pixel_format, clipped)
-        else:
-            copies = [convert_rect(rows, src_fmt, self.pixel_format, *r) for r in clipped]
-        pieces = [(pixels, *r) for pixels, r in zip(copies, clipped)]
-        return UpdateJob(self, pseudo, pieces, full)
+        return UpdatePlan(tuple(pseudo), tuple(clipped), full, self.encoding, self.pixel_format,
+                          self.jpeg_quality if self.lossy else None, self.compress_level)
 
-    def _queue_update(self, chunks: list[bytes], count: int, full: bool) -> int:
-        if count == 0 and not full:
+    def finish_update(self, plan: UpdatePlan, rectangles: list[bytes], count: int) -> int:
+        """Queue the FramebufferUpdate `plan` began: its pseudo-rectangles,
+        then `count` encoded rectangles (`rectangles`, their bytes in
+        pieces).  Returns the number of bytes queued."""
+        count += len(plan.pseudo)
+        if count == 0 and not plan.full:
             return 0
         self._seal()
         self._chunks.append(struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count))
-        self._chunks += chunks
-        return 4 + sum(len(c) for c in chunks)
+        self._chunks += plan.pseudo
+        self._chunks += rectangles
+        return 4 + sum(map(len, plan.pseudo)) + sum(len(c) for c in rectangles)
 
     _STATE_PARSERS = {
         State.VERSION: _parse_version,

@@ -8,32 +8,24 @@ except the handshake deadline.  The VNC port speaks RFB only, and the
 server speaks first: its banner goes out as the connection is made.  A
 WebSocket (noVNC) is served only on a port of its own, when asked for.
 
-Updates are encoded beside the loop, as QEMU's VNC worker does: when an
-update begins, the dirty rectangles are copied in the client's pixel format
-(once per format for all clients starting an update in the same loop pass,
-into reused buffers), then a worker thread encodes that snapshot (zlib,
-numpy and Pillow release the GIL, so the second core works) and the loop
-queues the bytes when it is done.  One update per client is in flight at a
-time, which keeps its zlib streams in order; other clients, input and the
-guest never wait for it.
+Updates go one way through updates.py (snapshot, encoder threads, then
+the connection's `finish_update`); a session only decides when one may
+start: the client asked (or enabled continuous updates), its output queue
+is short, and none of its updates is in flight.
 
-`RfbServer` knows nothing of consoles or keymaps: a display subclasses it
-(pyxenfb/vnc.py) and provides the picture and the input handling.
+`RfbServer` knows nothing of consoles or keymaps: a display owns one
+(pyxenfb/vnc.py), gives it the picture and hears of sessions and their
+input through the `RfbDisplay` methods.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import os
 import socket
 import struct
 from typing import Protocol
 
-import numpy as np
-
-from ..util import malloc
-from ..convert import PixelFormat, conversion_path, convert_rect
+from ..convert import conversion_path
 from ..util.logbudget import LogBudget
 from ..console.region import DirtyRegion, Rect, clip
 from . import encodings as enc
@@ -42,6 +34,7 @@ from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
 from .states import State
 from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
+from .updates import Framebuffer, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
 
 log = logging.getLogger(__name__)
@@ -52,21 +45,28 @@ MAX_UNAUTHENTICATED = 16        # connections still in the handshake, in all
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8   # ... and from one address (docs/vnc.md, "Threat model")
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
-# Updates this small are encoded on the loop: a thread hand-off costs more
-# than encoding them (a 64x64 change must reach the client in ~1 ms).
-INLINE_PIXELS = 128 * 128
-# Encoder threads: two, so that two clients' frames encode at once on a
-# 2-core dom0 (docs/performance.md measures one against two).
-ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
-POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
 
 
-class Framebuffer(Protocol):
-    """What a display shows (console.Surface has this shape)."""
-    width: int
-    height: int
-    fmt: PixelFormat
-    rows: np.ndarray
+class RfbDisplay(Protocol):
+    """What a server asks of the display that owns it."""
+
+    def framebuffer(self) -> Framebuffer:
+        """The picture shown now."""
+
+    def pointer_absolute(self) -> bool:
+        """Whether the pointer is absolute (else relative) now."""
+
+    def leds(self) -> int:
+        """The lock LEDs now (QEMU bits: 1 scroll, 2 num, 4 caps)."""
+
+    def session_attached(self, session: "RfbSession") -> None:
+        """ClientInit accepted: the session now gets updates and sends input."""
+
+    def session_input(self, session: "RfbSession", event) -> None:
+        """A key, pointer, cut-text or other input event from an attached session."""
+
+    def session_detached(self, session: "RfbSession") -> None:
+        """An attached session is gone."""
 
 
 def _peer_name(transport) -> tuple[str, str]:
@@ -75,55 +75,6 @@ def _peer_name(transport) -> tuple[str, str]:
         host = str(peer[0])
         return host, f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return str(peer), str(peer)
-
-
-class BufferPool:
-    """Snapshot buffers reused between updates: a frame-sized allocation per
-    update would be an mmap and munmap each time."""
-
-    def __init__(self, keep: int = POOL_BUFFERS):
-        self.keep = keep
-        self.allocations = 0
-        self._free: list[np.ndarray] = []
-
-    # By index, never list.remove(): that compares arrays with ==, element
-    # by element (a ValueError for two free buffers of different sizes).
-    def get(self, nbytes: int) -> np.ndarray:
-        fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
-        if fits:
-            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
-        self.allocations += 1
-        return np.empty(max(nbytes, 1 << 16), np.uint8)
-
-    def put(self, buf: np.ndarray) -> None:
-        self._free.append(buf)
-        if len(self._free) > self.keep:
-            del self._free[min(range(len(self._free)), key=lambda i: self._free[i].size)]
-
-
-class Snapshot:
-    """Rectangles copied in one pixel format, shared by the jobs using them;
-    its buffer goes back to the pool when the last job lets go."""
-
-    def __init__(self, pool: BufferPool, rows: np.ndarray, src_fmt: PixelFormat,
-                 dst_fmt: PixelFormat, rects: list[Rect]):
-        bpp = dst_fmt.bytes_per_pixel
-        self._pool = pool
-        self.buffer = pool.get(sum(w * h * bpp for _, _, w, h in rects))
-        self.pixels = []
-        at = 0
-        for x, y, w, h in rects:
-            out = self.buffer[at:at + w * h * bpp].reshape(h, w * bpp)
-            self.pixels.append(convert_rect(rows, src_fmt, dst_fmt, x, y, w, h, out=out))
-            at += w * h * bpp
-        self.users = 0
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0 and self.buffer is not None:
-            self.pixels = []
-            self._pool.put(self.buffer)
-            self.buffer = None
 
 
 class RfbSession(asyncio.Protocol):
@@ -144,9 +95,9 @@ class RfbSession(asyncio.Protocol):
         self.dirty = DirtyRegion()
         self.throttle = MIN_THROTTLE
         self.updates_sent = 0
-        self.session = None               # the display's per-client state
+        self.encoder = enc.Encoder()        # its zlib streams, used by one update at a time
         self._format_logged = False
-        self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
+        self._job: UpdateJob | None = None     # the update in flight
         self._timers: list[asyncio.TimerHandle] = []
         self._stall: asyncio.TimerHandle | None = None
 
@@ -174,7 +125,7 @@ class RfbSession(asyncio.Protocol):
     def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
         server = self.server
         blocked = server.blacklist.blocked_for(self.host)
-        fb = server.framebuffer()
+        fb = server.owner.framebuffer()
         conn = rfb.ServerConnection(
             fb.width, fb.height, server.desktop_name,
             # An empty password (password=on, none set yet) lets nobody in:
@@ -239,7 +190,7 @@ class RfbSession(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if not self.attached:
             # Not yet attached: ServerInit must carry today's size and state.
-            fb = self.server.framebuffer()
+            fb = self.server.owner.framebuffer()
             self.conn.width, self.conn.height = fb.width, fb.height
             self.server.prepare_connection(self.conn)
         try:
@@ -304,7 +255,7 @@ class RfbSession(asyncio.Protocol):
             timer.cancel()
         if self.attached:
             self.attached = False
-            self.server.client_detached(self)
+            self.server.owner.session_detached(self)
         if self in self.server.clients:
             self.server.clients.remove(self)
             if not self.server.clients:
@@ -339,7 +290,7 @@ class RfbSession(asyncio.Protocol):
             self.disconnect(f"output queue of {pending} bytes over limit (client not reading)")
 
     def _set_throttle(self) -> None:
-        fb = self.server.framebuffer()
+        fb = self.server.owner.framebuffer()
         self.throttle = max(MIN_THROTTLE, fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
         self.transport.set_write_buffer_limits(high=self.throttle)
 
@@ -359,59 +310,36 @@ class RfbSession(asyncio.Protocol):
             return
         if request == "full" and pending > 2 * self.throttle:
             return          # resume_writing() brings us back
-        fb = self.server.framebuffer()
+        fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
-        snapshots: list[Snapshot] = []
-        job = self.conn.begin_update(
-            fb.rows, fb.fmt, rects,
-            snapshot=lambda *args: self.server.snapshot(snapshots, *args))
-        if job.pixel_count <= INLINE_PIXELS:
-            self._finish(job, snapshots)
-            return
-        self._job = job
-        future = asyncio.get_running_loop().run_in_executor(self.server.encoder_pool(), job.encode)
-        future.add_done_callback(lambda f: self._encoded(job, snapshots, f))
+        self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
+        self.server.updates.run(job, self._update_sent, self._update_failed)
 
-    def _encoded(self, job: rfb.UpdateJob, snapshots: list[Snapshot], future) -> None:
-        """Back on the loop: a worker finished (or failed) this client's update."""
+    def _update_sent(self, nbytes: int) -> None:
+        """On the loop: an update is queued on the connection (or was empty)."""
         self._job = None
-        if future.cancelled() or self.closing:
-            for snap in snapshots:
-                snap.release()
-            return
-        exc = future.exception()
-        if exc is not None:
-            for snap in snapshots:
-                snap.release()
-            log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
-            self.disconnect(f"encoder error: {exc}")
-            return
-        self._finish(job, snapshots)
-
-    def _finish(self, job: rfb.UpdateJob, snapshots: list[Snapshot]) -> None:
-        try:
-            sent = job.finish()
-        finally:
-            for snap in snapshots:
-                snap.release()
-        if sent:
+        if nbytes:
             self.updates_sent += 1
-        self.server.trim_heap()
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
+
+    def _update_failed(self, exc: BaseException) -> None:
+        self._job = None
+        log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
+        self.disconnect(f"encoder error: {exc}")
 
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
         if isinstance(event, rfb.UpdateRequest):
             if not event.incremental:
-                fb = self.server.framebuffer()
+                fb = self.server.owner.framebuffer()
                 rect = clip(event.x, event.y, event.w, event.h, fb.width, fb.height)
                 if rect is not None:
                     self.dirty.add(rect)
         elif isinstance(event, rfb.PixelFormatChanged):
             self._set_throttle()
-            fb = self.server.framebuffer()
+            fb = self.server.owner.framebuffer()
             # Info once per client (a client may switch formats at will), debug after.
             log.log(logging.DEBUG if self._format_logged else logging.INFO,
                     "VNC: client %s asks for %d bpp depth %d: conversion by %s", self.peer,
@@ -427,7 +355,7 @@ class RfbSession(asyncio.Protocol):
         elif isinstance(event, rfb.StartTls):
             self._start_tls()
         elif self.attached:
-            self.server.client_input(self, event)
+            self.server.owner.session_input(self, event)
 
     def _start_tls(self) -> None:
         """VeNCrypt agreed: the ack goes out in the clear, then everything is TLS."""
@@ -454,9 +382,14 @@ class RfbSession(asyncio.Protocol):
             timer.cancel()
         self.attached = True
         self._set_throttle()
-        server.client_attached(self)
+        server.owner.session_attached(self)
         self.server.budget.info("attach", "VNC: client %s authenticated (%s)", self.peer,
                     "shared" if shared else "exclusive", what="VNC clients attached")
+
+    def follows_pointer_type(self) -> bool:
+        """The client takes PointerTypeChange: with a relative pointer it
+        sends offsets from an origin, not positions."""
+        return enc.POINTER_TYPE_CHANGE in self.conn.encodings
 
     # ------------------------------------------------------------ display changes
     def resized(self, width: int, height: int) -> None:
@@ -480,14 +413,15 @@ class RfbSession(asyncio.Protocol):
 
 
 class RfbServer:
-    """Listening sockets and the clients of one picture.  A display
-    subclasses it: `framebuffer()` gives the picture, the client_* hooks
-    hear of clients and their input, and it reports changes with
-    `mark_dirty`, `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
+    """Listening sockets and the sessions of one picture.  The display that
+    owns it (`owner`, an `RfbDisplay`) gives the picture and hears of
+    sessions and their input; it reports changes with `mark_dirty`,
+    `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
 
-    def __init__(self, *, password: str | None = None, name: str = "QEMU",
+    def __init__(self, owner: RfbDisplay, *, password: str | None = None, name: str = "QEMU",
                  max_clients: int = 32, lossy: bool = False, tls: TlsCredentials | None = None,
                  websocket_origins: tuple[str, ...] = ()):
+        self.owner = owner
         self.password = password
         self.password_expired = False
         self.name = name
@@ -512,10 +446,7 @@ class RfbServer:
         self.stall_timeout = STALL_TIMEOUT
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self._servers: list[asyncio.AbstractServer] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pool = BufferPool()
-        self._trim = malloc.PeriodicTrim()
-        self._pass_snapshots: dict[tuple, Snapshot] = {}
+        self.updates = Updates()          # snapshots, encoder threads (updates.py)
 
     @property
     def desktop_name(self) -> str:
@@ -523,21 +454,10 @@ class RfbServer:
             return self.name
         return f"QEMU ({self.name})"
 
-    # ------------------------------------------------------------ display hooks
-    def framebuffer(self) -> Framebuffer:
-        raise NotImplementedError
-
     def prepare_connection(self, conn: rfb.ServerConnection) -> None:
         """Set what ServerInit and the first pseudo-encodings report."""
-
-    def client_attached(self, client: RfbSession) -> None:
-        """ClientInit accepted: the client now gets updates and sends input."""
-
-    def client_input(self, client: RfbSession, event) -> None:
-        """A key, pointer, cut-text or other input event from an attached client."""
-
-    def client_detached(self, client: RfbSession) -> None:
-        """An attached client is gone."""
+        conn.absolute_pointer = self.owner.pointer_absolute()
+        conn.leds = self.owner.leds()
 
     # ------------------------------------------------------------ display changes
     def attached_clients(self) -> list[RfbSession]:
@@ -559,46 +479,10 @@ class RfbServer:
         for client in self.attached_clients():
             client.set_leds(leds)
 
-    def trim_heap(self) -> None:
-        """After an update: give fragmented heap memory back, once a second."""
-        self._trim()
-
     def all_clients_gone(self) -> None:
         """Nobody watches: let the frame buffers and zlib streams go back to
         the system instead of staying resident until the next client."""
-        self._pool = BufferPool()
-        malloc.trim()
-
-    # ------------------------------------------------------------ updates
-    def encoder_pool(self) -> concurrent.futures.Executor:
-        """The encoder threads, started with the first big update (never
-        before: nothing to pay at start-up, and no thread exists to fork)."""
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, ENCODE_WORKERS), thread_name_prefix="vnc-encode")
-        return self._executor
-
-    def snapshot(self, holders: list[Snapshot], rows: np.ndarray, src_fmt: PixelFormat,
-                 dst_fmt: PixelFormat, rects: list[Rect]) -> list[np.ndarray]:
-        """Copies of `rects` in `dst_fmt`, converted once per loop pass for
-        every client that starts an update with the same format and rects."""
-        key = (dst_fmt, tuple(rects))
-        snap = self._pass_snapshots.get(key)
-        if snap is None:
-            if not self._pass_snapshots:
-                asyncio.get_running_loop().call_soon(self._end_pass)
-            snap = Snapshot(self._pool, rows, src_fmt, dst_fmt, rects)
-            snap.users += 1                   # the pass's own hold, dropped in _end_pass
-            self._pass_snapshots[key] = snap
-        snap.users += 1
-        holders.append(snap)
-        return snap.pixels
-
-    def _end_pass(self) -> None:
-        """The guest may write again after this pass: later updates copy anew."""
-        snaps, self._pass_snapshots = self._pass_snapshots, {}
-        for snap in snaps.values():
-            snap.release()
+        self.updates.idle()
 
     # ------------------------------------------------------------ control
     def set_password(self, password: str | None) -> None:
@@ -671,7 +555,4 @@ class RfbServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self._executor is not None:
-            # Jobs of closed clients finish on their own; nobody waits for them.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self.updates.close()

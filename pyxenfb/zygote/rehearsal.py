@@ -121,7 +121,7 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
     console = Console("rehearsal", loop)
     console.input = _NoInput()
     console.set_surface(Surface(SIZE, SIZE, SIZE * 4, GUEST_32, picture()))
-    server = VncDisplay(console, keymap=Keymap.load("en-us"))
+    server = VncDisplay(console, keymap=Keymap.load("en-us")).server
     ours, theirs = socket.socketpair()
     try:
         theirs.setblocking(False)
