@@ -525,3 +525,30 @@ def test_led_state_follows_lock_keys_sent_to_the_guest():
         c.close()
     finally:
         srv.close()
+
+
+def test_state_table_refuses_an_illegal_move():
+    """The connection changes state only through states.TRANSITIONS: a move
+    the table lacks (ServerInit before any security) raises and leaves the
+    state as it was."""
+    from pyxenfb.rfb.states import State, StateError, Step, next_state
+    conn = rfb.ServerConnection(64, 48, "t")
+    with pytest.raises(StateError):
+        conn._move(Step.CLIENT_INIT)
+    assert conn.state is State.VERSION
+    with pytest.raises(StateError):
+        next_state(State.NORMAL, Step.SECURITY_NONE)
+    assert next_state(State.NORMAL, Step.CLOSE) is State.CLOSED
+
+
+def test_state_table_every_state_reachable_and_closable():
+    from pyxenfb.rfb.states import TRANSITIONS, State, Step
+    reached, todo = {State.VERSION}, [State.VERSION]
+    while todo:
+        here = todo.pop()
+        for (state, _), there in TRANSITIONS.items():
+            if state is here and there not in reached:
+                reached.add(there)
+                todo.append(there)
+    assert reached == set(State)
+    assert all(TRANSITIONS[state, Step.CLOSE] is State.CLOSED for state in State)

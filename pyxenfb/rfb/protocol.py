@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from ..util.pixelformat import GUEST_32, PixelFormat
 from . import auth
 from . import encodings as enc
-from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, SecurityType, ServerMsg, State, VeNCryptSubtype
+from .states import (QEMU_EXTENDED_KEY_EVENT, ClientMsg, Request, SecurityType, ServerMsg, State, Step,
+                     VeNCryptSubtype, next_state)
 
 SEC_NONE, SEC_VNC, SEC_VENCRYPT = SecurityType.NONE, SecurityType.VNC, SecurityType.VENCRYPT
 VENCRYPT_VERSION = (0, 2)
@@ -221,7 +222,7 @@ class ServerConnection:
         self.absolute_pointer = True
         self.leds = 0                        # lock LEDs, QEMU bits: 1 scroll, 2 num, 4 caps
         self.compress_level: int | None = None    # the client's CompressLevel, if it sent one
-        self._request: str | None = None     # None, "incremental" or "full"
+        self._request: Request | None = None
         # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
         # arrive as an unasked-for update (vncdotool would take such an
         # update as the answer to its own request).
@@ -261,7 +262,7 @@ class ServerConnection:
 
     def close(self) -> None:
         """The owner closed the connection: nothing more is parsed."""
-        self.state = State.CLOSED
+        self._move(Step.CLOSE)
 
     def receive_data(self, data: bytes) -> list:
         if self.state is State.CLOSED:
@@ -285,14 +286,18 @@ class ServerConnection:
                     self._discard -= skip
                     pos += skip
         except ProtocolError:
-            self.state = State.CLOSED
+            self._move(Step.CLOSE)
             buf.clear()
             raise
         del buf[:pos]
         return events
 
+    def _move(self, step: Step) -> None:
+        """Change state as the table in states.py says (StateError if not allowed)."""
+        self.state = next_state(self.state, step)
+
     def _fail(self, reason: str, exc=ProtocolError):
-        self.state = State.CLOSED
+        self._move(Step.CLOSE)
         raise exc(reason)
 
     # ------------------------------------------------------------ parsing
@@ -334,7 +339,7 @@ class ServerConnection:
             self._begin_security(sec, events)
         else:
             self._out += bytes([1, sec])
-            self.state = State.SECURITY
+            self._move(Step.VERSION_3_7_OR_LATER)
         return 12
 
     def _security_type(self) -> SecurityType:
@@ -351,16 +356,16 @@ class ServerConnection:
     def _begin_security(self, sec: int, events: list) -> None:
         if sec == SEC_VENCRYPT:
             self._out += bytes(VENCRYPT_VERSION)
-            self.state = State.VENCRYPT_VERSION
+            self._move(Step.SECURITY_VENCRYPT)
         elif sec == SEC_VNC:
             self._challenge = auth.new_challenge()
             self._out += self._challenge
-            self.state = State.VNC_AUTH
+            self._move(Step.SECURITY_VNC)
         else:
             # VeNCrypt's None subtypes always end with a SecurityResult.
             if self.version == 8 or self.subtype is not None:
                 self._out += struct.pack(">I", 0)
-            self.state = State.CLIENT_INIT
+            self._move(Step.SECURITY_NONE)
             events.append(Authenticated())
 
     def _security_failed(self, reason: str, log_reason: str, exc=ProtocolError):
@@ -387,7 +392,7 @@ class ServerConnection:
             self._out.append(1)                      # non-zero: unsupported, closing
             self._fail(f"VeNCrypt version {version[0]}.{version[1]} not supported (only 0.2)")
         self._out += bytes([0, 1]) + struct.pack(">I", self._offered_subtype())
-        self.state = State.VENCRYPT_SUBTYPE
+        self._move(Step.VENCRYPT_VERSION)
         return 2
 
     def _parse_vencrypt_subtype(self, buf, p, events) -> int:
@@ -401,7 +406,7 @@ class ServerConnection:
                        f"({offered.name})")
         self._out.append(1)
         self.subtype = offered
-        self.state = State.TLS_HANDSHAKE
+        self._move(Step.VENCRYPT_SUBTYPE)
         events.append(StartTls())
         return 4
 
@@ -433,7 +438,7 @@ class ServerConnection:
             self._security_failed("Authentication failed", "VNC authentication failed",
                                   AuthenticationFailed)
         self._out += struct.pack(">I", 0)
-        self.state = State.CLIENT_INIT
+        self._move(Step.AUTHENTICATED)
         events.append(Authenticated())
         return auth.CHALLENGE_SIZE
 
@@ -442,7 +447,7 @@ class ServerConnection:
         self._out += struct.pack(">HH", self.width, self.height)
         self._out += pack_pixel_format(SERVER_FORMAT)
         self._out += struct.pack(">I", len(name)) + name
-        self.state = State.NORMAL
+        self._move(Step.CLIENT_INIT)
 
     # ------------------------------------------------------------ normal phase
     def _parse_message(self, buf, p, events) -> int:
@@ -480,11 +485,11 @@ class ServerConnection:
             return 0
         incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
         if not incremental:
-            self._request = "full"
+            self._request = Request.FULL
             if enc.EXT_DESKTOP_SIZE in self.encodings:
                 self._send_ext_desktop_size(0, 0)
         elif self._request is None:
-            self._request = "incremental"
+            self._request = Request.INCREMENTAL
         events.append(UpdateRequest(bool(incremental), x, y, w, h))
         return 10
 
@@ -650,10 +655,11 @@ class ServerConnection:
 
     # ------------------------------------------------------------ updates
     @property
-    def pending_request(self) -> str | None:
-        """"full", "incremental" or None (continuous updates count as incremental)."""
+    def pending_request(self) -> Request | None:
+        """The update the client waits for, if any (continuous updates count
+        as incremental)."""
         if self._request is None and self.continuous is not None:
-            return "incremental"
+            return Request.INCREMENTAL
         return self._request
 
     def begin_update(self, width: int, height: int,
@@ -667,13 +673,13 @@ class ServerConnection:
         `finish_update`; updates.py does both."""
         width, height = min(self.width, width), min(self.height, height)
         clipped = [r for r in (_clip(*rect, width, height) for rect in rects) if r[2] > 0 and r[3] > 0]
-        if self._request != "full" and not self._pseudo and not clipped:
+        if self._request is not Request.FULL and not self._pseudo and not clipped:
             # Nothing this client can see changed (all outside its view):
             # its incremental request stays outstanding, or it waits forever.
             return None
         pseudo, self._pseudo = self._pseudo, []
         self.resize_pending = False
-        full, self._request = self._request == "full", None
+        full, self._request = self._request is Request.FULL, None
         return UpdatePlan(tuple(pseudo), tuple(clipped), full, self.encoding, self.pixel_format,
                           self.jpeg_quality if self.lossy else None, self.compress_level)
 

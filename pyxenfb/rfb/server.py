@@ -32,7 +32,7 @@ from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
-from .states import State
+from .states import Request, State
 from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
 from .updates import Framebuffer, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
@@ -306,9 +306,9 @@ class RfbSession(asyncio.Protocol):
         if request is None:
             return
         pending = self.transport.get_write_buffer_size()
-        if request == "incremental" and (not (self.dirty or self.conn.has_pseudo) or pending > self.throttle):
+        if request is Request.INCREMENTAL and (not (self.dirty or self.conn.has_pseudo) or pending > self.throttle):
             return
-        if request == "full" and pending > 2 * self.throttle:
+        if request is Request.FULL and pending > 2 * self.throttle:
             return          # resume_writing() brings us back
         fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
