@@ -85,8 +85,12 @@ class RfbSession(asyncio.Protocol):
         self.mode = Transport(mode)       # a stray string is an error, never a WebSocket
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
+        # The sans-IO layers between the socket and RFB, bottom first: TLS
+        # (VeNCrypt, or wss://) under the WebSocket, each pushed once
+        # detection (wss://) or negotiation (VeNCrypt) says it is there.
+        self.layers: list[TlsStream | WebSocketStream] = []
         self.ws: WebSocketStream | None = None
-        self.tls: TlsStream | None = None     # under everything else, once TLS starts
+        self.tls: TlsStream | None = None
         self.peer = self.host = "?"
         self.authenticated = False
         self.attached = False
@@ -121,6 +125,7 @@ class RfbSession(asyncio.Protocol):
             self._flush()               # the banner, at once: RFB's server speaks first
         else:
             self.ws = WebSocketStream(server.websocket_origins)
+            self.layers.append(self.ws)
 
     def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
         server = self.server
@@ -140,51 +145,56 @@ class RfbSession(asyncio.Protocol):
         if not self.attached:
             self.disconnect(f"no handshake within {self.server.handshake_timeout:g} s")
 
+    # ------------------------------------------------------------ layers
     def data_received(self, data: bytes) -> None:
         if self.closing or self.conn is None:
             return
-        if self.mode is Transport.WSS and self.tls is None:
-            if data[:1] != bytes([TLS_RECORD]):
-                self.disconnect("plain ws:// refused: TLS is configured, connect with wss://")
-                return
-            self.tls = TlsStream(self.server.tls_context)
-        if self.tls is not None:
-            data = self._tls_receive(data)
-            if not data or self.closing:
-                return
-        if self.ws is not None:
-            try:
-                data, reply = self.ws.receive(data)
-            except WebSocketError as exc:
-                if exc.reply:
-                    self._write(exc.reply)
-                self.disconnect(str(exc))
-                return
-            if reply:
-                self._write(reply)
-            self._flush()       # the banner goes out once the WebSocket is open
+        if self.mode is Transport.WSS and self.tls is None and not self._tls_detected(data):
+            return
+        data = self._up(data)
         if data:
             self._feed(data)
 
-    def _tls_receive(self, data: bytes) -> bytes | None:
-        """Socket bytes through TLS: the plaintext, or None once closed."""
-        try:
-            plain, reply = self.tls.receive(data)
-        except TlsError as exc:
-            if exc.reply:
-                self.transport.write(exc.reply)
-            self.disconnect(f"TLS: {exc}")
-            return None
-        if reply:
-            self.transport.write(reply)
-        if self.tls.established and self.conn.state is State.TLS_HANDSHAKE:
-            self._handle_all(self.conn.tls_established())
-            self._flush()
-        return plain
+    def _tls_detected(self, data: bytes) -> bool:
+        """wss://: the first bytes must open TLS, which goes under the WebSocket."""
+        if data[:1] != bytes([TLS_RECORD]):
+            self.disconnect("plain ws:// refused: TLS is configured, connect with wss://")
+            return False
+        self._push_tls()
+        return True
 
-    def _write(self, data) -> None:
-        if self.tls is not None:
-            data = self.tls.send(data)
+    def _push_tls(self) -> None:
+        self.tls = TlsStream(self.server.tls_context)
+        self.layers.insert(0, self.tls)
+
+    def _up(self, data: bytes) -> bytes | None:
+        """Socket bytes up through the layers: RFB bytes, or None (nothing
+        yet, or closed).  Each layer's replies go down through those below."""
+        for below, layer in enumerate(self.layers):
+            try:
+                data, reply = layer.receive(data)
+            except (TlsError, WebSocketError) as exc:
+                if exc.reply:
+                    self._down(exc.reply, below)
+                self.disconnect(f"TLS: {exc}" if layer is self.tls else str(exc))
+                return None
+            if reply:
+                self._down(reply, below)
+            if layer is self.tls:
+                if self.tls.established and self.conn.state is State.TLS_HANDSHAKE:
+                    self._handle_all(self.conn.tls_established())
+                    self._flush()
+            else:
+                self._flush()       # the banner goes out once the WebSocket is open
+            if not data or self.closing:
+                return None
+        return data
+
+    def _down(self, data, below: int | None = None) -> None:
+        """Bytes down to the socket through the layers under index `below`
+        (through all of them by default)."""
+        for layer in reversed(self.layers[:below]):
+            data = layer.send(data)
         self.transport.write(data)
 
     def _feed(self, data: bytes) -> None:
@@ -264,7 +274,7 @@ class RfbSession(asyncio.Protocol):
             self.conn.close()
         if self.transport is not None:
             if self.ws is not None and not self.transport.is_closing():
-                self._write(self.ws.close(reason))
+                self._down(self.ws.close(reason), self.layers.index(self.ws))
             self.transport.close()
 
     # ------------------------------------------------------------ output
@@ -273,7 +283,7 @@ class RfbSession(asyncio.Protocol):
             return
         if self.ws is not None and not self.ws.open:
             return
-        if self.ws is None and self.tls is None:
+        if not self.layers:
             chunks = self.conn.data_to_send_chunks()
             if not chunks:
                 return
@@ -283,7 +293,7 @@ class RfbSession(asyncio.Protocol):
             data = self.conn.data_to_send()
             if not data:
                 return
-            self._write(self.ws.send(data) if self.ws is not None else data)
+            self._down(data)
         pending = self.transport.get_write_buffer_size()
         if pending > HARD_LIMIT_FACTOR * self.throttle:
             self.transport.abort()
@@ -360,9 +370,9 @@ class RfbSession(asyncio.Protocol):
     def _start_tls(self) -> None:
         """VeNCrypt agreed: the ack goes out in the clear, then everything is TLS."""
         self._flush()
-        self.tls = TlsStream(self.server.tls_context)
+        self._push_tls()
         early = self.conn.take_buffered_input()   # a ClientHello right behind the choice
-        if early and self._tls_receive(early):
+        if early and self._up(early):
             self.disconnect("data inside TLS before the handshake finished")
 
     def _client_init(self, shared: bool) -> None:
