@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..util.pixelformat import GUEST_32, PixelFormat
 from . import auth
 from . import encodings as enc
+from .tls import TlsKind
 from .states import (QEMU_EXTENDED_KEY_EVENT, ClientMsg, Request, SecurityType, ServerMsg, State, Step,
                      VeNCryptSubtype, next_state)
 
@@ -197,16 +198,16 @@ class ServerConnection:
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
                  password_expired: bool = False, blocked_reason: str | None = None,
-                 lossy: bool = False, tls: str | None = None):
+                 lossy: bool = False, tls: TlsKind | str | None = None):
         self.width, self.height = min(width, RFB_MAX_DIMENSION), min(height, RFB_MAX_DIMENSION)
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
         self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
         self.blocked_reason = blocked_reason
-        # "x509" or "anon": only VeNCrypt is offered, with the one subtype
+        # TlsKind.X509 or ANON: only VeNCrypt is offered, with the one subtype
         # these credentials and the password setting call for (as QEMU).
-        self.tls = tls
+        self.tls = TlsKind(tls) if tls is not None else None
         self.subtype: VeNCryptSubtype | None = None
         self.state = State.VERSION
         self.version = 8               # minor version in use
@@ -349,7 +350,7 @@ class ServerConnection:
 
     def _offered_subtype(self) -> VeNCryptSubtype:
         with_password = self.password is not None
-        if self.tls == "x509":
+        if self.tls is TlsKind.X509:
             return VeNCryptSubtype.X509_VNC if with_password else VeNCryptSubtype.X509_NONE
         return VeNCryptSubtype.TLS_VNC if with_password else VeNCryptSubtype.TLS_NONE
 

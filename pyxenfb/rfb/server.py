@@ -33,7 +33,7 @@ from . import protocol as rfb
 from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
 from .states import Request, State
-from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
+from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsKind, TlsStream, server_context
 from .updates import Framebuffer, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
 
@@ -127,7 +127,7 @@ class RfbSession(asyncio.Protocol):
             self.ws = WebSocketStream(server.websocket_origins)
             self.layers.append(self.ws)
 
-    def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
+    def _new_connection(self, tls: TlsKind | None) -> rfb.ServerConnection:
         server = self.server
         blocked = server.blacklist.blocked_for(self.host)
         fb = server.owner.framebuffer()
