@@ -552,3 +552,20 @@ def test_state_table_every_state_reachable_and_closable():
                 todo.append(there)
     assert reached == set(State)
     assert all(TRANSITIONS[state, Step.CLOSE] is State.CLOSED for state in State)
+
+
+def test_protocol_core_imports_no_pixels():
+    """The sans-IO connection takes finished rectangles (updates.py makes
+    them): it imports neither numpy nor the converters nor the console."""
+    import ast
+    from pathlib import Path
+    source = Path(rfb.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert not {m for m in imported if m.split(".")[0] == "numpy"}, imported
+    assert not {m for m in imported if m.lstrip(".") in ("convert", "console") or
+                m.startswith(("..convert", "..console", "pyxenfb.convert", "pyxenfb.console"))}, imported
