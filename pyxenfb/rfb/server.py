@@ -1,7 +1,8 @@
-"""asyncio transport around the sans-IO RFB core: sockets, throttling, encoding.
+"""asyncio transport around the sans-IO RFB core: sockets, layers, throttling.
 
-One `RfbSession` (an asyncio Protocol) per connection feeds the socket's bytes
-to its `ServerConnection`, hands input events to its server's display side,
+One `RfbSession` (an asyncio Protocol) per connection passes the socket's
+bytes up through its sans-IO layers (TLS, WebSocket) to its
+`ServerConnection`, hands input events to its server's display side,
 and sends FramebufferUpdates when the client has asked for one (or enabled
 continuous updates) and its output queue is short.  Nothing runs on a timer
 except the handshake deadline.  The VNC port speaks RFB only, and the
@@ -78,7 +79,8 @@ def _peer_name(transport) -> tuple[str, str]:
 
 
 class RfbSession(asyncio.Protocol):
-    """One connection: transport, handshake, throttling and its updates."""
+    """The server's side of one connection: its layers, handshake deadline,
+    throttling, and when its updates start."""
 
     def __init__(self, server: "RfbServer", mode: Transport):
         self.server = server
