@@ -70,6 +70,34 @@ class RfbDisplay(Protocol):
         """An attached session is gone."""
 
 
+class OutputQueue:
+    """A session's socket output: its throttle (the write-buffer limit, one
+    frame in the client's format), and the hard limit beyond which the
+    client is not reading and goes."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.throttle = MIN_THROTTLE
+
+    def fit_frame(self, nbytes: int) -> None:
+        self.throttle = max(MIN_THROTTLE, nbytes)
+        self.transport.set_write_buffer_limits(high=self.throttle)
+
+    @property
+    def pending(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def over_limit(self) -> int | None:
+        """The bytes queued, when beyond the hard limit."""
+        pending = self.pending
+        return pending if pending > HARD_LIMIT_FACTOR * self.throttle else None
+
+    def room_for(self, request: Request) -> bool:
+        """An incremental update waits for a short queue; a full one (the
+        client asked for the whole picture) is allowed twice as much."""
+        return self.pending <= (self.throttle if request is Request.INCREMENTAL else 2 * self.throttle)
+
+
 def _peer_name(transport) -> tuple[str, str]:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -99,7 +127,7 @@ class RfbSession(asyncio.Protocol):
         self.exclusive = False
         self.closing = False
         self.dirty = DirtyRegion()
-        self.throttle = MIN_THROTTLE
+        self.output: OutputQueue | None = None
         self.updates_sent = 0
         self.encoder = enc.Encoder()        # its zlib streams, used by one update at a time
         self._format_logged = False
@@ -110,6 +138,7 @@ class RfbSession(asyncio.Protocol):
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.output = OutputQueue(transport)
         self.host, self.peer = _peer_name(transport)
         server = self.server
         server.clients.append(self)
@@ -296,15 +325,14 @@ class RfbSession(asyncio.Protocol):
             if not data:
                 return
             self._down(data)
-        pending = self.transport.get_write_buffer_size()
-        if pending > HARD_LIMIT_FACTOR * self.throttle:
+        pending = self.output.over_limit()
+        if pending is not None:
             self.transport.abort()
             self.disconnect(f"output queue of {pending} bytes over limit (client not reading)")
 
     def _set_throttle(self) -> None:
         fb = self.server.owner.framebuffer()
-        self.throttle = max(MIN_THROTTLE, fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
-        self.transport.set_write_buffer_limits(high=self.throttle)
+        self.output.fit_frame(fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
 
     def add_dirty(self, rects: list[Rect]) -> None:
         """Rectangles (clipped to today's surface) this client has yet to see."""
@@ -317,10 +345,9 @@ class RfbSession(asyncio.Protocol):
         request = self.conn.pending_request
         if request is None:
             return
-        pending = self.transport.get_write_buffer_size()
-        if request is Request.INCREMENTAL and (not (self.dirty or self.conn.has_pseudo) or pending > self.throttle):
+        if request is Request.INCREMENTAL and not (self.dirty or self.conn.has_pseudo):
             return
-        if request is Request.FULL and pending > 2 * self.throttle:
+        if not self.output.room_for(request):
             return          # resume_writing() brings us back
         fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
@@ -397,6 +424,10 @@ class RfbSession(asyncio.Protocol):
         server.owner.session_attached(self)
         self.server.budget.info("attach", "VNC: client %s authenticated (%s)", self.peer,
                     "shared" if shared else "exclusive", what="VNC clients attached")
+
+    @property
+    def throttle(self) -> int:
+        return self.output.throttle if self.output is not None else MIN_THROTTLE
 
     def follows_pointer_type(self) -> bool:
         """The client takes PointerTypeChange: with a relative pointer it
