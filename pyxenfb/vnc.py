@@ -1,8 +1,8 @@
 """The VNC display of a console, beside sdl.py.
 
-`VncDisplay` is the console listener: it owns an `RfbServer` and passes each batch of dirty
-rectangles, size changes, pointer-mode and LED changes to its clients, and
-turns their input into the console's input API: keysyms through the keymap
+`VncDisplay` is the console listener: it owns an `RfbServer` and passes
+each batch of dirty rectangles, size changes, pointer-mode and LED changes
+to its clients through it, and turns their input into the console's input API: keysyms through the keymap
 (QEMU's rules, per client modifier state) or QEMU extended key events (XT
 scancodes) to Linux key codes, pointer positions and buttons.  The RFB
 protocol, encoders and sockets live in `rfb/`, which knows nothing of
