@@ -9,7 +9,7 @@ explanation if one is missing, `run()` returns an empty list.
 
 It compiles bench/lvs_server.c (a minimal libvncserver server) into a
 temporary directory, writes the picture there as raw BGRX, and serves it from
-two processes: the C server and a pyxenfb VncServer (this script re-run with
+two processes: the C server and a pyxenfb VncDisplay (this script re-run with
 --serve-pyxenfb, so neither server shares an interpreter or a GIL with the
 client).  --before-tree DIR adds a third server: pyxenfb imported from DIR
 (e.g. an exported older commit), for before/after figures from one run.
@@ -234,21 +234,21 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def serve_pyxenfb(port: int, picture: str, width: int, height: int) -> None:
-    """Child process: a pyxenfb VncServer showing the picture until killed."""
+    """Child process: a pyxenfb VncDisplay showing the picture until killed."""
     import asyncio
 
     import numpy as np
 
     from pyxenfb.console.core import Console, Surface
     from pyxenfb.convert import GUEST_32
-    from pyxenfb.vnc import VncServer
+    from pyxenfb.vnc import VncDisplay
 
     rows = np.fromfile(picture, np.uint8).reshape(height, width * BPP)
 
     async def main():
         console = Console("bench", asyncio.get_running_loop())
         console.set_surface(Surface(width, height, width * BPP, GUEST_32, rows))
-        server = VncServer(console, name="bench")
+        server = VncDisplay(console, name="bench")
         await server.listen("127.0.0.1", port - VNC_BASE_PORT)
         print("READY", flush=True)
         await asyncio.Event().wait()

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .displays import pixman
-from .util.pixelformat import (NATIVE_BIG_ENDIAN, GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS,  # noqa: F401
-                                   RGB888, PixelFormat, check_format)
+from .util.pixelformat import (NATIVE_BIG_ENDIAN, GUEST_8, GUEST_16, GUEST_24, GUEST_32,  # noqa: F401
+                               GUEST_FORMATS, RGB888, PixelFormat, check_format)
 
 
 # ---- helpers ----------------------------------------------------------------

@@ -53,7 +53,7 @@ class XenPvMachine:
         self.qmp = None
         self.vnc_password: str | None = None
         self.vnc_password_expired = False
-        self.vnc_listeners = None           # bound early, served once VncServer exists
+        self.vnc_listeners = None           # bound early, served once VncDisplay exists
         self.evtchn = None                  # the hypervisor handles, opened before dm_restrict
         self.foreignmem = None
 
@@ -185,11 +185,11 @@ class XenPvMachine:
     def _make_vnc(self, name: str) -> None:
         vnc_opts = self.opts.vnc
         if vnc_opts is not None:
-            from .vnc import VncServer
+            from .vnc import VncDisplay
             password = self.vnc_password
             if vnc_opts.password and password is None:
                 password = ""    # password=on, none set yet: nobody gets in until QMP sets one
-            self.vnc = VncServer(self.console, keymap=self.keymap, password=password, name=name,
+            self.vnc = VncDisplay(self.console, keymap=self.keymap, password=password, name=name,
                                  lossy=vnc_opts.lossy, tls=vnc_opts.tls,
                                  websocket_origins=tuple(vnc_opts.websocket_origins))
 

@@ -1,8 +1,8 @@
 """The VNC display of a console, beside sdl.py.
 
-`VncServer` is the console listener: it passes each batch of dirty
-rectangles, size changes, pointer-mode and LED changes to its clients, and
-turns their input into the console's input API: keysyms through the keymap
+`VncDisplay` is the console listener: it owns an `RfbServer` and passes
+each batch of dirty rectangles, size changes, pointer-mode and LED changes
+to its clients through it, and turns their input into the console's input API: keysyms through the keymap
 (QEMU's rules, per client modifier state) or QEMU extended key events (XT
 scancodes) to Linux key codes, pointer positions and buttons.  The RFB
 protocol, encoders and sockets live in `rfb/`, which knows nothing of
@@ -14,10 +14,9 @@ import logging
 
 from .console.core import Console, Surface
 from .util.region import Rect
-from .rfb import encodings as enc
 from .rfb import protocol as rfb
-from .rfb.listener import Transport
-from .rfb.server import RfbClient, RfbServer
+from .rfb.listener import Transport, VncListeners
+from .rfb.server import RfbServer, RfbSession
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ BUTTONS = ((1, "left"), (2, "middle"), (4, "right"))
 WHEEL_UP, WHEEL_DOWN = 8, 16
 
 
-class VncSession:
+class InputState:
     """One attached client's input state: its modifiers and buttons."""
 
     def __init__(self, keysyms):
@@ -34,88 +33,117 @@ class VncSession:
         self.buttons = 0
 
 
-class VncServer(RfbServer):
-    """The VNC display of one console."""
+class VncDisplay:
+    """The VNC display of one console: the console's listener and the
+    owner (`RfbDisplay`) of the RFB server that serves it."""
 
     def __init__(self, console: Console, *, keymap=None, password: str | None = None,
                  name: str = "QEMU", max_clients: int = 32, lossy: bool = False, tls=None,
                  websocket_origins: tuple[str, ...] = ()):
-        super().__init__(password=password, name=name, max_clients=max_clients, lossy=lossy,
-                         tls=tls, websocket_origins=websocket_origins)
         self.console = console
         self.keymap = keymap
+        self.server = RfbServer(self, password=password, name=name, max_clients=max_clients,
+                                lossy=lossy, tls=tls, websocket_origins=websocket_origins)
+        self._sessions: dict[RfbSession, InputState] = {}    # attached, with their input state
         self._listening = False
 
-    # ------------------------------------------------------------ RfbServer hooks
+    # ------------------------------------------------------------ serving
+    async def listen(self, host: str, display: int, **kwargs) -> int:
+        """Bind and serve (RfbServer.listen); returns the port."""
+        return await self.server.listen(host, display, **kwargs)
+
+    async def serve(self, listeners: VncListeners) -> None:
+        await self.server.serve(listeners)
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    @property
+    def budget(self):
+        """The log budget of the lines clients can cause."""
+        return self.server.budget
+
+    def set_password(self, password: str | None) -> None:
+        self.server.set_password(password)
+
+    def expire_password(self) -> None:
+        self.server.expire_password()
+
+    # ------------------------------------------------------------ RfbDisplay
     def framebuffer(self) -> Surface:
         return self.console.surface
 
-    def prepare_connection(self, conn: rfb.ServerConnection) -> None:
-        conn.absolute_pointer = self.console.absolute_pointer
-        conn.leds = self.console.leds
+    def pointer_absolute(self) -> bool:
+        return self.console.absolute_pointer
 
-    def client_attached(self, client: RfbClient) -> None:
-        client.session = VncSession(self.keysym_decoder())
+    def leds(self) -> int:
+        return self.console.leds
+
+    def session_attached(self, session: RfbSession) -> None:
+        self._sessions[session] = InputState(self.keysym_decoder())
         if not self._listening:
             self._listening = True
             self.console.attach(self)
 
-    def client_detached(self, client: RfbClient) -> None:
-        self.console.release_input(client)
-        if self._listening and not self.attached_clients():
+    def session_detached(self, session: RfbSession) -> None:
+        self._sessions.pop(session, None)
+        self.console.release_input(session)
+        if self._listening and not self.server.attached_clients():
             self._listening = False
             self.console.detach(self)
 
-    def client_input(self, client: RfbClient, event) -> None:
+    def session_input(self, session: RfbSession, event) -> None:
+        state = self._sessions.get(session)
+        if state is None:
+            return
         if isinstance(event, rfb.PointerEvent):
-            self._pointer(client, event)
+            self._pointer(session, state, event)
         elif isinstance(event, rfb.KeyEvent):
-            self._key(client, self._keysym_code(client, event.keysym, event.down), event.down)
+            self._key(session, self._keysym_code(state, event.keysym, event.down), event.down)
         elif isinstance(event, rfb.ExtendedKeyEvent):
             code = self.qnum_to_linux(event.keycode) if event.keycode else None
             if code is None:
                 code = self.keysym_to_linux(event.keysym)
-            self._key(client, code, event.down)
+            self._key(session, code, event.down)
 
     # ------------------------------------------------------------ console listener
     def console_update(self, rects: list[Rect]) -> None:
-        self.mark_dirty(rects)
+        self.server.mark_dirty(rects)
 
     def console_resized(self, surface: Surface) -> None:
-        self.resize_clients(surface.width, surface.height)
+        self.server.resize_clients(surface.width, surface.height)
 
     def console_pointer_mode(self, absolute: bool) -> None:
-        self.pointer_mode_changed(absolute)
+        self.server.pointer_mode_changed(absolute)
 
     def console_leds(self, leds: int) -> None:
-        self.leds_changed(leds)
+        self.server.leds_changed(leds)
 
     # ------------------------------------------------------------ input
-    def _keysym_code(self, client: RfbClient, keysym: int, down: bool) -> int | None:
+    def _keysym_code(self, state: InputState, keysym: int, down: bool) -> int | None:
         """The layout's key for a keysym, chosen with this client's held modifiers."""
-        decoder = client.session.keysyms
+        decoder = state.keysyms
         if decoder is None:
             return self.keysym_to_linux(keysym)
         return decoder.press(keysym) if down else decoder.release(keysym)
 
-    def _key(self, client: RfbClient, code: int | None, down: bool) -> None:
+    def _key(self, session: RfbSession, code: int | None, down: bool) -> None:
         if code:
-            self.console.key(code, down, source=client)
+            self.console.key(code, down, source=session)
 
-    def _pointer(self, client: RfbClient, event: rfb.PointerEvent) -> None:
+    def _pointer(self, session: RfbSession, state: InputState, event: rfb.PointerEvent) -> None:
         console = self.console
-        if not console.absolute_pointer and enc.POINTER_TYPE_CHANGE in client.conn.encodings:
-            # The client knows the pointer is relative: it sends offsets from an origin.
+        if not console.absolute_pointer and session.follows_pointer_type():
+            # The session knows the pointer is relative: it sends offsets from an origin.
             console.pointer_rel(event.x - POINTER_ORIGIN, event.y - POINTER_ORIGIN)
         else:
-            console.pointer_move(client, event.x, event.y)
-        session = client.session
-        changed = event.buttons ^ session.buttons
-        pressed = event.buttons & ~session.buttons
-        session.buttons = event.buttons
+            console.pointer_move(session, event.x, event.y)
+        changed = event.buttons ^ state.buttons
+        pressed = event.buttons & ~state.buttons
+        state.buttons = event.buttons
         for bit, name in BUTTONS:
             if changed & bit:
-                console.button(name, bool(event.buttons & bit), source=client)
+                console.button(name, bool(event.buttons & bit), source=session)
         if pressed & WHEEL_UP:
             console.wheel(-1)
         if pressed & WHEEL_DOWN:
@@ -151,5 +179,5 @@ class VncServer(RfbServer):
         """The `clients` of QMP query-vnc."""
         return [{"host": c.host, "family": "ipv6" if ":" in c.host else "ipv4",
                  "service": c.peer.rsplit(":", 1)[-1], "websocket": c.mode is not Transport.RFB}
-                for c in self.attached_clients()]
+                for c in self.server.attached_clients()]
 

@@ -1,5 +1,5 @@
 """Fixtures for the VNC tests: a console with a known picture, a recording
-input sink, and a VncServer on a free port in a background event loop."""
+input sink, and a VncDisplay on a free port in a background event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ import pytest
 
 from pyxenfb.console.core import Console, Surface
 from pyxenfb.convert import GUEST_32, to_rgb
-from pyxenfb.vnc import VncServer
+from pyxenfb.vnc import VncDisplay
 from pyxenfb.rfb.client import NEED_DATA, Connection, ServerInit
 from pyxenfb.rfb.listener import VNC_BASE_PORT
 
@@ -71,7 +71,7 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """A VncServer on 127.0.0.1 running in its own event-loop thread; with
+    """A VncDisplay on 127.0.0.1 running in its own event-loop thread; with
     websocket=True also a WebSocket port (`ws_port`, as -vnc ...,websocket=)."""
 
     def __init__(self, surface: Surface | None = None, websocket: bool = False, **server_kwargs):
@@ -83,7 +83,8 @@ class ServerThread:
         self.console.input = self.input
         self.call(self.console.set_surface, surface or make_picture())
         server_kwargs.setdefault("keymap", StubKeymap())
-        self.server: VncServer = self.call(VncServer, self.console, **server_kwargs)
+        self.display: VncDisplay = self.call(VncDisplay, self.console, **server_kwargs)
+        self.server = self.display.server           # its RfbServer: sessions, limits, blacklist
         self.port = self.run(self._listen(websocket))
         self.ws_port = self.server.websocket_port
 
@@ -116,7 +117,7 @@ class ServerThread:
         return self.call(lambda: sum(1 for c in self.server.clients if c.attached))
 
     def close(self) -> None:
-        self.run(self.server.close())
+        self.run(self.display.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()

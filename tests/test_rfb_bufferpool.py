@@ -1,4 +1,4 @@
-"""rfb.server.BufferPool: snapshot buffers of different sizes come and go.
+"""rfb.updates.BufferPool: snapshot buffers of different sizes come and go.
 
 The hostile-guest storm found it: with two free buffers of different sizes
 (a guest resizing under a watching client), taking one out compared arrays
@@ -6,7 +6,7 @@ with == and raised, killing the client's connection.
 """
 import numpy as np
 
-from pyxenfb.rfb.server import BufferPool
+from pyxenfb.rfb.updates import BufferPool
 
 
 def test_buffers_of_different_sizes_are_reused_smallest_fit_first():

@@ -11,7 +11,15 @@ from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import protocol as rfb
 from pyxenfb.rfb.auth import Blacklist, des_key, vnc_response
+from pyxenfb.rfb.updates import send_update as _send_update
 from rfb_harness import make_picture
+
+_ENCODERS: dict = {}
+
+
+def send_update(conn, rows, fmt, rects):
+    """One update at once, with the connection's own encoder (its zlib streams)."""
+    return _send_update(conn, rows, fmt, rects, _ENCODERS.setdefault(id(conn), (conn, enc.Encoder()))[1])
 
 
 def new(password=None, **kw) -> rfb.ServerConnection:
@@ -237,7 +245,7 @@ def test_colour_map_request_gets_fixed_palette():
     # An update arrives as palette indices.
     conn.receive_data(fbur(0, 0, 0, 1, 1))
     surface = make_picture()
-    conn.send_update(surface.rows, surface.fmt, [(0, 0, 1, 1)])
+    send_update(conn, surface.rows, surface.fmt, [(0, 0, 1, 1)])
     out = conn.data_to_send()
     assert len(out) == 4 + 12 + 1
 
@@ -275,7 +283,7 @@ def test_ext_key_ack_rides_on_next_update():
     assert conn.has_pseudo
     conn.receive_data(fbur(1))
     surface = make_picture()
-    conn.send_update(surface.rows, surface.fmt, [])
+    send_update(conn, surface.rows, surface.fmt, [])
     out = conn.data_to_send()
     assert out == b"\0\0\0\x01" + enc.rect_header(0, 0, 0, 0, -258)
     events = conn.receive_data(struct.pack(">BBHII", 255, 0, 1, 0x61, 30))
@@ -317,7 +325,7 @@ def test_set_desktop_size_is_prohibited():
         assert conn.receive_data(msg) == []
         assert conn.has_pseudo
         conn.receive_data(fbur(1))
-        conn.send_update(make_picture().rows, GUEST_32, [])
+        send_update(conn, make_picture().rows, GUEST_32, [])
         out = conn.data_to_send()
         assert out[4:16] == enc.rect_header(1, 1, 800, 600, -308)     # reason 1, status 1
         assert conn.width == 800
@@ -333,7 +341,7 @@ def test_a_surface_wider_than_rfb_can_say_is_shown_clipped():
     conn.receive_data(set_encodings(0, -223))
     assert conn.resize(1, 100_000) is True
     conn.receive_data(fbur(1))
-    conn.send_update(make_picture(8, 8).rows, GUEST_32, [])
+    send_update(conn, make_picture(8, 8).rows, GUEST_32, [])
     assert conn.data_to_send() == b"\0\0\0\x01" + enc.rect_header(0, 0, 1, 65535, -223)
 
 
@@ -344,9 +352,9 @@ def test_changes_outside_a_clients_view_keep_its_request_outstanding():
     assert conn.resize(1024, 768) is False
     conn.receive_data(fbur(1))
     picture = make_picture(1024, 768).rows
-    assert conn.send_update(picture, GUEST_32, [(900, 700, 10, 10)]) == 0
+    assert send_update(conn, picture, GUEST_32, [(900, 700, 10, 10)]) == 0
     assert conn.data_to_send() == b"" and conn.pending_request == "incremental"
-    assert conn.send_update(picture, GUEST_32, [(10, 10, 2, 2)]) > 0
+    assert send_update(conn, picture, GUEST_32, [(10, 10, 2, 2)]) > 0
     out = conn.data_to_send()
     assert out[:16] == b"\0\0\0\x01" + enc.rect_header(10, 10, 2, 2, 0)
     assert conn.pending_request is None
@@ -359,7 +367,7 @@ def test_resize_goes_alone_and_unsupported_client_refuses():
     conn.receive_data(set_encodings(0, -223))
     assert conn.resize(1024, 768) is True and conn.resize_pending
     conn.receive_data(fbur(1))
-    conn.send_update(make_picture(1024, 768).rows, GUEST_32, [])
+    send_update(conn, make_picture(1024, 768).rows, GUEST_32, [])
     assert conn.data_to_send() == b"\0\0\0\x01" + enc.rect_header(0, 0, 1024, 768, -223)
     assert not conn.resize_pending
 
@@ -368,7 +376,7 @@ def test_update_clipped_and_padding_zero():
     conn = to_normal()
     conn.receive_data(fbur(0, 790, 590, 65535, 65535))
     surface = make_picture()
-    conn.send_update(surface.rows, surface.fmt, [(790, 590, 65535, 65535), (900, 0, 5, 5)])
+    send_update(conn, surface.rows, surface.fmt, [(790, 590, 65535, 65535), (900, 0, 5, 5)])
     out = conn.data_to_send()
     assert out[:4] == b"\0\0\0\x01"           # type, zero padding, one rectangle
     assert out[4:16] == enc.rect_header(790, 590, 10, 10, 0) and len(out) == 16 + 400
@@ -377,7 +385,7 @@ def test_update_clipped_and_padding_zero():
 def test_full_request_with_nothing_to_send_gets_empty_update():
     conn = to_normal()
     conn.receive_data(fbur(0, 5000, 5000, 0, 0))
-    conn.send_update(make_picture().rows, GUEST_32, [])
+    send_update(conn, make_picture().rows, GUEST_32, [])
     assert conn.data_to_send() == b"\0\0\0\0"
 
 
@@ -424,7 +432,7 @@ def test_fuzz_any_bytes_in_any_state(state, chunks, negotiate):
             return
         conn.data_to_send()
         if conn.state == "normal" and conn.pending_request:
-            conn.send_update(surface.rows, surface.fmt, [(0, 0, 64, 48)])
+            send_update(conn, surface.rows, surface.fmt, [(0, 0, 64, 48)])
 
 
 @settings(deadline=None, max_examples=150)
@@ -446,7 +454,7 @@ def test_fuzz_well_formed_messages_with_hostile_values(messages):
         except rfb.ProtocolError:
             return
         if conn.pending_request:
-            conn.send_update(surface.rows, surface.fmt, [(0, 0, 37, 23), (30, 20, 100, 100)])
+            send_update(conn, surface.rows, surface.fmt, [(0, 0, 37, 23), (30, 20, 100, 100)])
         conn.data_to_send()
 
 
@@ -517,3 +525,47 @@ def test_led_state_follows_lock_keys_sent_to_the_guest():
         c.close()
     finally:
         srv.close()
+
+
+def test_state_table_refuses_an_illegal_move():
+    """The connection changes state only through states.TRANSITIONS: a move
+    the table lacks (ServerInit before any security) raises and leaves the
+    state as it was."""
+    from pyxenfb.rfb.states import State, StateError, Step, next_state
+    conn = rfb.ServerConnection(64, 48, "t")
+    with pytest.raises(StateError):
+        conn._move(Step.CLIENT_INIT)
+    assert conn.state is State.VERSION
+    with pytest.raises(StateError):
+        next_state(State.NORMAL, Step.SECURITY_NONE)
+    assert next_state(State.NORMAL, Step.CLOSE) is State.CLOSED
+
+
+def test_state_table_every_state_reachable_and_closable():
+    from pyxenfb.rfb.states import TRANSITIONS, State, Step
+    reached, todo = {State.VERSION}, [State.VERSION]
+    while todo:
+        here = todo.pop()
+        for (state, _), there in TRANSITIONS.items():
+            if state is here and there not in reached:
+                reached.add(there)
+                todo.append(there)
+    assert reached == set(State)
+    assert all(TRANSITIONS[state, Step.CLOSE] is State.CLOSED for state in State)
+
+
+def test_protocol_core_imports_no_pixels():
+    """The sans-IO connection takes finished rectangles (updates.py makes
+    them): it imports neither numpy nor the converters nor the console."""
+    import ast
+    from pathlib import Path
+    source = Path(rfb.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert not {m for m in imported if m.split(".")[0] == "numpy"}, imported
+    assert not {m for m in imported if m.lstrip(".") in ("convert", "console") or
+                m.startswith(("..convert", "..console", "pyxenfb.convert", "pyxenfb.console"))}, imported

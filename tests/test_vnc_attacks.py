@@ -857,13 +857,13 @@ def test_banner_is_written_inside_connection_made():
 
     from pyxenfb.console.core import Console
     from pyxenfb.rfb.listener import Transport
-    from pyxenfb.vnc import VncServer
+    from pyxenfb.vnc import VncDisplay
 
     async def scenario():
         console = Console("test", asyncio.get_running_loop())
         console.set_surface(make_picture(64, 48))
-        server = VncServer(console)
-        client = rfb_server.RfbClient(server, Transport.RFB)
+        server = VncDisplay(console)
+        client = rfb_server.RfbSession(server.server, Transport.RFB)
         transport = _RecordingTransport()
         client.connection_made(transport)
         written = list(transport.writes)

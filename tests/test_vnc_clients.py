@@ -69,7 +69,7 @@ def test_vncdotool_compress_level_mid_session(vnc_server):
             vnc_server.draw(surface.rows, 0, 0, 800, 600)
             got = np.asarray(c.refreshScreen().screen.convert("RGB"))
             assert np.array_equal(got, expected_rgb(surface)), level
-            levels = vnc_server.call(lambda: [cl.conn.encoder.compress_level
+            levels = vnc_server.call(lambda: [cl.encoder.compress_level
                                               for cl in vnc_server.server.clients])
             assert levels == [level]
     finally:
@@ -350,7 +350,7 @@ def test_listen_range_and_bind_error():
     srv = ServerThread()
     try:
         taken = srv.port
-        other = srv.call(lambda: type(srv.server)(srv.console))
+        other = srv.call(lambda: type(srv.display)(srv.console))
         with pytest.raises(VncBindError) as err:
             srv.run(other.listen("127.0.0.1", taken - VNC_BASE_PORT))
         assert str(err.value) == f"VNC: port {taken} on 127.0.0.1 is in use"
@@ -361,7 +361,7 @@ def test_listen_range_and_bind_error():
         base = blocker.getsockname()[1]
         try:
             port = srv.run(other.listen("127.0.0.1", base - VNC_BASE_PORT, to_display=base - VNC_BASE_PORT + 20))
-            assert base < port <= base + 20 and other.display == port - VNC_BASE_PORT
+            assert base < port <= base + 20 and other.server.display == port - VNC_BASE_PORT
         finally:
             blocker.close()
             srv.run(other.close())

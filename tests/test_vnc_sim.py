@@ -5,7 +5,7 @@ import resource
 
 import numpy as np
 
-from pyxenfb.vnc import VncServer
+from pyxenfb.vnc import VncDisplay
 from pyxenfb.sim.picture import test_picture as guest_picture
 
 from simkit import RawVncClient as RawClient, connected_domain, wait_for
@@ -14,7 +14,7 @@ from simkit import RawVncClient as RawClient, connected_domain, wait_for
 def test_animation_three_clients_one_not_reading_then_resize():
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
-            vnc = VncServer(be.console, name="sim")
+            vnc = VncDisplay(be.console, name="sim")
             port = await vnc.listen("127.0.0.1", 0, to_display=99)
             readers = [RawClient("a"), RawClient("b")]
             for c in readers:
@@ -33,11 +33,11 @@ def test_animation_three_clients_one_not_reading_then_resize():
                            timeout=10, what="readers caught up with the animation")
             assert all(c.updates >= 10 for c in readers), [c.updates for c in readers]
             slow_peer = "127.0.0.1:%d" % slow.w.get_extra_info("sockname")[1]
-            slow_side = [c for c in vnc.clients if c.peer == slow_peer]
+            slow_side = [c for c in vnc.server.clients if c.peer == slow_peer]
             if slow_side:                        # still connected: its output is bounded
                 assert slow_side[0].transport.get_write_buffer_size() <= 5 * slow_side[0].throttle
                 assert slow_side[0].updates_sent < 60
-            assert len(vnc.clients) in (2, 3)    # the readers are never dropped
+            assert len(vnc.server.clients) in (2, 3)    # the readers are never dropped
             growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
             assert growth_kib < 64 * 1024, f"RSS grew {growth_kib} KiB"
 

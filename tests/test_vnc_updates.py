@@ -13,8 +13,8 @@ from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.console.core import Surface
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
-from pyxenfb.rfb import server as rfb_server
-from pyxenfb.vnc import VncServer
+from pyxenfb.rfb import updates as rfb_updates
+from pyxenfb.vnc import VncDisplay
 
 from rfb_harness import KEY_A, RawClient, ServerThread
 from simkit import RawVncClient as AsyncRawClient, connected_domain, wait_for, wait_until
@@ -60,13 +60,13 @@ def test_one_guest_batch_is_one_framebuffer_update():
 
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
-            vnc = VncServer(be.console, name="sim")
+            vnc = VncDisplay(be.console, name="sim")
             port = await vnc.listen("127.0.0.1", 0, to_display=99)
             client = AsyncRawClient("c")
             await client.connect(port)
             reader = asyncio.create_task(client.read_updates())
             await wait_for(lambda: client.updates == 1, what="first frame")
-            await wait_for(lambda: vnc.clients[0].conn.pending_request == "incremental",
+            await wait_for(lambda: vnc.server.clients[0].conn.pending_request == "incremental",
                            what="the next request pending at the server")
             for i, (x, y, w, h) in enumerate(rects):
                 guest.fb.fb[y:y + h, x:x + w] = 0x00102030 * (i + 1) & 0xFFFFFF
@@ -131,12 +131,12 @@ def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypat
 
 def test_clients_with_one_format_share_one_conversion(monkeypatch):
     calls = []
-    real = rfb_server.convert_rect
+    real = rfb_updates.convert_rect
 
     def counting(*args, **kwargs):
         calls.append(args[3:7])
         return real(*args, **kwargs)
-    monkeypatch.setattr(rfb_server, "convert_rect", counting)
+    monkeypatch.setattr(rfb_updates, "convert_rect", counting)
     picture = noisy_surface(640, 480)
     srv = ServerThread(Surface.blank(640, 480))
     clients = [RawClient(srv.port) for _ in range(3)]
@@ -176,7 +176,7 @@ def test_snapshot_buffers_are_reused_between_updates():
             full_request(c, w=800, h=600)
             rects = read_update(c)
             assert sum(w * h for _, _, w, h, _, _ in rects) == 800 * 600
-        assert srv.call(lambda: srv.server._pool.allocations) <= 2
+        assert srv.call(lambda: srv.server.updates._pool.allocations) <= 2
     finally:
         c.close()
         srv.close()
@@ -230,9 +230,9 @@ def test_frame_buffers_let_go_when_the_last_client_leaves():
         c.handshake()
         full_request(c, w=800, h=600)
         read_update(c)
-        wait_until(lambda: srv.call(lambda: len(srv.server._pool._free)) >= 1, 5, "a buffer back in the pool")
+        wait_until(lambda: srv.call(lambda: len(srv.server.updates._pool._free)) >= 1, 5, "a buffer back in the pool")
         c.close()
-        wait_until(lambda: srv.call(lambda: not srv.server.clients and not srv.server._pool._free),
+        wait_until(lambda: srv.call(lambda: not srv.server.clients and not srv.server.updates._pool._free),
                    5, "the pool emptied once nobody watches")
     finally:
         srv.close()
@@ -259,14 +259,14 @@ def test_the_heap_is_trimmed_while_updates_flow(monkeypatch):
     interval): fragmented memory is not left resident until the client goes."""
     from pyxenfb.util import malloc
     srv = ServerThread(noisy_surface(800, 600))
-    srv.call(lambda: setattr(srv.server, "_trim", malloc.PeriodicTrim(0.0)))
+    srv.call(lambda: setattr(srv.server.updates, "_trim", malloc.PeriodicTrim(0.0)))
     c = RawClient(srv.port)
     try:
         c.handshake()
         for _ in range(3):
             full_request(c, w=800, h=600)
             read_update(c)
-        wait_until(lambda: srv.call(lambda: srv.server._trim.trims) >= 3, 5, "three trims")
+        wait_until(lambda: srv.call(lambda: srv.server.updates._trim.trims) >= 3, 5, "three trims")
     finally:
         c.close()
         srv.close()

@@ -24,7 +24,7 @@ from pyxenfb.convert import GUEST_FORMATS, convert_rect
 from pyxenfb.platform.foreignmem import ForeignMemoryError, SimForeignMemory
 from pyxenfb.sim.guestmem import GuestMemory
 from pyxenfb.sim.picture import test_picture as guest_picture
-from pyxenfb.vnc import VncServer
+from pyxenfb.vnc import VncDisplay
 from pyxenfb.xenfb import DeviceError, check_geometry, plan_framebuffer, read_page_directory
 
 from simkit import (RawVncClient, RecordingListener, new_domain, short_run_dir, sim_host,
@@ -167,7 +167,7 @@ def test_hostile_rings_and_events_leave_other_domain_untouched():
             fb, kbd, console = be_bad.fb, be_bad.kbd, be_bad.console
             mapping_size = fb.fb_map.array.size
             # A VNC client watches the fuzzed console the whole time.
-            vnc = VncServer(console, name="hostile")
+            vnc = VncDisplay(console, name="hostile")
             port = await vnc.listen("127.0.0.1", 0, to_display=99)
             watcher = RawVncClient("watcher")
             await watcher.connect(port)

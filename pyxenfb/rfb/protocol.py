@@ -16,13 +16,13 @@ import re
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..convert import GUEST_32, PixelFormat, convert_rect
+from ..util.pixelformat import GUEST_32, PixelFormat
 from ..util.region import clip
 from . import auth
 from . import encodings as enc
-from .states import QEMU_EXTENDED_KEY_EVENT, ClientMsg, SecurityType, ServerMsg, State, VeNCryptSubtype
+from .tls import TlsKind
+from .states import (QEMU_EXTENDED_KEY_EVENT, ClientMsg, Request, SecurityType, ServerMsg, State, Step,
+                     VeNCryptSubtype, next_state)
 
 SEC_NONE, SEC_VNC, SEC_VENCRYPT = SecurityType.NONE, SecurityType.VNC, SecurityType.VENCRYPT
 VENCRYPT_VERSION = (0, 2)
@@ -168,54 +168,18 @@ def colour_map_entries() -> bytes:
     return bytes(out)
 
 
-class UpdateJob:
-    """One FramebufferUpdate: the pixels were copied (converted to the
-    client's format) when it began, so neither a guest rewriting its
-    framebuffer nor a surface going away afterwards can reach them.
-
-    `encode()` touches only the job and the client's encoder (its zlib
-    streams), so it may run in a worker thread while the loop goes on with
-    the connection; `finish()` queues the result, back on the loop.  One job
-    per connection at a time keeps the zlib streams in order.  The encoding,
-    pixel format and compression level are those in force when the job
-    began (later changes apply to the next update, as if this one had
-    already been on the wire)."""
-
-    def __init__(self, conn: "ServerConnection", pseudo: list[bytes], pieces: list, full: bool):
-        self._conn = conn
-        self._encoder = conn.encoder
-        self._pseudo = pseudo
-        self.pieces = pieces                   # (pixels, x, y, w, h) in the client's format
-        self._full = full
-        self._encoding, self._fmt = conn.encoding, conn.pixel_format
-        self._jpeg = conn.jpeg_quality if conn.lossy else None
-        self._level = conn.compress_level
-        self._chunks: list[bytes] | None = None
-        self._count = 0
-
-    @property
-    def pixel_count(self) -> int:
-        return sum(w * h for _, _, _, w, h in self.pieces)
-
-    def encode(self) -> None:
-        """Encode every rectangle (the slow part; safe off the loop)."""
-        chunks = list(self._pseudo)
-        count = len(self._pseudo)
-        if self._level is not None:
-            self._encoder.set_compress_level(self._level)
-        for pixels, x, y, w, h in self.pieces:
-            n, data = self._encoder.encode_chunks(self._encoding, self._fmt, pixels, x, y, w, h,
-                                                  jpeg_quality=self._jpeg)
-            chunks += data
-            count += n
-        self._chunks, self._count = chunks, count
-
-    def finish(self) -> int:
-        """Queue the whole FramebufferUpdate (encoding it first if nobody
-        has); the number of bytes queued."""
-        if self._chunks is None:
-            self.encode()
-        return self._conn._queue_update(self._chunks, self._count, self._full)
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What one FramebufferUpdate answers with, fixed when it begins: the
+    pseudo-rectangles queued so far, the rectangles to encode (clipped to
+    what the client sees), and the encoding, format and levels in force."""
+    pseudo: tuple[bytes, ...]
+    rects: tuple[tuple[int, int, int, int], ...]
+    full: bool                          # answers a non-incremental request
+    encoding: int
+    fmt: PixelFormat
+    jpeg_quality: int | None
+    compress_level: int | None
 
 
 # RFB sizes are u16: a larger surface (a guest may make one 70000 pixels wide
@@ -229,16 +193,16 @@ class ServerConnection:
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
                  password_expired: bool = False, blocked_reason: str | None = None,
-                 lossy: bool = False, tls: str | None = None):
+                 lossy: bool = False, tls: TlsKind | str | None = None):
         self.width, self.height = min(width, RFB_MAX_DIMENSION), min(height, RFB_MAX_DIMENSION)
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
         self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
         self.blocked_reason = blocked_reason
-        # "x509" or "anon": only VeNCrypt is offered, with the one subtype
+        # TlsKind.X509 or ANON: only VeNCrypt is offered, with the one subtype
         # these credentials and the password setting call for (as QEMU).
-        self.tls = tls
+        self.tls = TlsKind(tls) if tls is not None else None
         self.subtype: VeNCryptSubtype | None = None
         self.state = State.VERSION
         self.version = 8               # minor version in use
@@ -253,9 +217,8 @@ class ServerConnection:
         self.cu_seen = False
         self.absolute_pointer = True
         self.leds = 0                        # lock LEDs, QEMU bits: 1 scroll, 2 num, 4 caps
-        self.encoder = enc.Encoder()
         self.compress_level: int | None = None    # the client's CompressLevel, if it sent one
-        self._request: str | None = None     # None, "incremental" or "full"
+        self._request: Request | None = None
         # Pseudo-rectangles ride on the next FramebufferUpdate, so they never
         # arrive as an unasked-for update (vncdotool would take such an
         # update as the answer to its own request).
@@ -295,7 +258,7 @@ class ServerConnection:
 
     def close(self) -> None:
         """The owner closed the connection: nothing more is parsed."""
-        self.state = State.CLOSED
+        self._move(Step.CLOSE)
 
     def receive_data(self, data: bytes) -> list:
         if self.state is State.CLOSED:
@@ -319,14 +282,18 @@ class ServerConnection:
                     self._discard -= skip
                     pos += skip
         except ProtocolError:
-            self.state = State.CLOSED
+            self._move(Step.CLOSE)
             buf.clear()
             raise
         del buf[:pos]
         return events
 
+    def _move(self, step: Step) -> None:
+        """Change state as the table in states.py says (StateError if not allowed)."""
+        self.state = next_state(self.state, step)
+
     def _fail(self, reason: str, exc=ProtocolError):
-        self.state = State.CLOSED
+        self._move(Step.CLOSE)
         raise exc(reason)
 
     # ------------------------------------------------------------ parsing
@@ -368,7 +335,7 @@ class ServerConnection:
             self._begin_security(sec, events)
         else:
             self._out += bytes([1, sec])
-            self.state = State.SECURITY
+            self._move(Step.VERSION_3_7_OR_LATER)
         return 12
 
     def _security_type(self) -> SecurityType:
@@ -378,23 +345,23 @@ class ServerConnection:
 
     def _offered_subtype(self) -> VeNCryptSubtype:
         with_password = self.password is not None
-        if self.tls == "x509":
+        if self.tls is TlsKind.X509:
             return VeNCryptSubtype.X509_VNC if with_password else VeNCryptSubtype.X509_NONE
         return VeNCryptSubtype.TLS_VNC if with_password else VeNCryptSubtype.TLS_NONE
 
     def _begin_security(self, sec: int, events: list) -> None:
         if sec == SEC_VENCRYPT:
             self._out += bytes(VENCRYPT_VERSION)
-            self.state = State.VENCRYPT_VERSION
+            self._move(Step.SECURITY_VENCRYPT)
         elif sec == SEC_VNC:
             self._challenge = auth.new_challenge()
             self._out += self._challenge
-            self.state = State.VNC_AUTH
+            self._move(Step.SECURITY_VNC)
         else:
             # VeNCrypt's None subtypes always end with a SecurityResult.
             if self.version == 8 or self.subtype is not None:
                 self._out += struct.pack(">I", 0)
-            self.state = State.CLIENT_INIT
+            self._move(Step.SECURITY_NONE)
             events.append(Authenticated())
 
     def _security_failed(self, reason: str, log_reason: str, exc=ProtocolError):
@@ -421,7 +388,7 @@ class ServerConnection:
             self._out.append(1)                      # non-zero: unsupported, closing
             self._fail(f"VeNCrypt version {version[0]}.{version[1]} not supported (only 0.2)")
         self._out += bytes([0, 1]) + struct.pack(">I", self._offered_subtype())
-        self.state = State.VENCRYPT_SUBTYPE
+        self._move(Step.VENCRYPT_VERSION)
         return 2
 
     def _parse_vencrypt_subtype(self, buf, p, events) -> int:
@@ -435,7 +402,7 @@ class ServerConnection:
                        f"({offered.name})")
         self._out.append(1)
         self.subtype = offered
-        self.state = State.TLS_HANDSHAKE
+        self._move(Step.VENCRYPT_SUBTYPE)
         events.append(StartTls())
         return 4
 
@@ -467,7 +434,7 @@ class ServerConnection:
             self._security_failed("Authentication failed", "VNC authentication failed",
                                   AuthenticationFailed)
         self._out += struct.pack(">I", 0)
-        self.state = State.CLIENT_INIT
+        self._move(Step.AUTHENTICATED)
         events.append(Authenticated())
         return auth.CHALLENGE_SIZE
 
@@ -476,7 +443,7 @@ class ServerConnection:
         self._out += struct.pack(">HH", self.width, self.height)
         self._out += pack_pixel_format(SERVER_FORMAT)
         self._out += struct.pack(">I", len(name)) + name
-        self.state = State.NORMAL
+        self._move(Step.CLIENT_INIT)
 
     # ------------------------------------------------------------ normal phase
     def _parse_message(self, buf, p, events) -> int:
@@ -514,11 +481,11 @@ class ServerConnection:
             return 0
         incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, p + 1)
         if not incremental:
-            self._request = "full"
+            self._request = Request.FULL
             if enc.EXT_DESKTOP_SIZE in self.encodings:
                 self._send_ext_desktop_size(0, 0)
         elif self._request is None:
-            self._request = "incremental"
+            self._request = Request.INCREMENTAL
         events.append(UpdateRequest(bool(incremental), x, y, w, h))
         return 10
 
@@ -684,56 +651,46 @@ class ServerConnection:
 
     # ------------------------------------------------------------ updates
     @property
-    def pending_request(self) -> str | None:
-        """"full", "incremental" or None (continuous updates count as incremental)."""
+    def pending_request(self) -> Request | None:
+        """The update the client waits for, if any (continuous updates count
+        as incremental)."""
         if self._request is None and self.continuous is not None:
-            return "incremental"
+            return Request.INCREMENTAL
         return self._request
 
-    def send_update(self, rows: np.ndarray, src_fmt: PixelFormat,
-                    rects: list[tuple[int, int, int, int]]) -> int:
-        """Encode `rects` of the surface `rows` into one FramebufferUpdate at once.
-
-        Rectangles are clipped to the framebuffer; pending pseudo-rectangles
-        go first; the outstanding request is answered.  While a size change
-        is pending the caller passes no rects: it goes out alone.  Returns
-        the number of bytes queued.  (`begin_update` splits the same into
-        copy now, encode anywhere, queue later.)
-        """
-        return self.begin_update(rows, src_fmt, rects).finish()
-
-    def begin_update(self, rows: np.ndarray, src_fmt: PixelFormat,
-                     rects: list[tuple[int, int, int, int]], *, snapshot=None) -> "UpdateJob":
-        """Start answering the outstanding request: the rectangles' pixels are
-        copied in the client's format now.  `snapshot(rows, src_fmt, dst_fmt,
-        clipped_rects)` may provide that copy (a server shares one among
-        clients that use the same format); it returns one private pixel array
-        per rectangle."""
-        # Never trust the caller's size bookkeeping further than the pixels go.
-        width = min(self.width, rows.shape[1] // src_fmt.bytes_per_pixel)
-        height = min(self.height, rows.shape[0])
+    def begin_update(self, width: int, height: int,
+                     rects: list[tuple[int, int, int, int]]) -> UpdatePlan | None:
+        """Start answering the outstanding request with `rects` of a picture
+        `width` x `height`: they are clipped to it and to this client's view,
+        and pending pseudo-rectangles go first.  While a size change is
+        pending the caller passes no rects: it goes out alone.  None when
+        nothing this client can see changed (its request stays outstanding).
+        The owner encodes the plan's rectangles and hands them to
+        `finish_update`; updates.py does both."""
+        width, height = min(self.width, width), min(self.height, height)
         clipped = [r for r in (clip(*rect, width, height) for rect in rects) if r is not None]
-        if self._request != "full" and not self._pseudo and not clipped:
+        if self._request is not Request.FULL and not self._pseudo and not clipped:
             # Nothing this client can see changed (all outside its view):
             # its incremental request stays outstanding, or it waits forever.
-            return UpdateJob(self, [], [], False)
+            return None
         pseudo, self._pseudo = self._pseudo, []
         self.resize_pending = False
-        full, self._request = self._request == "full", None
-        if snapshot is not None:
-            copies = snapshot(rows, src_fmt, self.pixel_format, clipped)
-        else:
-            copies = [convert_rect(rows, src_fmt, self.pixel_format, *r) for r in clipped]
-        pieces = [(pixels, *r) for pixels, r in zip(copies, clipped)]
-        return UpdateJob(self, pseudo, pieces, full)
+        full, self._request = self._request is Request.FULL, None
+        return UpdatePlan(tuple(pseudo), tuple(clipped), full, self.encoding, self.pixel_format,
+                          self.jpeg_quality if self.lossy else None, self.compress_level)
 
-    def _queue_update(self, chunks: list[bytes], count: int, full: bool) -> int:
-        if count == 0 and not full:
+    def finish_update(self, plan: UpdatePlan, rectangles: list[bytes], count: int) -> int:
+        """Queue the FramebufferUpdate `plan` began: its pseudo-rectangles,
+        then `count` encoded rectangles (`rectangles`, their bytes in
+        pieces).  Returns the number of bytes queued."""
+        count += len(plan.pseudo)
+        if count == 0 and not plan.full:
             return 0
         self._seal()
         self._chunks.append(struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count))
-        self._chunks += chunks
-        return 4 + sum(len(c) for c in chunks)
+        self._chunks += plan.pseudo
+        self._chunks += rectangles
+        return 4 + sum(map(len, plan.pseudo)) + sum(len(c) for c in rectangles)
 
     _STATE_PARSERS = {
         State.VERSION: _parse_version,

@@ -1,47 +1,41 @@
-"""asyncio transport around the sans-IO RFB core: sockets, throttling, encoding.
+"""asyncio transport around the sans-IO RFB core: sockets, layers, throttling.
 
-One `RfbClient` (an asyncio Protocol) per connection feeds the socket's bytes
-to its `ServerConnection`, hands input events to its server's display side,
+One `RfbSession` (an asyncio Protocol) per connection passes the socket's
+bytes up through its sans-IO layers (TLS, WebSocket) to its
+`ServerConnection`, hands input events to its server's display side,
 and sends FramebufferUpdates when the client has asked for one (or enabled
 continuous updates) and its output queue is short.  Nothing runs on a timer
 except the handshake deadline.  The VNC port speaks RFB only, and the
 server speaks first: its banner goes out as the connection is made.  A
 WebSocket (noVNC) is served only on a port of its own, when asked for.
 
-Updates are encoded beside the loop, as QEMU's VNC worker does: when an
-update begins, the dirty rectangles are copied in the client's pixel format
-(once per format for all clients starting an update in the same loop pass,
-into reused buffers), then a worker thread encodes that snapshot (zlib,
-numpy and Pillow release the GIL, so the second core works) and the loop
-queues the bytes when it is done.  One update per client is in flight at a
-time, which keeps its zlib streams in order; other clients, input and the
-guest never wait for it.
+Updates go one way through updates.py (snapshot, encoder threads, then
+the connection's `finish_update`); a session only decides when one may
+start: the client asked (or enabled continuous updates), its output queue
+is short, and none of its updates is in flight.
 
-`RfbServer` knows nothing of consoles or keymaps: a display subclasses it
-(pyxenfb/vnc.py) and provides the picture and the input handling.
+`RfbServer` knows nothing of consoles or keymaps: a display owns one
+(pyxenfb/vnc.py), gives it the picture and hears of sessions and their
+input through the `RfbDisplay` methods.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import os
 import socket
 import struct
 from typing import Protocol
 
-import numpy as np
-
-from ..util import malloc
-from ..convert import PixelFormat, conversion_path, convert_rect
+from ..convert import conversion_path
 from ..util.logbudget import LogBudget
 from ..util.region import DirtyRegion, Rect, clip
 from . import encodings as enc
 from . import protocol as rfb
 from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
-from .states import State
-from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsStream, server_context
+from .states import Request, State
+from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsKind, TlsStream, server_context
+from .updates import Framebuffer, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
 
 log = logging.getLogger(__name__)
@@ -52,21 +46,56 @@ MAX_UNAUTHENTICATED = 16        # connections still in the handshake, in all
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8   # ... and from one address (docs/vnc.md, "Threat model")
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
-# Updates this small are encoded on the loop: a thread hand-off costs more
-# than encoding them (a 64x64 change must reach the client in ~1 ms).
-INLINE_PIXELS = 128 * 128
-# Encoder threads: two, so that two clients' frames encode at once on a
-# 2-core dom0 (docs/performance.md measures one against two).
-ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
-POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
 
 
-class Framebuffer(Protocol):
-    """What a display shows (console.Surface has this shape)."""
-    width: int
-    height: int
-    fmt: PixelFormat
-    rows: np.ndarray
+class RfbDisplay(Protocol):
+    """What a server asks of the display that owns it."""
+
+    def framebuffer(self) -> Framebuffer:
+        """The picture shown now."""
+
+    def pointer_absolute(self) -> bool:
+        """Whether the pointer is absolute (else relative) now."""
+
+    def leds(self) -> int:
+        """The lock LEDs now (QEMU bits: 1 scroll, 2 num, 4 caps)."""
+
+    def session_attached(self, session: "RfbSession") -> None:
+        """ClientInit accepted: the session now gets updates and sends input."""
+
+    def session_input(self, session: "RfbSession", event) -> None:
+        """A key, pointer, cut-text or other input event from an attached session."""
+
+    def session_detached(self, session: "RfbSession") -> None:
+        """An attached session is gone."""
+
+
+class OutputQueue:
+    """A session's socket output: its throttle (the write-buffer limit, one
+    frame in the client's format), and the hard limit beyond which the
+    client is not reading and goes."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.throttle = MIN_THROTTLE
+
+    def fit_frame(self, nbytes: int) -> None:
+        self.throttle = max(MIN_THROTTLE, nbytes)
+        self.transport.set_write_buffer_limits(high=self.throttle)
+
+    @property
+    def pending(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def over_limit(self) -> int | None:
+        """The bytes queued, when beyond the hard limit."""
+        pending = self.pending
+        return pending if pending > HARD_LIMIT_FACTOR * self.throttle else None
+
+    def room_for(self, request: Request) -> bool:
+        """An incremental update waits for a short queue; a full one (the
+        client asked for the whole picture) is allowed twice as much."""
+        return self.pending <= (self.throttle if request is Request.INCREMENTAL else 2 * self.throttle)
 
 
 def _peer_name(transport) -> tuple[str, str]:
@@ -77,82 +106,39 @@ def _peer_name(transport) -> tuple[str, str]:
     return str(peer), str(peer)
 
 
-class BufferPool:
-    """Snapshot buffers reused between updates: a frame-sized allocation per
-    update would be an mmap and munmap each time."""
-
-    def __init__(self, keep: int = POOL_BUFFERS):
-        self.keep = keep
-        self.allocations = 0
-        self._free: list[np.ndarray] = []
-
-    # By index, never list.remove(): that compares arrays with ==, element
-    # by element (a ValueError for two free buffers of different sizes).
-    def get(self, nbytes: int) -> np.ndarray:
-        fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
-        if fits:
-            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
-        self.allocations += 1
-        return np.empty(max(nbytes, 1 << 16), np.uint8)
-
-    def put(self, buf: np.ndarray) -> None:
-        self._free.append(buf)
-        if len(self._free) > self.keep:
-            del self._free[min(range(len(self._free)), key=lambda i: self._free[i].size)]
-
-
-class Snapshot:
-    """Rectangles copied in one pixel format, shared by the jobs using them;
-    its buffer goes back to the pool when the last job lets go."""
-
-    def __init__(self, pool: BufferPool, rows: np.ndarray, src_fmt: PixelFormat,
-                 dst_fmt: PixelFormat, rects: list[Rect]):
-        bpp = dst_fmt.bytes_per_pixel
-        self._pool = pool
-        self.buffer = pool.get(sum(w * h * bpp for _, _, w, h in rects))
-        self.pixels = []
-        at = 0
-        for x, y, w, h in rects:
-            out = self.buffer[at:at + w * h * bpp].reshape(h, w * bpp)
-            self.pixels.append(convert_rect(rows, src_fmt, dst_fmt, x, y, w, h, out=out))
-            at += w * h * bpp
-        self.users = 0
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0 and self.buffer is not None:
-            self.pixels = []
-            self._pool.put(self.buffer)
-            self.buffer = None
-
-
-class RfbClient(asyncio.Protocol):
-    """One connection: transport, handshake, throttling and its updates."""
+class RfbSession(asyncio.Protocol):
+    """The server's side of one connection: its layers, handshake deadline,
+    throttling, and when its updates start."""
 
     def __init__(self, server: "RfbServer", mode: Transport):
         self.server = server
         self.mode = Transport(mode)       # a stray string is an error, never a WebSocket
         self.transport: asyncio.Transport | None = None
         self.conn: rfb.ServerConnection | None = None
+        # The sans-IO layers between the socket and RFB, bottom first: TLS
+        # (VeNCrypt, or wss://) under the WebSocket, each pushed once
+        # detection (wss://) or negotiation (VeNCrypt) says it is there.
+        self.layers: list[TlsStream | WebSocketStream] = []
         self.ws: WebSocketStream | None = None
-        self.tls: TlsStream | None = None     # under everything else, once TLS starts
+        self.tls: TlsStream | None = None
         self.peer = self.host = "?"
         self.authenticated = False
         self.attached = False
         self.exclusive = False
         self.closing = False
         self.dirty = DirtyRegion()
-        self.throttle = MIN_THROTTLE
+        self.output: OutputQueue | None = None
         self.updates_sent = 0
-        self.session = None               # the display's per-client state
+        self.encoder = enc.Encoder()        # its zlib streams, used by one update at a time
         self._format_logged = False
-        self._job: rfb.UpdateJob | None = None     # the update being encoded in a worker
+        self._job: UpdateJob | None = None     # the update in flight
         self._timers: list[asyncio.TimerHandle] = []
         self._stall: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.output = OutputQueue(transport)
         self.host, self.peer = _peer_name(transport)
         server = self.server
         server.clients.append(self)
@@ -170,11 +156,12 @@ class RfbClient(asyncio.Protocol):
             self._flush()               # the banner, at once: RFB's server speaks first
         else:
             self.ws = WebSocketStream(server.websocket_origins)
+            self.layers.append(self.ws)
 
-    def _new_connection(self, tls: str | None) -> rfb.ServerConnection:
+    def _new_connection(self, tls: TlsKind | None) -> rfb.ServerConnection:
         server = self.server
         blocked = server.blacklist.blocked_for(self.host)
-        fb = server.framebuffer()
+        fb = server.owner.framebuffer()
         conn = rfb.ServerConnection(
             fb.width, fb.height, server.desktop_name,
             # An empty password (password=on, none set yet) lets nobody in:
@@ -189,57 +176,62 @@ class RfbClient(asyncio.Protocol):
         if not self.attached:
             self.disconnect(f"no handshake within {self.server.handshake_timeout:g} s")
 
+    # ------------------------------------------------------------ layers
     def data_received(self, data: bytes) -> None:
         if self.closing or self.conn is None:
             return
-        if self.mode is Transport.WSS and self.tls is None:
-            if data[:1] != bytes([TLS_RECORD]):
-                self.disconnect("plain ws:// refused: TLS is configured, connect with wss://")
-                return
-            self.tls = TlsStream(self.server.tls_context)
-        if self.tls is not None:
-            data = self._tls_receive(data)
-            if not data or self.closing:
-                return
-        if self.ws is not None:
-            try:
-                data, reply = self.ws.receive(data)
-            except WebSocketError as exc:
-                if exc.reply:
-                    self._write(exc.reply)
-                self.disconnect(str(exc))
-                return
-            if reply:
-                self._write(reply)
-            self._flush()       # the banner goes out once the WebSocket is open
+        if self.mode is Transport.WSS and self.tls is None and not self._tls_detected(data):
+            return
+        data = self._up(data)
         if data:
             self._feed(data)
 
-    def _tls_receive(self, data: bytes) -> bytes | None:
-        """Socket bytes through TLS: the plaintext, or None once closed."""
-        try:
-            plain, reply = self.tls.receive(data)
-        except TlsError as exc:
-            if exc.reply:
-                self.transport.write(exc.reply)
-            self.disconnect(f"TLS: {exc}")
-            return None
-        if reply:
-            self.transport.write(reply)
-        if self.tls.established and self.conn.state is State.TLS_HANDSHAKE:
-            self._handle_all(self.conn.tls_established())
-            self._flush()
-        return plain
+    def _tls_detected(self, data: bytes) -> bool:
+        """wss://: the first bytes must open TLS, which goes under the WebSocket."""
+        if data[:1] != bytes([TLS_RECORD]):
+            self.disconnect("plain ws:// refused: TLS is configured, connect with wss://")
+            return False
+        self._push_tls()
+        return True
 
-    def _write(self, data) -> None:
-        if self.tls is not None:
-            data = self.tls.send(data)
+    def _push_tls(self) -> None:
+        self.tls = TlsStream(self.server.tls_context)
+        self.layers.insert(0, self.tls)
+
+    def _up(self, data: bytes) -> bytes | None:
+        """Socket bytes up through the layers: RFB bytes, or None (nothing
+        yet, or closed).  Each layer's replies go down through those below."""
+        for below, layer in enumerate(self.layers):
+            try:
+                data, reply = layer.receive(data)
+            except (TlsError, WebSocketError) as exc:
+                if exc.reply:
+                    self._down(exc.reply, below)
+                self.disconnect(f"TLS: {exc}" if layer is self.tls else str(exc))
+                return None
+            if reply:
+                self._down(reply, below)
+            if layer is self.tls:
+                if self.tls.established and self.conn.state is State.TLS_HANDSHAKE:
+                    self._handle_all(self.conn.tls_established())
+                    self._flush()
+            else:
+                self._flush()       # the banner goes out once the WebSocket is open
+            if not data or self.closing:
+                return None
+        return data
+
+    def _down(self, data, below: int | None = None) -> None:
+        """Bytes down to the socket through the layers under index `below`
+        (through all of them by default)."""
+        for layer in reversed(self.layers[:below]):
+            data = layer.send(data)
         self.transport.write(data)
 
     def _feed(self, data: bytes) -> None:
         if not self.attached:
             # Not yet attached: ServerInit must carry today's size and state.
-            fb = self.server.framebuffer()
+            fb = self.server.owner.framebuffer()
             self.conn.width, self.conn.height = fb.width, fb.height
             self.server.prepare_connection(self.conn)
         try:
@@ -304,7 +296,7 @@ class RfbClient(asyncio.Protocol):
             timer.cancel()
         if self.attached:
             self.attached = False
-            self.server.client_detached(self)
+            self.server.owner.session_detached(self)
         if self in self.server.clients:
             self.server.clients.remove(self)
             if not self.server.clients:
@@ -313,7 +305,7 @@ class RfbClient(asyncio.Protocol):
             self.conn.close()
         if self.transport is not None:
             if self.ws is not None and not self.transport.is_closing():
-                self._write(self.ws.close(reason))
+                self._down(self.ws.close(reason), self.layers.index(self.ws))
             self.transport.close()
 
     # ------------------------------------------------------------ output
@@ -322,7 +314,7 @@ class RfbClient(asyncio.Protocol):
             return
         if self.ws is not None and not self.ws.open:
             return
-        if self.ws is None and self.tls is None:
+        if not self.layers:
             chunks = self.conn.data_to_send_chunks()
             if not chunks:
                 return
@@ -332,16 +324,15 @@ class RfbClient(asyncio.Protocol):
             data = self.conn.data_to_send()
             if not data:
                 return
-            self._write(self.ws.send(data) if self.ws is not None else data)
-        pending = self.transport.get_write_buffer_size()
-        if pending > HARD_LIMIT_FACTOR * self.throttle:
+            self._down(data)
+        pending = self.output.over_limit()
+        if pending is not None:
             self.transport.abort()
             self.disconnect(f"output queue of {pending} bytes over limit (client not reading)")
 
     def _set_throttle(self) -> None:
-        fb = self.server.framebuffer()
-        self.throttle = max(MIN_THROTTLE, fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
-        self.transport.set_write_buffer_limits(high=self.throttle)
+        fb = self.server.owner.framebuffer()
+        self.output.fit_frame(fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
 
     def add_dirty(self, rects: list[Rect]) -> None:
         """Rectangles (clipped to today's surface) this client has yet to see."""
@@ -354,64 +345,40 @@ class RfbClient(asyncio.Protocol):
         request = self.conn.pending_request
         if request is None:
             return
-        pending = self.transport.get_write_buffer_size()
-        if request == "incremental" and (not (self.dirty or self.conn.has_pseudo) or pending > self.throttle):
+        if request is Request.INCREMENTAL and not (self.dirty or self.conn.has_pseudo):
             return
-        if request == "full" and pending > 2 * self.throttle:
+        if not self.output.room_for(request):
             return          # resume_writing() brings us back
-        fb = self.server.framebuffer()
+        fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
-        snapshots: list[Snapshot] = []
-        job = self.conn.begin_update(
-            fb.rows, fb.fmt, rects,
-            snapshot=lambda *args: self.server.snapshot(snapshots, *args))
-        if job.pixel_count <= INLINE_PIXELS:
-            self._finish(job, snapshots)
-            return
-        self._job = job
-        future = asyncio.get_running_loop().run_in_executor(self.server.encoder_pool(), job.encode)
-        future.add_done_callback(lambda f: self._encoded(job, snapshots, f))
+        self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
+        self.server.updates.run(job, self._update_sent, self._update_failed)
 
-    def _encoded(self, job: rfb.UpdateJob, snapshots: list[Snapshot], future) -> None:
-        """Back on the loop: a worker finished (or failed) this client's update."""
+    def _update_sent(self, nbytes: int) -> None:
+        """On the loop: an update is queued on the connection (or was empty)."""
         self._job = None
-        if future.cancelled() or self.closing:
-            for snap in snapshots:
-                snap.release()
-            return
-        exc = future.exception()
-        if exc is not None:
-            for snap in snapshots:
-                snap.release()
-            log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
-            self.disconnect(f"encoder error: {exc}")
-            return
-        self._finish(job, snapshots)
-
-    def _finish(self, job: rfb.UpdateJob, snapshots: list[Snapshot]) -> None:
-        try:
-            sent = job.finish()
-        finally:
-            for snap in snapshots:
-                snap.release()
-        if sent:
+        if nbytes:
             self.updates_sent += 1
-        self.server.trim_heap()
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
+
+    def _update_failed(self, exc: BaseException) -> None:
+        self._job = None
+        log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
+        self.disconnect(f"encoder error: {exc}")
 
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
         if isinstance(event, rfb.UpdateRequest):
             if not event.incremental:
-                fb = self.server.framebuffer()
+                fb = self.server.owner.framebuffer()
                 rect = clip(event.x, event.y, event.w, event.h, fb.width, fb.height)
                 if rect is not None:
                     self.dirty.add(rect)
         elif isinstance(event, rfb.PixelFormatChanged):
             self._set_throttle()
-            fb = self.server.framebuffer()
+            fb = self.server.owner.framebuffer()
             # Info once per client (a client may switch formats at will), debug after.
             log.log(logging.DEBUG if self._format_logged else logging.INFO,
                     "VNC: client %s asks for %d bpp depth %d: conversion by %s", self.peer,
@@ -427,14 +394,14 @@ class RfbClient(asyncio.Protocol):
         elif isinstance(event, rfb.StartTls):
             self._start_tls()
         elif self.attached:
-            self.server.client_input(self, event)
+            self.server.owner.session_input(self, event)
 
     def _start_tls(self) -> None:
         """VeNCrypt agreed: the ack goes out in the clear, then everything is TLS."""
         self._flush()
-        self.tls = TlsStream(self.server.tls_context)
+        self._push_tls()
         early = self.conn.take_buffered_input()   # a ClientHello right behind the choice
-        if early and self._tls_receive(early):
+        if early and self._up(early):
             self.disconnect("data inside TLS before the handshake finished")
 
     def _client_init(self, shared: bool) -> None:
@@ -454,9 +421,18 @@ class RfbClient(asyncio.Protocol):
             timer.cancel()
         self.attached = True
         self._set_throttle()
-        server.client_attached(self)
+        server.owner.session_attached(self)
         self.server.budget.info("attach", "VNC: client %s authenticated (%s)", self.peer,
                     "shared" if shared else "exclusive", what="VNC clients attached")
+
+    @property
+    def throttle(self) -> int:
+        return self.output.throttle if self.output is not None else MIN_THROTTLE
+
+    def follows_pointer_type(self) -> bool:
+        """The client takes PointerTypeChange: with a relative pointer it
+        sends offsets from an origin, not positions."""
+        return enc.POINTER_TYPE_CHANGE in self.conn.encodings
 
     # ------------------------------------------------------------ display changes
     def resized(self, width: int, height: int) -> None:
@@ -480,14 +456,15 @@ class RfbClient(asyncio.Protocol):
 
 
 class RfbServer:
-    """Listening sockets and the clients of one picture.  A display
-    subclasses it: `framebuffer()` gives the picture, the client_* hooks
-    hear of clients and their input, and it reports changes with
-    `mark_dirty`, `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
+    """Listening sockets and the sessions of one picture.  The display that
+    owns it (`owner`, an `RfbDisplay`) gives the picture and hears of
+    sessions and their input; it reports changes with `mark_dirty`,
+    `resize_clients`, `pointer_mode_changed`, `leds_changed`."""
 
-    def __init__(self, *, password: str | None = None, name: str = "QEMU",
+    def __init__(self, owner: RfbDisplay, *, password: str | None = None, name: str = "QEMU",
                  max_clients: int = 32, lossy: bool = False, tls: TlsCredentials | None = None,
                  websocket_origins: tuple[str, ...] = ()):
+        self.owner = owner
         self.password = password
         self.password_expired = False
         self.name = name
@@ -504,7 +481,7 @@ class RfbServer:
         self.port = 0
         self.display = 0
         self.websocket_port: int | None = None
-        self.clients: list[RfbClient] = []
+        self.clients: list[RfbSession] = []
         self.blacklist = Blacklist()
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.max_handshakes = MAX_UNAUTHENTICATED
@@ -512,10 +489,7 @@ class RfbServer:
         self.stall_timeout = STALL_TIMEOUT
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self._servers: list[asyncio.AbstractServer] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pool = BufferPool()
-        self._trim = malloc.PeriodicTrim()
-        self._pass_snapshots: dict[tuple, Snapshot] = {}
+        self.updates = Updates()          # snapshots, encoder threads (updates.py)
 
     @property
     def desktop_name(self) -> str:
@@ -523,24 +497,13 @@ class RfbServer:
             return self.name
         return f"QEMU ({self.name})"
 
-    # ------------------------------------------------------------ display hooks
-    def framebuffer(self) -> Framebuffer:
-        raise NotImplementedError
-
     def prepare_connection(self, conn: rfb.ServerConnection) -> None:
         """Set what ServerInit and the first pseudo-encodings report."""
-
-    def client_attached(self, client: RfbClient) -> None:
-        """ClientInit accepted: the client now gets updates and sends input."""
-
-    def client_input(self, client: RfbClient, event) -> None:
-        """A key, pointer, cut-text or other input event from an attached client."""
-
-    def client_detached(self, client: RfbClient) -> None:
-        """An attached client is gone."""
+        conn.absolute_pointer = self.owner.pointer_absolute()
+        conn.leds = self.owner.leds()
 
     # ------------------------------------------------------------ display changes
-    def attached_clients(self) -> list[RfbClient]:
+    def attached_clients(self) -> list[RfbSession]:
         return [c for c in self.clients if c.attached and not c.closing]
 
     def mark_dirty(self, rects: list[Rect]) -> None:
@@ -559,46 +522,10 @@ class RfbServer:
         for client in self.attached_clients():
             client.set_leds(leds)
 
-    def trim_heap(self) -> None:
-        """After an update: give fragmented heap memory back, once a second."""
-        self._trim()
-
     def all_clients_gone(self) -> None:
         """Nobody watches: let the frame buffers and zlib streams go back to
         the system instead of staying resident until the next client."""
-        self._pool = BufferPool()
-        malloc.trim()
-
-    # ------------------------------------------------------------ updates
-    def encoder_pool(self) -> concurrent.futures.Executor:
-        """The encoder threads, started with the first big update (never
-        before: nothing to pay at start-up, and no thread exists to fork)."""
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, ENCODE_WORKERS), thread_name_prefix="vnc-encode")
-        return self._executor
-
-    def snapshot(self, holders: list[Snapshot], rows: np.ndarray, src_fmt: PixelFormat,
-                 dst_fmt: PixelFormat, rects: list[Rect]) -> list[np.ndarray]:
-        """Copies of `rects` in `dst_fmt`, converted once per loop pass for
-        every client that starts an update with the same format and rects."""
-        key = (dst_fmt, tuple(rects))
-        snap = self._pass_snapshots.get(key)
-        if snap is None:
-            if not self._pass_snapshots:
-                asyncio.get_running_loop().call_soon(self._end_pass)
-            snap = Snapshot(self._pool, rows, src_fmt, dst_fmt, rects)
-            snap.users += 1                   # the pass's own hold, dropped in _end_pass
-            self._pass_snapshots[key] = snap
-        snap.users += 1
-        holders.append(snap)
-        return snap.pixels
-
-    def _end_pass(self) -> None:
-        """The guest may write again after this pass: later updates copy anew."""
-        snaps, self._pass_snapshots = self._pass_snapshots, {}
-        for snap in snaps.values():
-            snap.release()
+        self.updates.idle()
 
     # ------------------------------------------------------------ control
     def set_password(self, password: str | None) -> None:
@@ -608,15 +535,15 @@ class RfbServer:
     def expire_password(self) -> None:
         self.password_expired = True
 
-    def pending_handshakes(self) -> dict[str, list[RfbClient]]:
+    def pending_handshakes(self) -> dict[str, list[RfbSession]]:
         """Connections still in the handshake by address, oldest first."""
-        pending: dict[str, list[RfbClient]] = {}
+        pending: dict[str, list[RfbSession]] = {}
         for c in self.clients:              # in connection order
             if not c.attached and not c.closing:
                 pending.setdefault(c.host, []).append(c)
         return pending
 
-    def make_handshake_room(self, newcomer: RfbClient) -> None:
+    def make_handshake_room(self, newcomer: RfbSession) -> None:
         """Bound the handshakes in progress, per address and in all, so that
         one source holding silent connections cannot keep others out: over
         an address's share, its own oldest handshake goes; over the total,
@@ -653,7 +580,7 @@ class RfbServer:
         loop = asyncio.get_running_loop()
         for sock, mode in listeners.sockets:
             self._servers.append(await loop.create_server(
-                lambda mode=mode: RfbClient(self, mode), sock=sock))
+                lambda mode=mode: RfbSession(self, mode), sock=sock))
         self.host, self.port, self.display = listeners.host, listeners.port, listeners.display
         self.websocket_port = listeners.websocket_port
         log.info("VNC: listening on %s port %d (display :%d)", listeners.host or "all addresses",
@@ -671,7 +598,4 @@ class RfbServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self._executor is not None:
-            # Jobs of closed clients finish on their own; nobody waits for them.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self.updates.close()

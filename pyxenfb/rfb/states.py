@@ -1,6 +1,6 @@
 """The RFB connection's states and message numbers, named once.
 
-A server connection moves VERSION -> SECURITY (3.7/3.8) -> VNC_AUTH (when a
+A server connection moves (TRANSITIONS below) VERSION -> SECURITY (3.7/3.8) -> VNC_AUTH (when a
 password is set) -> CLIENT_INIT -> NORMAL, or to CLOSED from anywhere on a
 protocol error.  RFB 3.3 skips SECURITY: the server picks the type.  With
 TLS, SECURITY leads to VeNCrypt: VENCRYPT_VERSION -> VENCRYPT_SUBTYPE ->
@@ -21,6 +21,57 @@ class State(str, enum.Enum):
     CLIENT_INIT = "client_init"
     NORMAL = "normal"
     CLOSED = "closed"
+
+
+class Step(enum.Enum):
+    """What moves a server connection on (the keys of TRANSITIONS)."""
+    VERSION_3_7_OR_LATER = "version 3.7+ agreed: the client picks the security type"
+    SECURITY_NONE = "no authentication (RFB None, or a VeNCrypt *_NONE subtype after TLS)"
+    SECURITY_VNC = "VNC authentication: the challenge is sent"
+    SECURITY_VENCRYPT = "VeNCrypt: its version is offered"
+    VENCRYPT_VERSION = "VeNCrypt 0.2 agreed: the subtype is offered"
+    VENCRYPT_SUBTYPE = "the offered subtype chosen: the TLS handshake runs"
+    AUTHENTICATED = "the VNC challenge answered"
+    CLIENT_INIT = "ClientInit received: ServerInit sent"
+    CLOSE = "a protocol error, or the owner closed the connection"
+
+
+# Every legal move, in one place (h11's _state.py does the same): the
+# connection asks next_state() and never assigns a state it did not get
+# from here.  RFB 3.3 goes from VERSION straight to the security type the
+# server picked; TLS_HANDSHAKE ends in the subtype's own authentication.
+TRANSITIONS: dict[tuple[State, Step], State] = {
+    (State.VERSION, Step.VERSION_3_7_OR_LATER): State.SECURITY,
+    (State.VERSION, Step.SECURITY_NONE): State.CLIENT_INIT,
+    (State.VERSION, Step.SECURITY_VNC): State.VNC_AUTH,
+    (State.SECURITY, Step.SECURITY_NONE): State.CLIENT_INIT,
+    (State.SECURITY, Step.SECURITY_VNC): State.VNC_AUTH,
+    (State.SECURITY, Step.SECURITY_VENCRYPT): State.VENCRYPT_VERSION,
+    (State.VENCRYPT_VERSION, Step.VENCRYPT_VERSION): State.VENCRYPT_SUBTYPE,
+    (State.VENCRYPT_SUBTYPE, Step.VENCRYPT_SUBTYPE): State.TLS_HANDSHAKE,
+    (State.TLS_HANDSHAKE, Step.SECURITY_NONE): State.CLIENT_INIT,
+    (State.TLS_HANDSHAKE, Step.SECURITY_VNC): State.VNC_AUTH,
+    (State.VNC_AUTH, Step.AUTHENTICATED): State.CLIENT_INIT,
+    (State.CLIENT_INIT, Step.CLIENT_INIT): State.NORMAL,
+    **{(state, Step.CLOSE): State.CLOSED for state in State},
+}
+
+
+class StateError(RuntimeError):
+    """A move the table does not allow: a bug in the server, not the client."""
+
+
+def next_state(state: State, step: Step) -> State:
+    try:
+        return TRANSITIONS[state, step]
+    except KeyError:
+        raise StateError(f"{step.name} is not a move from {state.name}") from None
+
+
+class Request(str, enum.Enum):
+    """The update a client waits for (continuous updates count as incremental)."""
+    INCREMENTAL = "incremental"
+    FULL = "full"
 
 
 class ClientMsg(enum.IntEnum):

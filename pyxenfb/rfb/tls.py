@@ -14,6 +14,7 @@ a client sends right behind its VeNCrypt choice would race the switch.
 """
 from __future__ import annotations
 
+import enum
 import os
 import ssl
 from dataclasses import dataclass
@@ -27,14 +28,24 @@ class TlsConfigError(Exception):
     """str() is one readable line naming the file or the setting."""
 
 
+class TlsKind(str, enum.Enum):
+    X509 = "x509"                   # certificates from a directory (VeNCrypt X509*)
+    ANON = "anon"                   # anonymous Diffie-Hellman (VeNCrypt TLS*)
+
+
 @dataclass(frozen=True)
 class TlsCredentials:
-    kind: str                       # "x509" or "anon"
+    kind: TlsKind                   # given as "x509" or "anon" too
     dir: str | None = None          # x509: where the PEM files are
     verify_peer: bool = False
 
+    def __post_init__(self):
+        # A kind we do not know stays as given: server_context refuses it in one line.
+        if self.kind in TlsKind._value2member_map_:
+            object.__setattr__(self, "kind", TlsKind(self.kind))
+
     def describe(self) -> str:
-        if self.kind == "anon":
+        if self.kind is TlsKind.ANON:
             return "anonymous TLS"
         return f"X.509 TLS from {self.dir}" + (" (client certificates required)"
                                                 if self.verify_peer else "")
@@ -42,9 +53,9 @@ class TlsCredentials:
 
 def server_context(creds: TlsCredentials) -> ssl.SSLContext:
     """An SSLContext for the server side, or TlsConfigError."""
-    if creds.kind == "anon":
+    if creds.kind is TlsKind.ANON:
         return _anon_context()
-    if creds.kind != "x509":
+    if creds.kind is not TlsKind.X509:
         raise TlsConfigError(f"unknown TLS credentials type {creds.kind!r}")
     paths = {name: os.path.join(creds.dir or ".", name) for name in (CA_CERT, SERVER_CERT, SERVER_KEY)}
     for name in (SERVER_CERT, SERVER_KEY) + ((CA_CERT,) if creds.verify_peer else ()):

@@ -121,17 +121,17 @@ async def _vnc_session(loop: asyncio.AbstractEventLoop) -> None:
     from ..convert import GUEST_32
     from ..console.keymap import Keymap
     from ..rfb.listener import Transport
-    from ..rfb.server import RfbClient
-    from ..vnc import VncServer
+    from ..rfb.server import RfbSession
+    from ..vnc import VncDisplay
 
     console = Console("rehearsal", loop)
     console.input = _NoInput()
     console.set_surface(Surface(SIZE, SIZE, SIZE * 4, GUEST_32, picture()))
-    server = VncServer(console, keymap=Keymap.load("en-us"))
+    server = VncDisplay(console, keymap=Keymap.load("en-us")).server
     ours, theirs = socket.socketpair()
     try:
         theirs.setblocking(False)
-        await loop.connect_accepted_socket(lambda: RfbClient(server, Transport.RFB), ours)
+        await loop.connect_accepted_socket(lambda: RfbSession(server, Transport.RFB), ours)
         session = _Session(server, theirs)
         await session.reply(lambda: bool(server.clients))
         session.send(b"RFB 003.008\n")

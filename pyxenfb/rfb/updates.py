@@ -1,0 +1,261 @@
+"""FramebufferUpdates, one way from the picture to the connection.
+
+As QEMU's ui/vnc-jobs.c: when a session may send an update, `Updates.begin`
+asks its sans-IO connection what the update answers (`begin_update`: the
+rectangles it can see, the encoding and format in force) and copies those
+rectangles in the client's pixel format into a snapshot (once per format for
+all sessions starting an update in the same loop pass, into reused buffers).
+`Updates.run` then encodes the snapshot -- on the loop when it is small, else
+in a worker thread (zlib, numpy and Pillow release the GIL, so the second
+core works) -- and hands the finished rectangles to the connection
+(`finish_update`), back on the loop, before telling the session.  Nothing
+goes back up: the connection never sees a pixel array, and the session only
+decides when.
+
+One job per session is in flight at a time, which keeps its zlib streams in
+order; other sessions, input and the guest never wait for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..convert import PixelFormat, convert_rect
+from ..util import malloc
+from . import encodings as enc
+from .protocol import ServerConnection, UpdatePlan
+
+# Updates this small are encoded on the loop: a thread hand-off costs more
+# than encoding them (a 64x64 change must reach the client in ~1 ms).
+INLINE_PIXELS = 128 * 128
+# Encoder threads: two, so that two clients' frames encode at once on a
+# 2-core dom0 (docs/performance.md measures one against two).
+ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
+POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
+
+Rect = tuple[int, int, int, int]
+
+
+class Framebuffer(Protocol):
+    """What a display shows (console.Surface has this shape)."""
+    width: int
+    height: int
+    fmt: PixelFormat
+    rows: np.ndarray
+
+
+class BufferPool:
+    """Snapshot buffers reused between updates: a frame-sized allocation per
+    update would be an mmap and munmap each time."""
+
+    def __init__(self, keep: int = POOL_BUFFERS):
+        self.keep = keep
+        self.allocations = 0
+        self._free: list[np.ndarray] = []
+
+    # By index, never list.remove(): that compares arrays with ==, element
+    # by element (a ValueError for two free buffers of different sizes).
+    def get(self, nbytes: int) -> np.ndarray:
+        fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
+        if fits:
+            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+        self.allocations += 1
+        return np.empty(max(nbytes, 1 << 16), np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.append(buf)
+        if len(self._free) > self.keep:
+            del self._free[min(range(len(self._free)), key=lambda i: self._free[i].size)]
+
+
+class Snapshot:
+    """Rectangles copied in one pixel format, shared by the jobs using them;
+    its buffer goes back to the pool when the last job lets go."""
+
+    def __init__(self, pool: BufferPool, rows: np.ndarray, src_fmt: PixelFormat,
+                 dst_fmt: PixelFormat, rects: list[Rect]):
+        bpp = dst_fmt.bytes_per_pixel
+        self._pool = pool
+        self.buffer = pool.get(sum(w * h * bpp for _, _, w, h in rects))
+        self.pixels = []
+        at = 0
+        for x, y, w, h in rects:
+            out = self.buffer[at:at + w * h * bpp].reshape(h, w * bpp)
+            self.pixels.append(convert_rect(rows, src_fmt, dst_fmt, x, y, w, h, out=out))
+            at += w * h * bpp
+        self.users = 0
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.buffer is not None:
+            self.pixels = []
+            self._pool.put(self.buffer)
+            self.buffer = None
+
+
+class UpdateJob:
+    """One FramebufferUpdate: the pixels were copied (converted to the
+    client's format) when it began, so neither a guest rewriting its
+    framebuffer nor a surface going away afterwards can reach them.
+
+    `encode()` touches only the job and the session's encoder (its zlib
+    streams), so it may run in a worker thread while the loop goes on with
+    the connection; `finish()` hands the result to the connection, back on
+    the loop.  The encoding, pixel format and compression level are those in
+    force when the job began (later changes apply to the next update, as if
+    this one had already been on the wire)."""
+
+    def __init__(self, conn: ServerConnection, encoder: enc.Encoder, plan: UpdatePlan | None,
+                 pixels: list[np.ndarray], snapshots: list[Snapshot]):
+        self.conn = conn
+        self.plan = plan                       # None: nothing this client can see changed
+        self._encoder = encoder
+        self.pieces = [(p, *r) for p, r in zip(pixels, plan.rects)] if plan else []
+        self._snapshots = snapshots
+        self._chunks: list[bytes] | None = None
+        self._count = 0
+
+    @property
+    def pixel_count(self) -> int:
+        return sum(w * h for _, _, _, w, h in self.pieces)
+
+    def encode(self) -> None:
+        """Encode every rectangle (the slow part; safe off the loop)."""
+        plan = self.plan
+        chunks: list[bytes] = []
+        count = 0
+        if plan.compress_level is not None:
+            self._encoder.set_compress_level(plan.compress_level)
+        for pixels, x, y, w, h in self.pieces:
+            n, data = self._encoder.encode_chunks(plan.encoding, plan.fmt, pixels, x, y, w, h,
+                                                  jpeg_quality=plan.jpeg_quality)
+            chunks += data
+            count += n
+        self._chunks, self._count = chunks, count
+
+    def finish(self) -> int:
+        """Queue the whole FramebufferUpdate on the connection (encoding it
+        first if nobody has); the number of bytes queued."""
+        try:
+            if self.plan is None:
+                return 0
+            if self._chunks is None:
+                self.encode()
+            return self.conn.finish_update(self.plan, self._chunks, self._count)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the snapshots (idempotent)."""
+        snaps, self._snapshots = self._snapshots, []
+        for snap in snaps:
+            snap.release()
+
+
+class Updates:
+    """A server's update machinery: snapshots shared within a loop pass,
+    their buffer pool, the encoder threads and the heap trimming."""
+
+    def __init__(self):
+        self._pool = BufferPool()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._trim = malloc.PeriodicTrim()
+        self._pass_snapshots: dict[tuple, Snapshot] = {}
+
+    def begin(self, conn: ServerConnection, encoder: enc.Encoder, fb: Framebuffer,
+              rects: list[Rect]) -> UpdateJob:
+        """Start answering `conn`'s outstanding request with `rects` of `fb`:
+        the pixels are copied now."""
+        # Never trust the size bookkeeping further than the pixels go.
+        rows = fb.rows
+        plan = conn.begin_update(rows.shape[1] // fb.fmt.bytes_per_pixel, rows.shape[0], rects)
+        if plan is None:
+            return UpdateJob(conn, encoder, None, [], [])
+        snapshots: list[Snapshot] = []
+        pixels = self._snapshot(snapshots, rows, fb.fmt, plan.fmt, list(plan.rects))
+        return UpdateJob(conn, encoder, plan, pixels, snapshots)
+
+    def run(self, job: UpdateJob, sent: Callable[[int], None],
+            failed: Callable[[BaseException], None]) -> None:
+        """Encode `job` and queue it on its connection, then call sent(bytes)
+        on the loop -- at once for a small job.  failed(exc) if encoding
+        raised; neither if the connection closed meanwhile."""
+        if job.pixel_count <= INLINE_PIXELS:
+            self._finish(job, sent)
+            return
+        future = asyncio.get_running_loop().run_in_executor(self._encoder_pool(), job.encode)
+        future.add_done_callback(lambda f: self._encoded(job, f, sent, failed))
+
+    def _encoded(self, job: UpdateJob, future, sent, failed) -> None:
+        """Back on the loop: a worker finished (or failed) a job."""
+        if future.cancelled() or job.conn.closed:
+            job.release()
+            return
+        exc = future.exception()
+        if exc is not None:
+            job.release()
+            failed(exc)
+            return
+        self._finish(job, sent)
+
+    def _finish(self, job: UpdateJob, sent) -> None:
+        nbytes = job.finish()
+        self._trim()            # give fragmented heap memory back, once a second
+        sent(nbytes)
+
+    def _encoder_pool(self) -> concurrent.futures.Executor:
+        """The encoder threads, started with the first big update (never
+        before: nothing to pay at start-up, and no thread exists to fork)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, ENCODE_WORKERS), thread_name_prefix="vnc-encode")
+        return self._executor
+
+    def _snapshot(self, holders: list[Snapshot], rows: np.ndarray, src_fmt: PixelFormat,
+                  dst_fmt: PixelFormat, rects: list[Rect]) -> list[np.ndarray]:
+        """Copies of `rects` in `dst_fmt`, converted once per loop pass for
+        every session that starts an update with the same format and rects."""
+        key = (dst_fmt, tuple(rects))
+        snap = self._pass_snapshots.get(key)
+        if snap is None:
+            if not self._pass_snapshots:
+                asyncio.get_running_loop().call_soon(self._end_pass)
+            snap = Snapshot(self._pool, rows, src_fmt, dst_fmt, rects)
+            snap.users += 1                   # the pass's own hold, dropped in _end_pass
+            self._pass_snapshots[key] = snap
+        snap.users += 1
+        holders.append(snap)
+        return snap.pixels
+
+    def _end_pass(self) -> None:
+        """The guest may write again after this pass: later updates copy anew."""
+        snaps, self._pass_snapshots = self._pass_snapshots, {}
+        for snap in snaps.values():
+            snap.release()
+
+    def idle(self) -> None:
+        """Nobody watches: let the frame buffers go back to the system
+        instead of staying resident until the next client."""
+        self._pool = BufferPool()
+        malloc.trim()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            # Jobs of closed sessions finish on their own; nobody waits for them.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def send_update(conn: ServerConnection, rows: np.ndarray, src_fmt: PixelFormat,
+                rects: list[Rect], encoder: enc.Encoder) -> int:
+    """Begin, encode and queue one update at once, without a loop (tests,
+    tools): `rects` of the surface `rows`; the number of bytes queued."""
+    plan = conn.begin_update(rows.shape[1] // src_fmt.bytes_per_pixel, rows.shape[0], rects)
+    if plan is None:
+        return 0
+    pixels = [convert_rect(rows, src_fmt, plan.fmt, *r) for r in plan.rects]
+    return UpdateJob(conn, encoder, plan, pixels, []).finish()

@@ -1,0 +1,59 @@
+"""rfb/updates.py: the one-way update path, from a snapshot to the sans-IO
+connection's finish_update, with no socket."""
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from pyxenfb.rfb import encodings as enc
+from pyxenfb.rfb import protocol as rfb
+from pyxenfb.rfb.updates import INLINE_PIXELS, Updates
+from rfb_harness import make_picture
+from test_rfb_protocol import fbur, set_encodings, to_normal
+
+
+def _waiting(encoding=enc.RAW) -> rfb.ServerConnection:
+    conn = to_normal()
+    conn.receive_data(set_encodings(encoding) + fbur(0))
+    conn.data_to_send()
+    return conn
+
+
+def test_plan_then_finish_queues_one_update_with_pseudo_first():
+    conn = to_normal()
+    conn.receive_data(set_encodings(enc.RAW, enc.QEMU_LED_STATE) + fbur(1))
+    conn.data_to_send()
+    plan = conn.begin_update(800, 600, [(790, 590, 50, 50)])
+    assert plan.rects == ((790, 590, 10, 10),) and len(plan.pseudo) == 1 and not plan.full
+    assert conn.pending_request is None and not conn.has_pseudo
+    body = b"r" * 10
+    assert conn.finish_update(plan, [body], 1) == 4 + len(plan.pseudo[0]) + len(body)
+    assert conn.data_to_send() == struct.pack(">BxH", 0, 2) + plan.pseudo[0] + body
+
+
+def test_nothing_visible_is_no_plan_and_the_request_stays():
+    conn = to_normal()
+    conn.receive_data(fbur(1))
+    assert conn.begin_update(800, 600, [(900, 700, 5, 5)]) is None
+    assert conn.pending_request is rfb.Request.INCREMENTAL
+
+
+def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
+    async def scenario():
+        updates = Updates()
+        surface = make_picture(320, 240)
+        a, b = _waiting(), _waiting()
+        sent: list[int] = []
+        jobs = [updates.begin(c, enc.Encoder(), surface, [(0, 0, 320, 240)]) for c in (a, b)]
+        assert jobs[0].pieces[0][0] is jobs[1].pieces[0][0]      # one conversion, two users
+        assert 320 * 240 > INLINE_PIXELS
+        for job in jobs:
+            updates.run(job, sent.append, lambda exc: sent.append(exc))
+        while len(sent) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)                 # the pass's own hold goes too
+        updates.close()
+        return sent, updates._pool
+    sent, pool = asyncio.run(scenario())
+    assert sent[0] == sent[1] > 320 * 240 * 4
+    assert len(pool._free) == 1 and pool.allocations == 1   # the buffer went back once
