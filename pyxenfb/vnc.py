@@ -6,13 +6,14 @@ to its clients through it, and turns their input into the console's input API: k
 (QEMU's rules, per client modifier state) or QEMU extended key events (XT
 scancodes) to Linux key codes, pointer positions and buttons.  The RFB
 protocol, encoders and sockets live in `rfb/`, which knows nothing of
-consoles or keymaps.
+consoles, keymaps or pixel conversion (the display hands it `convert_rect`).
 """
 from __future__ import annotations
 
 import logging
 
 from .console.core import Console, Surface
+from .convert import conversion_path, convert_rect
 from .util.region import Rect
 from .rfb import protocol as rfb
 from .rfb.listener import Transport, VncListeners
@@ -72,6 +73,9 @@ class VncDisplay:
     # ------------------------------------------------------------ RfbDisplay
     def framebuffer(self) -> Surface:
         return self.console.surface
+
+    convert_rect = staticmethod(convert_rect)        # the display converts; rfb/ only encodes
+    conversion_path = staticmethod(conversion_path)
 
     def pointer_absolute(self) -> bool:
         return self.console.absolute_pointer

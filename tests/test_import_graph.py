@@ -126,6 +126,53 @@ def test_from_dot_import_module_counts_and_acyclic_toy_passes(tmp_path):
     assert find_cycle(import_graph(pkg)) is not None
 
 
+def _third_party_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_nothing_outside_the_simulator_imports_it():
+    graph = import_graph(PACKAGE_DIR)
+    offenders = {m: sorted(d for d in deps if d == "pyxenfb.sim" or d.startswith("pyxenfb.sim."))
+                 for m, deps in graph.items() if not (m == "pyxenfb.sim" or m.startswith("pyxenfb.sim."))}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_rfb_library_needs_neither_conversion_nor_the_console():
+    """pyxenfb/rfb/ is the RFB protocol (server and client): pixels reach it
+    converted; it knows no console and no numpy conversion module."""
+    graph = import_graph(PACKAGE_DIR)
+    banned = ("pyxenfb.convert", "pyxenfb.console", "pyxenfb.vnc", "pyxenfb.sdl", "pyxenfb.xenfb",
+              "pyxenfb.machine", "pyxenfb.machine_pv", "pyxenfb.hostconsole")
+    offenders = {m: sorted(d for d in deps if any(d == b or d.startswith(b + ".") for b in banned))
+                 for m, deps in graph.items() if m.startswith("pyxenfb.rfb")}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_sans_io_rfb_modules_hold_no_numpy():
+    """The connection state machines and the client take and give bytes."""
+    rfb = PACKAGE_DIR / "rfb"
+    for name in ("protocol.py", "client.py", "states.py", "auth.py", "websocket.py", "tls.py"):
+        path = rfb / name
+        if path.exists():
+            assert "numpy" not in _third_party_imports(path), name
+
+
+def test_the_device_model_does_not_import_the_zygote():
+    """The zygote imports the device model to fork it; the device model knows
+    nothing of it (its entry point, `python -m pyxenfb`, is the launcher)."""
+    graph = import_graph(PACKAGE_DIR)
+    importers = sorted(m for m, deps in graph.items()
+                       if not (m == "pyxenfb.zygote" or m.startswith("pyxenfb.zygote."))
+                       and any(d == "pyxenfb.zygote" or d.startswith("pyxenfb.zygote.") for d in deps))
+    assert importers == ["pyxenfb.__main__"]
+
+
 def test_lower_layers_do_not_import_higher_ones():
     """Read as platform -> devices -> console -> displays -> machine, but the
     console is the API both sides use (QEMU's ui/console.c): devices push

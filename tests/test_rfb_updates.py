@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from pyxenfb.convert import convert_rect
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import protocol as rfb
 from pyxenfb.rfb.updates import INLINE_PIXELS, Updates
@@ -40,7 +41,7 @@ def test_nothing_visible_is_no_plan_and_the_request_stays():
 
 def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
     async def scenario():
-        updates = Updates()
+        updates = Updates(convert_rect)
         surface = make_picture(320, 240)
         a, b = _waiting(), _waiting()
         sent: list[int] = []

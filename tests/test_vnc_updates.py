@@ -13,7 +13,6 @@ from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.console.core import Surface
 from pyxenfb.convert import GUEST_32
 from pyxenfb.rfb import encodings as enc
-from pyxenfb.rfb import updates as rfb_updates
 from pyxenfb.vnc import VncDisplay
 
 from rfb_harness import KEY_A, RawClient, ServerThread
@@ -131,12 +130,12 @@ def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypat
 
 def test_clients_with_one_format_share_one_conversion(monkeypatch):
     calls = []
-    real = rfb_updates.convert_rect
+    real = VncDisplay.convert_rect
 
     def counting(*args, **kwargs):
         calls.append(args[3:7])
         return real(*args, **kwargs)
-    monkeypatch.setattr(rfb_updates, "convert_rect", counting)
+    monkeypatch.setattr(VncDisplay, "convert_rect", staticmethod(counting))    # the display converts
     picture = noisy_surface(640, 480)
     srv = ServerThread(Surface.blank(640, 480))
     clients = [RawClient(srv.port) for _ in range(3)]

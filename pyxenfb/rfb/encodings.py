@@ -21,7 +21,7 @@ from zlib_ng import zlib_ng as zlib
 
 import numpy as np
 
-from ..convert import PixelFormat
+from ..util.pixelformat import PixelFormat
 
 # The encoding numbers live in states.py (the client shares them); re-exported.
 from .states import (COMPRESS_LEVEL_MAX, COMPRESS_LEVEL_MIN, CONTINUOUS_UPDATES, COPYRECT,  # noqa: F401

@@ -26,7 +26,6 @@ import socket
 import struct
 from typing import Protocol
 
-from ..convert import conversion_path
 from ..util.logbudget import LogBudget
 from ..util.region import DirtyRegion, Rect, clip
 from . import encodings as enc
@@ -35,7 +34,7 @@ from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
 from .states import Request, State
 from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsKind, TlsStream, server_context
-from .updates import Framebuffer, Updates, UpdateJob
+from .updates import ConvertRect, Framebuffer, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,12 @@ class RfbDisplay(Protocol):
 
     def framebuffer(self) -> Framebuffer:
         """The picture shown now."""
+
+    convert_rect: ConvertRect
+    """Pixel conversion into a client's format (pyxenfb/convert.py's)."""
+
+    def conversion_path(self, src_fmt, dst_fmt) -> str:
+        """How convert_rect converts between these formats, for the log."""
 
     def pointer_absolute(self) -> bool:
         """Whether the pointer is absolute (else relative) now."""
@@ -382,7 +387,7 @@ class RfbSession(asyncio.Protocol):
             # Info once per client (a client may switch formats at will), debug after.
             log.log(logging.DEBUG if self._format_logged else logging.INFO,
                     "VNC: client %s asks for %d bpp depth %d: conversion by %s", self.peer,
-                    event.fmt.bpp, event.fmt.depth, conversion_path(fb.fmt, event.fmt))
+                    event.fmt.bpp, event.fmt.depth, self.server.owner.conversion_path(fb.fmt, event.fmt))
             self._format_logged = True
         elif isinstance(event, rfb.EncodingsChanged):
             log.debug("VNC: client %s uses %s", self.peer, enc.NAMES.get(event.encoding))
@@ -489,7 +494,7 @@ class RfbServer:
         self.stall_timeout = STALL_TIMEOUT
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self._servers: list[asyncio.AbstractServer] = []
-        self.updates = Updates()          # snapshots, encoder threads (updates.py)
+        self.updates = Updates(owner.convert_rect)   # snapshots, encoder threads (updates.py)
 
     @property
     def desktop_name(self) -> str:

@@ -24,8 +24,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ..convert import PixelFormat, convert_rect
 from ..util import malloc
+from ..util.pixelformat import PixelFormat
 from . import encodings as enc
 from .protocol import ServerConnection, UpdatePlan
 
@@ -38,6 +38,14 @@ ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
 POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
 
 Rect = tuple[int, int, int, int]
+
+
+class ConvertRect(Protocol):
+    """Pixel conversion, the display's to give (pyxenfb/convert.py's
+    `convert_rect`): the RFB library converts nothing itself."""
+
+    def __call__(self, rows: np.ndarray, src_fmt: PixelFormat, dst_fmt: PixelFormat,
+                 x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray: ...
 
 
 class Framebuffer(Protocol):
@@ -76,8 +84,8 @@ class Snapshot:
     """Rectangles copied in one pixel format, shared by the jobs using them;
     its buffer goes back to the pool when the last job lets go."""
 
-    def __init__(self, pool: BufferPool, rows: np.ndarray, src_fmt: PixelFormat,
-                 dst_fmt: PixelFormat, rects: list[Rect]):
+    def __init__(self, pool: BufferPool, convert_rect: ConvertRect, rows: np.ndarray,
+                 src_fmt: PixelFormat, dst_fmt: PixelFormat, rects: list[Rect]):
         bpp = dst_fmt.bytes_per_pixel
         self._pool = pool
         self.buffer = pool.get(sum(w * h * bpp for _, _, w, h in rects))
@@ -160,7 +168,8 @@ class Updates:
     """A server's update machinery: snapshots shared within a loop pass,
     their buffer pool, the encoder threads and the heap trimming."""
 
-    def __init__(self):
+    def __init__(self, convert_rect: ConvertRect):
+        self._convert_rect = convert_rect
         self._pool = BufferPool()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._trim = malloc.PeriodicTrim()
@@ -224,7 +233,7 @@ class Updates:
         if snap is None:
             if not self._pass_snapshots:
                 asyncio.get_running_loop().call_soon(self._end_pass)
-            snap = Snapshot(self._pool, rows, src_fmt, dst_fmt, rects)
+            snap = Snapshot(self._pool, self._convert_rect, rows, src_fmt, dst_fmt, rects)
             snap.users += 1                   # the pass's own hold, dropped in _end_pass
             self._pass_snapshots[key] = snap
         snap.users += 1
@@ -251,7 +260,7 @@ class Updates:
 
 
 def send_update(conn: ServerConnection, rows: np.ndarray, src_fmt: PixelFormat,
-                rects: list[Rect], encoder: enc.Encoder) -> int:
+                rects: list[Rect], encoder: enc.Encoder, convert_rect: ConvertRect) -> int:
     """Begin, encode and queue one update at once, without a loop (tests,
     tools): `rects` of the surface `rows`; the number of bytes queued."""
     plan = conn.begin_update(rows.shape[1] // src_fmt.bytes_per_pixel, rows.shape[0], rects)
