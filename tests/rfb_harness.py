@@ -180,7 +180,7 @@ class RawClient:
         needs (the test reads the wire itself from there); the server's pixel
         format is kept."""
         conn = Connection(password, shared=shared, require_auth=password is not None,
-                          send_pixel_format=False, version=version)
+                          send_pixel_format=False, version=version, decode=False)
         while (event := conn.next_event()) is NEED_DATA:
             self.send(conn.data_to_send())
             conn.receive_data(self.recv_exact(conn.wanted))

@@ -157,9 +157,9 @@ class Connection:
         # the real encodings the server may use: Raw until SetEncodings (RFC 6143
         # 7.5.2); a recorded update (established) may use any we decode
         self.accepted: set[int] | None = None if established is not None else {RAW}
-        self._zlib = zlib.decompressobj()
-        self._zrle = zlib.decompressobj()
-        self._tight = [zlib.decompressobj() for _ in range(4)]
+        # zlib streams ("zlib", "zrle", Tight's 0-3), made when first used: a
+        # connection that only walks or never sees them holds none
+        self._streams: dict[str | int, object] = {}
         self._out: list[bytes] = []
         self._events: list = []
         self._buf = bytearray()             # what the parser could not use yet
@@ -364,7 +364,14 @@ class Connection:
         if not (0 < w <= self.max_side and 0 < h <= self.max_side):
             raise RfbError(f"framebuffer size {w}x{h} out of range")
         self.width, self.height = w, h
-        self.fb = bytearray(w * h * BPP)
+        # Only a decoding client keeps the picture (a walking one never writes it).
+        self.fb = bytearray(w * h * BPP) if self.decode else bytearray()
+
+    def _stream(self, key: str | int):
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = zlib.decompressobj()
+        return stream
 
     def _messages(self):
         while True:
@@ -582,7 +589,7 @@ def _decode_zlib(c: Connection, r: Rectangle):
     if not c.decode:
         yield -n
         return
-    c._put(r.x, r.y, r.w, r.h, c._inflate(c._zlib, (yield n) if n else b"", size))
+    c._put(r.x, r.y, r.w, r.h, c._inflate(c._stream("zlib"), (yield n) if n else b"", size))
 
 
 class _Bytes:
@@ -620,7 +627,7 @@ def _decode_zrle(c: Connection, r: Rectangle):
     if not c.decode:
         yield -n
         return
-    z = _Bytes(c._inflate(c._zrle, (yield n) if n else b"", bound, exact=False))
+    z = _Bytes(c._inflate(c._stream("zrle"), (yield n) if n else b"", bound, exact=False))
 
     def cpixel() -> bytes:
         return z.take(CPIXEL) + b"\0"
@@ -725,7 +732,7 @@ def _decode_tight(c: Connection, r: Rectangle):
     (ctl,) = yield 1
     for stream in range(4):                  # bits 0-3: reset these streams first
         if ctl & (1 << stream):
-            c._tight[stream] = zlib.decompressobj()
+            c._streams.pop(stream, None)
     kind = ctl >> 4
     if kind == 0x8:                          # Fill: one TPIXEL for the whole rectangle
         red, green, blue = yield CPIXEL
@@ -771,7 +778,7 @@ def _decode_tight(c: Connection, r: Rectangle):
         if not c.decode:
             yield -n
             return
-        data = c._inflate(c._tight[stream], (yield n) if n else b"", size)
+        data = c._inflate(c._stream(stream), (yield n) if n else b"", size)
     if palette is None:
         rgb = _ungradient(data, w, h) if filter_id == 2 else data
         c._put(x, y, w, h, _rgb_to_bgrx(rgb, w * h))
