@@ -121,6 +121,33 @@ def test_api_lists_the_three_domains(sim):
         assert d["served_by"] == "pyqemu-dm"
 
 
+def test_the_labs_dom0_console_check_relays_each_open_domains_frame(sim, tmp_path):
+    """tests/xen/dom0/consolecheck.py, as the real-Xen tier runs it in dom0
+    (its rfbclient over the relay's WebSocket), against our console here:
+    each domain without a password gives one frame, decoded on this side as
+    the tier does, equal to the guest's picture; the password domain is an
+    error recorded for it, not a crash."""
+    dom0 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xen", "dom0")
+    pictures = {d: wait_guest_picture(sim, d) for d in (1, 2)}
+    port = urllib.parse.urlsplit(sim.url).port
+    run = subprocess.run([sys.executable, os.path.join(dom0, "consolecheck.py"), str(port), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr              # gamma asks for a password
+    sys.path.insert(0, dom0)
+    try:
+        import rfbclient
+    finally:
+        sys.path.remove(dom0)
+    for domid, name in ((1, "alpha"), (2, "beta")):
+        result = rfbclient.decode(str(tmp_path / f"console-{name}.json"))
+        assert result["error"] is None and len(result["grabs"]) == 1, result
+        with Image.open(tmp_path / f"console-{name}.ppm") as im:
+            got = np.asarray(im.convert("RGB"))
+        assert np.array_equal(got, pictures[domid][..., :3]), name
+    gamma = json.loads((tmp_path / "console-gamma.json").read_text())
+    assert "password" in (gamma["error"] or "").lower(), gamma
+
+
 def test_thumbnails_are_the_guest_pictures_downscaled(sim):
     """Tolerance: none.  The guests are static, RFB Raw is lossless and the
     thumbnail is Pillow's box filter of the same pixels, so the PNG equals

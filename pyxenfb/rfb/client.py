@@ -397,6 +397,8 @@ class Connection:
 
     def _update(self):
         (count,) = struct.unpack(">xH", (yield 3))
+        if self.decode and len(self.fb) != self.width * self.height * BPP:
+            self.fb = bytearray(self.width * self.height * BPP)    # decoding turned on after a walk
         event = FramebufferUpdate()
         # 0xFFFF: the count is unknown and a LastRect rectangle ends the update
         while count == 0xFFFF or len(event.rects) < count:

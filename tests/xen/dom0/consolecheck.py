@@ -21,7 +21,7 @@ TIMEOUT_S = 60
 
 
 class WebSocketStream:
-    """The socket and file calls rfbclient.Client makes, over the relay's WebSocket."""
+    """The socket calls rfbclient.Client makes (sendall, recv), over the relay's WebSocket."""
 
     def __init__(self, ws):
         self.ws = ws
@@ -30,8 +30,9 @@ class WebSocketStream:
     def sendall(self, data):
         self.ws.send(bytes(data))
 
-    def read(self, n):
-        while len(self.buf) < n:
+    def recv(self, n):
+        """What a socket's recv gives: what is buffered, else the next message (at most n)."""
+        if not self.buf:
             message = self.ws.recv(timeout=TIMEOUT_S)
             self.buf += message if isinstance(message, bytes) else message.encode()
         out, self.buf = bytes(self.buf[:n]), self.buf[n:]
@@ -42,7 +43,7 @@ class RelayedClient(rfbclient.Client):
     def __init__(self, ws):
         super().__init__(data=b"")               # no socket of its own
         self.replay = None
-        self.sock = self.rfile = WebSocketStream(ws)
+        self.sock = WebSocketStream(ws)
         self.skim = True
 
 
