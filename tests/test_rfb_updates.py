@@ -45,14 +45,24 @@ def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
         surface = make_picture(320, 240)
         a, b = _waiting(), _waiting()
         sent: list[int] = []
+        both = asyncio.Event()
+
+        def done(result) -> None:
+            sent.append(result)
+            if len(sent) == 2:
+                both.set()
         jobs = [updates.begin(c, enc.Encoder(), surface, [(0, 0, 320, 240)]) for c in (a, b)]
         assert jobs[0].pieces[0][0] is jobs[1].pieces[0][0]      # one conversion, two users
         assert 320 * 240 > INLINE_PIXELS
         for job in jobs:
-            updates.run(job, sent.append, lambda exc: sent.append(exc))
-        while len(sent) < 2:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0)                 # the pass's own hold goes too
+            updates.run(job, done, done)
+        await asyncio.wait_for(both.wait(), 10)
+        # The pass's own hold goes in a callback the loop runs next: yield until
+        # the buffer is back (a bounded number of loop turns, no clock).
+        for _ in range(100):
+            if updates._pool._free:
+                break
+            await asyncio.sleep(0)
         updates.close()
         return sent, updates._pool
     sent, pool = asyncio.run(scenario())
