@@ -275,6 +275,7 @@ def test_sigterm_is_forwarded_and_the_exit_status_comes_back(zhost, launcher):
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = read_line_err(proc, 10)
+        assert FORKED.search(line), line
         child = int(FORKED.search(line).group(2))
         wait_until(lambda: os.path.exists(qmp), 10, "the child's QMP socket")
         proc.send_signal(signal.SIGTERM)

@@ -402,7 +402,8 @@ enum { COLD_QUIET = -2, COLD = -1 };
 static int handshake(const char *path, int explicit_path, int argc, char **argv, long *pid,
                      int *fds, int *nfds_out)
 {
-    double deadline = now() + ANSWER_TIMEOUT_MS / 1000.0;
+    double started = now();
+    double deadline = started + ANSWER_TIMEOUT_MS / 1000.0;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) {
         say("zygote: socket path %.60s... too long; cold start", path);
@@ -511,6 +512,14 @@ static int handshake(const char *path, int explicit_path, int argc, char **argv,
         close(sock);
         return COLD;
     }
+    /* Said before GO: the child writes to the same log only once it has GO,
+     * so the hand-over line always comes first there. */
+    double since = seconds_since_exec();
+    char after[64] = "";
+    if (since >= 0)
+        snprintf(after, sizeof after, " (%.0f ms after exec)", since * 1000);
+    say("zygote %s forked the device model as pid %d in %.0f ms%s; pid %d stands in for it",
+        path, (int)value, (now() - started) * 1000, after, (int)getpid());
     unsigned char go[HEADER_SIZE];
     struct buf gob = {go, 0, sizeof go, 0};
     put_header(&gob, KIND_GO);
@@ -632,18 +641,11 @@ int main(int argc, char **argv)
     if (setting && !strcmp(setting, "off"))
         return cold_start(argc, argv, &original);
     const char *path = setting && *setting ? setting : DEFAULT_SOCKET;
-    double started = now();
     long pid = 0;
     int fds[MAX_FDS], nfds = 0;
     int sock = handshake(path, setting && *setting, argc, argv, &pid, fds, &nfds);
     if (sock < 0)
         return cold_start(argc, argv, &original);
-    double since = seconds_since_exec();
-    char after[64] = "";
-    if (since >= 0)
-        snprintf(after, sizeof after, " (%.0f ms after exec)", since * 1000);
-    say("zygote %s forked the device model as pid %ld in %.0f ms%s; pid %d stands in for it",
-        path, pid, (now() - started) * 1000, after, (int)getpid());
     for (int i = 0; i < nfds; i++)
         if (fds[i] > 2)
             close(fds[i]);                /* the child's QMP socket: not ours to hold open */

@@ -100,7 +100,8 @@ def _rlimits() -> dict[str, tuple[int, int]]:
     return out
 
 
-def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socket, int, list[int]]:
+def _handshake(path: str, argv: list[str], explicit: bool,
+               announce) -> tuple[socket.socket, int, list[int]]:
     deadline = time.monotonic() + ANSWER_TIMEOUT
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -143,6 +144,7 @@ def _handshake(path: str, argv: list[str], explicit: bool) -> tuple[socket.socke
         if kind != wire.PID:
             raise Unavailable(f"{path}: bad answer: a {wire.KIND_NAMES[kind]} message")
         pid = value
+        announce(pid)       # before GO: the child logs only once it has GO, so this line comes first
         try:
             sock.send(wire.encode_go())     # from here on the child is this domain's DM
         except OSError as e:
@@ -173,19 +175,22 @@ def try_zygote(argv: list[str], prefix: str) -> int | None:
     # the C launcher does), or released to a cold start on failure.
     forwarded = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP}
     _signal.pthread_sigmask(_signal.SIG_BLOCK, forwarded)
+
+    def announce(pid: int) -> None:
+        from ..machine.supervisor import seconds_since_exec     # os only
+        since_exec = seconds_since_exec()
+        print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
+              f"{(time.monotonic() - started) * 1000:.0f} ms"
+              + ("" if since_exec is None else f" ({since_exec * 1000:.0f} ms after exec)")
+              + f"; pid {os.getpid()} stands in for it", file=sys.stderr, flush=True)
+
     try:
-        sock, pid, fds = _handshake(path, argv, explicit=bool(setting))
+        sock, pid, fds = _handshake(path, argv, explicit=bool(setting), announce=announce)
     except Unavailable as e:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, forwarded)
         if not e.quiet:
             print(f"{prefix}: zygote: {e}; cold start", file=sys.stderr, flush=True)
         return None
-    from ..machine.supervisor import seconds_since_exec     # os only
-    since_exec = seconds_since_exec()
-    print(f"{prefix}: zygote {path} forked the device model as pid {pid} in "
-          f"{(time.monotonic() - started) * 1000:.0f} ms"
-          + ("" if since_exec is None else f" ({since_exec * 1000:.0f} ms after exec)")
-          + f"; pid {os.getpid()} stands in for it", file=sys.stderr, flush=True)
     return _stand_in(sock, pid, fds, prefix)
 
 
