@@ -11,8 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 SOURCE = os.path.join("pyxenfb", "zygote", "standin.c")
+REQUIRE_ENV = "PYXENFB_REQUIRE_C_LAUNCHER"
 TARGET = os.path.join("pyxenfb", "bin", "pyqemu-dm")
 
 
@@ -30,7 +32,10 @@ def build(root: str, python: str | None = None) -> str | None:
     command = [cc, "-O2", "-Wall", *flags, "-o", partial, os.path.join(root, SOURCE)]
     if python:
         command[1:1] = [f'-DPYTHON="{python}"']
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as e:                    # $CC names no program
+        return f"no C compiler ({cc}: {e.strerror or e})"
     if done.returncode != 0:
         return f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     os.replace(partial, target)
@@ -51,13 +56,18 @@ class StandInBuildHook(BuildHookInterface):
             return
         why = build(self.root)
         if why:
+            if os.environ.get(REQUIRE_ENV) == "1":      # a wheel to publish must carry it
+                raise RuntimeError(f"pyqemu-dm's C stand-in not built: {why} (${REQUIRE_ENV}=1)")
             self.app.display_warning(f"pyqemu-dm's C stand-in not built ({why}); "
                                      "the Python stand-in serves instead")
             return
         build_data["artifacts"].append(TARGET)
-        if version != "editable":           # a compiled program inside: not a pure wheel
+        if version != "editable":
+            # A program inside, linked to libc alone and to no Python: any
+            # Python 3 of this platform (auditwheel then proves and names the
+            # manylinux level: scripts/build-wheel).
             build_data["pure_python"] = False
-            build_data["infer_tag"] = True
+            build_data["tag"] = "py3-none-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
 
 
 if __name__ == "__main__":
