@@ -12,18 +12,20 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 SOURCE = os.path.join("pyxenfb", "zygote", "standin.c")
 REQUIRE_ENV = "PYXENFB_REQUIRE_C_LAUNCHER"
 TARGET = os.path.join("pyxenfb", "bin", "pyqemu-dm")
 
 
-def build(root: str, python: str | None = None) -> str | None:
-    """Compile the stand-in under root; None when built, else why not (one line)."""
+def build(root: str, python: str | None = None, target: str | None = None) -> str | None:
+    """Compile root's stand-in to target (default: under root); None when
+    built, else why not (one line)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return "no C compiler (cc)"
-    target = os.path.join(root, TARGET)
+    target = target or os.path.join(root, TARGET)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".partial"
     # $CFLAGS / $LDFLAGS as a C build takes them (debian/rules passes
@@ -54,20 +56,33 @@ class StandInBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         if self.target_name != "wheel":
             return
-        why = build(self.root)
+        # An editable install runs the tree itself: the launcher goes there
+        # (scripts/setup then rebuilds it naming the venv's interpreter).  A
+        # real wheel gets one built aside: building a wheel must not replace
+        # the checkout's own launcher.
+        editable = version == "editable"
+        self._scratch = None if editable else tempfile.mkdtemp(prefix="pyxenfb-launcher-")
+        built = os.path.join(self.root, TARGET) if editable else os.path.join(self._scratch, "pyqemu-dm")
+        why = build(self.root, target=built)
         if why:
             if os.environ.get(REQUIRE_ENV) == "1":      # a wheel to publish must carry it
                 raise RuntimeError(f"pyqemu-dm's C stand-in not built: {why} (${REQUIRE_ENV}=1)")
             self.app.display_warning(f"pyqemu-dm's C stand-in not built ({why}); "
                                      "the Python stand-in serves instead")
             return
-        build_data["artifacts"].append(TARGET)
-        if version != "editable":
+        if editable:
+            build_data["artifacts"].append(TARGET)
+        else:
+            build_data["force_include"][built] = TARGET
             # A program inside, linked to libc alone and to no Python: any
             # Python 3 of this platform (auditwheel then proves and names the
             # manylinux level: scripts/build-wheel).
             build_data["pure_python"] = False
             build_data["tag"] = "py3-none-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
+
+    def finalize(self, version: str, build_data: dict, artifact_path: str) -> None:
+        if getattr(self, "_scratch", None):
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 UV = str(ROOT / "scripts" / "uv")
 
 
+def _tree_launcher() -> bytes | None:
+    path = ROOT / "pyxenfb" / "bin" / "pyqemu-dm"
+    return path.read_bytes() if path.exists() else None
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("dist")
+    before = _tree_launcher()              # scripts/setup's, naming this venv's interpreter
     done = subprocess.run([str(ROOT / "scripts" / "build-wheel")], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, DIST=str(out)), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert _tree_launcher() == before, "building the wheel replaced the checkout's launcher"
     wheels, sdists = list(out.glob("pyxenfb-*.whl")), list(out.glob("pyxenfb-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, sorted(p.name for p in out.iterdir())
     return wheels[0], sdists[0]
@@ -47,6 +54,8 @@ def test_the_wheel_is_manylinux_and_its_launcher_needs_only_libc(built, tmp_path
         assert "pyxenfb/bin/pyqemu-dm" in names
         assert f"Tag: py3-none-manylinux_{m[1]}_{m[2]}_x86_64" in z.read(
             next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode()
+        mode = z.getinfo("pyxenfb/bin/pyqemu-dm").external_attr >> 16
+        assert mode & 0o111 == 0o111, oct(mode)          # installed executable
         z.extractall(tmp_path)
         elves = [n for n in names if z.read(n)[:4] == b"\x7fELF"]
     for name in elves:             # no library bundled by auditwheel, none needed but libc
