@@ -171,3 +171,45 @@ def test_the_package_installs_runs_and_leaves_running_domains_on_removal(deb, de
     assert not removed["venv_left"] and not removed["bin_left"]
     assert removed["alive"] == {"cold": True, "standin": True, "child": True}
     assert removed["serving"] == {"1": True, "2": True}     # the same picture over VNC as before
+
+
+@pytest.fixture(scope="module")
+def wheel_and_sdist(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run([str(ROOT / "scripts" / "build-wheel")], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, DIST=str(out)), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return next(out.glob("pyxenfb-*.whl")), next(out.glob("pyxenfb-*.tar.gz"))
+
+
+def test_pipx_installs_the_wheel_and_the_sdist_on_plain_debian(wheel_and_sdist, debian_root):
+    """The second way in (README): Debian's pipx, as root, from PyPI for the
+    dependencies.  The manylinux wheel's C launcher cold-starts its own venv's
+    interpreter; the sdist installs where there is no C compiler at all."""
+    root, run = debian_root
+    wheel, sdist = wheel_and_sdist
+    for f in (wheel, sdist):
+        shutil.copy(f, os.path.join(root, "tmp", f.name))
+    done = run("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+               "apt-get install -y -qq --no-install-recommends pipx >/dev/null")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run("sh", "-c", "command -v cc gcc").stdout == ""            # no compiler in here
+    assert run("python3", "-c", "import pyxenfb").returncode != 0
+
+    venv_launcher = "/root/.local/pipx/venvs/pyxenfb/lib/python3.11/site-packages/pyxenfb/bin/pyqemu-dm"
+    done = run("pipx", "install", f"/tmp/{wheel.name}", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for command in ("/root/.local/bin/pyqemu-dm", venv_launcher):
+        helped = run("env", "PYXENFB_ZYGOTE=off", command, "--help")
+        assert helped.returncode == 0 and helped.stdout.startswith("usage: pyqemu-dm [options]"), \
+            (command, helped.stdout[:500], helped.stderr[-2000:])
+    with open(os.path.join(root, venv_launcher.lstrip("/")), "rb") as f:
+        assert f.read(4) == b"\x7fELF"                                  # the wheel's C launcher
+
+    assert run("pipx", "uninstall", "pyxenfb").returncode == 0
+    done = run("pipx", "install", f"/tmp/{sdist.name}", timeout=900)    # built here, with no cc
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not os.path.exists(os.path.join(root, venv_launcher.lstrip("/")))
+    helped = run("/root/.local/bin/pyqemu-dm", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: pyqemu-dm [options]"), helped.stderr
+    assert run("pipx", "uninstall", "pyxenfb").returncode == 0
