@@ -6,6 +6,9 @@ the share the dom0 sees on /host:
     site/   the runtime wheels (numpy, cffi, pyxs, pycryptodome, pillow, websockets)
             for dom0's Python 3.11, installed from uv.lock; redone when it changes
     src/    a copy of the pyxenfb package (with bytecode)
+    deb/    the Debian package (scripts/build-deb's dist/pyxenfb_*.deb) and any of
+            its Debian dependencies dom0's image lacks, fetched with apt-get download:
+            dom0 installs them with dpkg, offline, as an admin would
     xen/    tier.sh, rfbclient.py, the pyqemu-dm launcher, pictures, action lists
 then runs the lab with a bounded timeout and parses out/results.tsv.
 
@@ -53,6 +56,7 @@ def xenlab_home() -> Path | None:
 # made `xl` segfault and bash mangle words in earlier runs, whatever the DM.
 # Without XSAVE, Xen and both kernels switch FPU state with FXSAVE: 0 corrupt.
 LAB_XEN_ARGS = "cpuid=no-xsave"
+ANIM_FRAMES = 4          # the steady-state guest's frames (1.9 MB each in its initrd)
 
 
 def write_ppm(path: Path, rgb: np.ndarray) -> None:
@@ -115,18 +119,90 @@ def prepare_share(share: Path, lab: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # dom0's CPython 3.11 reads 3.11 bytecode: saves it compiling over 9p under TCG
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
+    deb = built_deb()
+    if deb is None:
+        raise RuntimeError("no dist/pyxenfb_*.deb: scripts/xen-tier builds it (scripts/build-deb)")
+    dom0_root = Path(os.environ.get("XENLAB_DIR")
+                     or os.path.join(os.environ.get("TMPDIR", "/var/tmp"), "xenlab")) / "dom0root"
+    fetched = stage_package(share / "deb", deb, dom0_root)
+    print(f"\nxen tier: dom0 installs {deb.name}"
+          + (f" with {', '.join(fetched)} from Debian" if fetched else " (its dependencies are in dom0)"))
     xen = share / "xen"
     shutil.rmtree(xen, ignore_errors=True)
     shutil.copytree(HERE / "dom0", xen, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, str(lab / "dom0" / "pic.py"), "pattern", "800", "600",
                     str(xen / "picture-a.ppm")], check=True)
     write_ppm(xen / "picture-b.ppm", noise_picture())
+    # The steady-state guest's frames (guest-anim.sh): xanim's gradient, as the
+    # benchmarks' content, in the framebuffer's own bytes (BGRX, 3200-byte rows).
+    from pyxenfb.sim.picture import xanim_frames
+    (xen / "anim").mkdir()
+    for i, frame in enumerate(xanim_frames(800, 600, ANIM_FRAMES)):
+        (xen / "anim" / f"frame-{i}.raw").write_bytes(frame.astype("<u4").tobytes())
     for name, keys in (("keys-us.actions", plan.us_keys()), ("keys-de.actions", plan.de_keys())):
         (xen / name).write_text("".join(f"{n}\t{' '.join(acts)}\n" for n, acts in keys.chunks()))
     (xen / "pointer.actions").write_text(" ".join(plan.pointer_actions()) + "\n")
     (xen / "encodings.txt").write_text(" ".join(plan.ENCODINGS) + "\n")
     (xen / "vncpasswd.txt").write_text(plan.VNC_PASSWORD)
     (xen / "wrongpasswd.txt").write_text(plan.WRONG_PASSWORD)
+
+
+def built_deb() -> Path | None:
+    """dist/pyxenfb_<version>_<arch>.deb as scripts/build-deb leaves it (scripts/xen-tier
+    builds it first; a package of other sources than these is not ours to test)."""
+    version = subprocess.run(["dpkg-parsechangelog", "-S", "Version"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                          text=True).stdout.strip()
+    deb = ROOT / "dist" / f"pyxenfb_{version}_{arch}.deb"
+    return deb if version and deb.is_file() else None
+
+
+def _installed(status: Path) -> set[str]:
+    names, name = set(), None
+    for line in status.read_text(errors="replace").splitlines():
+        if line.startswith("Package: "):
+            name = line.split()[1]
+        elif line.startswith("Status: ") and line.endswith(" installed") and name:
+            names.add(name)
+    return names
+
+
+def _depends(deb: Path) -> list[list[str]]:
+    """The Depends/Pre-Depends of a .deb as alternatives of package names."""
+    fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Pre-Depends", "Depends"],
+                            capture_output=True, text=True, check=True).stdout
+    groups = []
+    for line in fields.splitlines():
+        _key, _, value = line.partition(":")
+        for group in value.split(","):
+            names = [alt.split("(")[0].split(":")[0].strip() for alt in group.split("|")]
+            if names and names[0]:
+                groups.append(names)
+    return groups
+
+
+def stage_package(deb_dir: Path, deb: Path, dom0_root: Path) -> list[str]:
+    """Copies the .deb to deb_dir with the dependencies dom0's image lacks (and
+    theirs); returns their names.  Version constraints are not re-checked: dom0
+    is the same Debian release the package was built on."""
+    shutil.rmtree(deb_dir, ignore_errors=True)
+    deb_dir.mkdir(parents=True)
+    shutil.copy2(deb, deb_dir / deb.name)
+    have = _installed(dom0_root / "var" / "lib" / "dpkg" / "status")
+    fetched: list[str] = []
+    todo = [deb_dir / deb.name]
+    while todo:
+        for names in _depends(todo.pop()):
+            if any(n in have for n in names):
+                continue
+            name = names[0]
+            subprocess.run(["apt-get", "download", "-q", name], cwd=deb_dir, check=True,
+                           capture_output=True)
+            have.add(name)
+            fetched.append(name)
+            todo.append(max(deb_dir.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime))
+    return fetched
 
 
 @dataclass

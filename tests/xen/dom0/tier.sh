@@ -5,8 +5,11 @@
 # $XENLAB_OUT/results.tsv (key <TAB> JSON value), pictures and logs next to it,
 # and the host-side pytest (tests/xen/test_real_xen.py) judges them.
 # Share layout (made by tests/xen/conftest.py): /host/src (pyxenfb source),
-# /host/site (its wheels for Python 3.11), /host/xen (this directory, pictures,
-# action lists). Importing from the 9p share costs about what importing from
+# /host/site (its wheels for Python 3.11), /host/deb (the Debian package and any
+# Debian dependency dom0 lacks), /host/xen (this directory, pictures, action lists).
+# The main pyqemu-dm scenario, the zygote and the three-domain scenario run
+# the installed package (/usr/bin/pyqemu-dm, the zygote unit's own command);
+# the others run the source from the share. Importing from the 9p share costs about what importing from
 # RAM does (measured: unpacking into dom0 took 45 s and the import still 15 s:
 # under TCG it is CPU, not I/O), so the DM runs straight from the share.
 set -u
@@ -101,7 +104,9 @@ boot() {
   watch_running "$wf" & local watcher=$!
   step "$key: xl create $name (DM $dm)"
   t0=$(now)
-  xenlab_domu_create "$name" --dm "$dm" --wrap --guest-run $X/guest-run.sh "$@"; rc=$?
+  # Without this script's PYTHONPATH (for its own clients): xl hands its environment
+  # on to the device model, and an installed one must run on its own venv alone.
+  (unset PYTHONPATH; xenlab_domu_create "$name" --dm "$dm" --wrap --guest-run $X/guest-run.sh "$@"); rc=$?
   rec "$key.create_rc" "$rc"; rec "$key.create_s" "$(since "$t0")"
   cp "$O/xl-create-$name.log" "$O/$key-xl-create.log" 2>/dev/null
   d=$(xenlab_domid "$name"); rec "$key.domid" "${d:-null}"
@@ -120,6 +125,11 @@ boot() {
   [ -n "$d" ] && recs "$key.vnc_listen" "$(xenstore-read /local/domain/$d/console/vnc-listen 2>/dev/null)"
   [ -n "$d" ] && xenstore_dump "$key" "$d"
   rec "$key.mem_ready" "$(proc_mem "$(dm_pid "$name")")"
+  local pid; pid=$(dm_pid "$name")
+  if [ -n "$pid" ] && [ -r /proc/$pid/cmdline ]; then
+    recs "$key.dm_cmdline" "$(tr '\0' ' ' < /proc/$pid/cmdline)"
+    recs "$key.dm_pythonpath" "$(tr '\0' '\n' < /proc/$pid/environ | sed -n 's/^PYTHONPATH=//p')"
+  fi
   [ $ready = true ]
 }
 
@@ -226,6 +236,27 @@ recs env.xl_info "$(xl info | grep -E 'xen_version|nr_cpus|free_memory' | tr -s 
 recs env.xen_cmdline "$(xl info | sed -n 's/^xen_commandline *: //p')"
 recs env.dom0_fpu "$(dmesg | grep -m1 -E 'x86/fpu: (x87 FPU will use|Enabled xstate)')"
 
+# --- the Debian package, installed as an admin would: dpkg, no network ---------------------
+step "package: dpkg -i $(cd /host/deb 2>/dev/null && ls *.deb | tr '\n' ' ')"
+T0=$(now)
+if ls /host/deb/pyxenfb_*.deb > /dev/null 2>&1; then
+  dpkg -i /host/deb/*.deb > "$O/dpkg-install.log" 2>&1; rec pkg.install_rc $?
+else
+  rec pkg.install_rc null
+fi
+rec pkg.install_s "$(since "$T0")"
+recs pkg.status "$(dpkg-query -W -f='${Status} ${Version}' pyxenfb 2>&1)"
+recs pkg.commands "$(for c in pyqemu-dm pyxenfb-zygote pyxenfb-console pyxenfb-sim; do [ -x /usr/bin/$c ] && printf '%s ' $c; done)"
+/usr/bin/pyqemu-dm --help > "$O/pkg-help.txt" 2>&1; rec pkg.help_rc $?
+# Where the package did not install, the scenarios that use it run the share's
+# source instead, so that the rest of the tier still reports (pkg.* fails the tier).
+if [ -x /usr/bin/pyqemu-dm ]; then
+  PKGDM=/usr/bin/pyqemu-dm; PKGENV=()
+else
+  PKGDM=$PYDM; PKGENV=("${PYENV[@]}")
+fi
+recs pkg.dm "$PKGDM"
+
 # --- Debian's QEMU: the reference ------------------------------------------------------
 T0=$(now)
 scenario qemu qref qemu keys-us.actions --picture $X/picture-a.ppm
@@ -242,7 +273,7 @@ fi
 # --- pyqemu-dm ---------------------------------------------------------------------------
 T0=$(now)
 # PYTHONPROFILEIMPORTTIME: the DM log shows where its start-up time goes
-scenario py pyq "$PYDM" keys-us.actions --picture $X/picture-a.ppm "${PYENV[@]}" \
+scenario py pyq "$PKGDM" keys-us.actions --picture $X/picture-a.ppm "${PKGENV[@]}" \
   --dm-env PYTHONPROFILEIMPORTTIME=1
 rec py.scenario_s "$(since "$T0")"
 
@@ -328,13 +359,37 @@ restricted pyr pyqr "$PYDM" "${PYENV[@]}"
 ZSOCK=/var/run/xen/pyxenfb-zygote.sock
 step "zygote: start"
 T0=$(now)
-PYTHONPATH=$D/src:$D/site PYTHONDONTWRITEBYTECODE=1 python3 -m pyxenfb.zygote.server --socket $ZSOCK \
-  > "$O/zygote.log" 2>&1 &
+# The package's unit, as systemd would run it: its Environment= and ExecStart=,
+# given the socket by systemd-socket-activate where dom0 has it (its socket unit's
+# ListenSequentialPacket=), else binding the same path itself (dom0 has no systemd
+# as PID 1).
+ZUNIT=$(ls /lib/systemd/system/pyxenfb-zygote.service /usr/lib/systemd/system/pyxenfb-zygote.service 2>/dev/null | head -1)
+if [ -n "$ZUNIT" ]; then
+  ZEXEC=$(sed -n 's/^ExecStart=//p' "$ZUNIT"); ZENV=$(sed -n 's/^Environment=//p' "$ZUNIT")
+  ZLISTEN=$(sed -n 's/^ListenSequentialPacket=//p' "${ZUNIT%.service}.socket")
+  recs zygote.unit_exec "$ZEXEC"; recs zygote.unit_listen "$ZLISTEN"
+  if command -v systemd-socket-activate > /dev/null; then
+    recs zygote.started_by "systemd-socket-activate"
+    # shellcheck disable=SC2086  (the unit's words, as systemd splits them)
+    env -u PYTHONPATH $ZENV systemd-socket-activate --seqpacket -l "$ZLISTEN" $ZEXEC > "$O/zygote.log" 2>&1 &
+  else
+    recs zygote.started_by "unit ExecStart"
+    # shellcheck disable=SC2086
+    env -u PYTHONPATH $ZENV $ZEXEC > "$O/zygote.log" 2>&1 &
+  fi
+  ZSOCK=$ZLISTEN
+else
+  recs zygote.started_by "share source"
+  PYTHONPATH=$D/src:$D/site PYTHONDONTWRITEBYTECODE=1 python3 -m pyxenfb.zygote.server --socket $ZSOCK \
+    > "$O/zygote.log" 2>&1 &
+fi
 ZPID=$!
 end=$(( $(date +%s) + READY_S ))
 until grep -q "ready on" "$O/zygote.log" 2>/dev/null || [ "$(date +%s)" -ge $end ] \
       || ! kill -0 $ZPID 2>/dev/null; do sleep 0.5; done
 rec zygote.warmup_s "$(since "$T0")"
+recs zygote.pythonpath "$(tr '\0' '\n' < /proc/$ZPID/environ 2>/dev/null | sed -n 's/^PYTHONPATH=//p')"
+recs zygote.cmdline "$(tr '\0' ' ' < /proc/$ZPID/cmdline 2>/dev/null)"
 recs zygote.ready_line "$(grep -m1 'ready on' "$O/zygote.log")"
 measure_pyz() {  # STAND-IN CHILD ZYGOTE: ours through the zygote is three processes
   local si ch zy
@@ -345,12 +400,15 @@ measure_pyz() {  # STAND-IN CHILD ZYGOTE: ours through the zygote is three proce
 pss_of() { local v; v=$(awk '/^Pss:/{print $2}' /proc/$1/smaps_rollup 2>/dev/null); echo "${v:-null}"; }
 # libxl execs pyqemu-dm in C (pyxenfb/bin/pyqemu-dm, built on the host with the
 # source) where it was built, else the Python launcher; its cold start is python3's.
-PYZDM=$PYDM; PYZ_LAUNCHER=python
+# Installed: /usr/bin/pyqemu-dm is the package's C launcher, asking the zygote on
+# its default socket (the unit's) with no environment of ours.
+PYZDM=$PYDM; PYZ_LAUNCHER=python; PYZENV=("${PYENV[@]}" --dm-env PYXENFB_ZYGOTE=$ZSOCK --dm-env PYXENFB_PYTHON=python3)
 [ -x $D/src/pyxenfb/bin/pyqemu-dm ] && { PYZDM=$D/src/pyxenfb/bin/pyqemu-dm; PYZ_LAUNCHER=c; }
+[ -x /usr/bin/pyqemu-dm ] && [ -n "$ZUNIT" ] && { PYZDM=/usr/bin/pyqemu-dm; PYZ_LAUNCHER=c; PYZENV=(); }
+recs pyz.dm "$PYZDM"
 recs pyz.launcher "$PYZ_LAUNCHER"
 T0=$(now)
-if boot pyzg pyz "$PYZDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYENV[@]}" \
-     --dm-env PYXENFB_ZYGOTE=$ZSOCK --dm-env PYXENFB_PYTHON=python3; then
+if boot pyzg pyz "$PYZDM" --vncdisplay 0 --picture $X/picture-a.ppm "${PYZENV[@]}"; then
   port=$(xenlab_vnc_port pyzg)
   stand_in=$(dm_pid pyzg)
   child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyzg.log | awk '{print $NF}' | tail -1)
@@ -380,8 +438,7 @@ z3_measure() {   # PID...: the zygote and each domain's stand-in and child
 T0=$(now)
 z3_pids=(); z3_ports=(); z3_ok=true
 for i in 1 2 3; do
-  if boot z3d$i z3$i "$PYZDM" --vncdisplay $((2 + i)) --picture $X/picture-a.ppm "${PYENV[@]}" \
-       --dm-env PYXENFB_ZYGOTE=$ZSOCK --dm-env PYXENFB_PYTHON=python3; then
+  if boot z3d$i z3$i "$PYZDM" --vncdisplay $((2 + i)) --picture $X/picture-a.ppm "${PYZENV[@]}"; then
     z3_ports+=("$(xenlab_vnc_port z3d$i)")
     z3_pids+=("$(dm_pid z3d$i)" "$(grep -o 'forked the device model as pid [0-9]*' \
       /var/log/xen/qemu-dm-z3d$i.log | awk '{print $NF}' | tail -1)")
@@ -396,6 +453,62 @@ if $z3_ok; then       # each tight_hold runs the next once its client has a full
 fi
 for i in 1 2 3; do finish z3$i z3d$i; done
 rec z3.scenario_s "$(since "$T0")"
+
+# --- three QEMU domains, as z3 (issue 24): memory per domain compared like with like ----
+T0=$(now)
+q3_pids=(); q3_ports=(); q3_ok=true
+for i in 1 2 3; do
+  if boot q3d$i q3$i qemu --vncdisplay $((2 + i)) --picture $X/picture-a.ppm; then
+    q3_ports+=("$(xenlab_vnc_port q3d$i)"); q3_pids+=("$(dm_pid q3d$i)")
+  else
+    q3_ok=false
+  fi
+done
+rec q3.ready $q3_ok
+q3_measure() {
+  local total=0 n=0 p v list=""
+  for p in "$@"; do
+    v=$(pss_of "$p"); [ "$v" = null ] && continue
+    total=$((total + v)); n=$((n + 1)); list="$list $p:$v"
+  done
+  rec q3.pss_total_kb $total; rec q3.processes $n; recs q3.pss_by_pid "${list# }"
+}
+if $q3_ok; then
+  tight_hold q31 "${q3_ports[0]}" tight_hold q32 "${q3_ports[1]}" \
+    tight_hold q33 "${q3_ports[2]}" q3_measure "${q3_pids[@]}"
+fi
+for i in 1 2 3; do finish q3$i q3d$i; done
+rec q3.scenario_s "$(since "$T0")"
+
+# --- steady state (issue 24): an animating guest, one Tight client for STEADY_S s ----------
+# frames delivered and the device model's CPU per frame, QEMU and ours through the
+# zygote (child + stand-in) in the same boot.
+STEADY_S=${TIER_STEADY_S:-60}
+cpu_ticks() { local p t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+steady() {   # KEY NAME DM [create options]
+  local key=$1 name=$2 dm=$3 port pids c0 c1 t0; shift 3
+  T0=$(now)
+  if boot "$name" "$key" "$dm" --vncdisplay 7 --guest-run $X/guest-anim.sh --guest-dir $X/anim "$@"; then
+    port=$(xenlab_vnc_port "$name"); pids=$(dm_pid "$name")
+    local child; child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-$name.log 2>/dev/null | awk '{print $NF}' | tail -1)
+    [ -n "$child" ] && pids="$pids $child"
+    recs "$key.steady_pids" "$pids"
+    step "$key: one Tight client for $STEADY_S s on an animating guest"
+    # shellcheck disable=SC2086
+    c0=$(cpu_ticks $pids); t0=$(now)
+    timeout $((STEADY_S + 150)) python3 $X/rfbclient.py 127.0.0.1 "${port:-5907}" "$O/$key-steady.json" \
+      "hold:$STEADY_S:$O/$key-steady.ppm"
+    rec "$key.steady_rc" $?
+    # shellcheck disable=SC2086
+    c1=$(cpu_ticks $pids)
+    rec "$key.steady_wall_s" "$(since "$t0")"
+    rec "$key.steady_dm_cpu_s" "$(awk "BEGIN{print ($c1 - $c0) / $(getconf CLK_TCK)}")"
+  fi
+  finish "$key" "$name"
+  rec "$key.scenario_s" "$(since "$T0")"
+}
+steady qsteady qst qemu
+steady pysteady pyst "$PYZDM" "${PYZENV[@]}"
 kill $ZPID 2>/dev/null
 
 # --- the host console (pyxenfb-console) over a QEMU- and a pyqemu-dm-served guest ---------
