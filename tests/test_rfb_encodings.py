@@ -225,7 +225,8 @@ class Decoder:
             pal = [self._tpixel(r) for _ in range(n)]
             size = ((w + 7) // 8) * h if n == 2 else w * h
         else:
-            assert filt == 0
+            assert filt in (0, 2)
+            assert filt == 0 or tp == 3, "gradient only for 3-byte TPIXELs here"
             size = w * h * tp
         data = r.take(size) if size < 12 else self.tight[stream].decompress(r.take(r.compact()))
         assert len(data) == size
@@ -238,9 +239,24 @@ class Decoder:
         else:
             if tp == 3:
                 rgb = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+                if filt == 2:
+                    rgb = _ungradient(rgb)
                 self.put(x, y, w, h, self._rgb_to_pixels(rgb))
             else:
                 self.put(x, y, w, h, data)
+
+
+def _ungradient(diff: np.ndarray) -> np.ndarray:
+    """Tight's gradient filter undone pixel by pixel: V = D + clamp(left + up - upleft)."""
+    h, w, _ = diff.shape
+    out = np.zeros((h, w, 3), np.int64)
+    for j in range(h):
+        for i in range(w):
+            left = out[j, i - 1] if i else 0
+            up = out[j - 1, i] if j else 0
+            upleft = out[j - 1, i - 1] if i and j else 0
+            out[j, i] = (diff[j, i] + np.clip(left + up - upleft, 0, 255)) & 255
+    return out.astype(np.uint8)
 
 
 def _surface_pixels(width, height, fmt, seed=0):
@@ -368,8 +384,9 @@ def test_tight_level_change_resets_only_that_stream():
     again = encoder.encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64)[1]
     encoder.compress_level = 9              # what ServerConnection sets
     changed = encoder.encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64)[1]
-    assert first[12] == again[12] == 0x00   # full colour, stream 0, no reset
-    assert changed[12] == 0x01              # stream 0 reset, then level 9
+    # full colour (gradient filter), stream 0, no reset
+    assert first[12:14] == again[12:14] == b"\x40\x02"
+    assert changed[12:14] == b"\x41\x02"   # stream 0 reset, then level 9
     assert encoder.compress_level == 9
 
 

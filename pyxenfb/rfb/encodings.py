@@ -389,6 +389,20 @@ def _tpixels(vals: np.ndarray, fmt: PixelFormat, scratch: np.ndarray | None = No
         np.ascontiguousarray(vals)).cast("B")
 
 
+def _gradient24(rgb: np.ndarray) -> bytes:
+    """Tight's gradient filter for 3-byte TPIXELs: each component minus the
+    prediction clamp(left + up - upleft, 0, 255), mod 256; neighbours outside
+    the rectangle count as 0."""
+    v = rgb.astype(np.int16)
+    pred = np.zeros_like(v)
+    pred[:, 1:] += v[:, :-1]
+    pred[1:] += v[:-1]
+    pred[1:, 1:] -= v[:-1, :-1]
+    np.clip(pred, 0, 255, out=pred)
+    v -= pred
+    return v.astype(np.uint8).tobytes()
+
+
 def _few_colours(vals: np.ndarray, limit: int):
     """The sorted distinct pixel values if there are at most `limit`, else None.
 
@@ -573,6 +587,12 @@ class Encoder:
             if self._scratch.size < vals.size * 4:
                 self._scratch = np.empty(vals.size * 4, np.uint8)
             stream, data, head = 0, _tpixels(vals, fmt, self._scratch), bytearray(b"\x00")
+            if self._level != 0 and tight_pixel24(fmt) and vals.size > 1:
+                # Many colours: the gradient filter (as the TightVNC family
+                # does for lossless smooth data) turns smooth areas into
+                # zeros; deflate then takes a fraction of the bytes and time.
+                data = _gradient24(np.frombuffer(data, np.uint8).reshape(vals.shape + (3,)))
+                head = bytearray(b"\x40\x02")
         if len(data) < TIGHT_MIN_TO_COMPRESS:
             return [bytes(head + data)]
         client_level = _TIGHT_DEFAULT if self._level is None else self._level
