@@ -1,9 +1,11 @@
-"""Builds pyqemu-dm's stand-in in C: pyxenfb/zygote/standin.c -> pyxenfb/bin/pyqemu-dm.
+"""Builds pyqemu-dm's stand-in in C: pyxenfb/zygote/standin.c -> pyxenfb/bin/pyqemu-dm,
+and the encoders' kernel: pyxenfb/rfb/enc_kernel.c -> pyxenfb/rfb/_enc_kernel.so.
 
 Run by hatchling for wheels and editable installs (pyproject.toml), and by
 scripts/setup as `python3 hatch_build.py [PYTHON]`, which also names the
 interpreter the stand-in execs for a cold start.  Without a C compiler the
-package still works: the Python launcher and forwarder stand in (docs/zygote.md).
+package still works: the Python launcher and forwarder stand in (docs/zygote.md),
+and the encoders use their numpy twins (docs/vnc.md).
 """
 from __future__ import annotations
 
@@ -14,6 +16,31 @@ import sys
 
 SOURCE = os.path.join("pyxenfb", "zygote", "standin.c")
 TARGET = os.path.join("pyxenfb", "bin", "pyqemu-dm")
+KERNEL_SOURCE = os.path.join("pyxenfb", "rfb", "enc_kernel.c")
+KERNEL_TARGET = os.path.join("pyxenfb", "rfb", "_enc_kernel.so")
+
+
+def _compile(cc: str, command_tail: list[str], target: str) -> str | None:
+    partial = target + ".partial"
+    # $CFLAGS / $LDFLAGS as a C build takes them (debian/rules passes
+    # dpkg-buildflags' hardening flags this way)
+    flags = os.environ.get("CFLAGS", "").split() + os.environ.get("LDFLAGS", "").split()
+    done = subprocess.run([cc, "-O2", "-Wall", *flags, "-o", partial, *command_tail],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    os.replace(partial, target)
+    return None
+
+
+def build_kernel(root: str) -> str | None:
+    """Compile the encoders' kernel (a shared library needing only libc);
+    None when built, else why not (one line)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return "no C compiler (cc)"
+    return _compile(cc, ["-shared", "-fPIC", os.path.join(root, KERNEL_SOURCE)],
+                    os.path.join(root, KERNEL_TARGET))
 
 
 def build(root: str, python: str | None = None) -> str | None:
@@ -23,18 +50,7 @@ def build(root: str, python: str | None = None) -> str | None:
         return "no C compiler (cc)"
     target = os.path.join(root, TARGET)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = target + ".partial"
-    # $CFLAGS / $LDFLAGS as a C build takes them (debian/rules passes
-    # dpkg-buildflags' hardening flags this way)
-    flags = os.environ.get("CFLAGS", "").split() + os.environ.get("LDFLAGS", "").split()
-    command = [cc, "-O2", "-Wall", *flags, "-o", partial, os.path.join(root, SOURCE)]
-    if python:
-        command[1:1] = [f'-DPYTHON="{python}"']
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        return f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-    os.replace(partial, target)
-    return None
+    return _compile(cc, [*([f'-DPYTHON="{python}"'] if python else []), os.path.join(root, SOURCE)], target)
 
 
 try:
@@ -49,13 +65,22 @@ class StandInBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         if self.target_name != "wheel":
             return
+        built = False
+        why = build_kernel(self.root)
+        if why:
+            self.app.display_warning(f"the encoders' C kernel not built ({why}); "
+                                     "their numpy twins serve instead")
+        else:
+            build_data["artifacts"].append(KERNEL_TARGET)
+            built = True
         why = build(self.root)
         if why:
             self.app.display_warning(f"pyqemu-dm's C stand-in not built ({why}); "
                                      "the Python stand-in serves instead")
-            return
-        build_data["artifacts"].append(TARGET)
-        if version != "editable":           # a compiled program inside: not a pure wheel
+        else:
+            build_data["artifacts"].append(TARGET)
+            built = True
+        if built and version != "editable":           # a compiled program inside: not a pure wheel
             build_data["pure_python"] = False
             build_data["infer_tag"] = True
 
@@ -63,6 +88,10 @@ class StandInBuildHook(BuildHookInterface):
 if __name__ == "__main__":
     root = os.path.dirname(os.path.abspath(__file__))
     why = build(root, sys.argv[1] if len(sys.argv) > 1 else None)
+    why_kernel = build_kernel(root)
+    if why_kernel:
+        print(f"hatch_build: the encoders' C kernel not built: {why_kernel}", file=sys.stderr)
     if why:
         print(f"hatch_build: pyqemu-dm's C stand-in not built: {why}", file=sys.stderr)
+    if why or why_kernel:
         sys.exit(1)

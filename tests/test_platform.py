@@ -116,7 +116,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("flags, folder, name, cdefs", [([], "platform", "_xen_ffi.py", "xen_cdefs.py"),
-                                                         (["--pixman"], "displays", "_pixman_ffi.py", "pixman_cdefs.py")])
+                                                         (["--pixman"], "displays", "_pixman_ffi.py", "pixman_cdefs.py"),
+                                                         (["--enc"], "rfb", "_enc_ffi.py", "enc_cdefs.py")])
 def test_generated_ffi_module_matches_the_declarations(tmp_path, flags, folder, name, cdefs):
     out = tmp_path / name
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), *flags, str(out)],

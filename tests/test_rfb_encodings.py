@@ -467,3 +467,116 @@ def test_rre_never_exceeds_raw_and_decodes_exactly(fmt_name, w, h, colours, data
     dec = Decoder(fmt, w + 3, h + 5)
     dec.update(encoded, count)
     assert np.array_equal(dec.fb[5:, 3 * bpp:], pixels)
+
+
+# Hextile: coloured subrectangles, mono tiles, the C kernel and its numpy twin ------------
+def _hextile_tiles(data: bytes, w: int, h: int, bpp: int) -> list[tuple[int, int]]:
+    """(subencoding mask, number of subrectangles) of each tile of one
+    Hextile rectangle's body."""
+    r, out = Reader(data), []
+    for ty in range(0, h, 16):
+        for tx in range(0, w, 16):
+            tw, th = min(16, w - tx), min(16, h - ty)
+            mask = r.u8()
+            if mask & 1:
+                r.take(tw * th * bpp)
+                out.append((mask, 0))
+                continue
+            r.take(bpp * (bool(mask & 2) + bool(mask & 4)))
+            n = r.u8() if mask & 8 else 0
+            r.take(n * (2 + (bpp if mask & 16 else 0)))
+            out.append((mask, n))
+    assert r.pos == len(data)
+    return out
+
+
+def _hextile_body(fmt, pixels, w, h):
+    count, data = enc.Encoder().encode(enc.HEXTILE, fmt, np.ascontiguousarray(pixels), 0, 0, w, h)
+    assert count == 1 and struct.unpack(">i", data[8:12])[0] == enc.HEXTILE
+    dec = Decoder(fmt, w, h)
+    dec.update(data, count)
+    assert np.array_equal(dec.fb, pixels)
+    return data[12:]
+
+
+def _pixels_from(fmt, index: np.ndarray, palette: list[bytes]) -> np.ndarray:
+    h, w = index.shape
+    return np.frombuffer(b"".join(palette[i] for i in index.reshape(-1)), np.uint8).reshape(h, -1).copy()
+
+
+def _colour(fmt, i: int) -> bytes:
+    return (0x10203 * (i + 1) * 37 % (1 << fmt.bpp)).to_bytes(fmt.bytes_per_pixel,
+                                                             "big" if fmt.big_endian else "little")
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_hextile_text_tiles_go_mono_and_a_vertical_stroke_is_one_subrect(fmt_name):
+    """A glyph-like tile (two colours, strokes) is mono: foreground once, 2
+    bytes a subrectangle, a vertical stroke one subrectangle; the next tile
+    with the same foreground does not repeat it."""
+    fmt = FORMATS[fmt_name]
+    w, h = 37, 21                                   # edge tiles too
+    index = np.zeros((h, w), int)
+    index[2:14, 3] = 1                              # a vertical stroke: one subrectangle
+    index[7, 2:9] = 1
+    index[2:14, 19] = 1
+    index[18:21, 34:37] = 1                         # in the corner edge tile (5x5)
+    pixels = _pixels_from(fmt, index, [_colour(fmt, 0), _colour(fmt, 1)])
+    tiles = _hextile_tiles(_hextile_body(fmt, pixels, w, h), w, h, fmt.bytes_per_pixel)
+    HT_BG, HT_FG, HT_ANY = 2, 4, 8
+    assert tiles[0] == (HT_BG | HT_FG | HT_ANY, 3)  # stroke above, stroke below, the bar
+    assert tiles[1] == (HT_ANY, 1)                  # same background and foreground: neither again
+    assert tiles[2][0] == 0                         # plain background
+    assert tiles[5] == (HT_ANY, 1)                  # the corner: its block is one subrectangle
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_hextile_many_colour_tile_goes_coloured_not_raw(fmt_name):
+    """Bands of many colours are SubrectsColoured (a pixel + 2 bytes each),
+    where the old encoder sent raw; noise stays raw."""
+    fmt = FORMATS[fmt_name]
+    w, h = 48, 19
+    y, x = np.mgrid[0:h, 0:w]
+    bands = (x // 4 + y // 3) % 8                   # 8 colours in blocks
+    noise = np.random.default_rng(1).integers(0, 8, (h, w))
+    index = np.where(x < 32, bands, noise)
+    palette = [_colour(fmt, i) for i in range(8)]
+    if len(set(palette)) < 8:                      # 3-bit formats: fewer distinct colours
+        pytest.skip("format has fewer than 8 colours")
+    tiles = _hextile_tiles(_hextile_body(fmt, _pixels_from(fmt, index, palette), w, h),
+                           w, h, fmt.bytes_per_pixel)
+    HT_RAW, HT_COLOURED = 1, 16
+    assert tiles[0][0] & HT_COLOURED and tiles[1][0] & HT_COLOURED
+    if fmt.bytes_per_pixel > 1:                     # at 1 byte a pixel raw is cheap: may win
+        assert tiles[2][0] == HT_RAW
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 50), h=st.integers(1, 40),
+       colours=st.integers(1, 8), block=st.integers(1, 6), data=st.data())
+def test_hextile_kernel_and_numpy_twin_agree_and_decode(fmt_name, w, h, colours, block, data):
+    """The C kernel's bytes are exactly its numpy twin's, and both decode to
+    the pixels (random colours in blocks, so every tile kind appears)."""
+    from pyxenfb.rfb import enc_kernel
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    palette = data.draw(st.lists(st.binary(min_size=bpp, max_size=bpp), min_size=colours, max_size=colours))
+    cells = data.draw(st.lists(st.integers(0, colours - 1), min_size=((w + block - 1) // block) * ((h + block - 1) // block),
+                               max_size=((w + block - 1) // block) * ((h + block - 1) // block)))
+    index = np.array(cells).reshape(-(-h // block), -(-w // block)).repeat(block, 0).repeat(block, 1)[:h, :w]
+    pixels = _pixels_from(fmt, index, palette)
+    twin = enc.hextile_plan(enc._values(pixels, fmt, w, h), fmt)
+    dec = Decoder(fmt, w, h)
+    dec.update(enc.rect_header(0, 0, w, h, enc.HEXTILE) + twin, 1)
+    assert np.array_equal(dec.fb, pixels)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    assert enc_kernel.hextile(pixels, w, h, bpp) == twin
+
+
+def test_hextile_without_the_kernel_uses_the_twin(monkeypatch):
+    from pyxenfb.rfb import enc_kernel
+    fmt = GUEST_32
+    pixels = _surface_pixels(50, 30, fmt)
+    with_kernel = enc.Encoder().encode(enc.HEXTILE, fmt, pixels, 0, 0, 50, 30)[1]
+    monkeypatch.setattr(enc_kernel, "load", lambda: None)
+    assert enc.Encoder().encode(enc.HEXTILE, fmt, pixels, 0, 0, 50, 30)[1] == with_kernel

@@ -22,6 +22,7 @@ from zlib_ng import zlib_ng as zlib
 import numpy as np
 
 from ..util.pixelformat import PixelFormat
+from . import enc_kernel
 
 # The encoding numbers live in states.py (the client shares them); re-exported.
 from .states import (COMPRESS_LEVEL_MAX, COMPRESS_LEVEL_MIN, CONTINUOUS_UPDATES, COPYRECT,  # noqa: F401
@@ -128,133 +129,159 @@ def _pad_edge(vals: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
-    """Hextile with every tile classified at once (numpy, no per-tile Python
-    except copying raw tiles):
+def _tiles(vals: np.ndarray, size: int):
+    """(n, size, size) tile-major copy of vals (edge tiles padded by repeating
+    their last row and column), with each tile's real height and width."""
+    h, w = vals.shape
+    rows_t, cols_t = -(-h // size), -(-w // size)
+    padded = _pad_edge(vals, rows_t * size, cols_t * size)
+    row_block = np.dtype((np.void, size * vals.itemsize))   # one tile row moves as a block
+    tiles = (np.ascontiguousarray(padded).view(row_block).reshape(rows_t, size, cols_t)
+             .swapaxes(1, 2).copy().view(vals.dtype).reshape(rows_t * cols_t, size, size))
+    tile_h = np.minimum(size, h - np.arange(rows_t) * size).repeat(cols_t)
+    tile_w = np.tile(np.minimum(size, w - np.arange(cols_t) * size), rows_t)
+    return tiles, tile_h, tile_w
 
-    - one colour: background only, omitted when the client still has it;
-    - two colours: background (the majority) + foreground + one subrectangle
-      per horizontal run of the foreground, unless raw would be smaller;
-    - more colours: raw.
-    Only the background is carried between tiles, and never past a raw tile
-    (the client forgets it there); the foreground is always sent.
+
+def _majority(tiles: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Each tile's most frequent colour among its real pixels (ties: the
+    smallest value)."""
+    n = len(tiles)
+    if n == 0:
+        return np.zeros(0, tiles.dtype)
+    # Padding pixels become -1, which no pixel value is, and never wins.
+    s = np.where(inside, tiles.astype(np.int64), -1).reshape(n, -1)
+    s.sort(axis=1)
+    new = np.ones(s.shape, bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    t, pos = np.nonzero(new)                            # runs of one value, ascending per tile
+    length = np.diff(np.append(pos + t * s.shape[1], s.size))
+    value = s[t, pos]
+    length[value < 0] = 0
+    order = np.lexsort((np.arange(len(t)), -length, t))
+    first = order[np.searchsorted(t[order], np.arange(n))]
+    return value[first].astype(tiles.dtype)
+
+
+def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    """Hextile in numpy (the C kernel's twin; byte-identical output).
+
+    Per 16x16 tile: background = the most frequent colour (ties: the
+    smallest value); every other pixel is covered by subrectangles, one per
+    horizontal run of a colour, a run continuing unchanged (same columns,
+    same colour) in the rows below making one taller subrectangle.  If all
+    subrectangles have one colour the tile is mono (foreground + 2 bytes a
+    subrectangle), else SubrectsColoured (a pixel + 2 bytes each).  Raw only
+    when smaller than that (counting background and foreground as sent).
+    Carried between tiles: the background, not past a raw tile; the
+    foreground from one mono tile to the next mono tile with only one-colour
+    tiles between (a raw or coloured tile leaves it undefined in decoders).
     """
     h, w = vals.shape
     bpp = fmt.bytes_per_pixel
     dtype = _DTYPES[bpp]
-    rows_t, cols_t = -(-h // _TILE), -(-w // _TILE)
-    n = rows_t * cols_t
-    padded = _pad_edge(vals, rows_t * _TILE, cols_t * _TILE)
-    # Tile-major order, moving each tile row (16 pixels) as one block.
-    row_block = np.dtype((np.void, _TILE * bpp))
-    tiles = (np.ascontiguousarray(padded).view(row_block).reshape(rows_t, _TILE, cols_t)
-             .swapaxes(1, 2).copy().view(vals.dtype).reshape(n, _TILE, _TILE))
-    tile_h = np.minimum(_TILE, h - np.arange(rows_t) * _TILE).repeat(cols_t)
-    tile_w = np.tile(np.minimum(_TILE, w - np.arange(cols_t) * _TILE), rows_t)
-    inside = ((np.arange(_TILE)[None, :, None] < tile_h[:, None, None]) &
-              (np.arange(_TILE)[None, None, :] < tile_w[:, None, None]))
+    tiles, tile_h, tile_w = _tiles(vals, _TILE)
+    n = len(tiles)
+    ar = np.arange(_TILE)
+    inside = (ar[None, :, None] < tile_h[:, None, None]) & (ar[None, None, :] < tile_w[:, None, None])
 
-    # A tile whose top row and left column already show three colours is
-    # raw: only the others (flat areas, text) need the full analysis, which
-    # on a photo-like picture is a small minority.
-    edge = np.concatenate((tiles[:, 0, :], tiles[:, 1:, 0]), axis=1)
-    edge_other = edge != edge[:, :1]
-    edge_second = edge[np.arange(n), edge_other.argmax(axis=1)]
-    cand = np.flatnonzero(~(edge_other & (edge != edge_second[:, None])).any(axis=1))
+    first = tiles[:, 0, 0]
+    solid = (tiles == first[:, None, None]).all(axis=(1, 2))   # padding repeats real pixels
+    bg = first.copy()
+    multi = np.flatnonzero(~solid)
+    bg[multi] = _majority(tiles[multi], inside[multi])
 
-    sub, sub_inside = tiles[cand], inside[cand]
-    first = sub[:, 0, 0]
-    is_first = sub == first[:, None, None]
-    sub_other = ~is_first.all(axis=(1, 2))
-    flat = (len(cand), _TILE * _TILE)
-    second = sub.reshape(flat)[np.arange(len(cand)), (~is_first).reshape(flat).argmax(axis=1)]
-    is_second = sub == second[:, None, None]
-    sub_two = sub_other & (is_first | is_second).all(axis=(1, 2))
-    # Background = the majority colour: fewer subrectangles.
-    second_wins = (is_second & sub_inside).sum(axis=(1, 2)) > (is_first & sub_inside).sum(axis=(1, 2))
-    has_other = np.ones(n, bool)
-    has_other[cand] = sub_other
-    two = np.zeros(n, bool)
-    two[cand] = sub_two
-    bg = tiles[:, 0, 0].copy()
-    bg[cand] = np.where(sub_two & second_wins, second, first)
+    # Runs: a start where the colour changes from the left; its length up to
+    # the next start in the row or the tile's edge.
+    start = np.ones(tiles.shape, bool)
+    start[:, :, 1:] = tiles[:, :, 1:] != tiles[:, :, :-1]
+    start &= inside
+    start[solid] = False
+    st_t, st_y, st_x = np.nonzero(start)
+    nxt = np.append(st_x[1:], _TILE)
+    same_row = np.append((st_t[1:] == st_t[:-1]) & (st_y[1:] == st_y[:-1]), False)
+    end = np.where(same_row, nxt, tile_w[st_t])
+    length = np.zeros(tiles.shape, np.int16)
+    length[st_t, st_y, st_x] = end - st_x
+    # A run identical to the one above it continues that one's subrectangle.
+    cont = np.zeros(tiles.shape, bool)
+    cont[:, 1:] = start[:, 1:] & start[:, :-1] & (length[:, 1:] == length[:, :-1]) & \
+        (tiles[:, 1:] == tiles[:, :-1])
+    height = np.ones(tiles.shape, np.int16)
+    for y in range(_TILE - 2, -1, -1):
+        height[:, y] += np.where(cont[:, y + 1], height[:, y + 1], 0)
+    head = start & ~cont & (tiles != bg[:, None, None])
+    sub_t, sub_y, sub_x = np.nonzero(head)                      # tile by tile, raster order
+    sub_c = tiles[sub_t, sub_y, sub_x]
+    k = np.bincount(sub_t, minlength=n)
+    first_sub = np.concatenate(([0], np.cumsum(k)[:-1]))
     fg = np.zeros(n, vals.dtype)
-    fg[cand] = np.where(second_wins, first, second)
+    has = k > 0
+    fg[has] = sub_c[first_sub[has]]
+    mono = has & (np.bincount(sub_t, sub_c != fg[sub_t], minlength=n) == 0)
+    coloured = has & ~mono
 
-    # Foreground runs of every two-colour tile: (tile, y, x0, x1).
-    two_idx = np.flatnonzero(two)
-    fg_mask = (tiles[two_idx] == fg[two_idx, None, None]) & inside[two_idx]
-    left = np.zeros_like(fg_mask)
-    left[:, :, 1:] = fg_mask[:, :, :-1]
-    right = np.zeros_like(fg_mask)
-    right[:, :, :-1] = fg_mask[:, :, 1:]
-    run_t, run_y, run_x0 = np.nonzero(fg_mask & ~left)
-    run_x1 = np.nonzero(fg_mask & ~right)[2] + 1          # same order as the starts
-    runs = np.bincount(run_t, minlength=len(two_idx))
     raw_size = 1 + tile_h * tile_w * bpp
-    two_size = 1 + bpp + bpp + 1 + 2 * runs               # upper bound (bg always)
-    too_big = two_size >= raw_size[two_idx]
-    two[two_idx[too_big]] = False
-    keep_run = ~too_big[run_t]
-    run_t, run_y, run_x0, run_x1 = (a[keep_run] for a in (run_t, run_y, run_x0, run_x1))
-    runs[too_big] = 0
-    raw = has_other & ~two
+    bound = np.where(coloured, 2 + bpp + (bpp + 2) * k, np.where(mono, 2 + 2 * bpp + 2 * k, 1 + bpp))
+    raw = raw_size < bound
 
     prev_raw = np.concatenate(([True], raw[:-1]))
     prev_bg = np.concatenate(([bg[0]], bg[:-1]))
     send_bg = ~raw & (prev_raw | (bg != prev_bg))
-    count = np.zeros(n, np.int64)
-    count[two_idx] = runs
-    size = np.where(raw, raw_size, 1 + send_bg * bpp + two * (bpp + 1) + 2 * count)
-    # Headers and subrectangles of the tiles that are not raw go into fixed
-    # slots (mask, background, foreground, count and at most 8 runs in each
-    # of 16 rows); raw tiles are sent from one copy of their pixels.  The
-    # output is joined from memoryview slices: a run of raw tiles is one slice.
-    slot = 2 + 2 * bpp + 2 * (_TILE * _TILE // 2)
-    slots = np.zeros((n, slot), np.uint8)
-    offs = np.arange(n) * slot
-    out = slots.reshape(-1)
-    mask = np.where(send_bg, _HT_BG, 0) | np.where(two, _HT_FG | _HT_ANY, 0)
-    out[offs] = mask
+    # The foreground state a tile finds: that of the last tile with subrectangles or raw.
+    marks = np.flatnonzero(raw | has)
+    last = np.full(n, -1)
+    last[marks[1:]] = marks[:-1]
+    before = np.maximum(last, 0)
+    carry_fg = mono & ~raw & (last >= 0) & mono[before] & ~raw[before] & (fg[before] == fg)
+    # (raw | has) only: a raw tile is in `marks`, so it breaks the chain.
+    send_fg = mono & ~raw & ~carry_fg
+    sub_on = has & ~raw
+
+    per_sub = np.where(coloured, bpp + 2, 2)
+    size = np.where(raw, raw_size, 1 + send_bg * bpp + send_fg * bpp + sub_on * (1 + per_sub * k))
+    offs = np.concatenate(([0], np.cumsum(size)[:-1]))
+    out = np.zeros(int(size.sum()), np.uint8)
+    out[offs] = np.where(raw, _HT_RAW, np.where(send_bg, _HT_BG, 0) | np.where(send_fg, _HT_FG, 0)
+                         | np.where(sub_on, _HT_ANY, 0) | np.where(sub_on & coloured, _HT_COLOURED, 0))
     span = np.arange(bpp)
     sel = np.flatnonzero(send_bg)
     out[(offs[sel] + 1)[:, None] + span] = bg[sel].astype(dtype).view(np.uint8).reshape(-1, bpp)
     fg_at = offs + 1 + send_bg * bpp
-    sel = np.flatnonzero(two)
+    sel = np.flatnonzero(send_fg)
     out[fg_at[sel][:, None] + span] = fg[sel].astype(dtype).view(np.uint8).reshape(-1, bpp)
-    out[fg_at[sel] + bpp] = count[sel]
-    if len(run_t):
-        tile_of_run = two_idx[run_t]
-        first_run = np.concatenate(([0], np.cumsum(runs)[:-1]))
-        rank = np.arange(len(run_t)) - first_run[run_t]
-        at = fg_at[tile_of_run] + bpp + 1 + 2 * rank
-        out[at] = (run_x0 << 4 | run_y).astype(np.uint8)
-        out[at + 1] = ((run_x1 - run_x0 - 1) << 4).astype(np.uint8)
+    count_at = fg_at + send_fg * bpp
+    sel = np.flatnonzero(sub_on)
+    out[count_at[sel]] = k[sel]
+    rank = np.arange(len(sub_t)) - first_sub[sub_t]
+    keep = sub_on[sub_t]
+    sub_t, sub_y, sub_x, sub_c, rank = sub_t[keep], sub_y[keep], sub_x[keep], sub_c[keep], rank[keep]
+    if len(sub_t):
+        at = count_at[sub_t] + 1 + rank * per_sub[sub_t]
+        col = coloured[sub_t]
+        ci = np.flatnonzero(col)
+        out[at[ci][:, None] + span] = sub_c[ci].astype(dtype).view(np.uint8).reshape(-1, bpp)
+        at = at + col * bpp
+        out[at] = (sub_x << 4 | sub_y).astype(np.uint8)
+        out[at + 1] = ((length[sub_t, sub_y, sub_x] - 1) << 4 | (height[sub_t, sub_y, sub_x] - 1)).astype(np.uint8)
+    sel = np.flatnonzero(raw)
+    full = sel[(tile_h[sel] == _TILE) & (tile_w[sel] == _TILE)]
+    if len(full):
+        out[(offs[full] + 1)[:, None] + np.arange(_TILE * _TILE * bpp)] = \
+            tiles[full].astype(dtype).view(np.uint8).reshape(len(full), -1)
+    for t in np.setdiff1d(sel, full).tolist():      # raw edge tiles: their real pixels only
+        th, tw = int(tile_h[t]), int(tile_w[t])
+        out[offs[t] + 1:offs[t] + raw_size[t]] = tiles[t, :th, :tw].astype(dtype).view(np.uint8).reshape(-1)
+    return out.tobytes()
 
-    full = (tile_h == _TILE) & (tile_w == _TILE)
-    raw_full = raw & full
-    raw_rows = np.flatnonzero(raw_full)
-    raw_slot = 1 + _TILE * _TILE * bpp
-    raw_slots = np.empty((len(raw_rows), raw_slot), np.uint8)
-    raw_slots[:, 0] = _HT_RAW
-    raw_slots[:, 1:] = tiles[raw_rows].reshape(len(raw_rows), _TILE * _TILE).view(np.uint8)
-    raw_mv, hdr_mv = memoryview(raw_slots.reshape(-1)), memoryview(out)
-    sizes = size.tolist()
 
-    def piece(t: int):
-        if not raw[t]:
-            return hdr_mv[t * slot:t * slot + sizes[t]]
-        r, c = divmod(t, cols_t)                 # a raw edge tile: its real pixels only
-        return b"\x01" + np.ascontiguousarray(vals[r * _TILE:(r + 1) * _TILE,
-                                                   c * _TILE:(c + 1) * _TILE]).tobytes()
-    edges = np.diff(np.concatenate(([0], raw_full.view(np.int8), [0])))
-    pieces, pos, row = [], 0, 0
-    for start, end in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
-        pieces += [piece(t) for t in range(pos, start)]
-        pieces.append(raw_mv[row * raw_slot:(row + end - start) * raw_slot])
-        row, pos = row + end - start, end
-    pieces += [piece(t) for t in range(pos, n)]
-    return b"".join(pieces)
+def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+    """Hextile: the C kernel when it is built, else its numpy twin."""
+    if enc_kernel.load() is None:
+        return hextile_plan(vals, fmt)
+    h, w = vals.shape
+    bpp = fmt.bytes_per_pixel
+    return enc_kernel.hextile(np.ascontiguousarray(vals).view(np.uint8).reshape(h, w * bpp), w, h, bpp)
 
 
 # ---------------------------------------------------------------- ZRLE

@@ -1,0 +1,13 @@
+"""The C declarations of pyxenfb/rfb/enc_kernel.c, called through cffi (ABI mode).
+
+The source of the generated `pyxenfb/rfb/_enc_ffi.py` (scripts/gen_cffi.py
+--enc): loading the kernel must not import cffi's C parser.
+tests/test_platform.py checks the two agree.
+"""
+
+FUNCTIONS = """
+long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uint8_t *out, long cap);
+"""
+
+ALL = FUNCTIONS
+MODULE = "pyxenfb.rfb._enc_ffi"

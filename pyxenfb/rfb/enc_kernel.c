@@ -1,0 +1,224 @@
+/* Per-tile encoder loops that numpy cannot do fast: Hextile.
+ *
+ * Built by hatch_build.py into pyxenfb/rfb/_enc_kernel.so (libc only) and
+ * called through cffi (pyxenfb/rfb/enc_kernel.py).  The output is byte for
+ * byte that of the numpy twin, encodings.hextile_plan (a hypothesis test
+ * checks it); the rules are documented there.
+ *
+ * Pixels are read as little-endian integers of 1, 2 or 4 bytes, as the numpy
+ * side views them, and written back as their original bytes.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 16
+#define SLOTS 512               /* > 256 pixels: the hash never fills */
+
+enum { HT_RAW = 1, HT_BG = 2, HT_FG = 4, HT_ANY = 8, HT_COLOURED = 16 };
+enum { LAST_NONE, LAST_RAW, LAST_MONO, LAST_COLOURED };
+
+static uint8_t *store(uint8_t *o, uint32_t v, int bpp)
+{
+    for (int i = 0; i < bpp; i++)
+        *o++ = (uint8_t)(v >> (8 * i));
+    return o;
+}
+
+/* Colour counting for one tile: open addressing; a slot belongs to this
+ * tile when its generation is the current one (no clearing per tile). */
+struct slot {
+    uint32_t key;
+    uint16_t n;
+    uint16_t gen;
+};
+
+struct counts {
+    struct slot s[SLOTS];
+    uint16_t now;
+};
+
+struct run {
+    uint32_t c;
+    uint8_t x, y, len, cont;    /* cont: continues the run above unchanged */
+    uint16_t below;             /* index + 1 of the run continuing this one, or 0 */
+};
+
+/* The most frequent colour of the tile from its runs (ties: the smallest). */
+static uint32_t majority(struct counts *c, const struct run *r, int nruns)
+{
+    uint32_t best = 0;
+    int best_n = 0;
+    if (++c->now == 0) {                             /* generations wrapped: start afresh */
+        memset(c->s, 0, sizeof c->s);
+        c->now = 1;
+    }
+    for (int i = 0; i < nruns; i++) {
+        uint32_t v = r[i].c;
+        uint32_t h = (v * 2654435761u) >> 23;        /* 9 bits */
+        struct slot *s = &c->s[h];
+        while (s->gen == c->now && s->key != v) {
+            h = (h + 1) & (SLOTS - 1);
+            s = &c->s[h];
+        }
+        if (s->gen != c->now) {
+            s->gen = c->now;
+            s->key = v;
+            s->n = 0;
+        }
+        int k = s->n += r[i].len;
+        if (k > best_n || (k == best_n && v < best)) {
+            best_n = k;
+            best = v;
+        }
+    }
+    return best;
+}
+
+static void load_tile(uint32_t *t, const uint8_t *src, long stride, int th, int tw, int bpp)
+{
+    for (int y = 0; y < th; y++, src += stride, t += TILE) {
+        const uint8_t *p = src;
+        switch (bpp) {
+        case 1:
+            for (int x = 0; x < tw; x++)
+                t[x] = p[x];
+            break;
+        case 2:
+            for (int x = 0; x < tw; x++, p += 2)
+                t[x] = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+            break;
+        default:
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            memcpy(t, p, (size_t)tw * 4);       /* already the little-endian values */
+            break;
+#endif
+            for (int x = 0; x < tw; x++, p += 4)
+                t[x] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        }
+    }
+}
+
+/* The tile's horizontal runs in raster order; returns their number.  A run
+ * identical (columns and colour) to one in the row above continues it. */
+static int find_runs(const uint32_t *t, int th, int tw, struct run *r)
+{
+    int n = 0, prev = 0, prev_end = 0;      /* the row above's runs: [prev, prev_end) */
+    for (int y = 0; y < th; y++) {
+        int row = n, p = prev;
+        const uint32_t *line = t + y * TILE;
+        for (int x = 0; x < tw;) {
+            uint32_t c = line[x];
+            int x1 = x + 1;
+            while (x1 < tw && line[x1] == c)
+                x1++;
+            struct run *cur = &r[n];
+            cur->c = c;
+            cur->x = (uint8_t)x;
+            cur->y = (uint8_t)y;
+            cur->len = (uint8_t)(x1 - x);
+            cur->cont = 0;
+            cur->below = 0;
+            while (p < prev_end && r[p].x < x)
+                p++;
+            if (p < prev_end && r[p].x == x && r[p].len == x1 - x && r[p].c == c) {
+                cur->cont = 1;
+                r[p].below = (uint16_t)(n + 1);
+            }
+            n++;
+            x = x1;
+        }
+        prev = row;
+        prev_end = n;
+    }
+    return n;
+}
+
+/* Hextile-encode the w x h rectangle at pix (rows `stride` bytes apart,
+ * `bpp` bytes a pixel: 1, 2 or 4) into out; returns the length, or -1 when
+ * the arguments are invalid or out (cap bytes) is too small.  Needs at most
+ * w * h * bpp + (number of tiles) bytes. */
+long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uint8_t *out, long cap)
+{
+    static __thread struct counts counts;
+    uint32_t t[TILE * TILE];
+    struct run runs[TILE * TILE];
+    uint8_t *o = out, *end = out + cap;
+    int prev_raw = 1, last = LAST_NONE;
+    uint32_t prev_bg = 0, last_fg = 0;
+
+    if (w <= 0 || h <= 0 || (bpp != 1 && bpp != 2 && bpp != 4) || stride < (long)w * bpp)
+        return -1;
+    for (int ty = 0; ty < h; ty += TILE) {
+        int th = h - ty < TILE ? h - ty : TILE;
+        for (int tx = 0; tx < w; tx += TILE) {
+            int tw = w - tx < TILE ? w - tx : TILE;
+            const uint8_t *src = pix + ty * stride + (long)tx * bpp;
+            load_tile(t, src, stride, th, tw, bpp);
+            int nruns = find_runs(t, th, tw, runs);
+            int solid = nruns == th;
+            for (int i = 1; solid && i < nruns; i++)
+                solid = runs[i].c == runs[0].c;
+            uint32_t bg = solid ? runs[0].c : majority(&counts, runs, nruns);
+
+            int k = 0, mono = 1;
+            uint32_t fg = 0;
+            for (int i = 0; i < nruns; i++) {
+                if (runs[i].cont || runs[i].c == bg)
+                    continue;
+                if (k == 0)
+                    fg = runs[i].c;
+                else if (runs[i].c != fg)
+                    mono = 0;
+                k++;
+            }
+            int has = k > 0;
+            int coloured = has && !mono;
+            mono = has && mono;
+            long raw_size = 1 + (long)th * tw * bpp;
+            long bound = coloured ? 2 + bpp + (long)(bpp + 2) * k : mono ? 2 + 2 * bpp + 2L * k : 1 + bpp;
+            int raw = raw_size < bound;
+            if (raw) {
+                if (end - o < raw_size)
+                    return -1;
+                *o++ = HT_RAW;
+                for (int y = 0; y < th; y++, o += (long)tw * bpp)
+                    memcpy(o, src + y * stride, (size_t)tw * bpp);
+                prev_raw = 1;
+                prev_bg = bg;
+                last = LAST_RAW;
+                continue;
+            }
+            int send_bg = prev_raw || bg != prev_bg;
+            int send_fg = mono && !(last == LAST_MONO && last_fg == fg);
+            if (end - o < bound)
+                return -1;
+            *o++ = (uint8_t)((send_bg ? HT_BG : 0) | (send_fg ? HT_FG : 0) | (has ? HT_ANY : 0) |
+                             (coloured ? HT_COLOURED : 0));
+            if (send_bg)
+                o = store(o, bg, bpp);
+            if (send_fg)
+                o = store(o, fg, bpp);
+            if (has) {
+                *o++ = (uint8_t)k;
+                for (int i = 0; i < nruns; i++) {
+                    const struct run *r = &runs[i];
+                    if (r->cont || r->c == bg)
+                        continue;
+                    int hh = 1;
+                    for (int b = r->below; b; b = runs[b - 1].below)
+                        hh++;
+                    if (coloured)
+                        o = store(o, r->c, bpp);
+                    *o++ = (uint8_t)(r->x << 4 | r->y);
+                    *o++ = (uint8_t)((r->len - 1) << 4 | (hh - 1));
+                }
+                last = coloured ? LAST_COLOURED : LAST_MONO;
+                last_fg = fg;
+            }
+            prev_raw = 0;
+            prev_bg = bg;
+        }
+    }
+    return (long)(o - out);
+}

@@ -1,0 +1,54 @@
+"""The encoders' C kernel (pyxenfb/rfb/enc_kernel.c -> _enc_kernel.so, built
+by hatch_build.py), loaded through cffi's ABI mode the first time it is
+asked for.  `load()` gives None when the library was not built (no C
+compiler) or PYXENFB_NO_ENC_KERNEL=1: the encoders then use their numpy
+twins, which give the same bytes, slower.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_enc_kernel.so")
+
+_lock = threading.Lock()
+_loaded = False
+_lib = None
+_ffi = None
+
+
+def load():
+    """The kernel's handle, or None."""
+    global _loaded, _lib, _ffi
+    if _loaded:
+        return _lib
+    with _lock:
+        if not _loaded:
+            lib = None
+            if os.environ.get("PYXENFB_NO_ENC_KERNEL", "") in ("", "0") and os.path.exists(LIBRARY):
+                from ._enc_ffi import ffi          # generated from enc_cdefs
+                try:
+                    lib = ffi.dlopen(LIBRARY)
+                except OSError:
+                    lib = None
+                _ffi = ffi
+            _lib = lib
+            _loaded = True
+    return _lib
+
+
+def hextile(pixels: np.ndarray, w: int, h: int, bpp: int) -> bytes:
+    """Hextile of the (h, w * bpp) uint8 pixels, by the kernel (load() must
+    have returned it)."""
+    pixels = np.ascontiguousarray(pixels)
+    assert pixels.dtype == np.uint8 and pixels.shape == (h, w * bpp)
+    cap = w * h * bpp + (-(-w // 16)) * (-(-h // 16))
+    out = bytearray(cap)
+    n = _lib.pyxenfb_hextile(_ffi.from_buffer("uint8_t[]", pixels), w * bpp, w, h, bpp,
+                             _ffi.from_buffer("uint8_t[]", out), cap)
+    if n < 0:
+        raise RuntimeError(f"Hextile kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
+    del out[n:]
+    return bytes(out)
