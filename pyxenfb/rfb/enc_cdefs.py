@@ -7,6 +7,8 @@ tests/test_platform.py checks the two agree.
 
 FUNCTIONS = """
 long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uint8_t *out, long cap);
+long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
+                        uint8_t *out, long cap);
 """
 
 ALL = FUNCTIONS

@@ -1,9 +1,9 @@
-/* Per-tile encoder loops that numpy cannot do fast: Hextile.
+/* Per-tile encoder loops that numpy cannot do fast: Hextile, ZRLE's tiles.
  *
  * Built by hatch_build.py into pyxenfb/rfb/_enc_kernel.so (libc only) and
  * called through cffi (pyxenfb/rfb/enc_kernel.py).  The output is byte for
- * byte that of the numpy twin, encodings.hextile_plan (a hypothesis test
- * checks it); the rules are documented there.
+ * byte that of the numpy twins, encodings.hextile_plan and encodings.zrle_plan (a
+ * hypothesis test checks it); the rules are documented there.
  *
  * Pixels are read as little-endian integers of 1, 2 or 4 bytes, as the numpy
  * side views them, and written back as their original bytes.
@@ -218,6 +218,188 @@ long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uin
             }
             prev_raw = 0;
             prev_bg = bg;
+        }
+    }
+    return (long)(o - out);
+}
+
+/* ---- ZRLE ---------------------------------------------------------------- */
+
+#define ZTILE 64
+#define ZSLOTS 256              /* palettes of at most 127 colours */
+#define RLE_GAIN 8              /* encodings._RLE_GAIN: why, there */
+
+static int len_bytes(int run)   /* run - 1 as 255, 255, ..., rest */
+{
+    return (run - 1) / 255 + 1;
+}
+
+static uint8_t *put_len(uint8_t *o, int run)
+{
+    int n = run - 1;
+    for (; n >= 255; n -= 255)
+        *o++ = 255;
+    *o++ = (uint8_t)n;
+    return o;
+}
+
+/* Write the ZRLE tile stream (before deflate) of the w x h rectangle at pix:
+ * per 64x64 tile the form encodings.zrle_plan describes.  A CPIXEL is
+ * bytes [coff, coff + cb) of each pixel.  Palettes list colours in order of
+ * first appearance.  Returns the length, or -1 (invalid arguments, or out
+ * too small: w * h * cb + number of tiles always suffices). */
+long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
+                        uint8_t *out, long cap)
+{
+    static __thread uint32_t t[ZTILE * ZTILE];
+    static __thread uint8_t idx[ZTILE * ZTILE];
+    uint32_t key[ZSLOTS], pal_px[128];
+    int16_t slot_of[ZSLOTS];
+    uint8_t *o = out, *end = out + cap;
+
+    if (w <= 0 || h <= 0 || (bpp != 1 && bpp != 2 && bpp != 4) || stride < (long)w * bpp ||
+        coff < 0 || cb <= 0 || coff + cb > bpp)
+        return -1;
+    for (int ty = 0; ty < h; ty += ZTILE) {
+        int th = h - ty < ZTILE ? h - ty : ZTILE;
+        for (int tx = 0; tx < w; tx += ZTILE) {
+            int tw = w - tx < ZTILE ? w - tx : ZTILE;
+            int n = th * tw;
+            const uint8_t *src = pix + ty * stride + (long)tx * bpp;
+            /* values in the tile's raster order, palette, runs */
+            for (int y = 0; y < th; y++) {
+                const uint8_t *p = src + y * stride;
+                uint32_t *d = t + y * tw;
+                for (int x = 0; x < tw; x++, p += bpp) {
+                    uint32_t v = p[0];
+                    if (bpp > 1)
+                        v |= (uint32_t)p[1] << 8;
+                    if (bpp > 2)
+                        v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+                    d[x] = v;
+                }
+            }
+            memset(slot_of, -1, sizeof slot_of);
+            int k = 0;
+            long runs = 0, run_len_bytes = 0, prle_len_bytes = 0;
+            for (int i = 0; i < n;) {
+                uint32_t v = t[i];
+                int j = i + 1;
+                while (j < n && t[j] == v)
+                    j++;
+                int run = j - i;
+                runs++;
+                run_len_bytes += len_bytes(run);
+                if (run > 1)
+                    prle_len_bytes += len_bytes(run);
+                if (k <= 127) {
+                    uint32_t s = (v * 2654435761u) >> 24;
+                    while (slot_of[s] >= 0 && key[s] != v)
+                        s = (s + 1) & (ZSLOTS - 1);
+                    if (slot_of[s] < 0) {
+                        if (k < 128) {
+                            key[s] = v;
+                            slot_of[s] = (int16_t)k;
+                            pal_px[k] = v;
+                        }
+                        k++;                /* 128 means: too many */
+                    }
+                    if (k <= 127)
+                        memset(idx + i, slot_of[s], (size_t)run);
+                }
+                i = j;
+            }
+            /* the plain form unless a run-length form is RLE_GAIN times smaller */
+            int bits = k <= 2 ? 1 : k <= 4 ? 2 : 4;
+            long best, size;
+            int kind;
+            size = 1 + (long)n * cb;
+            kind = 0;
+            long packed = 1 + (long)k * cb + (long)th * ((tw * bits + 7) / 8);
+            if (k <= 16 && packed <= size) {
+                size = packed;
+                kind = 2;
+            }
+            best = size;
+            long plain = 1 + runs * cb + run_len_bytes;
+            if (plain * RLE_GAIN <= best) {
+                best = plain * RLE_GAIN;
+                size = plain;
+                kind = 128;
+            }
+            long prle = 1 + (long)k * cb + runs + prle_len_bytes;
+            if (k <= 127 && prle * RLE_GAIN <= best) {
+                best = prle * RLE_GAIN;
+                size = prle;
+                kind = 130;
+            }
+            if (k == 1) {
+                size = 1 + cb;
+                kind = 1;
+            }
+            best = size;
+            if (end - o < best)
+                return -1;
+            uint8_t *start = o;
+            if (kind == 0) {
+                *o++ = 0;
+                for (int y = 0; y < th; y++) {
+                    const uint8_t *p = src + y * stride + coff;
+                    for (int x = 0; x < tw; x++, p += bpp, o += cb)
+                        memcpy(o, p, (size_t)cb);
+                }
+            } else if (kind == 1) {
+                *o++ = 1;
+                memcpy(o, src + coff, (size_t)cb);
+                o += cb;
+            } else if (kind == 128) {
+                *o++ = 128;
+                for (int i = 0; i < n;) {
+                    int j = i + 1;
+                    while (j < n && t[j] == t[i])
+                        j++;
+                    int y = i / tw, x = i % tw;
+                    memcpy(o, src + y * stride + (long)x * bpp + coff, (size_t)cb);
+                    o = put_len(o + cb, j - i);
+                    i = j;
+                }
+            } else {
+                *o++ = (uint8_t)(kind == 2 ? k : 128 + k);
+                for (int c = 0; c < k; c++)
+                    for (int b = 0; b < cb; b++)
+                        *o++ = (uint8_t)(pal_px[c] >> (8 * (coff + b)));
+                if (kind == 2) {
+                    for (int y = 0; y < th; y++) {
+                        const uint8_t *row = idx + y * tw;
+                        int acc = 0, nb = 0;
+                        for (int x = 0; x < tw; x++) {
+                            acc = acc << bits | row[x];
+                            nb += bits;
+                            if (nb == 8) {
+                                *o++ = (uint8_t)acc;
+                                acc = nb = 0;
+                            }
+                        }
+                        if (nb)
+                            *o++ = (uint8_t)(acc << (8 - nb));
+                    }
+                } else {
+                    for (int i = 0; i < n;) {
+                        int j = i + 1;
+                        while (j < n && t[j] == t[i])
+                            j++;
+                        if (j - i == 1) {
+                            *o++ = idx[i];
+                        } else {
+                            *o++ = (uint8_t)(idx[i] | 128);
+                            o = put_len(o, j - i);
+                        }
+                        i = j;
+                    }
+                }
+            }
+            if (o - start != best)
+                return -1;                  /* a size rule and its writer disagree */
         }
     }
     return (long)(o - out);

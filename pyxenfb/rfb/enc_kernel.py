@@ -52,3 +52,19 @@ def hextile(pixels: np.ndarray, w: int, h: int, bpp: int) -> bytes:
         raise RuntimeError(f"Hextile kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
     del out[n:]
     return bytes(out)
+
+
+def zrle_tiles(pixels: np.ndarray, w: int, h: int, bpp: int, coff: int, cb: int) -> bytes:
+    """ZRLE's uncompressed tile stream for the (h, w * bpp) uint8 pixels,
+    CPIXEL = bytes [coff, coff + cb) of each pixel (load() must have
+    returned the kernel)."""
+    pixels = np.ascontiguousarray(pixels)
+    assert pixels.dtype == np.uint8 and pixels.shape == (h, w * bpp)
+    cap = w * h * cb + (-(-w // 64)) * (-(-h // 64))
+    out = bytearray(cap)
+    n = _lib.pyxenfb_zrle_tiles(_ffi.from_buffer("uint8_t[]", pixels), w * bpp, w, h, bpp, coff, cb,
+                                _ffi.from_buffer("uint8_t[]", out), cap)
+    if n < 0:
+        raise RuntimeError(f"ZRLE kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
+    del out[n:]
+    return bytes(out)
