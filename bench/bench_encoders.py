@@ -18,7 +18,7 @@ frames with the encodings module of another checkout (e.g. /work/main) in
 the same run, interleaved frame by frame, and prints the after/before
 ratios: trust those, not the absolute milliseconds.
 
-`run(quick)` is the same for `python -m bench` (group "encoders"): xanim at
+`run(quick)` is the same for `python -m bench` (group "encoders"): all three contents at
 800x600 (and 1920x1080 unless quick), before = $BENCH_ENCODERS_BEFORE if set.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def measure(frames: np.ndarray, encoding: int, modules: list) -> list[dict]:
     return stats
 
 
-def run(quick: bool = False, sizes=None, contents=("xanim",), encodings=None, frames: int = 24,
+def run(quick: bool = False, sizes=None, contents=tuple(CONTENTS), encodings=None, frames: int = 24,
         before_tree: str | None = None) -> list[dict]:
     before_tree = before_tree or os.environ.get("BENCH_ENCODERS_BEFORE")
     modules = [enc] + ([load_encodings(before_tree)] if before_tree else [])

@@ -392,6 +392,17 @@ def test_tight_level_change_resets_only_that_stream():
     assert encoder.compress_level == 9
 
 
+def test_tight_gradient_can_be_refused():
+    """gradient=False (a noVNC client): full colour goes with the copy filter."""
+    fmt = GUEST_32
+    pixels = _level_picture(64, 64, 0)
+    data = enc.Encoder().encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64, gradient=False)[1]
+    assert data[12] == 0x00
+    dec = Decoder(fmt, 64, 64)
+    dec.update(data, 1)
+    assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
+
+
 def test_zlib_continuation_survives_a_plain_decompressobj():
     """The Zlib stream across level changes is one valid zlib stream prefix:
     exactly what a client's single inflater sees."""

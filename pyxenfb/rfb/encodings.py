@@ -586,18 +586,22 @@ class Encoder:
         return _DEFAULT_LEVEL[encoding] if self._level is None else self._level
 
     def encode(self, encoding: int, fmt: PixelFormat, pixels: np.ndarray,
-               x: int, y: int, w: int, h: int, *, jpeg_quality: int | None = None) -> tuple[int, bytes]:
+               x: int, y: int, w: int, h: int, *, jpeg_quality: int | None = None,
+               gradient: bool = True) -> tuple[int, bytes]:
         """Encode one rectangle; returns (number of rectangles, bytes with headers)."""
-        count, chunks = self.encode_chunks(encoding, fmt, pixels, x, y, w, h, jpeg_quality=jpeg_quality)
+        count, chunks = self.encode_chunks(encoding, fmt, pixels, x, y, w, h, jpeg_quality=jpeg_quality,
+                                           gradient=gradient)
         return count, b"".join(chunks)
 
     def encode_chunks(self, encoding: int, fmt: PixelFormat, pixels: np.ndarray,
-                      x: int, y: int, w: int, h: int, *,
-                      jpeg_quality: int | None = None) -> tuple[int, list[bytes]]:
+                      x: int, y: int, w: int, h: int, *, jpeg_quality: int | None = None,
+                      gradient: bool = True) -> tuple[int, list[bytes]]:
         """`encode` as a list of byte strings to send in order: a server
-        writes them as they are instead of copying megabytes into one."""
+        writes them as they are instead of copying megabytes into one.
+        gradient=False: Tight never uses its gradient filter (for a client
+        that cannot decode it)."""
         if encoding in (TIGHT, TIGHT_PNG):
-            return self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality)
+            return self._tight_rects(encoding, fmt, pixels, x, y, w, h, jpeg_quality, gradient)
         if encoding not in (RRE, HEXTILE, ZLIB, ZRLE):
             return 1, [rect_header(x, y, w, h, RAW), encode_raw(pixels)]
         vals = _values(pixels, fmt, w, h)
@@ -622,7 +626,7 @@ class Encoder:
         return 1, [rect_header(x, y, w, h, encoding), data]
 
     # Tight -----------------------------------------------------------
-    def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality):
+    def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality, gradient):
         vals = _values(pixels, fmt, w, h)
         chunks, count = [], 0
         for cx in range(0, w, TIGHT_MAX_WIDTH):
@@ -631,12 +635,13 @@ class Encoder:
             for cy in range(0, h, rows):
                 ch = min(rows, h - cy)
                 sub = vals[cy:cy + ch, cx:cx + cw]
-                head, *data = self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality)
+                head, *data = self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality, gradient)
                 chunks += [rect_header(x + cx, y + cy, cw, ch, encoding) + head, *data]
                 count += 1
         return count, chunks
 
-    def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality) -> list[bytes]:
+    def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality,
+                    gradient: bool = True) -> list[bytes]:
         """One Tight rectangle after its header: [control and lengths, data...]."""
         palette = _few_colours(vals, 256)
         if palette is not None and len(palette) == 1:
@@ -661,7 +666,7 @@ class Encoder:
             if self._scratch.size < vals.size * 4:
                 self._scratch = np.empty(vals.size * 4, np.uint8)
             stream, data, head = 0, _tpixels(vals, fmt, self._scratch), bytearray(b"\x00")
-            if self._level != 0 and tight_pixel24(fmt) and vals.size > 1:
+            if gradient and self._level != 0 and tight_pixel24(fmt) and vals.size > 1:
                 # Many colours: the gradient filter (as the TightVNC family
                 # does for lossless smooth data) turns smooth areas into
                 # zeros; deflate then takes a fraction of the bytes and time.
