@@ -15,7 +15,7 @@ Printed per content, size and encoding: compression = raw bytes / encoded
 bytes, and ms per frame (process CPU time: the encoders' own cost, not
 the wall clock of a shared host).  --before-tree DIR also encodes the same
 frames with the encodings module of another checkout (e.g. /work/main) in
-the same run, interleaved frame by frame, and prints the after/before
+the same run, interleaved frame by frame (taking turns at going first), and prints the after/before
 ratios: trust those, not the absolute milliseconds.
 
 `run(quick)` is the same for `python -m bench` (group "encoders"): all three contents at
@@ -144,7 +144,9 @@ def measure(frames: np.ndarray, encoding: int, modules: list) -> list[dict]:
     stats = [{"raw": 0, "wire": 0, "cpu": 0.0} for _ in modules]
     for f in range(n):
         pixels = np.ascontiguousarray(frames[f]).view(np.uint8).reshape(h, w * 4)
-        for m, e, s in zip(modules, encoders, stats):
+        turn = list(zip(modules, encoders, stats))
+        # Who goes first finds the frame's pixels cold in the cache: take turns.
+        for m, e, s in (turn if f % 2 == 0 else turn[::-1]):
             t0 = time.process_time()
             _, chunks = e.encode_chunks(encoding, FMT, pixels, 0, 0, w, h)
             s["cpu"] += time.process_time() - t0

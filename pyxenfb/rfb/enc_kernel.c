@@ -44,7 +44,8 @@ struct run {
     uint16_t below;             /* index + 1 of the run continuing this one, or 0 */
 };
 
-/* The most frequent colour of the tile from its runs (ties: the smallest). */
+/* The colour heading the most subrectangles (runs that continue none
+ * above); ties: the smallest value. */
 static uint32_t majority(struct counts *c, const struct run *r, int nruns)
 {
     uint32_t best = 0;
@@ -54,6 +55,8 @@ static uint32_t majority(struct counts *c, const struct run *r, int nruns)
         c->now = 1;
     }
     for (int i = 0; i < nruns; i++) {
+        if (r[i].cont)
+            continue;
         uint32_t v = r[i].c;
         uint32_t h = (v * 2654435761u) >> 23;        /* 9 bits */
         struct slot *s = &c->s[h];
@@ -66,7 +69,7 @@ static uint32_t majority(struct counts *c, const struct run *r, int nruns)
             s->key = v;
             s->n = 0;
         }
-        int k = s->n += r[i].len;
+        int k = ++s->n;
         if (k > best_n || (k == best_n && v < best)) {
             best_n = k;
             best = v;

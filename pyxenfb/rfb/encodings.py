@@ -143,33 +143,29 @@ def _tiles(vals: np.ndarray, size: int):
     return tiles, tile_h, tile_w
 
 
-def _majority(tiles: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """Each tile's most frequent colour among its real pixels (ties: the
-    smallest value)."""
-    n = len(tiles)
-    if n == 0:
-        return np.zeros(0, tiles.dtype)
-    # Padding pixels become -1, which no pixel value is, and never wins.
-    s = np.where(inside, tiles.astype(np.int64), -1).reshape(n, -1)
-    s.sort(axis=1)
-    new = np.ones(s.shape, bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
-    t, pos = np.nonzero(new)                            # runs of one value, ascending per tile
-    length = np.diff(np.append(pos + t * s.shape[1], s.size))
-    value = s[t, pos]
-    length[value < 0] = 0
-    order = np.lexsort((np.arange(len(t)), -length, t))
-    first = order[np.searchsorted(t[order], np.arange(n))]
-    return value[first].astype(tiles.dtype)
+def _most_heads(tile_of: np.ndarray, value: np.ndarray, n: int, dtype) -> np.ndarray:
+    """Per tile, the value with the most entries (ties: the smallest);
+    every tile of 0..n-1 must have one."""
+    order = np.lexsort((value, tile_of))
+    t, v = tile_of[order], value[order]
+    new = np.ones(len(t), bool)
+    new[1:] = (t[1:] != t[:-1]) | (v[1:] != v[:-1])
+    at = np.flatnonzero(new)
+    count = np.diff(np.append(at, len(t)))
+    gt, gv = t[at], v[at]                               # groups: tile, then value ascending
+    pick = np.lexsort((np.arange(len(at)), -count, gt))
+    first = pick[np.searchsorted(gt[pick], np.arange(n))]
+    return gv[first].astype(dtype)
 
 
 def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     """Hextile in numpy (the C kernel's twin; byte-identical output).
 
-    Per 16x16 tile: background = the most frequent colour (ties: the
-    smallest value); every other pixel is covered by subrectangles, one per
+    Per 16x16 tile: every pixel is covered by subrectangles, one per
     horizontal run of a colour, a run continuing unchanged (same columns,
-    same colour) in the rows below making one taller subrectangle.  If all
+    same colour) in the rows below making one taller subrectangle; the
+    background is the colour with the most of them (ties: the smallest
+    value), whose subrectangles are then not sent.  If all
     subrectangles have one colour the tile is mono (foreground + 2 bytes a
     subrectangle), else SubrectsColoured (a pixel + 2 bytes each).  Raw only
     when smaller than that (counting background and foreground as sent).
@@ -187,9 +183,6 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
 
     first = tiles[:, 0, 0]
     solid = (tiles == first[:, None, None]).all(axis=(1, 2))   # padding repeats real pixels
-    bg = first.copy()
-    multi = np.flatnonzero(~solid)
-    bg[multi] = _majority(tiles[multi], inside[multi])
 
     # Runs: a start where the colour changes from the left; its length up to
     # the next start in the row or the tile's edge.
@@ -210,7 +203,16 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     height = np.ones(tiles.shape, np.int16)
     for y in range(_TILE - 2, -1, -1):
         height[:, y] += np.where(cont[:, y + 1], height[:, y + 1], 0)
-    head = start & ~cont & (tiles != bg[:, None, None])
+    # Background: the colour heading the most subrectangles (the fewest left).
+    own = start & ~cont
+    own_t, own_y, own_x = np.nonzero(own)
+    bg = first.copy()
+    multi = np.flatnonzero(~solid)
+    if len(multi):
+        remap = np.full(n, -1)
+        remap[multi] = np.arange(len(multi))
+        bg[multi] = _most_heads(remap[own_t], tiles[own_t, own_y, own_x], len(multi), vals.dtype)
+    head = own & (tiles != bg[:, None, None])
     sub_t, sub_y, sub_x = np.nonzero(head)                      # tile by tile, raster order
     sub_c = tiles[sub_t, sub_y, sub_x]
     k = np.bincount(sub_t, minlength=n)
