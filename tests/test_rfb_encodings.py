@@ -690,3 +690,19 @@ def test_zrle_kernel_and_numpy_twin_agree(fmt_name, w, h, colours, run, data):
     body = zlib.compress(twin)
     dec.update(enc.rect_header(0, 0, w, h, enc.ZRLE) + struct.pack(">I", len(body)) + body, 1)
     assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=st.integers(1, 70), h=st.integers(1, 40), smooth=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+def test_gradient_kernel_and_numpy_twin_agree(w, h, smooth, seed):
+    from pyxenfb.rfb import enc_kernel
+    rng = np.random.default_rng(seed)
+    if smooth:       # predictions inside 0..255 mostly, clamped at the edges
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([(x * 7 + y) % 256, (y * 9) % 256, (x * 3 + y * 5) % 256], -1).astype(np.uint8)
+    else:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    twin = enc.gradient24_plan(rgb)
+    assert enc_kernel.gradient24(rgb) == twin
+    assert np.array_equal(_ungradient(np.frombuffer(twin, np.uint8).reshape(h, w, 3)), rgb)

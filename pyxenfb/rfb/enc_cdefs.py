@@ -9,6 +9,7 @@ FUNCTIONS = """
 long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uint8_t *out, long cap);
 long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
                         uint8_t *out, long cap);
+void pyxenfb_gradient24(const uint8_t *rgb, int w, int h, uint8_t *out);
 """
 
 ALL = FUNCTIONS

@@ -407,3 +407,32 @@ long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, 
     }
     return (long)(o - out);
 }
+
+/* ---- Tight's gradient filter --------------------------------------------- */
+
+/* out = each byte of the w x h 3-byte-per-pixel image minus its prediction
+ * clamp(left + up - upleft, 0, 255), mod 256; neighbours outside are 0. */
+void pyxenfb_gradient24(const uint8_t *rgb, int w, int h, uint8_t *out)
+{
+    long row = 3L * w;
+    for (int y = 0; y < h; y++) {
+        const uint8_t *cur = rgb + y * row;
+        uint8_t *o = out + y * row;
+        if (y == 0) {                       /* only the left neighbour: p = left */
+            for (long i = 0; i < row && i < 3; i++)
+                o[i] = cur[i];
+            for (long i = 3; i < row; i++)
+                o[i] = (uint8_t)(cur[i] - cur[i - 3]);
+            continue;
+        }
+        const uint8_t *up = cur - row;
+        for (long i = 0; i < row && i < 3; i++)   /* only the one above: p = up */
+            o[i] = (uint8_t)(cur[i] - up[i]);
+        for (long i = 3; i < row; i++) {    /* branch-free: the compiler vectorises it */
+            int p = cur[i - 3] + up[i] - up[i - 3];
+            p = p < 0 ? 0 : p;
+            p = p > 255 ? 255 : p;
+            o[i] = (uint8_t)(cur[i] - p);
+        }
+    }
+}

@@ -68,3 +68,14 @@ def zrle_tiles(pixels: np.ndarray, w: int, h: int, bpp: int, coff: int, cb: int)
         raise RuntimeError(f"ZRLE kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
     del out[n:]
     return bytes(out)
+
+
+def gradient24(rgb: np.ndarray) -> bytes:
+    """Tight's gradient filter of the (h, w, 3) uint8 image (load() must
+    have returned the kernel)."""
+    rgb = np.ascontiguousarray(rgb)
+    h, w, three = rgb.shape
+    assert rgb.dtype == np.uint8 and three == 3
+    out = bytearray(rgb.size)
+    _lib.pyxenfb_gradient24(_ffi.from_buffer("uint8_t[]", rgb), w, h, _ffi.from_buffer("uint8_t[]", out))
+    return bytes(out)

@@ -466,9 +466,17 @@ def _tpixels(vals: np.ndarray, fmt: PixelFormat, scratch: np.ndarray | None = No
 
 
 def _gradient24(rgb: np.ndarray) -> bytes:
-    """Tight's gradient filter for 3-byte TPIXELs: each component minus the
-    prediction clamp(left + up - upleft, 0, 255), mod 256; neighbours outside
-    the rectangle count as 0."""
+    """Tight's gradient filter for 3-byte TPIXELs: the C kernel when it is
+    built, else its numpy twin."""
+    if enc_kernel.load() is None or rgb.size == 0:
+        return gradient24_plan(rgb)
+    return enc_kernel.gradient24(rgb)
+
+
+def gradient24_plan(rgb: np.ndarray) -> bytes:
+    """Tight's gradient filter for 3-byte TPIXELs in numpy: each component
+    minus the prediction clamp(left + up - upleft, 0, 255), mod 256;
+    neighbours outside the rectangle count as 0."""
     v = rgb.astype(np.int16)
     pred = np.zeros_like(v)
     pred[:, 1:] += v[:, :-1]
