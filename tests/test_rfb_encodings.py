@@ -706,3 +706,26 @@ def test_gradient_kernel_and_numpy_twin_agree(w, h, smooth, seed):
     twin = enc.gradient24_plan(rgb)
     assert enc_kernel.gradient24(rgb) == twin
     assert np.array_equal(_ungradient(np.frombuffer(twin, np.uint8).reshape(h, w, 3)), rgb)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 90), h=st.integers(1, 30),
+       colours=st.integers(1, 300), run=st.integers(1, 20), seed=st.integers(0, 2 ** 32 - 1))
+def test_palette_kernel_and_numpy_twin_agree(fmt_name, w, h, colours, run, seed):
+    """Tight's palette: the kernel's sorted colours and indices are the numpy
+    path's (sort, searchsorted), and both refuse past 256 colours."""
+    from pyxenfb.rfb import enc_kernel
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 256, (colours, bpp), dtype=np.uint8)
+    picks = rng.integers(0, colours, -(-w * h // run)).repeat(run)[:w * h]
+    vals = enc._values(table[picks].reshape(h, w * bpp), fmt, w, h)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    twin = enc._few_colours(vals, 256)
+    got = enc_kernel.palette(vals, 256)
+    if twin is None:
+        assert got is None
+    else:
+        assert np.array_equal(got[0], twin) and got[0].dtype == vals.dtype
+        assert np.array_equal(got[1], np.searchsorted(twin, vals))

@@ -10,6 +10,7 @@ long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uin
 long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
                         uint8_t *out, long cap);
 void pyxenfb_gradient24(const uint8_t *rgb, int w, int h, uint8_t *out);
+int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pal, uint8_t *idx);
 """
 
 ALL = FUNCTIONS

@@ -436,3 +436,79 @@ void pyxenfb_gradient24(const uint8_t *rgb, int w, int h, uint8_t *out)
         }
     }
 }
+
+/* ---- Tight's palette ------------------------------------------------------ */
+
+#define PSLOTS 1024             /* palettes of at most 256 colours */
+
+/* The distinct values of the n pixels at pix (bpp bytes each, read as
+ * little-endian integers) into pal, ascending, and each pixel's index in
+ * it into idx; returns their number, or -1 when there are more than limit
+ * (<= 256), stopping there. */
+int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pal, uint8_t *idx)
+{
+    uint32_t key[PSLOTS];
+    int16_t rank[PSLOTS];
+    int k = 0;
+
+    if (n <= 0 || limit < 1 || limit > 256 || (bpp != 1 && bpp != 2 && bpp != 4))
+        return -1;
+    memset(rank, -1, sizeof rank);
+    uint32_t prev = 0;
+    int have_prev = 0;
+    for (long i = 0; i < n; i++) {
+        const uint8_t *p = pix + i * bpp;
+        uint32_t v = p[0];
+        if (bpp > 1)
+            v |= (uint32_t)p[1] << 8;
+        if (bpp > 2)
+            v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        if (have_prev && v == prev)
+            continue;
+        prev = v;
+        have_prev = 1;
+        uint32_t s = (v * 2654435761u) >> 22;       /* 10 bits */
+        while (rank[s] >= 0 && key[s] != v)
+            s = (s + 1) & (PSLOTS - 1);
+        if (rank[s] < 0) {
+            if (k == limit)
+                return -1;
+            key[s] = v;
+            rank[s] = 0;
+            pal[k++] = v;
+        }
+    }
+    for (int i = 1; i < k; i++) {               /* ascending: at most 256 values */
+        uint32_t v = pal[i];
+        int j = i - 1;
+        for (; j >= 0 && pal[j] > v; j--)
+            pal[j + 1] = pal[j];
+        pal[j + 1] = v;
+    }
+    for (int j = 0; j < k; j++) {
+        uint32_t s = (pal[j] * 2654435761u) >> 22;
+        while (key[s] != pal[j])
+            s = (s + 1) & (PSLOTS - 1);
+        rank[s] = (int16_t)j;
+    }
+    uint8_t last = 0;
+    have_prev = 0;
+    for (long i = 0; i < n; i++) {
+        const uint8_t *p = pix + i * bpp;
+        uint32_t v = p[0];
+        if (bpp > 1)
+            v |= (uint32_t)p[1] << 8;
+        if (bpp > 2)
+            v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        if (!have_prev || v != prev) {
+            uint32_t s = (v * 2654435761u) >> 22;
+            while (key[s] != v)
+                s = (s + 1) & (PSLOTS - 1);
+            last = (uint8_t)rank[s];
+            prev = v;
+            have_prev = 1;
+        }
+        idx[i] = last;
+    }
+    return k;
+}

@@ -79,3 +79,18 @@ def gradient24(rgb: np.ndarray) -> bytes:
     out = bytearray(rgb.size)
     _lib.pyxenfb_gradient24(_ffi.from_buffer("uint8_t[]", rgb), w, h, _ffi.from_buffer("uint8_t[]", out))
     return bytes(out)
+
+
+def palette(vals: np.ndarray, limit: int):
+    """(distinct values ascending, (h, w) uint8 index of each pixel) of the
+    (h, w) integer pixel values, or None when there are more than limit
+    (<= 256) (load() must have returned the kernel)."""
+    vals = np.ascontiguousarray(vals)
+    pal = np.empty(limit, np.uint32)
+    idx = np.empty(vals.shape, np.uint8)
+    k = _lib.pyxenfb_palette(_ffi.from_buffer("uint8_t[]", vals.view(np.uint8).reshape(-1)), vals.size,
+                             vals.itemsize, limit, _ffi.from_buffer("uint32_t[]", pal),
+                             _ffi.from_buffer("uint8_t[]", idx))
+    if k < 0:
+        return None
+    return pal[:k].astype(vals.dtype), idx

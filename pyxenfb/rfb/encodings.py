@@ -503,6 +503,17 @@ def _few_colours(vals: np.ndarray, limit: int):
     return distinct if len(distinct) <= limit else None
 
 
+def _palette(vals: np.ndarray, limit: int):
+    """(the sorted distinct values, each pixel's index in them or None
+    still to find) if there are at most `limit`, else (None, None): by the
+    C kernel (one hashing pass, stopping at limit + 1 colours) when it is
+    built, else by sorting."""
+    if enc_kernel.load() is not None and vals.size:
+        found = enc_kernel.palette(vals, limit)
+        return found if found is not None else (None, None)
+    return _few_colours(vals, limit), None
+
+
 def _image_bytes(vals: np.ndarray, fmt: PixelFormat, kind: str, quality: int = 0) -> bytes:
     from PIL import Image
     img = Image.fromarray(_channels(vals, fmt), "RGB")
@@ -653,7 +664,7 @@ class Encoder:
     def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality,
                     gradient: bool = True) -> list[bytes]:
         """One Tight rectangle after its header: [control and lengths, data...]."""
-        palette = _few_colours(vals, 256)
+        palette, idx = _palette(vals, 256)
         if palette is not None and len(palette) == 1:
             return [b"\x80" + _tpixels(palette, fmt)]
         jpeg_ok = jpeg_quality is not None and fmt.bpp == 32
@@ -664,7 +675,8 @@ class Encoder:
             data = _image_bytes(vals, fmt, "PNG")
             return [b"\xa0" + compact_length(len(data)), data]
         if palette is not None and len(palette) * 2 < vals.size:
-            idx = np.searchsorted(palette, vals)
+            if idx is None:
+                idx = np.searchsorted(palette, vals)
             if len(palette) == 2:
                 stream, data = 1, np.packbits(idx.astype(np.uint8), axis=1).tobytes()
             else:
