@@ -729,3 +729,18 @@ def test_palette_kernel_and_numpy_twin_agree(fmt_name, w, h, colours, run, seed)
     else:
         assert np.array_equal(got[0], twin) and got[0].dtype == vals.dtype
         assert np.array_equal(got[1], np.searchsorted(twin, vals))
+
+
+def test_a_kernel_of_another_version_is_not_used(tmp_path):
+    """An editable install whose library predates its source falls back to
+    numpy (same bytes) instead of calling functions that changed."""
+    import subprocess
+    import sys
+    src = tmp_path / "old.c"
+    src.write_text("int pyxenfb_enc_version(void) { return -7; }\n")
+    lib = tmp_path / "_enc_kernel.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, timeout=60)
+    code = ("import pyxenfb.rfb.enc_kernel as k; k.LIBRARY = %r; print(k.load() is None)" % str(lib))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+    assert "another version" in out.stderr

@@ -6,6 +6,7 @@ tests/test_platform.py checks the two agree.
 """
 
 FUNCTIONS = """
+int pyxenfb_enc_version(void);
 long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uint8_t *out, long cap);
 long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
                         uint8_t *out, long cap);
@@ -14,4 +15,5 @@ int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pa
 """
 
 ALL = FUNCTIONS
+VERSION = 1        # pyxenfb_enc_version() of a library built from this source
 MODULE = "pyxenfb.rfb._enc_ffi"

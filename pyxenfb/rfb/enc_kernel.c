@@ -15,6 +15,14 @@
 #define TILE 16
 #define SLOTS 512               /* > 256 pixels: the hash never fills */
 
+/* Bumped with every change to the output of a function here: enc_kernel.py
+ * refuses a library built from another version (an editable install not
+ * rebuilt after a pull) and uses the numpy twins instead. */
+int pyxenfb_enc_version(void)
+{
+    return 1;
+}
+
 enum { HT_RAW = 1, HT_BG = 2, HT_FG = 4, HT_ANY = 8, HT_COLOURED = 16 };
 enum { LAST_NONE, LAST_RAW, LAST_MONO, LAST_COLOURED };
 

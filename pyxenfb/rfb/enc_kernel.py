@@ -1,15 +1,19 @@
 """The encoders' C kernel (pyxenfb/rfb/enc_kernel.c -> _enc_kernel.so, built
 by hatch_build.py), loaded through cffi's ABI mode the first time it is
 asked for.  `load()` gives None when the library was not built (no C
-compiler) or PYXENFB_NO_ENC_KERNEL=1: the encoders then use their numpy
-twins, which give the same bytes, slower.
+compiler), was built from another version of the source (an editable
+install not rebuilt: hatch_build.py), or PYXENFB_NO_ENC_KERNEL=1: the
+encoders then use their numpy twins, which give the same bytes, slower.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_enc_kernel.so")
 
@@ -29,9 +33,13 @@ def load():
             lib = None
             if os.environ.get("PYXENFB_NO_ENC_KERNEL", "") in ("", "0") and os.path.exists(LIBRARY):
                 from ._enc_ffi import ffi          # generated from enc_cdefs
+                from .enc_cdefs import VERSION
                 try:
                     lib = ffi.dlopen(LIBRARY)
-                except OSError:
+                    if lib.pyxenfb_enc_version() != VERSION:
+                        raise OSError("built from another version of enc_kernel.c")
+                except (OSError, AttributeError) as e:     # AttributeError: an old library
+                    log.warning("encoders' C kernel %s not used (%s): numpy serves", LIBRARY, e)
                     lib = None
                 _ffi = ffi
             _lib = lib
