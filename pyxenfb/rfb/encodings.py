@@ -10,6 +10,11 @@ client's byte order, so no encoder cares about endianness.
 
 One `Encoder` per client: it owns that client's zlib streams (Zlib, ZRLE and
 Tight's four), which RFB requires to persist for the whole connection.
+
+The per-tile and per-pixel loops (Hextile, ZRLE's tiles, Tight's palette and
+gradient filter) run in a C kernel (`enc_kernel`) when it is built; each has
+a numpy twin here (`hextile_plan`, `zrle_plan`, `_few_colours` +
+searchsorted, `gradient24_plan`) giving the same bytes, used without it.
 """
 from __future__ import annotations
 
