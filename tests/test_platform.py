@@ -137,6 +137,14 @@ def test_libraries_load_without_cffis_parser():
     assert fresh_python(code) == "[]"
 
 
+def test_encoder_kernel_loads_without_cffis_parser():
+    code = ("import sys, numpy as np; from pyxenfb.rfb import enc_kernel as k, encodings as e; "
+            "from pyxenfb.convert import GUEST_32; "
+            "e.Encoder().encode(e.HEXTILE, GUEST_32, np.zeros((4, 16), np.uint8), 0, 0, 4, 4); "
+            "print(k.load() is not None, sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
+    assert fresh_python(code) == "True []"
+
+
 def test_pixman_loads_without_cffis_parser():
     code = ("import sys, numpy as np; from pyxenfb import convert as c; from pyxenfb.displays import pixman; "
             "assert pixman._loaded is False; "
