@@ -6,7 +6,7 @@
 
 Prints one JSON line per metric (also appended to --out): name, value, unit,
 baseline, baseline_value, ratio (= our cost / the baseline's; < 1 is better)
-and extra fields.  Groups, in order: convert, libvncserver, vnc_rate,
+and extra fields.  Groups, in order: convert, libvncserver, encoders, vnc_rate,
 latency, idle, lifecycle, memory, multi, zygote.  --quick takes under 3 minutes (~2 on a 2-core
 VM), the full run ~4.  Side files (latency samples) go next to --out.
 """

@@ -78,6 +78,10 @@ def bench_libvncserver(ctx) -> list[dict]:
     return delegated("bench_vs_libvncserver", ctx.quick)
 
 
+def bench_encoders(ctx) -> list[dict]:
+    return delegated("bench_encoders", ctx.quick)
+
+
 # ---- frames/s and request->update latency per encoding vs x11vnc -----------------------
 def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None,
              sample_memory: bool = False) -> dict:
@@ -516,6 +520,7 @@ def bench_zygote(ctx) -> list[dict]:
 GROUPS = {
     "convert": bench_convert,
     "libvncserver": bench_libvncserver,
+    "encoders": bench_encoders,
     "vnc_rate": bench_vnc_rate,
     "latency": bench_update_latency,
     "idle": bench_idle,

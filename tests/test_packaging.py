@@ -51,7 +51,7 @@ def test_the_wheel_is_manylinux_and_its_launcher_needs_only_libc(built, tmp_path
     assert (int(m[1]), int(m[2])) <= (2, 36), "must install on Debian 12 (glibc 2.36)"
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        assert "pyxenfb/bin/pyqemu-dm" in names
+        assert "pyxenfb/bin/pyqemu-dm" in names and "pyxenfb/rfb/_enc_kernel.so" in names
         assert f"Tag: py3-none-manylinux_{m[1]}_{m[2]}_x86_64" in z.read(
             next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode()
         mode = z.getinfo("pyxenfb/bin/pyqemu-dm").external_attr >> 16
@@ -81,7 +81,7 @@ def test_the_sdist_builds_without_a_compiler_and_falls_back_to_the_python_launch
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert not any(n.startswith("pyxenfb/bin/") for n in names)
+    assert not any(n.startswith("pyxenfb/bin/") or n.endswith(".so") for n in names)
     assert "pyqemu-dm = pyxenfb.zygote.launch:main" in entry_points, entry_points
     # The pure wheel's Python launcher runs the device model from that wheel.
     target = tmp_path / "site"
@@ -100,5 +100,5 @@ def test_a_wheel_to_publish_refuses_to_build_without_the_launcher(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, CC="/nonexistent/cc", PYXENFB_REQUIRE_C_LAUNCHER="1"))
     assert done.returncode != 0
-    assert "C stand-in not built: no C compiler" in done.stderr, done.stderr
+    assert "not built: no C compiler" in done.stderr, done.stderr
     assert not list(tmp_path.glob("*.whl"))

@@ -116,7 +116,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("flags, folder, name, cdefs", [([], "platform", "_xen_ffi.py", "xen_cdefs.py"),
-                                                         (["--pixman"], "displays", "_pixman_ffi.py", "pixman_cdefs.py")])
+                                                         (["--pixman"], "displays", "_pixman_ffi.py", "pixman_cdefs.py"),
+                                                         (["--enc"], "rfb", "_enc_ffi.py", "enc_cdefs.py")])
 def test_generated_ffi_module_matches_the_declarations(tmp_path, flags, folder, name, cdefs):
     out = tmp_path / name
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_cffi.py"), *flags, str(out)],
@@ -134,6 +135,14 @@ def test_libraries_load_without_cffis_parser():
             "p = libc.mmap(0, 4096, 3, 0x22, -1, 0); assert libc.munmap(ffi.cast('void *', p), 4096) == 0; "
             "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
     assert fresh_python(code) == "[]"
+
+
+def test_encoder_kernel_loads_without_cffis_parser():
+    code = ("import sys, numpy as np; from pyxenfb.rfb import enc_kernel as k, encodings as e; "
+            "from pyxenfb.convert import GUEST_32; "
+            "e.Encoder().encode(e.HEXTILE, GUEST_32, np.zeros((4, 16), np.uint8), 0, 0, 4, 4); "
+            "print(k.load() is not None, sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
+    assert fresh_python(code) == "True []"
 
 
 def test_pixman_loads_without_cffis_parser():

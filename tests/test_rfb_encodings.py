@@ -225,7 +225,8 @@ class Decoder:
             pal = [self._tpixel(r) for _ in range(n)]
             size = ((w + 7) // 8) * h if n == 2 else w * h
         else:
-            assert filt == 0
+            assert filt in (0, 2)
+            assert filt == 0 or tp == 3, "gradient only for 3-byte TPIXELs here"
             size = w * h * tp
         data = r.take(size) if size < 12 else self.tight[stream].decompress(r.take(r.compact()))
         assert len(data) == size
@@ -238,9 +239,24 @@ class Decoder:
         else:
             if tp == 3:
                 rgb = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+                if filt == 2:
+                    rgb = _ungradient(rgb)
                 self.put(x, y, w, h, self._rgb_to_pixels(rgb))
             else:
                 self.put(x, y, w, h, data)
+
+
+def _ungradient(diff: np.ndarray) -> np.ndarray:
+    """Tight's gradient filter undone pixel by pixel: V = D + clamp(left + up - upleft)."""
+    h, w, _ = diff.shape
+    out = np.zeros((h, w, 3), np.int64)
+    for j in range(h):
+        for i in range(w):
+            left = out[j, i - 1] if i else 0
+            up = out[j - 1, i] if j else 0
+            upleft = out[j - 1, i - 1] if i and j else 0
+            out[j, i] = (diff[j, i] + np.clip(left + up - upleft, 0, 255)) & 255
+    return out.astype(np.uint8)
 
 
 def _surface_pixels(width, height, fmt, seed=0):
@@ -356,8 +372,10 @@ def test_compress_level_change_mid_stream(encoding):
         dec.update(data, 2)
         assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels)), (level, step)
         sizes.setdefault(level, []).append(len(data))
-    # Level 0 stores; any other level compresses.
-    assert min(sizes[0]) > 1.5 * max(sizes[9] + sizes[1] + sizes[6] + sizes[None])
+    # Level 0 stores; any other level compresses, 9 clearly (ZRLE's RLE has
+    # already taken much of what deflate would).
+    assert min(sizes[0]) > max(sizes[9] + sizes[1] + sizes[6] + sizes[None])
+    assert max(sizes[9]) < 0.7 * min(sizes[0])
 
 
 def test_tight_level_change_resets_only_that_stream():
@@ -368,9 +386,21 @@ def test_tight_level_change_resets_only_that_stream():
     again = encoder.encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64)[1]
     encoder.compress_level = 9              # what ServerConnection sets
     changed = encoder.encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64)[1]
-    assert first[12] == again[12] == 0x00   # full colour, stream 0, no reset
-    assert changed[12] == 0x01              # stream 0 reset, then level 9
+    # full colour (gradient filter), stream 0, no reset
+    assert first[12:14] == again[12:14] == b"\x40\x02"
+    assert changed[12:14] == b"\x41\x02"   # stream 0 reset, then level 9
     assert encoder.compress_level == 9
+
+
+def test_tight_gradient_can_be_refused():
+    """gradient=False (a noVNC client): full colour goes with the copy filter."""
+    fmt = GUEST_32
+    pixels = _level_picture(64, 64, 0)
+    data = enc.Encoder().encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64, gradient=False)[1]
+    assert data[12] == 0x00
+    dec = Decoder(fmt, 64, 64)
+    dec.update(data, 1)
+    assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
 
 
 def test_zlib_continuation_survives_a_plain_decompressobj():
@@ -450,3 +480,267 @@ def test_rre_never_exceeds_raw_and_decodes_exactly(fmt_name, w, h, colours, data
     dec = Decoder(fmt, w + 3, h + 5)
     dec.update(encoded, count)
     assert np.array_equal(dec.fb[5:, 3 * bpp:], pixels)
+
+
+# Hextile: coloured subrectangles, mono tiles, the C kernel and its numpy twin ------------
+def _hextile_tiles(data: bytes, w: int, h: int, bpp: int) -> list[tuple[int, int]]:
+    """(subencoding mask, number of subrectangles) of each tile of one
+    Hextile rectangle's body."""
+    r, out = Reader(data), []
+    for ty in range(0, h, 16):
+        for tx in range(0, w, 16):
+            tw, th = min(16, w - tx), min(16, h - ty)
+            mask = r.u8()
+            if mask & 1:
+                r.take(tw * th * bpp)
+                out.append((mask, 0))
+                continue
+            r.take(bpp * (bool(mask & 2) + bool(mask & 4)))
+            n = r.u8() if mask & 8 else 0
+            r.take(n * (2 + (bpp if mask & 16 else 0)))
+            out.append((mask, n))
+    assert r.pos == len(data)
+    return out
+
+
+def _hextile_body(fmt, pixels, w, h):
+    count, data = enc.Encoder().encode(enc.HEXTILE, fmt, np.ascontiguousarray(pixels), 0, 0, w, h)
+    assert count == 1 and struct.unpack(">i", data[8:12])[0] == enc.HEXTILE
+    dec = Decoder(fmt, w, h)
+    dec.update(data, count)
+    assert np.array_equal(dec.fb, pixels)
+    return data[12:]
+
+
+def _pixels_from(fmt, index: np.ndarray, palette: list[bytes]) -> np.ndarray:
+    h, w = index.shape
+    return np.frombuffer(b"".join(palette[i] for i in index.reshape(-1)), np.uint8).reshape(h, -1).copy()
+
+
+def _colour(fmt, i: int) -> bytes:
+    return (0x10203 * (i + 1) * 37 % (1 << fmt.bpp)).to_bytes(fmt.bytes_per_pixel,
+                                                             "big" if fmt.big_endian else "little")
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_hextile_text_tiles_go_mono_and_a_vertical_stroke_is_one_subrect(fmt_name):
+    """A glyph-like tile (two colours, strokes) is mono: foreground once, 2
+    bytes a subrectangle, a vertical stroke one subrectangle; the next tile
+    with the same foreground does not repeat it."""
+    fmt = FORMATS[fmt_name]
+    w, h = 37, 21                                   # edge tiles too
+    index = np.zeros((h, w), int)
+    index[2:14, 3] = 1                              # a vertical stroke: one subrectangle
+    index[7, 2:9] = 1
+    index[2:14, 19] = 1
+    index[18:21, 34:37] = 1                         # in the corner edge tile (5x5)
+    pixels = _pixels_from(fmt, index, [_colour(fmt, 0), _colour(fmt, 1)])
+    tiles = _hextile_tiles(_hextile_body(fmt, pixels, w, h), w, h, fmt.bytes_per_pixel)
+    HT_BG, HT_FG, HT_ANY = 2, 4, 8
+    assert tiles[0] == (HT_BG | HT_FG | HT_ANY, 3)  # stroke above, stroke below, the bar
+    assert tiles[1] == (HT_ANY, 1)                  # same background and foreground: neither again
+    assert tiles[2][0] == 0                         # plain background
+    assert tiles[5] == (HT_ANY, 1)                  # the corner: its block is one subrectangle
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_hextile_many_colour_tile_goes_coloured_not_raw(fmt_name):
+    """Bands of many colours are SubrectsColoured (a pixel + 2 bytes each),
+    where the old encoder sent raw; noise stays raw."""
+    fmt = FORMATS[fmt_name]
+    w, h = 48, 19
+    y, x = np.mgrid[0:h, 0:w]
+    bands = (x // 4 + y // 3) % 8                   # 8 colours in blocks
+    noise = np.random.default_rng(1).integers(0, 8, (h, w))
+    index = np.where(x < 32, bands, noise)
+    palette = [_colour(fmt, i) for i in range(8)]
+    if len(set(palette)) < 8:                      # 3-bit formats: fewer distinct colours
+        pytest.skip("format has fewer than 8 colours")
+    tiles = _hextile_tiles(_hextile_body(fmt, _pixels_from(fmt, index, palette), w, h),
+                           w, h, fmt.bytes_per_pixel)
+    HT_RAW, HT_COLOURED = 1, 16
+    assert tiles[0][0] & HT_COLOURED and tiles[1][0] & HT_COLOURED
+    if fmt.bytes_per_pixel > 1:                     # at 1 byte a pixel raw is cheap: may win
+        assert tiles[2][0] == HT_RAW
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 50), h=st.integers(1, 40),
+       colours=st.integers(1, 8), block=st.integers(1, 6), data=st.data())
+def test_hextile_kernel_and_numpy_twin_agree_and_decode(fmt_name, w, h, colours, block, data):
+    """The C kernel's bytes are exactly its numpy twin's, and both decode to
+    the pixels (random colours in blocks, so every tile kind appears)."""
+    from pyxenfb.rfb import enc_kernel
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    palette = data.draw(st.lists(st.binary(min_size=bpp, max_size=bpp), min_size=colours, max_size=colours))
+    cells = data.draw(st.lists(st.integers(0, colours - 1), min_size=((w + block - 1) // block) * ((h + block - 1) // block),
+                               max_size=((w + block - 1) // block) * ((h + block - 1) // block)))
+    index = np.array(cells).reshape(-(-h // block), -(-w // block)).repeat(block, 0).repeat(block, 1)[:h, :w]
+    pixels = _pixels_from(fmt, index, palette)
+    twin = enc.hextile_plan(enc._values(pixels, fmt, w, h), fmt)
+    dec = Decoder(fmt, w, h)
+    dec.update(enc.rect_header(0, 0, w, h, enc.HEXTILE) + twin, 1)
+    assert np.array_equal(dec.fb, pixels)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    assert enc_kernel.hextile(pixels, w, h, bpp) == twin
+
+
+def test_hextile_without_the_kernel_uses_the_twin(monkeypatch):
+    from pyxenfb.rfb import enc_kernel
+    fmt = GUEST_32
+    pixels = _surface_pixels(50, 30, fmt)
+    with_kernel = enc.Encoder().encode(enc.HEXTILE, fmt, pixels, 0, 0, 50, 30)[1]
+    monkeypatch.setattr(enc_kernel, "load", lambda: None)
+    assert enc.Encoder().encode(enc.HEXTILE, fmt, pixels, 0, 0, 50, 30)[1] == with_kernel
+
+
+# ZRLE: the subencoding per tile, the C kernel and its numpy twin --------------------------
+def _zrle_subencodings(fmt, pixels, w, h) -> list[int]:
+    """Each tile's subencoding byte, after checking the rectangle decodes exactly."""
+    count, data = enc.Encoder().encode(enc.ZRLE, fmt, np.ascontiguousarray(pixels), 0, 0, w, h)
+    dec = Decoder(fmt, w, h)
+    dec.update(data, count)
+    assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
+    stream = zlib.decompressobj().decompress(data[16:])   # sync-flushed, never ended
+    subs, pos = [], 0
+    size = 3 if enc._cpixel_bytes(fmt) is not None else fmt.bytes_per_pixel
+    for ty in range(0, h, 64):
+        for tx in range(0, w, 64):
+            tw, th = min(64, w - tx), min(64, h - ty)
+            sub = stream[pos]
+            subs.append(sub)
+            pos += 1
+            if sub == 0:
+                pos += tw * th * size
+            elif sub == 1:
+                pos += size
+            elif sub <= 16:
+                bits = 1 if sub == 2 else 2 if sub <= 4 else 4
+                pos += sub * size + th * ((tw * bits + 7) // 8)
+            else:                                   # RLE: walk the runs
+                palette = sub - 128 if sub > 128 else 0
+                pos += palette * size
+                left = tw * th
+                while left:
+                    if palette:
+                        idx = stream[pos]
+                        pos += 1
+                        run = 1
+                        if idx & 128:
+                            run = 1
+                            while stream[pos] == 255:
+                                run, pos = run + 255, pos + 1
+                            run, pos = run + stream[pos], pos + 1
+                    else:
+                        pos += size
+                        run = 1
+                        while stream[pos] == 255:
+                            run, pos = run + 255, pos + 1
+                        run, pos = run + stream[pos], pos + 1
+                    left -= run
+                    assert left >= 0
+    assert pos == len(stream)
+    return subs
+
+
+@pytest.mark.parametrize("fmt_name", ["bgrx32", "be32", "rgb565", "be565", "bgr233"])
+def test_zrle_picks_solid_packed_rle_and_raw_per_tile(fmt_name):
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    w, h = 64 * 4 + 5, 64 + 7                       # edge tiles too
+    rng = np.random.default_rng(2)
+    colours = max(2, min(200, 1 << fmt.depth))
+    palette = list({_colour(fmt, i) for i in range(colours)})
+    index = np.zeros((h, w), int)
+    index[:, 64:128] = rng.integers(0, 2, (h, 64))              # two colours, noisy: packed
+    index[:, 128:192] = np.arange(h)[:, None] % len(palette)     # a colour per row: runs of 64
+    index[:, 192:256] = rng.integers(0, len(palette), (h, 64))   # noise: raw
+    subs = _zrle_subencodings(fmt, _pixels_from(fmt, index, palette), w, h)
+    assert subs[0] == 1                                          # solid
+    assert subs[1] == 2                                          # packed, 2 colours
+    # 71 rows of 64: palette RLE when the colours fit 127, else plain RLE
+    assert subs[2] == (128 + min(len(palette), 64) if len(palette) <= 64 else 128)
+    if bpp > 1:
+        assert subs[3] == 0                                      # raw
+    assert subs[5] == 1 and subs[9] == 1                         # edge tiles: still solid
+
+
+@settings(max_examples=200, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 150), h=st.integers(1, 80),
+       colours=st.integers(1, 140), run=st.integers(1, 300), data=st.data())
+def test_zrle_kernel_and_numpy_twin_agree(fmt_name, w, h, colours, run, data):
+    """Byte-identical tile streams from the C kernel and its twin, for
+    palettes up to past 127 colours and runs up to past 255 pixels."""
+    from pyxenfb.rfb import enc_kernel
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    seed = data.draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (colours, bpp), dtype=np.uint8)
+    picks = rng.integers(0, colours, -(-w * h // run)).repeat(run)[:w * h]
+    pixels = palette[picks].reshape(h, w * bpp)
+    vals = enc._values(pixels, fmt, w, h)
+    twin = enc.zrle_plan(vals, fmt)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    sel = enc._cpixel_bytes(fmt)
+    coff, cb = (sel[0], 3) if sel is not None else (0, bpp)
+    assert enc_kernel.zrle_tiles(pixels, w, h, bpp, coff, cb) == twin
+    dec = Decoder(fmt, w, h)
+    body = zlib.compress(twin)
+    dec.update(enc.rect_header(0, 0, w, h, enc.ZRLE) + struct.pack(">I", len(body)) + body, 1)
+    assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=st.integers(1, 70), h=st.integers(1, 40), smooth=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+def test_gradient_kernel_and_numpy_twin_agree(w, h, smooth, seed):
+    from pyxenfb.rfb import enc_kernel
+    rng = np.random.default_rng(seed)
+    if smooth:       # predictions inside 0..255 mostly, clamped at the edges
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([(x * 7 + y) % 256, (y * 9) % 256, (x * 3 + y * 5) % 256], -1).astype(np.uint8)
+    else:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    twin = enc.gradient24_plan(rgb)
+    assert enc_kernel.gradient24(rgb) == twin
+    assert np.array_equal(_ungradient(np.frombuffer(twin, np.uint8).reshape(h, w, 3)), rgb)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fmt_name=st.sampled_from(list(FORMATS)), w=st.integers(1, 90), h=st.integers(1, 30),
+       colours=st.integers(1, 300), run=st.integers(1, 20), seed=st.integers(0, 2 ** 32 - 1))
+def test_palette_kernel_and_numpy_twin_agree(fmt_name, w, h, colours, run, seed):
+    """Tight's palette: the kernel's sorted colours and indices are the numpy
+    path's (sort, searchsorted), and both refuse past 256 colours."""
+    from pyxenfb.rfb import enc_kernel
+    fmt = FORMATS[fmt_name]
+    bpp = fmt.bytes_per_pixel
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 256, (colours, bpp), dtype=np.uint8)
+    picks = rng.integers(0, colours, -(-w * h // run)).repeat(run)[:w * h]
+    vals = enc._values(table[picks].reshape(h, w * bpp), fmt, w, h)
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    twin = enc._few_colours(vals, 256)
+    got = enc_kernel.palette(vals, 256)
+    if twin is None:
+        assert got is None
+    else:
+        assert np.array_equal(got[0], twin) and got[0].dtype == vals.dtype
+        assert np.array_equal(got[1], np.searchsorted(twin, vals))
+
+
+def test_a_kernel_of_another_version_is_not_used(tmp_path):
+    """An editable install whose library predates its source falls back to
+    numpy (same bytes) instead of calling functions that changed."""
+    import subprocess
+    import sys
+    src = tmp_path / "old.c"
+    src.write_text("int pyxenfb_enc_version(void) { return -7; }\n")
+    lib = tmp_path / "_enc_kernel.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, timeout=60)
+    code = ("import pyxenfb.rfb.enc_kernel as k; k.LIBRARY = %r; print(k.load() is None)" % str(lib))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+    assert "another version" in out.stderr

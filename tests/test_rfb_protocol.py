@@ -275,6 +275,21 @@ def test_quality_and_compression_levels():
     assert conn.jpeg_quality is None
 
 
+@pytest.mark.parametrize("encs, gradient", [
+    ([7, -254], True),                                   # TigerVNC-like: decodes the filter
+    ([1, 7, -260, 5, 2, 0, -254], False),                # noVNC's list: its decoder throws on it
+])
+def test_tight_gradient_filter_only_for_clients_that_decode_it(encs, gradient):
+    conn = to_normal()
+    conn.receive_data(set_encodings(*encs))
+    conn.receive_data(fbur(0))
+    plan = conn.begin_update(64, 64, [(0, 0, 64, 64)])
+    assert plan.encoding == enc.TIGHT and plan.tight_gradient is gradient
+    conn.websocket = True                                # any client through the WebSocket port
+    conn.receive_data(fbur(0))
+    assert conn.begin_update(64, 64, [(0, 0, 64, 64)]).tight_gradient is False
+
+
 def test_ext_key_ack_rides_on_next_update():
     conn = to_normal()
     with pytest.raises(rfb.ProtocolError):       # not negotiated yet

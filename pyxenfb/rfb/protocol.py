@@ -180,6 +180,10 @@ class UpdatePlan:
     fmt: PixelFormat
     jpeg_quality: int | None
     compress_level: int | None
+    # Tight's gradient filter: not for noVNC, whose Tight decoder (1.3, as
+    # Debian 12 ships it) throws on it: not over the WebSocket, nor to a
+    # client listing TightPNG (-260), which only noVNC does.
+    tight_gradient: bool = True
 
 
 # RFB sizes are u16: a larger surface (a guest may make one 70000 pixels wide
@@ -193,12 +197,13 @@ class ServerConnection:
 
     def __init__(self, width: int, height: int, name: str, *, password: str | None = None,
                  password_expired: bool = False, blocked_reason: str | None = None,
-                 lossy: bool = False, tls: TlsKind | str | None = None):
+                 lossy: bool = False, tls: TlsKind | str | None = None, websocket: bool = False):
         self.width, self.height = min(width, RFB_MAX_DIMENSION), min(height, RFB_MAX_DIMENSION)
         self.name = name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore")
         self.password = password
         self.password_expired = password_expired
         self.lossy = lossy              # JPEG allowed (QEMU's lossy=on); else Tight stays lossless
+        self.websocket = websocket      # came through the WebSocket port: a browser (noVNC)
         self.blocked_reason = blocked_reason
         # TlsKind.X509 or ANON: only VeNCrypt is offered, with the one subtype
         # these credentials and the password setting call for (as QEMU).
@@ -677,7 +682,8 @@ class ServerConnection:
         self.resize_pending = False
         full, self._request = self._request is Request.FULL, None
         return UpdatePlan(tuple(pseudo), tuple(clipped), full, self.encoding, self.pixel_format,
-                          self.jpeg_quality if self.lossy else None, self.compress_level)
+                          self.jpeg_quality if self.lossy else None, self.compress_level,
+                          not self.websocket and enc.TIGHT_PNG not in self.encodings)
 
     def finish_update(self, plan: UpdatePlan, rectangles: list[bytes], count: int) -> int:
         """Queue the FramebufferUpdate `plan` began: its pseudo-rectangles,

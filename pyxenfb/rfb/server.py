@@ -173,7 +173,7 @@ class RfbSession(asyncio.Protocol):
             # the protocol core refuses it without counting a guess.
             password=server.password, password_expired=server.password_expired,
             blocked_reason="Too many security failures" if blocked else None,
-            lossy=server.lossy, tls=tls)
+            lossy=server.lossy, tls=tls, websocket=self.mode is not Transport.RFB)
         server.prepare_connection(conn)
         return conn
 

@@ -140,7 +140,8 @@ class UpdateJob:
             self._encoder.set_compress_level(plan.compress_level)
         for pixels, x, y, w, h in self.pieces:
             n, data = self._encoder.encode_chunks(plan.encoding, plan.fmt, pixels, x, y, w, h,
-                                                  jpeg_quality=plan.jpeg_quality)
+                                                  jpeg_quality=plan.jpeg_quality,
+                                                  gradient=plan.tight_gradient)
             chunks += data
             count += n
         self._chunks, self._count = chunks, count
