@@ -483,7 +483,7 @@ rec q3.scenario_s "$(since "$T0")"
 # --- steady state (issue 24): an animating guest, one Tight client for STEADY_S s ----------
 # frames delivered and the device model's CPU per frame, QEMU and ours through the
 # zygote (child + stand-in) in the same boot.
-STEADY_S=${TIER_STEADY_S:-60}
+STEADY_S=${TIER_STEADY_S:-45}
 cpu_ticks() { local p t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
 steady() {   # KEY NAME DM [create options]
   local key=$1 name=$2 dm=$3 port pids c0 c1 t0; shift 3
