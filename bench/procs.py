@@ -90,12 +90,14 @@ class Procs:
 class SimHost:
     """`pyxenfb-sim host` in a fresh run dir, plus domains made with `pyxenfb-sim create`."""
 
-    def __init__(self, procs: Procs, zygote: bool = False):
-        """zygote: `host --zygote`: every device model is forked by pyxenfb-zygote."""
+    def __init__(self, procs: Procs, zygote: bool = False, prefix: list[str] | None = None):
+        """zygote: `host --zygote`: every device model is forked by pyxenfb-zygote.
+        prefix: run the host and `create` under it (e.g. `ip netns exec NS`)."""
         self.procs = procs
+        self.prefix = list(prefix or [])
         self.run_dir = procs.tempdir("pxb-")
         self.env = dict(os.environ, PYXENFB_SIM=self.run_dir)
-        self.host = procs.popen([sys.executable, "-m", "pyxenfb.sim.cli", "host",
+        self.host = procs.popen([*self.prefix, sys.executable, "-m", "pyxenfb.sim.cli", "host",
                                  "--run-dir", self.run_dir, *(["--zygote"] if zygote else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.sims.append(self)
@@ -109,7 +111,7 @@ class SimHost:
                animate: str | None = None, fps: float | None = None,
                guest: bool = True, memory: int = 64) -> int:
         """Create a domain with a VNC vfb; returns its VNC TCP port."""
-        argv = [sys.executable, "-m", "pyxenfb.sim.cli", "create", "--run-dir", self.run_dir,
+        argv = [*self.prefix, sys.executable, "-m", "pyxenfb.sim.cli", "create", "--run-dir", self.run_dir,
                 "--domid", str(domid), "--name", f"bench{domid}", "--memory", str(memory),
                 "--vfb", "vnc=1,vnclisten=127.0.0.1,vncdisplay=0,vncunused=1",
                 "--width", str(width), "--height", str(height)]
@@ -125,7 +127,11 @@ class SimHost:
             raise RuntimeError(f"create domain {domid} failed: {r.stderr.strip()}")
         # "domain N (NAME) created; VNC on HOST:PORT"
         port = int(r.stdout.strip().rsplit(":", 1)[1])
-        if guest:
+        if guest and self.prefix:              # the port is inside the namespace: wait there
+            subprocess.run([*self.prefix, sys.executable, "-c", "from bench.procs import wait_desktop; "
+                            f"wait_desktop({port}, {width}, {height})"], check=True, timeout=60,
+                           cwd=Path(__file__).resolve().parent.parent)
+        elif guest:
             wait_desktop(port, width, height)
         return port
 
