@@ -119,13 +119,21 @@ class XAnchor:
         """xplay the frames file (the previous player is stopped first)."""
         self.stop_player()
         log = os.path.join(self.dir, "xplay.log")
-        self.player = self.procs.popen([*self.prefix, xplay, "--display", self.display,
-                                        "--file", frames_file], stdout=subprocess.DEVNULL,
-                                       stderr=open(log, "w"))
+        deadline = time.monotonic() + 20
+        def start():
+            self.player = self.procs.popen([*self.prefix, xplay, "--display", self.display,
+                                            "--file", frames_file], stdout=subprocess.DEVNULL,
+                                           stderr=open(log, "w"))
         def ready():
             if self.player.poll() is not None:
-                raise RuntimeError(f"xplay exited: {Path(log).read_text()[-300:]}")
+                text = Path(log).read_text()
+                # Xvnc names its display a moment before it accepts X clients
+                if "cannot open display" in text and time.monotonic() < deadline:
+                    start()
+                    return False
+                raise RuntimeError(f"xplay exited: {text[-300:]}")
             return "ready" in Path(log).read_text()
+        start()
         _wait(ready, 60, "xplay did not start")
         time.sleep(0.5)                 # the VNC server sees a moving screen before the client
 
