@@ -3,7 +3,9 @@
     uv run python -m bench.plot FILE.jsonl OUTDIR      (or python -m bench --plot ...)
 
 fps_<WxH>.png: full frames/s per encoding, pyxenfb vs x11vnc;
-convert.png: conversion MPix/s vs pixman; latency_cdf.png: CDF of the 64x64
+convert.png: conversion MPix/s vs pixman; bytes_per_frame_<WxH>.png: wire
+bytes per full frame per content and encoding, pyxenfb vs Xvnc vs x11vnc;
+slow_link_fps.png: frames/s through the 10 Mbit/s link; latency_cdf.png: CDF of the 64x64
 guest-UPDATE -> client latency (from the samples side file next to the
 JSON lines); domains.png: frames/s per domain and device-model CPU vs the
 number of domains.
@@ -39,7 +41,9 @@ def markdown_table(jsonl: str, before: str | None = None) -> str:
              "|---|---:|---|---|---:|---:|" + ("---:|" if before else "") + "---|"]
     for r in load(jsonl):
         notes = []
-        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "skipped", "error"):
+        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "compression",
+                  "xvnc_compression", "x11vnc_compression", "ratio_xvnc", "ratio_x11vnc", "link",
+                  "skipped", "error"):
             if r.get(k) is not None:
                 notes.append(f"{k} {fmt(r[k])}")
         was = f" {fmt(earlier.get(r['name'], {}).get('ratio'))} |" if before else ""
@@ -147,6 +151,41 @@ def plot(jsonl: str, outdir: str) -> list[str]:
         ax.set_title("Memory per domain: cold vs zygote")
         ax.legend(fontsize=8)
         save(fig, "zygote_pss.png")
+
+    # bytes per full frame per encoding and content, ours beside Xvnc and x11vnc
+    bpf = {}
+    for r in rows:
+        m = re.match(r"vnc_(?:(text|desktop)_)?bytes_per_frame_(\w+?)_(\d+x\d+)$", r["name"])
+        if m and r["value"]:
+            bpf.setdefault(m.group(3), []).append((m.group(1) or "gradient", m.group(2), r))
+    for size, items in bpf.items():
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(items))
+        for i, (who, key) in enumerate((("pyxenfb", "value"), ("Xvnc (TigerVNC)", "xvnc_bytes_per_frame"),
+                                        ("x11vnc (LibVNCServer)", "x11vnc_bytes_per_frame"))):
+            ax.bar(x + (i - 1) * 0.27, [(r.get(key) or 0) / 1e3 for _, _, r in items], 0.27, label=who)
+        ax.set_xticks(x, [f"{c}\n{e}" for c, e, _ in items], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("kB on the wire per full frame (log)")
+        ax.set_title(f"Bytes per full frame at {size} (raw: {int(size.split('x')[0]) * int(size.split('x')[1]) * 4 / 1e3:.0f} kB)")
+        ax.legend(fontsize=8)
+        save(fig, f"bytes_per_frame_{size}.png")
+
+    # frames/s through the slow link
+    slow = [(m.group(1), m.group(2), m.group(3), r) for r in rows
+            if (m := re.match(r"slow_(\w+?)_(\w+)_(\d+x\d+)_fps$", r["name"])) and r["value"]]
+    if slow:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(slow))
+        for i, (who, key) in enumerate((("pyxenfb", "full_frames_per_s"), ("Xvnc (TigerVNC)", "xvnc_full_frames_per_s"),
+                                        ("x11vnc (LibVNCServer)", "x11vnc_full_frames_per_s"))):
+            vals = [(r["value"] if key == "full_frames_per_s" else r.get(key)) or 0 for *_, r in slow]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=who)
+        ax.set_xticks(x, [f"{c} {s}\n{e}" for c, e, s, _ in slow], fontsize=7)
+        ax.set_ylabel("full frames/s")
+        ax.set_title("Through a 10 Mbit/s link, 20 ms each way")
+        ax.legend(fontsize=8)
+        save(fig, "slow_link_fps.png")
     return written
 
 

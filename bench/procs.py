@@ -109,8 +109,8 @@ class SimHost:
 
     def create(self, domid: int, *, width: int = 800, height: int = 600,
                animate: str | None = None, fps: float | None = None,
-               guest: bool = True, memory: int = 64) -> int:
-        """Create a domain with a VNC vfb; returns its VNC TCP port."""
+               guest: bool = True, memory: int = 64, dm: str | None = None) -> int:
+        """Create a domain with a VNC vfb; returns its VNC TCP port.  dm: device model program."""
         argv = [*self.prefix, sys.executable, "-m", "pyxenfb.sim.cli", "create", "--run-dir", self.run_dir,
                 "--domid", str(domid), "--name", f"bench{domid}", "--memory", str(memory),
                 "--vfb", "vnc=1,vnclisten=127.0.0.1,vncdisplay=0,vncunused=1",
@@ -121,6 +121,8 @@ class SimHost:
             argv += ["--fps", str(fps)]
         if not guest:
             argv.append("--no-guest")
+        if dm:
+            argv += ["--dm", dm]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=CREATE_TIMEOUT,
                            env=self.env)
         if r.returncode != 0:
@@ -168,6 +170,21 @@ class SimHost:
             except (OSError, ValueError):
                 pass
         stop_groups(pgids, grace=1.0)
+
+
+def lossy_dm(procs: Procs) -> str:
+    """A device model program: pyqemu-dm with `lossy=on` added to its -vnc
+    option (QEMU's switch for Tight JPEG; xl has no key for it)."""
+    from pyxenfb.sim.toolstack import default_dm_program
+    path = os.path.join(procs.tempdir("pxb-lossy-"), "pyqemu-dm-lossy")
+    Path(path).write_text(
+        f"#!{sys.executable}\nimport os, sys\n"
+        f"dm = {default_dm_program()!r}\n"
+        "args = sys.argv[1:]\n"
+        "args = [a + ',lossy=on' if i and args[i - 1] == '-vnc' else a for i, a in enumerate(args)]\n"
+        "os.execv(dm[0], dm + args)\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 def wait_desktop(port: int, width: int, height: int, timeout: float = 30.0) -> None:

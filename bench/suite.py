@@ -24,7 +24,7 @@ from pathlib import Path
 from pyxenfb.rfb.client import NEED_DATA, Connection, FramebufferUpdate, ServerInit
 from pyxenfb.rfb.states import RAW
 
-from .procs import SimHost, context_switches, cpu_seconds, memory_kib
+from .procs import SimHost, context_switches, cpu_seconds, lossy_dm, memory_kib
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("BENCH_ANCHORS", REPO.parent / "shared" / "bench"))
@@ -325,7 +325,11 @@ def bench_slow_link(ctx) -> list[dict]:
             sim = SimHost(ctx.procs, prefix=prefix)
             port = sim.create(1, width=w, height=h, animate="full" if content == "gradient" else content,
                               memory=64 if w * h < 2e6 else 128)
-            servers = {"ours": port}
+            # Tight JPEG needs QEMU's lossy=on (xl can't set it): a second domain has it
+            lossy_port = sim.create(2, width=w, height=h, dm=lossy_dm(ctx.procs),
+                                    animate="full" if content == "gradient" else content,
+                                    memory=64 if w * h < 2e6 else 128)
+            servers = {"ours": port, "ours_lossy": lossy_port}
             xs = x_anchors(ctx, content, w, h, prefix)
             servers.update({k: a.port for k, a in xs.items() if not isinstance(a, str)})
             relays = {}
@@ -333,7 +337,7 @@ def bench_slow_link(ctx) -> list[dict]:
                 for k, p in servers.items():
                     relays[k] = Relay(p, 10e6, 0.020)
                     stack.callback(relays[k].close)
-            pids = {"ours": sim.pid(1, "dm"), **{k: a.pid for k, a in xs.items() if not isinstance(a, str)}}
+            pids = {"ours": sim.pid(1, "dm"), "ours_lossy": sim.pid(2, "dm"), **{k: a.pid for k, a in xs.items() if not isinstance(a, str)}}
             for enc, jpeg in SLOW_ENCODINGS:
                 label = enc + (f"JPEG{jpeg}" if jpeg is not None else "")
                 res = {}
@@ -341,12 +345,16 @@ def bench_slow_link(ctx) -> list[dict]:
                     if k not in servers:
                         res[k] = (None, xs[k])
                         continue
-                    p = relays[k].port if k in relays else servers[k]
-                    r = vnc_rate(ctx, p, enc, secs, pids[k], prefix=prefix, jpeg=jpeg)
+                    if k == "ours" and jpeg is not None:
+                        k_ = "ours_lossy"
+                    else:
+                        k_ = k
+                    p = relays[k_].port if k_ in relays else servers[k_]
+                    r = vnc_rate(ctx, p, enc, secs, pids[k_], prefix=prefix, jpeg=jpeg)
                     res[k] = (None, r["error"]) if "error" in r else (r, None)
                 ours, why = res.pop("ours")
                 name = f"slow_{content}_{label}_{w}x{h}"
-                extra = {"link": link, "rate_mbit": 10, "delay_ms_each_way": 20, "seconds": secs,
+                extra = {"link": link, "rate_mbit": 10, "ours_vnc": "lossy=on" if jpeg is not None else "", "delay_ms_each_way": 20, "seconds": secs,
                          "content": content, **({"netem_missing": why_relay} if link == "relay" else {})}
                 if ours is None:
                     out.append(metric(f"{name}_fps", None, "frames/s", "xvnc", None, error=why, **extra))
