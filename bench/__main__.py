@@ -7,7 +7,7 @@
 Prints one JSON line per metric (also appended to --out): name, value, unit,
 baseline, baseline_value, ratio (= our cost / the baseline's; < 1 is better)
 and extra fields.  Groups, in order: convert, libvncserver, vnc_rate,
-latency, idle, lifecycle, memory, multi, zygote.  --quick takes under 3 minutes (~2 on a 2-core
+vnc_content, slow_link, latency, idle, lifecycle, memory, multi, zygote.  --quick takes under 3 minutes (~2 on a 2-core
 VM), the full run ~4.  Side files (latency samples) go next to --out.
 """
 from __future__ import annotations
@@ -32,9 +32,16 @@ def main(argv=None) -> int:
                     help="draw the PNGs from a previous run's JSON lines and exit")
     ap.add_argument("--table", metavar="FILE.jsonl",
                     help="print a previous run's figures as a Markdown table and exit")
+    ap.add_argument("--wire-table", metavar="FILE.jsonl",
+                    help="print the wire groups' figures (vnc_rate, vnc_content, slow_link) as "
+                         "Markdown tables, ours beside Xvnc and x11vnc, and exit")
     ap.add_argument("--before", metavar="FILE.jsonl",
                     help="with --table: an earlier run whose ratios go beside")
     args = ap.parse_args(argv)
+    if args.wire_table:
+        from .plot import wire_tables
+        print(wire_tables(args.wire_table))
+        return 0
     if args.table:
         from .plot import markdown_table
         print(markdown_table(args.table, args.before))

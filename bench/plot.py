@@ -52,6 +52,44 @@ def markdown_table(jsonl: str, before: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def wire_tables(jsonl: str) -> str:
+    """Markdown tables of the wire groups (vnc_rate, vnc_content, slow_link):
+    bytes per full frame with compression, frames/s, and the slow link, ours
+    beside Xvnc and x11vnc from the same run."""
+    rows = load(jsonl)
+    def f(v, unit=""):
+        return "–" if v is None else (f"{v:.3g}{unit}" if abs(v) < 1000 else f"{v:,.0f}{unit}")
+    def kb(v):
+        return "–" if v is None else f"{v / 1e3:,.1f}"
+    out = ["| content | size | encoding | kB per full frame (compression) pyxenfb · Xvnc · x11vnc "
+           "| bytes ours/Xvnc | bytes ours/x11vnc | frames/s pyxenfb · Xvnc · x11vnc |",
+           "|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        m = re.match(r"vnc_(?:(text|desktop)_)?bytes_per_frame_(\w+?)_(\d+x\d+)$", r["name"])
+        if not m:
+            continue
+        fps = next((q for q in rows if q["name"] == r["name"].replace("bytes_per_frame", "fps")), {})
+        out.append(f"| {m.group(1) or 'gradient'} | {m.group(3)} | {m.group(2)} "
+                   f"| {kb(r['value'])} ({f(r.get('compression'))}) · {kb(r.get('xvnc_bytes_per_frame'))} "
+                   f"({f(r.get('xvnc_compression'))}) · {kb(r.get('x11vnc_bytes_per_frame'))} "
+                   f"({f(r.get('x11vnc_compression'))}) | {f(r.get('ratio_xvnc'))} | {f(r.get('ratio_x11vnc'))} "
+                   f"| {f(fps.get('value'))} · {f(fps.get('xvnc_fps'))} · {f(fps.get('x11vnc_fps'))} |")
+    slow = [r for r in rows if re.match(r"slow_\w+_fps$", r["name"])]
+    if slow:
+        out += ["", "| content | size | encoding | frames/s pyxenfb · Xvnc · x11vnc | frames/s ours/Xvnc (cost) "
+                "| p50 latency ms pyxenfb · Xvnc · x11vnc | kB per frame pyxenfb · Xvnc | link |",
+                "|---|---|---|---|---:|---|---|---|"]
+        for r in slow:
+            m = re.match(r"slow_(\w+?)_(\w+)_(\d+x\d+)_fps$", r["name"])
+            lat = next((q for q in rows if q["name"] == r["name"][:-3] + "latency_p50"), {})
+            out.append(f"| {m.group(1)} | {m.group(3)} | {m.group(2)} | {f(r['value'])} · "
+                       f"{f(r.get('xvnc_full_frames_per_s'))} · {f(r.get('x11vnc_full_frames_per_s'))} "
+                       f"| {f(r.get('ratio'))} | {f(lat.get('value'))} · {f(lat.get('xvnc_latency_ms_p50'))} · "
+                       f"{f(lat.get('x11vnc_latency_ms_p50'))} | {kb(r.get('bytes_per_frame'))} · "
+                       f"{kb(r.get('xvnc_bytes_per_frame'))} | {r.get('link')} |")
+    return "\n".join(out)
+
+
 def plot(jsonl: str, outdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")

@@ -9,7 +9,6 @@ Everything is started through Procs (own sessions, killed at cleanup); with
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -65,20 +64,21 @@ def _wait(cond, timeout: float, what: str) -> None:
 
 
 def _display_from(procs: Procs, argv: list[str], prefix: list[str], log: str) -> tuple[subprocess.Popen, str]:
-    """Start an X server with -displayfd; its display name once it is ready."""
-    r, w = os.pipe()
-    try:
-        p = procs.popen([*prefix, *argv[:1], "-displayfd", str(w), *argv[1:]], pass_fds=(w,),
-                        stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    finally:
-        os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 30)
-        num = os.read(r, 64).decode().strip() if ready else ""
-    finally:
-        os.close(r)
+    """Start an X server with -displayfd; its display name once it is ready.
+    The fd is a file, not a pipe: Xvnc writes the number more than once and
+    dies of EPIPE if the reader has gone."""
+    num_file = log + ".display"
+    with open(num_file, "w") as f:
+        p = procs.popen([*prefix, *argv[:1], "-displayfd", str(f.fileno()), *argv[1:]],
+                        pass_fds=(f.fileno(),), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    def named():
+        if p.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited: {Path(log).read_text()[-300:]}")
+        return Path(num_file).read_text().endswith("\n")
+    _wait(named, 30, f"{argv[0]} did not name its display")
+    num = Path(num_file).read_text().split()[0]
     if not num.isdigit():
-        raise RuntimeError(f"{argv[0]} did not start: {Path(log).read_text()[-300:]}")
+        raise RuntimeError(f"{argv[0]} wrote {num!r} as its display number")
     return p, f":{num}"
 
 
@@ -115,14 +115,15 @@ class XAnchor:
             _wait(lambda: f"PORT={self.port}" in Path(out).read_text(), 30, "x11vnc did not start")
         self.player: subprocess.Popen | None = None
 
-    def play(self, xplay: str, frames_file: str) -> None:
-        """xplay the frames file (the previous player is stopped first)."""
+    def play(self, xplay: str, frames_file: str, fps: float | None = None) -> None:
+        """xplay the frames file (the previous player is stopped first), at most fps frames/s."""
         self.stop_player()
         log = os.path.join(self.dir, "xplay.log")
         deadline = time.monotonic() + 20
         def start():
             self.player = self.procs.popen([*self.prefix, xplay, "--display", self.display,
-                                            "--file", frames_file], stdout=subprocess.DEVNULL,
+                                            "--file", frames_file, "--fps", str(fps or 0)],
+                                           stdout=subprocess.DEVNULL,
                                            stderr=open(log, "w"))
         def ready():
             if self.player.poll() is not None:
