@@ -61,6 +61,9 @@ def wire_tables(jsonl: str) -> str:
         return "–" if v is None else (f"{v:.3g}{unit}" if abs(v) < 1000 else f"{v:,.0f}{unit}")
     def kb(v):
         return "–" if v is None else f"{v / 1e3:,.1f}"
+    def per_frame(size, compression):       # raw bytes of a frame / compression (exact to 3 digits)
+        w, h = map(int, size.split("x"))
+        return w * h * 4 / compression if compression else None
     out = ["| content | size | encoding | kB per full frame (compression) pyxenfb · Xvnc · x11vnc "
            "| bytes ours/Xvnc | bytes ours/x11vnc | frames/s pyxenfb · Xvnc · x11vnc |",
            "|---|---|---|---|---:|---:|---|"]
@@ -69,11 +72,31 @@ def wire_tables(jsonl: str) -> str:
         if not m:
             continue
         fps = next((q for q in rows if q["name"] == r["name"].replace("bytes_per_frame", "fps")), {})
-        out.append(f"| {m.group(1) or 'gradient'} | {m.group(3)} | {m.group(2)} "
-                   f"| {kb(r['value'])} ({f(r.get('compression'))}) · {kb(r.get('xvnc_bytes_per_frame'))} "
-                   f"({f(r.get('xvnc_compression'))}) · {kb(r.get('x11vnc_bytes_per_frame'))} "
-                   f"({f(r.get('x11vnc_compression'))}) | {f(r.get('ratio_xvnc'))} | {f(r.get('ratio_x11vnc'))} "
+        size = m.group(3)
+        b = {k: per_frame(size, r.get(f"{k}compression")) for k in ("", "xvnc_", "x11vnc_")}
+        ratio = {k: b[""] / b[k] if b[""] and b[k] else None for k in ("xvnc_", "x11vnc_")}
+        out.append(f"| {m.group(1) or 'gradient'} | {size} | {m.group(2)} "
+                   f"| {kb(b[''])} ({f(r.get('compression'))}) · {kb(b['xvnc_'])} "
+                   f"({f(r.get('xvnc_compression'))}) · {kb(b['x11vnc_'])} "
+                   f"({f(r.get('x11vnc_compression'))}) | {f(ratio['xvnc_'])} | {f(ratio['x11vnc_'])} "
                    f"| {f(fps.get('value'))} · {f(fps.get('xvnc_fps'))} · {f(fps.get('x11vnc_fps'))} |")
+    small = [r for r in rows if r["name"].startswith("vnc_desktop_fps_")
+             and r.get("xvnc_bytes_per_update") is not None]
+    if small:                     # small changes: the bytes a second of them costs, not full frames
+        out += ["", "| content | size | encoding | wire kB/s pyxenfb · Xvnc · x11vnc | kB/s ours/Xvnc "
+                "| updates/s pyxenfb · Xvnc · x11vnc | bytes per update pyxenfb · Xvnc · x11vnc "
+                "| CPU % pyxenfb · Xvnc · x11vnc |",
+                "|---|---|---|---|---:|---|---|---|"]
+        for r in small:
+            m = re.match(r"vnc_desktop_fps_(\w+?)_(\d+x\d+)$", r["name"])
+            rate = {k: (r.get(f"{k}bytes_per_update") or 0) * (r.get(f"{k}updates_per_s") or 0) / 1e3
+                    for k in ("", "xvnc_", "x11vnc_")}
+            out.append(f"| desktop | {m.group(2)} | {m.group(1)} | {f(rate[''])} · {f(rate['xvnc_'])} · "
+                       f"{f(rate['x11vnc_'])} | {f(rate[''] / rate['xvnc_'] if rate['xvnc_'] else None)} "
+                       f"| {f(r.get('updates_per_s'))} · {f(r.get('xvnc_updates_per_s'))} · "
+                       f"{f(r.get('x11vnc_updates_per_s'))} | {f(r.get('bytes_per_update'))} · "
+                       f"{f(r.get('xvnc_bytes_per_update'))} · {f(r.get('x11vnc_bytes_per_update'))} "
+                       f"| {f(r.get('dm_cpu_pct'))} · {f(r.get('xvnc_cpu_pct'))} · {f(r.get('x11vnc_cpu_pct'))} |")
     slow = [r for r in rows if re.match(r"slow_\w+_fps$", r["name"])]
     if slow:
         out += ["", "| content | size | encoding | frames/s pyxenfb · Xvnc · x11vnc | frames/s ours/Xvnc (cost) "
@@ -199,9 +222,12 @@ def plot(jsonl: str, outdir: str) -> list[str]:
     for size, items in bpf.items():
         fig, ax = plt.subplots(figsize=(9, 4))
         x = np.arange(len(items))
-        for i, (who, key) in enumerate((("pyxenfb", "value"), ("Xvnc (TigerVNC)", "xvnc_bytes_per_frame"),
-                                        ("x11vnc (LibVNCServer)", "x11vnc_bytes_per_frame"))):
-            ax.bar(x + (i - 1) * 0.27, [(r.get(key) or 0) / 1e3 for _, _, r in items], 0.27, label=who)
+        raw = int(size.split("x")[0]) * int(size.split("x")[1]) * 4
+        for i, (who, key) in enumerate((("pyxenfb", "compression"), ("Xvnc (TigerVNC)", "xvnc_compression"),
+                                        ("x11vnc (LibVNCServer)", "x11vnc_compression"))):
+            # raw bytes / compression: vnc-rate's MB/s is too coarse for small updates
+            ax.bar(x + (i - 1) * 0.27, [raw / r[key] / 1e3 if r.get(key) else 0 for _, _, r in items],
+                   0.27, label=who)
         ax.set_xticks(x, [f"{c}\n{e}" for c, e, _ in items], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("kB on the wire per full frame (log)")

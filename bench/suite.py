@@ -121,16 +121,19 @@ def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None
 
 
 def bytes_per_frame(r: dict | None) -> int | None:
-    """Wire bytes per full frame's worth of updated pixels (vnc-rate's figures)."""
-    if not r or not r.get("full_frames_per_s"):
+    """Wire bytes per full frame's worth of updated pixels: the raw bytes of a
+    frame / vnc-rate's compression (its MB/s is rounded to 10 kB/s, too coarse
+    for a desktop's small updates)."""
+    if not r or not r.get("compression") or not r.get("width"):
         return None
-    return round(r["wire_MB_per_s"] * 1e6 / r["full_frames_per_s"])
+    return round(r["width"] * r["height"] * r.get("bpp", 32) // 8 / r["compression"])
 
 
 def anchor_fields(name: str, r: dict | None) -> dict:
     """The anchor's figures beside ours in a line: {name}_fps, _bytes_per_frame, ..."""
     r = r or {}
     return {f"{name}_fps": r.get("full_frames_per_s"), f"{name}_bytes_per_frame": bytes_per_frame(r),
+            f"{name}_updates_per_s": r.get("updates_per_s"), f"{name}_bytes_per_update": r.get("bytes_per_update"),
             f"{name}_compression": r.get("compression"), f"{name}_cpu_pct": r.get("x11vnc_cpu_pct",
                                                                                   r.get("dm_cpu_pct"))}
 
@@ -179,6 +182,7 @@ def compared(prefix: str, enc: str, size: str, r: dict, anchors: dict[str, tuple
     and ratios beside (ratio_<anchor> = our cost / theirs)."""
     fps, bpf = r["full_frames_per_s"], bytes_per_frame(r)
     beside = {"compression": r.get("compression"), "bytes_per_update": r.get("bytes_per_update"),
+              "updates_per_s": r.get("updates_per_s"),
               "dm_cpu_pct": r.get("dm_cpu_pct"), **extra}
     fps_ratios, bpf_ratios, why = {}, {}, {}
     for name, (a, skip) in anchors.items():
@@ -300,9 +304,7 @@ def bench_vnc_content(ctx) -> list[dict]:
                                       None, error=r["error"]))
                     continue
                 out += compared(f"vnc_{content}_", enc, size, r, anchors, "xvnc", seconds=secs,
-                                content=content, font=font, updates_per_s=r["updates_per_s"],
-                                xvnc_updates_per_s=(anchors["xvnc"][0] or {}).get("updates_per_s"),
-                                x11vnc_updates_per_s=(anchors["x11vnc"][0] or {}).get("updates_per_s"))
+                                content=content, font=font, source_fps=CONTENT_FPS.get(content))
             sim.kill_domains()
             ctx.procs.cleanup()                 # the X servers of this content and size
     return out
