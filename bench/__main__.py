@@ -7,8 +7,10 @@
 Prints one JSON line per metric (also appended to --out): name, value, unit,
 baseline, baseline_value, ratio (= our cost / the baseline's; < 1 is better)
 and extra fields.  Groups, in order: convert, libvncserver, vnc_rate,
-vnc_content, slow_link, latency, idle, lifecycle, memory, multi, zygote.  --quick takes under 3 minutes (~2 on a 2-core
-VM), the full run ~4.  Side files (latency samples) go next to --out.
+vnc_content, slow_link, latency, idle, lifecycle, memory, multi, zygote.
+--quick takes ~7 minutes on a 2-core VM (vnc_rate with both anchors ~2,
+vnc_content and slow_link ~1.5 each), the full run longer (1080p contents).
+Side files (latency samples) go next to --out.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
     from . import suite
     from .procs import Procs
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer domains (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer domains and sizes (~7 min)")
     ap.add_argument("--only", help=f"comma-separated groups: {','.join(suite.GROUPS)}")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--plot", nargs=2, metavar=("FILE.jsonl", "OUTDIR"),
