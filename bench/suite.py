@@ -346,7 +346,8 @@ def bench_slow_link(ctx) -> list[dict]:
                 for k, p in servers.items():
                     relays[k] = Relay(p, 10e6, 0.020)
                     stack.callback(relays[k].close)
-            pids = {"ours": sim.pid(1, "dm"), "ours_lossy": sim.pid(2, "dm"), **{k: a.pid for k, a in xs.items() if not isinstance(a, str)}}
+            pids = {"ours": sim.pid(1, "dm"), "ours_lossy": sim.pid(2, "dm"),
+                    **{k: a.pid for k, a in xs.items() if not isinstance(a, str)}}
             for enc, jpeg in SLOW_ENCODINGS:
                 label = enc + (f"JPEG{jpeg}" if jpeg is not None else "")
                 res = {}
@@ -354,17 +355,15 @@ def bench_slow_link(ctx) -> list[dict]:
                     if k not in servers:
                         res[k] = (None, xs[k])
                         continue
-                    if k == "ours" and jpeg is not None:
-                        k_ = "ours_lossy"
-                    else:
-                        k_ = k
-                    p = relays[k_].port if k_ in relays else servers[k_]
-                    r = vnc_rate(ctx, p, enc, secs, pids[k_], prefix=prefix, jpeg=jpeg)
+                    server = "ours_lossy" if k == "ours" and jpeg is not None else k
+                    p = relays[server].port if server in relays else servers[server]
+                    r = vnc_rate(ctx, p, enc, secs, pids[server], prefix=prefix, jpeg=jpeg)
                     res[k] = (None, r["error"]) if "error" in r else (r, None)
                 ours, why = res.pop("ours")
                 name = f"slow_{content}_{label}_{w}x{h}"
-                extra = {"link": link, "rate_mbit": 10, "ours_vnc": "lossy=on" if jpeg is not None else "", "delay_ms_each_way": 20, "seconds": secs,
-                         "content": content, **({"netem_missing": why_relay} if link == "relay" else {})}
+                extra = {"link": link, "rate_mbit": 10, "delay_ms_each_way": 20, "seconds": secs,
+                         "content": content, "ours_vnc": "lossy=on" if jpeg is not None else "",
+                         **({"netem_missing": why_relay} if link == "relay" else {})}
                 if ours is None:
                     out.append(metric(f"{name}_fps", None, "frames/s", "xvnc", None, error=why, **extra))
                     continue
