@@ -134,6 +134,7 @@ def anchor_fields(name: str, r: dict | None) -> dict:
     r = r or {}
     return {f"{name}_fps": r.get("full_frames_per_s"), f"{name}_bytes_per_frame": bytes_per_frame(r),
             f"{name}_updates_per_s": r.get("updates_per_s"), f"{name}_bytes_per_update": r.get("bytes_per_update"),
+            f"{name}_latency_ms_p50": r.get("latency_ms_p50"),
             f"{name}_compression": r.get("compression"), f"{name}_cpu_pct": r.get("x11vnc_cpu_pct",
                                                                                   r.get("dm_cpu_pct"))}
 
@@ -182,7 +183,7 @@ def compared(prefix: str, enc: str, size: str, r: dict, anchors: dict[str, tuple
     and ratios beside (ratio_<anchor> = our cost / theirs)."""
     fps, bpf = r["full_frames_per_s"], bytes_per_frame(r)
     beside = {"compression": r.get("compression"), "bytes_per_update": r.get("bytes_per_update"),
-              "updates_per_s": r.get("updates_per_s"),
+              "updates_per_s": r.get("updates_per_s"), "latency_ms_p50": r.get("latency_ms_p50"),
               "dm_cpu_pct": r.get("dm_cpu_pct"), **extra}
     fps_ratios, bpf_ratios, why = {}, {}, {}
     for name, (a, skip) in anchors.items():
