@@ -7,8 +7,10 @@
 Prints one JSON line per metric (also appended to --out): name, value, unit,
 baseline, baseline_value, ratio (= our cost / the baseline's; < 1 is better)
 and extra fields.  Groups, in order: convert, libvncserver, encoders, vnc_rate,
-latency, idle, lifecycle, memory, multi, zygote.  --quick takes under 3 minutes (~2 on a 2-core
-VM), the full run ~4.  Side files (latency samples) go next to --out.
+vnc_content, slow_link, latency, idle, lifecycle, memory, multi, zygote.
+--quick takes ~7 minutes on a 2-core VM (vnc_rate with both anchors ~2,
+vnc_content and slow_link ~1.5 each), the full run longer (1080p contents).
+Side files (latency samples) go next to --out.
 """
 from __future__ import annotations
 
@@ -25,16 +27,23 @@ def main(argv=None) -> int:
     from . import suite
     from .procs import Procs
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer domains (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer domains and sizes (~7 min)")
     ap.add_argument("--only", help=f"comma-separated groups: {','.join(suite.GROUPS)}")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--plot", nargs=2, metavar=("FILE.jsonl", "OUTDIR"),
                     help="draw the PNGs from a previous run's JSON lines and exit")
     ap.add_argument("--table", metavar="FILE.jsonl",
                     help="print a previous run's figures as a Markdown table and exit")
+    ap.add_argument("--wire-table", metavar="FILE.jsonl",
+                    help="print the wire groups' figures (vnc_rate, vnc_content, slow_link) as "
+                         "Markdown tables, ours beside Xvnc and x11vnc, and exit")
     ap.add_argument("--before", metavar="FILE.jsonl",
                     help="with --table: an earlier run whose ratios go beside")
     args = ap.parse_args(argv)
+    if args.wire_table:
+        from .plot import wire_tables
+        print(wire_tables(args.wire_table))
+        return 0
     if args.table:
         from .plot import markdown_table
         print(markdown_table(args.table, args.before))

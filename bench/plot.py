@@ -3,7 +3,9 @@
     uv run python -m bench.plot FILE.jsonl OUTDIR      (or python -m bench --plot ...)
 
 fps_<WxH>.png: full frames/s per encoding, pyxenfb vs x11vnc;
-convert.png: conversion MPix/s vs pixman; latency_cdf.png: CDF of the 64x64
+convert.png: conversion MPix/s vs pixman; bytes_per_frame_<WxH>.png: wire
+bytes per full frame per content and encoding, pyxenfb vs Xvnc vs x11vnc;
+slow_link_fps.png: frames/s through the 10 Mbit/s link; latency_cdf.png: CDF of the 64x64
 guest-UPDATE -> client latency (from the samples side file next to the
 JSON lines); domains.png: frames/s per domain and device-model CPU vs the
 number of domains.
@@ -39,13 +41,76 @@ def markdown_table(jsonl: str, before: str | None = None) -> str:
              "|---|---:|---|---|---:|---:|" + ("---:|" if before else "") + "---|"]
     for r in load(jsonl):
         notes = []
-        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "skipped", "error"):
+        for k in ("dm_cpu_pct", "x11vnc_cpu_pct", "fps_min", "per_domain", "compression",
+                  "xvnc_compression", "x11vnc_compression", "ratio_xvnc", "ratio_x11vnc", "link",
+                  "skipped", "error"):
             if r.get(k) is not None:
                 notes.append(f"{k} {fmt(r[k])}")
         was = f" {fmt(earlier.get(r['name'], {}).get('ratio'))} |" if before else ""
         lines.append(f"| {r['name']} | {fmt(r['value'])} | {r['unit'] or ''} | {r['baseline'] or ''} "
                      f"| {fmt(r['baseline_value'])} | {fmt(r['ratio'])} |{was} {'; '.join(notes)} |")
     return "\n".join(lines)
+
+
+def wire_tables(jsonl: str) -> str:
+    """Markdown tables of the wire groups (vnc_rate, vnc_content, slow_link):
+    bytes per full frame with compression, frames/s, and the slow link, ours
+    beside Xvnc and x11vnc from the same run."""
+    rows = load(jsonl)
+    def f(v, unit=""):
+        return "–" if v is None else (f"{v:.3g}{unit}" if abs(v) < 1000 else f"{v:,.0f}{unit}")
+    def kb(v):
+        return "–" if v is None else f"{v / 1e3:,.1f}"
+    def per_frame(size, compression):       # raw bytes of a frame / compression (exact to 3 digits)
+        w, h = map(int, size.split("x"))
+        return w * h * 4 / compression if compression else None
+    out = ["| content | size | encoding | kB per full frame (compression) pyxenfb · Xvnc · x11vnc "
+           "| bytes ours/Xvnc | bytes ours/x11vnc | frames/s pyxenfb · Xvnc · x11vnc |",
+           "|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        m = re.match(r"vnc_(?:(text|desktop)_)?bytes_per_frame_(\w+?)_(\d+x\d+)$", r["name"])
+        if not m:
+            continue
+        fps = next((q for q in rows if q["name"] == r["name"].replace("bytes_per_frame", "fps")), {})
+        size = m.group(3)
+        b = {k: per_frame(size, r.get(f"{k}compression")) for k in ("", "xvnc_", "x11vnc_")}
+        ratio = {k: b[""] / b[k] if b[""] and b[k] else None for k in ("xvnc_", "x11vnc_")}
+        out.append(f"| {m.group(1) or 'gradient'} | {size} | {m.group(2)} "
+                   f"| {kb(b[''])} ({f(r.get('compression'))}) · {kb(b['xvnc_'])} "
+                   f"({f(r.get('xvnc_compression'))}) · {kb(b['x11vnc_'])} "
+                   f"({f(r.get('x11vnc_compression'))}) | {f(ratio['xvnc_'])} | {f(ratio['x11vnc_'])} "
+                   f"| {f(fps.get('value'))} · {f(fps.get('xvnc_fps'))} · {f(fps.get('x11vnc_fps'))} |")
+    small = [r for r in rows if r["name"].startswith("vnc_desktop_fps_")
+             and r.get("xvnc_bytes_per_update") is not None]
+    if small:                     # small changes: the bytes a second of them costs, not full frames
+        out += ["", "| content | size | encoding | wire kB/s pyxenfb · Xvnc · x11vnc | kB/s ours/Xvnc "
+                "| updates/s pyxenfb · Xvnc · x11vnc | bytes per update pyxenfb · Xvnc · x11vnc "
+                "| CPU % pyxenfb · Xvnc · x11vnc |",
+                "|---|---|---|---|---:|---|---|---|"]
+        for r in small:
+            m = re.match(r"vnc_desktop_fps_(\w+?)_(\d+x\d+)$", r["name"])
+            rate = {k: (r.get(f"{k}bytes_per_update") or 0) * (r.get(f"{k}updates_per_s") or 0) / 1e3
+                    for k in ("", "xvnc_", "x11vnc_")}
+            out.append(f"| desktop | {m.group(2)} | {m.group(1)} | {f(rate[''])} · {f(rate['xvnc_'])} · "
+                       f"{f(rate['x11vnc_'])} | {f(rate[''] / rate['xvnc_'] if rate['xvnc_'] else None)} "
+                       f"| {f(r.get('updates_per_s'))} · {f(r.get('xvnc_updates_per_s'))} · "
+                       f"{f(r.get('x11vnc_updates_per_s'))} | {f(r.get('bytes_per_update'))} · "
+                       f"{f(r.get('xvnc_bytes_per_update'))} · {f(r.get('x11vnc_bytes_per_update'))} "
+                       f"| {f(r.get('dm_cpu_pct'))} · {f(r.get('xvnc_cpu_pct'))} · {f(r.get('x11vnc_cpu_pct'))} |")
+    slow = [r for r in rows if re.match(r"slow_\w+_fps$", r["name"])]
+    if slow:
+        out += ["", "| content | size | encoding | frames/s pyxenfb · Xvnc · x11vnc | frames/s ours/Xvnc (cost) "
+                "| p50 latency ms pyxenfb · Xvnc · x11vnc | kB per frame pyxenfb · Xvnc | link |",
+                "|---|---|---|---|---:|---|---|---|"]
+        for r in slow:
+            m = re.match(r"slow_(\w+?)_(\w+)_(\d+x\d+)_fps$", r["name"])
+            lat = next((q for q in rows if q["name"] == r["name"][:-3] + "latency_p50"), {})
+            out.append(f"| {m.group(1)} | {m.group(3)} | {m.group(2)} | {f(r['value'])} · "
+                       f"{f(r.get('xvnc_full_frames_per_s'))} · {f(r.get('x11vnc_full_frames_per_s'))} "
+                       f"| {f(r.get('ratio'))} | {f(lat.get('value'))} · {f(lat.get('xvnc_latency_ms_p50'))} · "
+                       f"{f(lat.get('x11vnc_latency_ms_p50'))} | {kb(r.get('bytes_per_frame'))} · "
+                       f"{kb(r.get('xvnc_bytes_per_frame'))} | {r.get('link')} |")
+    return "\n".join(out)
 
 
 def plot(jsonl: str, outdir: str) -> list[str]:
@@ -147,6 +212,44 @@ def plot(jsonl: str, outdir: str) -> list[str]:
         ax.set_title("Memory per domain: cold vs zygote")
         ax.legend(fontsize=8)
         save(fig, "zygote_pss.png")
+
+    # bytes per full frame per encoding and content, ours beside Xvnc and x11vnc
+    bpf = {}
+    for r in rows:
+        m = re.match(r"vnc_(?:(text|desktop)_)?bytes_per_frame_(\w+?)_(\d+x\d+)$", r["name"])
+        if m and r["value"]:
+            bpf.setdefault(m.group(3), []).append((m.group(1) or "gradient", m.group(2), r))
+    for size, items in bpf.items():
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(items))
+        raw = int(size.split("x")[0]) * int(size.split("x")[1]) * 4
+        for i, (who, key) in enumerate((("pyxenfb", "compression"), ("Xvnc (TigerVNC)", "xvnc_compression"),
+                                        ("x11vnc (LibVNCServer)", "x11vnc_compression"))):
+            # raw bytes / compression: vnc-rate's MB/s is too coarse for small updates
+            ax.bar(x + (i - 1) * 0.27, [raw / r[key] / 1e3 if r.get(key) else 0 for _, _, r in items],
+                   0.27, label=who)
+        ax.set_xticks(x, [f"{c}\n{e}" for c, e, _ in items], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("kB on the wire per full frame (log)")
+        ax.set_title(f"Bytes per full frame at {size} (raw: {int(size.split('x')[0]) * int(size.split('x')[1]) * 4 / 1e3:.0f} kB)")
+        ax.legend(fontsize=8)
+        save(fig, f"bytes_per_frame_{size}.png")
+
+    # frames/s through the slow link
+    slow = [(m.group(1), m.group(2), m.group(3), r) for r in rows
+            if (m := re.match(r"slow_(\w+?)_(\w+)_(\d+x\d+)_fps$", r["name"])) and r["value"]]
+    if slow:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(slow))
+        for i, (who, key) in enumerate((("pyxenfb", "full_frames_per_s"), ("Xvnc (TigerVNC)", "xvnc_full_frames_per_s"),
+                                        ("x11vnc (LibVNCServer)", "x11vnc_full_frames_per_s"))):
+            vals = [(r["value"] if key == "full_frames_per_s" else r.get(key)) or 0 for *_, r in slow]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=who)
+        ax.set_xticks(x, [f"{c} {s}\n{e}" for c, e, s, _ in slow], fontsize=7)
+        ax.set_ylabel("full frames/s")
+        ax.set_title("Through a 10 Mbit/s link, 20 ms each way")
+        ax.legend(fontsize=8)
+        save(fig, "slow_link_fps.png")
     return written
 
 

@@ -90,12 +90,14 @@ class Procs:
 class SimHost:
     """`pyxenfb-sim host` in a fresh run dir, plus domains made with `pyxenfb-sim create`."""
 
-    def __init__(self, procs: Procs, zygote: bool = False):
-        """zygote: `host --zygote`: every device model is forked by pyxenfb-zygote."""
+    def __init__(self, procs: Procs, zygote: bool = False, prefix: list[str] | None = None):
+        """zygote: `host --zygote`: every device model is forked by pyxenfb-zygote.
+        prefix: run the host and `create` under it (e.g. `ip netns exec NS`)."""
         self.procs = procs
+        self.prefix = list(prefix or [])
         self.run_dir = procs.tempdir("pxb-")
         self.env = dict(os.environ, PYXENFB_SIM=self.run_dir)
-        self.host = procs.popen([sys.executable, "-m", "pyxenfb.sim.cli", "host",
+        self.host = procs.popen([*self.prefix, sys.executable, "-m", "pyxenfb.sim.cli", "host",
                                  "--run-dir", self.run_dir, *(["--zygote"] if zygote else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.sims.append(self)
@@ -107,9 +109,9 @@ class SimHost:
 
     def create(self, domid: int, *, width: int = 800, height: int = 600,
                animate: str | None = None, fps: float | None = None,
-               guest: bool = True, memory: int = 64) -> int:
-        """Create a domain with a VNC vfb; returns its VNC TCP port."""
-        argv = [sys.executable, "-m", "pyxenfb.sim.cli", "create", "--run-dir", self.run_dir,
+               guest: bool = True, memory: int = 64, dm: str | None = None) -> int:
+        """Create a domain with a VNC vfb; returns its VNC TCP port.  dm: device model program."""
+        argv = [*self.prefix, sys.executable, "-m", "pyxenfb.sim.cli", "create", "--run-dir", self.run_dir,
                 "--domid", str(domid), "--name", f"bench{domid}", "--memory", str(memory),
                 "--vfb", "vnc=1,vnclisten=127.0.0.1,vncdisplay=0,vncunused=1",
                 "--width", str(width), "--height", str(height)]
@@ -119,13 +121,19 @@ class SimHost:
             argv += ["--fps", str(fps)]
         if not guest:
             argv.append("--no-guest")
+        if dm:
+            argv += ["--dm", dm]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=CREATE_TIMEOUT,
                            env=self.env)
         if r.returncode != 0:
             raise RuntimeError(f"create domain {domid} failed: {r.stderr.strip()}")
         # "domain N (NAME) created; VNC on HOST:PORT"
         port = int(r.stdout.strip().rsplit(":", 1)[1])
-        if guest:
+        if guest and self.prefix:              # the port is inside the namespace: wait there
+            subprocess.run([*self.prefix, sys.executable, "-c", "from bench.procs import wait_desktop; "
+                            f"wait_desktop({port}, {width}, {height})"], check=True, timeout=60,
+                           cwd=Path(__file__).resolve().parent.parent)
+        elif guest:
             wait_desktop(port, width, height)
         return port
 
@@ -162,6 +170,21 @@ class SimHost:
             except (OSError, ValueError):
                 pass
         stop_groups(pgids, grace=1.0)
+
+
+def lossy_dm(procs: Procs) -> str:
+    """A device model program: pyqemu-dm with `lossy=on` added to its -vnc
+    option (QEMU's switch for Tight JPEG; xl has no key for it)."""
+    from pyxenfb.sim.toolstack import default_dm_program
+    path = os.path.join(procs.tempdir("pxb-lossy-"), "pyqemu-dm-lossy")
+    Path(path).write_text(
+        f"#!{sys.executable}\nimport os, sys\n"
+        f"dm = {default_dm_program()!r}\n"
+        "args = sys.argv[1:]\n"
+        "args = [a + ',lossy=on' if i and args[i - 1] == '-vnc' else a for i, a in enumerate(args)]\n"
+        "os.execv(dm[0], dm + args)\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 def wait_desktop(port: int, width: int, height: int, timeout: float = 30.0) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from pyxenfb.rfb.client import NEED_DATA, Connection, FramebufferUpdate, ServerInit
 from pyxenfb.rfb.states import RAW
 
-from .procs import SimHost, context_switches, cpu_seconds, memory_kib
+from .procs import SimHost, context_switches, cpu_seconds, lossy_dm, memory_kib
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("BENCH_ANCHORS", REPO.parent / "shared" / "bench"))
@@ -82,16 +82,22 @@ def bench_encoders(ctx) -> list[dict]:
     return delegated("bench_encoders", ctx.quick)
 
 
-# ---- frames/s and request->update latency per encoding vs x11vnc -----------------------
+# ---- frames/s, bytes per frame and latency per encoding vs x11vnc and Xvnc ---------------
 def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None,
-             sample_memory: bool = False) -> dict:
-    """One vnc-rate run; adds the DM's CPU % (and its peak RSS/PSS) over it."""
+             sample_memory: bool = False, prefix: list[str] | None = None,
+             jpeg: int | None = None) -> dict:
+    """One vnc-rate run; adds the DM's CPU % (and its peak RSS/PSS) over it.
+    prefix: run the client under it (a network namespace); jpeg: ask Tight for
+    JPEG at that quality level (bench/vnc_rate_ext.py)."""
     tool = anchor("vnc-rate")
     if tool is None:
         return {"error": missing_anchor("vnc-rate")}
-    p = ctx.procs.popen([sys.executable, str(tool), f"127.0.0.1::{port}", "--encoding", enc,
+    client = ([sys.executable, str(Path(__file__).with_name("vnc_rate_ext.py")), "--jpeg-quality",
+               str(jpeg)] if jpeg is not None else [sys.executable, str(tool)])
+    p = ctx.procs.popen([*(prefix or []), *client, f"127.0.0.1::{port}", "--encoding", enc,
                          "--seconds", str(seconds)], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True)
+                        stderr=subprocess.PIPE, text=True,
+                        env=dict(os.environ, BENCH_ANCHORS=str(ANCHORS)))
     c0, t0 = (cpu_seconds(dm_pid) if dm_pid else 0.0), time.monotonic()
     peak = {"rss": 0, "pss": 0}
     deadline = t0 + seconds + 60
@@ -118,13 +124,41 @@ def vnc_rate(ctx, port: int, enc: str, seconds: float, dm_pid: int | None = None
     return d
 
 
-def x11vnc_anchor(ctx, w: int, h: int, seconds: float) -> tuple[dict, str | None]:
-    script = anchor("anchor-x11vnc.sh")
+def bytes_per_frame(r: dict | None) -> int | None:
+    """Wire bytes per full frame's worth of updated pixels: the raw bytes of a
+    frame / vnc-rate's compression (its MB/s is rounded to 10 kB/s, too coarse
+    for a desktop's small updates)."""
+    if not r or not r.get("compression") or not r.get("width"):
+        return None
+    return round(r["width"] * r["height"] * r.get("bpp", 32) // 8 / r["compression"])
+
+
+def anchor_fields(name: str, r: dict | None) -> dict:
+    """The anchor's figures beside ours in a line: {name}_fps, _bytes_per_frame, ..."""
+    r = r or {}
+    return {f"{name}_fps": r.get("full_frames_per_s"), f"{name}_bytes_per_frame": bytes_per_frame(r),
+            f"{name}_updates_per_s": r.get("updates_per_s"), f"{name}_bytes_per_update": r.get("bytes_per_update"),
+            f"{name}_latency_ms_p50": r.get("latency_ms_p50"),
+            f"{name}_compression": r.get("compression"), f"{name}_cpu_pct": r.get("x11vnc_cpu_pct",
+                                                                                  r.get("dm_cpu_pct"))}
+
+
+# the shared anchor scripts: server name -> (script, tools, install hint)
+ANCHOR_SCRIPTS = {
+    "x11vnc": ("anchor-x11vnc.sh", ("Xvfb", "x11vnc", "gcc"), "xvfb x11vnc gcc libx11-dev"),
+    "xvnc": ("anchor-xvnc.sh", ("Xvnc", "gcc"), "tigervnc-standalone-server gcc libx11-dev"),
+}
+
+
+def script_anchor(ctx, server: str, w: int, h: int, seconds: float) -> tuple[dict, str | None]:
+    """../shared/bench/anchor-{server}.sh on xanim's gradient: {encoding: its JSON}."""
+    name, tools, install = ANCHOR_SCRIPTS[server]
+    script = anchor(name)
     if script is None:
-        return {}, missing_anchor("anchor-x11vnc.sh")
-    for tool in ("Xvfb", "x11vnc", "gcc"):
+        return {}, missing_anchor(name)
+    for tool in tools:
         if not shutil.which(tool):
-            return {}, f"{tool} missing (apt-get install xvfb x11vnc gcc libx11-dev)"
+            return {}, f"{tool} missing (apt-get install {install})"
     env = dict(os.environ, ENCODINGS=" ".join(ENCODINGS), REPLAY_MB="0")
     p = ctx.procs.popen(["bash", str(script), f"{w}x{h}", str(seconds), "gradient"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -138,8 +172,41 @@ def x11vnc_anchor(ctx, w: int, h: int, seconds: float) -> tuple[dict, str | None
         if "error" not in d:
             got[d["encoding"]] = d
     if not got:
-        return {}, f"anchor-x11vnc.sh gave no figures: {(err.strip().splitlines() or ['?'])[-1]}"
+        return {}, f"{name} gave no figures: {(err.strip().splitlines() or ['?'])[-1]}"
     return got, None
+
+
+def x11vnc_anchor(ctx, w: int, h: int, seconds: float) -> tuple[dict, str | None]:
+    return script_anchor(ctx, "x11vnc", w, h, seconds)
+
+
+def compared(prefix: str, enc: str, size: str, r: dict, anchors: dict[str, tuple[dict | None, str | None]],
+             fps_baseline: str, **extra) -> list[dict]:
+    """Lines for one (content, encoding, size): frames/s against `fps_baseline`
+    and bytes per full frame against Xvnc, each with every anchor's figures
+    and ratios beside (ratio_<anchor> = our cost / theirs)."""
+    fps, bpf = r["full_frames_per_s"], bytes_per_frame(r)
+    beside = {"compression": r.get("compression"), "bytes_per_update": r.get("bytes_per_update"),
+              "updates_per_s": r.get("updates_per_s"), "latency_ms_p50": r.get("latency_ms_p50"),
+              "dm_cpu_pct": r.get("dm_cpu_pct"), **extra}
+    fps_ratios, bpf_ratios, why = {}, {}, {}
+    for name, (a, skip) in anchors.items():
+        beside.update(anchor_fields(name, a))
+        fps_ratios[f"ratio_{name}"] = cost_ratio_rate(fps, a and a["full_frames_per_s"])
+        bpf_ratios[f"ratio_{name}"] = cost_ratio_time(bpf, bytes_per_frame(a))
+        if skip:
+            why[f"{name}_skipped"] = skip
+    def r3(d):
+        return {k: None if v is None else round(v, 3) for k, v in d.items()}
+    base = anchors.get(fps_baseline, (None, None))[0]
+    bx = anchors.get("xvnc", (None, None))[0]
+    skip = {"skipped": why[f"{fps_baseline}_skipped"]} if f"{fps_baseline}_skipped" in why else {}
+    return [metric(f"{prefix}fps_{enc}_{size}", fps, "frames/s", fps_baseline,
+                   base and base["full_frames_per_s"], fps_ratios[f"ratio_{fps_baseline}"],
+                   **beside, **r3(fps_ratios), **why, **skip),
+            metric(f"{prefix}bytes_per_frame_{enc}_{size}", bpf, "bytes", "xvnc", bytes_per_frame(bx),
+                   bpf_ratios.get("ratio_xvnc"), **beside, **r3(bpf_ratios), **why,
+                   **({"skipped": why["xvnc_skipped"]} if "xvnc_skipped" in why else {}))]
 
 
 def bench_vnc_rate(ctx) -> list[dict]:
@@ -148,30 +215,183 @@ def bench_vnc_rate(ctx) -> list[dict]:
         return [metric("vnc_fps", None, "frames/s", "x11vnc", None, skipped=missing_anchor("vnc-rate"))]
     out = []
     for w, h in SIZES:
-        base, why = x11vnc_anchor(ctx, w, h, secs)
+        size = f"{w}x{h}"
+        bases = {server: script_anchor(ctx, server, w, h, secs) for server in ANCHOR_SCRIPTS}
         sim = SimHost(ctx.procs)
         port = sim.create(1, width=w, height=h, animate="full", memory=64 if w * h < 2e6 else 128)
         dm = sim.pid(1, "dm")
         for enc in ENCODINGS:
             r = vnc_rate(ctx, port, enc, secs, dm, sample_memory=(enc == "Tight" and w == 800))
-            b = base.get(enc)
-            skip = {"skipped": why} if why else ({} if b else {"skipped": f"x11vnc gave no {enc} figure"})
+            per_enc = {server: (got.get(enc), why or (None if got.get(enc) else
+                                                      f"{server} gave no {enc} figure"))
+                       for server, (got, why) in bases.items()}
+            b = per_enc["x11vnc"][0]
             if "error" in r:
-                out.append(metric(f"vnc_fps_{enc}_{w}x{h}", None, "frames/s", "x11vnc",
+                out.append(metric(f"vnc_fps_{enc}_{size}", None, "frames/s", "x11vnc",
                                   b and b["full_frames_per_s"], error=r["error"]))
                 continue
-            fps, bfps = r["full_frames_per_s"], b and b["full_frames_per_s"]
-            extra = {"dm_cpu_pct": r.get("dm_cpu_pct"), "bytes_per_update": r["bytes_per_update"],
-                     "x11vnc_cpu_pct": b and b.get("x11vnc_cpu_pct"), "seconds": secs}
-            out.append(metric(f"vnc_fps_{enc}_{w}x{h}", fps, "frames/s", "x11vnc", bfps,
-                              cost_ratio_rate(fps, bfps), **extra, **skip))
+            out += compared("vnc_", enc, size, r, per_enc, "x11vnc", seconds=secs,
+                            x11vnc_cpu_pct=b and b.get("x11vnc_cpu_pct"))
             for p in ("p50", "p99"):
                 ours, theirs = r[f"latency_ms_{p}"], b and b[f"latency_ms_{p}"]
-                out.append(metric(f"vnc_latency_{p}_{enc}_{w}x{h}", ours, "ms", "x11vnc", theirs,
-                                  cost_ratio_time(ours, theirs), **skip))
+                bx = per_enc["xvnc"][0]
+                skip = {"skipped": per_enc["x11vnc"][1]} if per_enc["x11vnc"][1] else {}
+                out.append(metric(f"vnc_latency_{p}_{enc}_{size}", ours, "ms", "x11vnc", theirs,
+                                  cost_ratio_time(ours, theirs), xvnc=bx and bx[f"latency_ms_{p}"],
+                                  ratio_xvnc=cost_ratio_time(ours, bx and bx[f"latency_ms_{p}"]), **skip))
             if "dm_peak_kib" in r:
                 ctx.animating_memory = r["dm_peak_kib"]
         sim.kill_domains()
+    return out
+
+
+# ---- the same for a text console and a desktop (pyxenfb/sim/content.py) -----------------
+# Sources run uncapped (as xanim), but a desktop's clock and cursor: 30 changes/s
+# on both sides is already more than a desktop makes, uncapped it would be
+# tens of thousands of 64x16 updates a second.
+CONTENT_FPS = {"desktop": 30}
+
+
+def x_anchors(ctx, content: str, w: int, h: int, prefix: list[str] | None = None):
+    """{server: XAnchor playing `content`'s frames or the reason it can't}."""
+    from pyxenfb.sim.content import content_frames, write_frames_file
+
+    from .xside import Missing, XAnchor, build_xplay
+    got: dict = {}
+    try:
+        xplay = build_xplay(ctx.procs)
+    except Missing as e:
+        return {server: str(e) for server in ANCHOR_SCRIPTS}
+    frames_file = os.path.join(ctx.procs.tempdir("pxb-frames-"), f"{content}-{w}x{h}.bin")
+    write_frames_file(frames_file, *content_frames(content, w, h))
+    for server in ANCHOR_SCRIPTS:
+        try:
+            a = XAnchor(ctx.procs, server, w, h, prefix)
+            a.play(xplay, frames_file, CONTENT_FPS.get(content))
+            got[server] = a
+        except (Missing, RuntimeError) as e:
+            got[server] = f"{server}: {e}"
+    return got
+
+
+def measure_anchor(ctx, a, enc: str, secs: float, prefix=None, jpeg=None) -> tuple[dict | None, str | None]:
+    if isinstance(a, str):
+        return None, a
+    r = vnc_rate(ctx, a.port, enc, secs, a.pid, prefix=prefix, jpeg=jpeg)
+    if "error" in r:
+        return None, f"{a.kind}: {r['error']}"
+    r["x11vnc_cpu_pct"], r["player_fps"] = r.pop("dm_cpu_pct", None), a.player_fps()
+    return r, None
+
+
+def bench_vnc_content(ctx) -> list[dict]:
+    """Text console and desktop: ours vs Xvnc vs x11vnc serving the same frames."""
+    from pyxenfb.sim.content import console_font
+    secs = 2 if ctx.quick else 5
+    if anchor("vnc-rate") is None:
+        return [metric("vnc_content", None, "frames/s", skipped=missing_anchor("vnc-rate"))]
+    sizes = SIZES[:1] if ctx.quick else SIZES
+    out = []
+    font = console_font().name
+    for content in ("text", "desktop"):
+        for w, h in sizes:
+            size = f"{w}x{h}"
+            xs = x_anchors(ctx, content, w, h)
+            sim = SimHost(ctx.procs)
+            port = sim.create(1, width=w, height=h, animate=content, fps=CONTENT_FPS.get(content),
+                              memory=64 if w * h < 2e6 else 128)
+            dm = sim.pid(1, "dm")
+            # A client connected throughout: else each vnc-rate run starts with the
+            # backend leaving XENFB_NO_REFRESH, and the guest (as Linux) answers that
+            # with a full-screen refresh, one 1.9 MB update among the desktop's small ones.
+            keeper = RawClient(port)
+            keeper.handshake()
+            for enc in ENCODINGS:
+                r = vnc_rate(ctx, port, enc, secs, dm)
+                anchors = {server: measure_anchor(ctx, a, enc, secs) for server, a in xs.items()}
+                if "error" in r:
+                    out.append(metric(f"vnc_{content}_fps_{enc}_{size}", None, "frames/s", "xvnc",
+                                      None, error=r["error"]))
+                    continue
+                out += compared(f"vnc_{content}_", enc, size, r, anchors, "xvnc", seconds=secs,
+                                content=content, font=font, source_fps=CONTENT_FPS.get(content))
+            keeper.close()
+            sim.kill_domains()
+            ctx.procs.cleanup()                 # the X servers of this content and size
+    return out
+
+
+# ---- over a slow link: 10 Mbit/s, 20 ms each way ---------------------------------------
+SLOW_ENCODINGS = [("Tight", None), ("Tight", 6), ("ZRLE", None), ("Hextile", None)]
+
+
+def bench_slow_link(ctx) -> list[dict]:
+    """Frames/s and request->update latency through a 10 Mbit/s, 20 ms link
+    (bench/link.py: netem in a namespace of our own, else a user-space relay)."""
+    from .link import LinkError, Relay, netem_namespace
+    secs = 3 if ctx.quick else 8
+    if anchor("vnc-rate") is None:
+        return [metric("slow_link", None, "frames/s", skipped=missing_anchor("vnc-rate"))]
+    cases = [("gradient", 800, 600), ("text", 800, 600)]
+    if not ctx.quick:
+        cases += [("gradient", 1920, 1080), ("text", 1920, 1080)]
+    out = []
+    for content, w, h in cases:
+        with contextlib.ExitStack() as stack:
+            try:
+                prefix, link = stack.enter_context(netem_namespace("10mbit", "20ms")), "netem"
+            except LinkError as e:
+                prefix, link, why_relay = [], "relay", str(e)
+            sim = SimHost(ctx.procs, prefix=prefix)
+            port = sim.create(1, width=w, height=h, animate="full" if content == "gradient" else content,
+                              memory=64 if w * h < 2e6 else 128)
+            # Tight JPEG needs QEMU's lossy=on (xl can't set it): a second domain has it
+            lossy_port = sim.create(2, width=w, height=h, dm=lossy_dm(ctx.procs),
+                                    animate="full" if content == "gradient" else content,
+                                    memory=64 if w * h < 2e6 else 128)
+            servers = {"ours": port, "ours_lossy": lossy_port}
+            xs = x_anchors(ctx, content, w, h, prefix)
+            servers.update({k: a.port for k, a in xs.items() if not isinstance(a, str)})
+            relays = {}
+            if link == "relay":                  # each server behind its own emulated link
+                for k, p in servers.items():
+                    relays[k] = Relay(p, 10e6, 0.020)
+                    stack.callback(relays[k].close)
+            pids = {"ours": sim.pid(1, "dm"), "ours_lossy": sim.pid(2, "dm"),
+                    **{k: a.pid for k, a in xs.items() if not isinstance(a, str)}}
+            for enc, jpeg in SLOW_ENCODINGS:
+                label = enc + (f"JPEG{jpeg}" if jpeg is not None else "")
+                res = {}
+                for k in ("ours", *xs):
+                    if k not in servers:
+                        res[k] = (None, xs[k])
+                        continue
+                    server = "ours_lossy" if k == "ours" and jpeg is not None else k
+                    p = relays[server].port if server in relays else servers[server]
+                    r = vnc_rate(ctx, p, enc, secs, pids[server], prefix=prefix, jpeg=jpeg)
+                    res[k] = (None, r["error"]) if "error" in r else (r, None)
+                ours, why = res.pop("ours")
+                name = f"slow_{content}_{label}_{w}x{h}"
+                extra = {"link": link, "rate_mbit": 10, "delay_ms_each_way": 20, "seconds": secs,
+                         "content": content, "ours_vnc": "lossy=on" if jpeg is not None else "",
+                         **({"netem_missing": why_relay} if link == "relay" else {})}
+                if ours is None:
+                    out.append(metric(f"{name}_fps", None, "frames/s", "xvnc", None, error=why, **extra))
+                    continue
+                for key, unit, cost in (("full_frames_per_s", "frames/s", cost_ratio_rate),
+                                        ("latency_ms_p50", "ms", cost_ratio_time)):
+                    bx = res["xvnc"][0]
+                    beside = {f"{k}_{key}": (a or {}).get(key) for k, (a, _) in res.items()}
+                    ratios = {f"ratio_{k}": None if cost(ours[key], a and a.get(key)) is None
+                              else round(cost(ours[key], a.get(key)), 3) for k, (a, _) in res.items()}
+                    skips = {f"{k}_skipped": s for k, (a, s) in res.items() if s}
+                    out.append(metric(f"{name}_{'fps' if unit == 'frames/s' else 'latency_p50'}",
+                                      ours[key], unit, "xvnc", bx and bx.get(key),
+                                      cost(ours[key], bx and bx.get(key)), **beside, **ratios,
+                                      bytes_per_frame=bytes_per_frame(ours),
+                                      xvnc_bytes_per_frame=bytes_per_frame(bx), **skips, **extra))
+            sim.kill_domains()
+            ctx.procs.cleanup()
     return out
 
 
@@ -522,6 +742,8 @@ GROUPS = {
     "libvncserver": bench_libvncserver,
     "encoders": bench_encoders,
     "vnc_rate": bench_vnc_rate,
+    "vnc_content": bench_vnc_content,
+    "slow_link": bench_slow_link,
     "latency": bench_update_latency,
     "idle": bench_idle,
     "lifecycle": bench_lifecycle,

@@ -87,3 +87,19 @@ def test_animate_full_fps_caps_the_frame_rate():
             # 10 frames at <= 20 frames/s take at least 9 periods
             assert asyncio.get_running_loop().time() - t0 >= 9 / 20 - 0.02
     asyncio.run(body())
+
+
+def test_animate_desktop_sends_only_the_changed_rects():
+    from pyxenfb.sim.content import desktop_frames
+
+    async def body():
+        async with connected_domain(1, attach=True, width=320, height=240,
+                                    animate="desktop") as (run_dir, guest, be, listener):
+            await wait_for(lambda: guest.frame >= 30, 10, "30 frames painted")
+            frames, rects = desktop_frames(320, 240)
+            # after whole screens (connection, the first frame), only the clock and cursor
+            small = {u for u in listener.updates if u != (0, 0, 320, 240)}
+            assert small == {r for rs in rects for r in rs}
+            shown = surface_words(be.console) & 0xFFFFFF
+            assert any(np.array_equal(shown, fr) for fr in frames)
+    asyncio.run(body())

@@ -1,7 +1,7 @@
 """`pyxenfb-sim`: the simulated Xen host and its xl-like toolstack commands.
 
     pyxenfb-sim host --run-dir DIR [--zygote]
-    pyxenfb-sim create --domid N --name NAME [--vfb SPEC] [--animate [full] [--fps F]] [...]
+    pyxenfb-sim create --domid N --name NAME [--vfb SPEC] [--animate [full|text|desktop] [--fps F]] [...]
     pyxenfb-sim destroy --domid N
     pyxenfb-sim list
     pyxenfb-sim fbdump --domid N OUT.png
@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abi", choices=["x86_64", "x86_32"], default="x86_64")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--animate", nargs="?", const="box", choices=["box", "full"], default=None,
-                   help="the guest animates: box (alone: a moving square) or full (repaints "
-                        "the whole screen every frame, the benchmark load)")
+    p.add_argument("--animate", nargs="?", const="box", choices=toolstack.ANIMATIONS, default=None,
+                   help="the guest animates: box (alone: a moving square), full (repaints "
+                        "the whole screen every frame, the benchmark load), text (a scrolling "
+                        "text console) or desktop (a desktop's clock and cursor change)")
     p.add_argument("--fps", type=float, default=None,
                    help="with --animate full: at most F frames per second (default: as fast "
                         "as the device model consumes them)")

@@ -9,12 +9,14 @@ use its hostile API to write anything anywhere); `pyxenfb-sim create` runs
 it as a process:
 
     python -m pyxenfb.sim.guest --run-dir DIR --domid N [--abi x86_32]
-        [--width W --height H] [--animate [box|full]] [--fps F] [--echo-input]
+        [--width W --height H] [--animate [box|full|text|desktop]] [--fps F] [--echo-input]
 
 --animate (= box) moves a small square over the test picture; --animate full
 repaints the whole framebuffer from ../shared/bench/xanim.c's 24 frames, one
 full-screen UPDATE per frame (the benchmark load), as fast as the backend
-consumes them or at most --fps F frames per second.  --echo-input draws what
+consumes them or at most --fps F frames per second; text (a scrolling text
+console) and desktop (a desktop whose clock and cursor change) do the same
+with pyxenfb/sim/content.py's frames, one UPDATE per changed rectangle.  --echo-input draws what
 the keyboard frontend receives (pyxenfb/sim/echo.py); off, the picture is
 exactly the test picture.
 """
@@ -36,7 +38,9 @@ import numpy as np
 from ..console.input_codes import kbdfront_device
 from ..util.region import bounding_box, clip
 from ..devices import ring, xenfb_abi as abi
-from .picture import BOX, XANIM_FRAMES, box_colour, box_position, test_picture, xanim_frames
+from .content import content_frames
+from .picture import BOX, box_colour, box_position, test_picture
+from .toolstack import ANIMATIONS
 
 log = logging.getLogger("pyxenfb.guest")
 
@@ -471,9 +475,10 @@ class ReferenceGuest:
         self.domid = domid
         self.abi = _abi(abi_name)
         self.width, self.height = width, height
-        # True / "box": the bouncing square; "full": xanim's full-screen frames
+        # True / "box": the bouncing square; "full": xanim's full-screen frames;
+        # "text", "desktop": content.py's frames
         self.animate = "box" if animate is True else (animate or None)
-        if self.animate not in (None, "box", "full"):
+        if self.animate not in (None, *ANIMATIONS):
             raise ValueError(f"unknown animation {animate!r}")
         self.fps = fps if fps and fps > 0 else None
         if echo_input:
@@ -553,7 +558,7 @@ class ReferenceGuest:
             await front.probe()
         self._write_info()
         if self.animate and self._anim is None and self.fb is not None:
-            body = self._animate_full() if self.animate == "full" else self._animate()
+            body = self._animate() if self.animate == "box" else self._animate_full()
             self._anim = asyncio.create_task(body, name="guest-animate")
 
     async def reboot(self, clean: bool = True) -> None:
@@ -583,14 +588,15 @@ class ReferenceGuest:
             fb.refresh(*fb.draw_box(self.frame))
 
     async def _animate_full(self) -> None:
-        """Full-screen frames: one copy into the framebuffer, one UPDATE, one notify.
+        """Frames of a ring: one copy into the framebuffer, one UPDATE per
+        changed rectangle (full, xanim's: the whole screen), one notify each.
 
         Keeps one UPDATE in flight: the next frame is drawn once the backend
         consumed the last one (its notification), so the guest paints as
         fast as the backend takes frames and never overflows the out ring.
         """
         loop = asyncio.get_running_loop()
-        frames, n = None, 0
+        frames, rects, n, first = None, [], 0, True
         next_t = loop.time()
         while True:
             fb = self.fb
@@ -603,12 +609,20 @@ class ReferenceGuest:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            if frames is None or frames.shape[1:] != (fb.height, fb.width):
-                frames = xanim_frames(fb.width, fb.height)
-            fb.fb[:, :] = frames[n % XANIM_FRAMES]
+            if frames is None or frames[0].shape != (fb.height, fb.width):
+                kind = "gradient" if self.animate == "full" else self.animate
+                frames, rects = content_frames(kind, fb.width, fb.height)
+                first = True
+            k = n % len(frames)
+            # the first frame (also after a resize) is new everywhere
+            changed = [(0, 0, fb.width, fb.height)] if first else rects[k]
+            first = False
+            for x, y, w, h in changed:
+                fb.fb[y:y + h, x:x + w] = frames[k][y:y + h, x:x + w]
             n += 1
             self.frame = n
-            fb.refresh(0, 0, fb.width, fb.height)
+            for rect in changed:
+                fb.refresh(*rect)
             if self.fps:
                 next_t = max(next_t + 1 / self.fps, loop.time() - 1.0)
                 await asyncio.sleep(max(0.0, next_t - loop.time()))
@@ -674,9 +688,10 @@ async def _run(args) -> int:
 
 def add_animate_args(p: argparse.ArgumentParser) -> None:
     """--animate [box|full] and --fps, shared with `pyxenfb-sim create`."""
-    p.add_argument("--animate", nargs="?", const="box", choices=["box", "full"], default=None,
+    p.add_argument("--animate", nargs="?", const="box", choices=ANIMATIONS, default=None,
                    help="animate: box (default when given alone) = a moving square; "
-                        "full = repaint the whole screen every frame (xanim's frames)")
+                        "full = repaint the whole screen every frame (xanim's frames); "
+                        "text = a scrolling text console; desktop = a desktop's clock and cursor")
     p.add_argument("--fps", type=float, default=None,
                    help="with --animate full: at most F frames per second (default: as fast as "
                         "the backend consumes them)")

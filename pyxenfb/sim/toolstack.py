@@ -48,6 +48,10 @@ from .rundir import (  # noqa: F401
 )
 from .vfbconfig import VfbConfig, parse_vfb  # noqa: F401
 
+# the reference guest's --animate: box, the bouncing square; full, xanim's
+# frames (picture.py); text, desktop: content.py's frames
+ANIMATIONS = ("box", "full", "text", "desktop")
+
 log = logging.getLogger("pyxenfb.sim.toolstack")
 
 
@@ -83,8 +87,8 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
                         dm_user: str | None = None, echo_input: bool = False) -> CreateResult:
     """`xl create` for a PV guest with an optional vfb (+ the vkbd xl adds with it).
 
-    animate: False, True / "box" (moving square) or "full" (whole screen every
-    frame, at most `fps` frames/s when given).
+    animate: False, True / "box" (moving square), "full" (whole screen every
+    frame, at most `fps` frames/s when given), "text" or "desktop" (content.py).
     echo_input: the guest draws the input it receives into its picture.
     dm: "default" (pyqemu-dm), a program path or argv prefix, or None (no DM).
     dm_restrict: as xl's `dm_restrict=1` (chroot dir, pre-opened QMP socket,
@@ -98,7 +102,7 @@ async def create_domain(run_dir: str | None, domid: int, name: str, *, memory: i
         raise ToolstackError(f"memory {memory} MiB out of range")
     if abi not in ("x86_64", "x86_32"):
         raise ToolstackError(f"unknown guest ABI {abi!r}")
-    if animate not in (False, True, None, "box", "full"):
+    if animate not in (False, True, None, *ANIMATIONS):
         raise ToolstackError(f"unknown animation {animate!r}")
     if isinstance(vfb, str):
         vfb = parse_vfb(vfb)
