@@ -21,6 +21,7 @@ Environment:
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -56,7 +57,7 @@ def xenlab_home() -> Path | None:
 # made `xl` segfault and bash mangle words in earlier runs, whatever the DM.
 # Without XSAVE, Xen and both kernels switch FPU state with FXSAVE: 0 corrupt.
 LAB_XEN_ARGS = "cpuid=no-xsave"
-ANIM_FRAMES = 4          # the steady-state guest's frames (1.9 MB each in its initrd)
+ANIM_FRAMES = 4          # the steady-state guest's frames (~0.2 MB each gzipped in its initrd)
 
 
 def write_ppm(path: Path, rgb: np.ndarray) -> None:
@@ -134,11 +135,14 @@ def prepare_share(share: Path, lab: Path) -> None:
                     str(xen / "picture-a.ppm")], check=True)
     write_ppm(xen / "picture-b.ppm", noise_picture())
     # The steady-state guest's frames (guest-anim.sh): xanim's gradient, as the
-    # benchmarks' content, in the framebuffer's own bytes (BGRX, 3200-byte rows).
+    # benchmarks' content, in the framebuffer's own bytes (BGRX, 3200-byte rows),
+    # gzipped: libxl's domain builder inflates a ramdisk whose last gzip member
+    # claims a size it can hold, losing the members after the first (the base
+    # initrd is ~4 MB unpacked; 7.7 MB of raw frames made it drop /guest).
     from pyxenfb.sim.picture import xanim_frames
     (xen / "anim").mkdir()
     for i, frame in enumerate(xanim_frames(800, 600, ANIM_FRAMES)):
-        (xen / "anim" / f"frame-{i}.raw").write_bytes(frame.astype("<u4").tobytes())
+        (xen / "anim" / f"frame-{i}.raw.gz").write_bytes(gzip.compress(frame.astype("<u4").tobytes(), 9))
     for name, keys in (("keys-us.actions", plan.us_keys()), ("keys-de.actions", plan.de_keys())):
         (xen / name).write_text("".join(f"{n}\t{' '.join(acts)}\n" for n, acts in keys.chunks()))
     (xen / "pointer.actions").write_text(" ".join(plan.pointer_actions()) + "\n")
