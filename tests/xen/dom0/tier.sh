@@ -482,7 +482,8 @@ rec q3.scenario_s "$(since "$T0")"
 
 # --- steady state (issue 24): an animating guest, one Tight client for STEADY_S s ----------
 # frames delivered and the device model's CPU per frame, QEMU and ours through the
-# zygote (child + stand-in) in the same boot.
+# zygote (child + stand-in) in the same boot.  The client is the anchors' vnc-rate
+# (one incremental request outstanding, payloads skipped, not decoded).
 STEADY_S=${TIER_STEADY_S:-45}
 cpu_ticks() { local p t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
 steady() {   # KEY NAME DM [create options]
@@ -493,12 +494,16 @@ steady() {   # KEY NAME DM [create options]
     local child; child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-$name.log 2>/dev/null | awk '{print $NF}' | tail -1)
     [ -n "$child" ] && pids="$pids $child"
     recs "$key.steady_pids" "$pids"
-    step "$key: one Tight client for $STEADY_S s on an animating guest"
+    step "$key: one Tight client (vnc-rate) for $STEADY_S s on an animating guest"
     # shellcheck disable=SC2086
     c0=$(cpu_ticks $pids); t0=$(now)
-    timeout $((STEADY_S + 150)) python3 $X/rfbclient.py 127.0.0.1 "${port:-5907}" "$O/$key-steady.json" \
-      "hold:$STEADY_S:$O/$key-steady.ppm"
-    rec "$key.steady_rc" $?
+    if [ -f $X/vnc-rate ]; then
+      timeout $((STEADY_S + 150)) python3 $X/vnc-rate "127.0.0.1::${port:-5907}" --encoding Tight \
+        --seconds "$STEADY_S" > "$O/$key-steady.json" 2> "$O/$key-steady.err"
+      rec "$key.steady_rc" $?
+    else
+      rec "$key.steady_rc" null
+    fi
     # shellcheck disable=SC2086
     c1=$(cpu_ticks $pids)
     rec "$key.steady_wall_s" "$(since "$t0")"
