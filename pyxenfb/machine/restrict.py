@@ -58,9 +58,10 @@ def preload() -> None:
 
     from ..displays import pixman
     from ..convert import GUEST_32
-    from ..rfb import auth, encodings
+    from ..rfb import auth, enc_kernel, encodings
     from ..rfb.websocket import WebSocketStream
     pixman.load()                  # dlopen-ed on the first conversion otherwise
+    enc_kernel.load()              # by its path, which a chroot hides
     vals = np.zeros((8, 8), np.uint32)
     for kind in ("JPEG", "PNG"):   # Tight JPEG, TightPNG, PNG screendumps
         encodings._image_bytes(vals, GUEST_32, kind, 5)

@@ -90,7 +90,7 @@ class Zygote:
         from ..util import logbudget, region  # noqa: F401
         from ..rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
         from ..console.keymaps.index import LAYOUT_MODULES
-        restrict.preload()                 # PIL plugins, pixman, JPEG/PNG, DES, websockets
+        restrict.preload()                 # PIL plugins, pixman, the encoders' kernel, JPEG/PNG, DES, websockets
         for name in LAYOUT_MODULES:
             keymap.Keymap.load(name)       # cached: every domain's -k is ready
         tls.server_context(tls.TlsCredentials("anon"))     # OpenSSL's lazy state
