@@ -449,6 +449,23 @@ void pyxenfb_gradient24(const uint8_t *rgb, int w, int h, uint8_t *out)
 
 #define PSLOTS 1024             /* palettes of at most 256 colours */
 
+/* A pixel of bpp (1, 2 or 4) bytes, read as a little-endian integer. */
+static inline uint32_t pixel_value(const uint8_t *p, int bpp)
+{
+    uint32_t v = p[0];
+    if (bpp > 1)
+        v |= (uint32_t)p[1] << 8;
+    if (bpp > 2)
+        v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    return v;
+}
+
+/* Its first slot in the open-addressed table (multiplicative hash, 10 bits). */
+static inline uint32_t slot_of(uint32_t v)
+{
+    return (v * 2654435761u) >> 22;
+}
+
 /* The distinct values of the n pixels at pix (bpp bytes each, read as
  * little-endian integers) into pal, ascending, and each pixel's index in
  * it into idx; returns their number, or -1 when there are more than limit
@@ -465,17 +482,12 @@ int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pa
     uint32_t prev = 0;
     int have_prev = 0;
     for (long i = 0; i < n; i++) {
-        const uint8_t *p = pix + i * bpp;
-        uint32_t v = p[0];
-        if (bpp > 1)
-            v |= (uint32_t)p[1] << 8;
-        if (bpp > 2)
-            v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        uint32_t v = pixel_value(pix + i * bpp, bpp);
         if (have_prev && v == prev)
             continue;
         prev = v;
         have_prev = 1;
-        uint32_t s = (v * 2654435761u) >> 22;       /* 10 bits */
+        uint32_t s = slot_of(v);
         while (rank[s] >= 0 && key[s] != v)
             s = (s + 1) & (PSLOTS - 1);
         if (rank[s] < 0) {
@@ -494,7 +506,7 @@ int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pa
         pal[j + 1] = v;
     }
     for (int j = 0; j < k; j++) {
-        uint32_t s = (pal[j] * 2654435761u) >> 22;
+        uint32_t s = slot_of(pal[j]);
         while (key[s] != pal[j])
             s = (s + 1) & (PSLOTS - 1);
         rank[s] = (int16_t)j;
@@ -502,14 +514,9 @@ int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pa
     uint8_t last = 0;
     have_prev = 0;
     for (long i = 0; i < n; i++) {
-        const uint8_t *p = pix + i * bpp;
-        uint32_t v = p[0];
-        if (bpp > 1)
-            v |= (uint32_t)p[1] << 8;
-        if (bpp > 2)
-            v |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        uint32_t v = pixel_value(pix + i * bpp, bpp);
         if (!have_prev || v != prev) {
-            uint32_t s = (v * 2654435761u) >> 22;
+            uint32_t s = slot_of(v);
             while (key[s] != v)
                 s = (s + 1) & (PSLOTS - 1);
             last = (uint8_t)rank[s];
