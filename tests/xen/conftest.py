@@ -149,7 +149,7 @@ def prepare_share(share: Path, lab: Path) -> None:
     subprocess.run([sys.executable, str(lab / "dom0" / "pic.py"), "pattern", "800", "600",
                     str(xen / "picture-a.ppm")], check=True)
     write_ppm(xen / "picture-b.ppm", noise_picture())
-    # The steady-state guest's frames (guest-anim.sh): xanim's gradient, as the
+    # The steady-state guest's frames (guest-run.sh animates them): xanim's gradient, as the
     # benchmarks' content, in the framebuffer's own bytes (BGRX, 3200-byte rows),
     # gzipped: libxl's domain builder inflates a ramdisk whose last gzip member
     # claims a size it can hold, losing the members after the first (the base

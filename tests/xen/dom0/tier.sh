@@ -489,7 +489,7 @@ cpu_ticks() { local p t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(
 steady() {   # KEY NAME DM [create options]
   local key=$1 name=$2 dm=$3 port pids c0 c1 t0; shift 3
   T0=$(now)
-  if boot "$name" "$key" "$dm" --vncdisplay 7 --guest-run $X/guest-anim.sh --guest-dir $X/anim "$@"; then
+  if boot "$name" "$key" "$dm" --vncdisplay 7 --guest-dir $X/anim "$@"; then
     port=$(xenlab_vnc_port "$name"); pids=$(dm_pid "$name")
     local child; child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-$name.log 2>/dev/null | awk '{print $NF}' | tail -1)
     [ -n "$child" ] && pids="$pids $child"
