@@ -427,13 +427,13 @@ rec pyz.scenario_s "$(since "$T0")"
 # --- three domains through one zygote: a domain's cost with the zygote counted -----------
 # (issue 16's measure, PSS with the zygote included: every process of ours, while
 # each domain has one Tight client with a full frame)
-z3_measure() {   # PID...: the zygote and each domain's stand-in and child
-  local total=0 n=0 p v list=""
-  for p in "$ZPID" "$@"; do
+pss_measure() {  # KEY PID...: the PSS of each, and their sum, as KEY.*
+  local key=$1 total=0 n=0 p v list=""; shift
+  for p in "$@"; do
     v=$(pss_of "$p"); [ "$v" = null ] && continue
     total=$((total + v)); n=$((n + 1)); list="$list $p:$v"
   done
-  rec z3.pss_total_kb $total; rec z3.processes $n; recs z3.pss_by_pid "${list# }"
+  rec $key.pss_total_kb $total; rec $key.processes $n; recs $key.pss_by_pid "${list# }"
 }
 T0=$(now)
 z3_pids=(); z3_ports=(); z3_ok=true
@@ -449,7 +449,7 @@ done
 rec z3.ready $z3_ok
 if $z3_ok; then       # each tight_hold runs the next once its client has a full frame
   tight_hold z31 "${z3_ports[0]}" tight_hold z32 "${z3_ports[1]}" \
-    tight_hold z33 "${z3_ports[2]}" z3_measure "${z3_pids[@]}"
+    tight_hold z33 "${z3_ports[2]}" pss_measure z3 "$ZPID" "${z3_pids[@]}"
 fi
 for i in 1 2 3; do finish z3$i z3d$i; done
 rec z3.scenario_s "$(since "$T0")"
@@ -465,17 +465,9 @@ for i in 1 2 3; do
   fi
 done
 rec q3.ready $q3_ok
-q3_measure() {
-  local total=0 n=0 p v list=""
-  for p in "$@"; do
-    v=$(pss_of "$p"); [ "$v" = null ] && continue
-    total=$((total + v)); n=$((n + 1)); list="$list $p:$v"
-  done
-  rec q3.pss_total_kb $total; rec q3.processes $n; recs q3.pss_by_pid "${list# }"
-}
 if $q3_ok; then
   tight_hold q31 "${q3_ports[0]}" tight_hold q32 "${q3_ports[1]}" \
-    tight_hold q33 "${q3_ports[2]}" q3_measure "${q3_pids[@]}"
+    tight_hold q33 "${q3_ports[2]}" pss_measure q3 "${q3_pids[@]}"
 fi
 for i in 1 2 3; do finish q3$i q3d$i; done
 rec q3.scenario_s "$(since "$T0")"
