@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from pyxenfb.displays import pixman
+from pyxenfb.util.lazylib import LazyLibrary
 from pyxenfb.convert import GUEST_8, GUEST_16, GUEST_32, PixelFormat, conversion_path, convert_rect
 
 PIXBENCH = os.environ.get("PIXBENCH_C", "/work/shared/bench/pixbench.c")
@@ -75,12 +76,12 @@ def c_baselines(w: int, h: int, reps: int) -> dict[str, float]:
 
 def _time_numpy_path(fn, repeat: int) -> float:
     """`fn` timed with libpixman reported missing (the fallback path)."""
-    saved = pixman._loaded, pixman._lib
-    pixman._loaded, pixman._lib = True, None
+    saved = pixman.library
+    pixman.library = LazyLibrary(lambda: (None, None))
     try:
         return best_of(fn, repeat)
     finally:
-        pixman._loaded, pixman._lib = saved
+        pixman.library = saved
 
 
 def run(quick: bool = False) -> list[dict]:

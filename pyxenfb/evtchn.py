@@ -29,6 +29,8 @@ import struct
 import time
 from abc import ABC, abstractmethod
 
+from .util.lazylib import LazyLibrary
+
 log = logging.getLogger(__name__)
 
 # ---- broker wire protocol (shared with pyxenfb.sim.evtchn_broker) ---------
@@ -295,16 +297,12 @@ class SimEventChannel(EventChannel):
 
 # ---- real: libxenevtchn ----------------------------------------------------
 
-_evtchn_lib = None
+def _open_libxenevtchn():
+    from .platform._xen_ffi import ffi      # generated from xen_cdefs.EVTCHN
+    return ffi, ffi.dlopen("libxenevtchn.so.1")
 
 
-def _load_libxenevtchn():
-    """(ffi, lib) for libxenevtchn.so.1, loaded on first use."""
-    global _evtchn_lib
-    if _evtchn_lib is None:
-        from .platform._xen_ffi import ffi      # generated from xen_cdefs.EVTCHN
-        _evtchn_lib = (ffi, ffi.dlopen("libxenevtchn.so.1"))
-    return _evtchn_lib
+_load_libxenevtchn = LazyLibrary(_open_libxenevtchn)
 
 
 class RealEventChannel(EventChannel):

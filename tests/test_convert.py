@@ -9,6 +9,7 @@ import contextlib
 
 from pyxenfb import convert
 from pyxenfb.displays import pixman
+from pyxenfb.util.lazylib import LazyLibrary
 from pyxenfb.convert import (GUEST_8, GUEST_16, GUEST_24, GUEST_32, GUEST_FORMATS, RGB888,
                              PixelFormat, _plan, check_format, conversion_path, convert_rect, to_rgb)
 
@@ -266,8 +267,7 @@ PIXMAN_SRC, PIXMAN_DST = pixman_formats("src"), pixman_formats("dst")
 def no_pixman(monkeypatch):
     """libpixman-1 reported missing, as PYXENFB_NO_PIXMAN=1 does."""
     monkeypatch.setenv("PYXENFB_NO_PIXMAN", "1")
-    monkeypatch.setattr(pixman, "_loaded", False)
-    monkeypatch.setattr(pixman, "_lib", None)
+    monkeypatch.setattr(pixman, "library", LazyLibrary(pixman._open_pixman))
     assert not pixman.available()
 
 
@@ -411,14 +411,13 @@ def test_threads_share_one_lazily_loaded_library(monkeypatch):
     """Conversions from worker threads (cffi releases the GIL) load the library
     once and give the same bytes as the reference."""
     from concurrent.futures import ThreadPoolExecutor
-    monkeypatch.setattr(pixman, "_loaded", False)
-    monkeypatch.setattr(pixman, "_lib", None)
+    monkeypatch.setattr(pixman, "library", LazyLibrary(pixman._open_pixman))
     rng = np.random.default_rng(9)
     src = rng.integers(0, 256, (64, 96 * 4), dtype=np.uint8)
     want = reference(src, GUEST_32, GUEST_16, 5, 3, 80, 50)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: convert_rect(src, GUEST_32, GUEST_16, 5, 3, 80, 50), range(32)))
-    assert pixman._lib is not None and conversion_path(GUEST_32, GUEST_16) == "pixman"
+    assert pixman.library.lib is not None and conversion_path(GUEST_32, GUEST_16) == "pixman"
     for got in results:
         np.testing.assert_array_equal(got, want)
 

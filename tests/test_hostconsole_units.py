@@ -49,13 +49,18 @@ async def run_against(script, password=None, updates: int = 0):
         await server.wait_closed()
 
 
-async def handshake_38(reader, writer, w=4, h=2):
+async def security_none_38(reader, writer):
+    """RFB 3.8 with security None, up to (not including) ServerInit."""
     writer.write(b"RFB 003.008\n")
     assert await reader.readexactly(12) == b"RFB 003.008\n"
     writer.write(b"\x01\x01")
     assert await reader.readexactly(1) == b"\x01"
     writer.write(b"\0\0\0\0")
     assert await reader.readexactly(1) == b"\x01"
+
+
+async def handshake_38(reader, writer, w=4, h=2):
+    await security_none_38(reader, writer)
     writer.write(server_init(w, h))
     await reader.readexactly(20 + 12 + 10)
 
@@ -99,21 +104,11 @@ def test_hostile_or_locked_servers_are_refused(case):
             writer.write(b"RFB 003.008\n\x00\x00\x00\x00\x04nope")
             return
         if case == "huge":
-            writer.write(b"RFB 003.008\n")
-            await reader.readexactly(12)
-            writer.write(b"\x01\x01")
-            await reader.readexactly(1)
-            writer.write(b"\0\0\0\0")
-            await reader.readexactly(1)
+            await security_none_38(reader, writer)
             writer.write(server_init(65535, 65535))
             return
         if case == "name":
-            writer.write(b"RFB 003.008\n")
-            await reader.readexactly(12)
-            writer.write(b"\x01\x01")
-            await reader.readexactly(1)
-            writer.write(b"\0\0\0\0")
-            await reader.readexactly(1)
+            await security_none_38(reader, writer)
             writer.write(struct.pack(">HH16sI", 4, 2, FORMAT, 1 << 30))
             return
         await handshake_38(reader, writer)

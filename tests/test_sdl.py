@@ -79,6 +79,18 @@ def make_display(console, **kw):
     return SdlDisplay(console, name=kw.pop("name", "guest1"), **kw)
 
 
+def started_display(surface: Surface | None = None, **kw):
+    """(console, input sink, display): a console showing `surface` whose
+    input is recorded, and a started SdlDisplay on it."""
+    console = Console("t")
+    if surface is not None:
+        console.set_surface(surface)
+    console.input = sink = RecordingSink()
+    disp = make_display(console, **kw)
+    disp.start()
+    return console, sink, disp
+
+
 @pytest.fixture
 def dummy_video(monkeypatch):
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
@@ -132,10 +144,7 @@ def test_guest_resize_resizes_window(dummy_video):
 @needs_keymap
 def test_keys_reach_the_sink_as_linux_codes(dummy_video):
     async def main():
-        console = Console("t")
-        console.input = sink = RecordingSink()
-        disp = make_display(console)
-        disp.start()
+        console, sink, disp = started_display()
         post(pygame.KEYDOWN, scancode=SCAN_A, key=pygame.K_a, mod=0)
         post(pygame.KEYUP, scancode=SCAN_A, key=pygame.K_a, mod=0)
         post(pygame.KEYDOWN, scancode=0x2C, key=pygame.K_SPACE, mod=0)   # held, then focus lost
@@ -149,11 +158,7 @@ def test_keys_reach_the_sink_as_linux_codes(dummy_video):
 
 def test_absolute_pointer_buttons_and_wheel(dummy_video):
     async def main():
-        console = Console("t")
-        console.set_surface(picture(64, 48))
-        console.input = sink = RecordingSink()
-        disp = make_display(console)
-        disp.start()
+        console, sink, disp = started_display(picture(64, 48))
         post(pygame.MOUSEMOTION, pos=(10, 20), rel=(3, 4), buttons=(0, 0, 0))
         post(pygame.MOUSEBUTTONDOWN, pos=(11, 21), button=1)
         post(pygame.MOUSEBUTTONUP, pos=(11, 21), button=1)
@@ -173,11 +178,7 @@ def test_absolute_pointer_buttons_and_wheel(dummy_video):
 
 def test_relative_pointer_needs_grab(dummy_video):
     async def main():
-        console = Console("t")
-        console.set_surface(picture(64, 48))
-        console.input = sink = RecordingSink()
-        disp = make_display(console)
-        disp.start()
+        console, sink, disp = started_display(picture(64, 48))
         console.set_pointer_mode(False)
         post(pygame.MOUSEMOTION, pos=(10, 20), rel=(3, 4), buttons=(0, 0, 0))   # not grabbed: dropped
         post(pygame.MOUSEBUTTONDOWN, pos=(10, 20), button=1)                     # click grabs
@@ -195,10 +196,7 @@ def test_relative_pointer_needs_grab(dummy_video):
 
 def test_ctrl_alt_g_toggles_grab_and_title(dummy_video):
     async def main():
-        console = Console("t")
-        console.input = sink = RecordingSink()
-        disp = make_display(console, name="vm7")
-        disp.start()
+        console, sink, disp = started_display(name="vm7")
         mod = pygame.KMOD_LCTRL | pygame.KMOD_LALT
         post(pygame.KEYDOWN, scancode=SCAN_G, key=pygame.K_g, mod=mod)
         post(pygame.KEYUP, scancode=SCAN_G, key=pygame.K_g, mod=mod)
@@ -272,11 +270,7 @@ async def run(*argv: str) -> str:
 
 def test_xvfb_window_shows_exact_picture_and_keys(xvfb):
     async def main():
-        console = Console("t")
-        console.set_surface(picture(160, 120, seed=11))
-        console.input = sink = RecordingSink()
-        disp = make_display(console, name="xguest")
-        disp.start()
+        console, sink, disp = started_display(picture(160, 120, seed=11), name="xguest")
         assert disp._fd is not None and disp._poll_handle is None   # woken by the X fd, no polling
         wid = disp.window_id
         rows = console.surface.rows
@@ -337,11 +331,7 @@ def test_x11_display_started_twice_finds_its_window_without_get_wm_info(xvfb, mo
 
     async def main():
         for round_ in range(2):
-            console = Console("t")
-            console.set_surface(picture(64, 48, seed=round_))
-            console.input = RecordingSink()
-            disp = make_display(console, name=f"twice{round_}")
-            disp.start()
+            console, sink, disp = started_display(picture(64, 48, seed=round_), name=f"twice{round_}")
             assert disp._fd is not None and disp._poll_handle is None
             # The id SDL gave us is an X window with our title.
             assert await run("xdotool", "getwindowname", str(disp.window_id)) == f"QEMU (twice{round_})"

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
+
+from ..util.lazylib import LazyLibrary
 
 OP_SRC = 1            # PIXMAN_OP_SRC
 _TYPE_ARGB, _TYPE_ABGR, _TYPE_BGRA, _TYPE_RGBA = 2, 3, 8, 9
@@ -102,30 +103,22 @@ def format_codes(src_fmt, dst_fmt) -> tuple[int, int] | None:
 
 # ---- the library ------------------------------------------------------------------
 
-_lock = threading.Lock()
-_loaded = False
-_lib = None
-_ffi = None
+def _open_pixman():
+    if os.environ.get("PYXENFB_NO_PIXMAN", "") not in ("", "0"):
+        return None, None
+    from ._pixman_ffi import ffi    # generated from pixman_cdefs
+    try:
+        return ffi, ffi.dlopen("libpixman-1.so.0")
+    except OSError:
+        return ffi, None
+
+
+library = LazyLibrary(_open_pixman)
 
 
 def load():
     """The libpixman-1 handle, or None if it is missing (or PYXENFB_NO_PIXMAN=1)."""
-    global _loaded, _lib, _ffi
-    if _loaded:
-        return _lib
-    with _lock:
-        if not _loaded:
-            lib = None
-            if os.environ.get("PYXENFB_NO_PIXMAN", "") in ("", "0"):
-                from ._pixman_ffi import ffi    # generated from pixman_cdefs
-                try:
-                    lib = ffi.dlopen("libpixman-1.so.0")
-                except OSError:
-                    lib = None
-                _ffi = ffi
-            _lib = lib
-            _loaded = True
-    return _lib
+    return library()[1]
 
 
 def available() -> bool:
@@ -140,7 +133,7 @@ def composite_src(src_code: int, src_addr: int, src_w: int, src_h: int, src_stri
     Addresses and strides must be multiples of 4 (pixman's rows are uint32_t
     arrays); the caller keeps both buffers alive.  False if pixman refused.
     """
-    lib, ffi = load(), _ffi
+    ffi, lib = library()
     if lib is None:
         return False
     src = lib.pixman_image_create_bits(src_code, src_w, src_h, ffi.cast("uint32_t *", src_addr), src_stride)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..util.lazylib import LazyLibrary
 from .xenconst import PAGE_SIZE
 
 # Bounds the work (and the VMAs) of one map call: 1 GiB of guest memory.
@@ -114,15 +115,12 @@ def _check_request(domid: int, frames: Sequence[int]) -> list[int]:
 # ---- simulated host ----------------------------------------------------------
 
 MAP_FAILED = (1 << 64) - 1
-_libc = None
+def _open_libc():
+    from ._xen_ffi import ffi      # generated from xen_cdefs.LIBC
+    return ffi, ffi.dlopen(None)
 
 
-def _load_libc():
-    global _libc
-    if _libc is None:
-        from ._xen_ffi import ffi      # generated from xen_cdefs.LIBC
-        _libc = (ffi, ffi.dlopen(None))
-    return _libc
+_load_libc = LazyLibrary(_open_libc)
 
 
 class SimForeignMemory(ForeignMemory):
@@ -220,15 +218,12 @@ def _runs(frames: list[int]):
 
 # ---- real Xen ----------------------------------------------------------------
 
-_fmem_lib = None
+def _open_libxenforeignmemory():
+    from ._xen_ffi import ffi      # generated from xen_cdefs.FOREIGNMEMORY
+    return ffi, ffi.dlopen("libxenforeignmemory.so.1")
 
 
-def _load_libxenforeignmemory():
-    global _fmem_lib
-    if _fmem_lib is None:
-        from ._xen_ffi import ffi      # generated from xen_cdefs.FOREIGNMEMORY
-        _fmem_lib = (ffi, ffi.dlopen("libxenforeignmemory.so.1"))
-    return _fmem_lib
+_load_libxenforeignmemory = LazyLibrary(_open_libxenforeignmemory)
 
 
 class RealForeignMemory(ForeignMemory):

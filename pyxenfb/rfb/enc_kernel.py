@@ -9,41 +9,38 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import numpy as np
+
+from ..util.lazylib import LazyLibrary
 
 log = logging.getLogger(__name__)
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_enc_kernel.so")
 
-_lock = threading.Lock()
-_loaded = False
-_lib = None
-_ffi = None
+def _open_kernel():
+    if os.environ.get("PYXENFB_NO_ENC_KERNEL", "") not in ("", "0") or not os.path.exists(LIBRARY):
+        return None, None
+    from ._enc_ffi import ffi          # generated from enc_cdefs
+    from .enc_cdefs import VERSION
+    try:
+        lib = ffi.dlopen(LIBRARY)
+        if lib.pyxenfb_enc_version() != VERSION:
+            raise OSError("built from another version of enc_kernel.c")
+    except (OSError, AttributeError) as e:     # AttributeError: an old library
+        log.warning("encoders' C kernel %s not used (%s): numpy serves", LIBRARY, e)
+        lib = None
+    return ffi, lib
+
+
+library = LazyLibrary(_open_kernel)
+_ffi = _lib = None          # what library() gave, for the wrappers below
 
 
 def load():
     """The kernel's handle, or None."""
-    global _loaded, _lib, _ffi
-    if _loaded:
-        return _lib
-    with _lock:
-        if not _loaded:
-            lib = None
-            if os.environ.get("PYXENFB_NO_ENC_KERNEL", "") in ("", "0") and os.path.exists(LIBRARY):
-                from ._enc_ffi import ffi          # generated from enc_cdefs
-                from .enc_cdefs import VERSION
-                try:
-                    lib = ffi.dlopen(LIBRARY)
-                    if lib.pyxenfb_enc_version() != VERSION:
-                        raise OSError("built from another version of enc_kernel.c")
-                except (OSError, AttributeError) as e:     # AttributeError: an old library
-                    log.warning("encoders' C kernel %s not used (%s): numpy serves", LIBRARY, e)
-                    lib = None
-                _ffi = ffi
-            _lib = lib
-            _loaded = True
+    global _ffi, _lib
+    _ffi, _lib = library()
     return _lib
 
 
