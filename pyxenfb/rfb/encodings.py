@@ -90,8 +90,11 @@ def _row_runs(vals: np.ndarray):
 
 
 # ---------------------------------------------------------------- Raw, RRE
-def encode_raw(pixels: np.ndarray) -> bytes:
-    return pixels.tobytes()
+def encode_raw(pixels: np.ndarray) -> bytes | memoryview:
+    """The pixels' bytes: a view of them, not a copy, where they are one
+    block (a snapshot's: the server sends it before the snapshot's buffer can
+    be reused, rfb/updates.py's BufferPool)."""
+    return _contiguous(pixels)
 
 
 def encode_rre(vals: np.ndarray, fmt: PixelFormat, limit: int | None = None) -> bytes | None:
