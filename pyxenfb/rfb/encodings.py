@@ -285,8 +285,9 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     return out.tobytes()
 
 
-def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
-    """Hextile: the C kernel when it is built, else its numpy twin."""
+def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes | memoryview:
+    """Hextile: the C kernel when it is built (its bytes as a memoryview),
+    else its numpy twin."""
     if enc_kernel.load() is None:
         return hextile_plan(vals, fmt)
     h, w = vals.shape
