@@ -211,7 +211,9 @@ class Updates:
         """Encode `job` and queue it on its connection, then call sent(bytes)
         on the loop -- at once for a small job.  failed(exc) if encoding
         raised; neither if the connection closed meanwhile."""
-        if job.pixel_count <= INLINE_PIXELS:
+        if job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
+            # Raw is no work (the snapshot's bytes go as they are): a thread
+            # hand-off would cost more than it, whatever the size.
             self._finish(job, sent)
             return
         future = asyncio.get_running_loop().run_in_executor(self._encoder_pool(), job.encode)
