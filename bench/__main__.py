@@ -1,6 +1,7 @@
 """pyxenfb's benchmark suite.
 
     uv run python -m bench [--quick] [--only GROUP[,GROUP]] [--out FILE.jsonl]
+                           [--encodings Raw,Hextile] [--sizes 1920x1080]
     uv run python -m bench --plot FILE.jsonl OUTDIR     (PNGs)
     uv run python -m bench --table FILE.jsonl           (Markdown table)
 
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="shorter runs, fewer domains and sizes (~7 min)")
     ap.add_argument("--only", help=f"comma-separated groups: {','.join(suite.GROUPS)}")
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--encodings", help="vnc_rate and vnc_content: only these encodings "
+                                        f"(comma-separated, of {','.join(suite.ENCODINGS)})")
+    ap.add_argument("--sizes", help="vnc_rate and vnc_content: only these sizes (e.g. 1920x1080; "
+                                    f"of {','.join(f'{w}x{h}' for w, h in suite.SIZES)})")
     ap.add_argument("--plot", nargs=2, metavar=("FILE.jsonl", "OUTDIR"),
                     help="draw the PNGs from a previous run's JSON lines and exit")
     ap.add_argument("--table", metavar="FILE.jsonl",
@@ -59,6 +64,19 @@ def main(argv=None) -> int:
         unknown = [g for g in groups if g not in suite.GROUPS]
         if unknown:
             ap.error(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(suite.GROUPS)}")
+    if args.encodings:
+        encs = [e.strip() for e in args.encodings.split(",") if e.strip()]
+        unknown = [e for e in encs if e not in suite.ENCODINGS]
+        if unknown or not encs:
+            ap.error(f"unknown encoding(s) {', '.join(unknown)}; known: {', '.join(suite.ENCODINGS)}")
+        suite.ENCODINGS[:] = encs          # the anchors are asked for the same ones
+    if args.sizes:
+        known = {f"{w}x{h}": (w, h) for w, h in suite.SIZES}
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        unknown = [s for s in sizes if s not in known]
+        if unknown or not sizes:
+            ap.error(f"unknown size(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        suite.SIZES[:] = [known[s] for s in sizes]
 
     class Ctx:
         pass

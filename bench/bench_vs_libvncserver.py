@@ -36,8 +36,9 @@ the measured time).  The host may be loaded: trust the ratios, not the
 absolute figures.
 
 `run(quick)` is the same measurement as a function for `python -m bench`:
-one dict per encoding and size (xanim picture; quick: 800x600 only, 10
-updates; else also 1920x1080, 20 updates).
+one dict per encoding and size (xanim picture; quick: 800x600 only, 30
+updates; else also 1920x1080, 40 updates: on a shared 2-core host the median
+of 10 moved Hextile's ratio by +-0.2 between runs).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ from pyxenfb.rfb.states import HEXTILE, RAW, TIGHT, ZLIB, ZRLE
 BPP = 4
 TIMEOUT = 30.0          # seconds, for every socket read and server start
 CHUNK = 1 << 20         # one recv_into at most
+UPDATES_QUICK, UPDATES_FULL = 30, 40    # timed updates per encoding and server in run()
 
 ENCODINGS = {"Raw": RAW, "Hextile": HEXTILE, "Zlib": ZLIB, "ZRLE": ZRLE, "Tight": TIGHT}
 NAMES = {v: k for k, v in ENCODINGS.items()}
@@ -147,7 +149,8 @@ def parse_cost(update: bytes, width: int, height: int, repeat: int = 5) -> float
 def measure(servers: dict[str, int], encoding: str, width: int, height: int,
             updates: int) -> dict[str, dict]:
     """Per server (name -> port): median/best seconds, bytes, rectangles...
-    The servers take turns, one update each, so drift hits all alike."""
+    The servers take turns, one update each (first one, then the other
+    first), so drift hits all alike."""
     clients, recorded = {}, {}
     try:
         for server, port in servers.items():
@@ -159,8 +162,10 @@ def measure(servers: dict[str, int], encoding: str, width: int, height: int,
                 raise ProtocolFailure(f"{server}, {encoding}: {exc}") from None
             recorded[server], clients[server].conn.record = bytes(clients[server].conn.record), None
         runs = {server: [] for server in servers}
-        for _ in range(updates):
-            for server, client in clients.items():
+        turns = list(clients.items())
+        for i in range(updates):
+            # who goes first alternates: neither always follows the other's update
+            for server, client in (turns if i % 2 == 0 else turns[::-1]):
                 try:
                     runs[server].append(client.update())
                 except (ProtocolFailure, OSError) as exc:
@@ -322,7 +327,7 @@ def run(quick: bool) -> list[dict]:
     out = []
     for width, height in sizes:
         try:
-            results = measure_case("xanim", width, height, 10 if quick else 20)
+            results = measure_case("xanim", width, height, UPDATES_QUICK if quick else UPDATES_FULL)
         except Unavailable as exc:
             print(f"bench_vs_libvncserver skipped: {exc}", file=sys.stderr)
             return []

@@ -43,7 +43,7 @@ def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
     async def scenario():
         updates = Updates(convert_rect)
         surface = make_picture(320, 240)
-        a, b = _waiting(), _waiting()
+        a, b = _waiting(enc.ZRLE), _waiting(enc.ZRLE)     # encoded in the workers
         sent: list[int] = []
         both = asyncio.Event()
 
@@ -66,5 +66,27 @@ def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
         updates.close()
         return sent, updates._pool
     sent, pool = asyncio.run(scenario())
-    assert sent[0] == sent[1] > 320 * 240 * 4
+    assert sent[0] == sent[1] > 0
     assert len(pool._free) == 1 and pool.allocations == 1   # the buffer went back once
+
+
+def test_a_big_raw_update_is_queued_at_once_without_a_thread():
+    """Raw is no work: even a full frame goes without the hand-off to an
+    encoder thread, its bytes the snapshot's, in order."""
+    async def scenario():
+        updates = Updates(convert_rect)
+        surface = make_picture(320, 240)
+        conn = _waiting(enc.RAW)
+        sent: list[int] = []
+        job = updates.begin(conn, enc.Encoder(), surface, [(0, 0, 320, 240)])
+        assert 320 * 240 > INLINE_PIXELS
+        updates.run(job, sent.append, sent.append)
+        assert sent == [4 + 12 + 320 * 240 * 4]            # done before run() returned
+        assert updates._executor is None                    # no thread was started
+        data = conn.data_to_send()
+        updates.close()
+        return data, surface
+    data, surface = asyncio.run(scenario())
+    assert data[:4] == struct.pack(">BxH", 0, 1)
+    assert data[4:16] == struct.pack(">HHHHi", 0, 0, 320, 240, enc.RAW)
+    assert data[16:] == surface.rows[:240, :320 * 4].tobytes()

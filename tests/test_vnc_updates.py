@@ -8,6 +8,7 @@ import struct
 import threading
 
 import numpy as np
+import pytest
 
 from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.console.core import Surface
@@ -165,12 +166,15 @@ def test_clients_with_one_format_share_one_conversion(monkeypatch):
         srv.close()
 
 
-def test_snapshot_buffers_are_reused_between_updates():
+@pytest.mark.parametrize("encoding", [enc.ZRLE, enc.RAW])
+def test_snapshot_buffers_are_reused_between_updates(encoding):
+    """Raw sends views of the snapshot: once sent (or copied by the
+    transport) nothing holds them, and the pool reuses the buffer."""
     srv = ServerThread(noisy_surface(800, 600))
     c = RawClient(srv.port)
     try:
         c.handshake()
-        c.send(struct.pack(">BxHi", 2, 1, enc.ZRLE))
+        c.send(struct.pack(">BxHi", 2, 1, encoding))
         for _ in range(30):
             full_request(c, w=800, h=600)
             rects = read_update(c)

@@ -44,19 +44,19 @@ def load():
     return _lib
 
 
-def hextile(pixels: np.ndarray, w: int, h: int, bpp: int) -> bytes:
+def hextile(pixels: np.ndarray, w: int, h: int, bpp: int) -> memoryview:
     """Hextile of the (h, w * bpp) uint8 pixels, by the kernel (load() must
-    have returned it)."""
+    have returned it): a view of the first bytes of a buffer of its own (not
+    zeroed first, nor copied after: the kernel writes every byte it counts)."""
     pixels = np.ascontiguousarray(pixels)
     assert pixels.dtype == np.uint8 and pixels.shape == (h, w * bpp)
     cap = w * h * bpp + (-(-w // 16)) * (-(-h // 16))
-    out = bytearray(cap)
+    out = np.empty(cap, np.uint8)
     n = _lib.pyxenfb_hextile(_ffi.from_buffer("uint8_t[]", pixels), w * bpp, w, h, bpp,
                              _ffi.from_buffer("uint8_t[]", out), cap)
     if n < 0:
         raise RuntimeError(f"Hextile kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
-    del out[n:]
-    return bytes(out)
+    return memoryview(out)[:n]
 
 
 def zrle_tiles(pixels: np.ndarray, w: int, h: int, bpp: int, coff: int, cb: int) -> bytes:

@@ -90,8 +90,11 @@ def _row_runs(vals: np.ndarray):
 
 
 # ---------------------------------------------------------------- Raw, RRE
-def encode_raw(pixels: np.ndarray) -> bytes:
-    return pixels.tobytes()
+def encode_raw(pixels: np.ndarray) -> bytes | memoryview:
+    """The pixels' bytes: a view of them, not a copy, where they are one
+    block (a snapshot's: the server sends it before the snapshot's buffer can
+    be reused, rfb/updates.py's BufferPool)."""
+    return _contiguous(pixels)
 
 
 def encode_rre(vals: np.ndarray, fmt: PixelFormat, limit: int | None = None) -> bytes | None:
@@ -282,8 +285,9 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     return out.tobytes()
 
 
-def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes:
-    """Hextile: the C kernel when it is built, else its numpy twin."""
+def encode_hextile(vals: np.ndarray, fmt: PixelFormat) -> bytes | memoryview:
+    """Hextile: the C kernel when it is built (its bytes as a memoryview),
+    else its numpy twin."""
     if enc_kernel.load() is None:
         return hextile_plan(vals, fmt)
     h, w = vals.shape

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sys
 from typing import Callable, Protocol
 
 import numpy as np
@@ -58,16 +59,28 @@ class Framebuffer(Protocol):
 
 class BufferPool:
     """Snapshot buffers reused between updates: a frame-sized allocation per
-    update would be an mmap and munmap each time."""
+    update would be an mmap and munmap each time (and a page fault for each
+    of its pages).
+
+    A buffer is written over only when nothing but the pool refers to it:
+    an encoder may hand its bytes on as a view (Raw does), and whoever still
+    holds that view (a transport that keeps what it could not send yet)
+    keeps the buffer; the pool then lets it go and takes another."""
 
     def __init__(self, keep: int = POOL_BUFFERS):
         self.keep = keep
         self.allocations = 0
         self._free: list[np.ndarray] = []
+        # What sys.getrefcount says of a buffer only the pool's list holds,
+        # measured the same way as below (the count differs between versions).
+        probe = [np.empty(0, np.uint8)]
+        self._alone = sys.getrefcount(probe[0])
 
     # By index, never list.remove(): that compares arrays with ==, element
     # by element (a ValueError for two free buffers of different sizes).
     def get(self, nbytes: int) -> np.ndarray:
+        self._free = [self._free[i] for i in range(len(self._free))
+                      if sys.getrefcount(self._free[i]) <= self._alone]
         fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
         if fits:
             return self._free.pop(min(fits, key=lambda i: self._free[i].size))
@@ -159,7 +172,11 @@ class UpdateJob:
             self.release()
 
     def release(self) -> None:
-        """Let go of the snapshots (idempotent)."""
+        """Let go of the snapshots (idempotent), and of every view of them
+        (the pool reuses a buffer only when nothing else refers to it)."""
+        self.pieces = []
+        if self._chunks is not None:
+            self._chunks = []
         snaps, self._snapshots = self._snapshots, []
         for snap in snaps:
             snap.release()
@@ -194,7 +211,9 @@ class Updates:
         """Encode `job` and queue it on its connection, then call sent(bytes)
         on the loop -- at once for a small job.  failed(exc) if encoding
         raised; neither if the connection closed meanwhile."""
-        if job.pixel_count <= INLINE_PIXELS:
+        if job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
+            # Raw is no work (the snapshot's bytes go as they are): a thread
+            # hand-off would cost more than it, whatever the size.
             self._finish(job, sent)
             return
         future = asyncio.get_running_loop().run_in_executor(self._encoder_pool(), job.encode)
