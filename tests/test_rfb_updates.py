@@ -90,3 +90,39 @@ def test_a_big_raw_update_is_queued_at_once_without_a_thread():
     assert data[:4] == struct.pack(">BxH", 0, 1)
     assert data[4:16] == struct.pack(">HHHHi", 0, 0, 320, 240, enc.RAW)
     assert data[16:] == surface.rows[:240, :320 * 4].tobytes()
+
+
+def test_the_pool_keeps_its_buffer_while_updates_flow_and_lets_it_go_when_quiet():
+    """A picture at rest keeps no frame-sized copy resident (PSS per domain
+    in the lab's three-domain measure); while updates flow, one buffer
+    serves them all."""
+    async def scenario():
+        quiet = 0.3
+        updates = Updates(convert_rect, quiet_release=quiet)
+        surface = make_picture(320, 240)
+        loop = asyncio.get_running_loop()
+        kept_while_flowing = []
+        start = loop.time()
+        for _ in range(4):                           # one update per quiet/3: never quiet
+            conn = _waiting(enc.RAW)
+            job = updates.begin(conn, enc.Encoder(), surface, [(0, 0, 320, 240)])
+            updates.run(job, lambda n: None, lambda e: None)
+            conn.data_to_send()                      # as the transport takes it
+            for _ in range(100):                     # the pass's hold goes on the next turn
+                if updates._pool._free:
+                    break
+                await asyncio.sleep(0)
+            kept_while_flowing.append(len(updates._pool._free))
+            await asyncio.sleep(quiet / 3)
+        flowed = loop.time() - start
+        deadline = loop.time() + 10
+        while updates._pool._free and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        quiet_for = loop.time() - start - flowed
+        pool = updates._pool
+        updates.close()
+        return kept_while_flowing, flowed, quiet_for, pool
+    kept, flowed, quiet_for, pool = asyncio.run(scenario())
+    assert flowed > 0.3 and kept == [1, 1, 1, 1]          # outlived one quiet period
+    assert pool.allocations == 1                           # one buffer served all four
+    assert pool._free == [] and quiet_for < 5               # then released

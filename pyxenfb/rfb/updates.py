@@ -37,6 +37,10 @@ INLINE_PIXELS = 128 * 128
 # 2-core dom0 (docs/performance.md measures one against two).
 ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
 POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
+# After this long without an update the pool's frame-sized buffers go back
+# to the system: a picture at rest (a text console, a client watching an
+# idle guest) keeps no copy of itself resident, as one animating does.
+QUIET_RELEASE_S = 2.0
 
 Rect = tuple[int, int, int, int]
 
@@ -86,6 +90,11 @@ class BufferPool:
             return self._free.pop(min(fits, key=lambda i: self._free[i].size))
         self.allocations += 1
         return np.empty(max(nbytes, 1 << 16), np.uint8)
+
+    def release_free(self) -> int:
+        """Let the idle buffers go; how many there were."""
+        count, self._free = len(self._free), []
+        return count
 
     def put(self, buf: np.ndarray) -> None:
         self._free.append(buf)
@@ -186,12 +195,15 @@ class Updates:
     """A server's update machinery: snapshots shared within a loop pass,
     their buffer pool, the encoder threads and the heap trimming."""
 
-    def __init__(self, convert_rect: ConvertRect):
+    def __init__(self, convert_rect: ConvertRect, quiet_release: float = QUIET_RELEASE_S):
         self._convert_rect = convert_rect
         self._pool = BufferPool()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._trim = malloc.PeriodicTrim()
         self._pass_snapshots: dict[tuple, Snapshot] = {}
+        self._quiet_release = quiet_release
+        self._last_finish = 0.0
+        self._quiet_timer: asyncio.TimerHandle | None = None
 
     def begin(self, conn: ServerConnection, encoder: enc.Encoder, fb: Framebuffer,
               rects: list[Rect]) -> UpdateJob:
@@ -234,7 +246,25 @@ class Updates:
     def _finish(self, job: UpdateJob, sent) -> None:
         nbytes = job.finish()
         self._trim()            # give fragmented heap memory back, once a second
+        self._watch_quiet()
         sent(nbytes)
+
+    def _watch_quiet(self) -> None:
+        """Note an update; one timer (not one per update) looks for the quiet."""
+        loop = asyncio.get_running_loop()
+        self._last_finish = loop.time()
+        if self._quiet_timer is None:
+            self._quiet_timer = loop.call_later(self._quiet_release, self._quiet_check)
+
+    def _quiet_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._last_finish + self._quiet_release - loop.time()
+        if left > 0:
+            self._quiet_timer = loop.call_later(left, self._quiet_check)
+            return
+        self._quiet_timer = None
+        if self._pool.release_free():
+            malloc.trim()
 
     def _encoder_pool(self) -> concurrent.futures.Executor:
         """The encoder threads, started with the first big update (never
@@ -273,6 +303,9 @@ class Updates:
         malloc.trim()
 
     def close(self) -> None:
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         if self._executor is not None:
             # Jobs of closed sessions finish on their own; nobody waits for them.
             self._executor.shutdown(wait=False, cancel_futures=True)
