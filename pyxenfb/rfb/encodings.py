@@ -547,6 +547,18 @@ _TIGHT_ZLIB = ((0, 0, 0), (1, 1, 1), (3, 3, 2), (5, 5, 2), (6, 6, 3), (7, 7, 4),
 _TIGHT_STREAM_KIND = (2, 0, 1, 2)   # stream 0 full colour, 1 mono, 2 indexed (3 unused)
 _WINDOW = 32768                     # deflate's window: all a continuation can refer to
 _MEM_LEVEL = 9                      # bigger hash table: ~15% faster here, same output size
+# ZRLE's stream: memLevel also sizes deflate's symbol buffer, i.e. how many
+# literals and matches go into one block before zlib-ng ends it and builds
+# new Huffman codes (1 << (memLevel + 6)).  ZRLE's tile stream changes its
+# statistics every few KiB (a raw tile of 3-byte CPIXELs is 12 KiB, a
+# packed-palette tile a few hundred bytes), so smaller blocks fit their
+# codes to it better: on the xanim gradient (bench/bench_encoders.py) memLevel
+# 9 / 6 / 5 / 4 gave compression 7.93 / 8.74 / 9.03 / 9.19 at 800x600 and
+# 9.30 / 10.33 / 10.66 / 10.83 at 1080p (TigerVNC's Xvnc, zlib 1.2 at level
+# 6: 8.49 / 9.75), for 1.00 / 1.10 / 1.17 / 1.24x deflate's time; text
+# 153.9 / 153.2 / 152.8 / 152.1 (Xvnc 124), the desktop's small rects
+# unchanged.  5 meets Xvnc's bytes with room, for the least time.
+_ZRLE_MEM_LEVEL = 5
 
 
 class _Stream:
@@ -564,9 +576,10 @@ class _Stream:
     byte can), so its streams keep no tail (continues=False).
     """
 
-    def __init__(self, level: int, continues: bool = True):
+    def __init__(self, level: int, continues: bool = True, mem_level: int = _MEM_LEVEL):
         self.level = level
-        self._z = zlib.compressobj(level, memLevel=_MEM_LEVEL)
+        self._mem = mem_level
+        self._z = zlib.compressobj(level, memLevel=mem_level)
         self._continues = continues
         self._tail = b""
 
@@ -576,7 +589,7 @@ class _Stream:
             if not self._continues:
                 raise ValueError("a stream without a tail cannot change level")
             self.level = level
-            self._z = zlib.compressobj(level, zlib.DEFLATED, -15, _MEM_LEVEL,
+            self._z = zlib.compressobj(level, zlib.DEFLATED, -15, self._mem,
                                        **({"zdict": self._tail} if self._tail else {}))
         out = [self._z.compress(data), self._z.flush(zlib.Z_SYNC_FLUSH)]
         if self._continues:
@@ -648,7 +661,7 @@ class Encoder:
                 z = self._zlib.deflate(_contiguous(pixels), level)
             else:
                 if self._zrle is None:
-                    self._zrle = _Stream(level)
+                    self._zrle = _Stream(level, mem_level=_ZRLE_MEM_LEVEL)
                 z = self._zrle.deflate(zrle_tiles(vals, fmt), level)
             size = sum(map(len, z))
             return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", size), *z]
