@@ -666,6 +666,28 @@ def test_zrle_picks_solid_packed_rle_and_raw_per_tile(fmt_name):
     assert subs[5] == 1 and subs[9] == 1                         # edge tiles: still solid
 
 
+def test_zrle_kernel_scratch_gives_the_same_stream():
+    """The Encoder's reused buffer for the tile stream: the same bytes as a
+    fresh one, grown for a bigger rectangle, and a fresh buffer instead
+    when a view of the last stream is still held (it cannot be resized)."""
+    from pyxenfb.rfb import enc_kernel
+    assert enc_kernel.load() is not None, "the C kernel is not built (python3 hatch_build.py)"
+    fmt = FORMATS["bgrx32"]
+    scratch = bytearray()
+    held = None
+    for w, h in ((70, 20), (130, 90), (20, 10), (200, 100)):
+        pixels = make_picture(w, h, seed=w).rows
+        vals = enc._values(pixels, fmt, w, h)
+        view = enc.zrle_tiles(vals, fmt, scratch)
+        assert isinstance(view, memoryview) and view == enc.zrle_tiles(vals, fmt) == enc.zrle_plan(vals, fmt)
+        if w == 130:
+            assert len(scratch) >= 130 * 90 * 3            # grown in place
+        if w == 20:
+            held = view             # still alive when the next, bigger one needs room
+        del view
+    assert held is not None and 130 * 90 * 3 <= len(scratch) < 200 * 100 * 3
+
+
 def test_zrle_small_rects_decode_whole_from_their_own_bytes():
     """ZRLE ends a rectangle's data with a partial flush: each rectangle's
     bytes alone give the inflater all of its tiles (nothing held back for

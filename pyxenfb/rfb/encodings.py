@@ -422,9 +422,10 @@ def zrle_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     return b"".join(pieces)
 
 
-def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+def zrle_tiles(vals: np.ndarray, fmt: PixelFormat, scratch: bytearray | None = None):
     """The uncompressed ZRLE tile stream: the C kernel when it is built,
-    else its numpy twin."""
+    else its numpy twin.  With scratch (the C kernel only), a memoryview
+    of it, valid until scratch is used again (enc_kernel.zrle_tiles)."""
     if enc_kernel.load() is None:
         return zrle_plan(vals, fmt)
     sel = _cpixel_bytes(fmt)
@@ -432,7 +433,7 @@ def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     coff, cb = (sel[0], 3) if sel is not None else (0, bpp)
     h, w = vals.shape
     return enc_kernel.zrle_tiles(np.ascontiguousarray(vals).view(np.uint8).reshape(h, w * bpp),
-                                 w, h, bpp, coff, cb)
+                                 w, h, bpp, coff, cb, scratch)
 
 
 # ---------------------------------------------------------------- Tight
@@ -625,6 +626,7 @@ class Encoder:
         self._zrle: _Stream | None = None
         self._tight: list = [None] * 4
         self._scratch = np.empty(0, np.uint8)     # Tight's full-colour pixel bytes
+        self._zrle_scratch = bytearray()          # ZRLE's tile stream, deflated at once
 
     def set_compress_level(self, level: int | None) -> None:
         """The client's CompressLevel (0..9; None = server default).  Takes
@@ -677,7 +679,7 @@ class Encoder:
             else:
                 if self._zrle is None:
                     self._zrle = _Stream(level, mem_level=_ZRLE_MEM_LEVEL, partial=True)
-                z = self._zrle.deflate(zrle_tiles(vals, fmt), level)
+                z = self._zrle.deflate(zrle_tiles(vals, fmt, self._zrle_scratch), level)
             size = sum(map(len, z))
             return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", size), *z]
         return 1, [rect_header(x, y, w, h, encoding), data]
