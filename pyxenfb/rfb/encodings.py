@@ -556,7 +556,7 @@ _MEM_LEVEL = 9                      # bigger hash table: ~15% faster here, same 
 # codes to it better: on the xanim gradient (bench/bench_encoders.py) memLevel
 # 9 / 6 / 5 / 4 gave compression 7.93 / 8.74 / 9.03 / 9.19 at 800x600 and
 # 9.30 / 10.33 / 10.66 / 10.83 at 1080p (TigerVNC's Xvnc, zlib 1.2 at level
-# 6: 8.49 / 9.75), for 1.00 / 1.10 / 1.17 / 1.24x deflate's time; text
+# 6: 8.49 / 9.75), for 1 / ~1.08 / ~1.13 / ~1.21x deflate's time; text
 # 153.9 / 153.2 / 152.8 / 152.1 (Xvnc 124), the desktop's small rects
 # unchanged.  5 meets Xvnc's bytes with room, for the least time.
 _ZRLE_MEM_LEVEL = 5
