@@ -255,6 +255,46 @@ def test_tigervnc_odd_size(xvfb, vnc_server, encoding):
                  expected_rgb(surface))
 
 
+def test_tigervnc_zrle_many_small_updates(xvfb, vnc_server):
+    """Small ZRLE rectangles one after another (a panel clock and a cursor,
+    far apart): each one's data ends with a partial flush whose last bits
+    travel with the next, and TigerVNC shows every step exactly."""
+    from types import SimpleNamespace
+    surface = vnc_server.call(lambda: vnc_server.console.surface)
+    rows = surface.rows.copy()
+    shown = SimpleNamespace(rows=rows, fmt=surface.fmt, width=surface.width, height=surface.height)
+    log = tempfile.TemporaryFile()
+    viewer = subprocess.Popen(["vncviewer", "-display", xvfb, "-SecurityTypes", "None", "-Shared",
+                               "-AutoSelect=0", "-PreferredEncoding", "ZRLE", "-FullColor", "-NoJPEG",
+                               f"127.0.0.1::{vnc_server.port}"], stdout=log, stderr=subprocess.STDOUT)
+
+    def shows(expected: np.ndarray, timeout: float = 15.0) -> bool:
+        deadline, window = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            assert viewer.poll() is None, f"vncviewer exited {viewer.returncode}"
+            window = window or _window_id(xvfb, "TigerVNC", f"{expected.shape[1]}x{expected.shape[0]}")
+            got = window and _grab(xvfb, window)
+            if got is not None and np.array_equal(got, expected):
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        assert shows(expected_rgb(shown))
+        rng = np.random.default_rng(9)
+        colours = np.array([0x101010, 0xF0F0F0, 0x2266AA], "<u4")
+        for step in range(6):
+            for x, y, w, h in ((720, 4, 64, 16), (150, 165, 8, 16)):
+                pick = rng.integers(0, 2 + step % 2, (h, w))
+                rows[y:y + h, x * 4:(x + w) * 4] = colours[pick].view(np.uint8).reshape(h, w * 4)
+                vnc_server.draw(rows, x, y, w, h)
+            assert shows(expected_rgb(shown)), f"step {step} never shown"
+    finally:
+        viewer.terminate()
+        viewer.wait(5)
+        log.close()
+
+
 @pytest.mark.parametrize("level,maxes", [(0, (1, 1, 1)), (1, (3, 3, 3)), (2, (7, 7, 3))])
 @pytest.mark.parametrize("encoding", ["ZRLE", "Tight"])
 def test_tigervnc_low_colour(xvfb, vnc_server, encoding, level, maxes):

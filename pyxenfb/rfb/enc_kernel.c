@@ -270,8 +270,11 @@ static uint8_t *put_len(uint8_t *o, int run)
 long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, int coff, int cb,
                         uint8_t *out, long cap)
 {
-    static __thread uint32_t t[ZTILE * ZTILE];
-    static __thread uint8_t idx[ZTILE * ZTILE];
+    static __thread uint32_t t_buf[ZTILE * ZTILE];
+    static __thread uint8_t idx_buf[ZTILE * ZTILE];
+    /* the thread's buffers looked up once, not once per use (-fPIC TLS) */
+    uint32_t *const t = t_buf;
+    uint8_t *const idx = idx_buf;
     uint32_t key[ZSLOTS], pal_px[128];
     int16_t slot_of[ZSLOTS];
     uint8_t *o = out, *end = out + cap;
@@ -364,6 +367,18 @@ long pyxenfb_zrle_tiles(const uint8_t *pix, long stride, int w, int h, int bpp, 
                 *o++ = 0;
                 for (int y = 0; y < th; y++) {
                     const uint8_t *p = src + y * stride + coff;
+                    if (cb == 3 && bpp == 4) {
+                        /* 3-byte CPIXELs (the common case): a fixed-size
+                         * 4-byte copy per pixel, its 4th byte overwritten
+                         * by the next pixel's; the row's last pixel copies
+                         * 3, so nothing goes past this tile's bytes. */
+                        int x = 0;
+                        for (; x < tw - 1; x++, p += 4, o += 3)
+                            memcpy(o, p, 4);
+                        memcpy(o, p, 3);
+                        o += 3;
+                        continue;
+                    }
                     for (int x = 0; x < tw; x++, p += bpp, o += cb)
                         memcpy(o, p, (size_t)cb);
                 }

@@ -59,18 +59,29 @@ def hextile(pixels: np.ndarray, w: int, h: int, bpp: int) -> memoryview:
     return memoryview(out)[:n]
 
 
-def zrle_tiles(pixels: np.ndarray, w: int, h: int, bpp: int, coff: int, cb: int) -> bytes:
+def zrle_tiles(pixels: np.ndarray, w: int, h: int, bpp: int, coff: int, cb: int,
+               scratch: bytearray | None = None):
     """ZRLE's uncompressed tile stream for the (h, w * bpp) uint8 pixels,
     CPIXEL = bytes [coff, coff + cb) of each pixel (load() must have
-    returned the kernel)."""
+    returned the kernel).  bytes; or, given a scratch bytearray (grown as
+    needed), a memoryview of it, valid until scratch is used again: a full
+    1080p frame's stream is 6 MB, and a fresh buffer for it each frame costs
+    its page faults and zeroing, and a copy into bytes."""
     pixels = np.ascontiguousarray(pixels)
     assert pixels.dtype == np.uint8 and pixels.shape == (h, w * bpp)
     cap = w * h * cb + (-(-w // 64)) * (-(-h // 64))
-    out = bytearray(cap)
+    out = bytearray(cap) if scratch is None else scratch
+    if len(out) < cap:
+        try:
+            out.extend(bytes(cap - len(out)))
+        except BufferError:             # a view of the last stream still alive: a fresh one
+            out = bytearray(cap)
     n = _lib.pyxenfb_zrle_tiles(_ffi.from_buffer("uint8_t[]", pixels), w * bpp, w, h, bpp, coff, cb,
                                 _ffi.from_buffer("uint8_t[]", out), cap)
     if n < 0:
         raise RuntimeError(f"ZRLE kernel refused a {w}x{h} rectangle at {bpp} bytes a pixel")
+    if scratch is not None:
+        return memoryview(out)[:n]
     del out[n:]
     return bytes(out)
 

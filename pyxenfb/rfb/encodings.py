@@ -426,9 +426,10 @@ def zrle_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     return b"".join(pieces)
 
 
-def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
+def zrle_tiles(vals: np.ndarray, fmt: PixelFormat, scratch: bytearray | None = None):
     """The uncompressed ZRLE tile stream: the C kernel when it is built,
-    else its numpy twin."""
+    else its numpy twin.  With scratch (the C kernel only), a memoryview
+    of it, valid until scratch is used again (enc_kernel.zrle_tiles)."""
     if enc_kernel.load() is None:
         return zrle_plan(vals, fmt)
     sel = _cpixel_bytes(fmt)
@@ -436,7 +437,7 @@ def zrle_tiles(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     coff, cb = (sel[0], 3) if sel is not None else (0, bpp)
     h, w = vals.shape
     return enc_kernel.zrle_tiles(np.ascontiguousarray(vals).view(np.uint8).reshape(h, w * bpp),
-                                 w, h, bpp, coff, cb)
+                                 w, h, bpp, coff, cb, scratch)
 
 
 # ---------------------------------------------------------------- Tight
@@ -551,6 +552,18 @@ _TIGHT_ZLIB = ((0, 0, 0), (1, 1, 1), (3, 3, 2), (5, 5, 2), (6, 6, 3), (7, 7, 4),
 _TIGHT_STREAM_KIND = (2, 0, 1, 2)   # stream 0 full colour, 1 mono, 2 indexed (3 unused)
 _WINDOW = 32768                     # deflate's window: all a continuation can refer to
 _MEM_LEVEL = 9                      # bigger hash table: ~15% faster here, same output size
+# ZRLE's stream: memLevel also sizes deflate's symbol buffer, i.e. how many
+# literals and matches go into one block before zlib-ng ends it and builds
+# new Huffman codes (1 << (memLevel + 6)).  ZRLE's tile stream changes its
+# statistics every few KiB (a raw tile of 3-byte CPIXELs is 12 KiB, a
+# packed-palette tile a few hundred bytes), so smaller blocks fit their
+# codes to it better: on the xanim gradient (bench/bench_encoders.py) memLevel
+# 9 / 6 / 5 / 4 gave compression 7.93 / 8.74 / 9.03 / 9.19 at 800x600 and
+# 9.30 / 10.33 / 10.66 / 10.83 at 1080p (TigerVNC's Xvnc, zlib 1.2 at level
+# 6: 8.49 / 9.75), for 1 / ~1.08 / ~1.13 / ~1.21x deflate's time; text
+# 153.9 / 153.2 / 152.8 / 152.1 (Xvnc 124), the desktop's small rects
+# unchanged.  5 meets Xvnc's bytes with room, for the least time.
+_ZRLE_MEM_LEVEL = 5
 
 
 class _Stream:
@@ -566,23 +579,39 @@ class _Stream:
     inflater has in its window, so references back into it stay valid and
     the ratio does not drop.  Tight resets a stream instead (its control
     byte can), so its streams keep no tail (continues=False).
+
+    partial=True ends each rectangle's data with Z_PARTIAL_FLUSH instead of
+    Z_SYNC_FLUSH: the inflater can still produce every byte of it (zlib ends
+    the block and adds an empty fixed-code block of 10 bits), but there is no
+    empty stored block (3 bits, padding, 00 00 ff ff), so up to 7 bits of the
+    flush are carried into the next rectangle's data instead.  ~4 bytes less
+    per rectangle: what a small update (a cursor, a clock) is mostly made of.
+    A level change first sync-flushes the old compressor (its bytes lead the
+    rectangle's data), so the fresh one starts on a byte boundary.
     """
 
-    def __init__(self, level: int, continues: bool = True):
+    def __init__(self, level: int, continues: bool = True, mem_level: int = _MEM_LEVEL,
+                 partial: bool = False):
         self.level = level
-        self._z = zlib.compressobj(level, memLevel=_MEM_LEVEL)
+        self._mem = mem_level
+        self._z = zlib.compressobj(level, memLevel=mem_level)
         self._continues = continues
+        self._flush = zlib.Z_PARTIAL_FLUSH if partial else zlib.Z_SYNC_FLUSH
         self._tail = b""
 
     def deflate(self, data, level: int) -> list[bytes]:
-        """data (bytes-like) compressed and sync-flushed, as one or two pieces."""
+        """data (bytes-like) compressed and flushed (every byte of it
+        decodable from the pieces), as one to three pieces."""
+        out = []
         if level != self.level:
             if not self._continues:
                 raise ValueError("a stream without a tail cannot change level")
             self.level = level
-            self._z = zlib.compressobj(level, zlib.DEFLATED, -15, _MEM_LEVEL,
+            if self._flush != zlib.Z_SYNC_FLUSH:
+                out.append(self._z.flush(zlib.Z_SYNC_FLUSH))    # byte-aligned again
+            self._z = zlib.compressobj(level, zlib.DEFLATED, -15, self._mem,
                                        **({"zdict": self._tail} if self._tail else {}))
-        out = [self._z.compress(data), self._z.flush(zlib.Z_SYNC_FLUSH)]
+        out += [self._z.compress(data), self._z.flush(self._flush)]
         if self._continues:
             # What the client's inflater window now holds (the last 32 KiB).
             tail = data[-_WINDOW:]
@@ -601,6 +630,7 @@ class Encoder:
         self._zrle: _Stream | None = None
         self._tight: list = [None] * 4
         self._scratch = np.empty(0, np.uint8)     # Tight's full-colour pixel bytes
+        self._zrle_scratch = bytearray()          # ZRLE's tile stream, deflated at once
 
     def set_compress_level(self, level: int | None) -> None:
         """The client's CompressLevel (0..9; None = server default).  Takes
@@ -652,8 +682,8 @@ class Encoder:
                 z = self._zlib.deflate(_contiguous(pixels), level)
             else:
                 if self._zrle is None:
-                    self._zrle = _Stream(level)
-                z = self._zrle.deflate(zrle_tiles(vals, fmt), level)
+                    self._zrle = _Stream(level, mem_level=_ZRLE_MEM_LEVEL, partial=True)
+                z = self._zrle.deflate(zrle_tiles(vals, fmt, self._zrle_scratch), level)
             size = sum(map(len, z))
             return 1, [rect_header(x, y, w, h, encoding) + struct.pack(">I", size), *z]
         return 1, [rect_header(x, y, w, h, encoding), data]
