@@ -126,3 +126,53 @@ def test_the_pool_keeps_its_buffer_while_updates_flow_and_lets_it_go_when_quiet(
     assert flowed > 0.3 and kept == [1, 1, 1, 1]          # outlived one quiet period
     assert pool.allocations == 1                           # one buffer served all four
     assert pool._free == [] and quiet_for < 5               # then released
+
+
+def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
+    """The encoders' reused buffers (ZRLE's tile stream: 3 bytes a pixel)
+    go too once quiet -- but not from under a job still in a worker."""
+    import threading
+
+    class Held(enc.Encoder):
+        """An encoder whose next job waits in the worker until let go."""
+        gate: threading.Event | None = None
+
+        def encode_chunks(self, *args, **kw):
+            if self.gate is not None:
+                self.gate.wait(10)
+            return super().encode_chunks(*args, **kw)
+
+    async def scenario():
+        quiet = 0.1
+        updates = Updates(convert_rect, quiet_release=quiet)
+        surface = make_picture(320, 240)
+        loop = asyncio.get_running_loop()
+        encoder = Held()
+        done = asyncio.Event()
+
+        def finished(_):
+            done.set()
+        # One ZRLE job in a worker: the encoder's tile-stream buffer grows.
+        conn = _waiting(enc.ZRLE)
+        updates.run(updates.begin(conn, encoder, surface, [(0, 0, 320, 240)]), finished, finished)
+        await asyncio.wait_for(done.wait(), 10)
+        conn.data_to_send()
+        grown = len(encoder._zrle_scratch)
+        # A second job held in its worker across several quiet periods.
+        done.clear()
+        encoder.gate = threading.Event()
+        conn = _waiting(enc.ZRLE)
+        updates.run(updates.begin(conn, encoder, surface, [(0, 0, 320, 240)]), finished, finished)
+        await asyncio.sleep(quiet * 5)
+        kept_while_encoding = len(encoder._zrle_scratch)
+        encoder.gate.set()
+        await asyncio.wait_for(done.wait(), 10)
+        deadline = loop.time() + 10
+        while len(encoder._zrle_scratch) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        released = len(encoder._zrle_scratch)
+        updates.close()
+        return grown, kept_while_encoding, released
+    grown, kept, released = asyncio.run(scenario())
+    assert grown >= 320 * 240 * 3
+    assert kept == grown and released == 0

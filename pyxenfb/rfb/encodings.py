@@ -632,6 +632,13 @@ class Encoder:
         self._scratch = np.empty(0, np.uint8)     # Tight's full-colour pixel bytes
         self._zrle_scratch = bytearray()          # ZRLE's tile stream, deflated at once
 
+    def release_scratch(self) -> None:
+        """Let the reused pixel buffers go (up to 4 bytes a pixel of the
+        largest rectangle so far); the zlib streams stay, the client's
+        decoder holds their other half.  Not while encoding."""
+        self._scratch = np.empty(0, np.uint8)
+        self._zrle_scratch = bytearray()
+
     def set_compress_level(self, level: int | None) -> None:
         """The client's CompressLevel (0..9; None = server default).  Takes
         effect with the next rectangle, also on streams already running."""

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import os
 import sys
+import weakref
 from typing import Callable, Protocol
 
 import numpy as np
@@ -37,9 +38,10 @@ INLINE_PIXELS = 128 * 128
 # 2-core dom0 (docs/performance.md measures one against two).
 ENCODE_WORKERS = int(os.environ.get("PYXENFB_ENCODE_WORKERS", "2"))
 POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
-# After this long without an update the pool's frame-sized buffers go back
-# to the system: a picture at rest (a text console, a client watching an
-# idle guest) keeps no copy of itself resident, as one animating does.
+# After this long without an update the pool's frame-sized buffers and the
+# encoders' scratch buffers go back to the system: a picture at rest (a text
+# console, a client watching an idle guest) keeps no copy of itself
+# resident, as one animating does.
 QUIET_RELEASE_S = 2.0
 
 Rect = tuple[int, int, int, int]
@@ -204,6 +206,8 @@ class Updates:
         self._quiet_release = quiet_release
         self._last_finish = 0.0
         self._quiet_timer: asyncio.TimerHandle | None = None
+        self._encoders: weakref.WeakSet[enc.Encoder] = weakref.WeakSet()   # used since the last quiet
+        self._in_flight = 0             # jobs in the encoder threads
 
     def begin(self, conn: ServerConnection, encoder: enc.Encoder, fb: Framebuffer,
               rects: list[Rect]) -> UpdateJob:
@@ -216,6 +220,7 @@ class Updates:
             return UpdateJob(conn, encoder, None, [], [])
         snapshots: list[Snapshot] = []
         pixels = self._snapshot(snapshots, rows, fb.fmt, plan.fmt, list(plan.rects))
+        self._encoders.add(encoder)
         return UpdateJob(conn, encoder, plan, pixels, snapshots)
 
     def run(self, job: UpdateJob, sent: Callable[[int], None],
@@ -229,10 +234,12 @@ class Updates:
             self._finish(job, sent)
             return
         future = asyncio.get_running_loop().run_in_executor(self._encoder_pool(), job.encode)
+        self._in_flight += 1
         future.add_done_callback(lambda f: self._encoded(job, f, sent, failed))
 
     def _encoded(self, job: UpdateJob, future, sent, failed) -> None:
         """Back on the loop: a worker finished (or failed) a job."""
+        self._in_flight -= 1
         if future.cancelled() or job.conn.closed:
             job.release()
             return
@@ -259,11 +266,18 @@ class Updates:
     def _quiet_check(self) -> None:
         loop = asyncio.get_running_loop()
         left = self._last_finish + self._quiet_release - loop.time()
+        if self._in_flight:             # an encoder is busy: look again later
+            left = max(left, self._quiet_release)
         if left > 0:
             self._quiet_timer = loop.call_later(left, self._quiet_check)
             return
         self._quiet_timer = None
-        if self._pool.release_free():
+        freed = self._pool.release_free()
+        for encoder in list(self._encoders):
+            encoder.release_scratch()
+            freed += 1
+        self._encoders = weakref.WeakSet()
+        if freed:
             malloc.trim()
 
     def _encoder_pool(self) -> concurrent.futures.Executor:
