@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+# The project's uv: the one on PATH, else the copy scripts/uv installs (a fresh
+# machine has no uv on PATH; CI calls the tier through scripts/uv run).
+UV = str(ROOT / "scripts" / "uv")
 HERE = Path(__file__).resolve().parent
 
 
@@ -102,7 +105,7 @@ def noise_picture() -> np.ndarray:
 
 
 def _uv_requirements() -> str:
-    return subprocess.run(["uv", "export", "--no-dev", "--no-hashes", "--no-emit-project",
+    return subprocess.run([UV, "export", "--no-dev", "--no-hashes", "--no-emit-project",
                            "--format", "requirements-txt", "-q"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout
 
@@ -117,7 +120,7 @@ def prepare_share(share: Path, lab: Path) -> None:
         shutil.rmtree(site, ignore_errors=True)
         (share / "requirements.txt").write_text(reqs)
         # dom0: Debian 12, CPython 3.11, glibc 2.36
-        subprocess.run(["uv", "pip", "install", "-q", "--target", str(site), "--python-version",
+        subprocess.run([UV, "pip", "install", "-q", "--target", str(site), "--python-version",
                         "3.11", "--python-platform", "x86_64-manylinux_2_28", "--compile-bytecode",
                         "-r", str(share / "requirements.txt")], cwd=ROOT, check=True)
         (site / ".stamp").write_text(stamp)
