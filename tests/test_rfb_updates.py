@@ -20,6 +20,29 @@ def _waiting(encoding=enc.RAW) -> rfb.ServerConnection:
     return conn
 
 
+async def _until_pooled(updates: Updates) -> None:
+    """Until a snapshot's buffer is back in the pool: the pass's own hold
+    goes in a callback the loop runs next (a bounded number of turns)."""
+    for _ in range(100):
+        if updates._pool._free:
+            return
+        await asyncio.sleep(0)
+
+
+def _on_call(obj, name: str, counter: list, event: asyncio.Event, after: int = 1) -> None:
+    """Wrap obj.name so that each call is counted, and `event` is set once
+    there have been `after` calls."""
+    real = getattr(obj, name)
+
+    def wrapped(*args, **kw):
+        result = real(*args, **kw)
+        counter.append(1)
+        if len(counter) >= after:
+            event.set()
+        return result
+    setattr(obj, name, wrapped)
+
+
 def test_plan_then_finish_queues_one_update_with_pseudo_first():
     conn = to_normal()
     conn.receive_data(set_encodings(enc.RAW, enc.QEMU_LED_STATE) + fbur(1))
@@ -57,12 +80,7 @@ def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
         for job in jobs:
             updates.run(job, done, done)
         await asyncio.wait_for(both.wait(), 10)
-        # The pass's own hold goes in a callback the loop runs next: yield until
-        # the buffer is back (a bounded number of loop turns, no clock).
-        for _ in range(100):
-            if updates._pool._free:
-                break
-            await asyncio.sleep(0)
+        await _until_pooled(updates)
         updates.close()
         return sent, updates._pool
     sent, pool = asyncio.run(scenario())
@@ -99,33 +117,32 @@ def test_the_pool_keeps_its_buffer_while_updates_flow_and_lets_it_go_when_quiet(
     async def scenario():
         quiet = 0.3
         updates = Updates(convert_rect, quiet_release=quiet)
+        releases, released = [], asyncio.Event()
+        _on_call(updates, "_release_buffers", releases, released)
         surface = make_picture(320, 240)
         loop = asyncio.get_running_loop()
         kept_while_flowing = []
         start = loop.time()
-        for _ in range(4):                           # one update per quiet/3: never quiet
+        for _ in range(4):
             conn = _waiting(enc.RAW)
             job = updates.begin(conn, enc.Encoder(), surface, [(0, 0, 320, 240)])
             updates.run(job, lambda n: None, lambda e: None)
             conn.data_to_send()                      # as the transport takes it
-            for _ in range(100):                     # the pass's hold goes on the next turn
-                if updates._pool._free:
-                    break
-                await asyncio.sleep(0)
+            await _until_pooled(updates)
             kept_while_flowing.append(len(updates._pool._free))
+            # The time under test: updates a third of the quiet period apart.
             await asyncio.sleep(quiet / 3)
         flowed = loop.time() - start
-        deadline = loop.time() + 10
-        while updates._pool._free and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        quiet_for = loop.time() - start - flowed
+        released_while_flowing = len(releases)
+        await asyncio.wait_for(released.wait(), 10)
         pool = updates._pool
         updates.close()
-        return kept_while_flowing, flowed, quiet_for, pool
-    kept, flowed, quiet_for, pool = asyncio.run(scenario())
+        return kept_while_flowing, flowed, released_while_flowing, pool
+    kept, flowed, released_while_flowing, pool = asyncio.run(scenario())
     assert flowed > 0.3 and kept == [1, 1, 1, 1]          # outlived one quiet period
+    assert released_while_flowing == 0
     assert pool.allocations == 1                           # one buffer served all four
-    assert pool._free == [] and quiet_for < 5               # then released
+    assert pool._free == []                                 # then released
 
 
 def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
@@ -146,7 +163,6 @@ def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
         quiet = 0.1
         updates = Updates(convert_rect, quiet_release=quiet)
         surface = make_picture(320, 240)
-        loop = asyncio.get_running_loop()
         encoder = Held()
         done = asyncio.Event()
 
@@ -158,21 +174,23 @@ def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
         await asyncio.wait_for(done.wait(), 10)
         conn.data_to_send()
         grown = len(encoder._zrle_scratch)
-        # A second job held in its worker across several quiet periods.
+        # A second job held in its worker while the quiet check runs twice.
+        checks, checked_twice = [], asyncio.Event()
+        _on_call(updates, "_quiet_check", checks, checked_twice, after=2)
         done.clear()
         encoder.gate = threading.Event()
         conn = _waiting(enc.ZRLE)
         updates.run(updates.begin(conn, encoder, surface, [(0, 0, 320, 240)]), finished, finished)
-        await asyncio.sleep(quiet * 5)
+        await asyncio.wait_for(checked_twice.wait(), 10)
         kept_while_encoding = len(encoder._zrle_scratch)
+        releases, released = [], asyncio.Event()
+        _on_call(updates, "_release_buffers", releases, released)
         encoder.gate.set()
         await asyncio.wait_for(done.wait(), 10)
-        deadline = loop.time() + 10
-        while len(encoder._zrle_scratch) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        released = len(encoder._zrle_scratch)
+        await asyncio.wait_for(released.wait(), 10)
+        released_len = len(encoder._zrle_scratch)
         updates.close()
-        return grown, kept_while_encoding, released
+        return grown, kept_while_encoding, released_len
     grown, kept, released = asyncio.run(scenario())
     assert grown >= 320 * 240 * 3
     assert kept == grown and released == 0

@@ -272,13 +272,17 @@ class Updates:
             self._quiet_timer = loop.call_later(left, self._quiet_check)
             return
         self._quiet_timer = None
-        freed = self._pool.release_free()
-        for encoder in list(self._encoders):
-            encoder.release_scratch()
-            freed += 1
-        self._encoders = weakref.WeakSet()
-        if freed:
-            malloc.trim()
+        self._release_buffers()
+
+    def _release_buffers(self) -> None:
+        """The pool's idle buffers and the encoders' scratch back to the
+        system (the scratch only while no encoder thread is at work)."""
+        self._pool.release_free()
+        if not self._in_flight:
+            for encoder in list(self._encoders):
+                encoder.release_scratch()
+            self._encoders = weakref.WeakSet()
+        malloc.trim()
 
     def _encoder_pool(self) -> concurrent.futures.Executor:
         """The encoder threads, started with the first big update (never
@@ -313,8 +317,7 @@ class Updates:
     def idle(self) -> None:
         """Nobody watches: let the frame buffers go back to the system
         instead of staying resident until the next client."""
-        self._pool = BufferPool()
-        malloc.trim()
+        self._release_buffers()
 
     def close(self) -> None:
         if self._quiet_timer is not None:
