@@ -206,24 +206,42 @@ def _quantise(rgb: np.ndarray, maxes) -> np.ndarray:
     return out
 
 
-def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarray,
-                 tolerance: float | None = None, timeout: float = 15.0) -> np.ndarray:
-    log = tempfile.TemporaryFile()
-    viewer = subprocess.Popen(["vncviewer", "-display", display, "-SecurityTypes", "None", "-Shared",
-                               "-AutoSelect=0", *options, f"127.0.0.1::{port}"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
+class TigerVnc:
+    """Debian's TigerVNC viewer on `display`, connected to `port`; `shows()`
+    waits until its window holds a picture.  A context manager."""
+
+    def __init__(self, display: str, port: int, options: list[str]):
+        self.display, self.options = display, options
+        self.log = tempfile.TemporaryFile()
+        self.viewer = subprocess.Popen(["vncviewer", "-display", display, "-SecurityTypes", "None",
+                                        "-Shared", "-AutoSelect=0", *options, f"127.0.0.1::{port}"],
+                                       stdout=self.log, stderr=subprocess.STDOUT)
+        self.window = None
+
+    def __enter__(self) -> "TigerVnc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.viewer.terminate()
+        self.viewer.wait(5)
+        self.log.close()
+
+    def shows(self, expected: np.ndarray, tolerance: float | None = None,
+              timeout: float = 15.0) -> np.ndarray:
+        """The window's picture once it equals `expected` (or is within a mean
+        error of `tolerance`); an AssertionError when the viewer exits or the
+        timeout passes first.  The window's pixels can only be polled."""
         deadline = time.monotonic() + timeout
         got = None
-        window = None
         while time.monotonic() < deadline:
-            if viewer.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"vncviewer exited {viewer.returncode}: "
-                                     f"{log.read().decode(errors='replace')[-2000:]}")
-            window = window or _window_id(display, "TigerVNC", f"{expected.shape[1]}x{expected.shape[0]}")
-            if window:
-                got = _grab(display, window)
+            if self.viewer.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError(f"vncviewer exited {self.viewer.returncode}: "
+                                     f"{self.log.read().decode(errors='replace')[-2000:]}")
+            self.window = self.window or _window_id(self.display, "TigerVNC",
+                                                    f"{expected.shape[1]}x{expected.shape[0]}")
+            if self.window:
+                got = _grab(self.display, self.window)
                 if got is not None and got.shape == expected.shape:
                     diff = np.abs(got.astype(int) - expected.astype(int))
                     if (tolerance is None and not diff.any()) or \
@@ -233,12 +251,14 @@ def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarr
         err = None
         if got is not None and got.shape == expected.shape:
             err = np.abs(got.astype(int) - expected.astype(int)).mean()
-        raise AssertionError(f"viewer picture never matched ({options}); window={window}, "
+        raise AssertionError(f"viewer picture never matched ({self.options}); window={self.window}, "
                              f"shape={None if got is None else got.shape}, mean error {err}")
-    finally:
-        viewer.terminate()
-        viewer.wait(5)
-        log.close()
+
+
+def run_tigervnc(display: str, port: int, options: list[str], expected: np.ndarray,
+                 tolerance: float | None = None, timeout: float = 15.0) -> np.ndarray:
+    with TigerVnc(display, port, options) as viewer:
+        return viewer.shows(expected, tolerance, timeout)
 
 
 @pytest.mark.parametrize("encoding", ["Raw", "Hextile", "ZRLE", "Tight"])
@@ -263,24 +283,8 @@ def test_tigervnc_zrle_many_small_updates(xvfb, vnc_server):
     surface = vnc_server.call(lambda: vnc_server.console.surface)
     rows = surface.rows.copy()
     shown = SimpleNamespace(rows=rows, fmt=surface.fmt, width=surface.width, height=surface.height)
-    log = tempfile.TemporaryFile()
-    viewer = subprocess.Popen(["vncviewer", "-display", xvfb, "-SecurityTypes", "None", "-Shared",
-                               "-AutoSelect=0", "-PreferredEncoding", "ZRLE", "-FullColor", "-NoJPEG",
-                               f"127.0.0.1::{vnc_server.port}"], stdout=log, stderr=subprocess.STDOUT)
-
-    def shows(expected: np.ndarray, timeout: float = 15.0) -> bool:
-        deadline, window = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            assert viewer.poll() is None, f"vncviewer exited {viewer.returncode}"
-            window = window or _window_id(xvfb, "TigerVNC", f"{expected.shape[1]}x{expected.shape[0]}")
-            got = window and _grab(xvfb, window)
-            if got is not None and np.array_equal(got, expected):
-                return True
-            time.sleep(0.1)
-        return False
-
-    try:
-        assert shows(expected_rgb(shown))
+    with TigerVnc(xvfb, vnc_server.port, ["-PreferredEncoding", "ZRLE", "-FullColor", "-NoJPEG"]) as viewer:
+        viewer.shows(expected_rgb(shown))
         rng = np.random.default_rng(9)
         colours = np.array([0x101010, 0xF0F0F0, 0x2266AA], "<u4")
         for step in range(6):
@@ -288,11 +292,7 @@ def test_tigervnc_zrle_many_small_updates(xvfb, vnc_server):
                 pick = rng.integers(0, 2 + step % 2, (h, w))
                 rows[y:y + h, x * 4:(x + w) * 4] = colours[pick].view(np.uint8).reshape(h, w * 4)
                 vnc_server.draw(rows, x, y, w, h)
-            assert shows(expected_rgb(shown)), f"step {step} never shown"
-    finally:
-        viewer.terminate()
-        viewer.wait(5)
-        log.close()
+            viewer.shows(expected_rgb(shown))
 
 
 @pytest.mark.parametrize("level,maxes", [(0, (1, 1, 1)), (1, (3, 3, 3)), (2, (7, 7, 3))])
