@@ -37,6 +37,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import plan  # noqa: E402
+from bench.suite import anchor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # The project's uv: the one on PATH, else the copy scripts/uv installs (a fresh
@@ -61,14 +62,6 @@ def xenlab_home() -> Path | None:
 # Without XSAVE, Xen and both kernels switch FPU state with FXSAVE: 0 corrupt.
 LAB_XEN_ARGS = "cpuid=no-xsave"
 ANIM_FRAMES = 4          # the steady-state guest's frames (~0.2 MB each gzipped in its initrd)
-
-
-def vnc_rate_tool() -> Path | None:
-    for candidate in (os.environ.get("BENCH_ANCHORS"), "/work/shared/bench",
-                      str(ROOT.parent / "shared" / "bench")):
-        if candidate and (Path(candidate) / "vnc-rate").is_file():
-            return Path(candidate) / "vnc-rate"
-    return None
 
 
 def write_ppm(path: Path, rgb: np.ndarray) -> None:
@@ -146,7 +139,7 @@ def prepare_share(share: Path, lab: Path) -> None:
     # without decoding them, so the client in dom0 is never what limits the
     # frame rate: our own decoding client undid Tight's gradient filter pixel
     # by pixel in Python, 8 s a frame under TCG).
-    rate = vnc_rate_tool()
+    rate = anchor("vnc-rate")            # found as the benchmarks find it
     if rate is not None:
         shutil.copy(rate, xen / "vnc-rate")
     subprocess.run([sys.executable, str(lab / "dom0" / "pic.py"), "pattern", "800", "600",
