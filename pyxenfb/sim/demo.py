@@ -18,6 +18,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,8 +110,11 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
               f"--domid {DOMID} --follow", flush=True)
         if open_viewer:
             viewer = _open_viewer(result.vnc_host, port)
-        print("pyxenfb-sim demo: running; Ctrl-C to stop", flush=True)
-        _wait(seconds)
+        # Caught before the line that invites them: a Ctrl-C right after it
+        # is a clean stop, not a KeyboardInterrupt.
+        with StopSignals() as stop:
+            print("pyxenfb-sim demo: running; Ctrl-C to stop", flush=True)
+            stop.wait(seconds)
         return 0
     finally:
         print("pyxenfb-sim demo: stopping", flush=True)
@@ -130,14 +134,28 @@ def run_demo(vnc: str | None, sdl: bool, open_viewer: bool, seconds: float | Non
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _wait(seconds: float | None) -> None:
-    """Block until SIGINT/SIGTERM, or `seconds` (no busy loop: sigtimedwait)."""
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        if seconds is None:
-            signal.sigwait(sigs)
-        else:
-            signal.sigtimedwait(sigs, seconds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP caught while in effect, and `wait()` until
+    one comes (or `seconds`).  Blocking them and sigwait()ing is not enough:
+    the kernel hands a process's signal to any thread not blocking it, and
+    numpy's OpenBLAS threads block nothing; Python's C handler, in whatever
+    thread, writes to the wakeup socket the main thread waits on."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> "StopSignals":
+        self._r, self._w = socket.socketpair()
+        self._w.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, lambda signum, frame: None) for s in self.SIGNALS}
+        return self
+
+    def wait(self, seconds: float | None) -> None:
+        select.select([self._r], [], [], seconds)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        self._r.close()
+        self._w.close()
