@@ -15,5 +15,5 @@ int pyxenfb_palette(const uint8_t *pix, long n, int bpp, int limit, uint32_t *pa
 """
 
 ALL = FUNCTIONS
-VERSION = 1        # pyxenfb_enc_version() of a library built from this source
+VERSION = 2        # pyxenfb_enc_version() of a library built from this source
 MODULE = "pyxenfb.rfb._enc_ffi"

@@ -20,7 +20,7 @@
  * rebuilt after a pull) and uses the numpy twins instead. */
 int pyxenfb_enc_version(void)
 {
-    return 1;
+    return 2;
 }
 
 enum { HT_RAW = 1, HT_BG = 2, HT_FG = 4, HT_ANY = 8, HT_COLOURED = 16 };
@@ -46,15 +46,14 @@ struct counts {
     uint16_t now;
 };
 
-struct run {
+/* One subrectangle of a tile: colour, position, size. */
+struct sub {
     uint32_t c;
-    uint8_t x, y, len, cont;    /* cont: continues the run above unchanged */
-    uint16_t below;             /* index + 1 of the run continuing this one, or 0 */
+    uint8_t x, y, w, h;
 };
 
-/* The colour heading the most subrectangles (runs that continue none
- * above); ties: the smallest value. */
-static uint32_t majority(struct counts *c, const struct run *r, int nruns)
+/* The colour of the most subrectangles; ties: the smallest value. */
+static uint32_t majority(struct counts *c, const struct sub *s, int n)
 {
     uint32_t best = 0;
     int best_n = 0;
@@ -62,22 +61,20 @@ static uint32_t majority(struct counts *c, const struct run *r, int nruns)
         memset(c->s, 0, sizeof c->s);
         c->now = 1;
     }
-    for (int i = 0; i < nruns; i++) {
-        if (r[i].cont)
-            continue;
-        uint32_t v = r[i].c;
+    for (int i = 0; i < n; i++) {
+        uint32_t v = s[i].c;
         uint32_t h = (v * 2654435761u) >> 23;        /* 9 bits */
-        struct slot *s = &c->s[h];
-        while (s->gen == c->now && s->key != v) {
+        struct slot *e = &c->s[h];
+        while (e->gen == c->now && e->key != v) {
             h = (h + 1) & (SLOTS - 1);
-            s = &c->s[h];
+            e = &c->s[h];
         }
-        if (s->gen != c->now) {
-            s->gen = c->now;
-            s->key = v;
-            s->n = 0;
+        if (e->gen != c->now) {
+            e->gen = c->now;
+            e->key = v;
+            e->n = 0;
         }
-        int k = ++s->n;
+        int k = ++e->n;
         if (k > best_n || (k == best_n && v < best)) {
             best_n = k;
             best = v;
@@ -115,37 +112,51 @@ static void load_tile(uint32_t *t, const uint8_t *src, long stride, int th, int 
     }
 }
 
-/* The tile's horizontal runs in raster order; returns their number.  A run
- * identical (columns and colour) to one in the row above continues it. */
-static int find_runs(const uint32_t *t, int th, int tw, struct run *r)
+/* The tile's subrectangles, in the order they are found (raster order of
+ * their corners); returns their number.  At each pixel no earlier one
+ * covers: as wide as its colour runs to the right in its row (over covered
+ * pixels too), as tall as all those columns keep the colour below.  They
+ * may overlap (same colour, painted twice): fewer than a partition into
+ * rectangles on glyph strokes, e.g. one for a stem crossed by a bar. */
+static int cover(const uint32_t *t, int th, int tw, struct sub *s)
 {
-    int n = 0, prev = 0, prev_end = 0;      /* the row above's runs: [prev, prev_end) */
-    for (int y = 0; y < th; y++) {
-        int row = n, p = prev;
+    uint8_t right[TILE * TILE], down[TILE * TILE], until[TILE];
+    for (int y = 0; y < th; y++) {          /* same colour from (x, y) to the right */
         const uint32_t *line = t + y * TILE;
+        uint8_t *r = right + y * TILE;
+        r[tw - 1] = 1;
+        for (int x = tw - 2; x >= 0; x--)
+            r[x] = line[x] == line[x + 1] ? (uint8_t)(r[x + 1] + 1) : 1;
+    }
+    for (int x = 0; x < tw; x++)             /* ... and downwards */
+        down[(th - 1) * TILE + x] = 1;
+    for (int y = th - 2; y >= 0; y--)
+        for (int x = 0; x < tw; x++)
+            down[y * TILE + x] = t[y * TILE + x] == t[(y + 1) * TILE + x] ?
+                (uint8_t)(down[(y + 1) * TILE + x] + 1) : 1;
+    memset(until, 0, sizeof until);         /* rows above this are covered in a column */
+    int n = 0;
+    for (int y = 0; y < th; y++) {
         for (int x = 0; x < tw;) {
-            uint32_t c = line[x];
-            int x1 = x + 1;
-            while (x1 < tw && line[x1] == c)
-                x1++;
-            struct run *cur = &r[n];
-            cur->c = c;
-            cur->x = (uint8_t)x;
-            cur->y = (uint8_t)y;
-            cur->len = (uint8_t)(x1 - x);
-            cur->cont = 0;
-            cur->below = 0;
-            while (p < prev_end && r[p].x < x)
-                p++;
-            if (p < prev_end && r[p].x == x && r[p].len == x1 - x && r[p].c == c) {
-                cur->cont = 1;
-                r[p].below = (uint16_t)(n + 1);
+            if (until[x] > y) {
+                x++;
+                continue;
             }
+            int w = right[y * TILE + x], h = down[y * TILE + x];
+            for (int i = 1; i < w; i++)
+                if (down[y * TILE + x + i] < h)
+                    h = down[y * TILE + x + i];
+            s[n].c = t[y * TILE + x];
+            s[n].x = (uint8_t)x;
+            s[n].y = (uint8_t)y;
+            s[n].w = (uint8_t)w;
+            s[n].h = (uint8_t)h;
             n++;
-            x = x1;
+            for (int i = x; i < x + w; i++)
+                if (until[i] < y + h)
+                    until[i] = (uint8_t)(y + h);
+            x += w;
         }
-        prev = row;
-        prev_end = n;
     }
     return n;
 }
@@ -160,7 +171,7 @@ long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uin
      * __tls_get_addr per tile (a third of the kernel's time). */
     struct counts counts;
     uint32_t t[TILE * TILE];
-    struct run runs[TILE * TILE];
+    struct sub subs[TILE * TILE];
     uint8_t *o = out, *end = out + cap;
     int prev_raw = 1, last = LAST_NONE;
     uint32_t prev_bg = 0, last_fg = 0;
@@ -174,20 +185,17 @@ long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uin
             int tw = w - tx < TILE ? w - tx : TILE;
             const uint8_t *src = pix + ty * stride + (long)tx * bpp;
             load_tile(t, src, stride, th, tw, bpp);
-            int nruns = find_runs(t, th, tw, runs);
-            int solid = nruns == th;
-            for (int i = 1; solid && i < nruns; i++)
-                solid = runs[i].c == runs[0].c;
-            uint32_t bg = solid ? runs[0].c : majority(&counts, runs, nruns);
+            int nsubs = cover(t, th, tw, subs);
+            uint32_t bg = nsubs == 1 ? subs[0].c : majority(&counts, subs, nsubs);
 
             int k = 0, mono = 1;
             uint32_t fg = 0;
-            for (int i = 0; i < nruns; i++) {
-                if (runs[i].cont || runs[i].c == bg)
+            for (int i = 0; i < nsubs; i++) {
+                if (subs[i].c == bg)
                     continue;
                 if (k == 0)
-                    fg = runs[i].c;
-                else if (runs[i].c != fg)
+                    fg = subs[i].c;
+                else if (subs[i].c != fg)
                     mono = 0;
                 k++;
             }
@@ -220,17 +228,14 @@ long pyxenfb_hextile(const uint8_t *pix, long stride, int w, int h, int bpp, uin
                 o = store(o, fg, bpp);
             if (has) {
                 *o++ = (uint8_t)k;
-                for (int i = 0; i < nruns; i++) {
-                    const struct run *r = &runs[i];
-                    if (r->cont || r->c == bg)
+                for (int i = 0; i < nsubs; i++) {
+                    const struct sub *r = &subs[i];
+                    if (r->c == bg)
                         continue;
-                    int hh = 1;
-                    for (int b = r->below; b; b = runs[b - 1].below)
-                        hh++;
                     if (coloured)
                         o = store(o, r->c, bpp);
                     *o++ = (uint8_t)(r->x << 4 | r->y);
-                    *o++ = (uint8_t)((r->len - 1) << 4 | (hh - 1));
+                    *o++ = (uint8_t)((r->w - 1) << 4 | (r->h - 1));
                 }
                 last = coloured ? LAST_COLOURED : LAST_MONO;
                 last_fg = fg;

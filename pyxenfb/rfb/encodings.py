@@ -166,14 +166,51 @@ def _most_heads(tile_of: np.ndarray, value: np.ndarray, n: int, dtype) -> np.nda
     return gv[first].astype(dtype)
 
 
+def _hextile_cover(tiles: np.ndarray, tile_h: np.ndarray, tile_w: np.ndarray):
+    """The subrectangles of every tile at once (see hextile_plan), as arrays
+    (tile, y, x, width, height, colour) in tile order, then raster order."""
+    n = len(tiles)
+    ar = np.arange(_TILE)
+    # right[t, y, x]: pixels of (x, y)'s colour from x on in its row; down: in its column
+    right = np.ones(tiles.shape, np.int16)
+    for x in range(_TILE - 2, -1, -1):
+        right[:, :, x] += np.where((tiles[:, :, x] == tiles[:, :, x + 1]) & (x + 1 < tile_w)[:, None],
+                                   right[:, :, x + 1], 0)
+    down = np.ones(tiles.shape, np.int16)
+    for y in range(_TILE - 2, -1, -1):
+        down[:, y] += np.where((tiles[:, y] == tiles[:, y + 1]) & (y + 1 < tile_h)[:, None],
+                               down[:, y + 1], 0)
+    until = np.zeros((n, _TILE), np.int16)       # rows above this are covered, per column
+    found = []
+    for y in range(int(tile_h.max(initial=0))):
+        live = np.flatnonzero(tile_h > y)
+        next_x = np.zeros(n, np.int16)
+        for x in range(int(tile_w[live].max(initial=0))):
+            at = live[(tile_w[live] > x) & (next_x[live] <= x) & (until[live, x] <= y)]
+            if not len(at):
+                continue
+            sw = right[at, y, x]
+            cols = ar[None, :_TILE - x] < sw[:, None]            # columns x .. x + sw - 1
+            sh = np.where(cols, down[at, y, x:], _TILE).min(axis=1)
+            until[at, x:] = np.where(cols, np.maximum(until[at, x:], y + sh[:, None]), until[at, x:])
+            next_x[at] = x + sw
+            found.append((at, np.full(len(at), y), np.full(len(at), x), sw, sh))
+    t, y, x, sw, sh = (np.concatenate(a) for a in zip(*found)) if found else [np.zeros(0, int)] * 5
+    order = np.argsort(t, kind="stable")                       # found row by row: raster order kept
+    t, y, x, sw, sh = t[order], y[order], x[order], sw[order], sh[order]
+    return t, y, x, sw, sh, tiles[t, y, x]
+
+
 def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     """Hextile in numpy (the C kernel's twin; byte-identical output).
 
-    Per 16x16 tile: every pixel is covered by subrectangles, one per
-    horizontal run of a colour, a run continuing unchanged (same columns,
-    same colour) in the rows below making one taller subrectangle; the
-    background is the colour with the most of them (ties: the smallest
-    value), whose subrectangles are then not sent.  If all
+    Per 16x16 tile, subrectangles in raster order of their corners: at
+    each pixel none covers yet, one as wide as the pixel's colour runs to
+    the right in its row (covered pixels included) and as tall as all those
+    columns keep that colour downwards.  They may overlap (a decoder paints
+    them in order; same colour), which takes fewer than a partition on glyph
+    strokes.  The background is the colour with the most of them (ties:
+    the smallest value), whose subrectangles are then not sent.  If all
     subrectangles have one colour the tile is mono (foreground + 2 bytes a
     subrectangle), else SubrectsColoured (a pixel + 2 bytes each).  Raw only
     when smaller than that (counting background and foreground as sent).
@@ -186,43 +223,18 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     dtype = _DTYPES[bpp]
     tiles, tile_h, tile_w = _tiles(vals, _TILE)
     n = len(tiles)
-    ar = np.arange(_TILE)
-    inside = (ar[None, :, None] < tile_h[:, None, None]) & (ar[None, None, :] < tile_w[:, None, None])
-
     first = tiles[:, 0, 0]
     solid = (tiles == first[:, None, None]).all(axis=(1, 2))   # padding repeats real pixels
-
-    # Runs: a start where the colour changes from the left; its length up to
-    # the next start in the row or the tile's edge.
-    start = np.ones(tiles.shape, bool)
-    start[:, :, 1:] = tiles[:, :, 1:] != tiles[:, :, :-1]
-    start &= inside
-    start[solid] = False
-    st_t, st_y, st_x = np.nonzero(start)
-    nxt = np.append(st_x[1:], _TILE)
-    same_row = np.append((st_t[1:] == st_t[:-1]) & (st_y[1:] == st_y[:-1]), False)
-    end = np.where(same_row, nxt, tile_w[st_t])
-    length = np.zeros(tiles.shape, np.int16)
-    length[st_t, st_y, st_x] = end - st_x
-    # A run identical to the one above it continues that one's subrectangle.
-    cont = np.zeros(tiles.shape, bool)
-    cont[:, 1:] = start[:, 1:] & start[:, :-1] & (length[:, 1:] == length[:, :-1]) & \
-        (tiles[:, 1:] == tiles[:, :-1])
-    height = np.ones(tiles.shape, np.int16)
-    for y in range(_TILE - 2, -1, -1):
-        height[:, y] += np.where(cont[:, y + 1], height[:, y + 1], 0)
-    # Background: the colour heading the most subrectangles (the fewest left).
-    own = start & ~cont
-    own_t, own_y, own_x = np.nonzero(own)
     bg = first.copy()
     multi = np.flatnonzero(~solid)
+    all_t, all_y, all_x, all_w, all_h, all_c = _hextile_cover(tiles[multi], tile_h[multi], tile_w[multi])
+    all_t = multi[all_t]
     if len(multi):
         remap = np.full(n, -1)
         remap[multi] = np.arange(len(multi))
-        bg[multi] = _most_heads(remap[own_t], tiles[own_t, own_y, own_x], len(multi), vals.dtype)
-    head = own & (tiles != bg[:, None, None])
-    sub_t, sub_y, sub_x = np.nonzero(head)                      # tile by tile, raster order
-    sub_c = tiles[sub_t, sub_y, sub_x]
+        bg[multi] = _most_heads(remap[all_t], all_c, len(multi), vals.dtype)
+    keep = all_c != bg[all_t]
+    sub_t, sub_y, sub_x, sub_w, sub_h, sub_c = (a[keep] for a in (all_t, all_y, all_x, all_w, all_h, all_c))
     k = np.bincount(sub_t, minlength=n)
     first_sub = np.concatenate(([0], np.cumsum(k)[:-1]))
     fg = np.zeros(n, vals.dtype)
@@ -265,7 +277,8 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
     out[count_at[sel]] = k[sel]
     rank = np.arange(len(sub_t)) - first_sub[sub_t]
     keep = sub_on[sub_t]
-    sub_t, sub_y, sub_x, sub_c, rank = sub_t[keep], sub_y[keep], sub_x[keep], sub_c[keep], rank[keep]
+    sub_t, sub_y, sub_x, sub_w, sub_h, sub_c, rank = (a[keep] for a in (sub_t, sub_y, sub_x, sub_w, sub_h,
+                                                                          sub_c, rank))
     if len(sub_t):
         at = count_at[sub_t] + 1 + rank * per_sub[sub_t]
         col = coloured[sub_t]
@@ -273,7 +286,7 @@ def hextile_plan(vals: np.ndarray, fmt: PixelFormat) -> bytes:
         out[at[ci][:, None] + span] = sub_c[ci].astype(dtype).view(np.uint8).reshape(-1, bpp)
         at = at + col * bpp
         out[at] = (sub_x << 4 | sub_y).astype(np.uint8)
-        out[at + 1] = ((length[sub_t, sub_y, sub_x] - 1) << 4 | (height[sub_t, sub_y, sub_x] - 1)).astype(np.uint8)
+        out[at + 1] = ((sub_w - 1) << 4 | (sub_h - 1)).astype(np.uint8)
     sel = np.flatnonzero(raw)
     full = sel[(tile_h[sel] == _TILE) & (tile_w[sel] == _TILE)]
     if len(full):
