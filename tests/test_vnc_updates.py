@@ -273,3 +273,64 @@ def test_the_heap_is_trimmed_while_updates_flow(monkeypatch):
     finally:
         c.close()
         srv.close()
+
+
+def _with_deferral(defer: float, act):
+    """A connected client with an incremental request pending at a server
+    whose deferral is `defer` seconds; act(vnc, guest, client) then runs."""
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc = VncDisplay(be.console, name="sim")
+            vnc.server.defer_update = defer
+            port = await vnc.listen("127.0.0.1", 0, to_display=99)
+            client = AsyncRawClient("c")
+            await client.connect(port)
+            reader = asyncio.create_task(client.read_updates())
+            try:
+                await wait_for(lambda: client.updates == 1, what="first frame")
+                await wait_for(lambda: vnc.server.clients[0].conn.pending_request == "incremental",
+                               what="the next request pending at the server")
+                await act(vnc, guest, client)
+            finally:
+                reader.cancel()
+                client.w.close()
+    asyncio.run(body())
+
+
+def test_small_changes_in_quick_succession_leave_as_one_update():
+    """A clock, then a cursor, each its own notification (as a desktop's
+    frontend sends them), a loop turn apart: one FramebufferUpdate with
+    both, not one each (sent at once, the first would be on its way before
+    the second came)."""
+    clock, cursor = (720, 4, 64, 16), (150, 165, 8, 16)
+
+    async def act(vnc, guest, client):
+        vnc.server.mark_dirty([clock])
+        await asyncio.sleep(0)                       # the second change comes a loop turn later
+        await asyncio.sleep(0)
+        vnc.server.mark_dirty([cursor])
+        await wait_for(lambda: client.updates == 2, what="the update")
+        assert sorted(client.last_rects) == sorted([clock, cursor])
+        client.request()
+        # nothing else is dirty: the next update is the next change's alone
+        vnc.server.mark_dirty([cursor])
+        await wait_for(lambda: client.updates == 3, what="the next update")
+        assert client.last_rects == [cursor]
+
+    _with_deferral(0.3, act)
+
+
+def test_a_full_screen_change_does_not_wait_for_the_deferral():
+    """With the deferral an hour long, a change of the whole picture still
+    goes out (a frame of an animation gains nothing from waiting), and takes
+    along a small change already waiting."""
+    async def act(vnc, guest, client):
+        vnc.server.mark_dirty([(5, 5, 10, 10)])
+        assert vnc.server.deferring
+        fb = vnc.framebuffer()
+        vnc.server.mark_dirty([(0, 0, fb.width, fb.height)])
+        await wait_for(lambda: client.updates == 2, what="the full-screen update")
+        assert (0, 0, fb.width, fb.height) in client.last_rects
+        assert not vnc.server.deferring
+
+    _with_deferral(3600.0, act)

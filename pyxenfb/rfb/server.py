@@ -45,6 +45,14 @@ MAX_UNAUTHENTICATED = 16        # connections still in the handshake, in all
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8   # ... and from one address (docs/vnc.md, "Threat model")
 MIN_THROTTLE = 1 << 20          # output queue limit floor (bytes)
 HARD_LIMIT_FACTOR = 5           # disconnect beyond this many throttle units
+# Small changes wait this long before an update goes out, so that a burst
+# (a frontend notifies once per changed rect: a clock, then a cursor; fbcon,
+# once per line) leaves as one update instead of several (Xvnc: DeferUpdate,
+# 1 ms; QEMU sends on a 30 ms refresh timer).  A change of at least
+# DEFER_MAX_SHARE of the picture goes at once: it gains little from company
+# and would lose frames/s to the wait.
+DEFER_UPDATE_S = 0.001
+DEFER_MAX_SHARE = 0.25
 
 
 class RfbDisplay(Protocol):
@@ -340,12 +348,12 @@ class RfbSession(asyncio.Protocol):
         self.output.fit_frame(fb.width * fb.height * self.conn.pixel_format.bytes_per_pixel)
 
     def add_dirty(self, rects: list[Rect]) -> None:
-        """Rectangles (clipped to today's surface) this client has yet to see."""
+        """Rectangles (clipped to today's surface) this client has yet to see;
+        the server says when to send them (RfbServer.mark_dirty)."""
         self.dirty.update(rects)
-        self._maybe_update()
 
     def _maybe_update(self) -> None:
-        if self.closing or not self.attached or self._job is not None:
+        if self.closing or not self.attached or self._job is not None or self.server.deferring:
             return
         request = self.conn.pending_request
         if request is None:
@@ -492,6 +500,8 @@ class RfbServer:
         self.max_handshakes = MAX_UNAUTHENTICATED
         self.max_handshakes_per_address = MAX_UNAUTHENTICATED_PER_ADDRESS
         self.stall_timeout = STALL_TIMEOUT
+        self.defer_update = DEFER_UPDATE_S
+        self._defer: asyncio.TimerHandle | None = None
         self.budget = LogBudget(log)      # the lines a client can cause (logbudget.py)
         self._servers: list[asyncio.AbstractServer] = []
         self.updates = Updates(owner.convert_rect)   # snapshots, encoder threads (updates.py)
@@ -512,8 +522,30 @@ class RfbServer:
         return [c for c in self.clients if c.attached and not c.closing]
 
     def mark_dirty(self, rects: list[Rect]) -> None:
-        for client in self.attached_clients():
+        clients = self.attached_clients()
+        for client in clients:
             client.add_dirty(rects)
+        if not clients:
+            return
+        fb = self.owner.framebuffer()
+        small = sum(r[2] * r[3] for r in rects) < DEFER_MAX_SHARE * fb.width * fb.height
+        if small and self.defer_update > 0:
+            if self._defer is None:
+                self._defer = asyncio.get_running_loop().call_later(self.defer_update, self._send_deferred)
+            return                      # the pending deferral takes these along
+        self._send_deferred()
+
+    @property
+    def deferring(self) -> bool:
+        """Small changes are waiting for company (DEFER_UPDATE_S): no update yet."""
+        return self._defer is not None
+
+    def _send_deferred(self) -> None:
+        if self._defer is not None:
+            self._defer.cancel()
+            self._defer = None
+        for client in self.attached_clients():
+            client._maybe_update()
 
     def resize_clients(self, width: int, height: int) -> None:
         for client in self.attached_clients():
@@ -596,6 +628,9 @@ class RfbServer:
                      " ".join(sorted(self.websocket_origins)) or "none (websocket-origin=)")
 
     async def close(self) -> None:
+        if self._defer is not None:
+            self._defer.cancel()
+            self._defer = None
         for server in self._servers:
             server.close()
         for client in list(self.clients):
