@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import numpy as np
+
 from pyxenfb.convert import convert_rect
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import protocol as rfb
@@ -75,7 +77,7 @@ def test_clients_sharing_a_format_share_one_snapshot_until_the_pass_ends():
             if len(sent) == 2:
                 both.set()
         jobs = [updates.begin(c, enc.Encoder(), surface, [(0, 0, 320, 240)]) for c in (a, b)]
-        assert jobs[0].pieces[0][0] is jobs[1].pieces[0][0]      # one conversion, two users
+        assert np.shares_memory(jobs[0].pieces[0][0], jobs[1].pieces[0][0])   # one conversion, two users
         assert 320 * 240 > INLINE_PIXELS
         for job in jobs:
             updates.run(job, done, done)
@@ -192,5 +194,62 @@ def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
         updates.close()
         return grown, kept_while_encoding, released_len
     grown, kept, released = asyncio.run(scenario())
-    assert grown >= 320 * 240 * 3
+    band = max(w * h for _, _, w, h in enc.pieces(enc.ZRLE, 0, 0, 320, 240))   # the largest piece
+    assert grown >= band * 3
     assert kept == grown and released == 0
+
+
+def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it():
+    """A frame is cut into bands (enc.pieces): the head, announcing every
+    band, and the first band are on the connection while the encoder
+    thread still holds the second -- on a slow link the transfer overlaps
+    the encoding.  A Fence the client asks for meanwhile is answered after
+    the update's last rectangle, never inside it.  The whole decodes."""
+    import threading
+
+    from test_rfb_encodings import Decoder
+    gate = threading.Event()
+
+    class Held(enc.Encoder):
+        """Holds its second piece until the test lets go."""
+        calls = 0
+
+        def encode_chunks(self, *args, **kw):
+            self.calls += 1
+            if self.calls == 2:
+                gate.wait(10)
+            return super().encode_chunks(*args, **kw)
+
+    fence_request = struct.pack(">B3xIB", 248, (1 << 31) | 0x7, 0)
+    fence_answer = struct.pack(">B3xIB", 248, 0x7, 0)
+
+    async def scenario():
+        updates = Updates(convert_rect)
+        surface = make_picture(320, 240)
+        conn = to_normal()
+        conn.receive_data(set_encodings(enc.ZRLE, enc.FENCE) + fbur(0))
+        conn.data_to_send()
+        progressed, done = asyncio.Event(), asyncio.Event()
+        job = updates.begin(conn, Held(), surface, [(0, 0, 320, 240)])
+        pieces = len(job.pieces)
+        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), progressed.set)
+        await asyncio.wait_for(progressed.wait(), 10)
+        early = bytes(conn.data_to_send())
+        conn.receive_data(fence_request)
+        held_back = bytes(conn.data_to_send())
+        gate.set()
+        await asyncio.wait_for(done.wait(), 10)
+        rest = bytes(conn.data_to_send())
+        updates.close()
+        return surface, pieces, early, held_back, rest
+
+    surface, pieces, early, held_back, rest = asyncio.run(scenario())
+    assert pieces >= 2
+    assert early[:4] == struct.pack(">BxH", 0, pieces)
+    first = struct.unpack(">HHHHi", early[4:16])
+    assert first[:2] == (0, 0) and first[2] == 320 and first[3] < 240 and first[4] == enc.ZRLE
+    assert held_back == b""                      # the Fence answer waits behind the update
+    assert rest.endswith(fence_answer) and fence_answer not in early + rest[:-len(fence_answer)]
+    dec = Decoder(rfb.SERVER_FORMAT, 320, 240)
+    dec.update((early + rest[:-len(fence_answer)])[4:], pieces)
+    assert np.array_equal(dec.fb, surface.rows[:240, :320 * 4])

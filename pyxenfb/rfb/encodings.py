@@ -44,10 +44,35 @@ _JPEG_QUALITY = (10, 20, 30, 40, 50, 60, 70, 80, 88, 95)  # per client level 0..
 TIGHT_MAX_WIDTH = 2048
 TIGHT_MAX_AREA = 65536
 TIGHT_MIN_TO_COMPRESS = 12
+# A big rectangle is sent as bands of this many pixels at most (whole
+# 64-row bands: ZRLE's and Hextile's tile grids stay where they were), so
+# that a server can write the first while it encodes the next: on a slow
+# link the transfer then overlaps the encoding instead of following it
+# (TigerVNC cuts every encoding's rectangles at 65536 pixels too).
+BAND_PIXELS = 65536
+BAND_ROWS_MULTIPLE = 64
 
 
 def rect_header(x: int, y: int, w: int, h: int, encoding: int) -> bytes:
     return struct.pack(">HHHHi", x, y, w, h, encoding)
+
+
+def pieces(encoding: int, x: int, y: int, w: int, h: int) -> list[tuple[int, int, int, int]]:
+    """The rectangles `encoding` sends for the w x h one at (x, y), each
+    encoded as one: Tight's own limits (2048 wide, 65536 pixels), and for
+    the others bands of whole 64-row multiples near BAND_PIXELS (Raw, sent
+    as the snapshot's bytes, stays whole)."""
+    if encoding in (TIGHT, TIGHT_PNG):
+        out = []
+        for cx in range(0, w, TIGHT_MAX_WIDTH):
+            cw = min(TIGHT_MAX_WIDTH, w - cx)
+            rows = max(1, TIGHT_MAX_AREA // cw)
+            out += [(x + cx, y + cy, cw, min(rows, h - cy)) for cy in range(0, h, rows)]
+        return out
+    if encoding == RAW or w * h <= BAND_PIXELS:
+        return [(x, y, w, h)]
+    rows = max(BAND_ROWS_MULTIPLE, BAND_PIXELS // w // BAND_ROWS_MULTIPLE * BAND_ROWS_MULTIPLE)
+    return [(x, y + by, w, min(rows, h - by)) for by in range(0, h, rows)]
 
 
 def _contiguous(pixels: np.ndarray):
@@ -712,15 +737,11 @@ class Encoder:
     def _tight_rects(self, encoding, fmt, pixels, x, y, w, h, jpeg_quality, gradient):
         vals = _values(pixels, fmt, w, h)
         chunks, count = [], 0
-        for cx in range(0, w, TIGHT_MAX_WIDTH):
-            cw = min(TIGHT_MAX_WIDTH, w - cx)
-            rows = max(1, TIGHT_MAX_AREA // cw)
-            for cy in range(0, h, rows):
-                ch = min(rows, h - cy)
-                sub = vals[cy:cy + ch, cx:cx + cw]
-                head, *data = self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality, gradient)
-                chunks += [rect_header(x + cx, y + cy, cw, ch, encoding) + head, *data]
-                count += 1
+        for px, py, pw, ph in pieces(encoding, x, y, w, h):
+            sub = vals[py - y:py - y + ph, px - x:px - x + pw]
+            head, *data = self._tight_body(encoding == TIGHT_PNG, fmt, sub, jpeg_quality, gradient)
+            chunks += [rect_header(px, py, pw, ph, encoding) + head, *data]
+            count += 1
         return count, chunks
 
     def _tight_body(self, png: bool, fmt: PixelFormat, vals: np.ndarray, jpeg_quality,

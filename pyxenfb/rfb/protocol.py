@@ -232,6 +232,7 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._chunks: list = []              # whole pieces queued before what _out holds
+        self._update_open = False            # a streamed update's pieces are still coming
         self._discard = 0                    # cut text bytes still to skip
         self._challenge = b""
         self._out += b"RFB 003.008\n"
@@ -239,7 +240,7 @@ class ServerConnection:
     # ------------------------------------------------------------ I/O side
     def data_to_send(self) -> bytes | bytearray:
         """Everything to send, as one buffer."""
-        if not self._chunks:
+        if not self._chunks and not self._update_open:
             out, self._out = self._out, bytearray()
             return out
         return b"".join(self.data_to_send_chunks())
@@ -252,8 +253,10 @@ class ServerConnection:
         return chunks
 
     def _seal(self) -> None:
-        """Small messages queued so far go before what is queued next."""
-        if self._out:
+        """Small messages queued so far go before what is queued next; while
+        an update is open they wait behind it (inside it they would be read
+        as its rectangles)."""
+        if self._out and not self._update_open:
             self._chunks.append(self._out)
             self._out = bytearray()
 
@@ -697,6 +700,31 @@ class ServerConnection:
         self._chunks += plan.pseudo
         self._chunks += rectangles
         return 4 + sum(map(len, plan.pseudo)) + sum(len(c) for c in rectangles)
+
+    def open_update(self, plan: UpdatePlan, count: int) -> int:
+        """Queue the head of the FramebufferUpdate `plan` began (its
+        pseudo-rectangles included), announcing `count` encoded rectangles
+        that follow through `update_data` as they are encoded; other
+        messages wait until `close_update`.  Returns the bytes queued."""
+        if self._update_open:
+            raise RuntimeError("an update is already open")
+        self._seal()
+        self._chunks.append(struct.pack(">BxH", ServerMsg.FRAMEBUFFER_UPDATE, count + len(plan.pseudo)))
+        self._chunks += plan.pseudo
+        self._update_open = True
+        return 4 + sum(map(len, plan.pseudo))
+
+    def update_data(self, rectangles: list[bytes]) -> int:
+        """Queue more of the open update's rectangles (their bytes in pieces)."""
+        if not self._update_open:
+            raise RuntimeError("no update is open")
+        self._chunks += rectangles
+        return sum(len(c) for c in rectangles)
+
+    def close_update(self) -> None:
+        """The open update is complete (or abandoned with the connection):
+        messages queued meanwhile go next."""
+        self._update_open = False
 
     _STATE_PARSERS = {
         State.VERSION: _parse_version,

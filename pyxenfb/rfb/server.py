@@ -366,7 +366,7 @@ class RfbSession(asyncio.Protocol):
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
         self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
-        self.server.updates.run(job, self._update_sent, self._update_failed)
+        self.server.updates.run(job, self._update_sent, self._update_failed, self._flush)
 
     def _update_sent(self, nbytes: int) -> None:
         """On the loop: an update is queued on the connection (or was empty)."""

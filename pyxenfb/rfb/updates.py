@@ -5,12 +5,15 @@ asks its sans-IO connection what the update answers (`begin_update`: the
 rectangles it can see, the encoding and format in force) and copies those
 rectangles in the client's pixel format into a snapshot (once per format for
 all sessions starting an update in the same loop pass, into reused buffers).
-`Updates.run` then encodes the snapshot -- on the loop when it is small, else
-in a worker thread (zlib, numpy and Pillow release the GIL, so the second
-core works) -- and hands the finished rectangles to the connection
-(`finish_update`), back on the loop, before telling the session.  Nothing
-goes back up: the connection never sees a pixel array, and the session only
-decides when.
+`Updates.run` then encodes the snapshot.  A small one is encoded on the loop
+and handed over whole (`finish_update`).  A big one is cut into the pieces
+its encoding sends (`encodings.pieces`: bands of ~64K pixels), its head
+announcing all of them goes out at once (`open_update`), and a worker thread
+encodes piece after piece (zlib, numpy and Pillow release the GIL, so the
+second core works) while the loop writes each as it comes (`update_data`):
+the transfer overlaps the encoding, as TigerVNC's does, which is what a slow
+link feels.  Nothing goes back up: the connection never sees a pixel array,
+and the session only decides when.
 
 One job per session is in flight at a time, which keeps its zlib streams in
 order; other sessions, input and the guest never wait for it.
@@ -21,6 +24,7 @@ import asyncio
 import concurrent.futures
 import os
 import sys
+import threading
 import weakref
 from typing import Callable, Protocol
 
@@ -134,41 +138,55 @@ class UpdateJob:
     client's format) when it began, so neither a guest rewriting its
     framebuffer nor a surface going away afterwards can reach them.
 
+    Its rectangles are cut into the pieces the encoding sends
+    (`encodings.pieces`), so their number is known before any is encoded.
     `encode()` touches only the job and the session's encoder (its zlib
     streams), so it may run in a worker thread while the loop goes on with
-    the connection; `finish()` hands the result to the connection, back on
-    the loop.  The encoding, pixel format and compression level are those in
-    force when the job began (later changes apply to the next update, as if
-    this one had already been on the wire)."""
+    the connection, handing each piece's bytes over as it goes (`open`
+    first queues the update's head); `finish()` hands the whole result to
+    the connection at once, on the loop.  The encoding, pixel format and
+    compression level are those in force when the job began (later changes
+    apply to the next update, as if this one had already been on the wire)."""
 
     def __init__(self, conn: ServerConnection, encoder: enc.Encoder, plan: UpdatePlan | None,
                  pixels: list[np.ndarray], snapshots: list[Snapshot]):
         self.conn = conn
         self.plan = plan                       # None: nothing this client can see changed
         self._encoder = encoder
-        self.pieces = [(p, *r) for p, r in zip(pixels, plan.rects)] if plan else []
+        self.pieces = _cut(plan, pixels) if plan else []
         self._snapshots = snapshots
         self._chunks: list[bytes] | None = None
-        self._count = 0
 
     @property
     def pixel_count(self) -> int:
         return sum(w * h for _, _, _, w, h in self.pieces)
 
-    def encode(self) -> None:
-        """Encode every rectangle (the slow part; safe off the loop)."""
+    def encode(self, hand_over: Callable[[list[bytes]], None] | None = None) -> None:
+        """Encode every piece (the slow part; safe off the loop).  With
+        hand_over, each piece's bytes go to it as they are ready (after
+        `open`); else they are kept for `finish`."""
         plan = self.plan
         chunks: list[bytes] = []
-        count = 0
         if plan.compress_level is not None:
             self._encoder.set_compress_level(plan.compress_level)
         for pixels, x, y, w, h in self.pieces:
             n, data = self._encoder.encode_chunks(plan.encoding, plan.fmt, pixels, x, y, w, h,
                                                   jpeg_quality=plan.jpeg_quality,
                                                   gradient=plan.tight_gradient)
-            chunks += data
-            count += n
-        self._chunks, self._count = chunks, count
+            if n != 1:          # the head announced one rectangle a piece
+                raise RuntimeError(f"a {w}x{h} piece encoded as {n} rectangles")
+            if hand_over is None:
+                chunks += data
+            else:
+                hand_over(data)
+            if self.conn.closed:
+                return          # nobody to send the rest to
+        self._chunks = chunks
+
+    def open(self) -> int:
+        """Queue the update's head on the connection, announcing every
+        piece, before `encode(hand_over)` sends them; the bytes queued."""
+        return self.conn.open_update(self.plan, len(self.pieces))
 
     def finish(self) -> int:
         """Queue the whole FramebufferUpdate on the connection (encoding it
@@ -178,7 +196,7 @@ class UpdateJob:
                 return 0
             if self._chunks is None:
                 self.encode()
-            return self.conn.finish_update(self.plan, self._chunks, self._count)
+            return self.conn.finish_update(self.plan, self._chunks, len(self.pieces))
         finally:
             self.release()
 
@@ -191,6 +209,51 @@ class UpdateJob:
         snaps, self._snapshots = self._snapshots, []
         for snap in snaps:
             snap.release()
+
+
+def _cut(plan: UpdatePlan, pixels: list[np.ndarray]) -> list[tuple]:
+    """(pixels, x, y, w, h) of every piece the plan's rectangles are sent as."""
+    bpp = plan.fmt.bytes_per_pixel
+    out = []
+    for rows, (x, y, w, h) in zip(pixels, plan.rects):
+        for px, py, pw, ph in enc.pieces(plan.encoding, x, y, w, h):
+            if (pw, ph) == (w, h):
+                out.append((rows, x, y, w, h))
+            else:
+                out.append((rows[py - y:py - y + ph, (px - x) * bpp:(px - x + pw) * bpp], px, py, pw, ph))
+    return out
+
+
+class _HandOver:
+    """A streamed job's pieces, from its encoder thread to the loop: the
+    thread adds bytes and wakes the loop unless a wake-up is already on its
+    way (a busy loop then takes several pieces at once)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: UpdateJob, progress: Callable[[], None]):
+        self._loop = loop
+        self._job = job
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._waiting: list[bytes] = []
+        self._woken = False
+        self.nbytes = 0
+
+    def put(self, chunks: list[bytes]) -> None:
+        """In the encoder thread."""
+        with self._lock:
+            self._waiting += chunks
+            if self._woken:
+                return
+            self._woken = True
+        self._loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        """On the loop: whatever arrived goes onto the connection."""
+        with self._lock:
+            chunks, self._waiting, self._woken = self._waiting, [], False
+        if chunks and not self._job.conn.closed:
+            self.nbytes += self._job.conn.update_data(chunks)
+            self._progress()
 
 
 class Updates:
@@ -224,31 +287,41 @@ class Updates:
         return UpdateJob(conn, encoder, plan, pixels, snapshots)
 
     def run(self, job: UpdateJob, sent: Callable[[int], None],
-            failed: Callable[[BaseException], None]) -> None:
+            failed: Callable[[BaseException], None],
+            progress: Callable[[], None] = lambda: None) -> None:
         """Encode `job` and queue it on its connection, then call sent(bytes)
-        on the loop -- at once for a small job.  failed(exc) if encoding
-        raised; neither if the connection closed meanwhile."""
-        if job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
+        on the loop -- at once for a small job.  A big one goes out piece by
+        piece as a worker thread encodes it: progress() on the loop after
+        each batch of pieces is queued (the session writes them).
+        failed(exc) if encoding raised (the update's head may be out: the
+        session must close); neither if the connection closed meanwhile."""
+        if job.plan is None or job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
             # Raw is no work (the snapshot's bytes go as they are): a thread
             # hand-off would cost more than it, whatever the size.
             self._finish(job, sent)
             return
-        future = asyncio.get_running_loop().run_in_executor(self._encoder_pool(), job.encode)
+        loop = asyncio.get_running_loop()
+        head = job.open()
+        hand_over = _HandOver(loop, job, progress)
+        future = loop.run_in_executor(self._encoder_pool(), job.encode, hand_over.put)
         self._in_flight += 1
-        future.add_done_callback(lambda f: self._encoded(job, f, sent, failed))
+        future.add_done_callback(lambda f: self._encoded(job, f, head, hand_over, sent, failed))
 
-    def _encoded(self, job: UpdateJob, future, sent, failed) -> None:
-        """Back on the loop: a worker finished (or failed) a job."""
+    def _encoded(self, job: UpdateJob, future, head: int, hand_over: _HandOver, sent, failed) -> None:
+        """Back on the loop: a worker finished (or failed) a streamed job."""
         self._in_flight -= 1
+        hand_over.deliver()                 # pieces whose wake-up is still queued
+        job.conn.close_update()
+        job.release()
         if future.cancelled() or job.conn.closed:
-            job.release()
             return
         exc = future.exception()
         if exc is not None:
-            job.release()
             failed(exc)
             return
-        self._finish(job, sent)
+        self._trim()
+        self._watch_quiet()
+        sent(head + hand_over.nbytes)
 
     def _finish(self, job: UpdateJob, sent) -> None:
         nbytes = job.finish()
