@@ -812,3 +812,26 @@ def test_a_kernel_of_another_version_is_not_used(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
     assert "another version" in out.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(encoding=st.sampled_from([enc.RAW, enc.RRE, enc.HEXTILE, enc.ZLIB, enc.ZRLE, enc.TIGHT, enc.TIGHT_PNG]),
+       x=st.integers(0, 100), y=st.integers(0, 100), w=st.integers(1, 5000), h=st.integers(1, 3000))
+def test_pieces_cover_a_rectangle_exactly_within_each_encodings_limits(encoding, x, y, w, h):
+    """What an update's head announces: the pieces tile the rectangle with
+    no overlap; Tight's are at most 2048 wide and 65536 pixels; the others'
+    are full-width bands starting on 64-row multiples (tile grids kept),
+    one piece when small, and Raw is never cut."""
+    got = enc.pieces(encoding, x, y, w, h)
+    cover = np.zeros((h, w), np.int8)
+    for px, py, pw, ph in got:
+        assert pw > 0 and ph > 0
+        cover[py - y:py - y + ph, px - x:px - x + pw] += 1
+    assert (cover == 1).all()
+    if encoding in (enc.TIGHT, enc.TIGHT_PNG):
+        assert all(pw <= enc.TIGHT_MAX_WIDTH and pw * ph <= max(enc.TIGHT_MAX_AREA, pw) for _, _, pw, ph in got)
+    elif encoding == enc.RAW or w * h <= enc.BAND_PIXELS:
+        assert got == [(x, y, w, h)]
+    else:
+        assert all(pw == w and (py - y) % 64 == 0 for px, py, pw, ph in got)
+        assert all(pw * ph <= max(enc.BAND_PIXELS, 64 * w) for _, _, pw, ph in got)
