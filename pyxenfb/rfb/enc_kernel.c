@@ -120,42 +120,39 @@ static void load_tile(uint32_t *t, const uint8_t *src, long stride, int th, int 
  * rectangles on glyph strokes, e.g. one for a stem crossed by a bar. */
 static int cover(const uint32_t *t, int th, int tw, struct sub *s)
 {
-    uint8_t right[TILE * TILE], down[TILE * TILE], until[TILE];
-    for (int y = 0; y < th; y++) {          /* same colour from (x, y) to the right */
-        const uint32_t *line = t + y * TILE;
-        uint8_t *r = right + y * TILE;
-        r[tw - 1] = 1;
-        for (int x = tw - 2; x >= 0; x--)
-            r[x] = line[x] == line[x + 1] ? (uint8_t)(r[x + 1] + 1) : 1;
-    }
-    for (int x = 0; x < tw; x++)             /* ... and downwards */
-        down[(th - 1) * TILE + x] = 1;
-    for (int y = th - 2; y >= 0; y--)
-        for (int x = 0; x < tw; x++)
-            down[y * TILE + x] = t[y * TILE + x] == t[(y + 1) * TILE + x] ?
-                (uint8_t)(down[(y + 1) * TILE + x] + 1) : 1;
-    memset(until, 0, sizeof until);         /* rows above this are covered in a column */
+    uint8_t until[TILE] = {0};              /* rows above this are covered, per column */
     int n = 0;
     for (int y = 0; y < th; y++) {
+        const uint32_t *line = t + y * TILE;
         for (int x = 0; x < tw;) {
             if (until[x] > y) {
                 x++;
                 continue;
             }
-            int w = right[y * TILE + x], h = down[y * TILE + x];
-            for (int i = 1; i < w; i++)
-                if (down[y * TILE + x + i] < h)
-                    h = down[y * TILE + x + i];
-            s[n].c = t[y * TILE + x];
+            uint32_t c = line[x];
+            int x1 = x + 1;
+            while (x1 < tw && line[x1] == c)
+                x1++;
+            int y1 = y + 1;
+            for (; y1 < th; y1++) {         /* rows below holding c in all these columns */
+                const uint32_t *below = t + y1 * TILE;
+                int i = x;
+                while (i < x1 && below[i] == c)
+                    i++;
+                if (i < x1)
+                    break;
+            }
+            s[n].c = c;
             s[n].x = (uint8_t)x;
             s[n].y = (uint8_t)y;
-            s[n].w = (uint8_t)w;
-            s[n].h = (uint8_t)h;
+            s[n].w = (uint8_t)(x1 - x);
+            s[n].h = (uint8_t)(y1 - y);
             n++;
-            for (int i = x; i < x + w; i++)
-                if (until[i] < y + h)
-                    until[i] = (uint8_t)(y + h);
-            x += w;
+            if (y1 > y + 1)
+                for (int i = x; i < x1; i++)
+                    if (until[i] < y1)
+                        until[i] = (uint8_t)y1;
+            x = x1;
         }
     }
     return n;
