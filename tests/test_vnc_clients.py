@@ -275,15 +275,17 @@ def test_tigervnc_odd_size(xvfb, vnc_server, encoding):
                  expected_rgb(surface))
 
 
-def test_tigervnc_zrle_many_small_updates(xvfb, vnc_server):
-    """Small ZRLE rectangles one after another (a panel clock and a cursor,
-    far apart): each one's data ends with a partial flush whose last bits
-    travel with the next, and TigerVNC shows every step exactly."""
+@pytest.mark.parametrize("encoding", ["ZRLE", "Tight"])
+def test_tigervnc_many_small_updates(xvfb, vnc_server, encoding):
+    """Small ZRLE or Tight rectangles one after another (a panel clock and a
+    cursor, far apart; Tight's two- and three-colour ones on its mono and
+    palette streams): each one's data ends with a partial flush whose last
+    bits travel with the next, and TigerVNC shows every step exactly."""
     from types import SimpleNamespace
     surface = vnc_server.call(lambda: vnc_server.console.surface)
     rows = surface.rows.copy()
     shown = SimpleNamespace(rows=rows, fmt=surface.fmt, width=surface.width, height=surface.height)
-    with TigerVnc(xvfb, vnc_server.port, ["-PreferredEncoding", "ZRLE", "-FullColor", "-NoJPEG"]) as viewer:
+    with TigerVnc(xvfb, vnc_server.port, ["-PreferredEncoding", encoding, "-FullColor", "-NoJPEG"]) as viewer:
         viewer.shows(expected_rgb(shown))
         rng = np.random.default_rng(9)
         colours = np.array([0x101010, 0xF0F0F0, 0x2266AA], "<u4")

@@ -787,6 +787,9 @@ class Encoder:
             # fresh inflater, so a new zlib stream at the new level is exact.
             if st is not None:
                 head[0] |= 1 << stream
-            st = self._tight[stream] = _Stream(level, continues=False)
+            # Partial flush, as ZRLE's: ~3 bytes less a rectangle, which is
+            # most of a clock's; TigerVNC, noVNC (pako) and gtk-vnc decode it
+            # (tests/test_vnc_clients.py, test_novnc.py), as zlib's inflate must.
+            st = self._tight[stream] = _Stream(level, continues=False, partial=True)
         z = st.deflate(data, level)
         return [bytes(head + compact_length(sum(map(len, z)))), *z]
