@@ -36,17 +36,22 @@ def test_fires_once_not_before_its_time_and_cancel_stops_it(monkeypatch, timerfd
         assert timer.active
         await done.wait()
         assert len(fired) == 1 and fired[0] - t0 >= 0.0003 and not timer.active
-        # cancelled: its time passes with nothing (a 50 ms timer as the barrier)
+        # cancelled: its time passes with nothing.  The barrier is a second
+        # ShortTimer 50x later: the first, had it stayed armed, fires before it.
         timer.start(0.0002)
         timer.cancel()
-        await asyncio.sleep(0.05)
-        # restarted while armed: one call, at the later time
+        barrier = asyncio.Event()
+        later = ShortTimer(loop, barrier.set)
+        later.start(0.01)
+        await barrier.wait()
+        later.close()
+        # restarted while armed: one call, at the later time (the final count
+        # shows the earlier time, long past by then, fired nothing)
         done.clear()
         t1 = time.perf_counter()
         timer.start(0.0002)
         timer.start(0.002)
         await done.wait()
-        await asyncio.sleep(0.01)
         timer.close()
         return fired, t1
     fired, t1 = _run(body)
