@@ -333,6 +333,39 @@ def test_fence_and_continuous_updates():
     assert conn.data_to_send() == b"\x96" and conn.pending_request is None
 
 
+def test_replies_held_behind_an_open_update_are_capped():
+    """While a streamed update is open, the Fence answers a client asks for
+    wait behind it in memory.  A client that keeps asking (more than
+    MAX_HELD_REPLIES of answers within one update) is closed, not buffered
+    for; under the cap its answers all follow the update, in order."""
+    def open_conn():
+        conn = to_normal()
+        conn.receive_data(set_encodings(0, -312) + fbur(0))
+        conn.data_to_send()
+        plan = conn.begin_update(800, 600, [(0, 0, 800, 600)])
+        conn.open_update(plan, 1)
+        return conn
+
+    def fence(n):
+        return struct.pack(">B3xIB", 248, (1 << 31) | 0x7, 4) + struct.pack(">I", n)
+    answer_size = len(fence(0))
+    under = rfb.MAX_HELD_REPLIES // answer_size
+    conn = open_conn()
+    head = bytes(conn.data_to_send())
+    conn.receive_data(b"".join(fence(n) for n in range(under)))
+    assert bytes(conn.data_to_send()) == b""            # held behind the open update
+    conn.update_data([b"R" * 10])
+    conn.close_update()
+    out = bytes(conn.data_to_send())
+    assert head[:4] == b"\0\0\0\x01" and out[:10] == b"R" * 10
+    assert out[10:] == b"".join(struct.pack(">B3xIB", 248, 0x7, 4) + struct.pack(">I", n) for n in range(under))
+
+    conn = open_conn()
+    with pytest.raises(rfb.ProtocolError, match="replies asked for while one update is sent"):
+        conn.receive_data(b"".join(fence(n) for n in range(under + 1)))
+    assert conn.closed
+
+
 def test_set_desktop_size_is_prohibited():
     conn = to_normal()
     conn.receive_data(set_encodings(0, -308))

@@ -29,6 +29,10 @@ VENCRYPT_VERSION = (0, 2)
 MAX_CUT_TEXT = 1 << 20
 MAX_FENCE_PAYLOAD = 64
 MAX_NAME = 1024
+# Replies (Fence answers, colour maps, EndOfContinuousUpdates) queued while
+# a streamed update is open wait behind it in memory; a client asking for
+# more than this within one update is flooding, not talking.
+MAX_HELD_REPLIES = 64 << 10
 FENCE_REQUEST = 1 << 31
 
 # Pixel format the server announces (what xen-fbfront uses).
@@ -285,6 +289,9 @@ class ServerConnection:
                 if used == 0:
                     break
                 pos += used
+                if self._update_open and len(self._out) > MAX_HELD_REPLIES:
+                    self._fail(f"{len(self._out)} bytes of replies asked for while one update is sent "
+                               f"(limit {MAX_HELD_REPLIES})")
                 if self._discard:
                     skip = min(self._discard, len(buf) - pos)
                     self._discard -= skip
