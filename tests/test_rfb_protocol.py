@@ -601,3 +601,28 @@ def test_state_table_every_state_reachable_and_closable():
                 todo.append(there)
     assert reached == set(State)
     assert all(TRANSITIONS[state, Step.CLOSE] is State.CLOSED for state in State)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3 * rfb.SMALL_CHUNK), max_size=40))
+def test_chunks_to_send_join_small_runs_and_keep_big_ones(sizes):
+    """data_to_send_chunks: the same bytes in the same order; chunks of
+    SMALL_CHUNK or more go as they are (no copy of an MB-sized rect); runs
+    of smaller ones are joined, each join at most JOINED_MAX, and two
+    neighbouring outputs are never both joinable."""
+    conn = to_normal()
+    conn.data_to_send()
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    conn._chunks = list(chunks)
+    out = conn.data_to_send_chunks()
+    assert b"".join(out) == b"".join(chunks)
+    big = [c for c in chunks if len(c) >= rfb.SMALL_CHUNK]
+    assert [c for c in out if any(c is b for b in big)] == big
+    for c in out:
+        assert len(c) >= rfb.SMALL_CHUNK or len(c) <= rfb.JOINED_MAX
+    smalls = [c for c in out if not any(c is b for b in big)]
+    assert all(len(c) <= rfb.JOINED_MAX for c in smalls)
+    for a, b in zip(out, out[1:]):
+        joinable = (not any(a is x for x in big) and not any(b is x for x in big)
+                    and len(a) + len(b) <= rfb.JOINED_MAX)
+        assert not joinable

@@ -10,7 +10,7 @@ import numpy as np
 from pyxenfb.convert import convert_rect
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import protocol as rfb
-from pyxenfb.rfb.updates import INLINE_PIXELS, Updates
+from pyxenfb.rfb.updates import INLINE_PIXELS, STREAM_BATCH, Updates
 from rfb_harness import make_picture
 from test_rfb_protocol import fbur, set_encodings, to_normal
 
@@ -244,7 +244,7 @@ def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it(
         return surface, pieces, early, held_back, rest
 
     surface, pieces, early, held_back, rest = asyncio.run(scenario())
-    assert pieces >= 2
+    assert pieces >= 2 and len(early) >= STREAM_BATCH     # the first band alone fills a batch
     assert early[:4] == struct.pack(">BxH", 0, pieces)
     first = struct.unpack(">HHHHi", early[4:16])
     assert first[:2] == (0, 0) and first[2] == 320 and first[3] < 240 and first[4] == enc.ZRLE
@@ -253,3 +253,58 @@ def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it(
     dec = Decoder(rfb.SERVER_FORMAT, 320, 240)
     dec.update((early + rest[:-len(fence_answer)])[4:], pieces)
     assert np.array_equal(dec.fb, surface.rows[:240, :320 * 4])
+
+
+def test_a_big_update_with_few_bytes_goes_out_whole_when_encoded():
+    """A frame of many pieces whose bytes stay under STREAM_BATCH (a smooth
+    picture in Tight: a few KB) is not streamed: while the encoder thread
+    works nothing is on the connection, not even the head, and the whole
+    update is queued at once -- one wake-up of the loop per update, not one
+    per piece.  It decodes."""
+    import threading
+
+    from test_rfb_encodings import Decoder
+    gate = threading.Event()
+
+    class Held(enc.Encoder):
+        calls = 0
+
+        def encode_chunks(self, *args, **kw):
+            self.calls += 1
+            if self.calls == 2:
+                gate.wait(10)
+            return super().encode_chunks(*args, **kw)
+
+    y, x = np.mgrid[0:600, 0:800].astype(np.uint32)
+    words = ((x * 255 // 799) << 16) | ((y * 255 // 599) << 8)
+    rows = np.ascontiguousarray(words.astype("<u4").view(np.uint8).reshape(600, 3200))
+    surface = make_picture(800, 600)
+    surface.rows[:] = rows
+    encoder = Held()
+
+    async def scenario():
+        updates = Updates(convert_rect)
+        conn = _waiting(enc.TIGHT)
+        progress, done = [], asyncio.Event()
+        job = updates.begin(conn, encoder, surface, [(0, 0, 800, 600)])
+        pieces = len(job.pieces)
+        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), lambda: progress.append(1))
+        for _ in range(1000):                   # until the encoder thread holds the second piece
+            if encoder.calls >= 2:
+                break
+            await asyncio.sleep(0.001)
+        during = bytes(conn.data_to_send())
+        gate.set()
+        await asyncio.wait_for(done.wait(), 10)
+        whole = bytes(conn.data_to_send())
+        updates.close()
+        return pieces, during, whole, progress
+
+    pieces, during, whole, progress = asyncio.run(scenario())
+    assert encoder.calls == pieces >= 2
+    assert during == b"" and progress == []
+    assert whole[:4] == struct.pack(">BxH", 0, pieces) and len(whole) < STREAM_BATCH
+    dec = Decoder(rfb.SERVER_FORMAT, 800, 600)
+    dec.update(whole[4:], pieces)
+    rgb = np.s_[:, :, :3]           # Tight sends 3 bytes a pixel: the padding byte is the decoder's
+    assert np.array_equal(dec.fb.reshape(600, 800, 4)[rgb], rows.reshape(600, 800, 4)[rgb])

@@ -33,6 +33,10 @@ MAX_NAME = 1024
 # a streamed update is open wait behind it in memory; a client asking for
 # more than this within one update is flooding, not talking.
 MAX_HELD_REPLIES = 64 << 10
+# Output chunks under SMALL_CHUNK (rect headers, Tight's small rects) are
+# joined into runs of up to JOINED_MAX: one write, not one per chunk.
+SMALL_CHUNK = 16 << 10
+JOINED_MAX = 64 << 10
 FENCE_REQUEST = 1 << 31
 
 # Pixel format the server announces (what xen-fbfront uses).
@@ -196,6 +200,29 @@ class UpdatePlan:
 RFB_MAX_DIMENSION = 65535
 
 
+def _coalesce(chunks: list) -> list:
+    """Runs of chunks under SMALL_CHUNK joined, up to JOINED_MAX a run."""
+    out: list = []
+    run: list = []
+    size = 0
+    for chunk in chunks:
+        n = len(chunk)
+        if n >= SMALL_CHUNK:
+            if run:
+                out.append(run[0] if len(run) == 1 else b"".join(run))
+                run, size = [], 0
+            out.append(chunk)
+            continue
+        if size + n > JOINED_MAX:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, size = [], 0
+        run.append(chunk)
+        size += n
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
+
 class ServerConnection:
     """One client's RFB session, without I/O."""
 
@@ -250,11 +277,12 @@ class ServerConnection:
         return b"".join(self.data_to_send_chunks())
 
     def data_to_send_chunks(self) -> list:
-        """Everything to send, as the pieces it was made of (updates are MBs:
-        a server writes them one by one rather than joining them)."""
+        """Everything to send, in pieces: big ones as they were made (updates
+        are MBs: a server writes them one by one rather than copying them
+        into one), runs of small ones joined (each write is a syscall)."""
         self._seal()
         chunks, self._chunks = self._chunks, []
-        return chunks
+        return _coalesce(chunks) if len(chunks) > 1 else chunks
 
     def _seal(self) -> None:
         """Small messages queued so far go before what is queued next; while

@@ -7,12 +7,13 @@ rectangles in the client's pixel format into a snapshot (once per format for
 all sessions starting an update in the same loop pass, into reused buffers).
 `Updates.run` then encodes the snapshot.  A small one is encoded on the loop
 and handed over whole (`finish_update`).  A big one is cut into the pieces
-its encoding sends (`encodings.pieces`: bands of ~64K pixels), its head
-announcing all of them goes out at once (`open_update`), and a worker thread
-encodes piece after piece (zlib, numpy and Pillow release the GIL, so the
-second core works) while the loop writes each as it comes (`update_data`):
-the transfer overlaps the encoding, as TigerVNC's does, which is what a slow
-link feels.  Nothing goes back up: the connection never sees a pixel array,
+its encoding sends (`encodings.pieces`: bands of ~64K pixels) and a worker
+thread encodes piece after piece (zlib, numpy and Pillow release the GIL, so
+the second core works).  Once its bytes pass STREAM_BATCH, the head
+announcing every piece goes out (`open_update`) and the loop writes each
+batch as it comes (`update_data`): the transfer overlaps the encoding, as
+TigerVNC's does, which is what a slow link feels.  An update whose bytes
+stay under that goes out whole when encoded, one wake-up of the loop.  Nothing goes back up: the connection never sees a pixel array,
 and the session only decides when.
 
 One job per session is in flight at a time, which keeps its zlib streams in
@@ -47,6 +48,12 @@ POOL_BUFFERS = 2                # idle snapshot buffers kept for reuse
 # console, a client watching an idle guest) keeps no copy of itself
 # resident, as one animating does.
 QUIET_RELEASE_S = 2.0
+# A streamed update's bytes reach the loop in batches of at least this much:
+# each hand-over wakes the loop, passes the GIL and writes (syscalls that a
+# PV dom0 pays dearly for), so ~64K-pixel pieces of a few KB each go
+# together.  32 KiB is ~26 ms of a 10 Mbit/s link, so the link is busy long
+# before the encoding ends.
+STREAM_BATCH = 32 << 10
 
 Rect = tuple[int, int, int, int]
 
@@ -225,9 +232,11 @@ def _cut(plan: UpdatePlan, pixels: list[np.ndarray]) -> list[tuple]:
 
 
 class _HandOver:
-    """A streamed job's pieces, from its encoder thread to the loop: the
-    thread adds bytes and wakes the loop unless a wake-up is already on its
-    way (a busy loop then takes several pieces at once)."""
+    """A streamed job's bytes, from its encoder thread to the loop.  The
+    thread adds each piece's bytes and wakes the loop once STREAM_BATCH of
+    them wait (and no wake-up is already on its way); the first batch opens
+    the update on the connection.  What never reached a batch goes out with
+    the whole update at the end (`take`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, job: UpdateJob, progress: Callable[[], None]):
         self._loop = loop
@@ -235,24 +244,40 @@ class _HandOver:
         self._progress = progress
         self._lock = threading.Lock()
         self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
         self._woken = False
+        self.opened = False                  # the head is on the connection
+        self.ended = False                   # the job is over: late wake-ups do nothing
         self.nbytes = 0
 
     def put(self, chunks: list[bytes]) -> None:
         """In the encoder thread."""
         with self._lock:
             self._waiting += chunks
-            if self._woken:
+            self._waiting_bytes += sum(map(len, chunks))
+            if self._woken or self._waiting_bytes < STREAM_BATCH:
                 return
             self._woken = True
         self._loop.call_soon_threadsafe(self.deliver)
 
-    def deliver(self) -> None:
-        """On the loop: whatever arrived goes onto the connection."""
+    def take(self) -> list[bytes]:
+        """Whatever waits, for the caller to queue."""
         with self._lock:
-            chunks, self._waiting, self._woken = self._waiting, [], False
-        if chunks and not self._job.conn.closed:
-            self.nbytes += self._job.conn.update_data(chunks)
+            chunks, self._waiting, self._waiting_bytes, self._woken = self._waiting, [], 0, False
+        return chunks
+
+    def deliver(self) -> None:
+        """On the loop: whatever arrived goes onto the connection, after
+        the update's head the first time."""
+        if self.ended:
+            return
+        chunks = self.take()
+        conn = self._job.conn
+        if chunks and not conn.closed:
+            if not self.opened:
+                self.nbytes += self._job.open()
+                self.opened = True
+            self.nbytes += conn.update_data(chunks)
             self._progress()
 
 
@@ -290,9 +315,10 @@ class Updates:
             failed: Callable[[BaseException], None],
             progress: Callable[[], None] = lambda: None) -> None:
         """Encode `job` and queue it on its connection, then call sent(bytes)
-        on the loop -- at once for a small job.  A big one goes out piece by
-        piece as a worker thread encodes it: progress() on the loop after
-        each batch of pieces is queued (the session writes them).
+        on the loop -- at once for a small job.  A big one is encoded by a
+        worker thread and, once its bytes pass STREAM_BATCH, goes out batch
+        by batch as they come: progress() on the loop after each batch is
+        queued (the session writes them).
         failed(exc) if encoding raised (the update's head may be out: the
         session must close); neither if the connection closed meanwhile."""
         if job.plan is None or job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
@@ -301,27 +327,34 @@ class Updates:
             self._finish(job, sent)
             return
         loop = asyncio.get_running_loop()
-        head = job.open()
         hand_over = _HandOver(loop, job, progress)
         future = loop.run_in_executor(self._encoder_pool(), job.encode, hand_over.put)
         self._in_flight += 1
-        future.add_done_callback(lambda f: self._encoded(job, f, head, hand_over, sent, failed))
+        future.add_done_callback(lambda f: self._encoded(job, f, hand_over, sent, failed))
 
-    def _encoded(self, job: UpdateJob, future, head: int, hand_over: _HandOver, sent, failed) -> None:
-        """Back on the loop: a worker finished (or failed) a streamed job."""
+    def _encoded(self, job: UpdateJob, future, hand_over: _HandOver, sent, failed) -> None:
+        """Back on the loop: a worker finished (or failed) a job."""
         self._in_flight -= 1
-        hand_over.deliver()                 # pieces whose wake-up is still queued
-        job.conn.close_update()
-        job.release()
-        if future.cancelled() or job.conn.closed:
-            return
-        exc = future.exception()
-        if exc is not None:
-            failed(exc)
-            return
+        conn = job.conn
+        try:
+            if future.cancelled() or conn.closed:
+                return
+            exc = future.exception()
+            if hand_over.opened:
+                hand_over.deliver()             # the last batch
+                conn.close_update()
+                nbytes = hand_over.nbytes
+            elif exc is None:                   # it never filled a batch: all at once
+                nbytes = conn.finish_update(job.plan, hand_over.take(), len(job.pieces))
+            if exc is not None:
+                failed(exc)
+                return
+        finally:
+            hand_over.ended = True
+            job.release()
         self._trim()
         self._watch_quiet()
-        sent(head + hand_over.nbytes)
+        sent(nbytes)
 
     def _finish(self, job: UpdateJob, sent) -> None:
         nbytes = job.finish()
