@@ -6,11 +6,12 @@ import asyncio
 import struct
 
 import numpy as np
+import pytest
 
 from pyxenfb.convert import convert_rect
 from pyxenfb.rfb import encodings as enc
 from pyxenfb.rfb import protocol as rfb
-from pyxenfb.rfb.updates import INLINE_PIXELS, STREAM_BATCH, Updates
+from pyxenfb.rfb.updates import INLINE_PIXELS, STREAM_BATCH, LinkEstimate, Updates
 from rfb_harness import make_picture
 from test_rfb_protocol import fbur, set_encodings, to_normal
 
@@ -255,12 +256,15 @@ def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it(
     assert np.array_equal(dec.fb, surface.rows[:240, :320 * 4])
 
 
-def test_a_big_update_with_few_bytes_goes_out_whole_when_encoded():
+@pytest.mark.parametrize("batch", [STREAM_BATCH, 0])
+def test_a_big_update_with_few_bytes_goes_out_whole_unless_the_client_is_far(batch):
     """A frame of many pieces whose bytes stay under STREAM_BATCH (a smooth
-    picture in Tight: a few KB) is not streamed: while the encoder thread
-    works nothing is on the connection, not even the head, and the whole
-    update is queued at once -- one wake-up of the loop per update, not one
-    per piece.  It decodes."""
+    picture in Tight: a few KB) is not streamed to a near client: while the
+    encoder thread works nothing is on the connection, not even the head,
+    and the whole update is queued at once -- one wake-up of the loop per
+    update, not one per piece.  For a far one (batch 0) the head and the
+    first piece are out while the encoder still holds the second.  Both
+    decode."""
     import threading
 
     from test_rfb_encodings import Decoder
@@ -288,23 +292,64 @@ def test_a_big_update_with_few_bytes_goes_out_whole_when_encoded():
         progress, done = [], asyncio.Event()
         job = updates.begin(conn, encoder, surface, [(0, 0, 800, 600)])
         pieces = len(job.pieces)
-        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), lambda: progress.append(1))
+        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), lambda: progress.append(1),
+                    batch=batch)
         for _ in range(1000):                   # until the encoder thread holds the second piece
             if encoder.calls >= 2:
                 break
             await asyncio.sleep(0.001)
+        if batch == 0:          # the first piece's wake-up reaches the loop
+            for _ in range(1000):
+                if progress:
+                    break
+                await asyncio.sleep(0.001)
         during = bytes(conn.data_to_send())
         gate.set()
         await asyncio.wait_for(done.wait(), 10)
-        whole = bytes(conn.data_to_send())
+        whole = during + bytes(conn.data_to_send())
         updates.close()
         return pieces, during, whole, progress
 
     pieces, during, whole, progress = asyncio.run(scenario())
     assert encoder.calls == pieces >= 2
-    assert during == b"" and progress == []
+    if batch:
+        assert during == b"" and progress == []
+    else:
+        assert during[:4] == struct.pack(">BxH", 0, pieces) and len(during) > 4 + 12
+        assert len(progress) >= 2                # the first piece, then the rest
     assert whole[:4] == struct.pack(">BxH", 0, pieces) and len(whole) < STREAM_BATCH
     dec = Decoder(rfb.SERVER_FORMAT, 800, 600)
     dec.update(whole[4:], pieces)
     rgb = np.s_[:, :, :3]           # Tight sends 3 bytes a pixel: the padding byte is the decoder's
     assert np.array_equal(dec.fb.reshape(600, 800, 4)[rgb], rows.reshape(600, 800, 4)[rgb])
+
+
+def test_link_estimate_calls_a_client_far_when_it_takes_longer_than_we_make():
+    """near until both times are known; far once the client's time from an
+    update to its next request passes ours from a request to the update;
+    near again as it comes back; smoothed: one slow sample among fast ones
+    moves the estimate only part of the way."""
+    link = LinkEstimate()
+    assert not link.far and link.batch == STREAM_BATCH
+    link.requested(0.0)                          # nothing queued yet: nothing to time
+    assert link.take_s is None
+    t = 0.0
+    for _ in range(5):                           # we take 5 ms, the client 1 ms: near
+        link.made(t, t + 0.005)
+        t += 0.006
+        link.requested(t)
+    assert not link.far and link.take_s == pytest.approx(0.001)
+    link.made(t, t + 0.005)                      # one 40 ms answer: 1 -> 10.75 ms
+    t += 0.045
+    link.requested(t)
+    assert link.take_s == pytest.approx(0.01075) and link.far
+    for _ in range(10):                          # a far client: 60 ms round trips
+        link.made(t, t + 0.005)
+        t += 0.065
+        link.requested(t)
+    assert link.far and link.batch == 0
+    for _ in range(20):                          # back to near
+        link.made(t, t + 0.005)
+        t += 0.0055
+        link.requested(t)
+    assert not link.far

@@ -334,3 +334,49 @@ def test_a_full_screen_change_does_not_wait_for_the_deferral():
         assert not vnc.server.deferring
 
     _with_deferral(3600.0, act)
+
+
+def test_a_client_slow_to_ask_again_is_far_and_gets_its_updates_piece_by_piece():
+    """The session times each update (request -> queued) and the client's
+    answer (queued -> next request).  A client that reads each frame at once
+    stays near (its updates go in batches); one that waits 0.2 s before
+    asking again -- a slow link's round trip -- becomes far, and its next
+    update is handed over piece by piece (batch 0).  Both get every frame."""
+    srv = ServerThread(noisy_surface(800, 600))
+    near, far = RawClient(srv.port, timeout=20), RawClient(srv.port, timeout=20)
+    batches = []
+    real_run = srv.server.updates.run
+
+    def recording_run(job, sent, failed, progress=lambda: None, batch=0):
+        batches.append((job.conn, batch))
+        return real_run(job, sent, failed, progress, batch)
+    srv.server.updates.run = recording_run
+    try:
+        for c in (near, far):
+            c.handshake()
+            c.send(struct.pack(">BxHi", 2, 1, enc.ZRLE))
+        frames = {}
+
+        def watch(c, pause):
+            got = 0
+            for i in range(6):
+                if pause and i:
+                    threading.Event().wait(pause)       # the far client's round trip
+                full_request(c, w=800, h=600)
+                got += sum(w * h for _, _, w, h, _, _ in read_update(c)) == 800 * 600
+            frames[pause] = got
+        threads = [threading.Thread(target=watch, args=(c, p)) for c, p in ((near, 0.0), (far, 0.2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert frames == {0.0: 6, 0.2: 6}
+        links = srv.call(lambda: [(s.link.far, s.link.take_s, s.link.make_s) for s in srv.server.clients])
+        assert [far for far, _, _ in links] == [False, True], links
+        far_conn = srv.call(lambda: srv.server.clients[1].conn)
+        assert batches[-1] == (far_conn, 0)
+        assert any(b > 0 for conn, b in batches if conn is not far_conn)
+    finally:
+        near.close()
+        far.close()
+        srv.close()

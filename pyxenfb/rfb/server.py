@@ -35,7 +35,7 @@ from .auth import Blacklist
 from .listener import Transport, VncListeners, bind_vnc
 from .states import Request, State
 from .tls import TLS_RECORD, TlsCredentials, TlsError, TlsKind, TlsStream, server_context
-from .updates import ConvertRect, Framebuffer, Updates, UpdateJob
+from .updates import ConvertRect, Framebuffer, LinkEstimate, Updates, UpdateJob
 from .websocket import WebSocketError, WebSocketStream
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ class RfbSession(asyncio.Protocol):
         self.encoder = enc.Encoder()        # its zlib streams, used by one update at a time
         self._format_logged = False
         self._job: UpdateJob | None = None     # the update in flight
+        self._job_began = 0.0
+        self.link = LinkEstimate()              # how far the client is: how its updates stream
         self._timers: list[asyncio.TimerHandle] = []
         self._stall: asyncio.TimerHandle | None = None
 
@@ -368,14 +370,16 @@ class RfbSession(asyncio.Protocol):
         fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
+        self._job_began = asyncio.get_running_loop().time()
         self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
-        self.server.updates.run(job, self._update_sent, self._update_failed, self._flush)
+        self.server.updates.run(job, self._update_sent, self._update_failed, self._flush, self.link.batch)
 
     def _update_sent(self, nbytes: int) -> None:
         """On the loop: an update is queued on the connection (or was empty)."""
         self._job = None
         if nbytes:
             self.updates_sent += 1
+            self.link.made(self._job_began, asyncio.get_running_loop().time())
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
 
@@ -387,6 +391,7 @@ class RfbSession(asyncio.Protocol):
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
         if isinstance(event, rfb.UpdateRequest):
+            self.link.requested(asyncio.get_running_loop().time())
             if not event.incremental:
                 fb = self.server.owner.framebuffer()
                 rect = clip(event.x, event.y, event.w, event.h, fb.width, fb.height)

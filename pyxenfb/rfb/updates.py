@@ -231,17 +231,59 @@ def _cut(plan: UpdatePlan, pixels: list[np.ndarray]) -> list[tuple]:
     return out
 
 
+class LinkEstimate:
+    """Whether a client is far: it takes longer to take in an update (from
+    the moment the update is queued to its next request: the link's rate
+    and round trip, and the client's own work) than we take to make one.
+    For a far client the transfer is what it waits on, so each piece goes
+    the moment it is encoded (batch 0); a near one gets STREAM_BATCH
+    batches, since there the hand-overs themselves are the cost.  Both
+    times are smoothed (each new sample moves them a quarter of the way);
+    with no request to time (continuous updates) a client counts as near."""
+
+    WEIGHT = 0.25
+
+    def __init__(self):
+        self.make_s: float | None = None          # request -> update queued, ours
+        self.take_s: float | None = None          # update queued -> next request, the client's
+        self._queued_at: float | None = None
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.WEIGHT * (new - old)
+
+    def made(self, began: float, now: float) -> None:
+        """An update that began at `began` is queued on the connection."""
+        self.make_s = self._mix(self.make_s, now - began)
+        self._queued_at = now
+
+    def requested(self, now: float) -> None:
+        """The client asked for its next update."""
+        if self._queued_at is not None:
+            self.take_s = self._mix(self.take_s, now - self._queued_at)
+            self._queued_at = None
+
+    @property
+    def far(self) -> bool:
+        return self.take_s is not None and self.make_s is not None and self.take_s > self.make_s
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.far else STREAM_BATCH
+
+
 class _HandOver:
     """A streamed job's bytes, from its encoder thread to the loop.  The
-    thread adds each piece's bytes and wakes the loop once STREAM_BATCH of
+    thread adds each piece's bytes and wakes the loop once `batch` of
     them wait (and no wake-up is already on its way); the first batch opens
     the update on the connection.  What never reached a batch goes out with
     the whole update at the end (`take`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, job: UpdateJob, progress: Callable[[], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: UpdateJob, progress: Callable[[], None],
+                 batch: int = STREAM_BATCH):
         self._loop = loop
         self._job = job
         self._progress = progress
+        self._batch = batch
         self._lock = threading.Lock()
         self._waiting: list[bytes] = []
         self._waiting_bytes = 0
@@ -255,7 +297,7 @@ class _HandOver:
         with self._lock:
             self._waiting += chunks
             self._waiting_bytes += sum(map(len, chunks))
-            if self._woken or self._waiting_bytes < STREAM_BATCH:
+            if self._woken or self._waiting_bytes < self._batch:
                 return
             self._woken = True
         self._loop.call_soon_threadsafe(self.deliver)
@@ -313,12 +355,13 @@ class Updates:
 
     def run(self, job: UpdateJob, sent: Callable[[int], None],
             failed: Callable[[BaseException], None],
-            progress: Callable[[], None] = lambda: None) -> None:
+            progress: Callable[[], None] = lambda: None, batch: int = STREAM_BATCH) -> None:
         """Encode `job` and queue it on its connection, then call sent(bytes)
         on the loop -- at once for a small job.  A big one is encoded by a
-        worker thread and, once its bytes pass STREAM_BATCH, goes out batch
-        by batch as they come: progress() on the loop after each batch is
-        queued (the session writes them).
+        worker thread and, once its bytes reach `batch` (a far client's
+        LinkEstimate says 0: every piece at once), goes out batch by batch
+        as they come: progress() on the loop after each batch is queued
+        (the session writes them).
         failed(exc) if encoding raised (the update's head may be out: the
         session must close); neither if the connection closed meanwhile."""
         if job.plan is None or job.pixel_count <= INLINE_PIXELS or job.plan.encoding == enc.RAW:
@@ -327,7 +370,7 @@ class Updates:
             self._finish(job, sent)
             return
         loop = asyncio.get_running_loop()
-        hand_over = _HandOver(loop, job, progress)
+        hand_over = _HandOver(loop, job, progress, batch)
         future = loop.run_in_executor(self._encoder_pool(), job.encode, hand_over.put)
         self._in_flight += 1
         future.add_done_callback(lambda f: self._encoded(job, f, hand_over, sent, failed))
