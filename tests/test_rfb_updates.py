@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -200,19 +201,10 @@ def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
     assert kept == grown and released == 0
 
 
-def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it():
-    """A frame is cut into bands (enc.pieces): the head, announcing every
-    band, and the first band are on the connection while the encoder
-    thread still holds the second -- on a slow link the transfer overlaps
-    the encoding.  A Fence the client asks for meanwhile is answered after
-    the update's last rectangle, never inside it.  The whole decodes."""
-    import threading
-
-    from test_rfb_encodings import Decoder
-    gate = threading.Event()
-
+def _holding_second_piece(gate: threading.Event) -> type:
+    """An Encoder class whose instances hold their second piece (in the
+    encoder thread) until `gate` is set; `calls` counts the pieces begun."""
     class Held(enc.Encoder):
-        """Holds its second piece until the test lets go."""
         calls = 0
 
         def encode_chunks(self, *args, **kw):
@@ -220,6 +212,18 @@ def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it(
             if self.calls == 2:
                 gate.wait(10)
             return super().encode_chunks(*args, **kw)
+    return Held
+
+
+def test_a_big_update_goes_out_piece_by_piece_and_other_messages_wait_behind_it():
+    """A frame is cut into bands (enc.pieces): the head, announcing every
+    band, and the first band are on the connection while the encoder
+    thread still holds the second -- on a slow link the transfer overlaps
+    the encoding.  A Fence the client asks for meanwhile is answered after
+    the update's last rectangle, never inside it.  The whole decodes."""
+    from test_rfb_encodings import Decoder
+    gate = threading.Event()
+    Held = _holding_second_piece(gate)
 
     fence_request = struct.pack(">B3xIB", 248, (1 << 31) | 0x7, 0)
     fence_answer = struct.pack(">B3xIB", 248, 0x7, 0)
@@ -265,19 +269,9 @@ def test_a_big_update_with_few_bytes_goes_out_whole_unless_the_client_is_far(bat
     update, not one per piece.  For a far one (batch 0) the head and the
     first piece are out while the encoder still holds the second.  Both
     decode."""
-    import threading
-
     from test_rfb_encodings import Decoder
     gate = threading.Event()
-
-    class Held(enc.Encoder):
-        calls = 0
-
-        def encode_chunks(self, *args, **kw):
-            self.calls += 1
-            if self.calls == 2:
-                gate.wait(10)
-            return super().encode_chunks(*args, **kw)
+    Held = _holding_second_piece(gate)
 
     y, x = np.mgrid[0:600, 0:800].astype(np.uint32)
     words = ((x * 255 // 799) << 16) | ((y * 255 // 599) << 8)
