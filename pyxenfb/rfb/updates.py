@@ -9,12 +9,14 @@ all sessions starting an update in the same loop pass, into reused buffers).
 and handed over whole (`finish_update`).  A big one is cut into the pieces
 its encoding sends (`encodings.pieces`: bands of ~64K pixels) and a worker
 thread encodes piece after piece (zlib, numpy and Pillow release the GIL, so
-the second core works).  Once its bytes pass STREAM_BATCH, the head
-announcing every piece goes out (`open_update`) and the loop writes each
-batch as it comes (`update_data`): the transfer overlaps the encoding, as
-TigerVNC's does, which is what a slow link feels.  An update whose bytes
-stay under that goes out whole when encoded, one wake-up of the loop.  Nothing goes back up: the connection never sees a pixel array,
-and the session only decides when.
+the second core works).  To a far client (`LinkEstimate`: a slow link) each
+piece goes as soon as it is encoded: the head announcing every piece first
+(`open_update`), then the loop writes each as it comes (`update_data`), so
+the transfer overlaps the encoding, as TigerVNC's does.  A near client's
+pieces go in STREAM_BATCH batches, and an update that never fills one goes
+out whole when encoded: one wake-up of the loop, not one per piece.
+Nothing goes back up: the connection never sees a pixel array, and the
+session only decides when.
 
 One job per session is in flight at a time, which keeps its zlib streams in
 order; other sessions, input and the guest never wait for it.
