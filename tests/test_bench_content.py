@@ -98,3 +98,46 @@ def test_a_broken_font_is_refused(tmp_path):
         load_psf(path)
     with pytest.raises(ValueError):
         content.content_frames("video", W, H)
+
+
+def test_the_content_keeper_waits_for_the_full_screen_refresh():
+    """bench/suite.py's keeper client (connected through a content run so
+    that no vnc-rate run starts with the guest's full-screen refresh):
+    await_full_refresh returns True once an update covering the whole
+    picture came after its first full one, and False when only small
+    changes come within its timeout -- against our real VNC server."""
+    import threading
+
+    from bench.suite import RawClient
+    from rfb_harness import ServerThread, make_picture
+    from simkit import wait_until
+
+    picture = make_picture(320, 200)
+    srv = ServerThread(picture)
+
+    def asks_incrementally(count):
+        """The keeper has had `count` updates and asks for the next."""
+        return srv.call(lambda: srv.server.clients[0].updates_sent == count
+                        and srv.server.clients[0].conn.pending_request == "incremental")
+    try:
+        keeper = RawClient(srv.port)
+        keeper.handshake()
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(keeper.await_full_refresh(timeout=20)))
+        waiter.start()
+        wait_until(lambda: asks_incrementally(1), 10, "the first full update read")
+        for n in range(3):                      # small changes first: not what it waits for
+            srv.draw(picture.rows, 10, 10, 8, 8)
+            wait_until(lambda: asks_incrementally(2 + n), 10, "a small update read")
+        srv.draw(picture.rows, 0, 0, 320, 200)  # the guest's refresh
+        waiter.join(30)
+        assert got == [True]
+        keeper.close()
+
+        quiet = RawClient(srv.port)
+        quiet.handshake()
+        srv.draw(picture.rows, 10, 10, 8, 8)
+        assert quiet.await_full_refresh(timeout=0.5) is False
+        quiet.close()
+    finally:
+        srv.close()
