@@ -141,3 +141,54 @@ def test_the_content_keeper_waits_for_the_full_screen_refresh():
         quiet.close()
     finally:
         srv.close()
+
+
+def test_sources_stop_every_other_animation_while_one_server_is_measured():
+    """bench/suite.py's Sources: inside only(key) every other source's
+    process (an X anchor's player; a sim guest's whole session) is stopped,
+    key's runs; afterwards all run again."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.suite import Sources
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    def wait_stopped(pid, stopped: bool):
+        deadline = time.monotonic() + 10
+        while (state(pid) == "T") != stopped:
+            assert time.monotonic() < deadline, f"pid {pid} never {'stopped' if stopped else 'resumed'}"
+            time.sleep(0.01)
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    player = subprocess.Popen(sleeper)
+    guest = subprocess.Popen(sleeper, start_new_session=True)
+
+    class Anchor:
+        def __init__(self, proc):
+            self.player = proc
+
+    class Sim:
+        @staticmethod
+        def pid(domid, what):
+            assert (domid, what) == (1, "guest")
+            return guest.pid
+    try:
+        sources = Sources()
+        sources.add_guest("ours", Sim, 1)
+        sources.add_players({"xvnc": Anchor(player), "x11vnc": "not installed"})
+        with sources.only("ours"):
+            wait_stopped(player.pid, True)
+            assert state(guest.pid) != "T"
+        wait_stopped(player.pid, False)
+        with sources.only("xvnc"):
+            wait_stopped(guest.pid, True)
+            assert state(player.pid) != "T"
+        wait_stopped(guest.pid, False)
+    finally:
+        for p in (player, guest):
+            p.kill()
+            p.wait()
