@@ -149,23 +149,21 @@ def test_sources_stop_every_other_animation_while_one_server_is_measured():
     key's runs; afterwards all run again."""
     import subprocess
     import sys
-    import time
 
     from bench.suite import Sources
+    from simkit import wait_until
 
     def state(pid):
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
 
     def wait_stopped(pid, stopped: bool):
-        deadline = time.monotonic() + 10
-        while (state(pid) == "T") != stopped:
-            assert time.monotonic() < deadline, f"pid {pid} never {'stopped' if stopped else 'resumed'}"
-            time.sleep(0.01)
+        wait_until(lambda: (state(pid) == "T") == stopped, 10,
+                   f"pid {pid} {'stopped' if stopped else 'resumed'}")
 
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    player = subprocess.Popen(sleeper)
-    guest = subprocess.Popen(sleeper, start_new_session=True)
+    idle = [sys.executable, "-c", "import signal; signal.pause()"]     # until killed
+    player = subprocess.Popen(idle)
+    guest = subprocess.Popen(idle, start_new_session=True)
 
     class Anchor:
         def __init__(self, proc):

@@ -201,15 +201,18 @@ def test_quiet_releases_the_encoders_scratch_but_never_while_one_encodes():
     assert kept == grown and released == 0
 
 
-def _holding_second_piece(gate: threading.Event) -> type:
+def _holding_second_piece(gate: threading.Event, holding: threading.Event | None = None) -> type:
     """An Encoder class whose instances hold their second piece (in the
-    encoder thread) until `gate` is set; `calls` counts the pieces begun."""
+    encoder thread) until `gate` is set, setting `holding` once there;
+    `calls` counts the pieces begun."""
     class Held(enc.Encoder):
         calls = 0
 
         def encode_chunks(self, *args, **kw):
             self.calls += 1
             if self.calls == 2:
+                if holding is not None:
+                    holding.set()
                 gate.wait(10)
             return super().encode_chunks(*args, **kw)
     return Held
@@ -270,8 +273,8 @@ def test_a_big_update_with_few_bytes_goes_out_whole_unless_the_client_is_far(bat
     first piece are out while the encoder still holds the second.  Both
     decode."""
     from test_rfb_encodings import Decoder
-    gate = threading.Event()
-    Held = _holding_second_piece(gate)
+    gate, holding = threading.Event(), threading.Event()
+    Held = _holding_second_piece(gate, holding)
 
     y, x = np.mgrid[0:600, 0:800].astype(np.uint32)
     words = ((x * 255 // 799) << 16) | ((y * 255 // 599) << 8)
@@ -283,20 +286,17 @@ def test_a_big_update_with_few_bytes_goes_out_whole_unless_the_client_is_far(bat
     async def scenario():
         updates = Updates(convert_rect)
         conn = _waiting(enc.TIGHT)
-        progress, done = [], asyncio.Event()
+        progress, progressed, done = [], asyncio.Event(), asyncio.Event()
+
+        def on_progress():
+            progress.append(1)
+            progressed.set()
         job = updates.begin(conn, encoder, surface, [(0, 0, 800, 600)])
         pieces = len(job.pieces)
-        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), lambda: progress.append(1),
-                    batch=batch)
-        for _ in range(1000):                   # until the encoder thread holds the second piece
-            if encoder.calls >= 2:
-                break
-            await asyncio.sleep(0.001)
+        updates.run(job, lambda nbytes: done.set(), lambda exc: done.set(), on_progress, batch=batch)
+        assert await asyncio.to_thread(holding.wait, 10)     # the encoder thread holds the second piece
         if batch == 0:          # the first piece's wake-up reaches the loop
-            for _ in range(1000):
-                if progress:
-                    break
-                await asyncio.sleep(0.001)
+            await asyncio.wait_for(progressed.wait(), 10)
         during = bytes(conn.data_to_send())
         gate.set()
         await asyncio.wait_for(done.wait(), 10)
