@@ -329,21 +329,25 @@ def test_link_estimate_calls_a_client_far_when_it_takes_longer_than_we_make():
     assert link.take_s is None
     t = 0.0
     for _ in range(5):                           # we take 5 ms, the client 1 ms: near
-        link.made(t, t + 0.005)
+        link.began(t)
+        link.made(t + 0.005)
         t += 0.006
         link.requested(t)
     assert not link.far and link.take_s == pytest.approx(0.001)
-    link.made(t, t + 0.005)                      # one 40 ms answer: 1 -> 10.75 ms
+    link.began(t)
+    link.made(t + 0.005)                          # one 40 ms answer: 1 -> 10.75 ms
     t += 0.045
     link.requested(t)
     assert link.take_s == pytest.approx(0.01075) and link.far
     for _ in range(10):                          # a far client: 60 ms round trips
-        link.made(t, t + 0.005)
+        link.began(t)
+        link.made(t + 0.005)
         t += 0.065
         link.requested(t)
     assert link.far and link.batch == 0
     for _ in range(20):                          # back to near
-        link.made(t, t + 0.005)
+        link.began(t)
+        link.made(t + 0.005)
         t += 0.0055
         link.requested(t)
     assert not link.far

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from typing import Protocol
 
 from ..util.logbudget import LogBudget
@@ -148,7 +149,6 @@ class RfbSession(asyncio.Protocol):
         self.encoder = enc.Encoder()        # its zlib streams, used by one update at a time
         self._format_logged = False
         self._job: UpdateJob | None = None     # the update in flight
-        self._job_began = 0.0
         self.link = LinkEstimate()              # how far the client is: how its updates stream
         self._timers: list[asyncio.TimerHandle] = []
         self._stall: asyncio.TimerHandle | None = None
@@ -370,7 +370,7 @@ class RfbSession(asyncio.Protocol):
         fb = self.server.owner.framebuffer()
         # A size change goes alone; the pixels follow on the next request.
         rects = [] if self.conn.resize_pending else self.dirty.take()
-        self._job_began = asyncio.get_running_loop().time()
+        self.link.began(time.monotonic())     # (loop.time() would cost a getpid: CPython 3.11)
         self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
         self.server.updates.run(job, self._update_sent, self._update_failed, self._flush, self.link.batch)
 
@@ -379,7 +379,7 @@ class RfbSession(asyncio.Protocol):
         self._job = None
         if nbytes:
             self.updates_sent += 1
-            self.link.made(self._job_began, asyncio.get_running_loop().time())
+            self.link.made(time.monotonic())
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
 
@@ -391,7 +391,7 @@ class RfbSession(asyncio.Protocol):
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
         if isinstance(event, rfb.UpdateRequest):
-            self.link.requested(asyncio.get_running_loop().time())
+            self.link.requested(time.monotonic())
             if not event.incremental:
                 fb = self.server.owner.framebuffer()
                 rect = clip(event.x, event.y, event.w, event.h, fb.width, fb.height)

@@ -248,14 +248,19 @@ class LinkEstimate:
     def __init__(self):
         self.make_s: float | None = None          # request -> update queued, ours
         self.take_s: float | None = None          # update queued -> next request, the client's
+        self._began_at = 0.0
         self._queued_at: float | None = None
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.WEIGHT * (new - old)
 
-    def made(self, began: float, now: float) -> None:
-        """An update that began at `began` is queued on the connection."""
-        self.make_s = self._mix(self.make_s, now - began)
+    def began(self, now: float) -> None:
+        """An update begins (its snapshot is taken)."""
+        self._began_at = now
+
+    def made(self, now: float) -> None:
+        """The update begun last is queued on the connection."""
+        self.make_s = self._mix(self.make_s, now - self._began_at)
         self._queued_at = now
 
     def requested(self, now: float) -> None:
