@@ -274,15 +274,19 @@ class ServerConnection:
         if not self._chunks and not self._update_open:
             out, self._out = self._out, bytearray()
             return out
-        return b"".join(self.data_to_send_chunks())
+        return b"".join(self._take_chunks())
 
     def data_to_send_chunks(self) -> list:
         """Everything to send, in pieces: big ones as they were made (updates
         are MBs: a server writes them one by one rather than copying them
         into one), runs of small ones joined (each write is a syscall)."""
+        chunks = self._take_chunks()
+        return _coalesce(chunks) if len(chunks) > 1 else chunks
+
+    def _take_chunks(self) -> list:
         self._seal()
         chunks, self._chunks = self._chunks, []
-        return _coalesce(chunks) if len(chunks) > 1 else chunks
+        return chunks
 
     def _seal(self) -> None:
         """Small messages queued so far go before what is queued next; while
