@@ -96,6 +96,9 @@ class VncDisplay:
             self._listening = False
             self.console.detach(self)
 
+    def session_free(self) -> None:
+        self.console.display_ready()
+
     def session_input(self, session: RfbSession, event) -> None:
         state = self._sessions.get(session)
         if state is None:
@@ -113,6 +116,9 @@ class VncDisplay:
     # ------------------------------------------------------------ console listener
     def console_update(self, rects: list[Rect]) -> None:
         self.server.mark_dirty(rects)
+
+    def console_busy(self) -> bool:
+        return self.server.all_busy()
 
     def console_resized(self, surface: Surface) -> None:
         self.server.resize_clients(surface.width, surface.height)

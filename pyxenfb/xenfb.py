@@ -31,6 +31,15 @@ log = logging.getLogger("pyxenfb.xenfb")
 
 REFRESH_PERIOD_MS = 30      # the display refresh interval we advertise while watched
 LEGACY_REFRESH_S = 0.05     # full-screen rescans for a frontend without feature-update
+# While every display is still busy with its last picture, the out ring's
+# events wait in the ring (the port stays masked) instead of being taken
+# one by one: a guest that repaints faster than the displays show costs one
+# batch per picture, not a wake-up, a ring walk and two event-channel calls
+# per repaint (the X server of Xvnc holds its clients back the same way).
+# Linux's fbfront queues up to the ring's length and then merges into one
+# rectangle, which our notify flushes.  A display that never asks again
+# (a stalled client) holds them at most this long, so a resize still lands.
+HOLD_MAX_S = 0.1
 
 
 class DeviceError(Exception):
@@ -86,6 +95,11 @@ class PortDispatcher:
     def notify(self, port: int) -> None:
         self.evtchn.notify(port)
 
+    def release(self, port: int) -> None:
+        """Re-arm a port whose handler held it (returned True)."""
+        if port in self.handlers:
+            self.evtchn.unmask(port)
+
     def _ready(self) -> None:
         try:
             ports = self.evtchn.pending()
@@ -95,12 +109,15 @@ class PortDispatcher:
             return
         for port in ports:
             handler = self.handlers.get(port)
+            held = False
             if handler is not None:
                 try:
-                    handler()
+                    # True: the device keeps the port masked and calls release() later
+                    held = handler() is True
                 except Exception:   # one device's bug must not stop the others
                     log.exception("event handler for port %d failed", port)
-            self.evtchn.unmask(port)
+            if not held:
+                self.evtchn.unmask(port)
 
     def close(self) -> None:
         try:
@@ -400,6 +417,8 @@ class FramebufferBackend(BackendDevice):
         self._legacy_timer: asyncio.TimerHandle | None = None
         self.updates = 0          # UPDATE events accepted (tests, stats)
         self.resizes = 0
+        self.holds = 0            # times the out ring waited for a busy display (HOLD_MAX_S)
+        self._hold_timer: asyncio.TimerHandle | None = None
 
 
     async def connect(self) -> None:
@@ -439,9 +458,36 @@ class FramebufferBackend(BackendDevice):
         self.ctx.console.framebuffer = self
         self.ctx.console.set_surface(Surface(g.width, g.height, g.stride, GUEST_FORMATS[g.depth], view))
 
-    def on_event(self) -> None:
+    def on_event(self) -> bool:
+        """The out ring's port fired: take its events, or (True) hold them
+        in the ring, port masked, while every display is busy (HOLD_MAX_S)."""
         if self.page is None:
+            return False
+        if self._hold_timer is not None:
+            return True                     # already held (an unmask raced the hold)
+        console = self.ctx.console
+        if console.busy():
+            self.holds += 1
+            console.hold_until_ready(self._release)
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release)
+            return True
+        self._take_events()
+        return False
+
+    def _release(self) -> None:
+        """A display could show a change (or HOLD_MAX_S passed): take the held events."""
+        if self._hold_timer is None:
             return
+        self._hold_timer.cancel()
+        self._hold_timer = None
+        self.ctx.console.cancel_hold(self._release)
+        port = self.port
+        if self.page is not None:
+            self._take_events()
+        if port is not None and port == self.port:
+            self.ctx.ports.release(port)
+
+    def _take_events(self) -> None:
         try:
             ring.consume(self.page, ring.FB_OUT, self._handle_out_event)
         except ring.RingIndexError as e:
@@ -504,6 +550,10 @@ class FramebufferBackend(BackendDevice):
         if self._legacy_timer is not None:
             self._legacy_timer.cancel()
             self._legacy_timer = None
+        if self._hold_timer is not None:        # its port goes with the connection
+            self._hold_timer.cancel()
+            self._hold_timer = None
+            self.ctx.console.cancel_hold(self._release)
         if self.fb_map is not None:
             console = self.ctx.console
             # Keep showing the last picture from private memory, then unmap.

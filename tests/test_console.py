@@ -107,3 +107,50 @@ def test_clip_is_the_intersection_with_the_surface():
         else:
             assert r == (min(xs), min(ys), len(xs), len(ys))
     check()
+
+
+class BusyListener(RecordingListener):
+    """A display that says whether it could show a change now."""
+
+    def __init__(self, busy: bool = True):
+        super().__init__()
+        self.is_busy = busy
+
+    def console_busy(self) -> bool:
+        return self.is_busy
+
+
+def test_busy_only_when_every_display_says_so_and_a_hold_ends_once():
+    async def body():
+        console = Console("t")
+        assert not console.busy(), "no display: nothing waits"
+        a, b, plain = BusyListener(), BusyListener(), RecordingListener()
+        console.attach(a)
+        console.attach(b)
+        assert console.busy()
+        b.is_busy = False
+        assert not console.busy(), "one display could show a change"
+        b.is_busy = True
+        console.attach(plain)
+        assert not console.busy(), "a display that does not say takes every change"
+        console.detach(plain)
+
+        calls = []
+        console.hold_until_ready(lambda: calls.append("ready"))
+        console.display_ready()
+        console.display_ready()                  # once: the hold is gone after the first
+        await asyncio.sleep(0)                   # the callback runs on the loop
+        assert calls == ["ready"]
+
+        console.hold_until_ready(lambda: calls.append("detached"))
+        console.detach(a)                        # the busy display leaves: the holder must not wait on it
+        await asyncio.sleep(0)
+        assert calls == ["ready", "detached"]
+
+        release = lambda: calls.append("cancelled")   # noqa: E731
+        console.hold_until_ready(release)
+        console.cancel_hold(release)
+        console.display_ready()
+        await asyncio.sleep(0)
+        assert calls == ["ready", "detached"]
+    asyncio.run(body())

@@ -13,7 +13,8 @@ import pytest
 from pyxenfb.devices import xenfb_abi as abi
 from pyxenfb.console.core import Surface
 from pyxenfb.convert import GUEST_32
-from pyxenfb.rfb import encodings as enc
+from pyxenfb.rfb import client as rfb_client, encodings as enc
+from pyxenfb import xenfb
 from pyxenfb.vnc import VncDisplay
 
 from rfb_harness import KEY_A, RawClient, ServerThread
@@ -80,6 +81,158 @@ def test_one_guest_batch_is_one_framebuffer_update():
             client.w.close()
             await vnc.close()
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+class HeldEncoder:
+    """Once armed, holds the next encodes in the worker threads until opened."""
+
+    def __init__(self, monkeypatch):
+        self.armed, self.waiting, self.opened = threading.Event(), threading.Event(), threading.Event()
+        real = enc.Encoder.encode_chunks
+
+        def gated(encoder, *args, **kwargs):
+            if self.armed.is_set() and threading.current_thread().name.startswith("vnc-encode"):
+                self.waiting.set()
+                assert self.opened.wait(30), "encoder never let go"
+            return real(encoder, *args, **kwargs)
+        monkeypatch.setattr(enc.Encoder, "encode_chunks", gated)
+
+
+class HextileClient:
+    """Our decoding client (pyxenfb.rfb.client) on an asyncio stream, asking
+    for Hextile: big updates are encoded in the worker threads (Raw never is)."""
+
+    def __init__(self):
+        self.conn = rfb_client.Connection(encodings=[enc.HEXTILE])
+        self.updates, self.last_rects = 0, []
+
+    async def connect(self, port: int) -> asyncio.Task:
+        self.r, self.w = await asyncio.open_connection("127.0.0.1", port)
+        return asyncio.create_task(self._run())
+
+    @property
+    def picture(self) -> np.ndarray:
+        c = self.conn
+        return np.frombuffer(bytes(c.fb), "<u4").reshape(c.height, c.width) & 0xFFFFFF
+
+    async def _run(self) -> None:
+        conn = self.conn
+        while True:
+            self.w.write(conn.data_to_send())
+            data = await self.r.read(1 << 16)
+            conn.receive_data(data)
+            if not data:
+                return
+            while (event := conn.next_event()) is not rfb_client.NEED_DATA:
+                if isinstance(event, rfb_client.ServerInit):
+                    conn.request(incremental=False)
+                elif isinstance(event, rfb_client.FramebufferUpdate):
+                    self.updates += 1
+                    self.last_rects = [(r.x, r.y, r.w, r.h) for r in event.rects if r.encoding >= 0]
+                    conn.request(incremental=True)
+
+
+async def _client_with_an_update_in_the_encoder(guest, be, held: HeldEncoder):
+    """A VNC client of the domain whose second update sits in the encoder."""
+    vnc = VncDisplay(be.console, name="sim")
+    port = await vnc.listen("127.0.0.1", 0, to_display=99)
+    client = HextileClient()
+    reader = await client.connect(port)
+    await wait_for(lambda: client.updates == 1, what="first frame")
+    await wait_for(lambda: vnc.server.clients[0].conn.pending_request == "incremental",
+                   what="the next request pending at the server")
+    held.armed.set()
+    guest.fb.fb[0:200, 0:200] = 0x00ABCDEF         # more than updates.INLINE_PIXELS: a worker's
+    guest.fb.refresh(0, 0, 200, 200)
+    await wait_for(held.waiting.is_set, what="the update in the encoder")
+    return vnc, client, reader
+
+
+def _repaint(guest, rects, colour: int) -> None:
+    for x, y, w, h in rects:
+        guest.fb.fb[y:y + h, x:x + w] = colour
+        guest.fb.push_out_event(abi.pack_event(abi.FB_UPDATE, abi.XENFB_TYPE_UPDATE, x, y, w, h))
+
+
+def test_guest_updates_wait_in_the_ring_while_the_client_has_an_update_made(monkeypatch):
+    """A guest repainting faster than its client takes pictures: while the
+    client's update is encoded, the guest's UPDATEs stay in the out ring (its
+    port masked: no wake-up, ring walk and notify per repaint); once that
+    update is made they are all taken, and the next update carries them."""
+    held = HeldEncoder(monkeypatch)
+    rects = [(100, 100, 30, 20), (300, 200, 40, 10), (500, 400, 20, 50)]
+
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc, client, reader = await _client_with_an_update_in_the_encoder(guest, be, held)
+            taken, holds = be.fb.updates, be.fb.holds
+            _repaint(guest, rects, 0x00405060)
+            await wait_for(lambda: be.fb.holds == holds + 1, what="the out ring held")
+            assert be.fb.updates == taken, "an UPDATE was taken while the client's update was made"
+            assert guest.fb.u32(abi.FB_OUT_PROD) - guest.fb.u32(abi.FB_OUT_CONS) == len(rects)
+
+            held.armed.clear()
+            held.opened.set()
+            await wait_for(lambda: sorted(client.last_rects) == sorted(rects),
+                           what="one update of the held changes")
+            await wait_for(lambda: np.array_equal(client.picture, guest.fb.fb), what="pixels")
+            assert be.fb.updates == taken + len(rects)
+            assert be.fb.holds == holds + 1
+            reader.cancel()
+            client.w.close()
+            await vnc.close()
+    try:
+        asyncio.run(asyncio.wait_for(body(), 60))
+    finally:
+        held.opened.set()
+
+
+def test_a_stuck_client_holds_the_guests_updates_at_most_hold_max(monkeypatch):
+    """An update that never ends (a stuck encoder) holds the out ring for
+    HOLD_MAX_S at most: a resize or a repaint still reaches the console."""
+    held = HeldEncoder(monkeypatch)
+    monkeypatch.setattr(xenfb, "HOLD_MAX_S", 0.05)
+
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc, client, reader = await _client_with_an_update_in_the_encoder(guest, be, held)
+            taken, holds = be.fb.updates, be.fb.holds
+            _repaint(guest, [(10, 20, 30, 40)], 0x00112233)
+            await wait_for(lambda: be.fb.holds == holds + 1, what="the out ring held")
+            await wait_for(lambda: be.fb.updates == taken + 1, what="the UPDATE taken after HOLD_MAX_S")
+            assert vnc.server.clients[0].busy, "the client's update ended: not a stuck one"
+            assert guest.fb.u32(abi.FB_OUT_PROD) == guest.fb.u32(abi.FB_OUT_CONS)
+            held.opened.set()
+            reader.cancel()
+            client.w.close()
+            await vnc.close()
+    try:
+        asyncio.run(asyncio.wait_for(body(), 60))
+    finally:
+        held.opened.set()
+
+
+def test_a_display_that_takes_every_change_is_never_held(monkeypatch):
+    """Beside a busy VNC client, a display that does not say it is busy (SDL
+    draws every change at once) gets the guest's UPDATEs as they come."""
+    held = HeldEncoder(monkeypatch)
+
+    async def body():
+        async with connected_domain(1, attach=True) as (run_dir, guest, be, listener):
+            vnc, client, reader = await _client_with_an_update_in_the_encoder(guest, be, held)
+            taken, holds = be.fb.updates, be.fb.holds
+            _repaint(guest, [(10, 20, 30, 40)], 0x00112233)
+            await wait_for(lambda: be.fb.updates == taken + 1, what="the UPDATE taken")
+            await wait_for(lambda: (10, 20, 30, 40) in listener.updates, what="the display's change")
+            assert be.fb.holds == holds
+            held.opened.set()
+            reader.cancel()
+            client.w.close()
+            await vnc.close()
+    try:
+        asyncio.run(asyncio.wait_for(body(), 60))
+    finally:
+        held.opened.set()
 
 
 class EncodeGate:

@@ -65,6 +65,11 @@ class DisplayListener(Protocol):
     """What a display implements to follow a console."""
 
     def console_resized(self, surface: Surface) -> None: ...
+    def console_busy(self) -> bool:
+        """Optional: True while this display could not show a change yet
+        (every client of it has an update being made).  It then calls
+        Console.display_ready() when one is done."""
+
     def console_update(self, rects: list[Rect]) -> None:
         """One batch of clipped, coalesced dirty rectangles (valid this loop pass)."""
     def console_pointer_mode(self, absolute: bool) -> None: ...
@@ -122,6 +127,7 @@ class Console:
         self._held: dict[object, _HeldInput] = {}
         self._flush_scheduled = False
         self._loop = loop
+        self._on_ready = None            # a source holding its changes (hold_until_ready)
 
     # ---- device side -------------------------------------------------
     def set_surface(self, surface: Surface) -> None:
@@ -150,6 +156,29 @@ class Console:
         for lst in list(self._listeners):
             lst.console_update(rects)
 
+    def busy(self) -> bool:
+        """Every display is busy (DisplayListener.console_busy): a change
+        marked now would only wait.  False without displays, and with any
+        display that does not say (it takes every change at once)."""
+        listeners = self._listeners
+        return bool(listeners) and all(getattr(lst, "console_busy", None) is not None
+                                       and lst.console_busy() for lst in listeners)
+
+    def hold_until_ready(self, callback) -> None:
+        """Call `callback` (once, on the loop) when a display could take a
+        change: the device behind this console holds its changes till then."""
+        self._on_ready = callback
+
+    def cancel_hold(self, callback) -> None:
+        if self._on_ready == callback:
+            self._on_ready = None
+
+    def display_ready(self) -> None:
+        """A display could show a change now (an update of it is done)."""
+        callback, self._on_ready = self._on_ready, None
+        if callback is not None:
+            (self._loop or asyncio.get_running_loop()).call_soon(callback)
+
     def set_pointer_mode(self, absolute: bool) -> None:
         if absolute != self.absolute_pointer:
             log.info("%s: guest asks for %s pointer", self.name or "console",
@@ -172,6 +201,7 @@ class Console:
             self._listeners.remove(listener)
         if not self._listeners and self.framebuffer is not None:
             self.framebuffer.displays_visible(False)
+        self.display_ready()                # the busy display may have been the last
 
     @property
     def listeners(self) -> tuple[DisplayListener, ...]:

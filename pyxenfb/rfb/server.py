@@ -86,6 +86,10 @@ class RfbDisplay(Protocol):
     def session_detached(self, session: "RfbSession") -> None:
         """An attached session is gone."""
 
+    def session_free(self) -> None:
+        """A session's update is made: a source that holds its changes back
+        while every session is busy (RfbServer.all_busy) may send them now."""
+
 
 class OutputQueue:
     """A session's socket output: its throttle (the write-buffer limit, one
@@ -374,6 +378,11 @@ class RfbSession(asyncio.Protocol):
         self._job = job = self.server.updates.begin(self.conn, self.encoder, fb, rects)
         self.server.updates.run(job, self._update_sent, self._update_failed, self._flush, self.link.batch)
 
+    @property
+    def busy(self) -> bool:
+        """An update is being made for this client: a change now would wait for it."""
+        return self._job is not None
+
     def _update_sent(self, nbytes: int) -> None:
         """On the loop: an update is queued on the connection (or was empty)."""
         self._job = None
@@ -382,11 +391,13 @@ class RfbSession(asyncio.Protocol):
             self.link.made(time.monotonic())
         self._flush()
         self._maybe_update()        # a request or changes that came meanwhile
+        self.server.owner.session_free()
 
     def _update_failed(self, exc: BaseException) -> None:
         self._job = None
         log.error("VNC: encoding an update for %s failed", self.peer, exc_info=exc)
         self.disconnect(f"encoder error: {exc}")
+        self.server.owner.session_free()
 
     # ------------------------------------------------------------ events
     def _handle(self, event) -> None:
@@ -544,6 +555,12 @@ class RfbServer:
                 self._defer.start(self.defer_update)
             return                      # the pending deferral takes these along
         self._send_deferred()
+
+    def all_busy(self) -> bool:
+        """Every attached client has an update being made (RfbSession.busy):
+        changes made now would only wait.  False without clients."""
+        clients = self.attached_clients()
+        return bool(clients) and all(c.busy for c in clients)
 
     @property
     def deferring(self) -> bool:
