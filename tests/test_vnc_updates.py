@@ -18,7 +18,7 @@ from pyxenfb import xenfb
 from pyxenfb.vnc import VncDisplay
 
 from rfb_harness import KEY_A, RawClient, ServerThread
-from simkit import RawVncClient as AsyncRawClient, connected_domain, wait_for, wait_until
+from simkit import RawVncClient as AsyncRawClient, connected_domain, wait_connected, wait_for, wait_until
 
 W, H = 1920, 1080
 
@@ -203,6 +203,36 @@ def test_a_stuck_client_holds_the_guests_updates_at_most_hold_max(monkeypatch):
             assert vnc.server.clients[0].busy, "the client's update ended: not a stuck one"
             assert guest.fb.u32(abi.FB_OUT_PROD) == guest.fb.u32(abi.FB_OUT_CONS)
             held.opened.set()
+            reader.cancel()
+            client.w.close()
+            await vnc.close()
+    try:
+        asyncio.run(asyncio.wait_for(body(), 60))
+    finally:
+        held.opened.set()
+
+
+def test_a_guest_that_reconnects_while_held_is_served_again(monkeypatch):
+    """The frontend closes and comes back (a module reload) while its out
+    ring is held: the hold goes with the old connection, and the new one's
+    UPDATEs are taken and shown."""
+    held = HeldEncoder(monkeypatch)
+
+    async def body():
+        async with connected_domain(1) as (run_dir, guest, be, listener):
+            vnc, client, reader = await _client_with_an_update_in_the_encoder(guest, be, held)
+            holds = be.fb.holds
+            _repaint(guest, [(10, 20, 30, 40)], 0x00112233)
+            await wait_for(lambda: be.fb.holds == holds + 1, what="the out ring held")
+            await guest.reboot()
+            await wait_connected(guest, be)
+            held.armed.clear()
+            held.opened.set()
+            rect = (200, 150, 60, 30)
+            await wait_for(lambda: not guest.fb.out_ring_busy(), what="the new frontend may send")
+            _repaint(guest, [rect], 0x00A0B0C0)
+            await wait_for(lambda: client.picture[150, 200] == 0x00A0B0C0, what="the new frontend's change shown")
+            assert guest.fb.u32(abi.FB_OUT_PROD) == guest.fb.u32(abi.FB_OUT_CONS)
             reader.cancel()
             client.w.close()
             await vnc.close()
