@@ -31,14 +31,15 @@ log = logging.getLogger("pyxenfb.xenfb")
 
 REFRESH_PERIOD_MS = 30      # the display refresh interval we advertise while watched
 LEGACY_REFRESH_S = 0.05     # full-screen rescans for a frontend without feature-update
-# While every display is still busy with its last picture, the out ring's
-# events wait in the ring (the port stays masked) instead of being taken
-# one by one: a guest that repaints faster than the displays show costs one
-# batch per picture, not a wake-up, a ring walk and two event-channel calls
-# per repaint (the X server of Xvnc holds its clients back the same way).
+# While every display has an update in the making, the out ring's events
+# wait in the ring (the port stays masked) instead of being taken one by
+# one: a guest that repaints faster than the displays show costs one batch
+# per picture, not a wake-up, a ring walk and two event-channel calls per
+# repaint (the X server of Xvnc holds its clients back the same way).
 # Linux's fbfront queues up to the ring's length and then merges into one
-# rectangle, which our notify flushes.  A display that never asks again
-# (a stalled client) holds them at most this long, so a resize still lands.
+# rectangle, which our notify flushes.  An update that takes longer (a big
+# frame on a slow host, a stuck encoder) holds them at most this long, so
+# a resize still lands.
 HOLD_MAX_S = 0.1
 
 
@@ -482,8 +483,11 @@ class FramebufferBackend(BackendDevice):
         self._hold_timer = None
         self.ctx.console.cancel_hold(self._release)
         port = self.port
-        if self.page is not None:
-            self._take_events()
+        try:
+            if self.page is not None:
+                self._take_events()
+        except Exception:           # as PortDispatcher: a bug here must not leave the port masked
+            log.exception("%s: taking the held out-ring events failed", self.name)
         if port is not None and port == self.port:
             self.ctx.ports.release(port)
 

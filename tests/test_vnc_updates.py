@@ -148,6 +148,20 @@ async def _client_with_an_update_in_the_encoder(guest, be, held: HeldEncoder):
     return vnc, client, reader
 
 
+async def _close(held: HeldEncoder, vnc, client, reader) -> None:
+    held.opened.set()
+    reader.cancel()
+    client.w.close()
+    await vnc.close()
+
+
+def _run_held(held: HeldEncoder, body) -> None:
+    try:
+        asyncio.run(asyncio.wait_for(body(), 60))
+    finally:
+        held.opened.set()           # a failed test must not leave a worker waiting
+
+
 def _repaint(guest, rects, colour: int) -> None:
     for x, y, w, h in rects:
         guest.fb.fb[y:y + h, x:x + w] = colour
@@ -178,13 +192,8 @@ def test_guest_updates_wait_in_the_ring_while_the_client_has_an_update_made(monk
             await wait_for(lambda: np.array_equal(client.picture, guest.fb.fb), what="pixels")
             assert be.fb.updates == taken + len(rects)
             assert be.fb.holds == holds + 1
-            reader.cancel()
-            client.w.close()
-            await vnc.close()
-    try:
-        asyncio.run(asyncio.wait_for(body(), 60))
-    finally:
-        held.opened.set()
+            await _close(held, vnc, client, reader)
+    _run_held(held, body)
 
 
 def test_a_stuck_client_holds_the_guests_updates_at_most_hold_max(monkeypatch):
@@ -202,14 +211,8 @@ def test_a_stuck_client_holds_the_guests_updates_at_most_hold_max(monkeypatch):
             await wait_for(lambda: be.fb.updates == taken + 1, what="the UPDATE taken after HOLD_MAX_S")
             assert vnc.server.clients[0].busy, "the client's update ended: not a stuck one"
             assert guest.fb.u32(abi.FB_OUT_PROD) == guest.fb.u32(abi.FB_OUT_CONS)
-            held.opened.set()
-            reader.cancel()
-            client.w.close()
-            await vnc.close()
-    try:
-        asyncio.run(asyncio.wait_for(body(), 60))
-    finally:
-        held.opened.set()
+            await _close(held, vnc, client, reader)
+    _run_held(held, body)
 
 
 def test_a_guest_that_reconnects_while_held_is_served_again(monkeypatch):
@@ -233,13 +236,8 @@ def test_a_guest_that_reconnects_while_held_is_served_again(monkeypatch):
             _repaint(guest, [rect], 0x00A0B0C0)
             await wait_for(lambda: client.picture[150, 200] == 0x00A0B0C0, what="the new frontend's change shown")
             assert guest.fb.u32(abi.FB_OUT_PROD) == guest.fb.u32(abi.FB_OUT_CONS)
-            reader.cancel()
-            client.w.close()
-            await vnc.close()
-    try:
-        asyncio.run(asyncio.wait_for(body(), 60))
-    finally:
-        held.opened.set()
+            await _close(held, vnc, client, reader)
+    _run_held(held, body)
 
 
 def test_a_display_that_takes_every_change_is_never_held(monkeypatch):
@@ -255,14 +253,8 @@ def test_a_display_that_takes_every_change_is_never_held(monkeypatch):
             await wait_for(lambda: be.fb.updates == taken + 1, what="the UPDATE taken")
             await wait_for(lambda: (10, 20, 30, 40) in listener.updates, what="the display's change")
             assert be.fb.holds == holds
-            held.opened.set()
-            reader.cancel()
-            client.w.close()
-            await vnc.close()
-    try:
-        asyncio.run(asyncio.wait_for(body(), 60))
-    finally:
-        held.opened.set()
+            await _close(held, vnc, client, reader)
+    _run_held(held, body)
 
 
 class EncodeGate:
