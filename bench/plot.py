@@ -5,7 +5,8 @@
 fps_<WxH>.png: full frames/s per encoding, pyxenfb vs x11vnc;
 convert.png: conversion MPix/s vs pixman; bytes_per_frame_<WxH>.png: wire
 bytes per full frame per content and encoding, pyxenfb vs Xvnc vs x11vnc;
-slow_link_fps.png: frames/s through the 10 Mbit/s link; latency_cdf.png: CDF of the 64x64
+slow_link_fps.png: frames/s through the 10 Mbit/s link; cpu_per_frame_<WxH>.png: CPU ms per
+delivered frame per encoding, pyxenfb vs Xvnc vs x11vnc; latency_cdf.png: CDF of the 64x64
 guest-UPDATE -> client latency (from the samples side file next to the
 JSON lines); domains.png: frames/s per domain and device-model CPU vs the
 number of domains.
@@ -113,6 +114,20 @@ def wire_tables(jsonl: str) -> str:
     return "\n".join(out)
 
 
+CPU_WHO = (("pyxenfb (pyqemu-dm)", "dm_cpu_pct", "value"), ("Xvnc (TigerVNC)", "xvnc_cpu_pct", "xvnc_fps"),
+           ("x11vnc (LibVNCServer)", "x11vnc_cpu_pct", "x11vnc_fps"))
+
+
+def cpu_per_frame(row: dict) -> dict[str, float | None]:
+    """CPU ms per delivered frame of each server in a vnc_fps_* line: its
+    CPU % (of one core) over its full frames/s; None where either is missing."""
+    out = {}
+    for who, cpu_key, fps_key in CPU_WHO:
+        cpu, fps = row.get(cpu_key), row.get(fps_key)
+        out[who] = 10 * cpu / fps if cpu is not None and fps else None
+    return out
+
+
 def plot(jsonl: str, outdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -146,6 +161,20 @@ def plot(jsonl: str, outdir: str) -> list[str]:
         ax.set_title(f"Full-screen animation at {size}, one vnc-rate client")
         ax.legend()
         save(fig, f"fps_{size}.png")
+
+        # the same lines' CPU per delivered frame (Xvnc's includes drawing its source's frames)
+        costs = [cpu_per_frame(by[f"vnc_fps_{e}_{size}"]) for e in encs]
+        # TigerVNC has no Zlib: it answers with Raw (compression 1.0), not a like-for-like bar
+        raw_instead = [e != "Raw" and by[f"vnc_fps_{e}_{size}"].get("xvnc_compression") == 1.0 for e in encs]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (who, _, _) in enumerate(CPU_WHO):
+            ax.bar(x + (i - 1) * 0.27, [0 if (who.startswith("Xvnc") and r) else (c[who] or 0)
+                                        for c, r in zip(costs, raw_instead)], 0.27, label=who)
+        ax.set_xticks(x, [f"{e}\n(Xvnc: Raw)" if r else e for e, r in zip(encs, raw_instead)])
+        ax.set_ylabel("CPU ms per delivered frame")
+        ax.set_title(f"CPU per frame at {size}, one vnc-rate client (lower is better)")
+        ax.legend(fontsize=8)
+        save(fig, f"cpu_per_frame_{size}.png")
 
     conv = [r for r in rows if r["name"].startswith("convert_") and r.get("value")]
     if conv:
