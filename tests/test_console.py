@@ -120,37 +120,48 @@ class BusyListener(RecordingListener):
         return self.is_busy
 
 
+class RecordingLoop:
+    """What the console schedules on its loop, recorded instead of run."""
+
+    def __init__(self):
+        self.scheduled = []
+
+    def call_soon(self, callback):
+        self.scheduled.append(callback)
+
+
 def test_busy_only_when_every_display_says_so_and_a_hold_ends_once():
-    async def body():
-        console = Console("t")
-        assert not console.busy(), "no display: nothing waits"
-        a, b, plain = BusyListener(), BusyListener(), RecordingListener()
-        console.attach(a)
-        console.attach(b)
-        assert console.busy()
-        b.is_busy = False
-        assert not console.busy(), "one display could show a change"
-        b.is_busy = True
-        console.attach(plain)
-        assert not console.busy(), "a display that does not say takes every change"
-        console.detach(plain)
+    loop = RecordingLoop()
+    console = Console("t", loop=loop)
+    assert not console.busy(), "no display: nothing waits"
+    a, b, plain = BusyListener(), BusyListener(), RecordingListener()
+    console.attach(a)
+    console.attach(b)
+    assert console.busy()
+    b.is_busy = False
+    assert not console.busy(), "one display could show a change"
+    b.is_busy = True
+    console.attach(plain)
+    assert not console.busy(), "a display that does not say takes every change"
+    console.detach(plain)
+    loop.scheduled.clear()
 
-        calls = []
-        console.hold_until_ready(lambda: calls.append("ready"))
-        console.display_ready()
-        console.display_ready()                  # once: the hold is gone after the first
-        await asyncio.sleep(0)                   # the callback runs on the loop
-        assert calls == ["ready"]
+    def ready():
+        pass
+    console.hold_until_ready(ready)
+    console.display_ready()
+    console.display_ready()                  # once: the hold is gone after the first
+    assert loop.scheduled == [ready], "the holder is called on the loop, once"
 
-        console.hold_until_ready(lambda: calls.append("detached"))
-        console.detach(a)                        # the busy display leaves: the holder must not wait on it
-        await asyncio.sleep(0)
-        assert calls == ["ready", "detached"]
+    def detached():
+        pass
+    console.hold_until_ready(detached)
+    console.detach(a)                        # the busy display leaves: the holder must not wait on it
+    assert loop.scheduled == [ready, detached]
 
-        release = lambda: calls.append("cancelled")   # noqa: E731
-        console.hold_until_ready(release)
-        console.cancel_hold(release)
-        console.display_ready()
-        await asyncio.sleep(0)
-        assert calls == ["ready", "detached"]
-    asyncio.run(body())
+    def cancelled():
+        pass
+    console.hold_until_ready(cancelled)
+    console.cancel_hold(cancelled)
+    console.display_ready()
+    assert loop.scheduled == [ready, detached], "a cancelled hold is never called"

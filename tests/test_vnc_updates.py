@@ -83,18 +83,22 @@ def test_one_guest_batch_is_one_framebuffer_update():
     asyncio.run(asyncio.wait_for(body(), 60))
 
 
-class HeldEncoder:
-    """Once armed, holds the next encodes in the worker threads until opened."""
+class EncodeGate:
+    """Holds encodes in the worker threads until opened (a stuck encoder):
+    those of `encoding` (None: any), while armed."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, encoding: int | None = enc.TIGHT, armed: bool = True):
         self.armed, self.waiting, self.opened = threading.Event(), threading.Event(), threading.Event()
+        if armed:
+            self.armed.set()
         real = enc.Encoder.encode_chunks
 
-        def gated(encoder, *args, **kwargs):
-            if self.armed.is_set() and threading.current_thread().name.startswith("vnc-encode"):
+        def gated(encoder, kind, *args, **kwargs):
+            if (self.armed.is_set() and encoding in (None, kind)
+                    and threading.current_thread().name.startswith("vnc-encode")):
                 self.waiting.set()
-                assert self.opened.wait(30), "encoder never let go"
-            return real(encoder, *args, **kwargs)
+                assert self.opened.wait(30), "gate never opened"
+            return real(encoder, kind, *args, **kwargs)
         monkeypatch.setattr(enc.Encoder, "encode_chunks", gated)
 
 
@@ -132,7 +136,7 @@ class HextileClient:
                     conn.request(incremental=True)
 
 
-async def _client_with_an_update_in_the_encoder(guest, be, held: HeldEncoder):
+async def _client_with_an_update_in_the_encoder(guest, be, held: EncodeGate):
     """A VNC client of the domain whose second update sits in the encoder."""
     vnc = VncDisplay(be.console, name="sim")
     port = await vnc.listen("127.0.0.1", 0, to_display=99)
@@ -148,14 +152,14 @@ async def _client_with_an_update_in_the_encoder(guest, be, held: HeldEncoder):
     return vnc, client, reader
 
 
-async def _close(held: HeldEncoder, vnc, client, reader) -> None:
+async def _close(held: EncodeGate, vnc, client, reader) -> None:
     held.opened.set()
     reader.cancel()
     client.w.close()
     await vnc.close()
 
 
-def _run_held(held: HeldEncoder, body) -> None:
+def _run_held(held: EncodeGate, body) -> None:
     try:
         asyncio.run(asyncio.wait_for(body(), 60))
     finally:
@@ -173,7 +177,7 @@ def test_guest_updates_wait_in_the_ring_while_the_client_has_an_update_made(monk
     client's update is encoded, the guest's UPDATEs stay in the out ring (its
     port masked: no wake-up, ring walk and notify per repaint); once that
     update is made they are all taken, and the next update carries them."""
-    held = HeldEncoder(monkeypatch)
+    held = EncodeGate(monkeypatch, encoding=None, armed=False)   # armed once a client waits
     rects = [(100, 100, 30, 20), (300, 200, 40, 10), (500, 400, 20, 50)]
 
     async def body():
@@ -199,7 +203,7 @@ def test_guest_updates_wait_in_the_ring_while_the_client_has_an_update_made(monk
 def test_a_stuck_client_holds_the_guests_updates_at_most_hold_max(monkeypatch):
     """An update that never ends (a stuck encoder) holds the out ring for
     HOLD_MAX_S at most: a resize or a repaint still reaches the console."""
-    held = HeldEncoder(monkeypatch)
+    held = EncodeGate(monkeypatch, encoding=None, armed=False)   # armed once a client waits
     monkeypatch.setattr(xenfb, "HOLD_MAX_S", 0.05)
 
     async def body():
@@ -219,7 +223,7 @@ def test_a_guest_that_reconnects_while_held_is_served_again(monkeypatch):
     """The frontend closes and comes back (a module reload) while its out
     ring is held: the hold goes with the old connection, and the new one's
     UPDATEs are taken and shown."""
-    held = HeldEncoder(monkeypatch)
+    held = EncodeGate(monkeypatch, encoding=None, armed=False)   # armed once a client waits
 
     async def body():
         async with connected_domain(1) as (run_dir, guest, be, listener):
@@ -243,7 +247,7 @@ def test_a_guest_that_reconnects_while_held_is_served_again(monkeypatch):
 def test_a_display_that_takes_every_change_is_never_held(monkeypatch):
     """Beside a busy VNC client, a display that does not say it is busy (SDL
     draws every change at once) gets the guest's UPDATEs as they come."""
-    held = HeldEncoder(monkeypatch)
+    held = EncodeGate(monkeypatch, encoding=None, armed=False)   # armed once a client waits
 
     async def body():
         async with connected_domain(1, attach=True) as (run_dir, guest, be, listener):
@@ -255,22 +259,6 @@ def test_a_display_that_takes_every_change_is_never_held(monkeypatch):
             assert be.fb.holds == holds
             await _close(held, vnc, client, reader)
     _run_held(held, body)
-
-
-class EncodeGate:
-    """Holds Tight encodes in the worker threads until opened (a stuck encoder)."""
-
-    def __init__(self, monkeypatch):
-        self.opened = threading.Event()
-        self.waiting = threading.Event()
-        real = enc.Encoder.encode_chunks
-
-        def gated(encoder, encoding, *args, **kwargs):
-            if encoding == enc.TIGHT and threading.current_thread().name.startswith("vnc-encode"):
-                self.waiting.set()
-                assert self.opened.wait(30), "gate never opened"
-            return real(encoder, encoding, *args, **kwargs)
-        monkeypatch.setattr(enc.Encoder, "encode_chunks", gated)
 
 
 def test_input_and_other_clients_go_on_while_a_1080p_update_is_encoded(monkeypatch):
