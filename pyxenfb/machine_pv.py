@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from .machine.qmp import QmpError
 
@@ -89,10 +90,15 @@ class XenPvMachine:
         if early:
             await self._announce_running()
         restrict = self.opts.restrict
-        preload = restrict.chroot is not None or restrict.user is not None
+        preload = None
+        if restrict.chroot is not None or restrict.user is not None:
+            vnc_opts = self.opts.vnc
+            preload = Preload(tls=vnc_opts is not None and vnc_opts.tls is not None,
+                              websocket=vnc_opts is not None and vnc_opts.websocket is not None)
         try:
             if _display_stack_loaded():
-                # A zygote child: all there already.  No thread started for
+                # A zygote child: the common part is there already (TLS or a
+                # WebSocket port: loaded here).  No thread started for
                 # nothing (it would stay, idle, with its stack and state).
                 _import_display_stack(preload)
             else:
@@ -387,15 +393,22 @@ def _display_stack_loaded() -> bool:
     return all(name in sys.modules for name in _DISPLAY_STACK)
 
 
-def _import_display_stack(preload: bool = False) -> None:
+@dataclass(frozen=True)
+class Preload:
+    """What restrict.preload must load besides the display stack's lazy paths."""
+    tls: bool
+    websocket: bool
+
+
+def _import_display_stack(preload: Preload | None = None) -> None:
     """The heavy modules (numpy, the backends, the VNC encoders), loaded in a
     worker thread so that the event loop keeps serving QMP meanwhile; before
     a chroot or a user switch, also every lazy path (restrict.preload)."""
     for name in _DISPLAY_STACK:
         importlib.import_module(name)
-    if preload:
+    if preload is not None:
         from .machine import restrict
-        restrict.preload()
+        restrict.preload(tls=preload.tls, websocket=preload.websocket)
 
 
 def run(options) -> int:

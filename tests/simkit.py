@@ -165,6 +165,16 @@ async def new_domain(run_dir: str, domid: int, **guest_kw) -> ReferenceGuest:
     return ReferenceGuest(run_dir, domid, **guest_kw)
 
 
+OPENSSL_FILES = ("libssl.so", "libcrypto.so", "/_ssl.", "/_hashlib.")
+
+
+def openssl_mapped(pid: int) -> list[str]:
+    """OpenSSL's libraries (and Python's modules for it) in a process's maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split()[-1] for line in f
+                       if any(name in line for name in OPENSSL_FILES)})
+
+
 def wait_until(predicate, timeout: float = 5.0, what="condition"):
     """Poll predicate() from a plain thread until true; bounded.  `what` may be
     a callable, evaluated only for the failure message."""

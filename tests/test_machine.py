@@ -262,6 +262,45 @@ sys.meta_path.insert(0, _SlowNumpy())
 '''
 
 
+@pytest.mark.skipif(simkit.THROUGH_ZYGOTE, reason="the zygote and its children: tests/test_zygote.py")
+def test_a_dm_without_tls_never_loads_openssl(host):
+    """OpenSSL costs a device model ~5 MB resident, and most have no TLS:
+    asyncio is imported without it, and DES comes through ctypes rather than
+    cffi's parser (util/lean_imports.py).  A cold DM that checks a VNC
+    password shows the picture, refuses a wrong one, and maps none of OpenSSL."""
+    from vncdotool import api
+    res = asyncio.run(toolstack.create_domain(host, 8, "nossl", vfb="vnc=1,vncdisplay=58,vncunused=1,"
+                                              "vncpasswd=s3cret", width=320, height=200))
+    try:
+        asyncio.run(simkit.wait_frontends_connected(host, 8))
+        client = api.connect(f"127.0.0.1::{res.vnc_port}", password="s3cret", timeout=20)
+        try:
+            shot = np.asarray(client.refreshScreen().screen.convert("RGB"))
+        finally:
+            client.disconnect()
+        assert np.array_equal(shot, fbdump_array(host, 8))
+        assert not _password_accepted(res.vnc_port, "wrong")
+        assert simkit.openssl_mapped(res.dm_pid) == []
+    finally:
+        asyncio.run(toolstack.destroy_domain(host, 8))
+
+
+def _password_accepted(port: int, password: str) -> bool:
+    """One VNC authentication with our own client's DES: the SecurityResult."""
+    from pyxenfb.rfb.auth import vnc_response
+    from rfb_harness import RawClient
+    c = RawClient(port)
+    try:
+        assert c.recv_exact(12) == b"RFB 003.008\n"
+        c.send(b"RFB 003.008\n")
+        assert 2 in c.recv_exact(c.recv_exact(1)[0])
+        c.send(b"\x02")
+        c.send(vnc_response(password, c.recv_exact(16)))
+        return c.recv_exact(4) == b"\0\0\0\0"
+    finally:
+        c.close()
+
+
 @pytest.mark.skipif(simkit.THROUGH_ZYGOTE, reason="through a zygote, numpy was loaded before the fork")
 def test_qmp_and_running_do_not_wait_for_numpy(host, tmp_path, monkeypatch):
     """libxl allows a DM 60 s to write `running` and each QMP command 10 s; numpy

@@ -288,7 +288,15 @@ from pyxenfb.convert import GUEST_32, GUEST_16, convert_rect
 from pyxenfb.rfb import auth, encodings
 from pyxenfb.rfb.websocket import WebSocketStream
 from pyxenfb.displays import pixman
-restrict.preload()
+from pyxenfb.rfb import tls
+restrict.preload(tls=True, websocket=True)
+server_ctx = tls.server_context(tls.TlsCredentials("anon"))   # as the DM does: before the chroot
+import ssl
+client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+client_ctx.check_hostname = False
+client_ctx.verify_mode = ssl.CERT_NONE
+client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+client_ctx.set_ciphers("AECDH:@SECLEVEL=0")
 os.chroot(sys.argv[1]); os.chdir("/")
 sys.path[:] = []                      # nothing can be found any more: imports must be done
 vals = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 2654435761 % (1 << 24)
@@ -304,15 +312,34 @@ rows = np.zeros((16, 64), np.uint8)
 convert_rect(rows, GUEST_32, GUEST_16, 0, 0, 16, 16)
 from PIL import Image
 buf = io.BytesIO(); Image.new("RGB", (4, 4)).save(buf, format="PNG")
+# a whole anonymous TLS handshake and one record each way, in memory
+server = tls.TlsStream(server_ctx)
+c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+client = client_ctx.wrap_bio(c_in, c_out)
+plain = b""
+for _ in range(10):
+    try:
+        client.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pass
+    plain, reply = server.receive(c_out.read())
+    c_in.write(reply)
+client.write(b"RFB 003.008\n")
+plain, _ = server.receive(c_out.read())
+assert server.established and plain == b"RFB 003.008\n", plain
+c_in.write(server.send(b"hello"))
+assert client.read(5) == b"hello"
 from pyxenfb.rfb import enc_kernel
 print("ok", pixman.available(), enc_kernel.load() is not None)
 '''
 
 
 def test_everything_imported_lazily_works_after_the_chroot(tmp_path):
-    """What the DM imports on first use (JPEG/PNG, DES, the WebSocket, pixman,
-    the encoders' kernel, codecs) is loaded by restrict.preload(): exercised inside an empty chroot
-    with an empty sys.path, nothing is missing."""
+    """What the DM imports on first use (JPEG/PNG, DES, the WebSocket, TLS,
+    pixman, the encoders' kernel, codecs) is loaded by restrict.preload(tls=,
+    websocket=): exercised inside an empty chroot with an empty sys.path,
+    nothing is missing."""
     root = tmp_path / "root"
     root.mkdir()
     r = subprocess.run([sys.executable, "-c", LAZY_AFTER_CHROOT, str(root)], capture_output=True,

@@ -26,7 +26,8 @@ from pyxenfb.sim import toolstack
 from pyxenfb.sim.fbdump import fbdump_array
 from pyxenfb.platform.xenstore import XenStore
 from pyxenfb.rfb.listener import VNC_BASE_PORT
-from simkit import read_line, short_run_dir, start_host, stop_host, wait_frontends_connected, wait_node, wait_until
+from simkit import (openssl_mapped, read_line, short_run_dir, start_host, stop_host, wait_frontends_connected,
+                    wait_node, wait_until)
 
 ZYGOTE_START_TIMEOUT = 60.0       # numpy & co. on a busy 2-core box
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")
@@ -103,10 +104,10 @@ async def _qmp(run_dir: str, domid: int, command: str, args: dict | None = None)
         qmp.close()
 
 
-def _create(run_dir: str, domid: int, **kw) -> toolstack.CreateResult:
+def _create(run_dir: str, domid: int, vfb_extra: str = "", **kw) -> toolstack.CreateResult:
     async def go():
         res = await toolstack.create_domain(run_dir, domid, f"z{domid}",
-                                            vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1",
+                                            vfb=f"vnc=1,vncdisplay={60 + domid},vncunused=1{vfb_extra}",
                                             width=320, height=200, **kw)
         await wait_frontends_connected(run_dir, domid)
         return res
@@ -181,6 +182,77 @@ def test_domain_through_zygote_picture_keys_qmp_destroy_reboot(zhost, tmp_path, 
         wait_until(lambda: _dead(child), 1.0, "the zygote child to follow its stand-in")
         assert "stand-in process gone" in Path(res.dm_log).read_text()
     assert not _dead(zpid)
+
+
+def test_neither_the_zygote_nor_a_child_with_a_password_maps_openssl(zhost):
+    """OpenSSL costs ~5 MB resident and few device models have TLS: the
+    zygote imports asyncio without it and DES through ctypes
+    (util/lean_imports.py).  A child that checks a VNC password shows the
+    picture, and neither it nor the zygote maps any of OpenSSL."""
+    from vncdotool import api
+    res = _create(zhost, 2, vfb_extra=",vncpasswd=s3cret")
+    child = _child_of(res.dm_log)
+    client = api.connect(f"127.0.0.1::{res.vnc_port}", password="s3cret", timeout=10)
+    try:
+        shot = np.asarray(client.refreshScreen().screen.convert("RGB"))
+    finally:
+        client.disconnect()
+    assert np.array_equal(shot, fbdump_array(zhost, 2))
+    assert openssl_mapped(child) == []
+    assert openssl_mapped(_zygote_pid(os.path.join(zhost, "zygote.sock"))) == []
+    asyncio.run(toolstack.destroy_domain(zhost, 2))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dm_restrict (chroot) needs root")
+def test_a_restricted_child_loads_tls_and_websockets_itself(zhost, tmp_path):
+    """The zygote holds neither OpenSSL nor the WebSocket library; a child
+    with TLS and a WebSocket port loads both before its chroot
+    (restrict.preload), then serves VeNCrypt with the exact picture and
+    wss:// from inside the chroot.  The zygote still maps no OpenSSL."""
+    from websockets.sync.client import connect
+
+    from rfb_harness import free_port
+    from test_vnc_tls import X509_NONE, VencryptClient
+    from tlscerts import make_pki
+    pki = make_pki(str(tmp_path / "pki"))
+    asyncio.run(toolstack.create_domain(zhost, 3, "ztls", vfb="vnc=1", width=320, height=200, dm=None))
+    root = os.path.join(zhost, "qemu-root-3")
+    toolstack.make_dm_root(root)
+    ws_port = free_port()
+    env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))
+    log_path = str(tmp_path / "dm.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(DM + ["-xen-domid", "3", "-object",
+                                      f"tls-creds-x509,id=tls0,dir={pki.dir},endpoint=server,verify-peer=off",
+                                      "-vnc", f"127.0.0.1:0,to=99,tls-creds=tls0,websocket={ws_port}",
+                                      "-xen-domid-restrict", "-chroot", root, "-machine", "xenpv"],
+                                env=env, stdout=log, stderr=log)
+    text = lambda: Path(log_path).read_text(errors="replace")   # noqa: E731
+    try:
+        wait_until(lambda: "vfb-0: backend -> Connected" in text() or proc.poll() is not None, 60, text)
+        assert proc.poll() is None, text()
+        child = _child_of(log_path)
+        assert os.readlink(f"/proc/{child}/root") == root
+        assert any("libssl" in f for f in openssl_mapped(child)), openssl_mapped(child)
+        assert openssl_mapped(_zygote_pid(os.path.join(zhost, "zygote.sock"))) == []
+        port = int(text().split("VNC server on 127.0.0.1:")[1].split()[0])
+        c = VencryptClient(port)
+        try:
+            c.negotiate(X509_NONE, ca=pki.ca)
+            w, h = c.finish_auth()
+            got = c.raw_frame(w, h)
+        finally:
+            c.close()
+        rgb = np.stack([(got >> 16) & 255, (got >> 8) & 255, got & 255], axis=-1).astype(np.uint8)
+        assert np.array_equal(rgb, fbdump_array(zhost, 3))
+        import ssl
+        ctx = ssl.create_default_context(cafile=pki.ca)
+        with connect(f"wss://127.0.0.1:{ws_port}/websockify", ssl=ctx, open_timeout=10, proxy=None) as ws:
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        asyncio.run(toolstack.destroy_domain(zhost, 3))
 
 
 def test_a_cold_start_has_no_supervisor():

@@ -838,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..util.malloc import limit_arenas
     limit_arenas()
+    from ..util.lean_imports import import_asyncio_without_ssl
+    import_asyncio_without_ssl()        # OpenSSL only with TLS configured (rfb/tls.py)
     try:
         options = parse_args(argv)
     except EarlyExit as done:

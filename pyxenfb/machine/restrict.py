@@ -24,16 +24,15 @@ import importlib
 import os
 
 # What the device model imports lazily (first JPEG/PNG update, first
-# password, first browser, a PNG screendump, codecs).  A module
-# imported for the first time inside the chroot would fail, and so would a
-# library some of them load on first use: preload() imports these and runs
-# each lazy path once.
+# password, a PNG screendump, codecs).  A module imported for the first
+# time inside the chroot would fail, and so would a library some of them
+# load on first use: preload() imports these and runs each lazy path once.
 PRELOAD = (
     "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin",
-    "Crypto.Cipher.DES", "Crypto.Cipher._mode_ecb",
-    "websockets.server", "websockets.frames", "websockets.http11", "websockets.protocol",
     "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
 )
+# Only for a device model with a WebSocket port (the first browser).
+PRELOAD_WEBSOCKET = ("websockets.server", "websockets.frames", "websockets.http11", "websockets.protocol")
 # A browser's opening request, to take the WebSocket code through its handshake.
 _WS_REQUEST = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -43,15 +42,33 @@ class RestrictError(Exception):
     """A restriction step failed; str() is one line."""
 
 
-_preloaded = False
+_preloaded: set[str] = set()        # the parts done in this process image
 
 
-def preload() -> None:
-    """Once per process image: a zygote's children find it done (and the
-    pages it touched stay shared)."""
-    global _preloaded
-    if _preloaded:
-        return
+def preload(tls: bool = False, websocket: bool = False) -> None:
+    """Load every lazy path this device model can take: always the display
+    stack's; OpenSSL only with TLS and the WebSocket library only with a
+    WebSocket port, which most device models have neither of.  Each part
+    once per process image: a zygote's children find the common part done
+    (and the pages it touched stay shared), and load the rest themselves."""
+    if "common" not in _preloaded:
+        _preload_common()
+        _preloaded.add("common")
+    if websocket and "websocket" not in _preloaded:
+        for name in PRELOAD_WEBSOCKET:
+            importlib.import_module(name)
+        from ..rfb.websocket import WebSocketStream
+        stream = WebSocketStream()
+        stream.receive(_WS_REQUEST)
+        stream.send(b"x")
+        _preloaded.add("websocket")
+    if tls and "tls" not in _preloaded:
+        from ..rfb import tls as rfb_tls
+        rfb_tls.server_context(rfb_tls.TlsCredentials("anon"))     # OpenSSL's lazy state
+        _preloaded.add("tls")
+
+
+def _preload_common() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     import numpy as np
@@ -59,17 +76,12 @@ def preload() -> None:
     from ..displays import pixman
     from ..convert import GUEST_32
     from ..rfb import auth, enc_kernel, encodings
-    from ..rfb.websocket import WebSocketStream
     pixman.load()                  # dlopen-ed on the first conversion otherwise
     enc_kernel.load()              # by its path, which a chroot hides
     vals = np.zeros((8, 8), np.uint32)
     for kind in ("JPEG", "PNG"):   # Tight JPEG, TightPNG, PNG screendumps
         encodings._image_bytes(vals, GUEST_32, kind, 5)
-    auth.vnc_response("x", bytes(16))
-    stream = WebSocketStream()
-    stream.receive(_WS_REQUEST)
-    stream.send(b"x")
-    _preloaded = True
+    auth.vnc_response("x", bytes(16))   # DES (pycryptodome) and its ECB mode
 
 
 def apply(opts, domid: int, evtchn, foreignmem) -> str:

@@ -3,14 +3,23 @@
 VNC auth: the server sends 16 random bytes; the client encrypts them with DES
 (ECB, two independent blocks) keyed by the password's first 8 bytes, each key
 byte with its bit order reversed (the RFB spec numbers DES key bits the other
-way round from DES libraries).  DES comes from pycryptodome.
+way round from DES libraries).  DES comes from pycryptodome (through ctypes:
+util/lean_imports.py).
 """
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from dataclasses import dataclass
+
+# hmac.compare_digest is OpenSSL's whenever hmac can load it, and importing
+# hmac loads OpenSSL (~3.5 MB resident, for a 16-byte comparison).  The
+# same constant-time comparison is built into the interpreter: it is what
+# hmac itself uses without OpenSSL.
+try:
+    from _operator import _compare_digest as compare_digest
+except ImportError:                 # an interpreter without it: hmac's
+    from hmac import compare_digest
 
 CHALLENGE_SIZE = 16
 
@@ -27,7 +36,8 @@ def des_key(password: str) -> bytes:
 
 def vnc_response(password: str, challenge: bytes) -> bytes:
     """What a client answers to `challenge` when it knows `password`."""
-    from Crypto.Cipher import DES
+    from ..util.lean_imports import des_module
+    DES = des_module()
     return DES.new(des_key(password), DES.MODE_ECB).encrypt(challenge)
 
 
@@ -39,7 +49,7 @@ def check_response(password: str, challenge: bytes, response: bytes) -> bool:
     """Constant-time comparison of the client's response with the expected one."""
     if len(response) != CHALLENGE_SIZE:
         return False
-    return hmac.compare_digest(vnc_response(password, challenge), response)
+    return compare_digest(vnc_response(password, challenge), response)
 
 
 # Brute force (docs/vnc.md, "Threat model"): 5 wrong passwords from an

@@ -11,13 +11,19 @@ server feeds it the socket's bytes and writes what it returns.  asyncio's
 start_tls cannot take over a connection whose first bytes were already read
 (a browser's wss:// ClientHello arrives before we know it is one), and bytes
 a client sends right behind its VeNCrypt choice would race the switch.
+
+`ssl` (OpenSSL) is imported by the functions that need it, not with this
+module: a device model without TLS never loads it (util/lean_imports.py).
 """
 from __future__ import annotations
 
 import enum
 import os
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 TLS_RECORD = 0x16           # first byte of a TLS handshake record (a ClientHello)
 
@@ -53,6 +59,7 @@ class TlsCredentials:
 
 def server_context(creds: TlsCredentials) -> ssl.SSLContext:
     """An SSLContext for the server side, or TlsConfigError."""
+    import ssl
     if creds.kind is TlsKind.ANON:
         return _anon_context()
     if creds.kind is not TlsKind.X509:
@@ -78,6 +85,7 @@ def server_context(creds: TlsCredentials) -> ssl.SSLContext:
 
 def _anon_context() -> ssl.SSLContext:
     """Anonymous ECDH: TLS 1.2 (1.3 has no anonymous suites), security level 0."""
+    import ssl
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -100,6 +108,7 @@ class TlsStream:
     """The server side of one TLS connection over memory buffers."""
 
     def __init__(self, ctx: ssl.SSLContext):
+        import ssl
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -107,6 +116,7 @@ class TlsStream:
 
     def receive(self, data: bytes) -> tuple[bytes, bytes]:
         """Bytes from the socket -> (plaintext for the layer above, bytes to send)."""
+        import ssl                  # loaded by __init__: a lookup, for its exceptions
         self._incoming.write(data)
         plain = bytearray()
         try:

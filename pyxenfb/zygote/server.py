@@ -90,10 +90,12 @@ class Zygote:
         from ..util import logbudget, region  # noqa: F401
         from ..rfb import auth, encodings, listener, protocol, server, tls, websocket  # noqa: F401
         from ..console.keymaps.index import LAYOUT_MODULES
-        restrict.preload()                 # PIL plugins, pixman, the encoders' kernel, JPEG/PNG, DES, websockets
+        # PIL plugins, pixman, the encoders' kernel, JPEG/PNG, DES.  Not
+        # OpenSSL nor the WebSocket library: few device models have TLS or a
+        # WebSocket port, and those load them in their own pages.
+        restrict.preload()
         for name in LAYOUT_MODULES:
             keymap.Keymap.load(name)       # cached: every domain's -k is ready
-        tls.server_context(tls.TlsCredentials("anon"))     # OpenSSL's lazy state
         try:
             from ..platform import _xen_ffi  # noqa: F401  (the real hypervisor's cffi module)
         except ImportError:
@@ -533,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     from ..util.malloc import limit_arenas
     limit_arenas()              # as cli.main does: the children inherit it done
+    from ..util.lean_imports import import_asyncio_without_ssl
+    import_asyncio_without_ssl()    # as cli.main does: a child with TLS loads OpenSSL itself
 
     try:
         zygote.warm()
