@@ -392,6 +392,33 @@ def test_tight_level_change_resets_only_that_stream():
     assert encoder.compress_level == 9
 
 
+def test_tight_streams_let_go_when_idle_restart_with_their_reset_bit():
+    """release_idle_memory drops Tight's zlib streams; the next rectangle on
+    each stream that was in use resets it (control bit N), once, and a
+    decoder that kept its inflaters decodes every rectangle exactly.  A
+    stream never used needs no reset."""
+    fmt = GUEST_32
+    full = _level_picture(64, 64, 0)                         # stream 0 (gradient)
+    mono = np.where(np.arange(64 * 64).reshape(64, 64) % 3 == 0, 0x00FFFFFF, 0).astype("<u4")
+    mono = mono.view(np.uint8).reshape(64, 256)               # two colours: stream 1
+    encoder = enc.Encoder()
+    dec = Decoder(fmt, 64, 64)
+
+    def send(pixels) -> bytes:
+        data = encoder.encode(enc.TIGHT, fmt, pixels, 0, 0, 64, 64)[1]
+        dec.update(data, 1)
+        assert np.array_equal(_channel_bits(fmt, dec.fb), _channel_bits(fmt, pixels))
+        return data
+    assert send(full)[12] == 0x40 and send(mono)[12] == 0x50          # streams 0 and 1, no reset
+    assert encoder.live_streams() == 2
+    encoder.release_idle_memory()
+    assert encoder.live_streams() == 0
+    assert send(mono)[12] == 0x52 and send(mono)[12] == 0x50          # stream 1 reset (bit 1), once
+    assert send(full)[12] == 0x41 and send(full)[12] == 0x40          # stream 0 reset, once
+    palette = (np.arange(64 * 64).reshape(64, 64) % 5 * 0x1F1F1F).astype("<u4")
+    assert send(palette.view(np.uint8).reshape(64, 256))[12] == 0x60   # stream 2: new, no reset
+
+
 def test_tight_gradient_can_be_refused():
     """gradient=False (a noVNC client): full colour goes with the copy filter."""
     fmt = GUEST_32

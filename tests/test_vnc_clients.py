@@ -18,6 +18,7 @@ from PIL import Image
 
 from pyxenfb.rfb.auth import vnc_response
 from pyxenfb.rfb.listener import VNC_BASE_PORT
+from simkit import wait_until
 from rfb_harness import (KEY_A, RawClient, ServerThread, _factory_for, capture,  # noqa: F401
                          expected_rgb, make_picture, vnc_server, vnc_server_lossy,
                          vnc_server_password)
@@ -294,6 +295,34 @@ def test_tigervnc_many_small_updates(xvfb, vnc_server, encoding):
                 pick = rng.integers(0, 2 + step % 2, (h, w))
                 rows[y:y + h, x * 4:(x + w) * 4] = colours[pick].view(np.uint8).reshape(h, w * 4)
                 vnc_server.draw(rows, x, y, w, h)
+            viewer.shows(expected_rgb(shown))
+
+
+def test_tigervnc_tight_after_its_idle_streams_were_let_go(xvfb, vnc_server):
+    """A picture at rest for QUIET_RELEASE_S lets each client's Tight zlib
+    streams go (~0.4 MB each); the next update restarts every stream it uses
+    with its reset bit, and TigerVNC, whose inflaters lived on, shows each
+    step exactly."""
+    from types import SimpleNamespace
+    from pyxenfb.rfb.updates import QUIET_RELEASE_S
+    surface = vnc_server.call(lambda: vnc_server.console.surface)
+    rows = surface.rows.copy()
+    shown = SimpleNamespace(rows=rows, fmt=surface.fmt, width=surface.width, height=surface.height)
+
+    def live_streams() -> int:
+        return vnc_server.call(lambda: sum(c.encoder.live_streams() for c in vnc_server.server.clients))
+    with TigerVnc(xvfb, vnc_server.port, ["-PreferredEncoding", "Tight", "-FullColor", "-NoJPEG"]) as viewer:
+        viewer.shows(expected_rgb(shown))
+        rng = np.random.default_rng(4)
+        colours = np.array([0x101010, 0xF0F0F0, 0x2266AA], "<u4")
+        for step in range(2):               # each step after the streams of the one before went
+            wait_until(lambda: live_streams() == 0, QUIET_RELEASE_S + 10, "the streams let go")
+            fresh = make_picture(seed=step + 11).rows
+            rows[100:300, 40:1240] = fresh[100:300, 40:1240]              # full colour: stream 0
+            vnc_server.draw(rows, 10, 100, 300, 200)
+            pick = rng.integers(0, 2 + step, (16, 64))                     # mono, then palette
+            rows[400:416, 2000:2256] = colours[pick].view(np.uint8).reshape(16, 256)
+            vnc_server.draw(rows, 500, 400, 64, 16)
             viewer.shows(expected_rgb(shown))
 
 

@@ -667,15 +667,27 @@ class Encoder:
         self._zlib: _Stream | None = None
         self._zrle: _Stream | None = None
         self._tight: list = [None] * 4
+        self._tight_released = 0                  # bit N: stream N was let go, the client's is live
         self._scratch = np.empty(0, np.uint8)     # Tight's full-colour pixel bytes
         self._zrle_scratch = bytearray()          # ZRLE's tile stream, deflated at once
 
-    def release_scratch(self) -> None:
+    def live_streams(self) -> int:
+        """How many zlib streams this client's encoder holds now."""
+        return sum(st is not None for st in (self._zlib, self._zrle, *self._tight))
+
+    def release_idle_memory(self) -> None:
         """Let the reused pixel buffers go (up to 4 bytes a pixel of the
-        largest rectangle so far); the zlib streams stay, the client's
-        decoder holds their other half.  Not while encoding."""
+        largest rectangle so far), and Tight's zlib streams (~0.4 MB each):
+        Tight can tell the client to reset a stream, so the next rectangle
+        on a released stream starts a fresh one with its reset bit set.
+        Zlib's and ZRLE's streams stay: the client's inflater holds their
+        other half, and neither encoding can reset it.  Not while encoding."""
         self._scratch = np.empty(0, np.uint8)
         self._zrle_scratch = bytearray()
+        for stream, st in enumerate(self._tight):
+            if st is not None:
+                self._tight_released |= 1 << stream
+        self._tight = [None] * 4
 
     def set_compress_level(self, level: int | None) -> None:
         """The client's CompressLevel (0..9; None = server default).  Takes
@@ -784,9 +796,11 @@ class Encoder:
         st = self._tight[stream]
         if st is None or st.level != level:
             # Tight can reset a stream (control bits 0-3): the client starts a
-            # fresh inflater, so a new zlib stream at the new level is exact.
-            if st is not None:
+            # fresh inflater, so a new zlib stream (at a new level, or after
+            # release_idle_memory) is exact.
+            if st is not None or self._tight_released >> stream & 1:
                 head[0] |= 1 << stream
+                self._tight_released &= ~(1 << stream)
             # Partial flush, as ZRLE's: ~3 bytes less a rectangle, which is
             # most of a clock's; TigerVNC, noVNC (pako) and gtk-vnc decode it
             # (tests/test_vnc_clients.py, test_novnc.py), as zlib's inflate must.

@@ -431,12 +431,13 @@ class Updates:
         self._release_buffers()
 
     def _release_buffers(self) -> None:
-        """The pool's idle buffers and the encoders' scratch back to the
-        system (the scratch only while no encoder thread is at work)."""
+        """The pool's idle buffers, the encoders' scratch and Tight's zlib
+        streams back to the system (the encoders' only while no encoder
+        thread is at work)."""
         self._pool.release_free()
         if not self._in_flight:
             for encoder in list(self._encoders):
-                encoder.release_scratch()
+                encoder.release_idle_memory()
             self._encoders = weakref.WeakSet()
         malloc.trim()
 
