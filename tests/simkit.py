@@ -165,6 +165,16 @@ async def new_domain(run_dir: str, domid: int, **guest_kw) -> ReferenceGuest:
     return ReferenceGuest(run_dir, domid, **guest_kw)
 
 
+def vnc_screenshot(port: int, password: str | None = None, timeout: float = 10.0) -> np.ndarray:
+    """The picture vncdotool (a real client) gets from 127.0.0.1:port, as RGB."""
+    from vncdotool import api
+    client = api.connect(f"127.0.0.1::{port}", password=password, timeout=timeout)
+    try:
+        return np.asarray(client.refreshScreen().screen.convert("RGB"))
+    finally:
+        client.disconnect()
+
+
 OPENSSL_FILES = ("libssl.so", "libcrypto.so", "/_ssl.", "/_hashlib.")
 
 
