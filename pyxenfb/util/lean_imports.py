@@ -25,7 +25,9 @@ _ABSENT = object()
 
 @contextmanager
 def modules_hidden(*names: str):
-    """Inside, `import NAME` raises ImportError for each of names."""
+    """Inside, `import NAME` raises ImportError for each of names.  For the
+    whole process: meant for the start-up imports here, while no other
+    thread imports these modules (none in a device model ever does)."""
     saved = {name: sys.modules.get(name, _ABSENT) for name in names}
     for name in names:
         sys.modules[name] = None
