@@ -41,7 +41,7 @@ def clean_file_mappings(smaps_text: str) -> list[tuple[int, int]]:
 
 def page_out_file_mappings() -> tuple[int, int]:
     """Advise each clean file mapping; (mappings advised, refused)."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
     madvise = libc.madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     with open(f"/proc/{os.getpid()}/smaps") as f:

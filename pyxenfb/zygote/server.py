@@ -556,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     malloc.trim()               # the warm-up's freed memory: not kept resident for every child
     gc.freeze()                 # the warm heap stays out of every child's collections: shared pages
     from .pageout import page_out_file_mappings
-    page_out_file_mappings()    # the warm-up's file pages: not kept mapped for the zygote's lifetime
+    advised, refused = page_out_file_mappings()   # the warm-up's file pages: not kept for its lifetime
+    if refused:
+        zygote.log(f"the kernel refused MADV_PAGEOUT for {refused} of {advised} file mappings "
+                   "(Linux < 5.4?): the warm-up's file pages stay resident")
     try:
         if passed:
             zygote.adopt(passed[0])
