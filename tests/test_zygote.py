@@ -455,6 +455,32 @@ def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user
     wait_until(lambda: _dead(child), 1.0, "the restricted child to exit")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dm_restrict (chroot) needs root")
+def test_a_restricted_child_encodes_big_updates_in_its_workers_inside_the_chroot(zhost, launcher):
+    """An update over INLINE_PIXELS is encoded in the worker threads, started
+    with the first one: inside the chroot, where nothing new can be imported.
+    vncdotool (a real client) asking for ZRLE takes a full 320x200 frame
+    down that path; the picture must come whole, and the domain keep going."""
+    from vncdotool.rfb import Encoding
+
+    from pyxenfb.rfb.updates import INLINE_PIXELS
+    from rfb_harness import capture
+    assert 320 * 200 > INLINE_PIXELS
+    res = _create(zhost, 12, dm_restrict=True, dm=launcher)
+    child = _child_of(res.dm_log)
+    assert os.readlink(f"/proc/{child}/root") == res.dm_root
+    log = lambda: Path(res.dm_log).read_text(errors="replace")   # noqa: E731
+    for _ in range(2):              # the second client finds the workers running
+        try:
+            got = capture(res.vnc_port, Encoding.ZRLE)
+        except TimeoutError:
+            pytest.fail(f"no picture from the restricted child:\n{log()}")
+        assert np.array_equal(got, fbdump_array(zhost, 12))
+    assert "Traceback" not in log()
+    assert not _dead(child)
+    asyncio.run(toolstack.destroy_domain(zhost, 12))
+
+
 def test_exec_to_running_through_the_zygote_and_the_stand_in_cost(zhost, launcher):
     """Target: exec -> `running` <= 300 ms on the sim (best of 3)."""
     env = dict(os.environ, PYXENFB_SIM=zhost, PYXENFB_ZYGOTE=os.path.join(zhost, "zygote.sock"))

@@ -24,11 +24,13 @@ order; other sessions, input and the guest never wait for it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import sys
 import threading
 import weakref
+# By name, so at import: `concurrent.futures` loads its thread module on first
+# use, and a zygote child's first big update comes after its chroot.
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable, Protocol
 
 import numpy as np
@@ -337,7 +339,7 @@ class Updates:
     def __init__(self, convert_rect: ConvertRect, quiet_release: float = QUIET_RELEASE_S):
         self._convert_rect = convert_rect
         self._pool = BufferPool()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._trim = malloc.PeriodicTrim()
         self._pass_snapshots: dict[tuple, Snapshot] = {}
         self._quiet_release = quiet_release
@@ -441,11 +443,11 @@ class Updates:
             self._encoders = weakref.WeakSet()
         malloc.trim()
 
-    def _encoder_pool(self) -> concurrent.futures.Executor:
+    def _encoder_pool(self) -> Executor:
         """The encoder threads, started with the first big update (never
         before: nothing to pay at start-up, and no thread exists to fork)."""
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
+            self._executor = ThreadPoolExecutor(
                 max_workers=max(1, ENCODE_WORKERS), thread_name_prefix="vnc-encode")
         return self._executor
 
