@@ -708,6 +708,19 @@ def test_zygote_serves_a_guest(lab):
           f"cold pyqemu-dm {lab.get('py.dm_exec_to_running_s')} s")
 
 
+def test_restricted_zygote_child_serves_the_guest(lab):
+    """dm_restrict=1 through the zygote: the forked child chroots itself, and
+    its first big update (ZRLE, Tight: encoded in worker threads started
+    then, inside the chroot) still arrives exact."""
+    assert lab.need("pyzr.create_rc") == 0, f"xl create failed ({lab.out}/pyzr-xl-create.log)"
+    require_ready(lab, "pyzr")
+    assert lab.need("pyzr.child_pid"), f"no zygote child in {lab.out}/pyzr-dm.log"
+    assert lab.need("pyzr.child_root") == lab.need("pyzr.expected_root")
+    assert lab.need("pyzr.child_uids") == lab.need("qemur.uids"), "the child runs as libxl's QEMU user"
+    for enc in ("zrle", "tight"):
+        assert_same_picture(lab.picture("picture-a.ppm"), lab.ppm(f"pyzr-vnc-{enc}.ppm"), f"pyzr VNC {enc}")
+
+
 def test_zygote_child_goes_with_xl_destroy(lab):
     require_ready(lab, "pyz")
     assert lab.need("pyz.destroy_rc") == 0

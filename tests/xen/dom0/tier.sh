@@ -424,6 +424,25 @@ finish pyz pyzg    # KEY != NAME: finish moves the logs from NAME to KEY
 if [ -n "${child:-}" ] && [ -d /proc/$child ]; then rec pyz.child_left_running true; else rec pyz.child_left_running false; fi
 rec pyz.scenario_s "$(since "$T0")"
 
+# --- dm_restrict=1 through the zygote: the child chroots itself after its fork ------------
+# (its encoder threads start with the first big update, inside the chroot: the
+# ZRLE and Tight grabs are that update)
+T0=$(now)
+if boot pyzrg pyzr "$PYZDM" --vncdisplay 0 --picture $X/picture-a.ppm --cfg 'dm_restrict=1' "${PYZENV[@]}"; then
+  port=$(xenlab_vnc_port pyzrg); d=$(xenlab_domid pyzrg)
+  zr_child=$(grep -o 'forked the device model as pid [0-9]*' /var/log/xen/qemu-dm-pyzrg.log | awk '{print $NF}' | tail -1)
+  rec pyzr.child_pid "${zr_child:-null}"
+  vnc pyzr grab "${port:-5900}" "grab:zrle:$O/pyzr-vnc-zrle.ppm" "grab:tight:$O/pyzr-vnc-tight.ppm"
+  if [ -n "$zr_child" ]; then
+    recs pyzr.child_root "$(readlink /proc/$zr_child/root)"
+    recs pyzr.expected_root "$(readlink -f /var/run/xen/qemu-root-$d)"
+    recs pyzr.child_uids "$(awk '/^Uid:/{print $2" "$3" "$4" "$5}' /proc/$zr_child/status)"
+  fi
+  cp /var/log/xen/qemu-dm-pyzrg.log "$O/pyzr-dm.log" 2>/dev/null
+fi
+finish pyzr pyzrg
+rec pyzr.scenario_s "$(since "$T0")"
+
 # --- three domains through one zygote: a domain's cost with the zygote counted -----------
 # (issue 16's measure, PSS with the zygote included: every process of ours, while
 # each domain has one Tight client with a full frame)
