@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import json
 import os
 import re
 import select
@@ -274,6 +275,70 @@ def test_a_restricted_child_loads_tls_and_websockets_itself(zhost, tmp_path):
         proc.terminate()
         proc.wait(10)
         asyncio.run(toolstack.destroy_domain(zhost, 3))
+
+
+# What a zygote child imports itself, before any chroot, and why the zygote
+# does not: every other import inside a function of the device model must find
+# its module loaded by the warm-up (inside a chroot, nothing new can load).
+CHILD_LOADS_ITSELF = {
+    "pwd": "-runas USER, parsed with the command line",
+    "ssl": "TLS: restrict.preload(tls=True), in the few DMs that have it",
+    "websockets.server": "a WebSocket port: restrict.preload(websocket=True)",
+    "websockets.frames": "a WebSocket port", "websockets.http11": "a WebSocket port",
+    "websockets.protocol": "a WebSocket port",
+    "pyxenfb.sdl": "SDL, which refuses -chroot (one line, then exit)",
+    "pygame": "SDL",
+}
+_WARM_THEN_LIST_FUNCTION_IMPORTS = """
+import ast, json, pathlib, sys
+from pyxenfb.util.lean_imports import import_asyncio_without_ssl
+import_asyncio_without_ssl()
+from pyxenfb.zygote import rehearsal, server
+server.Zygote.warm()
+from pyxenfb.machine import cli
+rehearsal.rehearse(cli)
+root = pathlib.Path(server.__file__).parents[1]
+missing = {}
+for path in sorted(root.rglob("*.py")):
+    rel = path.relative_to(root.parent).with_suffix("").parts
+    if rel[1] in ("sim", "hostconsole", "zygote"):
+        continue
+    package = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
+    for func in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names
+                                  if (root.parent / base.replace(".", "/") / a.name).exists()
+                                  or (root.parent / (base.replace(".", "/") + "/" + a.name + ".py")).exists()]
+            else:
+                continue
+            for name in names:
+                if name not in sys.modules:
+                    missing.setdefault(name, f"{'/'.join(rel)}.py:{node.lineno}")
+print(json.dumps(missing))
+"""
+
+
+def test_what_a_device_model_imports_in_a_function_the_zygote_has_loaded():
+    """A zygote child that chroots (dm_restrict) can import nothing new: what
+    the device model imports inside its functions must be loaded by the
+    warm-up, or be on the short list of what a child loads before its chroot.
+    (An import done by attribute, as `concurrent.futures.ThreadPoolExecutor`
+    once was, is beyond ast: the chrooted child's own tests cover those.)"""
+    out = subprocess.run([sys.executable, "-c", _WARM_THEN_LIST_FUNCTION_IMPORTS],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    missing = json.loads(out.stdout.splitlines()[-1])
+    unexpected = {name: where for name, where in missing.items() if name not in CHILD_LOADS_ITSELF}
+    assert not unexpected, f"imported inside a function, not loaded by the zygote: {unexpected}"
+    assert "pyxenfb.sdl" in missing       # the check sees function-level imports at all
 
 
 def test_a_cold_start_has_no_supervisor():
