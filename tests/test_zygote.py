@@ -521,19 +521,24 @@ def test_restricted_domain_gets_the_stand_ins_rlimits_and_namespaces(zhost, user
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dm_restrict (chroot) needs root")
-def test_a_restricted_child_encodes_big_updates_in_its_workers_inside_the_chroot(zhost, launcher):
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_a_restricted_child_encodes_big_updates_in_its_workers_inside_the_chroot(zhost, launcher, user):
     """An update over INLINE_PIXELS is encoded in the worker threads, started
-    with the first one: inside the chroot, where nothing new can be imported.
-    vncdotool (a real client) asking for ZRLE, Hextile or RRE takes a full
-    320x200 frame down that path; the picture must come whole."""
+    with the first one: inside the chroot (and as -runas's user), where
+    nothing new can be imported.  vncdotool (a real client) asking for ZRLE,
+    Hextile or RRE takes a full 320x200 frame down that path; the picture
+    must come whole."""
     from vncdotool.rfb import Encoding
 
     from pyxenfb.rfb.updates import INLINE_PIXELS
     from rfb_harness import capture
     assert 320 * 200 > INLINE_PIXELS
-    res = _create(zhost, 12, dm_restrict=True, dm=launcher)
+    res = _create(zhost, 12, dm_restrict=True, dm_user=user, dm=launcher)
     child = _child_of(res.dm_log)
     assert os.readlink(f"/proc/{child}/root") == res.dm_root
+    if user is not None:
+        import pwd
+        assert os.stat(f"/proc/{child}").st_uid == pwd.getpwnam(user).pw_uid
     log = lambda: Path(res.dm_log).read_text(errors="replace")   # noqa: E731
     for encoding in (Encoding.ZRLE, Encoding.HEXTILE, Encoding.RRE):    # the later ones find the workers running
         try:
