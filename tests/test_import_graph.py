@@ -25,27 +25,37 @@ def module_files(package_dir: Path) -> dict[str, Path]:
     return mods
 
 
+def package_of(name: str, path: Path) -> list[str]:
+    """The package a module's relative imports start from."""
+    return name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+
+
+def imported_names(node: ast.AST, here: list[str]) -> set[str]:
+    """What an import statement names, relative imports resolved from
+    package `here`: the modules, and for `from X import y` also X.y (y may be
+    a submodule).  Empty for any other node."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    if node.level:
+        base = here[:len(here) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return {target} | {f"{target}.{alias.name}" for alias in node.names}
+
+
 def import_graph(package_dir: Path) -> dict[str, set[str]]:
     """module -> the modules of the same package it imports, anywhere in its body."""
     top = package_dir.name
     mods = module_files(package_dir)
     graph = {}
     for name, path in mods.items():
-        is_package = path.name == "__init__.py"
-        here = name.split(".") if is_package else name.split(".")[:-1]
+        here = package_of(name, path)
         targets = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = here[:len(here) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                targets.add(target)
-                # `from . import x` imports the submodule x
-                targets.update(f"{target}.{alias.name}" for alias in node.names)
+            targets |= imported_names(node, here)
         graph[name] = {t for t in targets
                        if t.split(".")[0] == top and t in mods and t != name}
     return graph

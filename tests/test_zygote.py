@@ -4,6 +4,7 @@ with PYXENFB_ZYGOTE=RUN_DIR/zygote.sock as libxl would exec it."""
 from __future__ import annotations
 
 import array
+import ast
 import asyncio
 import json
 import os
@@ -289,40 +290,16 @@ CHILD_LOADS_ITSELF = {
     "pyxenfb.sdl": "SDL, which refuses -chroot (one line, then exit)",
     "pygame": "SDL",
 }
-_WARM_THEN_LIST_FUNCTION_IMPORTS = """
-import ast, json, pathlib, sys
+# The modules a zygote holds after its warm-up, listed by a fresh interpreter.
+_WARM_THEN_LIST_MODULES = """
+import json, sys
 from pyxenfb.util.lean_imports import import_asyncio_without_ssl
 import_asyncio_without_ssl()
 from pyxenfb.zygote import rehearsal, server
 server.Zygote.warm()
 from pyxenfb.machine import cli
 rehearsal.rehearse(cli)
-root = pathlib.Path(server.__file__).parents[1]
-missing = {}
-for path in sorted(root.rglob("*.py")):
-    rel = path.relative_to(root.parent).with_suffix("").parts
-    if rel[1] in ("sim", "hostconsole", "zygote"):
-        continue
-    package = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
-    for func in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        for node in ast.walk(func):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names
-                                  if (root.parent / base.replace(".", "/") / a.name).exists()
-                                  or (root.parent / (base.replace(".", "/") + "/" + a.name + ".py")).exists()]
-            else:
-                continue
-            for name in names:
-                if name not in sys.modules:
-                    missing.setdefault(name, f"{'/'.join(rel)}.py:{node.lineno}")
-print(json.dumps(missing))
+print(json.dumps(sorted(sys.modules)))
 """
 
 
@@ -332,10 +309,26 @@ def test_what_a_device_model_imports_in_a_function_the_zygote_has_loaded():
     warm-up, or be on the short list of what a child loads before its chroot.
     (An import done by attribute, as `concurrent.futures.ThreadPoolExecutor`
     once was, is beyond ast: the chrooted child's own tests cover those.)"""
-    out = subprocess.run([sys.executable, "-c", _WARM_THEN_LIST_FUNCTION_IMPORTS],
+    from test_import_graph import PACKAGE_DIR, imported_names, module_files, package_of
+    out = subprocess.run([sys.executable, "-c", _WARM_THEN_LIST_MODULES],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    missing = json.loads(out.stdout.splitlines()[-1])
+    warm = set(json.loads(out.stdout.splitlines()[-1]))
+    mods = module_files(PACKAGE_DIR)
+    missing = {}
+    for name, path in mods.items():
+        if f"{name}.".startswith(("pyxenfb.sim.", "pyxenfb.hostconsole.", "pyxenfb.zygote.")):
+            continue                # not the device model's
+        for func in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                names = imported_names(node, package_of(name, path))
+                if isinstance(node, ast.ImportFrom):    # X, and X.y where y is a module of ours
+                    base = min(names, key=len)
+                    names = {base} | (names & mods.keys())
+                for target in names - warm:
+                    missing.setdefault(target, f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno}")
     unexpected = {name: where for name, where in missing.items() if name not in CHILD_LOADS_ITSELF}
     assert not unexpected, f"imported inside a function, not loaded by the zygote: {unexpected}"
     assert "pyxenfb.sdl" in missing       # the check sees function-level imports at all
