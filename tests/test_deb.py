@@ -9,7 +9,11 @@ simulated host whose domain's device model is the installed pyqemu-dm (cold),
 the zygote started as its socket unit starts it and a domain forked through
 it (pictures compared: the guest's framebuffer against what VNC serves), the
 console as its unit starts it, then an upgrade (the same .deb again) and
-`apt-get remove pyxenfb`, with both device models running.
+`apt-get remove pyxenfb`, with both device models running.  Then the same
+root booted with systemd as PID 1 (systemd-nspawn), for what only a running
+systemd shows: the units at boot, the unit's zygote forking device models in
+its cgroup, restart, upgrade and removal leaving them serving
+(tests/deb_systemd_inside.py).
 """
 from __future__ import annotations
 
@@ -213,3 +217,109 @@ def test_pipx_installs_the_wheel_and_the_sdist_on_plain_debian(wheel_and_sdist, 
     helped = run("/root/.local/bin/pyqemu-dm", "--help")
     assert helped.returncode == 0 and helped.stdout.startswith("usage: pyqemu-dm [options]"), helped.stderr
     assert run("pipx", "uninstall", "pyxenfb").returncode == 0
+
+
+def _container_init(nspawn_pid: int) -> int | None:
+    """The pid (ours) of the container's PID 1: the child of systemd-nspawn
+    that is pid 1 in its own namespace.  (Its /proc/PID/root does not name
+    the root directory: nspawn pivots into it.)"""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(fields["PPid"]) == nspawn_pid and fields.get("NSpid", "").split()[-1:] == ["1"]:
+            return int(entry)
+    return None
+
+
+def test_the_units_under_a_running_systemd(deb, debian_root):
+    """What deb_inside.py's plain root cannot show: the root booted with
+    systemd as PID 1 (systemd-nspawn -b), the units started at boot with
+    their hardening, device models forked by the unit's zygote (plain and
+    dm_restrict) in the unit's cgroup, then `systemctl restart`, an upgrade
+    and `apt-get remove`, each leaving the running device models serving."""
+    if shutil.which("systemd-nspawn") is None:
+        pytest.skip("no systemd-nspawn (Debian's systemd-container; scripts/deb-tier installs it)")
+    root, run = debian_root
+    here = os.path.join(root, "srv", "pyxenfb-test")     # not /tmp: the booted root mounts a tmpfs there
+    os.makedirs(here)
+    for f in (deb, ROOT / "tests" / "deb_inside.py", ROOT / "tests" / "deb_systemd_inside.py"):
+        shutil.copy(f, here)
+    done = run("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+               f"--no-install-recommends systemd systemd-sysv dbus /srv/pyxenfb-test/{deb.name} >/dev/null")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    log = open(os.path.join(os.path.dirname(root), "nspawn.log"), "wb")
+    boot = subprocess.Popen(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+                             "--directory", root, "--machine", "pyxenfb-deb", "--boot",
+                             "--console=passive"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def inside(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "--target", str(init), "--all", *argv],
+                              capture_output=True, text=True, timeout=timeout)
+    try:
+        deadline = time.monotonic() + 120
+        while (init := _container_init(boot.pid)) is None or inside(
+                "systemctl", "is-system-running").stdout.strip() not in ("running", "degraded"):
+            assert boot.poll() is None and time.monotonic() < deadline, \
+                open(log.name, errors="replace").read()[-3000:]
+            time.sleep(0.2)
+        done = inside(VENV_PYTHON, "/srv/pyxenfb-test/deb_systemd_inside.py",
+                      f"/srv/pyxenfb-test/{deb.name}", timeout=900)
+        report = json.loads(done.stdout or "{}")
+        failed = inside("systemctl", "--failed", "--no-legend", "--plain").stdout
+    finally:
+        init = _container_init(boot.pid)
+        if init is not None:
+            subprocess.run(["nsenter", "--target", str(init), "--all", "systemctl", "poweroff"],
+                           capture_output=True, timeout=60)
+        try:
+            boot.wait(60)
+        except subprocess.TimeoutExpired:     # PID 1 killed: the kernel ends its whole namespace
+            if (init := _container_init(boot.pid)) is not None:
+                os.kill(init, signal.SIGKILL)
+            boot.wait(30)
+        log.close()
+    assert report and "error" not in report, report.get("error") or done.stderr[-3000:]
+
+    assert report["system"] == "running", failed       # no unit failed at boot, ours included
+    assert report["socket_unit"] == {"ActiveState": "active", "SubState": "running"}
+    unit = report["service_unit"]
+    assert (unit["ActiveState"], unit["KillMode"], unit["NoNewPrivileges"], unit["ProtectSystem"]) == \
+        ("active", "process", "yes", "full"), unit
+    assert report["socket_file"] == {"socket": True, "mode": "0o600", "uid": 0, "gid": 0}
+    assert "(socket from systemd)" in report["journal_ready"], report["journal_ready"]
+
+    for name in ("plain", "restricted", "after_restart"):
+        d = report[name]
+        assert d["child"], (name, d["log"])                     # forked by the zygote, not cold
+        assert d["child_cgroup"] == "/system.slice/pyxenfb-zygote.service", (name, d["child_cgroup"])
+        assert d["picture"]["equal"] and d["picture"]["colours"] > 16, (name, d["picture"])
+    assert report["plain"]["child_ppid"] == report["zygote_pid"]
+    assert report["plain"]["child_root"] == "/"
+    restricted = report["restricted"]
+    assert restricted["child_root"] == "/tmp/sim/qemu-root-2"   # chrooted after the fork
+    ns = restricted["mnt_ns"]               # left the unit's mount namespace for the stand-in's
+    assert ns["child"] == ns["standin"] != ns["zygote"], ns
+
+    restarted = report["restart"]
+    assert restarted["rc"] == 0 and restarted["new_pid"] != report["zygote_pid"], restarted
+    assert restarted["alive"] == {"plain": True, "restricted": True}
+    assert restarted["serving"] == {"plain": True, "restricted": True}
+    assert report["after_restart"]["child_ppid"] == restarted["new_pid"]
+
+    everyone = {"plain": True, "restricted": True, "after_restart": True}
+    upgraded = report["upgrade"]
+    assert upgraded["rc"] == 0, upgraded["output"]
+    assert upgraded["new_pid"] != restarted["new_pid"]      # postinst restarted the zygote
+    assert upgraded["alive"] == everyone and upgraded["serving"] == everyone
+
+    removed = report["remove"]
+    assert removed["rc"] == 0 and "Removing pyxenfb" in removed["output"], removed["output"]
+    assert (removed["service"], removed["socket"]) == ("inactive", "inactive")   # prerm stopped them
+    assert not removed["socket_file_left"]                  # RemoveOnStop=yes
+    assert removed["alive"] == everyone and removed["serving"] == everyone

@@ -1,0 +1,178 @@
+"""Run inside a Debian 12 root booted with systemd as PID 1 (systemd-nspawn
+-b), where the pyxenfb .deb is installed: tests/test_deb.py enters it with
+nsenter and runs this with the package's own interpreter.  Prints one JSON
+object with what it saw; the host side asserts on it.
+
+What only a running systemd shows (deb_inside.py runs the rest in a plain
+root): the socket and service units as systemd starts them at boot, with
+their hardening; device models forked by the unit's zygote, in the unit's
+cgroup, plain and under dm_restrict (the child joins the stand-in's mount
+namespace from the unit's own); `systemctl restart` of the zygote and
+`apt-get remove pyxenfb` (prerm's `deb-systemd-invoke stop`) leaving the
+running device models alone, as KillMode=process promises.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deb_inside import (FORKED, RUN_DIR, ZYGOTE_SOCK, _dm_pid, alive, frontends_connected,  # noqa: E402
+                        ppid, read_line, run, same_picture, vnc_capture)
+from pyxenfb.zygote.standin import DEFAULT_SOCKET  # noqa: E402
+
+SERVICE = "pyxenfb-zygote.service"
+SOCKET = "pyxenfb-zygote.socket"
+result: dict = {}
+
+
+def show(unit: str, *props: str) -> dict:
+    done = run("systemctl", "show", unit, *[f"--property={p}" for p in props])
+    return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+
+
+def wait_for(what: str, condition, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def cgroup(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = f.read().splitlines()
+    # the unified line (0::) where there is one, else systemd's named hierarchy
+    for prefix in ("0::", "1:name=systemd:"):
+        for line in lines:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+    return lines[0].split(":", 2)[2] if lines else ""
+
+
+def serving(ports: dict, before: dict) -> dict:
+    """Per device model: does its VNC port still serve the picture it did?"""
+    def same(port: int, picture) -> bool:
+        try:
+            return vnc_capture(port) == picture
+        except (OSError, AssertionError, ValueError):     # gone: refused, closed, cut short
+            return False
+    return {k: same(p, before[k]) for k, p in ports.items()}
+
+
+def main_pid() -> int:
+    return int(show(SERVICE, "MainPID")["MainPID"])
+
+
+def through_zygote(domid: int, *extra: str) -> dict:
+    """A domain whose device model the unit's zygote forks (extra: more
+    `pyxenfb-sim create` options, such as --dm-restrict)."""
+    done = run("pyxenfb-sim", "create", "--run-dir", RUN_DIR, "--domid", str(domid),
+               "--name", f"g{domid}", "--vfb", f"vnc=1,vncdisplay={domid}",
+               "--dm", "/usr/bin/pyqemu-dm", *extra, env=dict(os.environ, PYXENFB_ZYGOTE=DEFAULT_SOCKET))
+    assert done.returncode == 0, done.stdout + done.stderr
+    port = int(re.search(r"VNC on 127\.0\.0\.1:(\d+)", done.stdout).group(1))
+    frontends_connected(domid)
+    log = open(os.path.join(RUN_DIR, f"qemu-dm-g{domid}.log")).read()
+    m = FORKED.search(log)
+    d = {"port": port, "log": log, "child": int(m.group(2)) if m else None}
+    if d["child"]:
+        standin = asyncio.run(_dm_pid(domid))
+        d["child_ppid"] = ppid(d["child"])
+        d["child_cgroup"] = cgroup(d["child"])
+        d["child_root"] = os.readlink(f"/proc/{d['child']}/root")
+        d["mnt_ns"] = {who: os.readlink(f"/proc/{pid}/ns/mnt")
+                       for who, pid in (("child", d["child"]), ("standin", standin),
+                                        ("zygote", d["child_ppid"]))}
+    d["picture"] = same_picture(domid, port)
+    return d
+
+
+def main() -> None:
+    # 1. booted: both units up, the socket as the unit says
+    result["system"] = wait_for("systemd to finish booting", lambda: run(
+        "systemctl", "is-system-running", "--wait").stdout.strip() or None, 120)
+    result["socket_unit"] = show(SOCKET, "ActiveState", "SubState")
+    result["service_unit"] = show(SERVICE, "ActiveState", "SubState", "KillMode", "NoNewPrivileges",
+                                  "ProtectSystem")
+    st = os.stat(ZYGOTE_SOCK)
+    result["socket_file"] = {"socket": stat.S_ISSOCK(st.st_mode), "mode": oct(st.st_mode & 0o777),
+                             "uid": st.st_uid, "gid": st.st_gid}
+    result["journal_ready"] = wait_for("the zygote's ready line in the journal", lambda: [
+        line for line in run("journalctl", "-u", SERVICE, "-o", "cat", "--no-pager").stdout.splitlines()
+        if "ready on" in line], 120)[0]
+    first = main_pid()
+    result["zygote_pid"] = first
+
+    os.makedirs(RUN_DIR)
+    host = subprocess.Popen(["pyxenfb-sim", "host", "--run-dir", RUN_DIR],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result["host"] = read_line(host, 60).strip()
+
+    # 2. device models forked by the unit's zygote: plain, then dm_restrict
+    result["plain"] = through_zygote(1)
+    result["restricted"] = through_zygote(2, "--dm-restrict")
+
+    # 3. the zygote restarted by systemd: the running device models go on,
+    # and the next domain is forked by the new zygote
+    children = {"plain": result["plain"]["child"], "restricted": result["restricted"]["child"]}
+    ports = {"plain": result["plain"]["port"], "restricted": result["restricted"]["port"]}
+    before = {k: vnc_capture(p) for k, p in ports.items()}
+    done = run("systemctl", "restart", SERVICE)
+    result["restart"] = {"rc": done.returncode, "stderr": done.stderr}
+    second = wait_for("a new zygote", lambda: (pid := main_pid()) not in (0, first) and pid)
+    wait_for("the new zygote's ready line", lambda: f"pid {second})" in run(
+        "journalctl", "-u", SERVICE, "-o", "cat", "--no-pager").stdout, 120)
+    result["restart"].update({
+        "new_pid": second,
+        "alive": {k: alive(p) for k, p in children.items()},
+        "serving": serving(ports, before),
+    })
+    result["after_restart"] = through_zygote(3)
+    children["after_restart"] = result["after_restart"]["child"]
+    ports["after_restart"] = result["after_restart"]["port"]
+    before["after_restart"] = vnc_capture(ports["after_restart"])
+
+    # 4. an upgrade (the same .deb again) under a running systemd: debhelper's
+    # postinst restarts the zygote; the device models go on
+    done = run("dpkg", "-i", sys.argv[1], timeout=300)
+    third = wait_for("the zygote after the upgrade", lambda: (pid := main_pid()) not in (0, second) and pid)
+    result["upgrade"] = {
+        "rc": done.returncode,
+        "output": done.stdout[-2000:] + done.stderr[-2000:],
+        "new_pid": third,
+        "alive": {k: alive(p) for k, p in children.items()},
+        "serving": serving(ports, before),
+    }
+
+    # 5. removal under a running systemd: prerm stops both units for real
+    done = run("apt-get", "remove", "-y", "pyxenfb",
+               env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=300)
+    result["remove"] = {
+        "rc": done.returncode,
+        "output": done.stdout[-2000:] + done.stderr[-2000:],
+        "service": show(SERVICE, "ActiveState")["ActiveState"],
+        "socket": show(SOCKET, "ActiveState")["ActiveState"],
+        "socket_file_left": os.path.exists(ZYGOTE_SOCK),
+        "alive": {k: alive(p) for k, p in children.items()},
+        "serving": serving(ports, before),
+    }
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException as e:                              # the JSON says how far it got
+        import traceback
+        result["error"] = "".join(traceback.format_exception(e))
+    json.dump(result, sys.stdout)
+    sys.stdout.flush()
