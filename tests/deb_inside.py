@@ -283,11 +283,17 @@ def main() -> None:
     result["pids"] = sorted(set(pids.values()) | {host.pid, zygote.pid})
 
 
-if __name__ == "__main__":
+def report(main, result: dict) -> None:
+    """Run main() and print `result` as one JSON object; if main failed, with
+    its traceback under "error" (the JSON says how far it got)."""
     try:
         main()
-    except BaseException as e:                              # the JSON says how far it got
+    except BaseException as e:
         import traceback
         result["error"] = "".join(traceback.format_exception(e))
     json.dump(result, sys.stdout)
     sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    report(main, result)

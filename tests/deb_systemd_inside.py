@@ -14,7 +14,6 @@ running device models alone, as KillMode=process promises.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import stat
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deb_inside import (FORKED, RUN_DIR, ZYGOTE_SOCK, _dm_pid, alive, frontends_connected,  # noqa: E402
-                        ppid, read_line, run, same_picture, vnc_capture)
+                        ppid, read_line, report, run, same_picture, vnc_capture)
 from pyxenfb.zygote.standin import DEFAULT_SOCKET  # noqa: E402
 
 SERVICE = "pyxenfb-zygote.service"
@@ -169,10 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException as e:                              # the JSON says how far it got
-        import traceback
-        result["error"] = "".join(traceback.format_exception(e))
-    json.dump(result, sys.stdout)
-    sys.stdout.flush()
+    report(main, result)
