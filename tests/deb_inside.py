@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-RUN_DIR = "/tmp/sim"
+RUN_DIR = "/run/pyxenfb-sim"      # not /tmp: the console unit has a private /tmp
 ZYGOTE_SOCK = "/run/xen/pyxenfb-zygote.sock"
 UNIT_DIR = "/lib/systemd/system"
 FORKED = re.compile(r"zygote (\S+) forked the device model as pid (\d+)")

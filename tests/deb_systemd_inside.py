@@ -14,19 +14,28 @@ running device models alone, as KillMode=process promises.
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
+import json
 import os
 import re
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deb_inside import (FORKED, RUN_DIR, ZYGOTE_SOCK, _dm_pid, alive, frontends_connected,  # noqa: E402
                         ppid, read_line, report, run, same_picture, vnc_capture)
 from pyxenfb.zygote.standin import DEFAULT_SOCKET  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
 
 SERVICE = "pyxenfb-zygote.service"
+CONSOLE = "pyxenfb-console.service"
+CONSOLE_PORT = 8080
+CONSOLE_PASSWORD = "console-test-password"
 SOCKET = "pyxenfb-zygote.socket"
 result: dict = {}
 
@@ -96,6 +105,53 @@ def through_zygote(domid: int, *extra: str) -> dict:
     return d
 
 
+def journal(unit: str) -> str:
+    return run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
+
+
+def console_session(domids: list[int]) -> dict:
+    """The console unit, as an admin enables it (/etc/default's options, a
+    password file from --hash-password), under its own hardening: log in,
+    list the domains, a thumbnail, and a WebSocket relayed to a domain's VNC."""
+    hashed = subprocess.run(["pyxenfb-console", "--hash-password"], input=f"{CONSOLE_PASSWORD}\n" * 2,
+                            capture_output=True, text=True, timeout=60)
+    assert hashed.returncode == 0, hashed.stderr
+    os.makedirs("/etc/pyxenfb", exist_ok=True)
+    with open("/etc/pyxenfb/console.pw", "w") as f:
+        f.write(hashed.stdout)
+    with open("/etc/default/pyxenfb-console", "w") as f:
+        f.write(f'PYXENFB_CONSOLE_OPTS="--listen 127.0.0.1 --port {CONSOLE_PORT} --sim {RUN_DIR} '
+                '--password-file /etc/pyxenfb/console.pw"\n')
+    done = run("systemctl", "start", CONSOLE)
+    out = {"start_rc": done.returncode,
+           "unit": show(CONSOLE, "ActiveState", "ProtectSystem", "PrivateTmp", "NoNewPrivileges",
+                        "RestrictNamespaces", "CapabilityBoundingSet")}
+    out["serving_line"] = wait_for("the console's serving line", lambda: [
+        line for line in journal(CONSOLE).splitlines() if "serving http://" in line], 60)[0]
+    base = f"http://127.0.0.1:{CONSOLE_PORT}"
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    try:
+        browser.open(base + "/api/domains", timeout=10)
+        out["before_login"] = 200
+    except urllib.error.HTTPError as e:
+        out["before_login"] = e.code
+    form = urllib.parse.urlencode({"password": CONSOLE_PASSWORD, "next": "/"}).encode()
+    with browser.open(urllib.request.Request(base + "/login", data=form, headers={"Origin": base}),
+                      timeout=30) as answer:
+        out["login"] = {"status": answer.status, "cookies": sorted(c.name for c in jar)}
+    with browser.open(base + "/api/domains", timeout=10) as answer:
+        out["domains"] = sorted(d["domid"] for d in json.load(answer))
+    with browser.open(f"{base}/domain/{domids[0]}/thumbnail.png", timeout=30) as answer:
+        out["thumbnail"] = answer.read(8) == b"\x89PNG\r\n\x1a\n"
+    cookie = "; ".join(f"{c.name}={c.value}" for c in jar)
+    with connect(f"ws://127.0.0.1:{CONSOLE_PORT}/domain/{domids[0]}/websockify", origin=base,
+                 additional_headers={"Cookie": cookie}, subprotocols=["binary"], open_timeout=10) as ws:
+        out["relayed"] = ws.recv(timeout=10)[:12].decode("latin-1")
+    out["still_active"] = show(CONSOLE, "ActiveState")["ActiveState"]
+    return out
+
+
 def main() -> None:
     # 1. booted: both units up, the socket as the unit says
     result["system"] = wait_for("systemd to finish booting", lambda: run(
@@ -107,10 +163,10 @@ def main() -> None:
     result["socket_file"] = {"socket": stat.S_ISSOCK(st.st_mode), "mode": oct(st.st_mode & 0o777),
                              "uid": st.st_uid, "gid": st.st_gid}
     result["journal_ready"] = wait_for("the zygote's ready line in the journal", lambda: [
-        line for line in run("journalctl", "-u", SERVICE, "-o", "cat", "--no-pager").stdout.splitlines()
-        if "ready on" in line], 120)[0]
+        line for line in journal(SERVICE).splitlines() if "ready on" in line], 120)[0]
     first = main_pid()
     result["zygote_pid"] = first
+    result["run_dir"] = RUN_DIR
 
     os.makedirs(RUN_DIR)
     host = subprocess.Popen(["pyxenfb-sim", "host", "--run-dir", RUN_DIR],
@@ -129,8 +185,7 @@ def main() -> None:
     done = run("systemctl", "restart", SERVICE)
     result["restart"] = {"rc": done.returncode, "stderr": done.stderr}
     second = wait_for("a new zygote", lambda: (pid := main_pid()) not in (0, first) and pid)
-    wait_for("the new zygote's ready line", lambda: f"pid {second})" in run(
-        "journalctl", "-u", SERVICE, "-o", "cat", "--no-pager").stdout, 120)
+    wait_for("the new zygote's ready line", lambda: f"pid {second})" in journal(SERVICE), 120)
     result["restart"].update({
         "new_pid": second,
         "alive": {k: alive(p) for k, p in children.items()},
@@ -141,7 +196,10 @@ def main() -> None:
     ports["after_restart"] = result["after_restart"]["port"]
     before["after_restart"] = vnc_capture(ports["after_restart"])
 
-    # 4. an upgrade (the same .deb again) under a running systemd: debhelper's
+    # 4. the console unit, against these domains
+    result["console"] = console_session([1, 2, 3])
+
+    # 5. an upgrade (the same .deb again) under a running systemd: debhelper's
     # postinst restarts the zygote; the device models go on
     done = run("dpkg", "-i", sys.argv[1], timeout=300)
     third = wait_for("the zygote after the upgrade", lambda: (pid := main_pid()) not in (0, second) and pid)
@@ -153,7 +211,7 @@ def main() -> None:
         "serving": serving(ports, before),
     }
 
-    # 5. removal under a running systemd: prerm stops both units for real
+    # 6. removal under a running systemd: prerm stops both units for real
     done = run("apt-get", "remove", "-y", "pyxenfb",
                env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=300)
     result["remove"] = {
@@ -162,6 +220,7 @@ def main() -> None:
         "service": show(SERVICE, "ActiveState")["ActiveState"],
         "socket": show(SOCKET, "ActiveState")["ActiveState"],
         "socket_file_left": os.path.exists(ZYGOTE_SOCK),
+        "console": show(CONSOLE, "ActiveState")["ActiveState"],
         "alive": {k: alive(p) for k, p in children.items()},
         "serving": serving(ports, before),
     }

@@ -240,8 +240,10 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     """What deb_inside.py's plain root cannot show: the root booted with
     systemd as PID 1 (systemd-nspawn -b), the units started at boot with
     their hardening, device models forked by the unit's zygote (plain and
-    dm_restrict) in the unit's cgroup, then `systemctl restart`, an upgrade
-    and `apt-get remove`, each leaving the running device models serving."""
+    dm_restrict) in the unit's cgroup, the console unit (a login, the
+    domains, a thumbnail, a WebSocket relayed to VNC), then `systemctl
+    restart`, an upgrade and `apt-get remove`, each leaving the running
+    device models serving."""
     if shutil.which("systemd-nspawn") is None:
         pytest.skip("no systemd-nspawn (Debian's systemd-container; scripts/deb-tier installs it)")
     root, run = debian_root
@@ -302,7 +304,7 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     assert report["plain"]["child_ppid"] == report["zygote_pid"]
     assert report["plain"]["child_root"] == "/"
     restricted = report["restricted"]
-    assert restricted["child_root"] == "/tmp/sim/qemu-root-2"   # chrooted after the fork
+    assert restricted["child_root"] == f"{report['run_dir']}/qemu-root-2"   # chrooted after the fork
     ns = restricted["mnt_ns"]               # left the unit's mount namespace for the stand-in's
     assert ns["child"] == ns["standin"] != ns["zygote"], ns
 
@@ -312,6 +314,14 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     assert restarted["serving"] == {"plain": True, "restricted": True}
     assert report["after_restart"]["child_ppid"] == restarted["new_pid"]
 
+    console = report["console"]             # the console unit under its own hardening
+    assert console["start_rc"] == 0 and console["unit"]["ProtectSystem"] == "strict", console["unit"]
+    assert "(3 domains with VNC, sim XenStore)" in console["serving_line"], console["serving_line"]
+    assert console["before_login"] == 401 and console["login"]["status"] == 200, console
+    assert console["domains"] == [1, 2, 3] and console["thumbnail"], console
+    assert console["relayed"] == "RFB 003.008\n", console      # a WebSocket relayed to the VNC port
+    assert console["still_active"] == "active"
+
     everyone = {"plain": True, "restricted": True, "after_restart": True}
     upgraded = report["upgrade"]
     assert upgraded["rc"] == 0, upgraded["output"]
@@ -320,6 +330,6 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
 
     removed = report["remove"]
     assert removed["rc"] == 0 and "Removing pyxenfb" in removed["output"], removed["output"]
-    assert (removed["service"], removed["socket"]) == ("inactive", "inactive")   # prerm stopped them
+    assert (removed["service"], removed["socket"], removed["console"]) == ("inactive",) * 3   # prerm
     assert not removed["socket_file_left"]                  # RemoveOnStop=yes
     assert removed["alive"] == everyone and removed["serving"] == everyone
