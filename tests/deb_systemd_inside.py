@@ -191,6 +191,17 @@ def main() -> None:
         "alive": {k: alive(p) for k, p in children.items()},
         "serving": serving(ports, before),
     })
+    # ... and one that crashes (SIGKILL): Restart=on-failure brings it back
+    os.kill(second, 9)
+    second = wait_for("the zygote after its crash",
+                      lambda: (pid := main_pid()) not in (0, second) and pid, 60)
+    wait_for("the restarted zygote's ready line", lambda: f"pid {second})" in journal(SERVICE), 120)
+    result["crash"] = {
+        "new_pid": second,
+        "restarts": show(SERVICE, "NRestarts")["NRestarts"],
+        "alive": {k: alive(p) for k, p in children.items()},
+        "serving": serving(ports, before),
+    }
     result["after_restart"] = through_zygote(3)
     children["after_restart"] = result["after_restart"]["child"]
     ports["after_restart"] = result["after_restart"]["port"]

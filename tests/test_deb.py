@@ -312,7 +312,11 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     assert restarted["rc"] == 0 and restarted["new_pid"] != report["zygote_pid"], restarted
     assert restarted["alive"] == {"plain": True, "restricted": True}
     assert restarted["serving"] == {"plain": True, "restricted": True}
-    assert report["after_restart"]["child_ppid"] == restarted["new_pid"]
+    crashed = report["crash"]              # SIGKILLed: systemd starts it again, the children stay
+    assert crashed["new_pid"] != restarted["new_pid"] and crashed["restarts"] == "1", crashed
+    assert crashed["alive"] == {"plain": True, "restricted": True}
+    assert crashed["serving"] == {"plain": True, "restricted": True}
+    assert report["after_restart"]["child_ppid"] == crashed["new_pid"]
 
     console = report["console"]             # the console unit under its own hardening
     assert console["start_rc"] == 0 and console["unit"]["ProtectSystem"] == "strict", console["unit"]
@@ -325,7 +329,7 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     everyone = {"plain": True, "restricted": True, "after_restart": True}
     upgraded = report["upgrade"]
     assert upgraded["rc"] == 0, upgraded["output"]
-    assert upgraded["new_pid"] != restarted["new_pid"]      # postinst restarted the zygote
+    assert upgraded["new_pid"] != crashed["new_pid"]        # postinst restarted the zygote
     assert upgraded["alive"] == everyone and upgraded["serving"] == everyone
 
     removed = report["remove"]
