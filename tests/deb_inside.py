@@ -161,10 +161,12 @@ def same_picture(domid: int, port: int, timeout: float = 20.0) -> dict:
     return {"equal": guest == served, "size": [w, h], "colours": colours}
 
 
-def create(domid: int, env: dict | None = None) -> dict:
+def create(domid: int, env: dict | None = None, *extra: str) -> dict:
+    """A domain whose device model is the installed pyqemu-dm (extra: more
+    `pyxenfb-sim create` options, such as --dm-restrict)."""
     done = run("pyxenfb-sim", "create", "--run-dir", RUN_DIR, "--domid", str(domid),
                "--name", f"g{domid}", "--vfb", f"vnc=1,vncdisplay={domid}",
-               "--dm", "/usr/bin/pyqemu-dm", env=env)
+               "--dm", "/usr/bin/pyqemu-dm", *extra, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     port = int(re.search(r"VNC on 127\.0\.0\.1:(\d+)", done.stdout).group(1))
     frontends_connected(domid)

@@ -18,6 +18,8 @@ import http.cookiejar
 import json
 import os
 import re
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -27,8 +29,8 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from deb_inside import (FORKED, RUN_DIR, ZYGOTE_SOCK, _dm_pid, alive, frontends_connected,  # noqa: E402
-                        ppid, read_line, report, run, same_picture, vnc_capture)
+from deb_inside import (FORKED, RUN_DIR, ZYGOTE_SOCK, _dm_pid, alive, create, ppid,  # noqa: E402
+                        read_line, report, run, same_picture, vnc_capture)
 from pyxenfb.zygote.standin import DEFAULT_SOCKET  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
@@ -45,15 +47,36 @@ def show(unit: str, *props: str) -> dict:
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
 
-def wait_for(what: str, condition, timeout: float = 60.0):
+def journal_match(unit: str, pattern: str, timeout: float = 120.0) -> re.Match:
+    """The first line of `unit`'s journal, old or new, that matches
+    `pattern` (a compiled regex's search), waiting for it as it is written."""
+    wanted = re.compile(pattern)
+    follow = subprocess.Popen(["journalctl", "-u", unit, "-o", "cat", "--no-pager", "--follow",
+                               "--lines=all"], stdout=subprocess.PIPE)
     deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    pending = b""
+    try:
+        while True:
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if m := wanted.search(line.decode(errors="replace")):
+                    return m
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([follow.stdout], [], [], remaining)[0]:
+                raise AssertionError(f"no line matching {pattern!r} in {unit}'s journal in {timeout} s")
+            chunk = os.read(follow.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise AssertionError(f"journalctl for {unit} ended without {pattern!r}")
+            pending += chunk
+    finally:
+        follow.kill()
+        follow.wait()
+
+
+def zygote_ready(*known: int) -> re.Match:
+    """The ready line of the first zygote not in `known` (its pid: group 1)."""
+    skip = "|".join(str(pid) for pid in known) or "-"
+    return journal_match(SERVICE, rf"ready on .* pid (?!(?:{skip})\))(\d+)\)")
 
 
 def cgroup(pid: int) -> str:
@@ -84,15 +107,9 @@ def main_pid() -> int:
 def through_zygote(domid: int, *extra: str) -> dict:
     """A domain whose device model the unit's zygote forks (extra: more
     `pyxenfb-sim create` options, such as --dm-restrict)."""
-    done = run("pyxenfb-sim", "create", "--run-dir", RUN_DIR, "--domid", str(domid),
-               "--name", f"g{domid}", "--vfb", f"vnc=1,vncdisplay={domid}",
-               "--dm", "/usr/bin/pyqemu-dm", *extra, env=dict(os.environ, PYXENFB_ZYGOTE=DEFAULT_SOCKET))
-    assert done.returncode == 0, done.stdout + done.stderr
-    port = int(re.search(r"VNC on 127\.0\.0\.1:(\d+)", done.stdout).group(1))
-    frontends_connected(domid)
-    log = open(os.path.join(RUN_DIR, f"qemu-dm-g{domid}.log")).read()
-    m = FORKED.search(log)
-    d = {"port": port, "log": log, "child": int(m.group(2)) if m else None}
+    d = create(domid, dict(os.environ, PYXENFB_ZYGOTE=DEFAULT_SOCKET), *extra)
+    m = FORKED.search(d["log"])
+    d["child"] = int(m.group(2)) if m else None
     if d["child"]:
         standin = asyncio.run(_dm_pid(domid))
         d["child_ppid"] = ppid(d["child"])
@@ -101,12 +118,8 @@ def through_zygote(domid: int, *extra: str) -> dict:
         d["mnt_ns"] = {who: os.readlink(f"/proc/{pid}/ns/mnt")
                        for who, pid in (("child", d["child"]), ("standin", standin),
                                         ("zygote", d["child_ppid"]))}
-    d["picture"] = same_picture(domid, port)
+    d["picture"] = same_picture(domid, d["port"])
     return d
-
-
-def journal(unit: str) -> str:
-    return run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
 
 
 def console_session(domids: list[int]) -> dict:
@@ -126,8 +139,7 @@ def console_session(domids: list[int]) -> dict:
     out = {"start_rc": done.returncode,
            "unit": show(CONSOLE, "ActiveState", "ProtectSystem", "PrivateTmp", "NoNewPrivileges",
                         "RestrictNamespaces", "CapabilityBoundingSet")}
-    out["serving_line"] = wait_for("the console's serving line", lambda: [
-        line for line in journal(CONSOLE).splitlines() if "serving http://" in line], 60)[0]
+    out["serving_line"] = journal_match(CONSOLE, r"serving http://.*").group(0)
     base = f"http://127.0.0.1:{CONSOLE_PORT}"
     jar = http.cookiejar.CookieJar()
     browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
@@ -154,18 +166,16 @@ def console_session(domids: list[int]) -> dict:
 
 def main() -> None:
     # 1. booted: both units up, the socket as the unit says
-    result["system"] = wait_for("systemd to finish booting", lambda: run(
-        "systemctl", "is-system-running", "--wait").stdout.strip() or None, 120)
+    result["system"] = run("systemctl", "is-system-running", "--wait", timeout=120).stdout.strip()
     result["socket_unit"] = show(SOCKET, "ActiveState", "SubState")
     result["service_unit"] = show(SERVICE, "ActiveState", "SubState", "KillMode", "NoNewPrivileges",
                                   "ProtectSystem")
     st = os.stat(ZYGOTE_SOCK)
     result["socket_file"] = {"socket": stat.S_ISSOCK(st.st_mode), "mode": oct(st.st_mode & 0o777),
                              "uid": st.st_uid, "gid": st.st_gid}
-    result["journal_ready"] = wait_for("the zygote's ready line in the journal", lambda: [
-        line for line in journal(SERVICE).splitlines() if "ready on" in line], 120)[0]
-    first = main_pid()
-    result["zygote_pid"] = first
+    ready = zygote_ready()
+    result["journal_ready"] = ready.group(0)
+    first = result["zygote_pid"] = int(ready.group(1))
     result["run_dir"] = RUN_DIR
 
     os.makedirs(RUN_DIR)
@@ -183,21 +193,21 @@ def main() -> None:
     ports = {"plain": result["plain"]["port"], "restricted": result["restricted"]["port"]}
     before = {k: vnc_capture(p) for k, p in ports.items()}
     done = run("systemctl", "restart", SERVICE)
-    result["restart"] = {"rc": done.returncode, "stderr": done.stderr}
-    second = wait_for("a new zygote", lambda: (pid := main_pid()) not in (0, first) and pid)
-    wait_for("the new zygote's ready line", lambda: f"pid {second})" in journal(SERVICE), 120)
-    result["restart"].update({
+    second = int(zygote_ready(first).group(1))
+    result["restart"] = {
+        "rc": done.returncode,
+        "stderr": done.stderr,
         "new_pid": second,
+        "main_pid": main_pid(),
         "alive": {k: alive(p) for k, p in children.items()},
         "serving": serving(ports, before),
-    })
+    }
     # ... and one that crashes (SIGKILL): Restart=on-failure brings it back
-    os.kill(second, 9)
-    second = wait_for("the zygote after its crash",
-                      lambda: (pid := main_pid()) not in (0, second) and pid, 60)
-    wait_for("the restarted zygote's ready line", lambda: f"pid {second})" in journal(SERVICE), 120)
+    os.kill(second, signal.SIGKILL)
+    third = int(zygote_ready(first, second).group(1))
     result["crash"] = {
-        "new_pid": second,
+        "new_pid": third,
+        "main_pid": main_pid(),
         "restarts": show(SERVICE, "NRestarts")["NRestarts"],
         "alive": {k: alive(p) for k, p in children.items()},
         "serving": serving(ports, before),
@@ -213,11 +223,10 @@ def main() -> None:
     # 5. an upgrade (the same .deb again) under a running systemd: debhelper's
     # postinst restarts the zygote; the device models go on
     done = run("dpkg", "-i", sys.argv[1], timeout=300)
-    third = wait_for("the zygote after the upgrade", lambda: (pid := main_pid()) not in (0, second) and pid)
     result["upgrade"] = {
         "rc": done.returncode,
         "output": done.stdout[-2000:] + done.stderr[-2000:],
-        "new_pid": third,
+        "new_pid": int(zygote_ready(first, second, third).group(1)),
         "alive": {k: alive(p) for k, p in children.items()},
         "serving": serving(ports, before),
     }

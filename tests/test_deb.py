@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -219,21 +220,43 @@ def test_pipx_installs_the_wheel_and_the_sdist_on_plain_debian(wheel_and_sdist, 
     assert run("pipx", "uninstall", "pyxenfb").returncode == 0
 
 
-def _container_init(nspawn_pid: int) -> int | None:
-    """The pid (ours) of the container's PID 1: the child of systemd-nspawn
-    that is pid 1 in its own namespace.  (Its /proc/PID/root does not name
-    the root directory: nspawn pivots into it.)"""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def _boot(root: str, notify: socket.socket, log, timeout: float = 120) -> tuple[subprocess.Popen, int]:
+    """Boot `root` with systemd as PID 1 (systemd-nspawn --boot); return once
+    the container's systemd says it is up (nspawn's own readiness message,
+    --notify-ready), with the container's PID 1 as nspawn names it."""
+    boot = subprocess.Popen(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+                             "--directory", root, "--machine", "pyxenfb-deb", "--boot",
+                             "--console=passive", "--notify-ready=yes"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            env=dict(os.environ, NOTIFY_SOCKET=notify.getsockname()))
+    deadline = time.monotonic() + timeout
+    leader = None
+    try:
+        while True:
+            notify.settimeout(max(0.0, deadline - time.monotonic()))
+            fields = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines()
+                          if "=" in line)
+            if "X_NSPAWN_LEADER_PID" in fields:
+                leader = int(fields["X_NSPAWN_LEADER_PID"])
+            if fields.get("READY") == "1" and leader is not None:
+                return boot, leader
+    except (TimeoutError, OSError):
+        _shut_down(boot)
+        raise AssertionError(f"the container did not boot in {timeout} s: "
+                             + open(log.name, errors="replace").read()[-3000:]) from None
+
+
+def _shut_down(boot: subprocess.Popen) -> None:
+    """nspawn halts the container on SIGTERM, and ends it at once on a second one."""
+    for _ in range(2):
+        boot.terminate()
         try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(fields["PPid"]) == nspawn_pid and fields.get("NSpid", "").split()[-1:] == ["1"]:
-            return int(entry)
-    return None
+            boot.wait(60)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    boot.kill()
+    boot.wait(10)
 
 
 def test_the_units_under_a_running_systemd(deb, debian_root):
@@ -242,8 +265,8 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
     their hardening, device models forked by the unit's zygote (plain and
     dm_restrict) in the unit's cgroup, the console unit (a login, the
     domains, a thumbnail, a WebSocket relayed to VNC), then `systemctl
-    restart`, an upgrade and `apt-get remove`, each leaving the running
-    device models serving."""
+    restart`, a crash of the zygote, an upgrade and `apt-get remove`, each
+    leaving the running device models serving."""
     if shutil.which("systemd-nspawn") is None:
         pytest.skip("no systemd-nspawn (Debian's systemd-container; scripts/deb-tier installs it)")
     root, run = debian_root
@@ -255,38 +278,24 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
                f"--no-install-recommends systemd systemd-sysv dbus /srv/pyxenfb-test/{deb.name} >/dev/null")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    log = open(os.path.join(os.path.dirname(root), "nspawn.log"), "wb")
-    boot = subprocess.Popen(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
-                             "--directory", root, "--machine", "pyxenfb-deb", "--boot",
-                             "--console=passive"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    base = os.path.dirname(root)
+    with open(os.path.join(base, "nspawn.log"), "wb") as log, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(os.path.join(base, "notify.sock"))
+        boot, init = _boot(root, notify, log)
 
-    def inside(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "--target", str(init), "--all", *argv],
-                              capture_output=True, text=True, timeout=timeout)
-    try:
-        deadline = time.monotonic() + 120
-        while (init := _container_init(boot.pid)) is None or inside(
-                "systemctl", "is-system-running").stdout.strip() not in ("running", "degraded"):
-            assert boot.poll() is None and time.monotonic() < deadline, \
-                open(log.name, errors="replace").read()[-3000:]
-            time.sleep(0.2)
-        done = inside(VENV_PYTHON, "/srv/pyxenfb-test/deb_systemd_inside.py",
-                      f"/srv/pyxenfb-test/{deb.name}", timeout=900)
-        report = json.loads(done.stdout or "{}")
-        failed = inside("systemctl", "--failed", "--no-legend", "--plain").stdout
-    finally:
-        init = _container_init(boot.pid)
-        if init is not None:
-            subprocess.run(["nsenter", "--target", str(init), "--all", "systemctl", "poweroff"],
-                           capture_output=True, timeout=60)
+        def inside(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+            return subprocess.run(["nsenter", "--target", str(init), "--all", *argv],
+                                  capture_output=True, text=True, timeout=timeout)
         try:
-            boot.wait(60)
-        except subprocess.TimeoutExpired:     # PID 1 killed: the kernel ends its whole namespace
-            if (init := _container_init(boot.pid)) is not None:
-                os.kill(init, signal.SIGKILL)
-            boot.wait(30)
-        log.close()
-    assert report and "error" not in report, report.get("error") or done.stderr[-3000:]
+            done = inside(VENV_PYTHON, "/srv/pyxenfb-test/deb_systemd_inside.py",
+                          f"/srv/pyxenfb-test/{deb.name}", timeout=900)
+            report = json.loads(done.stdout or "{}")
+            failed = inside("systemctl", "--failed", "--no-legend", "--plain").stdout
+        finally:
+            _shut_down(boot)
+    assert report and "error" not in report, \
+        (report.get("error") or done.stderr[-3000:], {k: report.get(k) for k in ("restart", "crash")})
 
     assert report["system"] == "running", failed       # no unit failed at boot, ours included
     assert report["socket_unit"] == {"ActiveState": "active", "SubState": "running"}
@@ -310,10 +319,11 @@ def test_the_units_under_a_running_systemd(deb, debian_root):
 
     restarted = report["restart"]
     assert restarted["rc"] == 0 and restarted["new_pid"] != report["zygote_pid"], restarted
+    assert restarted["main_pid"] == restarted["new_pid"]      # the one systemd runs is the one ready
     assert restarted["alive"] == {"plain": True, "restricted": True}
     assert restarted["serving"] == {"plain": True, "restricted": True}
     crashed = report["crash"]              # SIGKILLed: systemd starts it again, the children stay
-    assert crashed["new_pid"] != restarted["new_pid"] and crashed["restarts"] == "1", crashed
+    assert crashed["main_pid"] == crashed["new_pid"] and crashed["restarts"] == "1", crashed
     assert crashed["alive"] == {"plain": True, "restricted": True}
     assert crashed["serving"] == {"plain": True, "restricted": True}
     assert report["after_restart"]["child_ppid"] == crashed["new_pid"]
